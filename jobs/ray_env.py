@@ -1,0 +1,35 @@
+"""Connecting a job to Ray: the embedded default versus a cluster.
+
+Contract: `ray_session(address)` yields with Ray initialized. With no `address` and no
+`RAY_ADDRESS` in the environment it starts a local Ray (the embedded default) and shuts it down on
+exit, even on error; given an address (or RAY_ADDRESS, as under `ray job submit`), it connects and
+leaves the cluster running. A Ray that is already initialized in this process is reused as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import ray
+
+
+@contextlib.contextmanager
+def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None,
+                object_store_memory: Optional[int] = None) -> Iterator[None]:
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Embedded default: a private local Ray. Token auth is off because the cluster lives and
+        # dies with this process and listens on loopback only.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,35 @@
+"""Shared fixtures. Every test that starts Ray shuts it down; every test has a timeout
+(pyproject's pytest `timeout`), since several Ray failures hang instead of raising."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def ray_local():
+    """A private local Ray with 2 CPUs, shut down after the test even if it fails."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 << 20,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from pipelines.corpora import minilm_path
+
+    return minilm_path()

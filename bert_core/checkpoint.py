@@ -1,0 +1,191 @@
+"""Hugging Face checkpoint I/O for our BERT.
+
+Contract:
+- `load_pretrained(path, head)` reads an HF BERT directory: `config.json` plus `model.safetensors`
+  (also sharded, with `model.safetensors.index.json`), or `pytorch_model.bin` loaded with
+  `torch.load(weights_only=True)` (never a full unpickle). Key prefixes are normalized whatever HF
+  class wrote the file (`bert.` on task models, none on `BertModel`; `cls.` MLM head;
+  `classifier.` task heads), so e.g. a `BertModel` checkpoint loads into a classifier (fresh head,
+  reported) and an MLM checkpoint loads as an encoder (head ignored).
+  A missing encoder weight is an error; a missing head weight is initialized fresh and reported.
+- `save_pretrained(model, path, tokenizer=None)` writes `config.json` + `model.safetensors` that
+  `transformers` loads into the matching class (`BertModel` for encoder/embed heads,
+  `BertForMaskedLM`, `BertForSequenceClassification`, `BertForTokenClassification`), plus the
+  tokenizer files if given. `id2label`/`label2id` travel in config.json.
+- raybert-only settings (the embedding pooling) go under the `raybert` key of config.json, which
+  transformers ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .model import HEADS, BertConfig, BertForEmbedding, build_model
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = {
+    "encoder": "BertModel",
+    "embed": "BertModel",
+    "mlm": "BertForMaskedLM",
+    "classify": "BertForSequenceClassification",
+    "tag": "BertForTokenClassification",
+}
+# HF class in config.json -> our head, used when `head` is not given.
+HEAD_OF_ARCHITECTURE = {
+    "BertModel": "encoder",
+    "BertForMaskedLM": "mlm",
+    "BertForPreTraining": "mlm",
+    "BertForSequenceClassification": "classify",
+    "BertForTokenClassification": "tag",
+}
+# Keys in HF files that carry no weights of ours: buffers, tied copies, the NSP head.
+_IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
+_IGNORED_PREFIXES = ("cls.seq_relationship.",)
+_HEAD_PREFIXES = ("cls.", "classifier.")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights of an HF checkpoint directory, without unpickling anything."""
+    path = Path(path)
+    from safetensors.torch import load_file
+
+    if (path / "model.safetensors").is_file():
+        return load_file(str(path / "model.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        sd: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            sd.update(load_file(str(path / shard)))
+        return sd
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _normalize_keys(sd: dict[str, torch.Tensor], target_prefixed: bool) -> dict[str, torch.Tensor]:
+    """Map HF key spellings onto our module names (prefix, legacy gamma/beta, tied copies)."""
+    out: dict[str, torch.Tensor] = {}
+    decoder_bias = None
+    for key, value in sd.items():
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if key.endswith(_IGNORED_SUFFIXES) or key.startswith(_IGNORED_PREFIXES):
+            continue
+        if key == "cls.predictions.decoder.weight":  # tied to the word embeddings
+            continue
+        if key == "cls.predictions.decoder.bias":  # an alias of cls.predictions.bias
+            decoder_bias = value
+            continue
+        is_head = key.startswith(_HEAD_PREFIXES)
+        encoder_key = key[len("bert."):] if key.startswith("bert.") else key
+        if target_prefixed:
+            out[key if is_head else "bert." + encoder_key] = value
+        elif not is_head:
+            out[encoder_key] = value
+    if target_prefixed and decoder_bias is not None:
+        out.setdefault("cls.predictions.bias", decoder_bias)
+    return out
+
+
+def load_pretrained(path: str | Path, head: Optional[str] = None, *,
+                    id2label: Optional[dict[int, str]] = None, pooling: Optional[str] = None,
+                    normalize: Optional[bool] = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Load an HF BERT directory into our model with `head` (encoder|mlm|classify|tag|embed).
+
+    `head=None` picks the head from config.json's `architectures`. `id2label` sets the labels of a
+    fresh classify/tag head (ignored names in the file are replaced). `pooling`/`normalize` set the
+    embed head (default: the checkpoint's saved choice, else mean + normalize). The model is
+    returned in eval mode.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+    config = BertConfig.from_json(path / "config.json")
+    meta = config.extra.get("raybert", {})
+    if head is None:
+        arch = (config.architectures or ["BertModel"])[0]
+        head = meta.get("head") or HEAD_OF_ARCHITECTURE.get(arch, "encoder")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
+    if id2label is not None:
+        config.id2label = {int(k): str(v) for k, v in id2label.items()}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    kwargs = {}
+    if head == "embed":
+        kwargs = dict(pooling=pooling or meta.get("pooling", "mean"),
+                      normalize=meta.get("normalize", True) if normalize is None else normalize)
+
+    model = build_model(config, head, **kwargs)
+    target_prefixed = head != "encoder"
+    sd = _normalize_keys(read_state_dict(path), target_prefixed)
+    own = model.state_dict()
+    # Shapes must agree, except a classifier whose label count changed: that head is fresh.
+    fresh = []
+    for k in list(sd):
+        if k in own and own[k].shape != sd[k].shape:
+            if k.startswith("classifier."):
+                fresh.append(k)
+                del sd[k]
+            else:
+                raise ValueError(f"{path}: weight {k} has shape {tuple(sd[k].shape)}, "
+                                 f"model expects {tuple(own[k].shape)}")
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if k != "cls.predictions.decoder.weight"]
+    missing_encoder = [k for k in missing if not k.startswith(_HEAD_PREFIXES) and ".pooler." not in
+                       "." + k.removeprefix("bert.")]
+    if missing_encoder:
+        raise ValueError(f"{path}: checkpoint lacks encoder weights {missing_encoder[:5]}"
+                         f"{' ...' if len(missing_encoder) > 5 else ''}")
+    if missing or fresh:
+        log.warning("%s: newly initialized (train before use): %s", path, sorted(set(missing + fresh)))
+    # Weights of parts this head doesn't have (another head, or a pooler it doesn't use) are skipped.
+    unexpected = [k for k in result.unexpected_keys
+                  if not k.startswith(_HEAD_PREFIXES) and "pooler." not in k]
+    if unexpected:
+        raise ValueError(f"{path}: unexpected weights {unexpected[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _head_of(model: nn.Module) -> str:
+    head = getattr(model, "head", None)
+    if head not in ARCHITECTURES:
+        raise TypeError(f"{type(model).__name__} is not a raybert BERT model")
+    return head
+
+
+def save_pretrained(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
+    """Write `model` as an HF checkpoint directory (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    head = _head_of(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = BertConfig.from_dict(model.config.to_dict())
+    config.architectures = [ARCHITECTURES[head]]
+    meta = {"head": head}
+    if isinstance(model, BertForEmbedding):
+        meta.update(pooling=model.pooling, normalize=model.normalize)
+    config.extra["raybert"] = meta
+    if tokenizer is not None:
+        config.vocab_size = max(config.vocab_size, len(tokenizer))
+
+    sd = model.state_dict()
+    sd.pop("cls.predictions.decoder.weight", None)  # tied: HF re-ties it on load
+    if head == "embed":  # a plain BertModel on disk, so AutoModel and sentence-transformers load it
+        sd = {k.removeprefix("bert."): v for k, v in sd.items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config.to_json(path / "config.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return path

@@ -1,0 +1,119 @@
+"""Padding, unpadding, packing and token-budget batching.
+
+These helpers decide how many padded tokens the model computes, which is most of the speed
+story on CPU: a batch in input order padded to its longest row wastes more compute than the
+model itself spends on real tokens.
+
+Shapes: B rows, T padded length, nnz real tokens in the batch (sum of lengths), S packed
+sequence length.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0, pad_to: Optional[int] = None,
+              dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token lists.
+
+    Returns (ids, attention_mask), both (B, T) with T = max(len) (or `pad_to`); mask 1 = token.
+    """
+    B = len(seqs)
+    T = max((len(s) for s in seqs), default=0) if pad_to is None else pad_to
+    ids = np.full((B, T), pad_id, dtype=dtype)  # (B, T)
+    mask = np.zeros((B, T), dtype=dtype)  # (B, T)
+    for i, s in enumerate(seqs):
+        n = min(len(s), T)
+        ids[i, :n] = s[:n]
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def token_budget_batches(lengths: Sequence[int] | np.ndarray, max_tokens: int,
+                         max_batch_size: Optional[int] = None) -> list[np.ndarray]:
+    """Cut rows into batches whose padded size (rows x longest row) is at most `max_tokens`.
+
+    Rows are sorted by length (longest first, a stable sort) so each batch pads little. Returns
+    a list of index arrays into `lengths`; every index appears in exactly one batch. A single row
+    longer than `max_tokens` gets a batch of its own (it can't be split, and must not be dropped).
+    Callers restore input order by scattering results back through these indices.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")  # longest first
+    batches: list[np.ndarray] = []
+    start = 0
+    n = len(order)
+    while start < n:
+        longest = max(int(lengths[order[start]]), 1)  # sorted: the first row is the longest
+        rows = max(1, max_tokens // longest)
+        if max_batch_size is not None:
+            rows = min(rows, max_batch_size)
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches
+
+
+def unpad(hidden: torch.Tensor, attention_mask: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Drop padding rows.
+
+    hidden: (B, T, ...), attention_mask: (B, T) 1/0.
+    Returns (packed (nnz, ...), indices (nnz,) into B*T, cu_seqlens (B + 1,) int32, max_seqlen).
+    """
+    seqlens = attention_mask.sum(dim=1, dtype=torch.int32)  # (B,)
+    indices = torch.nonzero(attention_mask.flatten(), as_tuple=False).flatten()  # (nnz,)
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))  # (B+1,)
+    packed = hidden.reshape(-1, *hidden.shape[2:]).index_select(0, indices)  # (nnz, ...)
+    return packed, indices, cu_seqlens, int(seqlens.max()) if seqlens.numel() else 0
+
+
+def repad(packed: torch.Tensor, indices: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """Inverse of `unpad`: (nnz, ...) -> (B, T, ...) with zeros at padding."""
+    out = packed.new_zeros(B * T, *packed.shape[1:])  # (B*T, ...)
+    out.index_copy_(0, indices, packed)
+    return out.view(B, T, *packed.shape[1:])  # (B, T, ...)
+
+
+class SequencePacker:
+    """Concatenate documents into fixed-length rows with no padding (for MLM pretraining).
+
+    Each row is `[CLS] tokens... ` of exactly `seq_len` tokens; documents are separated by [SEP]
+    (each document ends with one), and a document that does not fit continues on the next row.
+    The packer is stateful so a stream of batches packs without loss: only the final partial row,
+    under `seq_len` tokens, is left in `pending` when the stream ends (`flush` pads nothing and
+    returns it for the caller to count or drop).
+    """
+
+    def __init__(self, seq_len: int, cls_id: int, sep_id: int):
+        if seq_len < 3:
+            raise ValueError("seq_len must be at least 3 ([CLS], a token, [SEP])")
+        self.seq_len = seq_len
+        self.cls_id = cls_id
+        self.sep_id = sep_id
+        self.pending: list[int] = []
+
+    def add(self, docs: Iterable[Sequence[int]]) -> np.ndarray:
+        """Add token lists (without special tokens); return the full rows, (N, seq_len) int64."""
+        body = self.seq_len - 1  # room after [CLS]
+        stream = self.pending
+        for doc in docs:
+            if len(doc):
+                stream.extend(doc)
+                stream.append(self.sep_id)
+        n_rows = len(stream) // body
+        if n_rows == 0:
+            return np.zeros((0, self.seq_len), dtype=np.int64)
+        flat = np.asarray(stream[: n_rows * body], dtype=np.int64).reshape(n_rows, body)  # (N, S-1)
+        self.pending = stream[n_rows * body:]
+        cls = np.full((n_rows, 1), self.cls_id, dtype=np.int64)  # (N, 1)
+        return np.concatenate([cls, flat], axis=1)  # (N, S)
+
+    def flush(self) -> list[int]:
+        rest, self.pending = self.pending, []
+        return rest

@@ -68,6 +68,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Optional[str
     since a Chinese corpus has thousands of distinct characters (the library's default of 1,000
     would turn the rarer ones into [UNK]).
     """
+    import shutil
     import tempfile
 
     from tokenizers import BertWordPieceTokenizer
@@ -80,7 +81,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Optional[str
     with tempfile.TemporaryDirectory() as tmp:
         vocab = Path(wp.save_model(tmp)[0])
         tok = _from_vocab_file(vocab, lowercase)
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(str(out_dir))
+        if out_dir is not None:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            tok.save_pretrained(str(out))
+            # transformers 5 writes only tokenizer.json; keep the plain vocab.txt as well, the
+            # portable form other BERT tooling (and `load_tokenizer(vocab.txt)`) reads.
+            shutil.copyfile(vocab, out / "vocab.txt")
     return tok

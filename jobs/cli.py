@@ -17,7 +17,7 @@ def _register() -> None:
     # job modules import ray / deepspeed lazily inside main().
     import importlib
 
-    for module, names in [("jobs.embed_demo", ["embed"]), ("jobs.score", ["score"]),
+    for module, names in [("jobs.score", ["score"]),
                           ("jobs.pretrain", ["pretrain", "vocab"])]:
         try:
             mod = importlib.import_module(module)

@@ -1,0 +1,143 @@
+"""The pretraining data pipeline: Parquet text -> tokenized, packed rows, on Ray Data.
+
+Contract:
+- `build_datasets(cfg, tokenizer_path)` returns `{"train": ds, "val": ds}`, two lazy Ray
+  Datasets of rows `{"input_ids": int64[seq_len]}`. Nothing is read in the driver: the plan is
+  `read_parquet(text column only) -> map_batches(tokenize_and_pack)` (CPU tasks), executed as
+  Ray Train streams it to the workers (`TorchTrainer(datasets=...)` and
+  `get_dataset_shard(...).iter_torch_batches()` in pipelines/train.py).
+- Packing: documents are tokenized without special tokens and concatenated into rows of exactly
+  `seq_len` tokens, `[CLS] doc [SEP] doc [SEP] ...`, by `bert_core.padding.SequencePacker`. Rows
+  have no padding, so no compute goes to it and there is no attention mask. The tail of each
+  batch (under one row) is dropped: at most `seq_len - 1` tokens per `tokenize_batch_rows`
+  documents.
+- Validation split: by document, `crc32(text) % 10_000 < val_fraction * 10_000`, decided in the
+  same map stage. It is deterministic (no state, no driver pass over the data), never puts one
+  document in both splits, and survives a restart unchanged.
+- Order: with `ExecutionOptions(preserve_order=True)` (set by pipelines/train.py through Ray
+  Train's DataConfig), the same corpus yields the same rows in the same order, and Ray Data's
+  OutputSplitter then deals the same rows to the same worker. Exact resume relies on this.
+- Masking is not done here: it is dynamic, per batch, on the worker.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import zlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from bert_core.masking import MaskingConfig
+
+VAL_BUCKETS = 10_000
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)  # Parquet files, directories or globs (local or URIs)
+    text_column: str = "text"  # the column holding one document per row
+    tokenizer: Optional[str] = None  # checkpoint dir or vocab.txt (see `raybert vocab`); else init_from's
+    seq_len: int = 128  # packed row length, [CLS] included
+    val_fraction: float = 0.01  # share of documents held out for validation (by hash of the text)
+    tokenize_batch_rows: int = 1024  # documents per tokenize+pack task batch
+    num_cpus: float = 0.25  # CPUs per read / tokenize task; fractional so Train workers never starve them
+    shuffle_buffer_rows: int = 0  # per-worker local shuffle buffer (rows), seeded by (seed, epoch); 0 = off
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+
+
+def resolve_paths(paths: list[str]) -> list[str]:
+    """Expand local globs; pass directories, files and URIs (s3://, gs://) through unchanged."""
+    if isinstance(paths, str):
+        paths = [paths]
+    out: list[str] = []
+    for p in paths:
+        if "://" not in p and any(c in p for c in "*?["):
+            hits = sorted(glob.glob(p))
+            if not hits:
+                raise FileNotFoundError(f"data glob {p!r} matches no files")
+            out.extend(os.path.abspath(h) for h in hits)
+        elif "://" not in p:
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"data path {p!r} does not exist")
+            out.append(os.path.abspath(p))
+        else:
+            out.append(p)
+    if not out:
+        raise ValueError("no data paths given (--data)")
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    # Cached per worker process: Ray reuses task workers, so the vocab loads once per process.
+    from bert_core.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    return zlib.crc32(text.encode("utf-8")) % VAL_BUCKETS < val_fraction * VAL_BUCKETS
+
+
+def tokenize_and_pack(batch: dict, *, tokenizer_path: str, text_column: str, seq_len: int,
+                      val_fraction: float, split: str) -> dict:
+    """One Ray Data batch of documents -> packed rows of this `split` ("train" or "val").
+
+    batch: {text_column: (N,) str}. Returns {"input_ids": (R, seq_len) int64}. Null and non-string
+    texts are skipped.
+    """
+    from bert_core.padding import SequencePacker
+
+    tok = _tokenizer(tokenizer_path)
+    want_val = split == "val"
+    texts = [t for t in batch[text_column]
+             if isinstance(t, str) and t and is_val(t, val_fraction) == want_val]
+    if not texts:
+        return {"input_ids": np.zeros((0, seq_len), dtype=np.int64)}
+    ids = tok(texts, add_special_tokens=False, return_attention_mask=False,
+              return_token_type_ids=False)["input_ids"]
+    packer = SequencePacker(seq_len, tok.cls_token_id, tok.sep_token_id)
+    rows = packer.add(ids)  # (R, seq_len); the tail under one row stays in the packer, dropped
+    return {"input_ids": rows}
+
+
+def build_datasets(cfg: DataConfig, tokenizer_path: str) -> dict:
+    """Lazy train / val datasets of packed rows (see the module docstring)."""
+    import ray.data
+
+    paths = resolve_paths(cfg.paths)
+    out = {}
+    for split in ("train", "val"):
+        if split == "val" and cfg.val_fraction <= 0:
+            continue
+        ds = ray.data.read_parquet(paths, columns=[cfg.text_column],
+                                   ray_remote_args={"num_cpus": cfg.num_cpus})
+        ds = ds.map_batches(
+            tokenize_and_pack, batch_size=cfg.tokenize_batch_rows, batch_format="numpy",
+            num_cpus=cfg.num_cpus,
+            fn_kwargs=dict(tokenizer_path=tokenizer_path, text_column=cfg.text_column,
+                           seq_len=cfg.seq_len, val_fraction=cfg.val_fraction, split=split),
+        )
+        out[split] = ds
+    return out
+
+
+def write_corpus(texts: list[str], path: str, rows_per_file: Optional[int] = None) -> str:
+    """Write texts as a Parquet corpus (`text` column) at `path` (a file, or a directory of files
+    when `rows_per_file` is given). For tests, demos and benchmarks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if rows_per_file is None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        pq.write_table(pa.table({"text": texts}), path)
+        return path
+    os.makedirs(path, exist_ok=True)
+    for i in range(0, len(texts), rows_per_file):
+        pq.write_table(pa.table({"text": texts[i:i + rows_per_file]}),
+                       os.path.join(path, f"part-{i // rows_per_file:05d}.parquet"))
+    return path

@@ -1,0 +1,217 @@
+"""Pretraining units without Ray: packing and masking on real text, the validation split, the LR
+schedule, configs and presets, CLI parsing, and errors raised before any work starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bert_core.masking import Masker, MaskingConfig
+from bert_core.tokenizer import load_tokenizer
+from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
+from pipelines.pretrain_data import is_val, resolve_paths, tokenize_and_pack, write_corpus
+from pipelines.train import (LoopConfig, ModelConfig, TrainConfig, build_bert_config, ds_config,
+                             lr_factor)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def zh_tok():
+    return load_tokenizer(chinese_vocab_path())
+
+
+@pytest.fixture(scope="module")
+def zh_texts():
+    return peoples_daily_sentences()[:400]
+
+
+def test_packed_real_batch_has_no_padding_and_masking_skips_specials(zh_tok, zh_texts):
+    """Acceptance 5: packing yields no padding; masking never touches [CLS]/[SEP]/[PAD]/[UNK]."""
+    seq_len = 64
+    out = tokenize_and_pack({"text": np.array(zh_texts, dtype=object)}, tokenizer_path=str(chinese_vocab_path()),
+                            text_column="text", seq_len=seq_len, val_fraction=0.0, split="train")
+    rows = torch.from_numpy(out["input_ids"])  # (R, T)
+    assert rows.ndim == 2 and rows.shape[1] == seq_len and rows.shape[0] > 50
+    assert not (rows == zh_tok.pad_token_id).any(), "a packed row contains [PAD]"
+    assert (rows[:, 0] == zh_tok.cls_token_id).all()
+    n_sep = int((rows == zh_tok.sep_token_id).sum())
+    assert n_sep >= len(zh_texts) * 0.9  # documents are joined with [SEP] (the tail of the last is dropped)
+    # Nothing is lost but the tail: the rows hold every document's tokens in order.
+    ids = zh_tok(zh_texts, add_special_tokens=False)["input_ids"]
+    stream = [t for doc in ids for t in doc + [zh_tok.sep_token_id]]
+    body = rows[:, 1:].flatten().tolist()
+    assert body == stream[: len(body)]
+
+    masker = Masker.from_tokenizer(zh_tok, MaskingConfig())
+    special = torch.tensor(sorted(set(zh_tok.all_special_ids)))
+    g = torch.Generator().manual_seed(0)
+    total_masked = 0
+    for batch in rows.split(16):
+        mb = masker(batch, generator=g)
+        is_special = torch.isin(batch, special)  # (B, T)
+        flat_special = is_special.flatten()
+        assert not flat_special[mb.masked_index].any(), "a special token was chosen for masking"
+        assert (mb.labels[is_special] == -100).all()
+        assert torch.equal(mb.input_ids[is_special], batch[is_special]), "a special token was replaced"
+        assert torch.equal(mb.masked_labels, batch.flatten()[mb.masked_index])
+        total_masked += mb.masked_index.numel()
+    maskable = int((~torch.isin(rows, special)).sum())
+    assert abs(total_masked / maskable - 0.15) < 0.02
+
+
+def test_val_split_is_by_document_deterministic_and_disjoint(zh_texts):
+    kw = dict(tokenizer_path=str(chinese_vocab_path()), text_column="text", seq_len=32, val_fraction=0.2)
+    batch = {"text": np.array(zh_texts + [None, ""], dtype=object)}  # nulls and empties are skipped
+    train = tokenize_and_pack(batch, split="train", **kw)["input_ids"]
+    val = tokenize_and_pack(batch, split="val", **kw)["input_ids"]
+    again = tokenize_and_pack(batch, split="val", **kw)["input_ids"]
+    assert np.array_equal(val, again)
+    n_val = sum(is_val(t, 0.2) for t in zh_texts)
+    assert 0.1 * len(zh_texts) < n_val < 0.3 * len(zh_texts)
+    assert train.size and val.size and train.shape[0] > val.shape[0]
+
+
+def test_lr_schedule_warmup_then_linear_or_cosine():
+    assert lr_factor(0, 10, 100, "linear", 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, "linear", 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, "linear", 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100, "linear", 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 10, 100, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100, "cosine", 0.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(80, 10, 100, "constant", 0.0) == 1.0
+    vals = [lr_factor(s, 10, 100, "cosine", 0.0) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_deepspeed_config_from_train_config():
+    c = ds_config(TrainConfig(micro_batch_size=8, grad_accum=4, zero_stage=3, dtype="bf16", grad_clip=0.5), 2)
+    assert c["train_batch_size"] == 64 and c["gradient_accumulation_steps"] == 4
+    assert c["zero_optimization"]["stage"] == 3 and c["bf16"]["enabled"] and c["gradient_clipping"] == 0.5
+    assert "fp16" not in c and "optimizer" not in c  # client torch AdamW: nothing to JIT-compile
+    with pytest.raises(ValueError, match="dtype"):
+        TrainConfig(dtype="fp8")
+    with pytest.raises(ValueError, match="zero_stage"):
+        TrainConfig(zero_stage=4)
+
+
+def test_model_config_takes_tokenizer_vocab():
+    cfg = build_bert_config(ModelConfig(preset="debug", overrides={"hidden_dropout_prob": 0.0}), 21128)
+    assert cfg.vocab_size == 21128 and cfg.hidden_size == 64 and cfg.hidden_dropout_prob == 0.0
+
+
+def test_loop_config_round_trips_through_a_dict():
+    from pipelines.pretrain_data import DataConfig
+
+    cfg = LoopConfig(run_dir="/r", tokenizer="/t", data=DataConfig(paths=["/x"], masking=MaskingConfig(whole_word=True)),
+                     train=TrainConfig(zero_stage=2))
+    again = LoopConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+def test_presets_yaml_and_flags_layer_in_order(tmp_path):
+    from jobs.pretrain import PRESETS, build_config
+
+    for name in PRESETS:
+        assert build_config(name, None, {}).model.preset == name
+    cfg = build_config("debug", str(REPO / "configs" / "pretrain_debug.yaml"),
+                       {"train.zero_stage": 3, "data.paths": ["a.parquet"], "train.dtype": None})
+    assert cfg.model.preset == "debug" and cfg.train.zero_stage == 3 and cfg.train.dtype == "fp32"
+    assert cfg.data.seq_len == 64 and cfg.data.paths == ["a.parquet"]
+    mini = build_config(None, str(REPO / "configs" / "pretrain_mini_zh.yaml"), {})
+    assert mini.model.preset == "mini" and mini.train.dtype == "bf16" and mini.train.time_budget_s == 1800
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_stepz: 3\n")
+    with pytest.raises(ValueError, match="max_stepz"):
+        build_config(None, str(bad), {})
+
+
+def test_fp16_on_cpu_fails_before_any_work(tmp_path):
+    import ray
+
+    from jobs.pretrain import main, preset_config
+
+    cfg = preset_config("debug")
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.data.paths = [str(tmp_path)]
+    cfg.train.dtype = "fp16"
+    with pytest.raises(ValueError, match="fp16 needs GPUs"):
+        main(cfg)
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
+
+
+def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path):
+    from jobs.pretrain import main, preset_config
+
+    (tmp_path / "run" / "checkpoint_00000010").mkdir(parents=True)
+    cfg = preset_config("debug")
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.data.paths = [str(tmp_path)]
+    cfg.data.tokenizer = str(chinese_vocab_path())
+    cfg.resume = "never"
+    with pytest.raises(FileExistsError, match="resume auto"):
+        main(cfg)
+
+
+def test_missing_data_and_tokenizer_are_clear_errors(tmp_path):
+    from jobs.pretrain import main, preset_config
+
+    cfg = preset_config("debug")
+    cfg.run_dir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="--data"):
+        main(cfg)
+    cfg.data.paths = [str(tmp_path)]
+    with pytest.raises(ValueError, match="raybert vocab"):
+        main(cfg)
+    with pytest.raises(FileNotFoundError):
+        resolve_paths([str(tmp_path / "nope*.parquet")])
+
+
+def test_cli_pretrain_parses_the_issue_flags(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import jobs.pretrain as jp
+    from jobs.cli import cli
+
+    seen = {}
+
+    def fake_main(cfg):
+        seen["cfg"] = cfg
+        return jp.PretrainResult(run_dir=cfg.run_dir, checkpoint=None, export=None, metrics={})
+
+    monkeypatch.setattr(jp, "main", fake_main)
+    args = ["pretrain", "--data", "a.parquet", "--data", "dir/", "--run-dir", str(tmp_path / "r"),
+            "--config", str(REPO / "configs" / "pretrain_debug.yaml"), "--preset", "debug",
+            "--tokenizer", "vocab.txt", "--max-steps", "7", "--zero-stage", "2", "--num-workers", "1",
+            "--dtype", "bf16", "--resume", "never", "--address", "auto"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    cfg = seen["cfg"]
+    assert cfg.data.paths == ["a.parquet", "dir/"] and cfg.train.max_steps == 7 and cfg.train.zero_stage == 2
+    assert cfg.scaling.num_workers == 1 and cfg.train.dtype == "bf16" and cfg.resume == "never"
+    assert cfg.address == "auto" and cfg.data.tokenizer == "vocab.txt" and cfg.scaling.use_gpu is False
+    res = CliRunner().invoke(cli, ["pretrain", "--run-dir", "x", "--use-gpu", "--data", "a"])
+    assert res.exit_code == 0 and seen["cfg"].scaling.use_gpu is True
+
+
+def test_cli_vocab_trains_a_tokenizer_that_pretrain_accepts(tmp_path, zh_texts):
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    write_corpus(zh_texts, str(tmp_path / "corpus"), rows_per_file=150)
+    res = CliRunner().invoke(cli, ["vocab", "--data", str(tmp_path / "corpus"), "--out", str(tmp_path / "tok"),
+                                   "--vocab-size", "1500"])
+    assert res.exit_code == 0, res.output
+    tok = load_tokenizer(tmp_path / "tok")
+    # The WordPiece trainer keeps the whole alphabet, which can overshoot vocab_size a little.
+    assert 300 < len(tok) <= 1700 and tok.convert_tokens_to_ids("[MASK]") == 4
+    ids = tok(zh_texts[0])["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    all_ids = [i for t in zh_texts[:100] for i in tok(t, add_special_tokens=False)["input_ids"]]
+    assert all_ids.count(tok.unk_token_id) / len(all_ids) < 0.05

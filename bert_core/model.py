@@ -16,6 +16,9 @@ What differs from stock HF BERT, and why:
   only those rows onto the vocabulary. With 15% masking that skips ~85% of the largest matmul in
   pretraining (the (H x V) decoder).
 - The pooler is computed only by heads that use it (classification), not on every forward.
+- On padded batches the encoder runs its per-token layers on the real tokens only (see
+  BertEncoder); hidden states at padding positions come out as zeros instead of HF's values,
+  which no head reads.
 
 Shapes: B batch, T sequence length, H hidden size, nh heads, hd head dim (H // nh),
 I intermediate size, V vocab size, M number of masked tokens, L number of labels.
@@ -31,6 +34,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .padding import Unpadded, repad, unpad
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,17 +193,25 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(H, H)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        B, T, H = x.shape
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                unpadded: Optional[Unpadded] = None) -> torch.Tensor:
+        """x: (B, T, H), or (nnz, H) real tokens only when `unpadded` says where they sit."""
+        q, k, v = self.query(x), self.key(x), self.value(x)  # (B, T, H) or (nnz, H)
+        if unpadded is not None:  # attention needs the (B, T) grid back
+            q, k, v = (repad(t, unpadded.indices, unpadded.B, unpadded.T) for t in (q, k, v))
+        B, T, H = q.shape
         # (B, T, H) -> (B, nh, T, hd)
-        q = self.query(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.key(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.value(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         # attn_mask: (B, 1, 1, T) bool, True = attend; None when there is no padding
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
         )  # (B, nh, T, hd)
-        return y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
+        y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
+        if unpadded is not None:
+            y = y.reshape(B * T, H).index_select(0, unpadded.indices)  # (nnz, H)
+        return y
 
 
 class BertSelfOutput(nn.Module):
@@ -220,8 +233,9 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.output(self.self(x, attn_mask), x)  # (B, T, H)
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                unpadded: Optional[Unpadded] = None) -> torch.Tensor:
+        return self.output(self.self(x, attn_mask, unpadded), x)  # (B, T, H) or (nnz, H)
 
 
 class BertIntermediate(nn.Module):
@@ -254,24 +268,45 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        x = self.attention(x, attn_mask)  # (B, T, H)
-        return self.output(self.intermediate(x), x)  # (B, T, H)
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                unpadded: Optional[Unpadded] = None) -> torch.Tensor:
+        # Everything but attention is per token, so it runs on (nnz, H) as well as (B, T, H).
+        x = self.attention(x, attn_mask, unpadded)  # (B, T, H) or (nnz, H)
+        return self.output(self.intermediate(x), x)  # (B, T, H) or (nnz, H)
 
 
 class BertEncoder(nn.Module):
+    """The layer stack. On padded batches it drops the padding rows before the first layer and
+    runs every per-token matmul (projections, FFN, LayerNorm) on the real tokens only, restoring
+    the (B, T) grid just for attention (MosaicBERT's trick). Padding positions of the output are
+    zeros; every real position is what the padded computation gives."""
+
+    # Unpad only when it pays: each layer then spends two gathers/scatters of (nnz, H) tensors,
+    # which costs more than it saves on nearly full batches.
+    unpad_min_padding: float = 0.1
+
     def __init__(self, config: BertConfig):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         # Set by the training layer to trade compute for activation memory.
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        attn_mask = key_padding_mask(attention_mask)  # (B, 1, 1, T) or None
+        unpadded = None
+        if attn_mask is not None:
+            B, T, _ = x.shape
+            n_real = int(attention_mask.sum())
+            if 1.0 - n_real / (B * T) >= self.unpad_min_padding:
+                x, indices, _, _ = unpad(x, attention_mask)  # (nnz, H)
+                unpadded = Unpadded(indices, B, T)
         for layer in self.layer:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, attn_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, attn_mask, unpadded, use_reentrant=False)
             else:
-                x = layer(x, attn_mask)
+                x = layer(x, attn_mask, unpadded)
+        if unpadded is not None:
+            x = repad(x, unpadded.indices, unpadded.B, unpadded.T)
         return x  # (B, T, H)
 
 
@@ -317,7 +352,7 @@ class BertModel(nn.Module):
         token_type_ids: Optional[torch.Tensor] = None,  # (B, T) segment ids
     ) -> torch.Tensor:
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
-        return self.encoder(x, key_padding_mask(attention_mask))  # (B, T, H)
+        return self.encoder(x, attention_mask)  # (B, T, H)
 
 
 def init_weights(module: nn.Module, config: BertConfig) -> None:

@@ -10,7 +10,7 @@ sequence length.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +57,14 @@ def token_budget_batches(lengths: Sequence[int] | np.ndarray, max_tokens: int,
         batches.append(order[start:start + rows])
         start += rows
     return batches
+
+
+class Unpadded(NamedTuple):
+    """Where the nnz real tokens of an unpadded batch sit in its (B, T) grid."""
+
+    indices: torch.Tensor  # (nnz,) flat positions into B*T
+    B: int
+    T: int
 
 
 def unpad(hidden: torch.Tensor, attention_mask: torch.Tensor

@@ -1,0 +1,128 @@
+"""`raybert score`: batch scoring, Parquet in, Parquet out, every row accounted for.
+
+Contract: `main(cfg: ScoreConfig) -> ScoreResult` connects to Ray (`--address`/`RAY_ADDRESS`, or
+an embedded local Ray that it shuts down after), runs pipelines.scoring.score, prints the summary
+line (rows, error rows, tokens, tokens/s, output path) and returns it. Rerunning the same
+command after a crash resumes; after success it reports the finished run (`overwrite: true` to
+redo). The click command only parses flags, loads the YAML config and calls `main`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import click
+
+
+@dataclass
+class ResourceConfig:
+    """How the job uses the cluster. None means: size it from the cluster (see cpu_plan)."""
+
+    num_actors: Optional[int] = None  # predictor actors; default one per GPU, else one per 2 CPUs
+    actor_num_cpus: Optional[float] = None  # logical CPUs each actor reserves (CPU clusters: auto)
+    task_num_cpus: float = 0.25  # read/tokenize/write tasks; fractional so actors can't starve them
+    torch_threads: Optional[int] = None  # intra-op threads per actor
+    device: str = "auto"  # auto | cpu | cuda
+    max_restarts: int = 4  # restarts of a killed predictor actor
+    max_task_retries: int = 4  # retries of a block whose actor died
+    task_max_retries: int = 4  # retries of a failed read/tokenize/write task
+
+
+@dataclass
+class ScoreConfig:
+    input: Union[str, list] = ""  # Parquet file(s), directory or glob (or a list of them)
+    output: str = ""  # output directory (Parquet files + _SUCCESS.json)
+    model: str = ""  # HF BERT directory or raybert checkpoint
+    task: str = "embed"  # embed | classify | tag | fill-mask
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None  # second text for sentence pairs
+    id_column: str = "id"  # if absent from the data, ids are "<file>:<row index>"
+    max_length: int = 512  # tokens per row (longer rows are truncated and flagged); capped by the model
+    max_tokens: int = 4096  # token budget per forward pass: rows x longest row
+    batch_size: int = 1024  # rows per block; the token-budget batcher sorts by length within it
+    max_batch_rows: Optional[int] = None  # optional cap on rows per forward pass
+    dtype: str = "fp32"  # fp32 | bf16 (CPU or GPU autocast) | fp16 (GPU only)
+    pooling: Optional[str] = None  # embed: mean | cls (default: the checkpoint's, else mean)
+    normalize: Optional[bool] = None  # embed: L2-normalize (default: the checkpoint's, else True)
+    top_k: int = 5  # fill-mask: candidates per [MASK]
+    tokenizer: Optional[str] = None  # tokenizer dir if not the model's
+    address: Optional[str] = None  # Ray address; None: RAY_ADDRESS or an embedded local Ray
+    checkpoint_dir: Optional[str] = None  # resume state; default "<output>.checkpoint" (shared storage on a cluster)
+    overwrite: bool = False  # discard an existing output/checkpoint and score again
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+
+
+def validate(cfg: ScoreConfig) -> None:
+    from pipelines.predictors import DTYPES, TASKS
+
+    for name in ("input", "output", "model"):
+        if not getattr(cfg, name):
+            raise ValueError(f"score: {name} is required")
+    if cfg.task not in TASKS:
+        raise ValueError(f"score: task must be one of {TASKS}, got {cfg.task!r}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"score: dtype must be one of {DTYPES}, got {cfg.dtype!r}")
+    if cfg.max_tokens < 1 or cfg.batch_size < 1 or cfg.max_length < 3:
+        raise ValueError("score: max_tokens and batch_size must be >= 1, max_length >= 3")
+
+
+def _max_length(cfg: ScoreConfig) -> int:
+    """cfg.max_length, capped by the model's position table."""
+    import json
+    import os
+
+    path = os.path.join(cfg.model, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return min(cfg.max_length, int(json.load(f).get("max_position_embeddings", cfg.max_length)))
+    return cfg.max_length
+
+
+def main(cfg: ScoreConfig):
+    """Run the scoring job; returns pipelines.scoring.ScoreResult and prints its summary line."""
+    validate(cfg)
+    from jobs.ray_env import ray_session
+    from pipelines.scoring import score
+
+    r = cfg.resources
+    with ray_session(cfg.address):
+        result = score(inputs=cfg.input, output=cfg.output, model=cfg.model, task=cfg.task,
+                       text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,
+                       id_column=cfg.id_column, max_length=_max_length(cfg), max_tokens=cfg.max_tokens,
+                       batch_size=cfg.batch_size, max_batch_rows=cfg.max_batch_rows, dtype=cfg.dtype,
+                       pooling=cfg.pooling, normalize=cfg.normalize, top_k=cfg.top_k,
+                       num_actors=r.num_actors, actor_num_cpus=r.actor_num_cpus, task_num_cpus=r.task_num_cpus,
+                       torch_threads=r.torch_threads, device=r.device, max_restarts=r.max_restarts,
+                       max_task_retries=r.max_task_retries, task_max_retries=r.task_max_retries,
+                       checkpoint_dir=cfg.checkpoint_dir, overwrite=cfg.overwrite, tokenizer=cfg.tokenizer)
+    print(result.line(), flush=True)
+    return result
+
+
+@click.command("score")
+@click.argument("input", nargs=1)
+@click.argument("output", nargs=1)
+@click.option("--model", help="HF BERT directory or raybert checkpoint.")
+@click.option("--task", type=click.Choice(["embed", "classify", "tag", "fill-mask"]))
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="YAML file of ScoreConfig fields; flags override it.")
+@click.option("--max-tokens", type=int, help="Token budget per forward pass (rows x longest row).")
+@click.option("--batch-size", type=int, help="Rows per block, sorted by length within it.")
+@click.option("--num-actors", type=int, help="Predictor actors (default: one per GPU, else per 2 CPUs).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="fp16 needs a GPU.")
+@click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
+def score(input, output, model, task, config_path, max_tokens, batch_size, num_actors, dtype, address):
+    """Score Parquet INPUT (file, directory or glob) into Parquet OUTPUT, one row per input row."""
+    from jobs.config import load_config
+
+    cfg = load_config(ScoreConfig, config_path, {
+        "input": input, "output": output, "model": model, "task": task, "max_tokens": max_tokens,
+        "batch_size": batch_size, "resources.num_actors": num_actors, "dtype": dtype, "address": address})
+    try:
+        main(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+__all__ = ["ScoreConfig", "ResourceConfig", "main", "score"]

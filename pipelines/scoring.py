@@ -1,0 +1,381 @@
+"""The batch-scoring pipeline on Ray Data: read Parquet -> tokenize -> predict -> write Parquet.
+
+Contract:
+- `plan_inputs(...)` runs on the driver before any work: it expands files, directories and globs,
+  reads every file's Parquet footer, and fails with an error naming the file when a file is
+  unreadable/corrupt or lacks a needed column (the message lists the columns present). It
+  returns the file list, the expected row count and whether ids come from the data or are made
+  from file + row index.
+- `score(...)` builds and runs the Ray Data program:
+  `read_parquet(files, only the needed columns, include_row_hash)` -> `repartition` into blocks
+  of `batch_size` rows (streaming) -> `map_batches(tokenize_batch)` (stateless CPU tasks) ->
+  `map_batches(Predictor, compute=ActorPoolStrategy(size=n))` -> `write_parquet(output)`.
+  Every input row gives exactly one output row (see predictors.py for the columns).
+- Resume: Ray Data's job-level checkpointing (`ray.data.checkpoint.CheckpointConfig`, beta in
+  Ray 2.60) keyed on `row_hash`, Ray's deterministic hash of (file path, row index). User ids may
+  repeat, so they can't be the key. Each write task records its row keys as a *pending*
+  checkpoint before writing its data file and commits (renames) it after; a rerun first deletes
+  data files whose checkpoint is still pending (half-written or unacknowledged), then filters
+  out rows whose keys are committed. So after a kill -9 of the driver, rerunning the same
+  command completes the output with exactly one row per input row. The checkpoint lives beside
+  the output (`<output>.checkpoint` by default, which must be shared storage on a cluster). On
+  success we write `<output>/_SUCCESS.json` (the summary; Parquet readers skip `_` files) and
+  delete the checkpoint; a rerun of a finished job reports the manifest and does nothing.
+- Fault tolerance: predictor actors restart (`max_restarts`) and their in-flight tasks are
+  retried (`max_task_retries`); tasks retry (`max_retries`).
+- CPU-only clusters: actors hold logical CPUs for their whole life, so on a small machine an
+  actor pool plus Ray's checkpoint-filter actor (1 CPU, fixed by Ray) can leave no CPU for the
+  read/write tasks, and Ray Data then waits forever. We give tasks fractional CPUs and size the
+  predictor actors' reservation to leave room (`cpu_plan`). We use the V1 Parquet reader, whose
+  read tasks honour `num_cpus` (V2 adds a 1-CPU file-listing task that can deadlock there).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.predictors import TASKS, Predictor, tokenize_batch
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_SUCCESS.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: expand, validate, count (driver side, before any work)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InputPlan:
+    files: list[str]  # absolute paths, sorted
+    roots: dict[str, str]  # file -> the input root its fallback id is relative to
+    rows: int  # total rows in the footers: the output must have exactly this many
+    has_ids: bool  # True: ids come from the id column; False: "<file>:<row>"
+    columns: list[str]  # columns to read
+
+
+def _is_uri(p: str) -> bool:
+    return "://" in p
+
+
+def _expand(inputs: list[str]) -> tuple[list[str], dict[str, str]]:
+    files: list[str] = []
+    roots: dict[str, str] = {}
+    for raw in inputs:
+        if _is_uri(raw):
+            import pyarrow.fs as pafs
+
+            fs, path = pafs.FileSystem.from_uri(raw)
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.Directory:
+                found = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                         if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+                         and not any(part.startswith(("_", ".")) for part in os.path.relpath(f.path, path).split("/"))]
+                scheme = raw.split("://", 1)[0]
+                for f in sorted(found):
+                    files.append(f"{scheme}://{f}")
+                    roots[files[-1]] = raw
+            elif info.type == pafs.FileType.File:
+                files.append(raw)
+            else:
+                raise FileNotFoundError(f"input {raw} does not exist")
+            continue
+        p = os.path.abspath(raw)
+        if any(c in raw for c in "*?["):
+            matches = sorted(os.path.abspath(m) for m in glob.glob(raw, recursive=True) if os.path.isfile(m))
+            if not matches:
+                raise FileNotFoundError(f"input glob {raw} matches no files")
+            root = os.path.commonpath([os.path.dirname(m) for m in matches])
+            for m in matches:
+                files.append(m)
+                roots[m] = root
+        elif os.path.isdir(p):
+            found = []
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith(("_", ".")))
+                found += [os.path.join(dirpath, f) for f in filenames
+                          if f.endswith(".parquet") and not f.startswith(("_", "."))]
+            if not found:
+                raise FileNotFoundError(f"input directory {p} has no .parquet files")
+            for f in sorted(found):
+                files.append(f)
+                roots[f] = p
+        elif os.path.isfile(p):
+            files.append(p)
+            roots[p] = os.path.dirname(p)
+        else:
+            raise FileNotFoundError(f"input {raw} does not exist")
+    dupes = sorted({f for f in files if files.count(f) > 1})
+    if dupes:
+        raise ValueError(f"input file(s) given more than once: {dupes[:3]}")
+    return files, roots
+
+
+def _footer(path: str) -> pq.FileMetaData:
+    try:
+        if _is_uri(path):
+            import pyarrow.fs as pafs
+
+            fs, p = pafs.FileSystem.from_uri(path)
+            with fs.open_input_file(p) as f:
+                return pq.ParquetFile(f).metadata
+        return pq.ParquetFile(path).metadata
+    except Exception as e:  # ArrowInvalid, OSError, ...: say which file
+        raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+
+
+def plan_inputs(inputs: str | list[str], text_column: str = "text", text_pair_column: Optional[str] = None,
+                id_column: str = "id") -> InputPlan:
+    """Expand and validate the inputs; raise before any work if one can't be scored."""
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    files, roots = _expand(inputs)
+    rows = 0
+    with_id: list[str] = []
+    without_id: list[str] = []
+    for f in files:
+        meta = _footer(f)
+        present = meta.schema.to_arrow_schema().names
+        for col in [text_column] + ([text_pair_column] if text_pair_column else []):
+            if col not in present:
+                raise ValueError(f"{f}: no column {col!r} (the text to score); columns present: {present}")
+        (with_id if id_column in present else without_id).append(f)
+        rows += meta.num_rows
+    if with_id and without_id:
+        raise ValueError(f"{without_id[0]}: no id column {id_column!r}, but other inputs (e.g. {with_id[0]}) "
+                         f"have one; columns present: {_footer(without_id[0]).schema.to_arrow_schema().names}")
+    has_ids = bool(with_id)
+    columns = [text_column] + ([text_pair_column] if text_pair_column else []) + ([id_column] if has_ids else [])
+    return InputPlan(files=files, roots=roots, rows=rows, has_ids=has_ids, columns=columns)
+
+
+# --------------------------------------------------------------------------------------------
+# Resources
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CpuPlan:
+    num_actors: int
+    actor_num_cpus: float  # logical CPUs each predictor actor reserves
+    actor_num_gpus: float
+    task_num_cpus: float  # read / tokenize / write tasks
+    torch_threads: int  # intra-op threads of each actor
+    device: str
+
+
+def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Optional[float] = None,
+             task_num_cpus: float = 0.25, torch_threads: Optional[int] = None, device: str = "auto") -> CpuPlan:
+    """Size the predictor pool from the cluster: one actor per GPU (num_gpus=1) when there are
+    GPUs, else CPU slots, leaving 1 CPU for Ray's checkpoint filter actor plus one task slot."""
+    cpus = float(cluster.get("CPU", 1))
+    gpus = int(cluster.get("GPU", 0))
+    use_gpu = gpus > 0 and device in ("auto", "cuda")
+    if device == "cuda" and not gpus:
+        raise ValueError("device cuda asked for, but the Ray cluster has no GPUs")
+    if use_gpu:
+        n = num_actors or gpus
+        return CpuPlan(n, actor_num_cpus if actor_num_cpus is not None else 1.0, 1.0, task_num_cpus,
+                       torch_threads or max(1, int(cpus // n)), "cuda")
+    # CPU: by default one actor per 2 CPUs (each runs torch with 2 threads), at least one.
+    n = num_actors or max(1, int(cpus // 2))
+    room = max(cpus - 1.0 - task_num_cpus, 0.1)  # what the actors may reserve in total
+    per = actor_num_cpus if actor_num_cpus is not None else min(1.0, room / n)
+    threads = torch_threads or max(1, int(min(cpus, os.cpu_count() or 1) // n))
+    return CpuPlan(n, per, 0.0, task_num_cpus, threads, "cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreResult:
+    output: str
+    rows: int  # output rows (the whole output, including rows written by an earlier, killed run)
+    error_rows: int
+    tokens: int  # sum of n_tokens over the output
+    seconds: float  # wall time of this run's pipeline
+    tokens_this_run: int
+    input_rows: int
+    resumed: bool = False
+    already_complete: bool = False
+    plan: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_this_run / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"raybert score: rows={self.rows} error_rows={self.error_rows} tokens={self.tokens} "
+                f"tokens/s={self.tokens_per_s:,.0f} output={self.output}"
+                + (" (resumed)" if self.resumed else "") + (" (already complete)" if self.already_complete else ""))
+
+
+def default_checkpoint_dir(output: str) -> str:
+    out = output.rstrip("/")
+    return out + ".checkpoint" if _is_uri(out) else os.path.abspath(out) + ".checkpoint"
+
+
+def _fs(path: str):
+    import pyarrow.fs as pafs
+
+    if _is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _exists(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, p = _fs(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def _data_files(output: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs, p = _fs(output)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    return [f.path for f in fs.get_file_info(pafs.FileSelector(p, recursive=True))
+            if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+            and not os.path.basename(f.path).startswith(("_", "."))]
+
+
+def output_totals(output: str) -> tuple[int, int, int]:
+    """(rows, error rows, tokens) of everything written under `output`."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    files = _data_files(output)
+    if not files:
+        return 0, 0, 0
+    fs, _ = _fs(output)
+    t = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=["n_tokens", "error"])
+    tokens = pc.sum(t["n_tokens"]).as_py() or 0
+    return t.num_rows, t.num_rows - t["error"].null_count, int(tokens)
+
+
+def score(*, inputs: str | list[str], output: str, model: str, task: str, text_column: str = "text",
+          text_pair_column: Optional[str] = None, id_column: str = "id", max_length: int = 512,
+          max_tokens: int = 4096, batch_size: int = 1024, max_batch_rows: Optional[int] = None,
+          dtype: str = "fp32", pooling: Optional[str] = None, normalize: Optional[bool] = None,
+          top_k: int = 5, num_actors: Optional[int] = None, actor_num_cpus: Optional[float] = None,
+          task_num_cpus: float = 0.25, torch_threads: Optional[int] = None, device: str = "auto",
+          max_restarts: int = 4, max_task_retries: int = 4, task_max_retries: int = 4,
+          checkpoint_dir: Optional[str] = None, overwrite: bool = False, tokenizer: Optional[str] = None
+          ) -> ScoreResult:
+    """Score `inputs` into `output` on the connected Ray cluster (see the module docstring)."""
+    import ray
+    from ray.data.checkpoint import CheckpointConfig
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "tag" and text_pair_column:
+        raise ValueError("task tag scores single texts; text_pair_column is not supported with it")
+    if not os.path.isfile(os.path.join(model, "config.json")) and not _is_uri(model):
+        raise FileNotFoundError(f"--model {model} is not a checkpoint directory (no config.json)")
+    plan = plan_inputs(inputs, text_column, text_pair_column, id_column)
+    ckpt = checkpoint_dir or default_checkpoint_dir(output)
+    manifest = output.rstrip("/") + "/" + MANIFEST
+
+    if overwrite:
+        for p in (output, ckpt):
+            if _exists(p):
+                fs, q = _fs(p)
+                fs.delete_dir(q)
+    elif _exists(manifest):
+        fs, q = _fs(manifest)
+        with fs.open_input_stream(q) as f:
+            done = json.loads(f.read().decode())
+        log.warning("%s is already complete (%s); pass overwrite to score again", output, MANIFEST)
+        return ScoreResult(**{**done["result"], "already_complete": True, "plan": done["result"].get("plan", {})})
+    resumed = _exists(ckpt)
+    if _data_files(output) and not resumed:
+        raise FileExistsError(f"{output} already holds Parquet files but has no checkpoint ({ckpt}) and no "
+                              f"{MANIFEST}: it is not a run of this job to resume; choose another output or overwrite")
+
+    res = cpu_plan(ray.cluster_resources(), num_actors, actor_num_cpus, task_num_cpus, torch_threads, device)
+    if dtype == "fp16" and res.device != "cuda":
+        raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
+    log.info("scoring %d rows from %d file(s) with %s", plan.rows, len(plan.files), res)
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.checkpoint_config, ctx.use_datasource_v2)
+    cc = CheckpointConfig(id_column="row_hash", checkpoint_path=ckpt, delete_checkpoint_on_success=False)
+    cc.checkpoint_actor_pool_max_size = 1  # each filter actor holds 1 CPU; one is enough
+    ctx.checkpoint_config = cc
+    ctx.use_datasource_v2 = False  # see the module docstring (CPU-only clusters)
+    tokens_before = output_totals(output)[2] if resumed else 0
+    t0 = time.perf_counter()
+    try:
+        ds = ray.data.read_parquet(plan.files, columns=plan.columns, include_paths=not plan.has_ids,
+                                   include_row_hash=True, num_cpus=res.task_num_cpus)
+        ds = ds.repartition(target_num_rows_per_block=batch_size)
+        ds = ds.map_batches(
+            tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=res.task_num_cpus,
+            max_retries=task_max_retries,
+            fn_kwargs=dict(tokenizer_path=tokenizer or model, text_column=text_column,
+                           text_pair_column=text_pair_column, id_column=id_column, max_length=max_length,
+                           with_offsets=task == "tag",
+                           fallback_ids=None if plan.has_ids else {"path_column": "path", "roots": plan.roots}))
+        ds = ds.map_batches(
+            Predictor, batch_format="pyarrow", batch_size=None,
+            fn_constructor_args=(model, task),
+            fn_constructor_kwargs=dict(max_tokens=max_tokens, max_batch_rows=max_batch_rows, dtype=dtype,
+                                       device=res.device, pooling=pooling, normalize=normalize, top_k=top_k,
+                                       num_threads=res.torch_threads, tokenizer=tokenizer),
+            compute=ray.data.ActorPoolStrategy(size=res.num_actors),
+            num_cpus=res.actor_num_cpus, num_gpus=res.actor_num_gpus or None,
+            # A killed actor is restarted and its in-flight block retried, on purpose.
+            max_restarts=max_restarts, max_task_retries=max_task_retries)
+        ds.write_parquet(output, ray_remote_args={"num_cpus": res.task_num_cpus, "max_retries": task_max_retries})
+    finally:
+        ctx.checkpoint_config, ctx.use_datasource_v2 = saved
+    seconds = time.perf_counter() - t0
+
+    rows, errors, tokens = output_totals(output)
+    result = ScoreResult(output=output, rows=rows, error_rows=errors, tokens=tokens, seconds=seconds,
+                         tokens_this_run=tokens - tokens_before, input_rows=plan.rows, resumed=resumed,
+                         plan=asdict(res))
+    if rows != plan.rows:  # row conservation is the contract; never report success without it
+        raise RuntimeError(f"{output}: {rows} output rows for {plan.rows} input rows; the checkpoint "
+                           f"{ckpt} is kept, rerun to complete")
+    fs, q = _fs(output)
+    fs.create_dir(q, recursive=True)
+    body = json.dumps({"result": asdict(result), "inputs": plan.files, "task": task, "model": str(model)},
+                      indent=2, default=str).encode()
+    tmp = q.rstrip("/") + "/_SUCCESS.json.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(body)
+    fs.move(tmp, q.rstrip("/") + "/" + MANIFEST)  # atomic: a manifest is whole or absent
+    if _exists(ckpt):
+        cfs, cq = _fs(ckpt)
+        cfs.delete_dir(cq)
+    return result
+
+
+def read_output(output: str, columns: Optional[list[str]] = None) -> pa.Table:
+    """All output rows as one table (for tests and peeks)."""
+    import pyarrow.dataset as pads
+
+    files = _data_files(output)
+    if not files:
+        return pa.table({})
+    fs, _ = _fs(output)
+    return pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns)
+
+
+__all__ = ["InputPlan", "plan_inputs", "CpuPlan", "cpu_plan", "ScoreResult", "score", "read_output",
+           "output_totals", "default_checkpoint_dir", "Predictor", "tokenize_batch"]

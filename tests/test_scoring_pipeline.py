@@ -1,0 +1,208 @@
+"""Integration tests of `raybert score` on a local Ray with 2 CPUs: every task on generated and
+real text, row conservation, ids, embeddings vs a single-process bert_core reference, bad inputs,
+stable ids, the finished-run manifest, and the CLI. One Ray per module (start-up costs seconds)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bert_core.checkpoint import load_pretrained, save_pretrained
+from bert_core.model import build_model, preset
+from bert_core.tokenizer import load_tokenizer
+from jobs.score import ResourceConfig, ScoreConfig, main
+from pipelines.corpora import shakespeare_paragraphs
+from pipelines.predictors import Predictor, tokenize_batch
+from pipelines.scoring import MANIFEST, read_output
+
+
+@pytest.fixture(scope="module")
+def ray_mod():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 << 20,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _tiny_ckpt(tmp, minilm_dir, head, id2label=None):
+    tok = load_tokenizer(minilm_dir)
+    torch.manual_seed(0)
+    path = tmp / f"tiny-{head}"
+    save_pretrained(build_model(preset("debug", vocab_size=len(tok), id2label=id2label), head), path, tokenizer=tok)
+    return str(path)
+
+
+def _generated(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = "ray data parquet bert scoring token budget actor pool cluster [MASK] shard fast".split()
+    return [" ".join(rng.choice(words, size=int(rng.integers(1, 60)))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Real text (Shakespeare) in two files and generated text in a third; string ids."""
+    d = tmp_path_factory.mktemp("corpus")
+    real = shakespeare_paragraphs()[:600]
+    gen = _generated(300)
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(300)], "text": real[:300]}), d / "real-0.parquet")
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(300, 600)], "text": real[300:]}), d / "real-1.parquet")
+    pq.write_table(pa.table({"id": [f"g{i}" for i in range(300)], "text": gen}), d / "gen.parquet")
+    texts = dict(zip([f"r{i}" for i in range(600)], real)) | dict(zip([f"g{i}" for i in range(300)], gen))
+    return d, texts
+
+
+def _cfg(inp, out, model, task, **kw):
+    return ScoreConfig(input=str(inp), output=str(out), model=str(model), task=task, max_length=128,
+                       batch_size=kw.pop("batch_size", 200), max_tokens=kw.pop("max_tokens", 2048),
+                       resources=kw.pop("resources", ResourceConfig(num_actors=1)), **kw)
+
+
+def test_embed_real_and_generated_matches_reference(ray_mod, corpus, minilm_dir, tmp_path, capsys):
+    d, texts = corpus
+    result = main(_cfg(d, tmp_path / "out", minilm_dir, "embed"))
+    out = read_output(str(tmp_path / "out"))
+    assert out.num_rows == len(texts) == result.rows == result.input_rows
+    assert sorted(out["id"].to_pylist()) == sorted(texts)
+    assert out.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    assert result.error_rows == 0 and result.tokens == sum(out["n_tokens"].to_pylist()) > 0
+    assert "rows=900 error_rows=0" in capsys.readouterr().out
+    assert os.path.isfile(tmp_path / "out" / MANIFEST) and not os.path.exists(f"{tmp_path / 'out'}.checkpoint")
+    # Reference: single-process bert_core, one row at a time, HF tokenizer.
+    ref = load_pretrained(minilm_dir, "embed")
+    tok = load_tokenizer(minilm_dir)
+    rows = out.to_pylist()
+    sample = rows[::15]
+    with torch.inference_mode():
+        for row in sample:
+            enc = tok(texts[row["id"]], truncation=True, max_length=128, return_tensors="pt")
+            r = ref(enc["input_ids"], enc["attention_mask"])[0].numpy()
+            e = np.asarray(row["embedding"])
+            assert 1 - float(r @ e / np.linalg.norm(r) / np.linalg.norm(e)) < 1e-4
+            assert row["n_tokens"] == enc["input_ids"].shape[1]
+    # A rerun of the finished job is a no-op that reports the manifest.
+    again = main(_cfg(d, tmp_path / "out", minilm_dir, "embed"))
+    assert again.already_complete and again.rows == 900
+    assert read_output(str(tmp_path / "out")).num_rows == 900
+
+
+@pytest.mark.parametrize("task,head,labels", [
+    ("classify", "classify", {0: "neg", 1: "pos"}),
+    ("tag", "tag", {0: "O", 1: "B-X", 2: "I-X"}),
+    ("fill-mask", "mlm", None),
+])
+def test_tasks_match_in_process_predictor(ray_mod, corpus, minilm_dir, tmp_path, task, head, labels):
+    d, texts = corpus
+    model = _tiny_ckpt(tmp_path, minilm_dir, head, labels)
+    result = main(_cfg(d, tmp_path / "out", model, task, top_k=3))
+    out = read_output(str(tmp_path / "out"))
+    assert out.num_rows == len(texts) == result.rows
+    assert sorted(out["id"].to_pylist()) == sorted(texts)
+    # The same rows through the plain Predictor, in this process, give the same answers.
+    ids = sorted(texts)[::40]
+    batch = tokenize_batch(pa.table({"id": ids, "text": [texts[i] for i in ids]}), tokenizer_path=model,
+                           max_length=128, with_offsets=task == "tag")
+    expected = {r["id"]: r for r in Predictor(model, task, top_k=3)(batch).to_pylist()}
+    got = {r["id"]: r for r in out.to_pylist() if r["id"] in expected}
+    col = {"classify": "probs", "tag": "entities", "fill-mask": "fill_mask"}[task]
+    for i in ids:
+        if task == "classify":
+            assert got[i]["label"] == expected[i]["label"] and got[i]["label"] in ("neg", "pos")
+            np.testing.assert_allclose(got[i]["probs"], expected[i]["probs"], atol=1e-5)
+        elif task == "tag":
+            assert [(e["word"], e["label"], e["start"], e["end"]) for e in got[i][col]] == \
+                   [(e["word"], e["label"], e["start"], e["end"]) for e in expected[i][col]]
+            for e in got[i][col]:
+                assert texts[i][e["start"]:e["end"]] == e["word"]
+        else:
+            assert [(m["position"], m["token_ids"]) for m in got[i][col]] == \
+                   [(m["position"], m["token_ids"]) for m in expected[i][col]]
+    if task == "fill-mask":  # the generated text has [MASK]s: each gets top-3
+        masks = [m for r in out.to_pylist() for m in r["fill_mask"]]
+        assert masks and all(len(m["tokens"]) == 3 for m in masks)
+
+
+def test_bad_inputs_keep_every_row(ray_mod, minilm_dir, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    big = "all the world's a stage " * 45_000  # ~1 MB
+    pq.write_table(pa.table({"id": ["n", "e", "big", "dup", "dup", "ok"],
+                             "text": [None, "", big, "same id one", "same id two", "fine text"]}), d / "a.parquet")
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}), d / "empty.parquet")
+    result = main(_cfg(d, tmp_path / "out", minilm_dir, "embed"))
+    rows = {}
+    out = read_output(str(tmp_path / "out")).to_pylist()
+    assert len(out) == 6 == result.rows and result.error_rows == 1
+    for r in out:
+        rows.setdefault(r["id"], []).append(r)
+    assert len(rows["dup"]) == 2  # duplicate ids kept, one output row per input row
+    assert rows["n"][0]["error"] == "text is null" and rows["n"][0]["embedding"] is None
+    assert rows["e"][0]["error"] is None and rows["e"][0]["n_tokens"] == 2 and rows["e"][0]["embedding"]
+    assert rows["big"][0]["truncated"] and rows["big"][0]["n_tokens"] == 128 and rows["big"][0]["error"] is None
+    assert not rows["ok"][0]["truncated"]
+
+
+def test_non_string_text_rows_get_errors(ray_mod, minilm_dir, tmp_path):
+    f = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3], "text": [10, None, 30]}), f)
+    result = main(_cfg(f, tmp_path / "out", minilm_dir, "embed"))
+    out = read_output(str(tmp_path / "out")).sort_by("id").to_pylist()
+    assert result.rows == 3 and result.error_rows == 3
+    assert [r["error"] for r in out] == ["text is int, not a string", "text is null", "text is int, not a string"]
+
+
+def test_missing_column_and_corrupt_file_fail_before_work(ray_mod, minilm_dir, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    pq.write_table(pa.table({"id": [1], "text": ["fine"]}), d / "good.parquet")
+    pq.write_table(pa.table({"id": [2], "body": ["wrong column"]}), d / "bad.parquet")
+    with pytest.raises(ValueError) as e:
+        main(_cfg(d, tmp_path / "out", minilm_dir, "embed"))
+    msg = str(e.value)
+    assert "bad.parquet" in msg and "'text'" in msg and "'body'" in msg and "'id'" in msg
+    assert not (tmp_path / "out").exists()  # nothing was started
+    os.remove(d / "bad.parquet")
+    (d / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet at all")
+    with pytest.raises(ValueError, match="corrupt.parquet: not a readable Parquet file"):
+        main(_cfg(d, tmp_path / "out", minilm_dir, "embed"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_ids_from_file_and_row_when_absent(ray_mod, minilm_dir, tmp_path):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    pq.write_table(pa.table({"text": _generated(250, 1)}), d / "x.parquet", row_group_size=60)
+    pq.write_table(pa.table({"text": _generated(40, 2)}), d / "sub" / "y.parquet")
+    main(_cfg(d, tmp_path / "out", minilm_dir, "embed", batch_size=64))
+    ids = read_output(str(tmp_path / "out"))["id"].to_pylist()
+    assert sorted(ids) == sorted([f"x.parquet:{i}" for i in range(250)] + [f"sub/y.parquet:{i}" for i in range(40)])
+
+
+def test_cli_score_prints_summary(ray_mod, minilm_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    f = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": list(range(50)), "text": _generated(50, 3)}), f)
+    cfg = tmp_path / "score.yaml"
+    cfg.write_text("max_length: 64\nresources:\n  num_actors: 1\n")
+    r = CliRunner().invoke(cli, ["score", str(f), str(tmp_path / "out"), "--model", str(minilm_dir),
+                                 "--task", "embed", "--config", str(cfg), "--max-tokens", "1024",
+                                 "--batch-size", "16", "--dtype", "bf16"])
+    assert r.exit_code == 0, r.output
+    assert f"rows=50 error_rows=0" in r.output and f"output={tmp_path / 'out'}" in r.output
+    assert read_output(str(tmp_path / "out"))["n_tokens"].to_numpy().max() <= 64
+    bad = CliRunner().invoke(cli, ["score", str(f), str(tmp_path / "o2"), "--model", str(minilm_dir),
+                                   "--task", "embed", "--dtype", "fp16"])
+    assert bad.exit_code != 0 and "fp16 needs a GPU" in bad.output

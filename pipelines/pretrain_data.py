@@ -114,8 +114,8 @@ def build_datasets(cfg: DataConfig, tokenizer_path: str) -> dict:
     for split in ("train", "val"):
         if split == "val" and cfg.val_fraction <= 0:
             continue
-        ds = ray.data.read_parquet(paths, columns=[cfg.text_column],
-                                   ray_remote_args={"num_cpus": cfg.num_cpus})
+        # select_columns is pushed down into the Parquet read: only the text column is read.
+        ds = ray.data.read_parquet(paths, num_cpus=cfg.num_cpus).select_columns([cfg.text_column])
         ds = ds.map_batches(
             tokenize_and_pack, batch_size=cfg.tokenize_batch_rows, batch_format="numpy",
             num_cpus=cfg.num_cpus,

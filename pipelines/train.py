@@ -14,6 +14,8 @@ Contract:
 - Metrics (every `log_every` steps): loss, MLM accuracy, lr, tokens/s, MFU; validation loss and
   accuracy every `eval_every` steps and at the end. They go to `ray.train.report` and, from rank
   0, to `<run_dir>/metrics.jsonl` (one JSON object a line; `"event"` lines mark starts/resumes).
+  Ray Train 2.60 accepts one report per controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s)
+  and blocks the next until then, so keep `log_every` at 2 s of training or more.
 - Checkpoints (every `save_every` steps and at the end; Ray keeps the last `keep_last`), one Ray
   checkpoint directory holding:
     deepspeed/   the engine state: module, optimizer (ZeRO partitions of every rank), LR
@@ -364,7 +366,12 @@ def train_loop_per_worker(config: dict) -> None:
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+    if cfg.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
     run_dir = Path(cfg.run_dir)
 
     from bert_core.tokenizer import load_tokenizer

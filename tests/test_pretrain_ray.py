@@ -163,6 +163,41 @@ def test_hf_export_loads_in_transformers_with_matching_outputs(straight):
     _assert_export_matches_zero_state(Path(result.checkpoint), read_state_dict(export), torch.float32)
 
 
+@pytest.mark.timeout(300)
+def test_raybert_score_fill_mask_serves_the_export(straight, tmp_path):
+    """Acceptance 4 (second half): `raybert score --task fill-mask` (jobs.score.main) serves the
+    export, and its top-1 token at each [MASK] is our model's argmax there."""
+    import pyarrow.parquet as pq
+
+    from bert_core.checkpoint import load_pretrained
+    from bert_core.tokenizer import load_tokenizer
+    from jobs.score import ScoreConfig, main as score_main
+
+    _, result = straight
+    texts = [s[:10] + "[MASK]" + s[11:30] for s in peoples_daily_sentences()[6000:6006]]
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    res = score_main(ScoreConfig(input=str(tmp_path / "in.parquet"), output=str(out), model=result.export,
+                                 task="fill-mask", top_k=3))
+    assert res.rows == len(texts) and res.error_rows == 0
+    table = pq.read_table(sorted(out.glob("*.parquet"))).to_pylist()
+    assert len(table) == len(texts)
+
+    tok = load_tokenizer(result.export)
+    model = load_pretrained(result.export, head="mlm")
+    for row in table:
+        i = int(row["id"])
+        enc = tok(texts[i], return_tensors="pt")
+        pos = int((enc["input_ids"][0] == tok.mask_token_id).nonzero()[0])
+        with torch.no_grad():
+            want = int(model(enc["input_ids"])[0, pos].argmax())
+        (fm,) = row["fill_mask"]
+        assert fm["position"] == pos and len(fm["token_ids"]) == 3
+        assert fm["token_ids"][0] == want
+
+
 def _assert_export_matches_zero_state(ckpt: Path, exported: dict, dtype: torch.dtype) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -215,3 +215,39 @@ def test_cli_vocab_trains_a_tokenizer_that_pretrain_accepts(tmp_path, zh_texts):
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
     all_ids = [i for t in zh_texts[:100] for i in tok(t, add_special_tokens=False)["input_ids"]]
     assert all_ids.count(tok.unk_token_id) / len(all_ids) < 0.05
+
+
+def test_engine_in_one_process_accumulates_clips_and_checkpoints_activations():
+    """build_engine without Ray (world size 1, gloo): ZeRO-0, grad accumulation 2 (one optimizer
+    step per 2 micro-batches, the LR schedule stepping with it), activation checkpointing on."""
+    import os
+
+    import torch.distributed as dist
+
+    from bert_core.model import preset
+    from pipelines.train import build_engine, build_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        mc = ModelConfig(preset="debug", activation_checkpointing=True)
+        model = build_model(mc, preset("debug", vocab_size=128))
+        assert model.bert.encoder.gradient_checkpointing
+        tc = TrainConfig(max_steps=10, micro_batch_size=4, grad_accum=2, zero_stage=0, lr=1e-3, warmup_steps=4)
+        engine = build_engine(model, tc, 1)
+        masker = Masker(128, 4, [0, 1, 2, 3, 4])
+        g = torch.Generator().manual_seed(0)
+        lrs = []
+        for i in range(6):
+            mb = masker(torch.randint(5, 128, (4, 16), generator=g), generator=g)
+            logits = engine(mb.input_ids, masked_index=mb.masked_index)
+            loss = torch.nn.functional.cross_entropy(logits.float(), mb.masked_labels)
+            engine.backward(loss)
+            engine.step()
+            lrs.append(engine.get_lr()[0])
+        assert engine.global_steps == 3
+        assert lrs == pytest.approx([0.25e-3, 0.5e-3, 0.5e-3, 0.75e-3, 0.75e-3, 1e-3])
+        engine.destroy()
+    finally:
+        dist.destroy_process_group()

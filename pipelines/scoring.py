@@ -299,6 +299,9 @@ def score(*, inputs: str | list[str], output: str, model: str, task: str, text_c
         fs, q = _fs(manifest)
         with fs.open_input_stream(q) as f:
             done = json.loads(f.read().decode())
+        if done.get("inputs") != plan.files or done.get("task") != task or done.get("model") != str(model):
+            raise FileExistsError(f"{output} holds a finished run of other inputs, task or model "
+                                  f"({done.get('task')}, {done.get('model')}); choose another output or overwrite")
         log.warning("%s is already complete (%s); pass overwrite to score again", output, MANIFEST)
         return ScoreResult(**{**done["result"], "already_complete": True, "plan": done["result"].get("plan", {})})
     resumed = _exists(ckpt)

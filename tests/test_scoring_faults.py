@@ -48,11 +48,11 @@ def _kill_tree(procs: list[psutil.Process]) -> None:
 
 
 def test_kill_driver_then_rerun_completes_without_duplicates(tmp_path, minilm_dir):
-    ids = _corpus(tmp_path / "in", 1500)
+    ids = _corpus(tmp_path / "in", 800)
     out = tmp_path / "out"
     (tmp_path / "score.yaml").write_text("max_length: 64\nresources:\n  num_actors: 1\n")
     cmd = [sys.executable, "-m", "jobs.cli", "score", str(tmp_path / "in"), str(out), "--model", str(minilm_dir),
-           "--task", "embed", "--batch-size", "50", "--config", str(tmp_path / "score.yaml")]
+           "--task", "embed", "--batch-size", "30", "--config", str(tmp_path / "score.yaml")]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
 
@@ -95,7 +95,7 @@ def test_kill_driver_then_rerun_completes_without_duplicates(tmp_path, minilm_di
 
 
 def test_killing_a_predictor_actor_mid_run_loses_no_rows(ray_local, tmp_path, minilm_dir):
-    ids = _corpus(tmp_path / "in", 1200)
+    ids = _corpus(tmp_path / "in", 800)
     out = tmp_path / "out"
     killed: dict = {}
 
@@ -117,7 +117,7 @@ def test_killing_a_predictor_actor_mid_run_loses_no_rows(ray_local, tmp_path, mi
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     cfg = ScoreConfig(input=str(tmp_path / "in"), output=str(out), model=str(minilm_dir), task="embed",
-                      max_length=64, batch_size=40, resources=ResourceConfig(num_actors=1))
+                      max_length=64, batch_size=30, resources=ResourceConfig(num_actors=1))
     result = main(cfg)
     t.join(timeout=5)
     assert killed, "the predictor actor was never killed"

@@ -94,6 +94,8 @@ def test_embed_real_and_generated_matches_reference(ray_mod, corpus, minilm_dir,
     again = main(_cfg(d, tmp_path / "out", minilm_dir, "embed"))
     assert again.already_complete and again.rows == 900
     assert read_output(str(tmp_path / "out")).num_rows == 900
+    with pytest.raises(FileExistsError, match="finished run of other inputs, task or model"):
+        main(_cfg(d, tmp_path / "out", minilm_dir, "classify"))
 
 
 @pytest.mark.parametrize("task,head,labels", [
@@ -176,6 +178,11 @@ def test_missing_column_and_corrupt_file_fail_before_work(ray_mod, minilm_dir, t
     with pytest.raises(ValueError, match="corrupt.parquet: not a readable Parquet file"):
         main(_cfg(d, tmp_path / "out", minilm_dir, "embed"))
     assert not (tmp_path / "out").exists()
+    os.remove(d / "corrupt.parquet")
+    (tmp_path / "foreign").mkdir()
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "foreign" / "data.parquet")
+    with pytest.raises(FileExistsError, match="not a run of this job to resume"):
+        main(_cfg(d, tmp_path / "foreign", minilm_dir, "embed"))
 
 
 def test_ids_from_file_and_row_when_absent(ray_mod, minilm_dir, tmp_path):

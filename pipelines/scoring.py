@@ -303,6 +303,9 @@ def score(*, inputs: str | list[str], output: str, model: str, task: str, text_c
             raise FileExistsError(f"{output} holds a finished run of other inputs, task or model "
                                   f"({done.get('task')}, {done.get('model')}); choose another output or overwrite")
         log.warning("%s is already complete (%s); pass overwrite to score again", output, MANIFEST)
+        if _exists(ckpt):  # killed after the manifest, before the checkpoint was deleted
+            cfs, cq = _fs(ckpt)
+            cfs.delete_dir(cq)
         return ScoreResult(**{**done["result"], "already_complete": True, "plan": done["result"].get("plan", {})})
     resumed = _exists(ckpt)
     if _data_files(output) and not resumed:

@@ -240,8 +240,10 @@ def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps
         "scaling.num_workers": num_workers, "scaling.use_gpu": use_gpu, "train.dtype": dtype,
         "resume": resume, "address": address,
     }
-    cfg = build_config(preset, config_path, overrides)
-    result = main(cfg)
+    try:
+        result = main(build_config(preset, config_path, overrides))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # a config problem: no traceback
+        raise click.ClickException(str(e)) from e
     click.echo(json.dumps({"run_dir": result.run_dir, "checkpoint": result.checkpoint,
                            "export": result.export, "metrics": result.metrics}, indent=1, default=str))
 

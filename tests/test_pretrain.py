@@ -197,6 +197,10 @@ def test_cli_pretrain_parses_the_issue_flags(tmp_path, monkeypatch):
     assert cfg.address == "auto" and cfg.data.tokenizer == "vocab.txt" and cfg.scaling.use_gpu is False
     res = CliRunner().invoke(cli, ["pretrain", "--run-dir", "x", "--use-gpu", "--data", "a"])
     assert res.exit_code == 0 and seen["cfg"].scaling.use_gpu is True
+    monkeypatch.undo()
+    res = CliRunner().invoke(cli, ["pretrain", "--run-dir", str(tmp_path / "r"), "--data", str(tmp_path),
+                                   "--preset", "debug", "--dtype", "fp16"])
+    assert res.exit_code == 1 and "fp16 needs GPUs" in res.output and "Traceback" not in res.output
 
 
 def test_cli_vocab_trains_a_tokenizer_that_pretrain_accepts(tmp_path, zh_texts):

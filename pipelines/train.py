@@ -34,7 +34,6 @@ Contract:
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import math

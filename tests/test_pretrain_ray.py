@@ -23,15 +23,25 @@ from pipelines.pretrain_data import write_corpus
 STEPS = 50
 
 
-def _quiet_ray_data():
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_fast_ray():
+    """Progress bars off; the Train controller polls workers every 0.5 s instead of 2 s (it bounds
+    report throughput and how fast a dead worker is noticed). The embedded Ray that main() starts
+    inherits the variable. Both are restored after this module."""
     import os
 
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    # The Train controller polls workers at this interval; it bounds report throughput and how
-    # fast a dead worker is noticed (default 2 s). Inherited by the embedded Ray that main starts.
+    ctx = ray.data.DataContext.get_current()
+    old_bars, old_env = ctx.enable_progress_bars, os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    ctx.enable_progress_bars = False
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+    yield
+    ctx.enable_progress_bars = old_bars
+    if old_env is None:
+        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+    else:
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old_env
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +78,6 @@ def _val(run_dir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def straight(corpus, tmp_path_factory):
-    _quiet_ray_data()
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     result = main(_cfg(run_dir, corpus))
     return run_dir, result
@@ -215,7 +224,6 @@ def shared_ray():
     Train v2 tears its controller and workers down at the end of every fit."""
     import ray
 
-    _quiet_ray_data()
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 << 20,

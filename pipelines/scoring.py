@@ -337,7 +337,9 @@ def score(*, inputs: str | list[str], output: str, model: str, task: str, text_c
                            with_offsets=task == "tag",
                            fallback_ids=None if plan.has_ids else {"path_column": "path", "roots": plan.roots}))
         ds = ds.map_batches(
-            Predictor, batch_format="pyarrow", batch_size=None,
+            # Blocks already hold `batch_size` rows. Ray insists on an explicit batch_size for GPU
+            # actors; on CPU, None hands each block over whole, without re-batching.
+            Predictor, batch_format="pyarrow", batch_size=batch_size if res.actor_num_gpus else None,
             fn_constructor_args=(model, task),
             fn_constructor_kwargs=dict(max_tokens=max_tokens, max_batch_rows=max_batch_rows, dtype=dtype,
                                        device=res.device, pooling=pooling, normalize=normalize, top_k=top_k,

@@ -318,10 +318,11 @@ class _MetricsFile:
             f.write(json.dumps(record) + "\n")
 
 
-def _all_reduce_sum(values: list[float]) -> list[float]:
+def _all_reduce_sum(values: list[float], device) -> list[float]:
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    # On the worker's device: NCCL (GPU workers) reduces CUDA tensors only.
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
@@ -354,7 +355,7 @@ def evaluate(engine, shard, masker: Masker, cfg: LoopConfig, rank: int, device) 
             correct += float(c)
             n += m
     engine.train()
-    loss_sum, correct, n = _all_reduce_sum([loss_sum, correct, n])
+    loss_sum, correct, n = _all_reduce_sum([loss_sum, correct, n], device)
     return {"val_loss": loss_sum / max(n, 1), "val_acc": correct / max(n, 1), "val_tokens": int(n)}
 
 
@@ -437,7 +438,7 @@ def train_loop_per_worker(config: dict) -> None:
             state["step"] = step
             metrics = {}
             if step % tc.log_every == 0 or step == end:
-                s, c, n = _all_reduce_sum([acc_loss, acc_correct, acc_n])
+                s, c, n = _all_reduce_sum([acc_loss, acc_correct, acc_n], device)
                 dt = time.time() - t_log
                 tps = tokens_per_step * steps_since_log / max(dt, 1e-9)
                 metrics = {"step": step, "epoch": epoch, "loss": s / max(n, 1), "mlm_acc": c / max(n, 1),
@@ -450,7 +451,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.update(step=step, **evaluate(engine, val_shard, masker, cfg, rank, device))
             out_of_time = False
             if tc.time_budget_s is not None:
-                out_of_time = _all_reduce_sum([float(time.time() - t_start > tc.time_budget_s)])[0] > 0
+                out_of_time = _all_reduce_sum([float(time.time() - t_start > tc.time_budget_s)], device)[0] > 0
             stop = step >= end or out_of_time
             if metrics:
                 log.write(metrics)

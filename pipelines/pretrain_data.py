@@ -105,6 +105,25 @@ def tokenize_and_pack(batch: dict, *, tokenizer_path: str, text_column: str, seq
     return {"input_ids": rows}
 
 
+def read_parquet_v1(paths: list[str], **kwargs):
+    """`ray.data.read_parquet` through the V1 datasource, whose read tasks honour `num_cpus`.
+
+    Ray 2.60's default V2 reader adds a file-listing task that asks for a whole CPU. When the
+    Train workers hold all but a fraction of a CPU (2 workers x 0.75 CPU on a 2-CPU machine), that
+    task is never scheduled and training waits forever without an error. The choice is made when
+    the read is planned, so the context is restored right after.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(paths, **kwargs)
+    finally:
+        ctx.use_datasource_v2 = saved
+
+
 def build_datasets(cfg: DataConfig, tokenizer_path: str) -> dict:
     """Lazy train / val datasets of packed rows (see the module docstring)."""
     import ray.data
@@ -115,7 +134,7 @@ def build_datasets(cfg: DataConfig, tokenizer_path: str) -> dict:
         if split == "val" and cfg.val_fraction <= 0:
             continue
         # select_columns is pushed down into the Parquet read: only the text column is read.
-        ds = ray.data.read_parquet(paths, num_cpus=cfg.num_cpus).select_columns([cfg.text_column])
+        ds = read_parquet_v1(paths, num_cpus=cfg.num_cpus).select_columns([cfg.text_column])
         ds = ds.map_batches(
             tokenize_and_pack, batch_size=cfg.tokenize_batch_rows, batch_format="numpy",
             num_cpus=cfg.num_cpus,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -13,9 +14,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture
-def ray_local():
-    """A private local Ray with 2 CPUs, shut down after the test even if it fails."""
+@contextlib.contextmanager
+def local_ray():
+    """A private local Ray with 2 CPUs (the CI machine's size), shut down on exit even on failure."""
     import ray
 
     if ray.is_initialized():
@@ -26,6 +27,20 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def ray_local():
+    """Ray for one test."""
+    with local_ray() as ray:
+        yield ray
+
+
+@pytest.fixture(scope="module")
+def ray_module():
+    """Ray shared by a module's tests (jobs reuse an initialized Ray and leave it running)."""
+    with local_ray() as ray:
+        yield ray
 
 
 @pytest.fixture(scope="session")

@@ -218,22 +218,6 @@ def _assert_export_matches_zero_state(ckpt: Path, exported: dict, dtype: torch.d
         torch.testing.assert_close(exported[k], v.float(), **tol, msg=k)
 
 
-@pytest.fixture(scope="module")
-def shared_ray():
-    """One local Ray for the matrix (main() reuses an initialized Ray): saves a start/stop per case.
-    Train v2 tears its controller and workers down at the end of every fit."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 << 20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 # The straight run above already covers ZeRO-2 fp32 (with resume and restart); ZeRO-3 bf16, the
 # most fragile combination, always runs; the other five cases are marked slow (~40 s each).
 MATRIX = [pytest.param(stage, dtype, marks=() if (stage, dtype) == (3, "bf16") else pytest.mark.slow)
@@ -242,7 +226,7 @@ MATRIX = [pytest.param(stage, dtype, marks=() if (stage, dtype) == (3, "bf16") e
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stage,dtype", MATRIX)
-def test_zero_stage_precision_matrix(stage, dtype, corpus, tmp_path, shared_ray):
+def test_zero_stage_precision_matrix(stage, dtype, corpus, tmp_path, ray_module):
     """Acceptance 1: 2 workers, debug preset: ZeRO 1/2/3 x fp32/bf16 train, checkpoint, load back
     (the DeepSpeed state consolidates to the exported weights; the export loads and predicts)."""
     from bert_core.checkpoint import load_pretrained, read_state_dict

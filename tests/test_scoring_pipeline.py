@@ -21,20 +21,6 @@ from pipelines.predictors import Predictor, tokenize_batch
 from pipelines.scoring import MANIFEST, read_output
 
 
-@pytest.fixture(scope="module")
-def ray_mod():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 << 20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 def _tiny_ckpt(tmp, minilm_dir, head, id2label=None):
     tok = load_tokenizer(minilm_dir)
     torch.manual_seed(0)
@@ -68,7 +54,7 @@ def _cfg(inp, out, model, task, **kw):
                        resources=kw.pop("resources", ResourceConfig(num_actors=1)), **kw)
 
 
-def test_embed_real_and_generated_matches_reference(ray_mod, corpus, minilm_dir, tmp_path, capsys):
+def test_embed_real_and_generated_matches_reference(ray_module, corpus, minilm_dir, tmp_path, capsys):
     d, texts = corpus
     result = main(_cfg(d, tmp_path / "out", minilm_dir, "embed"))
     out = read_output(str(tmp_path / "out"))
@@ -103,7 +89,7 @@ def test_embed_real_and_generated_matches_reference(ray_mod, corpus, minilm_dir,
     ("tag", "tag", {0: "O", 1: "B-X", 2: "I-X"}),
     ("fill-mask", "mlm", None),
 ])
-def test_tasks_match_in_process_predictor(ray_mod, corpus, minilm_dir, tmp_path, task, head, labels):
+def test_tasks_match_in_process_predictor(ray_module, corpus, minilm_dir, tmp_path, task, head, labels):
     d, texts = corpus
     model = _tiny_ckpt(tmp_path, minilm_dir, head, labels)
     result = main(_cfg(d, tmp_path / "out", model, task, top_k=3))
@@ -134,7 +120,7 @@ def test_tasks_match_in_process_predictor(ray_mod, corpus, minilm_dir, tmp_path,
         assert masks and all(len(m["tokens"]) == 3 for m in masks)
 
 
-def test_bad_inputs_keep_every_row(ray_mod, minilm_dir, tmp_path):
+def test_bad_inputs_keep_every_row(ray_module, minilm_dir, tmp_path):
     d = tmp_path / "in"
     d.mkdir()
     big = "all the world's a stage " * 45_000  # ~1 MB
@@ -154,7 +140,7 @@ def test_bad_inputs_keep_every_row(ray_mod, minilm_dir, tmp_path):
     assert not rows["ok"][0]["truncated"]
 
 
-def test_non_string_text_rows_get_errors(ray_mod, minilm_dir, tmp_path):
+def test_non_string_text_rows_get_errors(ray_module, minilm_dir, tmp_path):
     f = tmp_path / "ints.parquet"
     pq.write_table(pa.table({"id": [1, 2, 3], "text": [10, None, 30]}), f)
     result = main(_cfg(f, tmp_path / "out", minilm_dir, "embed"))
@@ -163,7 +149,7 @@ def test_non_string_text_rows_get_errors(ray_mod, minilm_dir, tmp_path):
     assert [r["error"] for r in out] == ["text is int, not a string", "text is null", "text is int, not a string"]
 
 
-def test_missing_column_and_corrupt_file_fail_before_work(ray_mod, minilm_dir, tmp_path):
+def test_missing_column_and_corrupt_file_fail_before_work(ray_module, minilm_dir, tmp_path):
     d = tmp_path / "in"
     d.mkdir()
     pq.write_table(pa.table({"id": [1], "text": ["fine"]}), d / "good.parquet")
@@ -185,7 +171,7 @@ def test_missing_column_and_corrupt_file_fail_before_work(ray_mod, minilm_dir, t
         main(_cfg(d, tmp_path / "foreign", minilm_dir, "embed"))
 
 
-def test_ids_from_file_and_row_when_absent(ray_mod, minilm_dir, tmp_path):
+def test_ids_from_file_and_row_when_absent(ray_module, minilm_dir, tmp_path):
     d = tmp_path / "in"
     (d / "sub").mkdir(parents=True)
     pq.write_table(pa.table({"text": _generated(250, 1)}), d / "x.parquet", row_group_size=60)
@@ -195,7 +181,7 @@ def test_ids_from_file_and_row_when_absent(ray_mod, minilm_dir, tmp_path):
     assert sorted(ids) == sorted([f"x.parquet:{i}" for i in range(250)] + [f"sub/y.parquet:{i}" for i in range(40)])
 
 
-def test_cli_score_prints_summary(ray_mod, minilm_dir, tmp_path):
+def test_cli_score_prints_summary(ray_module, minilm_dir, tmp_path):
     from click.testing import CliRunner
 
     from jobs.cli import cli

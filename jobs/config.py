@@ -9,6 +9,7 @@ key and the file, so a typo never silently falls back to a default. Overrides wh
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from pathlib import Path
@@ -43,7 +44,7 @@ def to_mapping(obj: Any) -> dict:
 
 def apply_overrides(obj: T, overrides: Mapping[str, Any]) -> T:
     """Set dotted fields (`"train.max_steps": 10`) on a copy of `obj`; None values are skipped."""
-    obj = _deepcopy_dc(obj)
+    obj = copy.deepcopy(obj)
     for dotted, value in overrides.items():
         if value is None:
             continue
@@ -55,12 +56,6 @@ def apply_overrides(obj: T, overrides: Mapping[str, Any]) -> T:
             raise ValueError(f"override {dotted!r}: {type(target).__name__} has no field {leaf!r}")
         setattr(target, leaf, value)
     return obj
-
-
-def _deepcopy_dc(obj: T) -> T:
-    import copy
-
-    return copy.deepcopy(obj)
 
 
 def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Optional[Mapping[str, Any]] = None,

@@ -54,6 +54,15 @@ def _copy_hf_weights(hf: torch.nn.Module, ours: torch.nn.Module) -> None:
     assert [k for k in result.missing_keys if k != "cls.predictions.decoder.weight"] == []
 
 
+def _twins(hf_cls, our_cls, hf_config: transformers.BertConfig, seed: int):
+    """An HF model with random weights and our model of the same class holding those weights."""
+    torch.manual_seed(seed)
+    hf = hf_cls(hf_config).eval()
+    ours = our_cls(BertConfig.from_dict(hf.config.to_dict())).eval()
+    _copy_hf_weights(hf, ours)
+    return hf, ours
+
+
 PAIRS = [
     ("encoder", transformers.BertModel, BertModel),
     ("mlm", transformers.BertForMaskedLM, BertForMaskedLM),
@@ -67,10 +76,7 @@ PAIRS = [
 @pytest.mark.parametrize("head,hf_cls,our_cls", PAIRS, ids=[p[0] for p in PAIRS])
 def test_head_matches_transformers(cfg_i, padded, head, hf_cls, our_cls):
     d = CONFIGS[cfg_i]
-    torch.manual_seed(cfg_i)
-    hf = hf_cls(_hf_config(d)).eval()
-    ours = our_cls(BertConfig.from_dict(hf.config.to_dict())).eval()
-    _copy_hf_weights(hf, ours)
+    hf, ours = _twins(hf_cls, our_cls, _hf_config(d), seed=cfg_i)
     ids, mask, tt = _inputs(d, padded, seed=cfg_i)
     with torch.no_grad():
         out = hf(input_ids=ids, attention_mask=mask, token_type_ids=tt)
@@ -87,10 +93,7 @@ def test_head_matches_transformers(cfg_i, padded, head, hf_cls, our_cls):
 
 def test_mlm_masked_positions_equal_full_logits():
     d = CONFIGS[0]
-    torch.manual_seed(0)
-    hf = transformers.BertForMaskedLM(_hf_config(d)).eval()
-    ours = BertForMaskedLM(BertConfig.from_dict(hf.config.to_dict())).eval()
-    _copy_hf_weights(hf, ours)
+    hf, ours = _twins(transformers.BertForMaskedLM, BertForMaskedLM, _hf_config(d), seed=0)
     ids, mask, tt = _inputs(d, padded=True, seed=3)
     masked_index = torch.nonzero(mask.flatten()).flatten()[::7]  # real tokens, flat into B*T
     assert len(masked_index) >= 5
@@ -108,10 +111,7 @@ def test_mlm_decoder_is_tied():
 
 def test_without_token_type_ids_equals_segment_zero():
     d = CONFIGS[0]
-    torch.manual_seed(1)
-    hf = transformers.BertModel(_hf_config(d)).eval()
-    ours = BertModel(BertConfig.from_dict(hf.config.to_dict())).eval()
-    _copy_hf_weights(hf, ours)
+    hf, ours = _twins(transformers.BertModel, BertModel, _hf_config(d), seed=1)
     ids, mask, _ = _inputs(d, padded=True, seed=4)
     with torch.no_grad():
         assert _max_diff(ours(ids, mask), hf(input_ids=ids, attention_mask=mask).last_hidden_state, mask) < TOL
@@ -255,10 +255,8 @@ def test_gradients_match_transformers_on_padded_batch():
     """Training path (unpadded encoder, masked-only head) gives HF's gradients (dropout off)."""
     d = dict(CONFIGS[0])
     cfg = transformers.BertConfig(**d, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(11)
-    hf = transformers.BertForMaskedLM(cfg).train()
-    ours = BertForMaskedLM(BertConfig.from_dict(hf.config.to_dict())).train()
-    _copy_hf_weights(hf, ours)
+    hf, ours = _twins(transformers.BertForMaskedLM, BertForMaskedLM, cfg, seed=11)
+    hf.train(), ours.train()
     ids, mask, tt = _inputs(d, padded=True, seed=12)
     labels = torch.full_like(ids, -100)
     masked_index = torch.nonzero(mask.flatten()).flatten()[::3]

@@ -101,8 +101,8 @@ def main(cfg: ScoreConfig):
 
 
 @click.command("score")
-@click.argument("input", nargs=1)
-@click.argument("output", nargs=1)
+@click.argument("input", required=False)
+@click.argument("output", required=False)
 @click.option("--model", help="HF BERT directory or raybert checkpoint.")
 @click.option("--task", type=click.Choice(["embed", "classify", "tag", "fill-mask"]))
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
@@ -113,7 +113,10 @@ def main(cfg: ScoreConfig):
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="fp16 needs a GPU.")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
 def score(input, output, model, task, config_path, max_tokens, batch_size, num_actors, dtype, address):
-    """Score Parquet INPUT (file, directory or glob) into Parquet OUTPUT, one row per input row."""
+    """Score Parquet INPUT (file, directory or glob) into Parquet OUTPUT, one row per input row.
+
+    INPUT and OUTPUT may instead come from the --config file (as under `ray job submit ... --
+    python -m jobs.score --config FILE`)."""
     from jobs.config import load_config
 
     cfg = load_config(ScoreConfig, config_path, {
@@ -126,3 +129,6 @@ def score(input, output, model, task, config_path, max_tokens, batch_size, num_a
 
 
 __all__ = ["ScoreConfig", "ResourceConfig", "main", "score"]
+
+if __name__ == "__main__":  # `python -m jobs.score --config FILE`: the Ray Jobs entrypoint
+    score()

@@ -328,6 +328,19 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def worker_nodes() -> list[str]:
+    """The Ray node id of every rank, in rank order (a collective: every rank must call it)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
 def _forward_mlm(engine, masker: Masker, input_ids: torch.Tensor, seed: int, device) -> tuple:
     """Loss (mean over masked tokens), number correct, number masked."""
     mb = mlm_step_inputs(masker, input_ids, seed)
@@ -390,7 +403,8 @@ def train_loop_per_worker(config: dict) -> None:
             state = load_checkpoint(engine, d)
     log = _MetricsFile(run_dir / "metrics.jsonl" if rank == 0 else None)
     log.write({"event": "resume" if ckpt is not None else "start", "step": state["step"],
-               "epoch": state["epoch"], "consumed": state["consumed"], "world_size": world, "time": time.time()})
+               "epoch": state["epoch"], "consumed": state["consumed"], "world_size": world,
+               "nodes": worker_nodes(), "time": time.time()})
 
     seq_len = cfg.data.seq_len
     end = min(tc.max_steps, tc.stop_at) if tc.stop_at is not None else tc.max_steps
@@ -487,4 +501,9 @@ def _maybe_kill(tc: TrainConfig, rank: int, step: int, run_dir: Path) -> None:
     if marker.exists():
         return
     marker.write_text(f"killed at step {step}, pid {os.getpid()}, time {time.time()}\n")
+    # Ray Train registers a checkpoint only once the controller has polled every rank's report of
+    # it (one poll per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A rank that dies before that poll takes
+    # the other ranks' unpolled reports with it, and the restart falls back to the checkpoint
+    # before. The drill waits out two polls so that "latest checkpoint" is well defined.
+    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -14,6 +14,12 @@ Contract:
   tokenizer files if given. `id2label`/`label2id` travel in config.json.
 - raybert-only settings (the embedding pooling) go under the `raybert` key of config.json, which
   transformers ignores.
+- Multi-task checkpoints (`BertMultiTask`): the first classify/tag task is written under HF's own
+  keys (`bert.`, `classifier.`), an mlm task under `cls.`, so `transformers` loads the primary
+  task's model as usual (and reports the other heads' weights as unused). Every other head is kept
+  under `raybert_heads.<task>.`, and `raybert.tasks` in config.json lists each task's kind, labels
+  and key prefix. `load_pretrained(path, task=name)` serves any one head as a plain single-head
+  model; `load_multitask(path)` restores them all.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .model import HEADS, BertConfig, BertForEmbedding, build_model
+from .model import HEADS, BertConfig, BertForEmbedding, BertMultiTask, TaskHead, build_model
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,9 @@ HEAD_OF_ARCHITECTURE = {
 # Keys in HF files that carry no weights of ours: buffers, tied copies, the NSP head.
 _IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
 _IGNORED_PREFIXES = ("cls.seq_relationship.",)
-_HEAD_PREFIXES = ("cls.", "classifier.")
+_EXTRA_HEADS = "raybert_heads."  # non-primary heads of a multi-task checkpoint
+_HEAD_PREFIXES = ("cls.", "classifier.", _EXTRA_HEADS)
+_KIND_PREFIX = {"classify": "classifier.", "tag": "classifier.", "mlm": "cls."}
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -93,14 +101,43 @@ def _normalize_keys(sd: dict[str, torch.Tensor], target_prefixed: bool) -> dict[
     return out
 
 
+def task_names(path: str | Path) -> list[str]:
+    """The task heads of a multi-task checkpoint (empty for a single-head one)."""
+    config = BertConfig.from_json(Path(path) / "config.json")
+    return [t["name"] for t in config.extra.get("raybert", {}).get("tasks", [])]
+
+
+def _select_task(path: Path, config: BertConfig, meta: dict, sd: dict, task: str,
+                 head: Optional[str]) -> tuple[dict, str]:
+    """Re-key task `task`'s head of a multi-task checkpoint to the plain single-head keys."""
+    tasks = {t["name"]: t for t in meta.get("tasks", [])}
+    if task not in tasks:
+        raise ValueError(f"{path} has no task head {task!r}; its tasks: {sorted(tasks) or 'none (single head)'}")
+    spec = tasks[task]
+    if head is None:
+        head = spec["kind"]
+    if head in ("classify", "tag", "mlm") and head != spec["kind"]:
+        raise ValueError(f"{path}: task {task!r} is a {spec['kind']} head, not {head}")
+    if spec["kind"] != "mlm":
+        config.id2label = {int(k): str(v) for k, v in spec["id2label"].items()}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    target, prefix = _KIND_PREFIX[spec["kind"]], spec["prefix"]
+    if prefix != target:  # drop the primary's head of that kind, then move ours into its place
+        sd = {k: v for k, v in sd.items() if not k.startswith(target)}
+        sd = {(target + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+    return sd, head
+
+
 def load_pretrained(path: str | Path, head: Optional[str] = None, *,
                     id2label: Optional[dict[int, str]] = None, pooling: Optional[str] = None,
-                    normalize: Optional[bool] = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+                    normalize: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
+                    task: Optional[str] = None) -> nn.Module:
     """Load an HF BERT directory into our model with `head` (encoder|mlm|classify|tag|embed).
 
     `head=None` picks the head from config.json's `architectures`. `id2label` sets the labels of a
     fresh classify/tag head (ignored names in the file are replaced). `pooling`/`normalize` set the
-    embed head (default: the checkpoint's saved choice, else mean + normalize). The model is
+    embed head (default: the checkpoint's saved choice, else mean + normalize). `task` picks one
+    head of a multi-task checkpoint (default: its primary task, the one HF sees). The model is
     returned in eval mode.
     """
     path = Path(path)
@@ -108,6 +145,9 @@ def load_pretrained(path: str | Path, head: Optional[str] = None, *,
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
     config = BertConfig.from_json(path / "config.json")
     meta = config.extra.get("raybert", {})
+    raw = read_state_dict(path)
+    if task is not None:
+        raw, head = _select_task(path, config, meta, raw, task, head)
     if head is None:
         arch = (config.architectures or ["BertModel"])[0]
         head = meta.get("head") or HEAD_OF_ARCHITECTURE.get(arch, "encoder")
@@ -123,7 +163,7 @@ def load_pretrained(path: str | Path, head: Optional[str] = None, *,
 
     model = build_model(config, head, **kwargs)
     target_prefixed = head != "encoder"
-    sd = _normalize_keys(read_state_dict(path), target_prefixed)
+    sd = _normalize_keys(raw, target_prefixed)
     own = model.state_dict()
     # Shapes must agree, except a classifier whose label count changed: that head is fresh.
     fresh = []
@@ -156,6 +196,57 @@ def load_pretrained(path: str | Path, head: Optional[str] = None, *,
     return model.eval()
 
 
+def load_multitask(path: str | Path, dtype: Optional[torch.dtype] = None) -> BertMultiTask:
+    """Every head of a multi-task checkpoint written by save_pretrained, in one BertMultiTask."""
+    path = Path(path)
+    config = BertConfig.from_json(path / "config.json")
+    specs = config.extra.get("raybert", {}).get("tasks")
+    if not specs:
+        raise ValueError(f"{path} is not a multi-task checkpoint (no raybert.tasks in config.json)")
+    model = BertMultiTask(config, [TaskHead(t["name"], t["kind"], t.get("id2label")) for t in specs])
+    raw = read_state_dict(path)
+    sd = {}
+    for k, v in raw.items():
+        if k.startswith("bert."):
+            sd[k] = v
+            continue
+        for t in specs:
+            if k.startswith(t["prefix"]):
+                sd[f"heads.{t['name']}." + k[len(t["prefix"]):]] = v
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("predictions.decoder.weight")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path}: multi-task weights don't match: missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    model.tie_weights()
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _multitask_state(model: BertMultiTask, config: BertConfig) -> dict[str, torch.Tensor]:
+    """HF keys for the primary head, `raybert_heads.<task>.` for the rest; fills config's meta."""
+    sd = {"bert." + k: v for k, v in model.bert.state_dict().items()}
+    primary, specs, used = model.primary, [], set()
+    for name, t in model.tasks.items():
+        prefix = _KIND_PREFIX[t.kind]
+        if (t.kind != "mlm" and name != primary) or prefix in used:
+            prefix = f"{_EXTRA_HEADS}{name}."
+        used.add(prefix)
+        for k, v in model.heads[name].state_dict().items():
+            if not k.endswith("predictions.decoder.weight"):  # tied to the word embeddings
+                sd[prefix + k] = v
+        specs.append({"name": name, "kind": t.kind, "prefix": prefix,
+                      "id2label": {str(i): n for i, n in (t.id2label or {}).items()} or None})
+    head = model.tasks[primary].kind if primary else "mlm"
+    config.architectures = [ARCHITECTURES[head]]
+    if primary:
+        config.id2label = dict(model.tasks[primary].id2label)
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    config.extra["raybert"] = {"head": head, "primary": primary, "tasks": specs}
+    return sd
+
+
 def _head_of(model: nn.Module) -> str:
     head = getattr(model, "head", None)
     if head not in ARCHITECTURES:
@@ -167,22 +258,25 @@ def save_pretrained(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     """Write `model` as an HF checkpoint directory (config.json + model.safetensors)."""
     from safetensors.torch import save_file
 
-    head = _head_of(model)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     config = BertConfig.from_dict(model.config.to_dict())
-    config.architectures = [ARCHITECTURES[head]]
-    meta = {"head": head}
-    if isinstance(model, BertForEmbedding):
-        meta.update(pooling=model.pooling, normalize=model.normalize)
-    config.extra["raybert"] = meta
+    if isinstance(model, BertMultiTask):
+        sd = _multitask_state(model, config)
+    else:
+        head = _head_of(model)
+        config.architectures = [ARCHITECTURES[head]]
+        meta = {"head": head}
+        if isinstance(model, BertForEmbedding):
+            meta.update(pooling=model.pooling, normalize=model.normalize)
+        config.extra["raybert"] = meta
+        sd = model.state_dict()
+        if head == "embed":  # a plain BertModel on disk, so AutoModel and sentence-transformers load it
+            sd = {k.removeprefix("bert."): v for k, v in sd.items()}
+    path.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         config.vocab_size = max(config.vocab_size, len(tokenizer))
 
-    sd = model.state_dict()
     sd.pop("cls.predictions.decoder.weight", None)  # tied: HF re-ties it on load
-    if head == "embed":  # a plain BertModel on disk, so AutoModel and sentence-transformers load it
-        sd = {k.removeprefix("bert."): v for k, v in sd.items()}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config.to_json(path / "config.json")

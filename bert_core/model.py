@@ -506,6 +506,90 @@ class BertForEmbedding(nn.Module):
         return F.normalize(e, p=2, dim=-1) if self.normalize else e  # (B, H)
 
 
+@dataclass
+class TaskHead:
+    """One named head of a `BertMultiTask` model."""
+
+    name: str  # task name, e.g. "sentiment"; a Python identifier (it names the module)
+    kind: str  # classify (pooled [CLS] -> L) | tag (every token -> L) | mlm (tied vocab projection)
+    id2label: Optional[dict[int, str]] = None  # classify / tag label names, ids 0..L-1
+
+    def __post_init__(self):
+        if not self.name.isidentifier():
+            raise ValueError(f"task name {self.name!r} must be an identifier (letters, digits, _)")
+        if self.kind not in ("classify", "tag", "mlm"):
+            raise ValueError(f"task {self.name}: kind must be classify, tag or mlm, got {self.kind!r}")
+        if self.kind != "mlm":
+            if not self.id2label:
+                raise ValueError(f"task {self.name}: a {self.kind} head needs id2label")
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            if sorted(self.id2label) != list(range(len(self.id2label))):
+                raise ValueError(f"task {self.name}: label ids must be 0..{len(self.id2label) - 1}")
+
+
+class BertMultiTask(nn.Module):
+    """One shared encoder and several named heads: fine-tuning (one task) and multi-task learning.
+
+    `forward(task, ...)` runs the encoder once and the named head: classify gives (B, L) from the
+    pooled [CLS] (HF's BertForSequenceClassification), tag gives (B, T, L) (HF's
+    BertForTokenClassification), mlm gives (B, T, V) or (M, V) at `masked_index`, its decoder tied
+    to the word embeddings. Heads share one dropout. checkpoint.save_pretrained writes the first
+    classify/tag task under HF's own keys, so `transformers` loads it as that task's model, and
+    keeps every other head beside it (see checkpoint.py).
+    """
+
+    head = "multi"
+
+    def __init__(self, config: BertConfig, tasks: list[TaskHead]):
+        super().__init__()
+        if not tasks:
+            raise ValueError("BertMultiTask needs at least one task")
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        self.config = config
+        self.tasks = {t.name: t for t in tasks}
+        self.bert = BertModel(config, add_pooling_layer=any(t.kind == "classify" for t in tasks))
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.heads = nn.ModuleDict()
+        for t in tasks:
+            if t.kind == "mlm":
+                self.heads[t.name] = BertOnlyMLMHead(config)
+            else:
+                self.heads[t.name] = nn.Linear(config.hidden_size, len(t.id2label))
+            self.heads[t.name].apply(lambda m: init_weights(m, config))
+        self.tie_weights()
+
+    @property
+    def primary(self) -> Optional[str]:
+        """The task HF sees: the first classify/tag task."""
+        return next((n for n, t in self.tasks.items() if t.kind != "mlm"), None)
+
+    def tie_weights(self) -> None:
+        for name, t in self.tasks.items():
+            if t.kind == "mlm":
+                self.heads[name].predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def forward(
+        self,
+        task: str,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: Optional[torch.Tensor] = None,  # (B, T)
+        token_type_ids: Optional[torch.Tensor] = None,  # (B, T)
+        masked_index: Optional[torch.Tensor] = None,  # (M,) mlm only: flat positions into B*T
+    ) -> torch.Tensor:
+        kind = self.tasks[task].kind
+        h = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, H)
+        if kind == "classify":
+            return self.heads[task](self.dropout(self.bert.pooler(h)))  # (B, L)
+        if kind == "tag":
+            return self.heads[task](self.dropout(h))  # (B, T, L)
+        if masked_index is not None:
+            h = h.reshape(-1, h.shape[-1]).index_select(0, masked_index)  # (M, H)
+        return self.heads[task].predictions(h)  # (B, T, V) or (M, V)
+
+
 class BertEncoderOnly(BertModel):
     """`head="encoder"`: the bare encoder returning hidden states (B, T, H); has a pooler."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import click
 
+from jobs.finetune import finetune
 from jobs.pretrain import pretrain, vocab
 from jobs.score import score
 
@@ -13,12 +14,13 @@ from jobs.score import score
 @click.group()
 @click.version_option(package_name="raybert")
 def cli() -> None:
-    """raybert: BERT at scale on Ray (batch scoring, MLM pretraining)."""
+    """raybert: BERT at scale on Ray (batch scoring, MLM pretraining, fine-tuning)."""
 
 
 cli.add_command(score)
 cli.add_command(pretrain)
 cli.add_command(vocab)
+cli.add_command(finetune)
 
 if __name__ == "__main__":
     cli()

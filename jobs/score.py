@@ -47,6 +47,7 @@ class ScoreConfig:
     normalize: Optional[bool] = None  # embed: L2-normalize (default: the checkpoint's, else True)
     top_k: int = 5  # fill-mask: candidates per [MASK]
     tokenizer: Optional[str] = None  # tokenizer dir if not the model's
+    head: Optional[str] = None  # task head of a multi-task checkpoint (default: its primary task)
     address: Optional[str] = None  # Ray address; None: RAY_ADDRESS or an embedded local Ray
     checkpoint_dir: Optional[str] = None  # resume state; default "<output>.checkpoint" (shared storage on a cluster)
     overwrite: bool = False  # discard an existing output/checkpoint and score again
@@ -95,7 +96,8 @@ def main(cfg: ScoreConfig):
                        num_actors=r.num_actors, actor_num_cpus=r.actor_num_cpus, task_num_cpus=r.task_num_cpus,
                        torch_threads=r.torch_threads, device=r.device, max_restarts=r.max_restarts,
                        max_task_retries=r.max_task_retries, task_max_retries=r.task_max_retries,
-                       checkpoint_dir=cfg.checkpoint_dir, overwrite=cfg.overwrite, tokenizer=cfg.tokenizer)
+                       checkpoint_dir=cfg.checkpoint_dir, overwrite=cfg.overwrite, tokenizer=cfg.tokenizer,
+                       head=cfg.head)
     print(result.line(), flush=True)
     return result
 
@@ -111,8 +113,9 @@ def main(cfg: ScoreConfig):
 @click.option("--batch-size", type=int, help="Rows per block, sorted by length within it.")
 @click.option("--num-actors", type=int, help="Predictor actors (default: one per GPU, else per 2 CPUs).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="fp16 needs a GPU.")
+@click.option("--head", help="Task head of a multi-task checkpoint (default: its primary task).")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
-def score(input, output, model, task, config_path, max_tokens, batch_size, num_actors, dtype, address):
+def score(input, output, model, task, config_path, max_tokens, batch_size, num_actors, dtype, head, address):
     """Score Parquet INPUT (file, directory or glob) into Parquet OUTPUT, one row per input row.
 
     INPUT and OUTPUT may instead come from the --config file (as under `ray job submit ... --
@@ -121,7 +124,8 @@ def score(input, output, model, task, config_path, max_tokens, batch_size, num_a
 
     cfg = load_config(ScoreConfig, config_path, {
         "input": input, "output": output, "model": model, "task": task, "max_tokens": max_tokens,
-        "batch_size": batch_size, "resources.num_actors": num_actors, "dtype": dtype, "address": address})
+        "batch_size": batch_size, "resources.num_actors": num_actors, "dtype": dtype, "head": head,
+        "address": address})
     try:
         main(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

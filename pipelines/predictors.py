@@ -256,7 +256,8 @@ class Predictor:
     def __init__(self, model: str, task: str, *, max_tokens: int = 4096,
                  max_batch_rows: Optional[int] = None, dtype: str = "fp32", device: str = "cpu",
                  pooling: Optional[str] = None, normalize: Optional[bool] = None, top_k: int = 5,
-                 num_threads: Optional[int] = None, tokenizer: Optional[str] = None):
+                 num_threads: Optional[int] = None, tokenizer: Optional[str] = None,
+                 head: Optional[str] = None):
         import torch
 
         from bert_core.checkpoint import load_pretrained
@@ -277,7 +278,8 @@ class Predictor:
         self.device = torch.device(device)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         kwargs = {"pooling": pooling, "normalize": normalize} if task == "embed" else {}
-        self.model = load_pretrained(model, HEAD_OF_TASK[task], **kwargs).to(self.device).eval()
+        # `head` picks one task head of a multi-task checkpoint (default: its primary task).
+        self.model = load_pretrained(model, HEAD_OF_TASK[task], task=head, **kwargs).to(self.device).eval()
         self.config = self.model.config
         tok = load_tokenizer(tokenizer or model)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.config.pad_token_id

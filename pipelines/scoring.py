@@ -274,8 +274,8 @@ def score(*, inputs: str | list[str], output: str, model: str, task: str, text_c
           top_k: int = 5, num_actors: Optional[int] = None, actor_num_cpus: Optional[float] = None,
           task_num_cpus: float = 0.25, torch_threads: Optional[int] = None, device: str = "auto",
           max_restarts: int = 4, max_task_retries: int = 4, task_max_retries: int = 4,
-          checkpoint_dir: Optional[str] = None, overwrite: bool = False, tokenizer: Optional[str] = None
-          ) -> ScoreResult:
+          checkpoint_dir: Optional[str] = None, overwrite: bool = False, tokenizer: Optional[str] = None,
+          head: Optional[str] = None) -> ScoreResult:
     """Score `inputs` into `output` on the connected Ray cluster (see the module docstring)."""
     import ray
     from ray.data.checkpoint import CheckpointConfig
@@ -299,7 +299,8 @@ def score(*, inputs: str | list[str], output: str, model: str, task: str, text_c
         fs, q = _fs(manifest)
         with fs.open_input_stream(q) as f:
             done = json.loads(f.read().decode())
-        if done.get("inputs") != plan.files or done.get("task") != task or done.get("model") != str(model):
+        if (done.get("inputs") != plan.files or done.get("task") != task or done.get("model") != str(model)
+                or done.get("head") != head):
             raise FileExistsError(f"{output} holds a finished run of other inputs, task or model "
                                   f"({done.get('task')}, {done.get('model')}); choose another output or overwrite")
         log.warning("%s is already complete (%s); pass overwrite to score again", output, MANIFEST)
@@ -343,7 +344,7 @@ def score(*, inputs: str | list[str], output: str, model: str, task: str, text_c
             fn_constructor_args=(model, task),
             fn_constructor_kwargs=dict(max_tokens=max_tokens, max_batch_rows=max_batch_rows, dtype=dtype,
                                        device=res.device, pooling=pooling, normalize=normalize, top_k=top_k,
-                                       num_threads=res.torch_threads, tokenizer=tokenizer),
+                                       num_threads=res.torch_threads, tokenizer=tokenizer, head=head),
             compute=ray.data.ActorPoolStrategy(size=res.num_actors),
             num_cpus=res.actor_num_cpus, num_gpus=res.actor_num_gpus or None,
             # A killed actor is restarted and its in-flight block retried, on purpose.
@@ -362,7 +363,8 @@ def score(*, inputs: str | list[str], output: str, model: str, task: str, text_c
                            f"{ckpt} is kept, rerun to complete")
     fs, q = _fs(output)
     fs.create_dir(q, recursive=True)
-    body = json.dumps({"result": asdict(result), "inputs": plan.files, "task": task, "model": str(model)},
+    body = json.dumps({"result": asdict(result), "inputs": plan.files, "task": task, "model": str(model),
+                       "head": head},
                       indent=2, default=str).encode()
     tmp = q.rstrip("/") + "/_SUCCESS.json.tmp"
     with fs.open_output_stream(tmp) as f:

@@ -218,17 +218,23 @@ def ds_config(train: TrainConfig, world_size: int) -> dict:
     return cfg
 
 
-def build_engine(model: BertForMaskedLM, train: TrainConfig, world_size: int):
-    """The one place the model meets DeepSpeed. Returns the engine (engine.module is the model)."""
+def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int,
+                 param_groups: Optional[list[dict]] = None):
+    """The one place a model meets DeepSpeed (pretraining and fine-tuning alike). Returns the
+    engine (engine.module is the model). `param_groups` may carry per-group `lr` (layer-wise
+    decay); the schedule scales each group's own lr."""
     import deepspeed
+
+    from bert_core.model import BertLMPredictionHead
 
     disable_deepspeed_jit()
     if train.zero_stage == 3:
-        # The tied MLM decoder reads the word-embedding weight outside the embedding module's
+        # A tied MLM decoder reads the word-embedding weight outside the embedding module's
         # forward; ZeRO-3 must know to gather it for the head too.
-        deepspeed.zero.register_external_parameter(model.cls.predictions,
-                                                   model.bert.embeddings.word_embeddings.weight)
-    optimizer = torch.optim.AdamW(_param_groups(model, train.weight_decay), lr=train.lr,
+        for head in model.modules():
+            if isinstance(head, BertLMPredictionHead):
+                deepspeed.zero.register_external_parameter(head, model.bert.embeddings.word_embeddings.weight)
+    optimizer = torch.optim.AdamW(param_groups or _param_groups(model, train.weight_decay), lr=train.lr,
                                   betas=tuple(train.betas), eps=train.eps)
 
     def schedule(opt):

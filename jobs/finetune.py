@@ -1,0 +1,283 @@
+"""`raybert finetune`: classifiers and taggers (one task or several) from a pretrained BERT, on
+Ray Train + DeepSpeed.
+
+Contract:
+- `main(cfg: FinetuneConfig) -> FinetuneResult` fine-tunes `model.init_from` (an HF BERT
+  directory, e.g. a `raybert pretrain` export; or fresh weights of `model.preset`) on labeled
+  Parquet, one head per task (pipelines/finetune_data.py for the formats), and writes
+  `<run_dir>/export`: an HF directory whose primary task loads in
+  `transformers.BertFor{Sequence,Token}Classification`, with `id2label`, and which
+  `raybert score --task classify|tag [--head TASK]` serves. Without `address` / RAY_ADDRESS it
+  starts an embedded local Ray.
+- Labels are discovered with Ray Data unless a task lists them; each task's rows are tokenized and
+  materialized in the object store, then streamed to `scaling.num_workers` workers running
+  pipelines/finetune.py (`train_<task>` / `val_<task>` datasets).
+- The step count comes from `options.epochs` (over the labeled training rows, accounting for the
+  mixing share of an auxiliary mlm task), and the warmup from `options.warmup_ratio`.
+- The run dir holds Ray's checkpoint of the result, `metrics.jsonl`, `config.json` and `export/`.
+  A fine-tune does not resume: a run dir that already has a result is refused.
+- Config: `PRESETS[name]` (model size plus matching settings; `debug` runs in seconds), then a YAML
+  file (FinetuneConfig fields; `tasks` is a list of TaskData mappings), then a few CLI flags.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from bert_core.masking import MaskingConfig
+from jobs.pretrain import ScalingConfig, has_checkpoints
+from pipelines.finetune import FinetuneOptions
+from pipelines.finetune_data import FinetuneData, TaskData
+from pipelines.train import ModelConfig, TrainConfig
+
+
+def _train_defaults() -> TrainConfig:
+    # Fine-tuning settings in the range BERT's paper used (lr 2e-5..5e-5, batch 16..32).
+    return TrainConfig(max_steps=1000, micro_batch_size=32, lr=5e-5, warmup_steps=0, decay="linear",
+                       weight_decay=0.01, zero_stage=1, log_every=20, eval_every=200)
+
+
+@dataclass
+class FinetuneConfig:
+    run_dir: str = "runs/finetune"  # made absolute (Ray needs an absolute storage path)
+    tasks: list = field(default_factory=list)  # TaskData (or mappings of its fields, from YAML)
+    model: ModelConfig = field(default_factory=ModelConfig)  # init_from: the pretrained checkpoint
+    tokenizer: Optional[str] = None  # default: model.init_from's tokenizer
+    data: FinetuneData = field(default_factory=FinetuneData)
+    train: TrainConfig = field(default_factory=_train_defaults)
+    options: FinetuneOptions = field(default_factory=FinetuneOptions)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)  # mlm tasks
+    scaling: ScalingConfig = field(default_factory=lambda: ScalingConfig(num_workers=1))
+    address: Optional[str] = None  # Ray cluster address; None = RAY_ADDRESS or embedded local Ray
+
+
+def _preset(name: str, lr: float, micro_batch_size: int = 32) -> FinetuneConfig:
+    cfg = FinetuneConfig(model=ModelConfig(preset=name))
+    cfg.train.lr, cfg.train.micro_batch_size = lr, micro_batch_size
+    return cfg
+
+
+def _debug() -> FinetuneConfig:
+    cfg = _preset("debug", lr=1e-3, micro_batch_size=16)
+    cfg.options.epochs = 2
+    cfg.train.log_every, cfg.train.eval_every = 5, 20
+    cfg.data.max_length = 64
+    cfg.scaling.cpus_per_worker = 0.5
+    return cfg
+
+
+# Model size (for fresh weights; `init_from` overrides it) plus a learning rate that suits it.
+PRESETS = {
+    "debug": _debug,
+    "mini": lambda: _preset("mini", lr=1e-4),
+    "small": lambda: _preset("small", lr=1e-4),
+    "base": lambda: _preset("base", lr=3e-5),
+    "large": lambda: _preset("large", lr=2e-5, micro_batch_size=16),
+}
+
+
+def preset_config(name: str) -> FinetuneConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: str
+    export: str  # HF directory of the best weights (every head; the primary under HF's keys)
+    metrics: dict  # the final metrics (best evaluation and last step)
+    labels: dict  # task -> id2label
+    max_steps: int
+
+
+def _tasks(cfg: FinetuneConfig) -> list[TaskData]:
+    return [t if isinstance(t, TaskData) else TaskData(**t) for t in cfg.tasks]
+
+
+def validate(cfg: FinetuneConfig) -> list[TaskData]:
+    tasks = _tasks(cfg)
+    if not tasks:
+        raise ValueError("no task: pass --data (labeled Parquet) or list `tasks` in the --config file")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+    if not any(t.kind != "mlm" for t in tasks):
+        raise ValueError("at least one classify or tag task is needed (mlm is an auxiliary task)")
+    for t in tasks:
+        if not t.paths:
+            raise ValueError(f"task {t.name}: no data paths")
+    if cfg.train.dtype == "fp16" and not cfg.scaling.use_gpu:
+        raise ValueError("dtype fp16 needs GPUs (DeepSpeed on CPU supports fp32 and bf16); use bf16")
+    if not (cfg.model.init_from or cfg.tokenizer):
+        raise ValueError("no tokenizer: pass --init-from (a pretrained checkpoint) or --tokenizer")
+    if cfg.model.init_from and not Path(cfg.model.init_from, "config.json").is_file():
+        raise FileNotFoundError(f"--init-from {cfg.model.init_from} is not a checkpoint directory (no config.json)")
+    return tasks
+
+
+def _labels(task: TaskData) -> tuple[dict, dict]:
+    from pipelines.finetune_data import _label_key, discover_labels, encode_labels
+
+    if task.kind == "mlm":
+        return {}, {}
+    if task.labels:
+        id2label = {i: str(v) for i, v in enumerate(task.labels)}
+        label2id = {_label_key(v): i for i, v in enumerate(task.labels)} | {str(v): i for i, v in enumerate(task.labels)}
+        return id2label, label2id
+    return encode_labels(discover_labels(task))
+
+
+def plan_steps(cfg: FinetuneConfig, specs: list) -> tuple[int, int]:
+    """(max_steps, warmup_steps) from epochs over the labeled rows and the warmup ratio."""
+    from pipelines.finetune import mixing_probabilities
+
+    t = cfg.train
+    steps = t.max_steps
+    if cfg.options.epochs is not None:
+        labeled = [s for s in specs if s.kind != "mlm"]
+        share = 1.0
+        if cfg.options.mixing == "round_robin":
+            share = len(labeled) / len(specs)
+        elif len(specs) > 1:
+            p = mixing_probabilities(specs, cfg.options.mixing)
+            share = float(sum(pi for pi, s in zip(p, specs) if s.kind != "mlm"))
+        rows_per_step = t.micro_batch_size * t.grad_accum * cfg.scaling.num_workers
+        steps = max(1, math.ceil(cfg.options.epochs * sum(s.train_rows for s in labeled) / rows_per_step / share))
+    warmup = t.warmup_steps if cfg.options.warmup_ratio is None else int(cfg.options.warmup_ratio * steps)
+    return steps, warmup
+
+
+def main(cfg: FinetuneConfig) -> FinetuneResult:
+    tasks = validate(cfg)
+    run_dir = Path(cfg.run_dir).absolute()
+    if has_checkpoints(run_dir):
+        raise FileExistsError(f"{run_dir} already holds a fine-tune result; fine-tunes don't resume, "
+                              f"use a new --run-dir")
+    tokenizer = str(Path(cfg.tokenizer or cfg.model.init_from).absolute())
+    from bert_core.tokenizer import load_tokenizer
+
+    load_tokenizer(tokenizer)  # fail here, not on every worker
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.ray_env import ray_session
+    from pipelines.finetune import FinetuneLoopConfig, TaskSpec, finetune_loop_per_worker
+    from pipelines.finetune_data import build_task_datasets
+    from pipelines.train import disable_deepspeed_jit
+
+    disable_deepspeed_jit()
+    with ray_session(cfg.address):
+        datasets, specs = {}, []
+        need = cfg.train.micro_batch_size * cfg.scaling.num_workers
+        for task in tasks:
+            id2label, label2id = _labels(task)
+            ds = build_task_datasets(task, cfg.data, tokenizer, label2id)
+            rows = ds["train"].count()
+            if rows < need:
+                raise ValueError(f"task {task.name}: {rows} training rows, fewer than one step needs "
+                                 f"({cfg.train.micro_batch_size} x {cfg.scaling.num_workers} workers)")
+            has_val = "val" in ds and ds["val"].count() > 0
+            datasets[f"train_{task.name}"] = ds["train"]
+            if has_val:
+                datasets[f"val_{task.name}"] = ds["val"]
+            specs.append(TaskSpec(task.name, task.kind, id2label or None, task.weight, rows, has_val))
+        train = copy.deepcopy(cfg.train)
+        train.max_steps, train.warmup_steps = plan_steps(cfg, specs)
+        loop = FinetuneLoopConfig(run_dir=str(run_dir), tokenizer=tokenizer, tasks=specs,
+                                  model=copy.deepcopy(cfg.model), data=copy.deepcopy(cfg.data), train=train,
+                                  options=copy.deepcopy(cfg.options), masking=copy.deepcopy(cfg.masking),
+                                  use_gpu=cfg.scaling.use_gpu)
+        (run_dir / "config.json").write_text(json.dumps({"finetune": asdict(cfg) | {"tasks": [asdict(t) for t in tasks]},
+                                                         "loop": loop.to_dict()}, indent=1, default=str) + "\n")
+        trainer = TorchTrainer(
+            finetune_loop_per_worker,
+            train_loop_config=loop.to_dict(),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+                | ({"GPU": 1} if cfg.scaling.use_gpu else {})),
+            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+            run_config=ray.train.RunConfig(
+                name=run_dir.name, storage_path=str(run_dir.parent),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures)),
+            datasets=datasets,
+        )
+        result = trainer.fit()
+
+    if result.checkpoint is None or not Path(result.checkpoint.path, "hf").is_dir():
+        raise RuntimeError(f"fine-tune finished without a result checkpoint in {run_dir}")
+    export, tmp = run_dir / "export", run_dir / "export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(Path(result.checkpoint.path, "hf"), tmp)
+    shutil.rmtree(export, ignore_errors=True)
+    tmp.rename(export)
+    return FinetuneResult(run_dir=str(run_dir), export=str(export), metrics=dict(result.metrics or {}),
+                          labels={s.name: s.id2label for s in specs if s.id2label}, max_steps=train.max_steps)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def build_config(preset: Optional[str], config_path: Optional[str], overrides: dict,
+                 task: Optional[dict] = None) -> FinetuneConfig:
+    from jobs.config import load_config
+
+    base = preset_config(preset) if preset else None
+    cfg = load_config(FinetuneConfig, config_path, overrides, base=base)
+    if task is not None:  # --data on the command line: one task, replacing the config's tasks
+        cfg.tasks = [TaskData(**{k: v for k, v in task.items() if v is not None})]
+    return cfg
+
+
+@click.command()
+@click.option("--data", "data", multiple=True, help="Labeled Parquet: file, directory or glob (repeatable).")
+@click.option("--val-data", multiple=True, help="Validation Parquet (default: a hashed split of --data).")
+@click.option("--task", "kind", type=click.Choice(["classify", "tag"]), default="classify", show_default=True,
+              help="With --data: the head to train.")
+@click.option("--name", default="task", show_default=True, help="With --data: the task (head) name.")
+@click.option("--run-dir", help="Run directory: metrics.jsonl, checkpoint, export/.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML config.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Model size and matching settings.")
+@click.option("--init-from", help="Pretrained HF BERT directory to start from.")
+@click.option("--tokenizer", help="Tokenizer (default: --init-from's).")
+@click.option("--epochs", type=float, help="Passes over the labeled training rows.")
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--num-workers", type=int, help="Ray Train workers.")
+@click.option("--use-gpu", is_flag=True, default=None, help="One GPU per worker.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="Training precision (fp16: GPU only).")
+@click.option("--zero-stage", type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage.")
+@click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray.")
+def finetune(data, val_data, kind, name, run_dir, config_path, preset, init_from, tokenizer, epochs, lr,
+             num_workers, use_gpu, dtype, zero_stage, address):
+    """Fine-tune a pretrained BERT into a classifier or tagger (or several heads, from --config)."""
+    overrides = {"run_dir": run_dir, "model.init_from": init_from, "tokenizer": tokenizer,
+                 "options.epochs": epochs, "train.lr": lr, "scaling.num_workers": num_workers,
+                 "scaling.use_gpu": use_gpu, "train.dtype": dtype, "train.zero_stage": zero_stage,
+                 "address": address}
+    task = dict(name=name, kind=kind, paths=list(data), val_paths=list(val_data)) if data else None
+    try:
+        result = main(build_config(preset, config_path, overrides, task))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # a config or data problem: no traceback
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps({"run_dir": result.run_dir, "export": result.export, "max_steps": result.max_steps,
+                           "labels": result.labels, "metrics": result.metrics}, indent=1, default=str))
+
+
+if __name__ == "__main__":  # `python -m jobs.finetune --config FILE`: the Ray Jobs entrypoint
+    finetune()

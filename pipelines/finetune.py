@@ -289,7 +289,7 @@ class _Stream:
             if self._it is None:
                 self._it = iter(self.shard.iter_torch_batches(
                     batch_size=self.batch_size, drop_last=True, dtypes=torch.int64, device="cpu",
-                    local_shuffle_buffer_size=4 * self.batch_size,
+                    local_shuffle_buffer_size=16 * self.batch_size,
                     local_shuffle_seed=derive_seed(self.seed, self.epoch)))
             try:
                 return next(self._it)

@@ -17,7 +17,9 @@ Contract:
   padding in its per-token layers (bert_core.model.BertEncoder), so little compute goes to it.
   Tag labels sit on each word's first sub-token; other positions are -100 (ignored), as HF does.
 - Labeled sets are small next to pretraining corpora, so the tokenized rows are materialized in
-  Ray's object store (never in the driver) and reused by every epoch.
+  Ray's object store (never in the driver) and reused by every epoch. The training rows are
+  globally shuffled once (seeded) before that, since labeled files are often sorted by label; the
+  workers add a per-epoch local shuffle on top.
 """
 
 from __future__ import annotations
@@ -219,6 +221,10 @@ def build_task_datasets(task: TaskData, cfg: FinetuneData, tokenizer_path: str, 
                             fn_kwargs=dict(task=task, tokenizer_path=tokenizer_path, label2id=label2id,
                                            max_length=cfg.max_length, val_fraction=cfg.val_fraction,
                                            split_seed=cfg.split_seed, split=split))
+        if name == "train":
+            # One global shuffle: labeled files are often sorted by label (all negatives, then all
+            # positives), and the workers' local shuffle buffers alone can't undo that.
+            ds = ds.random_shuffle(seed=cfg.split_seed)
         out[name] = ds.materialize()
     return out
 

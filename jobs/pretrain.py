@@ -10,6 +10,10 @@ Contract:
   `metrics.jsonl`, and `export/`: a copy of the final HF export.
 - `resume="auto"` continues from the run dir's latest checkpoint (step, LR schedule, optimizer,
   data position); `"never"` refuses a run dir that already has checkpoints.
+- Scheduled runs: each invocation holds an exclusive lock on the run dir (an overlapping one is
+  refused: `RunLocked`, CLI exit status 75), may be budgeted (`train.steps_per_run`,
+  `time_budget`: seconds of wall time from the invocation's start, checkpoint included), and
+  appends one record to `<run_dir>/runs.jsonl` (jobs/schedule.py), whatever its outcome.
 - Config: `PRESETS[name]` (model size plus matching training settings; `debug` runs in seconds),
   then a YAML file (keys = the dataclass fields below, nested), then a few CLI flags.
 - `vocab(...)` trains a WordPiece tokenizer on the corpus (bert_core.train_tokenizer) into a
@@ -22,6 +26,8 @@ import copy
 import json
 import os
 import shutil
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -48,6 +54,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     resume: str = "auto"  # auto | never
+    time_budget: Optional[float] = None  # seconds this invocation may take; it checkpoints before
     address: Optional[str] = None  # Ray cluster address; None = RAY_ADDRESS or embedded local Ray
 
 
@@ -110,6 +117,10 @@ def validate(cfg: PretrainConfig) -> None:
         raise ValueError("no training data: pass --data (Parquet files, directories or globs)")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ValueError("val_fraction must be in [0, 1)")
+    if cfg.train.steps_per_run is not None and cfg.train.steps_per_run < 1:
+        raise ValueError("max_steps_per_run must be >= 1")
+    if cfg.time_budget is not None and cfg.time_budget <= 0:
+        raise ValueError("time_budget must be > 0 seconds")
 
 
 def resolve_tokenizer(cfg: PretrainConfig) -> str:
@@ -128,19 +139,52 @@ def has_checkpoints(run_dir: Path) -> bool:
 
 
 def main(cfg: PretrainConfig) -> PretrainResult:
+    """One invocation: lock the run dir, train (to max_steps or this invocation's budget), record it."""
+    from jobs.schedule import RunLock, RunLocked, append_record, latest_step, new_invocation_id, now_iso
+
     validate(cfg)
     run_dir = Path(cfg.run_dir).absolute()
+    t0 = time.time()
+    record = {"invocation": new_invocation_id(), "start": now_iso(), "pid": os.getpid(),
+              "host": socket.gethostname(), "max_steps": cfg.train.max_steps,
+              "steps_per_run": cfg.train.steps_per_run, "time_budget": cfg.time_budget}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with RunLock(run_dir):
+            record["start_step"] = latest_step(run_dir)
+            try:
+                result = _run(cfg, run_dir, t0)
+            except BaseException as e:
+                record.update(status="failed", error=f"{type(e).__name__}: {e}", end_step=latest_step(run_dir))
+                raise
+            end = int(result.metrics.get("step", latest_step(run_dir)))
+            record.update(status="complete" if record["start_step"] >= cfg.train.max_steps else "ok",
+                          end_step=end, checkpoint=result.checkpoint, export=result.export)
+            return result
+    except RunLocked as e:
+        record.update(status="refused", error=str(e))
+        raise
+    finally:
+        record["end"] = now_iso()
+        record["seconds"] = round(time.time() - t0, 1)
+        if "end_step" in record and "start_step" in record:
+            record["steps"] = record["end_step"] - record["start_step"]
+        append_record(run_dir, record)
+
+
+def _run(cfg: PretrainConfig, run_dir: Path, t0: float) -> PretrainResult:
     if cfg.resume == "never" and has_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds checkpoints; use --resume auto to continue "
                               f"it, or a new --run-dir")
     tokenizer = resolve_tokenizer(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     from pipelines.train import LoopConfig, disable_deepspeed_jit, train_loop_per_worker
 
+    train = copy.deepcopy(cfg.train)
+    if cfg.time_budget is not None:
+        train.deadline = t0 + cfg.time_budget
     loop_cfg = LoopConfig(run_dir=str(run_dir), tokenizer=tokenizer, model=copy.deepcopy(cfg.model),
-                          data=copy.deepcopy(cfg.data), train=copy.deepcopy(cfg.train),
-                          use_gpu=cfg.scaling.use_gpu)
+                          data=copy.deepcopy(cfg.data), train=train, use_gpu=cfg.scaling.use_gpu)
     (run_dir / "config.json").write_text(json.dumps({"pretrain": _asdict(cfg), "tokenizer": tokenizer},
                                                     indent=1, default=str) + "\n")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -219,7 +263,7 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 
 @click.command()
 @click.option("--data", "data", multiple=True, help="Parquet file, directory or glob (repeatable).")
-@click.option("--run-dir", required=True, help="Run directory: checkpoints, metrics.jsonl, export/.")
+@click.option("--run-dir", help="Run directory: checkpoints, metrics.jsonl, runs.jsonl, export/.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML config.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Model size and matching training settings.")
 @click.option("--tokenizer", help="Tokenizer: checkpoint dir or vocab.txt (see `raybert vocab`).")
@@ -230,11 +274,20 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--use-gpu", is_flag=True, default=None, help="One GPU per worker.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="Training precision (fp16: GPU only).")
 @click.option("--resume", type=click.Choice(["auto", "never"]), help="Continue the run dir's latest checkpoint.")
+@click.option("--max-steps-per-run", type=int, help="Scheduled runs: train at most this many steps, then checkpoint and exit.")
+@click.option("--time-budget", type=float, help="Scheduled runs: seconds this invocation may take; it checkpoints before.")
 @click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray.")
 def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps, zero_stage, num_workers,
-             use_gpu, dtype, resume, address):
-    """MLM-pretrain BERT on a Parquet text corpus with Ray Train + DeepSpeed."""
+             use_gpu, dtype, resume, max_steps_per_run, time_budget, address):
+    """MLM-pretrain BERT on a Parquet text corpus with Ray Train + DeepSpeed.
+
+    Run it on a schedule with `--resume auto` and a budget: each invocation continues the run
+    dir's latest checkpoint, overlapping invocations are refused (exit status 75), and
+    RUN_DIR/runs.jsonl records each one."""
+    from jobs.schedule import EXIT_LOCKED, RunLocked
+
     overrides = {
+        "train.steps_per_run": max_steps_per_run, "time_budget": time_budget,
         "run_dir": run_dir, "data.paths": list(data) or None, "data.tokenizer": tokenizer,
         "model.init_from": init_from, "train.max_steps": max_steps, "train.zero_stage": zero_stage,
         "scaling.num_workers": num_workers, "scaling.use_gpu": use_gpu, "train.dtype": dtype,
@@ -242,6 +295,10 @@ def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps
     }
     try:
         result = main(build_config(preset, config_path, overrides))
+    except RunLocked as e:
+        err = click.ClickException(str(e))
+        err.exit_code = EXIT_LOCKED
+        raise err from e
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # a config problem: no traceback
         raise click.ClickException(str(e)) from e
     click.echo(json.dumps({"run_dir": result.run_dir, "checkpoint": result.checkpoint,
@@ -278,3 +335,7 @@ def vocab(data, out, vocab_size, text_column, max_docs, cased):
 
     tok = train_tokenizer(iter_texts(list(data), text_column, max_docs), vocab_size, out, lowercase=not cased)
     click.echo(json.dumps({"out": str(Path(out).absolute()), "vocab_size": len(tok)}))
+
+
+if __name__ == "__main__":  # `python -m jobs.pretrain --config FILE`: the Ray Jobs entrypoint
+    pretrain()

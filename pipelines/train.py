@@ -24,6 +24,9 @@ Contract:
                  `transformers.BertForMaskedLM.from_pretrained` and `raybert score`;
     raybert_state.json   the step and the data position: epoch, and micro-batches of that
                  epoch already consumed by each worker.
+- An invocation may end before `max_steps` (always with a checkpoint): at `stop_at`, after
+  `steps_per_run` steps past where it resumed, after `time_budget_s` of training, or early enough
+  before `deadline` to write its checkpoint in time. The next invocation resumes from there.
 - Resume is exact. On start (a new `fit` on the same run dir, or a Ray Train restart after a
   worker failure) the loop loads `ray.train.get_checkpoint()`, re-opens the data stream of the
   saved epoch and skips the micro-batches already consumed. The data order is deterministic
@@ -76,6 +79,10 @@ class TrainConfig:
     max_steps: int = 10_000  # optimizer steps of the whole run; the LR schedule spans them
     stop_at: Optional[int] = None  # end this invocation at this step (checkpointing), e.g. a scheduled slice
     time_budget_s: Optional[float] = None  # end this invocation after this long (checkpointing)
+    steps_per_run: Optional[int] = None  # end this invocation this many steps after where it resumed
+    # Wall-clock deadline (Unix seconds) of this invocation: training stops early enough to write
+    # its checkpoint before it (set by `raybert pretrain --time-budget`).
+    deadline: Optional[float] = None
     micro_batch_size: int = 32  # packed rows per worker per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 5e-4  # peak learning rate
@@ -414,6 +421,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     seq_len = cfg.data.seq_len
     end = min(tc.max_steps, tc.stop_at) if tc.stop_at is not None else tc.max_steps
+    if tc.steps_per_run is not None:
+        end = min(end, state["step"] + tc.steps_per_run)
     peak = tc.peak_flops_per_worker or DEFAULT_PEAK_FLOPS.get(("gpu" if cfg.use_gpu else "cpu", tc.dtype), 0.0)
     flops_per_token = mlm_flops_per_token(bert_config, seq_len, cfg.data.masking.mlm_probability)
     tokens_per_step = tc.micro_batch_size * seq_len * tc.grad_accum * world
@@ -425,6 +434,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     t_start = time.time()
     t_log, steps_since_log = time.time(), 0
+    step_s, save_s = 0.0, 10.0  # slowest step / checkpoint write so far (a first guess for the write)
+    t_step = time.time()
     acc_loss = acc_correct = acc_n = 0.0
     last_saved = state["step"] if ckpt is not None else -1
     step = state["step"]
@@ -470,18 +481,25 @@ def train_loop_per_worker(config: dict) -> None:
             if val_shard is not None and (step % tc.eval_every == 0 or step == end):
                 metrics.update(step=step, **evaluate(engine, val_shard, masker, cfg, rank, device))
             out_of_time = False
-            if tc.time_budget_s is not None:
-                out_of_time = _all_reduce_sum([float(time.time() - t_start > tc.time_budget_s)], device)[0] > 0
+            step_s = max(step_s, time.time() - t_step)
+            if tc.time_budget_s is not None or tc.deadline is not None:
+                late = tc.time_budget_s is not None and time.time() - t_start > tc.time_budget_s
+                # Stop while there is still time for another step and two checkpoint writes.
+                late |= tc.deadline is not None and time.time() + 2 * (step_s + save_s) > tc.deadline
+                out_of_time = _all_reduce_sum([float(late)], device)[0] > 0
             stop = step >= end or out_of_time
             if metrics:
                 log.write(metrics)
             if step % tc.save_every == 0 or stop:
+                t_save = time.time()
                 save_checkpoint(engine, dict(state), metrics or {"step": step}, bert_config, tokenizer,
                                 rank, tc.zero_stage)
+                save_s = max(save_s, time.time() - t_save)
                 last_saved = step
             elif metrics:
                 ray.train.report(metrics)
             _maybe_kill(tc, rank, step, run_dir)
+            t_step = time.time()
             if stop:
                 done = True
                 break

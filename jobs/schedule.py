@@ -1,0 +1,104 @@
+"""Scheduled runs: one run directory, many budgeted invocations that never overlap, and a ledger.
+
+Contract:
+- `RunLock(run_dir)` is an exclusive, non-blocking `flock` on `<run_dir>/.raybert.lock`, held for
+  the whole invocation. A second invocation on the same run dir raises `RunLocked` at once (the
+  CLI exits with status 75, EX_TEMPFAIL, so a scheduler can tell "skipped, still running" from
+  "failed"). The kernel drops the lock when its process dies, so a crashed or killed invocation
+  never leaves a stale lock behind. The lock file says who holds it (pid, host, start time).
+  flock is reliable on local disks and NFSv4; on object stores or other shared filesystems keep
+  the scheduler itself from overlapping runs (e.g. `concurrencyPolicy: Forbid` on a CronJob).
+- `<run_dir>/runs.jsonl` gets one JSON line per invocation: invocation id, start and end (UTC ISO
+  8601), start and end step, steps trained, the checkpoint it left, status (`ok`, `complete`:
+  the run had already reached max_steps, `failed`, or `refused`: the run dir was locked) and the
+  error if any. Lines are appended with O_APPEND, whole or not at all.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import fcntl
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Optional
+
+LOCK_NAME = ".raybert.lock"
+LEDGER_NAME = "runs.jsonl"
+EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
+
+
+class RunLocked(RuntimeError):
+    """Another invocation holds the run directory."""
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunLock:
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunLocked(f"{self.path.parent} is in use by another invocation ({holder}); refusing "
+                                f"to overlap it. Let it finish; the next scheduled run continues from its "
+                                f"checkpoint.") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def append_record(run_dir: str | Path, record: dict) -> None:
+    line = (json.dumps(record, default=str) + "\n").encode()
+    fd = os.open(Path(run_dir) / LEDGER_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_ledger(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / LEDGER_NAME
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def latest_step(run_dir: str | Path) -> int:
+    """The step of the newest complete checkpoint in the run dir (0 if none)."""
+    best = 0
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return 0
+    for state in run_dir.glob("checkpoint_*/raybert_state.json"):
+        try:
+            best = max(best, int(json.loads(state.read_text())["step"]))
+        except (ValueError, KeyError, OSError):
+            continue  # a checkpoint being written or deleted
+    return best
+
+
+def new_invocation_id() -> str:
+    return f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"

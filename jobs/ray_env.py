@@ -28,7 +28,10 @@ def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None,
         # Embedded default: a private local Ray. Token auth is off because the cluster lives and
         # dies with this process and listens on loopback only.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False)
+        # address="local": always a new private cluster. A bare ray.init() would join any cluster
+        # that `ray start` recorded on this machine (/tmp/ray/ray_current_cluster).
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
+                 include_dashboard=False)
     try:
         yield
     finally:

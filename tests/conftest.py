@@ -21,7 +21,8 @@ def local_ray():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 << 20,
+    # address="local": never join a cluster another test started with `ray start`.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 << 20,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     try:
         yield ray

@@ -9,6 +9,7 @@ import click
 from jobs.finetune import finetune
 from jobs.pretrain import pretrain, vocab
 from jobs.score import score
+from jobs.submit import submit
 
 
 @click.group()
@@ -21,6 +22,7 @@ cli.add_command(score)
 cli.add_command(pretrain)
 cli.add_command(vocab)
 cli.add_command(finetune)
+cli.add_command(submit)
 
 if __name__ == "__main__":
     cli()

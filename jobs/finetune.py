@@ -101,7 +101,11 @@ class FinetuneResult:
 
 
 def _tasks(cfg: FinetuneConfig) -> list[TaskData]:
-    return [t if isinstance(t, TaskData) else TaskData(**t) for t in cfg.tasks]
+    from jobs.config import from_mapping
+
+    # from_mapping names an unknown key (a typo) and its task instead of a bare TypeError.
+    return [t if isinstance(t, TaskData) else from_mapping(TaskData, t, f"tasks[{i}]")
+            for i, t in enumerate(cfg.tasks)]
 
 
 def validate(cfg: FinetuneConfig) -> list[TaskData]:

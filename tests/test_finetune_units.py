@@ -166,3 +166,72 @@ def test_task_mixing_is_seeded_and_follows_the_schedule():
     p = mixing_probabilities(tasks[:2], "proportional")
     assert p.tolist() == pytest.approx([0.75, 0.25])
     assert [task_of_step(s, tasks, "round_robin", 0).name for s in range(3)] == ["a", "b", "m"]
+
+
+@pytest.mark.parametrize("zero_stage", [3])
+def test_multitask_engine_steps_one_head_at_a_time_under_zero(zero_stage):
+    """build_engine without Ray (world size 1, gloo): each step trains one head (the others get no
+    gradient at all), the tied MLM decoder included, under ZeRO-3's partitioned parameters."""
+    import os
+
+    import torch.distributed as dist
+
+    from bert_core.masking import Masker
+    from pipelines.finetune import _task_loss
+    from pipelines.train import TrainConfig, build_engine
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29562", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = _multitask().train()
+        groups = layerwise_param_groups(model, lr=1e-3, weight_decay=0.0, decay=0.8)
+        engine = build_engine(model, TrainConfig(max_steps=6, micro_batch_size=3, zero_stage=zero_stage,
+                                                 lr=1e-3, warmup_steps=0), 1, param_groups=groups)
+        masker = Masker(120, 4, [0, 1, 2, 3, 4])
+        ids, mask = _batch()
+        batches = {"sentiment": {"labels": torch.tensor([0, 1, 1])},
+                   "ner": {"labels": torch.randint(0, 3, (3, 9), generator=torch.Generator().manual_seed(2))},
+                   "mlm": {}}
+        specs = {"sentiment": TaskSpec("sentiment", "classify", SENT), "ner": TaskSpec("ner", "tag", NER),
+                 "mlm": TaskSpec("mlm", "mlm")}
+        losses = []
+        for step in range(6):
+            name = ["sentiment", "ner", "mlm"][step % 3]
+            batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+                     **batches[name]}
+            loss = _task_loss(engine, specs[name], batch, masker, step, torch.device("cpu"))
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        assert engine.global_steps == 6 and all(torch.isfinite(torch.tensor(losses)))
+        assert losses[3] < losses[0] and losses[4] < losses[1]  # each head learned from its own steps
+        engine.destroy()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cli_finetune_flags_and_clean_errors(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import jobs.finetune as jf
+    from jobs.cli import cli
+
+    seen = {}
+    monkeypatch.setattr(jf, "main", lambda cfg: seen.setdefault("cfg", cfg) and jf.FinetuneResult(
+        run_dir=cfg.run_dir, export="", metrics={}, labels={}, max_steps=1))
+    res = CliRunner().invoke(cli, ["finetune", "--data", "a.parquet", "--val-data", "v.parquet", "--task", "tag",
+                                   "--name", "ner", "--run-dir", str(tmp_path / "r"), "--preset", "debug",
+                                   "--init-from", "ckpt", "--epochs", "2", "--lr", "3e-4", "--num-workers", "2",
+                                   "--dtype", "bf16", "--zero-stage", "3"])
+    assert res.exit_code == 0, res.output
+    cfg = seen["cfg"]
+    (task,) = cfg.tasks
+    assert (task.name, task.kind, task.paths, task.val_paths) == ("ner", "tag", ["a.parquet"], ["v.parquet"])
+    assert cfg.options.epochs == 2 and cfg.train.lr == 3e-4 and cfg.train.zero_stage == 3
+    assert cfg.model.preset == "debug" and cfg.model.init_from == "ckpt" and cfg.scaling.num_workers == 2
+    monkeypatch.undo()
+    res = CliRunner().invoke(cli, ["finetune", "--run-dir", str(tmp_path / "r")])
+    assert res.exit_code == 1 and "no task" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["finetune", "--data", "a.parquet", "--run-dir", str(tmp_path / "r"),
+                                   "--init-from", str(tmp_path / "missing")])
+    assert res.exit_code == 1 and "not a checkpoint directory" in res.output

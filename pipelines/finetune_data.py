@@ -24,6 +24,7 @@ Contract:
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass, field
 from typing import Optional
@@ -96,15 +97,36 @@ def encode_labels(values: list) -> tuple[dict[int, str], dict]:
     return id2label, {v: i for i, v in enumerate(values)} | {str(v): i for i, v in enumerate(values)}
 
 
+def check_columns(paths: list, columns: list) -> None:
+    """Fail before any work if a file lacks a column, naming the file, the column and what it has."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    for path in resolve_paths(paths):
+        files = [path] if "://" in path or not os.path.isdir(path) else pads.dataset(path, format="parquet").files
+        for f in files:
+            try:
+                have = pq.read_schema(f).names
+            except Exception as e:
+                raise ValueError(f"{f}: not a readable Parquet file ({e})") from e
+            missing = [c for c in columns if c not in have]
+            if missing:
+                raise ValueError(f"{f}: no column(s) {missing}; it has {have}. Set the task's "
+                                 f"text_column / tokens_column / label_column to match")
+
+
 def discover_labels(task: TaskData) -> list:
     """The distinct label values of a task's training (and validation) files, via Ray Data."""
     import pyarrow.compute as pc
 
     paths = resolve_paths(task.paths) + (resolve_paths(task.val_paths) if task.val_paths else [])
+    check_columns(paths, [task.label_column])
     ds = read_parquet_v1(paths, columns=[task.label_column], include_paths=True)
     col = task.label_column
 
     def distinct(batch):
+        # Errors travel as data: an exception raised in a Ray task reaches the driver as a
+        # UserCodeException that has lost its type, so the driver raises it instead.
         import pyarrow as pa
 
         arr = batch.column(col)
@@ -113,14 +135,16 @@ def discover_labels(task: TaskData) -> list:
             nulls = pa.array([v is None or None in v for v in arr.to_pylist()])
             arr = pc.list_flatten(arr.filter(pc.invert(pc.is_null(arr))))
         if pc.any(nulls).as_py():
-            bad = batch.filter(nulls).column("path")[0].as_py()
-            raise ValueError(f"{bad}: a row has a null {col!r}; every row needs a label "
-                             f"(fix the row or drop it from the data)")
-        return pa.table({"v": pc.unique(arr)})
+            return pa.table({"v": pa.nulls(1, arr.type), "bad": [batch.filter(nulls).column("path")[0].as_py()]})
+        uniq = pc.unique(arr)
+        return pa.table({"v": uniq, "bad": pa.nulls(len(uniq), pa.string())})
 
     values = []
     for batch in ds.map_batches(distinct, batch_format="pyarrow", batch_size=None).iter_batches(
             batch_format="pyarrow"):
+        for bad in batch.column("bad").drop_null().to_pylist():
+            raise ValueError(f"{bad}: a row has a null {col!r}; every row needs a label "
+                             f"(fix the row or drop it from the data)")
         values.extend(batch.column("v").to_pylist())
     if not values:
         raise ValueError(f"task {task.name}: no labels found in {task.paths}")
@@ -197,6 +221,28 @@ def tokenize_labeled(batch, *, task: TaskData, tokenizer_path: str, label2id: di
     return out
 
 
+def tokenize_or_error(batch, **kwargs) -> dict:
+    """tokenize_labeled for a Ray Data task: a data error comes back as the block's `error`
+    (Ray would deliver a raised exception to the driver without its type), for the driver to raise."""
+    try:
+        out = tokenize_labeled(batch, **kwargs)
+        out["error"] = np.array([""] * len(out["input_ids"]), dtype=object)
+        return out
+    except ValueError as e:
+        T = kwargs["max_length"]
+        label_shape = (1,) if kwargs["task"].kind == "classify" else (1, T)
+        return {"input_ids": np.zeros((1, T), np.int64), "attention_mask": np.zeros((1, T), np.int64),
+                "token_type_ids": np.zeros((1, T), np.int64), "labels": np.zeros(label_shape, np.int64),
+                "error": np.array([str(e)], dtype=object)}
+
+
+def _raise_errors(ds, task: TaskData) -> None:
+    errors = [e for b in ds.select_columns(["error"]).iter_batches(batch_format="numpy") for e in b["error"] if e]
+    if errors:
+        more = f" (and {len(errors) - 1} more bad blocks)" if len(errors) > 1 else ""
+        raise ValueError(errors[0] + more)
+
+
 def build_task_datasets(task: TaskData, cfg: FinetuneData, tokenizer_path: str, label2id: dict) -> dict:
     """{"train": ds, "val": ds} of one task, materialized (see the module docstring)."""
     if task.kind == "mlm":
@@ -208,6 +254,7 @@ def build_task_datasets(task: TaskData, cfg: FinetuneData, tokenizer_path: str, 
     columns = ([task.text_column] + ([task.text_pair_column] if task.text_pair_column else [])
                if task.kind == "classify" else [task.tokens_column])
     columns.append(task.label_column)
+    check_columns(task.paths + task.val_paths, columns)
     out = {}
     sources = {"train": (task.paths, "train" if not task.val_paths else None)}
     if task.val_paths:
@@ -216,11 +263,14 @@ def build_task_datasets(task: TaskData, cfg: FinetuneData, tokenizer_path: str, 
         sources["val"] = (task.paths, "val")
     for name, (paths, split) in sources.items():
         ds = read_parquet_v1(resolve_paths(paths), columns=columns, include_paths=True, num_cpus=cfg.num_cpus)
-        ds = ds.map_batches(tokenize_labeled, batch_format="pyarrow", batch_size=cfg.tokenize_batch_rows,
+        ds = ds.map_batches(tokenize_or_error, batch_format="pyarrow", batch_size=cfg.tokenize_batch_rows,
                             num_cpus=cfg.num_cpus,
                             fn_kwargs=dict(task=task, tokenizer_path=tokenizer_path, label2id=label2id,
                                            max_length=cfg.max_length, val_fraction=cfg.val_fraction,
                                            split_seed=cfg.split_seed, split=split))
+        ds = ds.materialize()
+        _raise_errors(ds, task)  # before any training: a bad row fails the job, never dropped
+        ds = ds.drop_columns(["error"])
         if name == "train":
             # One global shuffle: labeled files are often sorted by label (all negatives, then all
             # positives), and the workers' local shuffle buffers alone can't undo that.

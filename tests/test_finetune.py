@@ -337,3 +337,24 @@ def _metric_lines(run_dir: str) -> list[dict]:
     from jobs.pretrain import read_metrics
 
     return read_metrics(run_dir)
+
+
+@pytest.mark.timeout(300)
+def test_bad_labels_fail_before_training_naming_the_file(zh_init, tmp_path):
+    """An unknown label (the task lists its labels) and a null label each stop the job before any
+    training, with an error naming the file and the fix; nothing is silently dropped."""
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"text": ["好", "差", "一般"], "label": ["pos", "neg", "meh"]}), bad)
+    cfg = _debug_cfg(tmp_path / "run", zh_init, workers=1)
+    cfg.tasks = [TaskData(name="sentiment", kind="classify", paths=[str(bad)], labels=["neg", "pos"])]
+    with pytest.raises(ValueError, match=r"bad\.parquet: label 'meh' of task 'sentiment' is not one of"):
+        main(cfg)
+    null = tmp_path / "null.parquet"
+    pq.write_table(pa.table({"text": ["好", "差"], "label": ["pos", None]}), null)
+    cfg.tasks = [TaskData(name="sentiment", kind="classify", paths=[str(null)])]
+    with pytest.raises(ValueError, match=r"null\.parquet: a row has a null 'label'"):
+        main(cfg)
+    cfg.tasks = [TaskData(name="sentiment", kind="classify", paths=[str(bad)], text_column="review")]
+    with pytest.raises(ValueError, match=r"bad\.parquet: no column\(s\) \['review'\]; it has \['text', 'label'\]"):
+        main(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

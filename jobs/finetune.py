@@ -26,7 +26,6 @@ import copy
 import json
 import math
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -174,13 +173,10 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from jobs.ray_env import ray_session
     from pipelines.finetune import FinetuneLoopConfig, TaskSpec, finetune_loop_per_worker
     from pipelines.finetune_data import build_task_datasets
-    from pipelines.train import disable_deepspeed_jit
+    from pipelines.train import disable_deepspeed_jit, publish_export, torch_trainer
 
     disable_deepspeed_jit()
     with ray_session(cfg.address):
@@ -206,29 +202,15 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
                                   use_gpu=cfg.scaling.use_gpu)
         (run_dir / "config.json").write_text(json.dumps({"finetune": asdict(cfg) | {"tasks": [asdict(t) for t in tasks]},
                                                          "loop": loop.to_dict()}, indent=1, default=str) + "\n")
-        trainer = TorchTrainer(
-            finetune_loop_per_worker,
-            train_loop_config=loop.to_dict(),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
-                | ({"GPU": 1} if cfg.scaling.use_gpu else {})),
-            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-            run_config=ray.train.RunConfig(
-                name=run_dir.name, storage_path=str(run_dir.parent),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures)),
-            datasets=datasets,
-        )
+        trainer = torch_trainer(
+            finetune_loop_per_worker, loop.to_dict(), run_dir=run_dir, num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
+            max_failures=cfg.scaling.max_failures, keep_last=1, datasets=datasets)
         result = trainer.fit()
 
-    if result.checkpoint is None or not Path(result.checkpoint.path, "hf").is_dir():
+    export = publish_export(result.checkpoint.path if result.checkpoint is not None else None, run_dir)
+    if export is None:
         raise RuntimeError(f"fine-tune finished without a result checkpoint in {run_dir}")
-    export, tmp = run_dir / "export", run_dir / "export.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(Path(result.checkpoint.path, "hf"), tmp)
-    shutil.rmtree(export, ignore_errors=True)
-    tmp.rename(export)
     return FinetuneResult(run_dir=str(run_dir), export=str(export), metrics=dict(result.metrics or {}),
                           labels={s.name: s.id2label for s in specs if s.id2label}, max_steps=train.max_steps)
 

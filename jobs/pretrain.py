@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -178,7 +177,8 @@ def _run(cfg: PretrainConfig, run_dir: Path, t0: float) -> PretrainResult:
                               f"it, or a new --run-dir")
     tokenizer = resolve_tokenizer(cfg)
 
-    from pipelines.train import LoopConfig, disable_deepspeed_jit, train_loop_per_worker
+    from pipelines.train import (LoopConfig, disable_deepspeed_jit, publish_export, torch_trainer,
+                                 train_loop_per_worker)
 
     train = copy.deepcopy(cfg.train)
     if cfg.time_budget is not None:
@@ -192,7 +192,6 @@ def _run(cfg: PretrainConfig, run_dir: Path, t0: float) -> PretrainResult:
 
     import ray.data
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.ray_env import ray_session
     from pipelines.pretrain_data import build_datasets
@@ -202,32 +201,15 @@ def _run(cfg: PretrainConfig, run_dir: Path, t0: float) -> PretrainResult:
         # Deterministic order end to end: the same rows reach the same worker in the same order
         # on every run, which is what lets a resume skip exactly the batches already trained on.
         exec_opts = ray.data.ExecutionOptions(preserve_order=True)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop_cfg.to_dict(),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
-                | ({"GPU": 1} if cfg.scaling.use_gpu else {})),
-            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-            run_config=ray.train.RunConfig(
-                name=run_dir.name, storage_path=str(run_dir.parent),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures)),
-            datasets=datasets,
-            dataset_config=ray.train.DataConfig(execution_options=exec_opts),
-        )
+        trainer = torch_trainer(
+            train_loop_per_worker, loop_cfg.to_dict(), run_dir=run_dir, num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
+            max_failures=cfg.scaling.max_failures, keep_last=cfg.train.keep_last, datasets=datasets,
+            dataset_config=ray.train.DataConfig(execution_options=exec_opts))
         result = trainer.fit()
 
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    export = None
-    if ckpt is not None and Path(ckpt, "hf").is_dir():
-        export = run_dir / "export"
-        tmp = run_dir / "export.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(Path(ckpt, "hf"), tmp)
-        shutil.rmtree(export, ignore_errors=True)
-        tmp.rename(export)
+    export = publish_export(ckpt, run_dir)
     return PretrainResult(run_dir=str(run_dir), checkpoint=ckpt, export=str(export) if export else None,
                           metrics=dict(result.metrics or {}))
 

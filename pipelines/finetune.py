@@ -47,7 +47,7 @@ from bert_core.masking import Masker, MaskingConfig
 from bert_core.model import BertConfig, BertMultiTask, TaskHead, preset
 from pipelines.finetune_data import IGNORE, FinetuneData
 from pipelines.train import (ModelConfig, TrainConfig, _all_reduce_sum, _MetricsFile, build_engine,
-                             derive_seed, mlm_step_inputs, worker_nodes)
+                             derive_seed, mlm_step_inputs, worker_context, worker_nodes)
 
 MIXING = ("proportional", "weights", "round_robin")
 METRICS = ("auto", "accuracy", "macro_f1", "entity_f1")
@@ -327,14 +327,7 @@ def finetune_loop_per_worker(config: dict) -> None:
 
     cfg = FinetuneLoopConfig.from_dict(config)
     tc, opts = cfg.train, cfg.options
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.use_gpu:
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cpu")
+    rank, world, device = worker_context(cfg.use_gpu)
 
     from bert_core.tokenizer import load_tokenizer
 

@@ -385,19 +385,64 @@ def evaluate(engine, shard, masker: Masker, cfg: LoopConfig, rank: int, device) 
     return {"val_loss": loss_sum / max(n, 1), "val_acc": correct / max(n, 1), "val_tokens": int(n)}
 
 
-def train_loop_per_worker(config: dict) -> None:
+def worker_context(use_gpu: bool) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this Ray Train worker."""
     import ray.train
 
-    cfg = LoopConfig.from_dict(config)
-    tc = cfg.train
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.use_gpu:
+    if use_gpu:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
     else:
         device = torch.device("cpu")
+    return ctx.get_world_rank(), ctx.get_world_size(), device
+
+
+def torch_trainer(loop_fn, loop_config: dict, *, run_dir: Path, num_workers: int, use_gpu: bool,
+                  cpus_per_worker: float, max_failures: int, keep_last: int, datasets: dict,
+                  dataset_config=None):
+    """The TorchTrainer every training job runs under: one rank per worker (a GPU each with
+    `use_gpu`, NCCL; else gloo on CPU), checkpoints in `run_dir`, worker-group restarts on failure."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        loop_fn,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_last),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+        datasets=datasets,
+        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
+    )
+
+
+def publish_export(checkpoint: Optional[str], run_dir: Path) -> Optional[Path]:
+    """Copy a checkpoint's `hf/` export to `run_dir/export`, replacing the previous one whole."""
+    import shutil
+
+    if checkpoint is None or not Path(checkpoint, "hf").is_dir():
+        return None
+    export, tmp = run_dir / "export", run_dir / "export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(Path(checkpoint, "hf"), tmp)
+    shutil.rmtree(export, ignore_errors=True)
+    tmp.rename(export)
+    return export
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    cfg = LoopConfig.from_dict(config)
+    tc = cfg.train
+    rank, world, device = worker_context(cfg.use_gpu)
     run_dir = Path(cfg.run_dir)
 
     from bert_core.tokenizer import load_tokenizer

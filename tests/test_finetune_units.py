@@ -208,6 +208,13 @@ def test_multitask_engine_steps_one_head_at_a_time_under_zero(zero_stage):
         engine.destroy()
     finally:
         dist.destroy_process_group()
+        # DeepSpeed caches the process group and its world group per process; forget them, so a
+        # later one-process engine in this pytest process starts clean.
+        import deepspeed.comm.comm as ds_comm
+        import deepspeed.utils.groups as ds_groups
+
+        ds_comm.cdb = None
+        ds_groups._WORLD_GROUP = None
 
 
 def test_cli_finetune_flags_and_clean_errors(tmp_path, monkeypatch):

@@ -97,7 +97,7 @@ def test_budgeted_invocations_continue_the_run_and_never_overlap(schedule_yaml, 
     assert steps == sorted(steps) == [10, 20, 30, 40]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(450)
 def test_time_budget_ends_the_invocation_with_a_checkpoint(schedule_yaml, tmp_path):
     """--time-budget: the invocation stops taking steps early enough to checkpoint within it."""
     run_dir = tmp_path / "run"
@@ -109,3 +109,8 @@ def test_time_budget_ends_the_invocation_with_a_checkpoint(schedule_yaml, tmp_pa
     assert record["status"] == "ok" and 1 <= record["end_step"] < 100_000
     assert latest_step(run_dir) == record["end_step"] == result.metrics["step"]
     assert time.time() - t0 < 240
+    # A run already at its max_steps: the next scheduled invocation trains nothing and says so.
+    done = build_config("debug", str(schedule_yaml), {"run_dir": str(run_dir), "train.max_steps": record["end_step"]})
+    main(done)
+    last = read_ledger(run_dir)[-1]
+    assert (last["status"], last["steps"], last["end_step"]) == ("complete", 0, record["end_step"])

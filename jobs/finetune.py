@@ -196,8 +196,11 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
             specs.append(TaskSpec(task.name, task.kind, id2label or None, task.weight, rows, has_val))
         train = copy.deepcopy(cfg.train)
         train.max_steps, train.warmup_steps = plan_steps(cfg, specs)
+        model = copy.deepcopy(cfg.model)
+        if model.init_from:  # workers may run in another directory (a Ray Jobs working dir)
+            model.init_from = str(Path(model.init_from).absolute())
         loop = FinetuneLoopConfig(run_dir=str(run_dir), tokenizer=tokenizer, tasks=specs,
-                                  model=copy.deepcopy(cfg.model), data=copy.deepcopy(cfg.data), train=train,
+                                  model=model, data=copy.deepcopy(cfg.data), train=train,
                                   options=copy.deepcopy(cfg.options), masking=copy.deepcopy(cfg.masking),
                                   use_gpu=cfg.scaling.use_gpu)
         (run_dir / "config.json").write_text(json.dumps({"finetune": asdict(cfg) | {"tasks": [asdict(t) for t in tasks]},

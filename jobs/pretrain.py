@@ -183,7 +183,10 @@ def _run(cfg: PretrainConfig, run_dir: Path, t0: float) -> PretrainResult:
     train = copy.deepcopy(cfg.train)
     if cfg.time_budget is not None:
         train.deadline = t0 + cfg.time_budget
-    loop_cfg = LoopConfig(run_dir=str(run_dir), tokenizer=tokenizer, model=copy.deepcopy(cfg.model),
+    model = copy.deepcopy(cfg.model)
+    if model.init_from:  # workers may run in another directory (a Ray Jobs working dir)
+        model.init_from = str(Path(model.init_from).absolute())
+    loop_cfg = LoopConfig(run_dir=str(run_dir), tokenizer=tokenizer, model=model,
                           data=copy.deepcopy(cfg.data), train=train, use_gpu=cfg.scaling.use_gpu)
     (run_dir / "config.json").write_text(json.dumps({"pretrain": _asdict(cfg), "tokenizer": tokenizer},
                                                     indent=1, default=str) + "\n")

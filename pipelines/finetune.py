@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from bert_core.masking import Masker, MaskingConfig
-from bert_core.model import BertConfig, BertMultiTask, TaskHead, preset
+from bert_core.model import BertConfig, BertMultiTask, TaskHead
 from pipelines.finetune_data import IGNORE, FinetuneData
+from pipelines.train import build_bert_config as pretrain_bert_config
 from pipelines.train import (ModelConfig, TrainConfig, _all_reduce_sum, _MetricsFile, build_engine,
                              derive_seed, mlm_step_inputs, worker_context, worker_nodes)
 
@@ -119,14 +120,8 @@ class FinetuneLoopConfig:
 
 
 def build_bert_config(model: ModelConfig, options: FinetuneOptions, vocab_size: int) -> BertConfig:
-    if model.init_from:
-        cfg = BertConfig.from_json(Path(model.init_from) / "config.json")
-        if cfg.vocab_size < vocab_size:
-            raise ValueError(f"{model.init_from} has vocab_size {cfg.vocab_size} < tokenizer's {vocab_size}")
-    else:
-        cfg = preset(model.preset, vocab_size=vocab_size)
-    for k, v in model.overrides.items():
-        setattr(cfg, k, v)
+    """Pretraining's config (init_from's or the preset's, overrides, vocab check), plus dropout."""
+    cfg = pretrain_bert_config(model, vocab_size)
     if options.dropout is not None:
         cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = options.dropout
     if options.classifier_dropout is not None:

@@ -3,7 +3,7 @@
 No Ray, DeepSpeed, click or YAML here: the model can be read, tested and reused alone.
 """
 
-from .checkpoint import load_pretrained, save_pretrained
+from .checkpoint import check_checkpoint, load_pretrained, save_pretrained
 from .masking import MaskedBatch, Masker, MaskingConfig
 from .model import (
     BertConfig,
@@ -18,7 +18,7 @@ from .model import (
 from .tokenizer import load_tokenizer, train_tokenizer
 
 __all__ = [
-    "BertConfig", "preset", "load_pretrained", "save_pretrained", "load_tokenizer", "train_tokenizer",
+    "BertConfig", "preset", "check_checkpoint", "load_pretrained", "save_pretrained", "load_tokenizer", "train_tokenizer",
     "BertModel", "BertForMaskedLM", "BertForSequenceClassification", "BertForTokenClassification",
     "BertForEmbedding", "build_model", "Masker", "MaskingConfig", "MaskedBatch",
 ]

@@ -73,8 +73,78 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             sd.update(load_file(str(path / shard)))
         return sd
     if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return _load_bin(path / "pytorch_model.bin")
     raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _load_bin(file: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A `pytorch_model.bin` loaded weights-only. Anything else in it (code, custom classes) is
+    refused with a message that names the file; we never fall back to a full unpickle."""
+    try:
+        import zipfile
+
+        # mmap needs the zip format (torch >= 1.6); a legacy file is read whole.
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(file))
+    except Exception as e:  # UnpicklingError (objects beyond tensors), RuntimeError/EOFError (not a torch file)
+        import pickle
+
+        # torch's own message advises weights_only=False (run arbitrary code): never pass that on.
+        why = ("it holds Python objects other than tensors, and raybert loads weights only, never code"
+               if isinstance(e, pickle.UnpicklingError) else f"not a readable PyTorch file ({type(e).__name__})")
+        raise ValueError(f"{file}: {why}; re-save the weights as model.safetensors (transformers' "
+                         f"save_pretrained does) in an environment you trust") from None
+
+
+def check_checkpoint(path: str | Path) -> BertConfig:
+    """Validate an HF BERT checkpoint directory cheaply, before any job work: config.json is a BERT
+    config, and its weights file(s) exist and open (safetensors headers only; a .bin is loaded
+    weights-only with mmap, so no tensor data is read). Returns the config. Raises
+    FileNotFoundError or ValueError naming the path and what to do."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (it does not exist or is a file)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not readable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object")
+    if raw.get("model_type", "bert") != "bert":
+        raise ValueError(f"{path} is a {raw['model_type']!r} checkpoint; raybert runs BERT "
+                         f"(model_type 'bert') checkpoints only")
+    config = BertConfig.from_dict(raw)
+    from safetensors import safe_open
+
+    files = []
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif (path / "model.safetensors.index.json").is_file():
+        index = path / "model.safetensors.index.json"
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        files = [path / s for s in shards]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that are missing: {missing[:3]}")
+    elif (path / "pytorch_model.bin").is_file():
+        _load_bin(path / "pytorch_model.bin", mmap=True)
+        return config
+    else:
+        raise FileNotFoundError(f"{path}: no weights (model.safetensors, model.safetensors.index.json or "
+                                f"pytorch_model.bin); is it a complete checkpoint directory?")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                if not list(st.keys()):
+                    raise ValueError("it holds no tensors")
+        except Exception as e:  # SafetensorError, OSError, ValueError
+            raise ValueError(f"{f}: not a readable safetensors file ({e}); re-export the checkpoint") from None
+    return config
 
 
 def _normalize_keys(sd: dict[str, torch.Tensor], target_prefixed: bool) -> dict[str, torch.Tensor]:

@@ -40,8 +40,16 @@ def now_iso() -> str:
 
 
 class RunLock:
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK_NAME
+    """`RunLock(run_dir)` locks `<run_dir>/.raybert.lock`. `RunLock(lock_file=..., subject=...)`
+    locks an explicit file instead, for a target that can't hold its own lock file (a scoring
+    output, which overwrite deletes: its lock lives beside it); `subject` is named in the refusal."""
+
+    def __init__(self, run_dir: str | Path | None = None, *, lock_file: str | Path | None = None,
+                 subject: Optional[str] = None):
+        if (run_dir is None) == (lock_file is None):
+            raise TypeError("RunLock takes exactly one of run_dir or lock_file")
+        self.path = Path(lock_file) if lock_file is not None else Path(run_dir) / LOCK_NAME
+        self.subject = subject or str(self.path.parent)
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "RunLock":
@@ -53,7 +61,7 @@ class RunLock:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise RunLocked(f"{self.path.parent} is in use by another invocation ({holder}); refusing "
+                raise RunLocked(f"{self.subject} is in use by another invocation ({holder}); refusing "
                                 f"to overlap it. Let it finish; the next scheduled run continues from its "
                                 f"checkpoint.") from None
             raise

@@ -5,10 +5,19 @@ Contract:
     classify  `text` (+ optional `text_pair`) and `label`: a label name (string) or an int;
     tag       `tokens` (list of words) and `tags` (list of BIO labels, one per word), CoNLL style;
     mlm       `text` only: an auxiliary masked-LM task, packed as in pretraining.
-- Labels: `TaskData.labels` fixes the names in id order; otherwise they are discovered with Ray
-  Data (`unique`) and sorted (ints numerically, and then an int label `k` keeps id `k` when the
-  labels are exactly 0..K-1). A row whose label is null or not in the list fails the job with an
-  error that names the file, the label and the fix: nothing is silently dropped.
+- Labels: `TaskData.labels` fixes the names in id order; otherwise they are discovered on the
+  driver from the files' label column alone (pyarrow, a batch at a time, no Ray work) and sorted
+  (ints numerically, and then an int label `k` keeps id `k` when the labels are exactly 0..K-1).
+  A row whose label is null or not in the list fails the job with an error that names the file,
+  the label and the fix: nothing is silently dropped.
+- A head must be trainable: its training rows need at least 2 classes (one class "trains" a head
+  whose validation F1 reads 1.0), and a discovered label that only validation rows have (an
+  untrained class) is an error; list `labels` explicitly to allow it. Files whose label columns
+  differ in type (ints in one, strings in another) are refused, since 1 and "1" are different
+  labels. These checks run before training: per file at discovery, and on the split rows (the
+  hashed split, listed labels) once tokenized.
+- Files: what Ray Data reads (`parquet_files`): directories recursively, `*.parquet` only, names
+  starting with '.' or '_' skipped; a listed file with another suffix is an error, not skipped.
 - Validation: `val_paths` if given, else a split by a seeded hash of the row's text
   (`crc32(f"{split_seed}:{text}") % 10_000 < val_fraction * 10_000`): deterministic, stateless,
   the same on every run and worker, and a text never lands on both sides.
@@ -24,7 +33,6 @@ Contract:
 
 from __future__ import annotations
 
-import os
 import zlib
 from dataclasses import dataclass, field
 from typing import Optional
@@ -97,58 +105,167 @@ def encode_labels(values: list) -> tuple[dict[int, str], dict]:
     return id2label, {v: i for i, v in enumerate(values)} | {str(v): i for i, v in enumerate(values)}
 
 
-def check_columns(paths: list, columns: list) -> None:
-    """Fail before any work if a file lacks a column, naming the file, the column and what it has."""
-    import pyarrow.dataset as pads
+def parquet_files(paths: list) -> list[tuple[str, object, str]]:
+    """The Parquet files Ray Data reads for `paths`, as (name, filesystem, path in it), listed on
+    the driver so every label and column check runs on exactly what is read.
+
+    Ray's rules: a directory is searched recursively, skipping names that start with '.' or '_',
+    and only `*.parquet` files are read. Ray would skip a listed file with another suffix without a
+    word, so that is an error here, as is a directory without Parquet files.
+    """
+    import pyarrow.fs as pafs
+
+    out = []
+    for path in resolve_paths(paths):
+        fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+        scheme = path.split("://")[0] + "://" if "://" in path and not isinstance(fs, pafs.LocalFileSystem) else ""
+        info = fs.get_file_info(inner)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"data path {path!r} does not exist")
+        if info.type != pafs.FileType.Directory:
+            if not inner.lower().endswith(".parquet"):
+                raise ValueError(f"{path}: Ray Data reads only files named *.parquet and would skip this "
+                                 f"one; rename it")
+            out.append((path, fs, inner))
+            continue
+        base = info.path.rstrip("/")
+        found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                       if i.is_file and i.path.lower().endswith(".parquet")
+                       and not i.path[len(base):].lstrip("/").startswith((".", "_")))
+        if not found:
+            raise ValueError(f"{path}: no *.parquet files in this directory")
+        out.extend((scheme + f, fs, f) for f in found)
+    return out
+
+
+def _read_schemas(files: list, columns: list) -> dict:
+    """{file name: schema} of parquet_files' files (footers only); a file that is not Parquet or
+    lacks a column fails, naming the file, the column and what it has."""
     import pyarrow.parquet as pq
 
-    for path in resolve_paths(paths):
-        files = [path] if "://" in path or not os.path.isdir(path) else pads.dataset(path, format="parquet").files
-        for f in files:
-            try:
-                have = pq.read_schema(f).names
-            except Exception as e:
-                raise ValueError(f"{f}: not a readable Parquet file ({e})") from e
-            missing = [c for c in columns if c not in have]
-            if missing:
-                raise ValueError(f"{f}: no column(s) {missing}; it has {have}. Set the task's "
-                                 f"text_column / tokens_column / label_column to match")
+    schemas = {}
+    for name, fs, path in files:
+        try:
+            schema = pq.read_schema(path, filesystem=fs)
+        except Exception as e:
+            raise ValueError(f"{name}: not a readable Parquet file ({e})") from e
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise ValueError(f"{name}: no column(s) {missing}; it has {schema.names}. Set the task's "
+                             f"text_column / tokens_column / label_column to match")
+        schemas[name] = schema
+    return schemas
+
+
+def check_columns(paths: list, columns: list) -> None:
+    """Fail before any work if a file lacks a column, naming the file, the column and what it has."""
+    _read_schemas(parquet_files(paths), columns)
+
+
+def _value_kind(t) -> str:
+    """What a label column holds, as far as mixing files goes: int32 and int64 files mix, an int
+    file and a string file don't (1 and "1" would be two labels)."""
+    import pyarrow as pa
+
+    while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_dictionary(t):
+        t = t.value_type  # tags: the tag type; pandas categoricals: the category type
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_null(t):
+        return "null"
+    return str(t)
+
+
+def _names(names: list, limit: int = 5) -> str:
+    names = list(dict.fromkeys(names))
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def label_values_by_file(task: TaskData, files: list) -> dict[str, set]:
+    """{file name: its distinct label values} of a classify / tag task's `files` (parquet_files'
+    entries), read on the driver from the label column alone, a batch at a time (no Ray work, no
+    text read).
+
+    Raises ValueError, naming the files, if the files disagree on the label type (an int column in
+    one, strings in another) or a row has a null label (a tag task: a null tag list or tag).
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    col = task.label_column
+    schemas = _read_schemas(files, [col])
+    types = {name: s.field(col).type for name, s in schemas.items()}
+    by_kind: dict[str, list] = {}
+    for name, t in types.items():
+        if _value_kind(t) != "null":  # an all-null column: the null check below names its file
+            by_kind.setdefault(_value_kind(t), []).append(name)
+    if len(by_kind) > 1:
+        listed = "; ".join(f"{kind} in {_names(files, 3)}" for kind, files in by_kind.items())
+        raise ValueError(f"task {task.name!r}: the {col!r} column has different types across files ({listed}); "
+                         f"an int label and a string label are different labels, so use one type in "
+                         f"every file (e.g. write every {col!r} as a string)")
+    out = {}
+    for name, fs, path in files:
+        values = set()
+        for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=65_536, columns=[col]):
+            arr = batch.column(0)
+            null = arr.null_count > 0
+            if task.kind == "tag" and not null:
+                arr = pc.list_flatten(arr)
+                null = arr.null_count > 0
+            if null:
+                raise ValueError(f"{name}: a row has a null {col!r}; every row needs a label "
+                                 f"(fix the row or drop it from the data)")
+            values.update(pc.unique(arr).to_pylist())
+        out[name] = values
+    return out
+
+
+def _check_classes(task: TaskData, labels: set, files: list, where: str = "training rows") -> None:
+    """A head needs at least two classes in its training rows; with one it learns nothing and its
+    validation F1 reads 1.0."""
+    if len(labels) >= 2:
+        return
+    found = f"only the label {next(iter(labels))!r}" if labels else "no label"
+    what = "a tagger needs at least 2 tags" if task.kind == "tag" else "a classifier needs at least 2 classes"
+    raise ValueError(f"task {task.name!r}: the {where} in {_names(files)} have {found}; {what} in its "
+                     f"training rows: add training rows of the other class(es)")
+
+
+def _val_only_error(task: TaskData, only: dict, where: str) -> ValueError:
+    """only: {label: files it occurs in}."""
+    listed = "; ".join(f"{label!r} (in {_names(files, 3)})" for label, files in sorted(only.items(), key=str))
+    return ValueError(f"task {task.name!r}: label(s) {listed} occur only in {where}, never in the training "
+                      f"rows, so the head would have classes it never trained; add training rows for "
+                      f"them, or list the task's `labels` explicitly in the config if that is intended")
 
 
 def discover_labels(task: TaskData) -> list:
-    """The distinct label values of a task's training (and validation) files, via Ray Data."""
-    import pyarrow.compute as pc
-
-    paths = resolve_paths(task.paths) + (resolve_paths(task.val_paths) if task.val_paths else [])
-    check_columns(paths, [task.label_column])
-    ds = read_parquet_v1(paths, columns=[task.label_column], include_paths=True)
-    col = task.label_column
-
-    def distinct(batch):
-        # Errors travel as data: an exception raised in a Ray task reaches the driver as a
-        # UserCodeException that has lost its type, so the driver raises it instead.
-        import pyarrow as pa
-
-        arr = batch.column(col)
-        nulls = pc.is_null(arr)
-        if task.kind == "tag":  # a null list, or a null tag inside one
-            nulls = pa.array([v is None or None in v for v in arr.to_pylist()])
-            arr = pc.list_flatten(arr.filter(pc.invert(pc.is_null(arr))))
-        if pc.any(nulls).as_py():
-            return pa.table({"v": pa.nulls(1, arr.type), "bad": [batch.filter(nulls).column("path")[0].as_py()]})
-        uniq = pc.unique(arr)
-        return pa.table({"v": uniq, "bad": pa.nulls(len(uniq), pa.string())})
-
-    values = []
-    for batch in ds.map_batches(distinct, batch_format="pyarrow", batch_size=None).iter_batches(
-            batch_format="pyarrow"):
-        for bad in batch.column("bad").drop_null().to_pylist():
-            raise ValueError(f"{bad}: a row has a null {col!r}; every row needs a label "
-                             f"(fix the row or drop it from the data)")
-        values.extend(batch.column("v").to_pylist())
+    """The distinct label values of a task's training (and validation) files, sorted (ints before
+    strings), read on the driver before any Ray work. Raises ValueError (see label_values_by_file)
+    if the training files hold fewer than 2 labels, or the validation files hold a label that the
+    training files lack."""
+    train_files = parquet_files(task.paths)
+    val_files = parquet_files(task.val_paths) if task.val_paths else []
+    by_file = label_values_by_file(task, train_files + val_files)
+    train, val = [f[0] for f in train_files], [f[0] for f in val_files]
+    values = set().union(*by_file.values())
     if not values:
         raise ValueError(f"task {task.name}: no labels found in {task.paths}")
-    return sorted(set(values), key=lambda v: (isinstance(v, str), v))
+    train_values = set().union(*(by_file[f] for f in train))
+    # The hashed split trains on a subset of these rows: this check is necessary there, and
+    # build_task_datasets repeats it on the split itself.
+    _check_classes(task, train_values, train, "training files")
+    only = {}
+    for f in val:
+        for v in by_file[f] - train_values:
+            only.setdefault(v, []).append(f)
+    if only:
+        raise _val_only_error(task, only, "the validation data")
+    return sorted(values, key=lambda v: (isinstance(v, str), v))
 
 
 def _lookup(label2id: dict, value, path: str, task: TaskData) -> int:
@@ -243,8 +360,47 @@ def _raise_errors(ds, task: TaskData) -> None:
         raise ValueError(errors[0] + more)
 
 
+def _block_label_ids(batch: dict) -> dict:
+    labels = batch["labels"]  # (N,) or (N, T)
+    return {"id": np.unique(labels[labels != IGNORE])}
+
+
+def _label_ids(ds, num_cpus: float) -> set:
+    """The label ids that occur in tokenized rows (one small Ray task per materialized block)."""
+    ids = ds.select_columns(["labels"]).map_batches(_block_label_ids, batch_format="numpy", batch_size=None,
+                                                    num_cpus=num_cpus)
+    return {int(i) for b in ids.iter_batches(batch_format="numpy") for i in b["id"]}
+
+
+def _check_split_labels(task: TaskData, cfg: FinetuneData, splits: dict, label2id: dict) -> None:
+    """On the rows that will train: at least 2 classes, and (labels discovered, not listed) no class
+    that only validation rows have. discover_labels checks this per file; this also covers the
+    hashed split and a task that lists its labels."""
+    name_of = {i: str(k) for k, i in label2id.items()}
+    train_ids = _label_ids(splits["train"], cfg.num_cpus)
+    train_files = [name for name, _, _ in parquet_files(task.paths)]
+    where = "training rows" if task.val_paths or "val" not in splits else (
+        f"training rows of the hashed split (val_fraction {cfg.val_fraction}, split_seed {cfg.split_seed})")
+    _check_classes(task, {name_of[i] for i in train_ids}, train_files, where)
+    if "val" not in splits or task.labels is not None:
+        return
+    only_val = {name_of[i] for i in _label_ids(splits["val"], cfg.num_cpus) - train_ids}
+    if only_val:
+        only = {}
+        for f, values in label_values_by_file(task, parquet_files(task.val_paths or task.paths)).items():
+            for v in {str(v) for v in values} & only_val:
+                only.setdefault(v, []).append(f)
+        where = "the validation data" if task.val_paths else (
+            f"the hashed validation split (val_fraction {cfg.val_fraction}, split_seed {cfg.split_seed}; "
+            f"the label's rows all hash there)")
+        raise _val_only_error(task, only, where)
+
+
 def build_task_datasets(task: TaskData, cfg: FinetuneData, tokenizer_path: str, label2id: dict) -> dict:
-    """{"train": ds, "val": ds} of one task, materialized (see the module docstring)."""
+    """{"train": ds, "val": ds} of one task, materialized (see the module docstring).
+
+    Raises ValueError before any training if a row is bad or the split leaves the head with fewer
+    than 2 trained classes or a class only validation rows have (see _check_split_labels)."""
     if task.kind == "mlm":
         from pipelines.pretrain_data import DataConfig, build_datasets
 
@@ -255,12 +411,12 @@ def build_task_datasets(task: TaskData, cfg: FinetuneData, tokenizer_path: str, 
                if task.kind == "classify" else [task.tokens_column])
     columns.append(task.label_column)
     check_columns(task.paths + task.val_paths, columns)
-    out = {}
     sources = {"train": (task.paths, "train" if not task.val_paths else None)}
     if task.val_paths:
         sources["val"] = (task.val_paths, None)
     elif cfg.val_fraction > 0:
         sources["val"] = (task.paths, "val")
+    splits = {}
     for name, (paths, split) in sources.items():
         ds = read_parquet_v1(resolve_paths(paths), columns=columns, include_paths=True, num_cpus=cfg.num_cpus)
         ds = ds.map_batches(tokenize_or_error, batch_format="pyarrow", batch_size=cfg.tokenize_batch_rows,
@@ -270,12 +426,11 @@ def build_task_datasets(task: TaskData, cfg: FinetuneData, tokenizer_path: str, 
                                            split_seed=cfg.split_seed, split=split))
         ds = ds.materialize()
         _raise_errors(ds, task)  # before any training: a bad row fails the job, never dropped
-        ds = ds.drop_columns(["error"])
-        if name == "train":
-            # One global shuffle: labeled files are often sorted by label (all negatives, then all
-            # positives), and the workers' local shuffle buffers alone can't undo that.
-            ds = ds.random_shuffle(seed=cfg.split_seed)
-        out[name] = ds.materialize()
+        splits[name] = ds.drop_columns(["error"])
+    _check_split_labels(task, cfg, splits, label2id)
+    # One global shuffle: labeled files are often sorted by label (all negatives, then all
+    # positives), and the workers' local shuffle buffers alone can't undo that.
+    out = {"train": splits["train"].random_shuffle(seed=cfg.split_seed).materialize()}
+    if "val" in splits:
+        out["val"] = splits["val"].materialize()
     return out
-
-

@@ -1,0 +1,185 @@
+"""Fine-tuning refuses label data it can't train a sound head from, up front and by name: a label
+only validation rows have, training rows with a single class, files whose label types differ.
+
+Discovery runs on the driver without Ray; the split checks (hashed split, listed labels) run on the
+tokenized rows, with Ray, before any training. The CLI shows each as one `Error:` line.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import pipelines.finetune_data as fd
+from pipelines.finetune_data import FinetuneData, TaskData, discover_labels, encode_labels, is_val
+
+
+def _write(path, **columns) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def _classify(tmp_path, train: dict, val: dict | None = None) -> TaskData:
+    """train / val: {file name: labels}; each row's text is unique."""
+    paths = [_write(tmp_path / f, text=[f"{f} row {i}" for i in range(len(y))], label=y) for f, y in train.items()]
+    val_paths = [_write(tmp_path / f, text=[f"{f} row {i}" for i in range(len(y))], label=y)
+                 for f, y in (val or {}).items()]
+    return TaskData(name="sentiment", kind="classify", paths=paths, val_paths=val_paths)
+
+
+@pytest.fixture
+def no_ray_data(monkeypatch):
+    """Label discovery and its checks read Parquet with pyarrow on the driver: a Ray Data read
+    here fails the test."""
+    def read(*args, **kwargs):
+        raise AssertionError("Ray Data read during label discovery")
+
+    monkeypatch.setattr(fd, "read_parquet_v1", read)
+
+
+def test_discovery_reads_labels_per_file_and_skips_what_ray_skips(tmp_path, no_ray_data):
+    task = _classify(tmp_path, {"a.parquet": ["pos", "pos"], "b.parquet": ["neg"]}, {"v.parquet": ["pos"]})
+    assert discover_labels(task) == ["neg", "pos"]
+    # int32 and int64 files mix: both are ints.
+    ints = TaskData(name="t", paths=[_write(tmp_path / "i32.parquet", text=["x"], label=pa.array([2], pa.int32())),
+                                     _write(tmp_path / "i64.parquet", text=["y", "z"], label=[0, 1])])
+    assert discover_labels(ints) == [0, 1, 2]
+    # A directory: recursively, *.parquet only, '.'/'_' names skipped, as Ray Data reads it.
+    d = tmp_path / "dir"
+    _write(d / "part-0.parquet", text=["x"], label=["neg"])
+    _write(d / "sub" / "part-1.parquet", text=["y"], label=["pos"])
+    _write(d / "_tmp.parquet", text=["z"], label=["junk"])
+    (d / "_SUCCESS").write_text("")
+    (d / "README.txt").write_text("not parquet")
+    assert [n for n, _, _ in fd.parquet_files([str(d)])] == [str(d / "part-0.parquet"), str(d / "sub" / "part-1.parquet")]
+    assert discover_labels(TaskData(name="t", paths=[str(d)])) == ["neg", "pos"]
+    # A listed file Ray would skip is an error, not silently left out.
+    other = tmp_path / "extra.pq"
+    pq.write_table(pa.table({"text": ["q"], "label": ["neutral"]}), other)
+    with pytest.raises(ValueError, match=r"extra\.pq: Ray Data reads only files named \*\.parquet"):
+        discover_labels(TaskData(name="t", paths=[str(d), str(other)]))
+
+
+def test_label_only_in_validation_data_is_an_error(tmp_path, no_ray_data):
+    task = _classify(tmp_path, {"train.parquet": ["neg", "pos", "pos"]},
+                     {"val.parquet": ["neg", "neutral"], "val2.parquet": ["neutral", "meh"]})
+    with pytest.raises(ValueError) as e:
+        discover_labels(task)
+    msg = str(e.value)
+    assert "task 'sentiment'" in msg and "occur only in the validation data" in msg
+    assert f"'meh' (in {tmp_path / 'val2.parquet'})" in msg
+    assert f"'neutral' (in {tmp_path / 'val.parquet'}, {tmp_path / 'val2.parquet'})" in msg
+    assert "add training rows" in msg and "`labels` explicitly" in msg and "\n" not in msg
+    # A tagger: a tag only the validation sentences have.
+    tag = TaskData(name="ner", kind="tag",
+                   paths=[_write(tmp_path / "t.parquet", tokens=[["a", "b"]], tags=[["B-PER", "O"]])],
+                   val_paths=[_write(tmp_path / "tv.parquet", tokens=[["c"]], tags=[["B-LOC"]])])
+    with pytest.raises(ValueError, match=r"task 'ner': label\(s\) 'B-LOC' \(in .*tv\.parquet\) occur only in "
+                                         r"the validation data"):
+        discover_labels(tag)
+
+
+def test_single_class_training_data_is_an_error(tmp_path, no_ray_data):
+    task = _classify(tmp_path, {"a.parquet": ["pos", "pos"], "b.parquet": ["pos"]}, {"v.parquet": ["neg", "pos"]})
+    with pytest.raises(ValueError) as e:
+        discover_labels(task)
+    msg = str(e.value)
+    assert msg.startswith(f"task 'sentiment': the training files in {tmp_path / 'a.parquet'}, "
+                          f"{tmp_path / 'b.parquet'} have only the label 'pos'; a classifier needs at least 2 classes")
+    tag = TaskData(name="ner", kind="tag", paths=[_write(tmp_path / "o.parquet", tokens=[["a", "b"]], tags=[["O", "O"]])])
+    with pytest.raises(ValueError, match=r"task 'ner': the training files in .*o\.parquet have only the label 'O'; "
+                                         r"a tagger needs at least 2 tags"):
+        discover_labels(tag)
+
+
+def test_mixed_label_types_across_files_is_an_error(tmp_path, no_ray_data):
+    task = TaskData(name="sentiment", paths=[_write(tmp_path / "ints.parquet", text=["a", "b"], label=[0, 1]),
+                                             _write(tmp_path / "strs.parquet", text=["c", "d"], label=["0", "1"])])
+    with pytest.raises(ValueError) as e:
+        discover_labels(task)
+    msg = str(e.value)
+    assert msg.startswith(f"task 'sentiment': the 'label' column has different types across files "
+                          f"(int in {tmp_path / 'ints.parquet'}; string in {tmp_path / 'strs.parquet'})")
+    assert "use one type in every file" in msg and "ArrowConversionError" not in msg
+    tag = TaskData(name="ner", kind="tag",
+                   paths=[_write(tmp_path / "ti.parquet", tokens=[["a"]], tags=[[0]]),
+                          _write(tmp_path / "ts.parquet", tokens=[["b"]], tags=[["O"]])])
+    with pytest.raises(ValueError, match=r"\(int in .*ti\.parquet; string in .*ts\.parquet\)"):
+        discover_labels(tag)
+
+
+@pytest.mark.timeout(240)
+def test_cli_refuses_bad_labels_with_one_error_line(tmp_path, minilm_dir, no_ray_data):
+    """`raybert finetune` on each kind of bad label data: exit 1, one `Error:` line naming the file
+    and the label, no traceback, no Ray Data read."""
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    ints = _write(tmp_path / "ints.parquet", text=["a", "b"], label=[0, 1])
+    strs = _write(tmp_path / "strs.parquet", text=["c", "d"], label=["0", "1"])
+    train = _write(tmp_path / "train.parquet", text=["e", "f"], label=["neg", "pos"])
+    val = _write(tmp_path / "val.parquet", text=["g"], label=["neutral"])
+    one = _write(tmp_path / "one.parquet", text=["h", "i"], label=["pos", "pos"])
+    cases = [(["--data", train, "--val-data", val], [val, "'neutral'", "only in the validation data"]),
+             (["--data", one], [one, "'pos'", "at least 2 classes"]),
+             (["--data", ints, "--data", strs], [ints, strs, "int in", "string in", "use one type"])]
+    for i, (args, want) in enumerate(cases):
+        run_dir = tmp_path / f"run{i}"
+        start = time.perf_counter()
+        res = CliRunner().invoke(cli, ["finetune", *args, "--tokenizer", str(minilm_dir), "--preset", "debug",
+                                       "--run-dir", str(run_dir)])
+        took = time.perf_counter() - start
+        errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+        assert res.exit_code == 1, res.output
+        assert len(errors) == 1 and all(w in errors[0] for w in want), res.output
+        assert "Traceback" not in res.output
+        assert not (run_dir / "metrics.jsonl").exists()
+        print(f"refusal {i}: {took:.1f} s")
+
+
+def _rare_text() -> str:
+    """A text the seeded hash sends to the validation split."""
+    return next(t for t in (f"rare review {i}" for i in range(1000)) if is_val(t, 0.1, 0))
+
+
+@pytest.mark.timeout(300)
+def test_split_checks_on_tokenized_rows(tmp_path, minilm_dir, ray_local):
+    """The hashed split and listed labels: checked on the rows as split, before any training."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = FinetuneData(max_length=16, val_fraction=0.1, split_seed=0, num_cpus=0.5)
+    texts = [f"review {i}" for i in range(60)]
+    common = ["neg" if i % 2 else "pos" for i in range(60)]
+    # A sound task passes, both splits non-empty, every label trained.
+    ok = TaskData(name="sentiment", paths=[_write(tmp_path / "ok.parquet", text=texts, label=common)])
+    id2label, label2id = encode_labels(discover_labels(ok))
+    ds = fd.build_task_datasets(ok, cfg, str(minilm_dir), label2id)
+    assert ds["train"].count() + ds["val"].count() == 60 and ds["val"].count() > 0
+    # 'rare' has one row, and the hash sends it to validation: discovery (per file) can't see it.
+    rare = _rare_text()
+    f = _write(tmp_path / "rare.parquet", text=texts + [rare], label=common + ["rare"])
+    task = TaskData(name="sentiment", paths=[f])
+    id2label, label2id = encode_labels(discover_labels(task))
+    assert "rare" in id2label.values()
+    with pytest.raises(ValueError) as e:
+        fd.build_task_datasets(task, cfg, str(minilm_dir), label2id)
+    msg = str(e.value)
+    assert f"label(s) 'rare' (in {f}) occur only in the hashed validation split (val_fraction 0.1, split_seed 0" in msg
+    assert "add training rows" in msg and "`labels` explicitly" in msg
+    # Listed labels allow a validation-only class (the user said so) ...
+    listed = TaskData(name="sentiment", paths=[f], labels=["neg", "pos", "rare"])
+    fd.build_task_datasets(listed, cfg, str(minilm_dir), {"neg": 0, "pos": 1, "rare": 2})
+    # ... but not training rows of one class.
+    one = _write(tmp_path / "one.parquet", text=texts, label=["pos"] * 60)
+    single = TaskData(name="sentiment", paths=[one], labels=["neg", "pos"])
+    with pytest.raises(ValueError, match=rf"task 'sentiment': the training rows of the hashed split \(val_fraction "
+                                         rf"0.1, split_seed 0\) in {re.escape(one)} have only the label 'pos'; a classifier "
+                                         rf"needs at least 2 classes"):
+        fd.build_task_datasets(single, cfg, str(minilm_dir), {"neg": 0, "pos": 1})

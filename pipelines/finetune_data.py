@@ -157,11 +157,6 @@ def _read_schemas(files: list, columns: list) -> dict:
     return schemas
 
 
-def check_columns(paths: list, columns: list) -> None:
-    """Fail before any work if a file lacks a column, naming the file, the column and what it has."""
-    _read_schemas(parquet_files(paths), columns)
-
-
 def _value_kind(t) -> str:
     """What a label column holds, as far as mixing files goes: int32 and int64 files mix, an int
     file and a string file don't (1 and "1" would be two labels)."""
@@ -184,6 +179,22 @@ def _names(names: list, limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def _check_label_types(task: TaskData, schemas: dict) -> None:
+    """Refuse files whose label columns hold different kinds of value (see _value_kind): an int 1
+    and a string "1" are two labels, and Ray Data can't put such files in one dataset."""
+    col = task.label_column
+    by_kind: dict[str, list] = {}
+    for name, schema in schemas.items():
+        kind = _value_kind(schema.field(col).type)
+        if kind != "null":  # an all-null column: the null-label check names its file
+            by_kind.setdefault(kind, []).append(name)
+    if len(by_kind) > 1:
+        listed = "; ".join(f"{kind} in {_names(files, 3)}" for kind, files in by_kind.items())
+        raise ValueError(f"task {task.name!r}: the {col!r} column has different types across files ({listed}); "
+                         f"an int label and a string label are different labels, so use one type in "
+                         f"every file (e.g. write every {col!r} as a string)")
+
+
 def label_values_by_file(task: TaskData, files: list) -> dict[str, set]:
     """{file name: its distinct label values} of a classify / tag task's `files` (parquet_files'
     entries), read on the driver from the label column alone, a batch at a time (no Ray work, no
@@ -196,17 +207,7 @@ def label_values_by_file(task: TaskData, files: list) -> dict[str, set]:
     import pyarrow.parquet as pq
 
     col = task.label_column
-    schemas = _read_schemas(files, [col])
-    types = {name: s.field(col).type for name, s in schemas.items()}
-    by_kind: dict[str, list] = {}
-    for name, t in types.items():
-        if _value_kind(t) != "null":  # an all-null column: the null check below names its file
-            by_kind.setdefault(_value_kind(t), []).append(name)
-    if len(by_kind) > 1:
-        listed = "; ".join(f"{kind} in {_names(files, 3)}" for kind, files in by_kind.items())
-        raise ValueError(f"task {task.name!r}: the {col!r} column has different types across files ({listed}); "
-                         f"an int label and a string label are different labels, so use one type in "
-                         f"every file (e.g. write every {col!r} as a string)")
+    _check_label_types(task, _read_schemas(files, [col]))
     out = {}
     for name, fs, path in files:
         values = set()
@@ -410,7 +411,8 @@ def build_task_datasets(task: TaskData, cfg: FinetuneData, tokenizer_path: str, 
     columns = ([task.text_column] + ([task.text_pair_column] if task.text_pair_column else [])
                if task.kind == "classify" else [task.tokens_column])
     columns.append(task.label_column)
-    check_columns(task.paths + task.val_paths, columns)
+    # Also when the task lists its labels (discovery, which checks the types too, is skipped then).
+    _check_label_types(task, _read_schemas(parquet_files(task.paths + task.val_paths), columns))
     sources = {"train": (task.paths, "train" if not task.val_paths else None)}
     if task.val_paths:
         sources["val"] = (task.val_paths, None)

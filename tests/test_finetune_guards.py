@@ -106,6 +106,11 @@ def test_mixed_label_types_across_files_is_an_error(tmp_path, no_ray_data):
     assert msg.startswith(f"task 'sentiment': the 'label' column has different types across files "
                           f"(int in {tmp_path / 'ints.parquet'}; string in {tmp_path / 'strs.parquet'})")
     assert "use one type in every file" in msg and "ArrowConversionError" not in msg
+    # Listed labels skip discovery; the footers are still checked before any Ray Data read (Ray
+    # could not put the two files in one dataset).
+    task.labels = [0, 1]
+    with pytest.raises(ValueError, match=r"\(int in .*ints\.parquet; string in .*strs\.parquet\)"):
+        fd.build_task_datasets(task, FinetuneData(), "unused-tokenizer", {0: 0, 1: 1, "0": 0, "1": 1})
     tag = TaskData(name="ner", kind="tag",
                    paths=[_write(tmp_path / "ti.parquet", tokens=[["a"]], tags=[[0]]),
                           _write(tmp_path / "ts.parquet", tokens=[["b"]], tags=[["O"]])])

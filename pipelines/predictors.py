@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from contextlib import nullcontext
+from contextlib import ExitStack
 from typing import Any, Optional
 
 import numpy as np
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 TASKS = ("embed", "classify", "tag", "fill-mask")
 HEAD_OF_TASK = {"embed": "embed", "classify": "classify", "tag": "tag", "fill-mask": "mlm"}
 DTYPES = ("fp32", "bf16", "fp16")
+# Key of the output blocks' schema metadata that names the precision the predictor ran in.
+DTYPE_METADATA = "raybert.dtype"
 # Characters kept before tokenizing. Longer text is certainly over any BERT length limit, and
 # clipping it first keeps a 1 MB row from costing a full tokenization (offsets are unaffected:
 # we clip the tail). A clipped row is flagged truncated.
@@ -72,16 +74,25 @@ def _as_table(batch: Any) -> pa.Table:
 
 @functools.lru_cache(maxsize=4)
 def _encoder(tokenizer_path: str, max_length: int):
-    """A `tokenizers.Tokenizer` copy of the checkpoint's fast tokenizer, truncating to
-    `max_length` (special tokens included) and never padding. Cached per process, so each Ray
-    worker loads it once. (A copy, because tokenizer.json may carry its own padding/truncation.)"""
+    """A `tokenizers.Tokenizer` for the checkpoint, truncating to `max_length` (special tokens
+    included) and never padding. Cached per process, so each Ray worker loads it once.
+
+    A checkpoint's `tokenizer.json` is loaded with the `tokenizers` library alone: importing
+    `transformers` costs each fresh Ray worker seconds of CPU (the profile of a near-free model
+    showed tokenize workers spending most of their time in that import, not in tokenizing).
+    Only a checkpoint with nothing but a `vocab.txt` goes through `load_tokenizer`."""
+    import os
+
     from tokenizers import Tokenizer
 
-    from bert_core.tokenizer import load_tokenizer
+    path = os.path.join(tokenizer_path, "tokenizer.json")
+    if os.path.isfile(path):
+        enc = Tokenizer.from_file(path)
+    else:
+        from bert_core.tokenizer import load_tokenizer
 
-    hf = load_tokenizer(tokenizer_path)
-    enc = Tokenizer.from_str(hf.backend_tokenizer.to_str())
-    enc.no_padding()
+        enc = Tokenizer.from_str(load_tokenizer(tokenizer_path).backend_tokenizer.to_str())
+    enc.no_padding()  # tokenizer.json may carry its own padding/truncation
     enc.enable_truncation(max_length=max_length)
     return enc
 
@@ -247,28 +258,103 @@ def _lists(col: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
         return []
     offsets = arr.offsets.to_numpy()
     values = arr.values.to_numpy(zero_copy_only=False)
-    return [values[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
+    return [values[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+
+
+# --- precision ------------------------------------------------------------------------------
+
+# bf16 on a CPU must beat fp32 by this much on the probe to be chosen by `auto`: the matmuls
+# are only part of a forward, and a CPU without native bf16 runs it several times slower.
+CPU_BF16_MIN_SPEEDUP = 1.25
+
+
+@functools.lru_cache(maxsize=8)
+def cpu_bf16_speedup(hidden: int = 384, tokens: int = 2048) -> float:
+    """fp32 time / bf16 time of a (tokens x H) @ (H x 4H) matmul, the FFN's shape, on this CPU
+    at the current torch thread count (best of 3 after a warm-up; about 0.1-0.5 s)."""
+    import time
+
+    import torch
+
+    def best(dtype) -> float:
+        a = torch.randn(tokens, hidden).to(dtype)
+        b = torch.randn(hidden, 4 * hidden).to(dtype)
+        torch.mm(a, b)  # warm-up: oneDNN picks and caches its kernel
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
+def resolve_dtype(dtype: str, device: str, hidden: int = 384) -> str:
+    """The precision a predictor runs in: `auto` is bf16 on a GPU that supports it, else fp16;
+    on CPU bf16 only when `cpu_bf16_speedup` shows it measurably faster, else fp32."""
+    import torch
+
+    if dtype not in DTYPES + ("auto",):
+        raise ValueError(f"dtype must be auto or one of {DTYPES}, got {dtype!r}")
+    on_gpu = torch.device(device).type == "cuda"
+    if dtype == "fp16" and not on_gpu:
+        raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
+    if dtype != "auto":
+        return dtype
+    if on_gpu:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_bf16_speedup(hidden) >= CPU_BF16_MIN_SPEEDUP else "fp32"
+
+
+def _cast_linears(model, dtype) -> None:
+    """Store every Linear weight in `dtype` once, so autocast doesn't re-cast the weights of each
+    layer at every forward (a kernel per weight per batch on a GPU). LayerNorm and embeddings
+    stay fp32, and autocast keeps running LayerNorm and softmax in fp32, so the numbers are
+    those of plain autocast. A Linear tied to an embedding table (the MLM decoder) is skipped."""
+    import torch
+
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and id(m.weight) not in tied:
+            m.to(dtype)
+
+
+def _sdpa_backends(device_type: str):
+    """The attention kernels a predictor allows. On Hopper GPUs torch prefers cuDNN attention
+    for bf16/fp16; it builds a new plan for every new (batch, length) shape, which on scoring's
+    ever-changing shapes made the bf16 forward 19x slower than fp32 (fp32 never used cuDNN).
+    Flash (no mask) and memory-efficient (masked) kernels need no per-shape planning."""
+    from torch.nn.attention import SDPBackend
+
+    if device_type == "cuda":
+        return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]  # the CPU kernels
 
 
 class Predictor:
-    """One loaded model; `__call__` scores a tokenized block (see the module docstring)."""
+    """One loaded model; `__call__` scores a tokenized block (see the module docstring).
+
+    Device work per block: each token-budget batch is padded on the host (to a multiple of
+    `pad_multiple` tokens, 8 on a GPU), copied over from pinned memory without blocking, and run;
+    its outputs stay on the device until the block is done, then come back in one copy per
+    output tensor. So the host never waits on the device between batches (except where the
+    model itself syncs), and the same code runs on CPU with `device="cpu"`.
+    """
 
     def __init__(self, model: str, task: str, *, max_tokens: int = 4096,
-                 max_batch_rows: Optional[int] = None, dtype: str = "fp32", device: str = "cpu",
+                 max_batch_rows: Optional[int] = None, dtype: str = "auto", device: str = "cpu",
                  pooling: Optional[str] = None, normalize: Optional[bool] = None, top_k: int = 5,
                  num_threads: Optional[int] = None, tokenizer: Optional[str] = None,
-                 head: Optional[str] = None):
+                 head: Optional[str] = None, pad_multiple: Optional[int] = None):
         import torch
 
         from bert_core.checkpoint import load_pretrained
-        from bert_core.tokenizer import load_tokenizer
 
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        if dtype == "fp16" and not str(device).startswith("cuda"):
-            raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
+        if dtype != "auto":
+            resolve_dtype(dtype, device)  # a bad or impossible dtype fails before the model loads
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.task = task
@@ -276,57 +362,80 @@ class Predictor:
         self.max_batch_rows = max_batch_rows
         self.top_k = int(top_k)
         self.device = torch.device(device)
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        on_gpu = self.device.type == "cuda"
+        self.pad_multiple = int(pad_multiple or (8 if on_gpu else 1))
         kwargs = {"pooling": pooling, "normalize": normalize} if task == "embed" else {}
         # `head` picks one task head of a multi-task checkpoint (default: its primary task).
-        self.model = load_pretrained(model, HEAD_OF_TASK[task], task=head, **kwargs).to(self.device).eval()
-        self.config = self.model.config
-        tok = load_tokenizer(tokenizer or model)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.config.pad_token_id
-        self.mask_id = tok.mask_token_id
-        self.vocab = tok.convert_ids_to_tokens(list(range(len(tok)))) if task == "fill-mask" else None
+        net = load_pretrained(model, HEAD_OF_TASK[task], task=head, **kwargs).eval()
+        self.config = net.config
+        self.hidden = self.config.hidden_size
+        self.dtype = resolve_dtype(dtype, device, self.hidden)  # after set_num_threads: the probe uses them
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+        if self.autocast_dtype is not None:
+            _cast_linears(net, self.autocast_dtype)
+        self.model = net.to(self.device)
+        self.pin = on_gpu and torch.cuda.is_available()
+        self._backends = _sdpa_backends(self.device.type)
+        enc = _encoder(str(tokenizer or model), 8)
+        pad = enc.token_to_id("[PAD]")
+        self.pad_id = pad if pad is not None else self.config.pad_token_id
+        self.mask_id = enc.token_to_id("[MASK]")
         if task == "fill-mask" and self.mask_id is None:
             raise ValueError(f"{model}: the tokenizer has no mask token; fill-mask needs one")
+        self.vocab = (np.array([enc.id_to_token(i) for i in range(enc.get_vocab_size())], dtype=object)
+                      if task == "fill-mask" else None)
         self.id2label = self.config.id2label or {i: f"LABEL_{i}" for i in range(self.config.num_labels)}
-        self.hidden = self.config.hidden_size
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _autocast(self):
+    def _context(self):
         import torch
+        from torch.nn.attention import sdpa_kernel
 
         if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            return sdpa_kernel(self._backends)
+        ctx = ExitStack()
+        ctx.enter_context(sdpa_kernel(self._backends))
+        ctx.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        return ctx
 
-    def _forward(self, seqs: list[np.ndarray], types: Optional[list[np.ndarray]]):
-        """Run one padded batch; returns the task's raw outputs for these rows (numpy)."""
+    def _to_device(self, a: np.ndarray):
         import torch
 
+        t = torch.from_numpy(a)
+        if self.pin:  # pinned pages let the copy run asynchronously with the host's next batch
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _forward(self, seqs: list[np.ndarray], types: Optional[list[np.ndarray]]):
+        """Run one padded batch; returns its raw outputs, still on the device (see `_collect`)."""
         from bert_core.padding import pad_batch
 
-        ids, mask = pad_batch(seqs, pad_id=self.pad_id)  # (B, T) each
-        ids_t = torch.from_numpy(ids).to(self.device)  # (B, T)
-        mask_t = torch.from_numpy(mask).to(self.device)  # (B, T)
-        tt = None
-        if types is not None:
-            tt = torch.from_numpy(pad_batch(types, pad_id=0)[0]).to(self.device)  # (B, T)
-        with self._autocast():
-            if self.task == "fill-mask":
-                hit = (ids_t == self.mask_id) & mask_t.bool()  # (B, T)
-                flat = torch.nonzero(hit.flatten()).flatten()  # (M,)
-                if flat.numel() == 0:
-                    return flat.cpu().numpy(), None, None
-                logits = self.model(ids_t, mask_t, tt, masked_index=flat)  # (M, V)
-                probs = torch.softmax(logits.float(), dim=-1)  # (M, V)
-                k = min(self.top_k, probs.shape[-1])
-                top = torch.topk(probs, k, dim=-1)  # (M, k)
-                return flat.cpu().numpy(), top.values.cpu().numpy(), top.indices.cpu().numpy()
-            out = self.model(ids_t, mask_t, tt)
+        ids, mask = pad_batch(seqs, pad_id=self.pad_id, multiple=self.pad_multiple)  # (B, T) each
+        padded = not mask.all()
+        ids_t = self._to_device(ids)  # (B, T)
+        # No mask for a batch without padding: the model then skips masking (and its mask checks).
+        mask_t = self._to_device(mask) if padded else None  # (B, T)
+        tt = self._to_device(pad_batch(types, pad_id=0, multiple=self.pad_multiple)[0]) if types is not None else None
+        if self.task == "fill-mask":
+            import torch
+
+            # [MASK] positions are found on the host, so the device never has to report a count.
+            flat = np.flatnonzero((ids == self.mask_id) & (mask == 1))  # (M,) positions in B*T
+            if flat.size == 0:
+                return flat, ids.shape[1], None, None
+            logits = self.model(ids_t, mask_t, tt, masked_index=self._to_device(flat))  # (M, V)
+            probs = torch.softmax(logits.float(), dim=-1)  # (M, V)
+            top = torch.topk(probs, min(self.top_k, probs.shape[-1]), dim=-1)  # (M, k)
+            return flat, ids.shape[1], top.values, top.indices
+        out = self.model(ids_t, mask_t, tt)
         if self.task == "embed":
-            return out.float().cpu().numpy()  # (B, H)
-        probs = torch.softmax(out.float(), dim=-1)  # (B, L) or (B, T, L)
-        return probs.cpu().numpy()
+            return out.float()  # (B, H)
+        if self.task == "classify":
+            return out.float().softmax(-1)  # (B, L)
+        probs = out.float().softmax(-1)  # (B, T, L)
+        score, label = probs.max(-1)  # (B, T) each: the top label of every token
+        return label.int().flatten(), score.flatten(), ids.shape[1]
 
     # -- the UDF ---------------------------------------------------------------------------
 
@@ -340,44 +449,70 @@ class Predictor:
         errors = table.column("error").to_pylist() if n else []
         seqs = _lists(table.column("input_ids"))
         types = _lists(table.column("token_type_ids")) if "token_type_ids" in table.column_names else None
-        ok = np.array([e is None for e in errors], dtype=bool)
-        rows = np.nonzero(ok)[0]
-        results: list[Any] = [None] * n  # per input row, in input order
+        rows = np.flatnonzero(np.array([e is None for e in errors], dtype=bool))
+        lengths = np.fromiter((len(seqs[i]) for i in rows), dtype=np.int64, count=len(rows))
+        done: list[tuple[np.ndarray, Any]] = []  # (input rows, device outputs) per batch run
 
-        with torch.inference_mode():
-            lengths = np.array([len(seqs[i]) for i in rows], dtype=np.int64)
-            for b in token_budget_batches(lengths, self.max_tokens, self.max_batch_rows):
+        with torch.inference_mode(), self._context():
+            for b in token_budget_batches(lengths, self.max_tokens, self.max_batch_rows, self.pad_multiple):
                 idx = rows[b]  # input rows of this batch, longest first
                 try:
-                    self._score(idx, seqs, types, results)
+                    done.append((idx, self._run(idx, seqs, types)))
                 except Exception as e:  # a batch that fails is retried row by row
                     log.warning("batch of %d rows failed (%s); scoring rows one by one", len(idx), e)
                     for i in idx:
                         try:
-                            self._score(np.array([i]), seqs, types, results)
+                            done.append((np.array([i]), self._run(np.array([i]), seqs, types)))
                         except Exception as e1:  # noqa: BLE001 - the row gets the error instead
                             errors[i] = f"model error: {type(e1).__name__}: {e1}"
-                            results[i] = None
-        return self._table(table, errors, results)
+            results = self._collect(done, n, seqs)
+        out = self._table(table, errors, results)
+        return out.replace_schema_metadata({DTYPE_METADATA: self.dtype})
 
-    def _score(self, idx: np.ndarray, seqs, types, results: list) -> None:
-        bseqs = [seqs[i] for i in idx]
-        btypes = [types[i] for i in idx] if types is not None else None
-        out = self._forward(bseqs, btypes)
-        if self.task == "fill-mask":
-            flat, vals, toks = out
-            T = max(len(s) for s in bseqs)
-            per_row: dict[int, list] = {int(i): [] for i in idx}
-            for m, pos in enumerate(flat.tolist()):
-                r, t = divmod(pos, T)
-                per_row[int(idx[r])].append((t, vals[m], toks[m]))
-            for i, items in per_row.items():
-                results[i] = items
-            return
-        for r, i in enumerate(idx):
-            results[i] = out[r][: len(seqs[i])] if self.task == "tag" else out[r]  # drop padding
+    def _run(self, idx: np.ndarray, seqs, types):
+        return self._forward([seqs[i] for i in idx], [types[i] for i in idx] if types is not None else None)
 
-    def _table(self, table: pa.Table, errors: list, results: list) -> pa.Table:
+    def _collect(self, done: list, n: int, seqs) -> Any:
+        """Bring every batch's outputs to the host in one copy per tensor and put them in input
+        order: embed/classify (n, H|L) float32; tag: per row (labels, scores) of its tokens;
+        fill-mask: per row a list of (position, scores, token ids)."""
+        import torch
+
+        if self.task in ("embed", "classify"):
+            width = self.hidden if self.task == "embed" else len(self.id2label)
+            full = np.zeros((n, width), dtype=np.float32)
+            if done:
+                full[np.concatenate([i for i, _ in done])] = torch.cat([o for _, o in done]).cpu().numpy()
+            return full
+        per_row: list[Any] = [None] * n
+        if self.task == "tag":
+            if not done:
+                return per_row
+            labels = torch.cat([o[0] for _, o in done]).cpu().numpy()
+            scores = torch.cat([o[1] for _, o in done]).cpu().numpy()
+            start = 0
+            for idx, (_, _, T) in done:
+                for r, i in enumerate(idx.tolist()):
+                    a = start + r * T
+                    per_row[i] = (labels[a:a + len(seqs[i])], scores[a:a + len(seqs[i])])  # drop padding
+                start += len(idx) * T
+            return per_row
+        for idx, _ in done:  # fill-mask: rows without a [MASK] get an empty list
+            for i in idx.tolist():
+                per_row[i] = []
+        hits = [(idx, o) for idx, o in done if o[2] is not None]
+        if hits:
+            vals = torch.cat([o[2] for _, o in hits]).float().cpu().numpy()  # (M, k)
+            toks = torch.cat([o[3] for _, o in hits]).cpu().numpy()  # (M, k)
+            m = 0
+            for idx, (flat, T, _, _) in hits:
+                for pos in flat.tolist():
+                    r, t = divmod(pos, T)
+                    per_row[int(idx[r])].append((t, vals[m], toks[m]))
+                    m += 1
+        return per_row
+
+    def _table(self, table: pa.Table, errors: list, results: Any) -> pa.Table:
         n = table.num_rows
         cols: dict[str, pa.Array] = {"id": table.column("id").combine_chunks()}
         if "row_hash" in table.column_names:
@@ -385,46 +520,53 @@ class Predictor:
         cols["n_tokens"] = table.column("n_tokens").combine_chunks().cast(pa.int32())
         cols["truncated"] = table.column("truncated").combine_chunks().cast(pa.bool_())
         cols["error"] = pa.array(errors, pa.string())
-        missing = np.array([r is None for r in results], dtype=bool)
+        missing = np.array([e is not None for e in errors], dtype=bool)  # rows without outputs
         if self.task == "embed":
-            H = self.hidden
-            flat = np.zeros((n, H), dtype=np.float32)
-            for i, r in enumerate(results):
-                if r is not None:
-                    flat[i] = r
-            values = pa.array(flat.reshape(-1), pa.float32())
-            cols["embedding"] = pa.FixedSizeListArray.from_arrays(values, H, mask=pa.array(missing))
+            cols["embedding"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(results.reshape(-1), pa.float32()), self.hidden, mask=pa.array(missing, pa.bool_()))
         elif self.task == "classify":
-            labels, scores, probs = [], [], []
-            for r in results:
-                if r is None:
-                    labels.append(None), scores.append(None), probs.append(None)
-                else:
-                    k = int(np.argmax(r))
-                    labels.append(self.id2label.get(k, str(k)))
-                    scores.append(float(r[k]))
-                    probs.append(r.astype(np.float32))
-            cols["label"] = pa.array(labels, pa.string())
-            cols["score"] = pa.array(scores, pa.float32())
-            cols["probs"] = pa.array(probs, pa.list_(pa.float32()))
+            L = results.shape[1]
+            k = results.argmax(1) if n else np.zeros(0, dtype=np.int64)  # (n,)
+            names = np.array([self.id2label.get(i, str(i)) for i in range(L)], dtype=object)
+            cols["label"] = pa.array(names[k], pa.string(), mask=missing)
+            cols["score"] = pa.array(results[np.arange(n), k], pa.float32(), mask=missing)
+            cols["probs"] = pa.ListArray.from_arrays(
+                pa.array(np.arange(n + 1, dtype=np.int32) * L), pa.array(results.reshape(-1), pa.float32()),
+                mask=pa.array(missing, pa.bool_()))
         elif self.task == "tag":
             texts = table.column("text").to_pylist() if n else []
             offsets = _lists(table.column("offsets"))
             word_ids = _lists(table.column("word_ids"))
             cols["entities"] = pa.array(
-                [None if r is None else self._entities(r, texts[i], offsets[i], word_ids[i])
+                [None if (missing[i] or r is None) else self._entities(*r, texts[i], offsets[i], word_ids[i])
                  for i, r in enumerate(results)], pa.list_(ENTITY_TYPE))
         else:
-            vocab = self.vocab
-            cols["fill_mask"] = pa.array(
-                [None if r is None else [
-                    {"position": int(t), "tokens": [vocab[j] for j in ids.tolist()],
-                     "token_ids": ids.astype(np.int32).tolist(), "scores": vals.astype(np.float32).tolist()}
-                    for t, vals, ids in sorted(r, key=lambda x: x[0])] for r in results],
-                pa.list_(FILL_TYPE))
+            cols["fill_mask"] = self._fill_mask_column(results, missing)
         return pa.table(cols)
 
-    def _entities(self, probs: np.ndarray, text: str, offsets: np.ndarray, word_ids: np.ndarray) -> list[dict]:
+    def _fill_mask_column(self, per_row: list, missing: np.ndarray) -> pa.Array:
+        """list<struct<position, tokens, token_ids, scores>>, built column-wise (no per-item dicts)."""
+        k = self.top_k
+        counts = np.array([0 if (missing[i] or r is None) else len(r) for i, r in enumerate(per_row)], dtype=np.int32)
+        items = [x for i, r in enumerate(per_row) if not (missing[i] or r is None)
+                 for x in sorted(r, key=lambda x: x[0])]  # by position within each row
+        M = len(items)
+        k = items[0][2].shape[0] if M else min(k, len(self.vocab))
+        pos = np.array([t for t, _, _ in items], dtype=np.int32)
+        ids = np.stack([t for _, _, t in items]).astype(np.int32) if M else np.zeros((0, k), np.int32)
+        scores = np.stack([v for _, v, _ in items]).astype(np.float32) if M else np.zeros((0, k), np.float32)
+        inner = pa.array(np.arange(M + 1, dtype=np.int32) * k)
+        struct = pa.StructArray.from_arrays(
+            [pa.array(pos, pa.int32()),
+             pa.ListArray.from_arrays(inner, pa.array(self.vocab[ids.reshape(-1)], pa.string())),
+             pa.ListArray.from_arrays(inner, pa.array(ids.reshape(-1), pa.int32())),
+             pa.ListArray.from_arrays(inner, pa.array(scores.reshape(-1), pa.float32()))],
+            fields=list(FILL_TYPE))
+        outer = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(outer), struct, mask=pa.array(missing, pa.bool_()))
+
+    def _entities(self, labels: np.ndarray, scores: np.ndarray, text: str, offsets: np.ndarray,
+                  word_ids: np.ndarray) -> list[dict]:
         """Per word: the first sub-token's label and score; offsets span all its sub-tokens."""
         spans = offsets.reshape(-1, 2)  # (T, 2) char offsets of each token
         words: dict[int, list[int]] = {}
@@ -434,18 +576,11 @@ class Predictor:
         out = []
         for w, toks in words.items():
             first = toks[0]
-            k = int(np.argmax(probs[first]))
+            k = int(labels[first])
             label = self.id2label.get(k, str(k))
             if label == "O":
                 continue
             start, end = int(spans[first][0]), int(spans[toks[-1]][1])
-            out.append({"word": text[start:end], "label": label, "score": float(probs[first][k]),
+            out.append({"word": text[start:end], "label": label, "score": float(scores[first]),
                         "start": start, "end": end})
         return out
-
-
-def output_schema_fields(task: str) -> list[str]:
-    """Names of the task's output columns (after id, row_hash, n_tokens, truncated, error)."""
-    return {"embed": ["embedding"], "classify": ["label", "score", "probs"], "tag": ["entities"],
-            "fill-mask": ["fill_mask"]}[task]
-

@@ -176,7 +176,7 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     from jobs.ray_env import ray_session
     from pipelines.finetune import FinetuneLoopConfig, TaskSpec, finetune_loop_per_worker
     from pipelines.finetune_data import build_task_datasets
-    from pipelines.train import disable_deepspeed_jit, publish_export, torch_trainer
+    from pipelines.worker import disable_deepspeed_jit, fit_with_watchdog, publish_export, torch_trainer
 
     disable_deepspeed_jit()
     with ray_session(cfg.address):
@@ -209,7 +209,7 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
             finetune_loop_per_worker, loop.to_dict(), run_dir=run_dir, num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
             max_failures=cfg.scaling.max_failures, keep_last=1, datasets=datasets)
-        result = trainer.fit()
+        result = fit_with_watchdog(trainer, run_dir, cfg.train.stall_timeout_s)
 
     export = publish_export(result.checkpoint.path if result.checkpoint is not None else None, run_dir)
     if export is None:

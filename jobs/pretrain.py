@@ -177,8 +177,8 @@ def _run(cfg: PretrainConfig, run_dir: Path, t0: float) -> PretrainResult:
                               f"it, or a new --run-dir")
     tokenizer = resolve_tokenizer(cfg)
 
-    from pipelines.train import (LoopConfig, disable_deepspeed_jit, publish_export, torch_trainer,
-                                 train_loop_per_worker)
+    from pipelines.train import LoopConfig, train_loop_per_worker
+    from pipelines.worker import disable_deepspeed_jit, fit_with_watchdog, publish_export, torch_trainer
 
     train = copy.deepcopy(cfg.train)
     if cfg.time_budget is not None:
@@ -209,7 +209,7 @@ def _run(cfg: PretrainConfig, run_dir: Path, t0: float) -> PretrainResult:
             use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
             max_failures=cfg.scaling.max_failures, keep_last=cfg.train.keep_last, datasets=datasets,
             dataset_config=ray.train.DataConfig(execution_options=exec_opts))
-        result = trainer.fit()
+        result = fit_with_watchdog(trainer, run_dir, cfg.train.stall_timeout_s)
 
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     export = publish_export(ckpt, run_dir)

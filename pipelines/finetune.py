@@ -7,8 +7,9 @@ Contract:
   tasks that have validation rows) from pipelines/finetune_data.py.
 - Model: `bert_core.BertMultiTask` with a head per task, the encoder (and an mlm task's head)
   loaded from `model.init_from` or fresh from `model.preset`. DeepSpeed is applied by
-  pipelines.train.build_engine, the one place shared with pretraining (ZeRO 0-3, fp32/bf16/fp16,
-  AdamW, warmup + decay, accumulation, clipping).
+  pipelines.worker.build_engine, the one place shared with pretraining (ZeRO 0-3, fp32/bf16/fp16,
+  AdamW, warmup + decay, accumulation, clipping); threads, metrics writing, the heartbeat for the
+  stall watchdog and the all-reduce also come from pipelines.worker.
 - Knobs (FinetuneOptions): epochs (which set the step count), warmup ratio, weight decay (in
   TrainConfig), dropout, layer-wise LR decay (layer l of L trains at lr * decay^(L + 1 - l), the
   embeddings at lr * decay^(L + 1), the pooler and heads at lr), and early stopping on the
@@ -23,7 +24,10 @@ Contract:
   `metric` (auto: macro-F1 for classify, entity F1 for tag).
 - Output: the weights of the best evaluation (the last step's when no task has validation rows),
   reported once at the end as a Ray checkpoint holding an HF export (bert_core.save_pretrained:
-  id2label per head, the primary task under HF's keys). Rank 0 logs to `<run_dir>/metrics.jsonl`.
+  id2label per head, the primary task under HF's keys); that is the loop's only
+  `ray.train.report` (it blocks until the controller polls). Rank 0 logs to
+  `<run_dir>/metrics.jsonl` from a background thread and prints a progress line; training losses
+  stay on the device between log steps.
   Fine-tunes are short, so there is no mid-run checkpoint: a worker failure (FailureConfig)
   restarts the fine-tune from the start.
 """
@@ -34,7 +38,6 @@ import json
 import math
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -46,9 +49,9 @@ import torch.nn.functional as F
 from bert_core.masking import Masker, MaskingConfig
 from bert_core.model import BertConfig, BertMultiTask, TaskHead
 from pipelines.finetune_data import IGNORE, FinetuneData
-from pipelines.train import build_bert_config as pretrain_bert_config
-from pipelines.train import (ModelConfig, TrainConfig, _all_reduce_sum, _MetricsFile, build_engine,
-                             derive_seed, mlm_step_inputs, worker_context, worker_nodes)
+from pipelines.worker import (Heartbeat, MetricsWriter, ModelConfig, TrainConfig, all_reduce_sum, build_bert_config,
+                              build_engine, derive_seed, evaluating, gathered_state_dict, heartbeat_interval,
+                              mlm_step_inputs, worker_context, worker_nodes)
 
 MIXING = ("proportional", "weights", "round_robin")
 METRICS = ("auto", "accuracy", "macro_f1", "entity_f1")
@@ -102,6 +105,7 @@ class FinetuneLoopConfig:
     options: FinetuneOptions = field(default_factory=FinetuneOptions)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     use_gpu: bool = False
+    torch_threads: Optional[int] = None  # CPU threads per worker; None = the CPUs it holds, rounded up
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,7 +115,8 @@ class FinetuneLoopConfig:
         return cls(run_dir=d["run_dir"], tokenizer=d["tokenizer"], tasks=[TaskSpec(**t) for t in d["tasks"]],
                    model=ModelConfig(**d["model"]), data=FinetuneData(**d["data"]),
                    train=TrainConfig(**d["train"]), options=FinetuneOptions(**d["options"]),
-                   masking=MaskingConfig(**d["masking"]), use_gpu=d.get("use_gpu", False))
+                   masking=MaskingConfig(**d["masking"]), use_gpu=d.get("use_gpu", False),
+                   torch_threads=d.get("torch_threads"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,9 +124,9 @@ class FinetuneLoopConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def build_bert_config(model: ModelConfig, options: FinetuneOptions, vocab_size: int) -> BertConfig:
-    """Pretraining's config (init_from's or the preset's, overrides, vocab check), plus dropout."""
-    cfg = pretrain_bert_config(model, vocab_size)
+def finetune_bert_config(model: ModelConfig, options: FinetuneOptions, vocab_size: int) -> BertConfig:
+    """The shared encoder config (init_from's or the preset's, overrides, vocab check), plus dropout."""
+    cfg = build_bert_config(model, vocab_size)
     if options.dropout is not None:
         cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = options.dropout
     if options.classifier_dropout is not None:
@@ -132,7 +137,7 @@ def build_bert_config(model: ModelConfig, options: FinetuneOptions, vocab_size: 
     return cfg
 
 
-def build_model(model: ModelConfig, bert_config: BertConfig, heads: list[TaskHead]) -> BertMultiTask:
+def build_multitask_model(model: ModelConfig, bert_config: BertConfig, heads: list[TaskHead]) -> BertMultiTask:
     """Fresh heads on the `init_from` encoder (and MLM head, for an mlm task), or all fresh."""
     m = BertMultiTask(bert_config, heads)
     if model.init_from:
@@ -208,16 +213,16 @@ def _score(task: TaskSpec, m: dict, metric: str) -> float:
     return m[metric]
 
 
-def evaluate(engine, task: TaskSpec, shard, cfg: FinetuneLoopConfig, device) -> dict:
+def evaluate_task(engine, task: TaskSpec, shard, cfg: FinetuneLoopConfig, device, beat: Heartbeat) -> dict:
     """Validation metrics of one classify/tag task over every worker's shard."""
-    engine.eval()
     L = len(task.id2label)
     names = [task.id2label[i] for i in range(L)]
     confusion = np.zeros((L, L), dtype=np.float64)
     loss_sum = n = tp = n_pred = n_gold = 0.0
-    with torch.no_grad():
+    with evaluating(engine):
         for batch in shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, dtypes=torch.int64,
                                               device="cpu"):
+            beat.beat("eval")
             logits = engine(task.name, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                             batch["token_type_ids"].to(device)).float()
             labels = batch["labels"].to(device)
@@ -235,8 +240,7 @@ def evaluate(engine, task: TaskSpec, shard, cfg: FinetuneLoopConfig, device) -> 
                     tp += len(g_spans & p_spans)
                     n_pred += len(p_spans)
                     n_gold += len(g_spans)
-    engine.train()
-    flat = _all_reduce_sum([loss_sum, n, tp, n_pred, n_gold] + confusion.ravel().tolist(), device)
+    flat = all_reduce_sum([loss_sum, n, tp, n_pred, n_gold] + confusion.ravel().tolist(), device)
     loss_sum, n, tp, n_pred, n_gold = flat[:5]
     m = {"val_loss": loss_sum / max(n, 1), "val_count": int(n),
          **classify_metrics(np.array(flat[5:]).reshape(L, L))}
@@ -305,102 +309,113 @@ def _task_loss(engine, task: TaskSpec, batch: dict, masker: Optional[Masker], se
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
 
 
-def _gathered_state(engine, rank: int, zero_stage: int) -> Optional[dict]:
-    """A CPU fp32 copy of the full weights on rank 0 (every rank must call it under ZeRO-3)."""
-    import deepspeed
-
-    params = list(engine.module.parameters())
-    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else nullcontext()
-    with gather:
-        if rank == 0:
-            return {k: v.detach().to("cpu", torch.float32).clone() for k, v in engine.module.state_dict().items()}
-    return None
-
-
 def finetune_loop_per_worker(config: dict) -> None:
+    cfg = FinetuneLoopConfig.from_dict(config)
+    wc = worker_context(cfg.use_gpu, cfg.torch_threads)
+    run_dir = Path(cfg.run_dir)
+    lead = wc.rank == 0
+    beat = Heartbeat(run_dir / "heartbeat.json" if lead and cfg.train.stall_timeout_s else None,
+                     heartbeat_interval(cfg.train.stall_timeout_s))
+    log = MetricsWriter(run_dir / "metrics.jsonl" if lead else None)
+    try:
+        _finetune(cfg, wc, beat, log)
+    finally:
+        log.close()
+        beat.close()
+
+
+def _finetune(cfg: FinetuneLoopConfig, wc, beat: Heartbeat, log: MetricsWriter) -> None:
     import ray.train
 
-    cfg = FinetuneLoopConfig.from_dict(config)
     tc, opts = cfg.train, cfg.options
-    rank, world, device = worker_context(cfg.use_gpu)
+    rank, world, device = wc.rank, wc.world, wc.device
 
     from bert_core.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     heads = [TaskHead(t.name, t.kind, t.id2label) for t in cfg.tasks]
-    bert_config = build_bert_config(cfg.model, opts, len(tokenizer))
+    bert_config = finetune_bert_config(cfg.model, opts, len(tokenizer))
     torch.manual_seed(tc.seed)  # identical fresh heads on every rank
-    model = build_model(cfg.model, bert_config, heads)
+    model = build_multitask_model(cfg.model, bert_config, heads)
     groups = layerwise_param_groups(model, tc.lr, tc.weight_decay, opts.layer_lr_decay)
     engine = build_engine(model, tc, world, param_groups=groups)
     masker = (Masker.from_tokenizer(tokenizer, cfg.masking) if any(t.kind == "mlm" for t in cfg.tasks) else None)
 
-    run_dir = Path(cfg.run_dir)
-    log = _MetricsFile(run_dir / "metrics.jsonl" if rank == 0 else None)
-    log.write({"event": "start", "step": 0, "world_size": world, "nodes": worker_nodes(),
+    log.write({"event": "start", "step": 0, "world_size": world, "nodes": worker_nodes(), "threads": wc.threads,
                "tasks": [t.name for t in cfg.tasks], "max_steps": tc.max_steps, "time": time.time()})
     streams = {t.name: _Stream(ray.train.get_dataset_shard(f"train_{t.name}"), tc.micro_batch_size,
                                derive_seed(tc.seed, 31, i)) for i, t in enumerate(cfg.tasks)}
     vals = {t.name: ray.train.get_dataset_shard(f"val_{t.name}") for t in cfg.tasks if t.has_val}
     by_name = {t.name: t for t in cfg.tasks}
+    index = {t.name: i for i, t in enumerate(cfg.tasks)}
 
     best_score, best_step, best_sd, bad_evals = -math.inf, None, None, 0
-    sums = {t.name: [0.0, 0] for t in cfg.tasks}  # loss sum, micro-batches since the last log
+    # Per task: loss sum and micro-batches since the last log, on the device (no per-batch sync).
+    sums = torch.zeros(len(cfg.tasks), 2, dtype=torch.float64, device=device)
     t_log, steps_since_log, tokens_since_log = time.time(), 0, 0
     last_metrics: dict = {}
     engine.train()
     for step in range(1, tc.max_steps + 1):
         task = task_of_step(step, cfg.tasks, opts.mixing, tc.seed)
         for micro in range(tc.grad_accum):
+            beat.beat("data")
             batch = next(streams[task.name])
+            beat.beat("step")
             seed = derive_seed(tc.seed, rank, step, micro)
             torch.manual_seed(derive_seed(seed, 1))  # dropout
             loss = _task_loss(engine, task, batch, masker, seed, device)
             engine.backward(loss)
             engine.step()
-            sums[task.name][0] += float(loss.detach())
-            sums[task.name][1] += 1
+            sums[index[task.name], 0] += loss.detach().double()
+            sums[index[task.name], 1] += 1
+            # The batch is on the CPU: counting its tokens costs no device sync.
             tokens_since_log += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch[
                 "input_ids"].numel()
         steps_since_log += 1
+        beat.beat("step", step)
         metrics: dict = {}
         if step % tc.log_every == 0 or step == tc.max_steps:
-            flat = _all_reduce_sum([v for t in cfg.tasks for v in sums[t.name]] + [tokens_since_log], device)
+            flat = all_reduce_sum(torch.cat([sums.flatten(), sums.new_tensor([tokens_since_log])]), device)
             dt = max(time.time() - t_log, 1e-9)
             metrics = {"step": step, "lr": engine.get_lr()[-1], "tokens_per_s": flat[-1] / dt,
                        **{f"loss_{t.name}": flat[2 * i] / flat[2 * i + 1]
                           for i, t in enumerate(cfg.tasks) if flat[2 * i + 1] > 0}}
-            sums = {t.name: [0.0, 0] for t in cfg.tasks}
+            if rank == 0:
+                losses = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
+                eta = (tc.max_steps - step) * dt / steps_since_log
+                print(f"[raybert] step {step}/{tc.max_steps} {losses} {metrics['tokens_per_s']:,.0f} tokens/s "
+                      f"eta {eta:.0f}s", flush=True)
+            sums.zero_()
             t_log, steps_since_log, tokens_since_log = time.time(), 0, 0
         stop = step == tc.max_steps
         if vals and (step % tc.eval_every == 0 or stop):
             scores = []
             metrics["step"] = step
             for name, shard in vals.items():
-                m = evaluate(engine, by_name[name], shard, cfg, device)
+                m = evaluate_task(engine, by_name[name], shard, cfg, device, beat)
                 metrics.update({f"{k}_{name}": v for k, v in m.items()})
                 scores.append(_score(by_name[name], m, opts.metric))
             score = float(np.mean(scores))
             metrics["val_score"] = score
             if score > best_score + opts.min_delta:
                 best_score, best_step, bad_evals = score, step, 0
-                best_sd = _gathered_state(engine, rank, tc.zero_stage)  # None except on rank 0
+                best_sd = gathered_state_dict(engine, rank, tc.zero_stage)  # None except on rank 0
             else:
                 bad_evals += 1
                 if opts.patience and bad_evals >= opts.patience:
                     metrics["early_stop"] = True
                     stop = True
             metrics["best_step"] = best_step
-            ray.train.report(metrics)  # rank-uniform: every rank evaluates at the same steps
         if metrics:
             log.write(metrics)
             last_metrics.update(metrics)
         if stop:
             break
     if not vals:  # no validation: keep the last weights
-        best_sd, best_step = _gathered_state(engine, rank, tc.zero_stage), step
+        best_sd, best_step = gathered_state_dict(engine, rank, tc.zero_stage), step
     final = {**last_metrics, "step": step, "best_step": best_step, "best_score": best_score if vals else None}
     log.write({"event": "end", **final, "time": time.time()})
+    beat.beat("checkpoint")
     with tempfile.TemporaryDirectory(prefix="raybert-ft-") as tmp:
         ckpt = None
         if rank == 0:

@@ -5,17 +5,23 @@ Contract:
   (`LoopConfig(...).to_dict()`), so it pickles to any worker and never captures driver state.
   It runs under `ray.train.torch.TorchTrainer` with `datasets={"train": ..., "val": ...}` from
   pipelines/pretrain_data.py and `TorchConfig(backend="gloo"|"nccl")`.
-- Distribution is applied here and only here: `build_engine` calls `deepspeed.initialize` once
+- Distribution is applied in one place: `pipelines.worker.build_engine` calls `deepspeed.initialize` once
   (ZeRO stage 0-3, fp32 / bf16 / fp16, torch AdamW with a warmup + linear/cosine decay schedule,
   gradient accumulation, clipping). The model is plain `bert_core.BertForMaskedLM`.
 - Loss: cross-entropy at masked positions only. The model gathers the masked rows before the
   (H x V) vocab projection (`masked_index`), so the largest matmul runs on ~15% of tokens.
 - A "step" is one optimizer step (`grad_accum` micro-batches on every worker).
-- Metrics (every `log_every` steps): loss, MLM accuracy, lr, tokens/s, MFU; validation loss and
-  accuracy every `eval_every` steps and at the end. They go to `ray.train.report` and, from rank
-  0, to `<run_dir>/metrics.jsonl` (one JSON object a line; `"event"` lines mark starts/resumes).
-  Ray Train 2.60 accepts one report per controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s)
-  and blocks the next until then, so keep `log_every` at 2 s of training or more.
+- Metrics (every `log_every` steps): loss, MLM accuracy, lr, tokens/s, MFU and the peak FLOP/s
+  it is quoted against (measured on the workers, pipelines.worker.peak_flops, unless
+  `peak_flops_per_worker` is set); validation loss and accuracy every `eval_every` steps and at
+  the end. Rank 0 appends them to `<run_dir>/metrics.jsonl` from a background thread (one JSON
+  object a line; `"event"` lines mark start/resume, with the world size, nodes and torch threads)
+  and prints a progress line. Between log steps the loop never waits on the host: loss and
+  accuracy sums stay on the device. `ray.train.report` (which blocks until the controller's next
+  poll, ~2 s) is called only with checkpoints.
+- Each worker computes with as many torch threads as the CPUs it holds, rounded up
+  (`LoopConfig.torch_threads` overrides). Rank 0 keeps `<run_dir>/heartbeat.json` current (step
+  and phase) for the driver's stall watchdog (pipelines.worker.fit_with_watchdog).
 - Checkpoints (every `save_every` steps and at the end; Ray keeps the last `keep_last`), one Ray
   checkpoint directory holding:
     deepspeed/   the engine state: module, optimizer (ZeRO partitions of every rank), LR
@@ -26,7 +32,8 @@ Contract:
                  epoch already consumed by each worker.
 - An invocation may end before `max_steps` (always with a checkpoint): at `stop_at`, after
   `steps_per_run` steps past where it resumed, after `time_budget_s` of training, or early enough
-  before `deadline` to write its checkpoint in time. The next invocation resumes from there.
+  before `deadline` to write its checkpoint in time (`StopPolicy`; the clock is checked after the
+  first step and on log steps, where the ranks sync anyway). The next invocation resumes there.
 - Resume is exact. On start (a new `fit` on the same run dir, or a Ray Train restart after a
   worker failure) the loop loads `ray.train.get_checkpoint()`, re-opens the data stream of the
   saved epoch and skips the micro-batches already consumed. The data order is deterministic
@@ -39,82 +46,25 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import signal
 import tempfile
+import threading
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bert_core.masking import Masker, MaskingConfig
-from bert_core.model import BertConfig, BertForMaskedLM, mlm_flops_per_token, preset
+from bert_core.model import BertConfig, BertForMaskedLM, mlm_flops_per_token
 from pipelines.pretrain_data import DataConfig
-
-DTYPES = ("fp32", "bf16", "fp16")
-# Peak dense matmul FLOP/s of one worker, used for MFU when `peak_flops_per_worker` is unset.
-# CPU figures are this project's 2-core reference machine split over its 2 cores (STACK_NOTES:
-# 186 GFLOP/s fp32, 418 GFLOP/s bf16 with 2 threads); GPU figures are H100 SXM dense tensor-core
-# peaks. Set the field for other hardware; `benchmarks/pretrain.py` measures it.
-DEFAULT_PEAK_FLOPS = {("cpu", "fp32"): 93e9, ("cpu", "bf16"): 209e9,
-                      ("gpu", "fp32"): 67e12, ("gpu", "bf16"): 989e12, ("gpu", "fp16"): 989e12}
-
-
-@dataclass
-class ModelConfig:
-    preset: str = "mini"  # bert_core preset: debug | mini | small | base | large
-    init_from: Optional[str] = None  # HF checkpoint dir to start from instead of fresh weights
-    overrides: dict = field(default_factory=dict)  # BertConfig fields on top of the preset
-    activation_checkpointing: bool = False  # recompute each layer in backward: less memory, ~30% more compute
-
-
-@dataclass
-class TrainConfig:
-    max_steps: int = 10_000  # optimizer steps of the whole run; the LR schedule spans them
-    stop_at: Optional[int] = None  # end this invocation at this step (checkpointing), e.g. a scheduled slice
-    time_budget_s: Optional[float] = None  # end this invocation after this long (checkpointing)
-    steps_per_run: Optional[int] = None  # end this invocation this many steps after where it resumed
-    # Wall-clock deadline (Unix seconds) of this invocation: training stops early enough to write
-    # its checkpoint before it (set by `raybert pretrain --time-budget`).
-    deadline: Optional[float] = None
-    micro_batch_size: int = 32  # packed rows per worker per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 5e-4  # peak learning rate
-    warmup_steps: int = 100  # linear warmup from 0 to `lr`
-    decay: str = "linear"  # after warmup: linear | cosine | constant, down to lr * min_lr_ratio
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.01  # AdamW decay; never on biases and LayerNorm weights
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-6
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
-    dtype: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on GPU only)
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 500
-    save_every: int = 1000
-    keep_last: int = 2  # checkpoints kept in the run dir
-    peak_flops_per_worker: Optional[float] = None  # for MFU; default from DEFAULT_PEAK_FLOPS
-    # Fault drill (tests, chaos runs): rank `kill_rank` SIGKILLs itself right after step
-    # `kill_at_step`, once per run dir (a marker file records that it happened).
-    kill_rank: Optional[int] = None
-    kill_at_step: Optional[int] = None
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.decay not in ("linear", "cosine", "constant"):
-            raise ValueError(f"decay must be linear, cosine or constant, got {self.decay!r}")
-        if self.max_steps < 1 or self.micro_batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("max_steps, micro_batch_size and grad_accum must be >= 1")
+from pipelines.worker import (FaultDrill, Heartbeat, MetricsWriter, ModelConfig, TrainConfig, WorkerContext,
+                              all_reduce_sum, build_bert_config, build_engine, derive_seed, device_name,
+                              evaluating, gathered_state_dict, heartbeat_interval, mlm_step_inputs, peak_flops,
+                              worker_context, worker_nodes)
 
 
 @dataclass
@@ -127,6 +77,8 @@ class LoopConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     use_gpu: bool = False
+    torch_threads: Optional[int] = None  # CPU threads per worker; None = the CPUs it holds, rounded up
+    fault: FaultDrill = field(default_factory=FaultDrill.from_env)  # tests and chaos runs only
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,31 +88,12 @@ class LoopConfig:
         data = dict(d["data"])
         data["masking"] = MaskingConfig(**data["masking"])
         return cls(run_dir=d["run_dir"], tokenizer=d["tokenizer"], use_gpu=d.get("use_gpu", False),
-                   model=ModelConfig(**d["model"]), data=DataConfig(**data), train=TrainConfig(**d["train"]))
+                   model=ModelConfig(**d["model"]), data=DataConfig(**data), train=TrainConfig(**d["train"]),
+                   torch_threads=d.get("torch_threads"), fault=FaultDrill(**d.get("fault", {})))
 
 
-# --------------------------------------------------------------------------------------------
-# Model, schedule and the one DeepSpeed wrap
-# --------------------------------------------------------------------------------------------
-
-
-def build_bert_config(model: ModelConfig, vocab_size: int) -> BertConfig:
-    if model.init_from:
-        cfg = BertConfig.from_json(Path(model.init_from) / "config.json")
-        for k, v in model.overrides.items():
-            setattr(cfg, k, v)
-    else:
-        cfg = preset(model.preset, **model.overrides)
-    if cfg.vocab_size < vocab_size:  # the embedding must cover every tokenizer id
-        if model.init_from:
-            raise ValueError(f"{model.init_from} has vocab_size {cfg.vocab_size} < tokenizer's {vocab_size}")
-        cfg.vocab_size = vocab_size
-    if not model.init_from and "vocab_size" not in model.overrides:
-        cfg.vocab_size = vocab_size
-    return cfg
-
-
-def build_model(model: ModelConfig, bert_config: BertConfig) -> BertForMaskedLM:
+def build_mlm_model(model: ModelConfig, bert_config: BertConfig) -> BertForMaskedLM:
+    """`init_from`'s MLM model, or fresh weights for `bert_config`."""
     if model.init_from:
         from bert_core.checkpoint import load_pretrained
 
@@ -172,123 +105,21 @@ def build_model(model: ModelConfig, bert_config: BertConfig) -> BertForMaskedLM:
     return m
 
 
-def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
-    """LR multiplier for optimizer step `step` (0-based): linear warmup, then decay to min_ratio."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if decay == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if decay == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return min_ratio + (1 - min_ratio) * (1 - progress)
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():  # tied weights appear once
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def disable_deepspeed_jit() -> None:
-    """Keep DeepSpeed from JIT-compiling its shm/ccl comm ops on init (~30 s, 1.5 GB on CPU).
-
-    `deepspeed.ops.__compatible_ops__` is a lazily probed dict (probing spawns compilers); setting
-    it before first access skips the probe too. Only deepspeed/comm reads it (0.19.8), and gloo /
-    nccl collectives work without those ops.
-    """
-    import deepspeed.ops as ops
-
-    compat = ops.__dict__.setdefault("__compatible_ops__", {})
-    compat["deepspeed_shm_comm"] = False
-    compat["deepspeed_ccl_comm"] = False
-
-
-def ds_config(train: TrainConfig, world_size: int) -> dict:
-    cfg = {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum,
-        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
-        "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": train.zero_stage},
-        "steps_per_print": 10 ** 9,  # we log ourselves
-        "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": True,  # torch AdamW: no FusedAdam/CPUAdam JIT build
-    }
-    if train.dtype == "bf16":
-        cfg["bf16"] = {"enabled": True}
-    elif train.dtype == "fp16":
-        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    return cfg
-
-
-def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int,
-                 param_groups: Optional[list[dict]] = None):
-    """The one place a model meets DeepSpeed (pretraining and fine-tuning alike). Returns the
-    engine (engine.module is the model). `param_groups` may carry per-group `lr` (layer-wise
-    decay); the schedule scales each group's own lr."""
-    import deepspeed
-
-    from bert_core.model import BertLMPredictionHead
-
-    disable_deepspeed_jit()
-    if train.zero_stage == 3:
-        # A tied MLM decoder reads the word-embedding weight outside the embedding module's
-        # forward; ZeRO-3 must know to gather it for the head too.
-        for head in model.modules():
-            if isinstance(head, BertLMPredictionHead):
-                deepspeed.zero.register_external_parameter(head, model.bert.embeddings.word_embeddings.weight)
-    optimizer = torch.optim.AdamW(param_groups or _param_groups(model, train.weight_decay), lr=train.lr,
-                                  betas=tuple(train.betas), eps=train.eps)
-
-    def schedule(opt):
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, train.warmup_steps, train.max_steps, train.decay, train.min_lr_ratio))
-
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=ds_config(train, world_size))
-    return engine
-
-
-# --------------------------------------------------------------------------------------------
-# Seeding: every draw is a function of the data position
-# --------------------------------------------------------------------------------------------
-
-
-def derive_seed(*key: int) -> int:
-    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def mlm_step_inputs(masker: Masker, input_ids: torch.Tensor, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return masker(input_ids.cpu(), generator=g)
-
-
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 
 
 def export_hf(engine, bert_config: BertConfig, path: str, tokenizer, rank: int, zero_stage: int) -> None:
-    """Write an HF BertForMaskedLM directory from the engine's weights (rank 0 writes).
+    """Write an HF BertForMaskedLM directory from the engine's weights (rank 0 writes; under
+    ZeRO-3 every rank must call it)."""
+    sd = gathered_state_dict(engine, rank, zero_stage)
+    if rank == 0:
+        from bert_core.checkpoint import save_pretrained
 
-    Under ZeRO-3 the weights are partitioned, so every rank must enter the gather.
-    """
-    import deepspeed
-
-    params = list(engine.module.parameters())
-    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else nullcontext()
-    with gather:
-        if rank == 0:
-            sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in engine.module.state_dict().items()}
-            from bert_core.checkpoint import save_pretrained
-
-            out = BertForMaskedLM(bert_config)
-            out.load_state_dict(sd)
-            save_pretrained(out, path, tokenizer=tokenizer)
+        out = BertForMaskedLM(bert_config)
+        out.load_state_dict(sd)
+        save_pretrained(out, path, tokenizer=tokenizer)
 
 
 def save_checkpoint(engine, state: dict, metrics: dict, bert_config: BertConfig, tokenizer, rank: int,
@@ -316,46 +147,13 @@ def load_checkpoint(engine, ckpt_dir: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# The loop
+# The MLM step and evaluation
 # --------------------------------------------------------------------------------------------
 
 
-class _MetricsFile:
-    def __init__(self, path: Optional[Path]):
-        self.path = path
-
-    def write(self, record: dict) -> None:
-        if self.path is None:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _all_reduce_sum(values: list[float], device) -> list[float]:
-    import torch.distributed as dist
-
-    # On the worker's device: NCCL (GPU workers) reduces CUDA tensors only.
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def worker_nodes() -> list[str]:
-    """The Ray node id of every rank, in rank order (a collective: every rank must call it)."""
-    import ray
-    import torch.distributed as dist
-
-    node = ray.get_runtime_context().get_node_id()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [node]
-    nodes: list = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, node)
-    return nodes
-
-
-def _forward_mlm(engine, masker: Masker, input_ids: torch.Tensor, seed: int, device) -> tuple:
-    """Loss (mean over masked tokens), number correct, number masked."""
+def forward_mlm(engine, masker: Masker, input_ids: torch.Tensor, seed: int, device) -> tuple:
+    """Loss (mean over masked tokens, a device tensor), number correct (a device tensor), number
+    masked (an int: masking runs on the CPU, so reading it costs no device sync)."""
     mb = mlm_step_inputs(masker, input_ids, seed)
     logits = engine(mb.input_ids.to(device), masked_index=mb.masked_index.to(device))  # (M, V)
     labels = mb.masked_labels.to(device)  # (M,)
@@ -364,197 +162,236 @@ def _forward_mlm(engine, masker: Masker, input_ids: torch.Tensor, seed: int, dev
     return loss, correct, labels.numel()
 
 
-def evaluate(engine, shard, masker: Masker, cfg: LoopConfig, rank: int, device) -> dict:
+def evaluate(engine, shard, masker: Masker, cfg: LoopConfig, rank: int, device,
+             beat: Optional[Heartbeat] = None) -> dict:
     """Validation loss / accuracy over this worker's whole val shard, summed over workers.
 
     Masking is seeded by (seed, rank, batch index), identical at every evaluation, so successive
     val numbers differ only by the weights.
     """
-    engine.eval()
-    loss_sum = correct = n = 0.0
-    with torch.no_grad():
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x masked, correct, masked
+    with evaluating(engine):
         for i, batch in enumerate(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size,
                                                            dtypes=torch.int64, device="cpu")):
-            loss, c, m = _forward_mlm(engine, masker, batch["input_ids"],
-                                      derive_seed(cfg.train.seed, 7, rank, i), device)
-            loss_sum += float(loss) * m
-            correct += float(c)
-            n += m
-    engine.train()
-    loss_sum, correct, n = _all_reduce_sum([loss_sum, correct, n], device)
+            if beat is not None:
+                beat.beat("eval")
+            loss, c, m = forward_mlm(engine, masker, batch["input_ids"], derive_seed(cfg.train.seed, 7, rank, i),
+                                     device)
+            sums[0] += loss.double() * m
+            sums[1] += c
+            sums[2] += m
+    loss_sum, correct, n = all_reduce_sum(sums, device)
     return {"val_loss": loss_sum / max(n, 1), "val_acc": correct / max(n, 1), "val_tokens": int(n)}
 
 
-def worker_context(use_gpu: bool) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this Ray Train worker."""
-    import ray.train
-
-    ctx = ray.train.get_context()
-    if use_gpu:
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cpu")
-    return ctx.get_world_rank(), ctx.get_world_size(), device
+# --------------------------------------------------------------------------------------------
+# The loop's parts: when to stop, what to log, where to resume
+# --------------------------------------------------------------------------------------------
 
 
-def torch_trainer(loop_fn, loop_config: dict, *, run_dir: Path, num_workers: int, use_gpu: bool,
-                  cpus_per_worker: float, max_failures: int, keep_last: int, datasets: dict,
-                  dataset_config=None):
-    """The TorchTrainer every training job runs under: one rank per worker (a GPU each with
-    `use_gpu`, NCCL; else gloo on CPU), checkpoints in `run_dir`, worker-group restarts on failure."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+@dataclass
+class StopPolicy:
+    """When this invocation ends: at `end` (max_steps, stop_at, steps_per_run past the resume
+    step), or when out of time (time_budget_s since the loop began, or too close to `deadline` to
+    train until the next check and still write two checkpoints)."""
 
-    return TorchTrainer(
-        loop_fn,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_last),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures)),
-        datasets=datasets,
-        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
-    )
+    end: int
+    time_budget_s: Optional[float] = None
+    deadline: Optional[float] = None
+    t_start: float = field(default_factory=time.time)
+    step_s: float = 0.0  # slowest seconds per step seen so far
+    save_s: float = 10.0  # slowest checkpoint write so far (a first guess until one is timed)
+
+    @classmethod
+    def for_invocation(cls, tc: TrainConfig, start_step: int) -> "StopPolicy":
+        end = min(tc.max_steps, tc.stop_at) if tc.stop_at is not None else tc.max_steps
+        if tc.steps_per_run is not None:
+            end = min(end, start_step + tc.steps_per_run)
+        return cls(end=end, time_budget_s=tc.time_budget_s, deadline=tc.deadline)
+
+    @property
+    def timed(self) -> bool:
+        return self.time_budget_s is not None or self.deadline is not None
+
+    def reached(self, step: int) -> bool:
+        return step >= self.end
+
+    def late(self, now: float, steps_to_next_check: int) -> bool:
+        """This rank's view; the loop all-reduces it so every rank stops at the same step."""
+        if self.time_budget_s is not None and now - self.t_start > self.time_budget_s:
+            return True
+        margin = steps_to_next_check * self.step_s + 2 * self.save_s
+        return self.deadline is not None and now + margin > self.deadline
 
 
-def publish_export(checkpoint: Optional[str], run_dir: Path) -> Optional[Path]:
-    """Copy a checkpoint's `hf/` export to `run_dir/export`, replacing the previous one whole."""
-    import shutil
+class MetricsWindow:
+    """Loss and accuracy sums since the last log step, kept on the device: adding a micro-batch
+    launches two tiny kernels and never waits for the device; `reduce` syncs once, over all ranks."""
 
-    if checkpoint is None or not Path(checkpoint, "hf").is_dir():
-        return None
-    export, tmp = run_dir / "export", run_dir / "export.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(Path(checkpoint, "hf"), tmp)
-    shutil.rmtree(export, ignore_errors=True)
-    tmp.rename(export)
-    return export
+    def __init__(self, device):
+        self.device = device
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x masked, correct, masked
+        self.steps, self.t0 = 0, time.time()
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, masked: int) -> None:
+        self.sums[0] += loss.detach().double() * masked
+        self.sums[1] += correct
+        self.sums[2] += masked
+
+    def reduce(self) -> tuple[float, float, float, int]:
+        """(mean loss, accuracy, seconds, steps) of the window over every rank; starts a new one."""
+        s, c, n = all_reduce_sum(self.sums, self.device)
+        seconds, steps = time.time() - self.t0, self.steps
+        self.sums.zero_()
+        self.steps, self.t0 = 0, time.time()
+        return s / max(n, 1), c / max(n, 1), max(seconds, 1e-9), steps
+
+
+def epoch_batches(shard, cfg: LoopConfig, epoch: int, skip: int):
+    """(index, micro-batch) of `epoch` in the deterministic order, after the first `skip` (those
+    consumed before the checkpoint this run resumed from)."""
+    tc = cfg.train
+    seen = 0
+    for i, batch in enumerate(shard.iter_torch_batches(
+            batch_size=tc.micro_batch_size, drop_last=True, dtypes=torch.int64, device="cpu",
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None,
+            local_shuffle_seed=derive_seed(tc.seed, 11, epoch) if cfg.data.shuffle_buffer_rows else None)):
+        seen += 1
+        if i >= skip:
+            yield i, batch
+    if seen == 0:
+        raise RuntimeError("the train dataset gave this worker no full micro-batch; "
+                           "use more data, a smaller micro_batch_size or fewer workers")
+
+
+def _eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-
     cfg = LoopConfig.from_dict(config)
-    tc = cfg.train
-    rank, world, device = worker_context(cfg.use_gpu)
+    wc = worker_context(cfg.use_gpu, cfg.torch_threads)
     run_dir = Path(cfg.run_dir)
+    lead = wc.rank == 0
+    tc = cfg.train
+    beat = Heartbeat(run_dir / "heartbeat.json" if lead and tc.stall_timeout_s else None,
+                     heartbeat_interval(tc.stall_timeout_s))
+    log = MetricsWriter(run_dir / "metrics.jsonl" if lead else None)
+    try:
+        _train(cfg, wc, beat, log)
+    finally:
+        log.close()
+        beat.close()
+
+
+def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWriter) -> None:
+    import ray.train
 
     from bert_core.tokenizer import load_tokenizer
 
+    tc, rank, world, device = cfg.train, wc.rank, wc.world, wc.device
+    run_dir = Path(cfg.run_dir)
     tokenizer = load_tokenizer(cfg.tokenizer)
     masker = Masker.from_tokenizer(tokenizer, cfg.data.masking)
     bert_config = build_bert_config(cfg.model, len(tokenizer))
     torch.manual_seed(tc.seed)  # identical fresh weights on every rank
-    model = build_model(cfg.model, bert_config)
-    engine = build_engine(model, tc, world)
+    engine = build_engine(build_mlm_model(cfg.model, bert_config), tc, world)
 
     state = {"step": 0, "epoch": 0, "consumed": 0}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = load_checkpoint(engine, d)
-    log = _MetricsFile(run_dir / "metrics.jsonl" if rank == 0 else None)
+    beat.step = state["step"]
+    # MFU is quoted against the sum of the workers' measured (or configured) peaks.
+    peak = all_reduce_sum([tc.peak_flops_per_worker or peak_flops(run_dir, device, tc.dtype, wc.threads)],
+                          device)[0]
     log.write({"event": "resume" if ckpt is not None else "start", "step": state["step"],
                "epoch": state["epoch"], "consumed": state["consumed"], "world_size": world,
-               "nodes": worker_nodes(), "time": time.time()})
+               "nodes": worker_nodes(), "threads": wc.threads, "device": device_name(device),
+               "peak_flops": peak, "time": time.time()})
 
-    seq_len = cfg.data.seq_len
-    end = min(tc.max_steps, tc.stop_at) if tc.stop_at is not None else tc.max_steps
-    if tc.steps_per_run is not None:
-        end = min(end, state["step"] + tc.steps_per_run)
-    peak = tc.peak_flops_per_worker or DEFAULT_PEAK_FLOPS.get(("gpu" if cfg.use_gpu else "cpu", tc.dtype), 0.0)
-    flops_per_token = mlm_flops_per_token(bert_config, seq_len, cfg.data.masking.mlm_probability)
-    tokens_per_step = tc.micro_batch_size * seq_len * tc.grad_accum * world
+    policy = StopPolicy.for_invocation(tc, state["step"])
+    flops_per_token = mlm_flops_per_token(bert_config, cfg.data.seq_len, cfg.data.masking.mlm_probability)
+    tokens_per_step = tc.micro_batch_size * cfg.data.seq_len * tc.grad_accum * world
     train_shard = ray.train.get_dataset_shard("train")
     try:
         val_shard = ray.train.get_dataset_shard("val")
     except KeyError:
         val_shard = None
 
-    t_start = time.time()
-    t_log, steps_since_log = time.time(), 0
-    step_s, save_s = 0.0, 10.0  # slowest step / checkpoint write so far (a first guess for the write)
-    t_step = time.time()
-    acc_loss = acc_correct = acc_n = 0.0
-    last_saved = state["step"] if ckpt is not None else -1
-    step = state["step"]
+    window = MetricsWindow(device)
+    step = first_step = state["step"]
+    last_saved = step if ckpt is not None else -1
     engine.train()
-    done = step >= end
+    done = policy.reached(step)
     while not done:
-        epoch, skip = state["epoch"], state["consumed"]
-        batches = train_shard.iter_torch_batches(
-            batch_size=tc.micro_batch_size, drop_last=True, dtypes=torch.int64, device="cpu",
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None,
-            local_shuffle_seed=derive_seed(tc.seed, 11, epoch) if cfg.data.shuffle_buffer_rows else None)
-        seen = 0
-        for i, batch in enumerate(batches):
-            seen += 1
-            if i < skip:  # consumed before the checkpoint we resumed from
-                continue
+        epoch = state["epoch"]
+        beat.beat("data")
+        for i, batch in epoch_batches(train_shard, cfg, epoch, state["consumed"]):
+            beat.beat("step")
             seed = derive_seed(tc.seed, rank, epoch, i)
             torch.manual_seed(derive_seed(seed, 1))  # dropout
-            loss, correct, m = _forward_mlm(engine, masker, batch["input_ids"], seed, device)
+            loss, correct, masked = forward_mlm(engine, masker, batch["input_ids"], seed, device)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
             engine.step()
             state["consumed"] = i + 1
-            acc_loss += float(loss.detach()) * m
-            acc_correct += float(correct)
-            acc_n += m
+            window.add(loss, correct, masked)
             if not boundary:
+                beat.beat("data")
                 continue
             step += 1
-            steps_since_log += 1
+            window.steps += 1
             state["step"] = step
+            beat.beat("step", step)
+            log_now = step % tc.log_every == 0 or policy.reached(step)
+            stop = policy.reached(step)
+            if policy.timed and (log_now or step == first_step + 1):
+                if step == first_step + 1:  # first step: its wall time is the only estimate yet
+                    policy.step_s = max(policy.step_s, time.time() - policy.t_start)
+                stop |= all_reduce_sum([float(policy.late(time.time(), tc.log_every))], device)[0] > 0
             metrics = {}
-            if step % tc.log_every == 0 or step == end:
-                s, c, n = _all_reduce_sum([acc_loss, acc_correct, acc_n], device)
-                dt = time.time() - t_log
-                tps = tokens_per_step * steps_since_log / max(dt, 1e-9)
-                metrics = {"step": step, "epoch": epoch, "loss": s / max(n, 1), "mlm_acc": c / max(n, 1),
+            if log_now or stop:
+                loss_mean, acc, seconds, steps = window.reduce()
+                policy.step_s = max(policy.step_s, seconds / steps)
+                tps = tokens_per_step * steps / seconds
+                metrics = {"step": step, "epoch": epoch, "loss": loss_mean, "mlm_acc": acc,
                            "lr": engine.get_lr()[0], "tokens_per_s": tps,
-                           "mfu": tps * flops_per_token / (peak * world) if peak else None,
+                           "mfu": tps * flops_per_token / peak, "peak_flops": peak,
                            "tokens": step * tokens_per_step, "time": time.time()}
-                acc_loss = acc_correct = acc_n = 0.0
-                t_log, steps_since_log = time.time(), 0
-            if val_shard is not None and (step % tc.eval_every == 0 or step == end):
-                metrics.update(step=step, **evaluate(engine, val_shard, masker, cfg, rank, device))
-            out_of_time = False
-            step_s = max(step_s, time.time() - t_step)
-            if tc.time_budget_s is not None or tc.deadline is not None:
-                late = tc.time_budget_s is not None and time.time() - t_start > tc.time_budget_s
-                # Stop while there is still time for another step and two checkpoint writes.
-                late |= tc.deadline is not None and time.time() + 2 * (step_s + save_s) > tc.deadline
-                out_of_time = _all_reduce_sum([float(late)], device)[0] > 0
-            stop = step >= end or out_of_time
+                if rank == 0:
+                    print(f"[raybert] step {step}/{policy.end} loss {loss_mean:.4f} {tps:,.0f} tokens/s "
+                          f"mfu {metrics['mfu']:.1%} eta {_eta((policy.end - step) * seconds / steps)}",
+                          flush=True)
+            if val_shard is not None and (step % tc.eval_every == 0 or policy.reached(step)):
+                metrics.update(step=step, **evaluate(engine, val_shard, masker, cfg, rank, device, beat))
             if metrics:
                 log.write(metrics)
             if step % tc.save_every == 0 or stop:
+                beat.beat("checkpoint")
                 t_save = time.time()
                 save_checkpoint(engine, dict(state), metrics or {"step": step}, bert_config, tokenizer,
                                 rank, tc.zero_stage)
-                save_s = max(save_s, time.time() - t_save)
+                policy.save_s = max(policy.save_s, time.time() - t_save)
                 last_saved = step
-            elif metrics:
-                ray.train.report(metrics)
-            _maybe_kill(tc, rank, step, run_dir)
-            t_step = time.time()
+            _fault_drill(cfg.fault, rank, step, run_dir, beat)
             if stop:
                 done = True
                 break
+            beat.beat("data")
         else:
-            if seen == 0:
-                raise RuntimeError("the train dataset gave this worker no full micro-batch; "
-                                   "use more data, a smaller micro_batch_size or fewer workers")
             state["epoch"], state["consumed"] = state["epoch"] + 1, 0
             log.write({"event": "epoch_end", "epoch": epoch, "step": step})
     if last_saved != step:  # nothing to run (already at the end): still leave a checkpoint
+        beat.beat("checkpoint")
         save_checkpoint(engine, dict(state), {"step": step}, bert_config, tokenizer, rank, tc.zero_stage)
     log.write({"event": "end", "step": step, "time": time.time()})
     # ZeRO-3 with gloo can abort in destroy_process_group at exit unless the engine lets go first.
@@ -563,16 +400,23 @@ def train_loop_per_worker(config: dict) -> None:
     gc.collect()
 
 
-def _maybe_kill(tc: TrainConfig, rank: int, step: int, run_dir: Path) -> None:
-    if tc.kill_at_step is None or step != tc.kill_at_step or rank != (tc.kill_rank or 0):
-        return
-    marker = run_dir / f"fault_drill_rank{rank}_step{step}.done"
-    if marker.exists():
-        return
-    marker.write_text(f"killed at step {step}, pid {os.getpid()}, time {time.time()}\n")
-    # Ray Train registers a checkpoint only once the controller has polled every rank's report of
-    # it (one poll per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A rank that dies before that poll takes
-    # the other ranks' unpolled reports with it, and the restart falls back to the checkpoint
-    # before. The drill waits out two polls so that "latest checkpoint" is well defined.
-    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1)
-    os.kill(os.getpid(), signal.SIGKILL)
+def _fault_drill(fault: FaultDrill, rank: int, step: int, run_dir: Path, beat: Heartbeat) -> None:
+    """Once per run dir (a marker file records it): SIGKILL rank `kill_rank` after `kill_at_step`,
+    or hang rank 0 after `stall_at_step` (showing phase "step" to the watchdog)."""
+    if fault.kill_at_step == step and rank == (fault.kill_rank or 0):
+        marker = run_dir / f"fault_drill_rank{rank}_step{step}.done"
+        if not marker.exists():
+            marker.write_text(f"killed at step {step}, pid {os.getpid()}, time {time.time()}\n")
+            # Ray Train registers a checkpoint only once the controller has polled every rank's
+            # report of it (one poll per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A rank that dies before
+            # that poll takes the other ranks' unpolled reports with it, and the restart falls back
+            # to the checkpoint before. The drill waits out two polls so that "latest checkpoint" is
+            # well defined.
+            time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1)
+            os.kill(os.getpid(), signal.SIGKILL)
+    if fault.stall_at_step == step and rank == 0:
+        marker = run_dir / f"fault_drill_stall_step{step}.done"
+        if not marker.exists():
+            marker.write_text(f"stalled at step {step}, pid {os.getpid()}, time {time.time()}\n")
+            beat.beat("step")
+            threading.Event().wait()  # forever: only the watchdog ends this

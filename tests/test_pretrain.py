@@ -14,8 +14,8 @@ from bert_core.masking import Masker, MaskingConfig
 from bert_core.tokenizer import load_tokenizer
 from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
 from pipelines.pretrain_data import is_val, resolve_paths, tokenize_and_pack, write_corpus
-from pipelines.train import (LoopConfig, ModelConfig, TrainConfig, build_bert_config, ds_config,
-                             lr_factor)
+from pipelines.train import LoopConfig
+from pipelines.worker import FaultDrill, ModelConfig, TrainConfig, build_bert_config, ds_config, lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,9 +109,10 @@ def test_loop_config_round_trips_through_a_dict():
     from pipelines.pretrain_data import DataConfig
 
     cfg = LoopConfig(run_dir="/r", tokenizer="/t", data=DataConfig(paths=["/x"], masking=MaskingConfig(whole_word=True)),
-                     train=TrainConfig(zero_stage=2))
+                     train=TrainConfig(zero_stage=2, stall_timeout_s=30.0), torch_threads=3,
+                     fault=FaultDrill(kill_rank=1, kill_at_step=5))
     again = LoopConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
-    assert again == cfg
+    assert again == cfg and again.fault.kill_at_step == 5 and again.torch_threads == 3
 
 
 def test_presets_yaml_and_flags_layer_in_order(tmp_path):
@@ -229,14 +230,15 @@ def test_engine_in_one_process_accumulates_clips_and_checkpoints_activations():
     import torch.distributed as dist
 
     from bert_core.model import preset
-    from pipelines.train import build_engine, build_model
+    from pipelines.train import build_mlm_model
+    from pipelines.worker import build_engine
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         mc = ModelConfig(preset="debug", activation_checkpointing=True)
-        model = build_model(mc, preset("debug", vocab_size=128))
+        model = build_mlm_model(mc, preset("debug", vocab_size=128))
         assert model.bert.encoder.gradient_checkpointing
         tc = TrainConfig(max_steps=10, micro_batch_size=4, grad_accum=2, zero_stage=0, lr=1e-3, warmup_steps=4)
         engine = build_engine(model, tc, 1)
@@ -255,3 +257,10 @@ def test_engine_in_one_process_accumulates_clips_and_checkpoints_activations():
         engine.destroy()
     finally:
         dist.destroy_process_group()
+        # DeepSpeed caches the process group and its world group per process; forget them, so a
+        # later one-process engine in this pytest process (test_finetune_units) starts clean.
+        import deepspeed.comm.comm as ds_comm
+        import deepspeed.utils.groups as ds_groups
+
+        ds_comm.cdb = None
+        ds_groups._WORLD_GROUP = None

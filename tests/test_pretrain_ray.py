@@ -132,12 +132,15 @@ def test_resume_is_exact(straight, corpus, tmp_path):
 
 
 @pytest.mark.timeout(400)
-def test_killed_worker_resumes_from_latest_checkpoint(straight, corpus, tmp_path):
+def test_killed_worker_resumes_from_latest_checkpoint(straight, corpus, tmp_path, monkeypatch):
     """Acceptance 6: rank 1 is SIGKILLed right after step 15; Ray Train restarts the worker group
     (FailureConfig), which resumes from checkpoint 10 and finishes, identical to the straight run."""
+    from pipelines.worker import FAULT_DRILL_ENV
+
     straight_dir, _ = straight
     run_dir = tmp_path / "run"
-    cfg = _cfg(run_dir, corpus, kill_rank=1, kill_at_step=15)
+    monkeypatch.setenv(FAULT_DRILL_ENV, json.dumps({"kill_rank": 1, "kill_at_step": 15}))
+    cfg = _cfg(run_dir, corpus)
     cfg.scaling.max_failures = 2
     result = main(cfg)
     assert (run_dir / "fault_drill_rank1_step15.done").is_file()

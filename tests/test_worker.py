@@ -1,0 +1,248 @@
+"""The worker toolkit (pipelines/worker.py) and the pretraining loop's parts: threads from held
+CPUs, the background metrics writer, the heartbeat and the driver's stall watchdog, the measured
+MFU peak, the stop policy and the on-device metrics window. The last two tests run the real job on
+a 2-CPU Ray: one worker holding 1.5 CPUs trains on 2 threads with an honest MFU, and a stalled
+rank ends the job with TrainingStalled, a kept checkpoint and a `failed` ledger record."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.train import MetricsWindow, StopPolicy
+from pipelines.worker import (FAULT_DRILL_ENV, FaultDrill, Heartbeat, MetricsWriter, TrainConfig,
+                              TrainingStalled, fit_with_watchdog, peak_flops, torch_threads_for)
+
+
+def test_threads_follow_the_cpus_held_rounded_up():
+    assert [torch_threads_for(c) for c in (0.0, 0.5, 1.0, 1.5, 2.0, 7.25)] == [1, 1, 1, 2, 2, 8]
+    assert torch_threads_for(1.5, override=1) == 1
+    with pytest.raises(ValueError, match="torch_threads"):
+        torch_threads_for(2.0, override=0)
+
+
+def test_metrics_writer_appends_in_order_from_its_thread(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "start"}\n')  # a previous invocation's lines are kept
+    log = MetricsWriter(path)
+    for i in range(200):
+        log.write({"step": i})
+    log.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines[0] == {"event": "start"} and [x["step"] for x in lines[1:]] == list(range(200))
+    MetricsWriter(None).write({"step": 1})  # ranks > 0: a no-op, no file
+
+
+def test_heartbeat_publishes_step_and_phase(tmp_path):
+    path = tmp_path / "heartbeat.json"
+    hb = Heartbeat(path, interval_s=0.1)
+    first = json.loads(path.read_text())
+    assert (first["step"], first["phase"], first["stepped"]) == (0, "starting", False)
+    hb.beat("data")
+    hb.beat("step", 3)
+    hb.beat("checkpoint")
+    time.sleep(0.5)
+    hb.close()
+    last = json.loads(path.read_text())
+    assert (last["step"], last["phase"], last["ticks"], last["stepped"]) == (3, "checkpoint", 3, True)
+    assert [p.name for p in tmp_path.iterdir()] == ["heartbeat.json"]  # no temp files left
+
+
+class _BlockingTrainer:
+    """fit() blocks like a hung Ray Train run (until interrupted), or returns `result`; with
+    `heartbeat`, rank 0 writes that one heartbeat as the run starts, then nothing more."""
+
+    def __init__(self, seconds: float = 60, result=None, heartbeat: tuple = ()):
+        self.seconds, self.result, self.heartbeat = seconds, result, heartbeat
+
+    def fit(self):
+        if self.heartbeat:
+            _write_heartbeat(*self.heartbeat[:1], **self.heartbeat[1])
+        end = time.monotonic() + self.seconds
+        while time.monotonic() < end:
+            time.sleep(0.05)
+        return self.result
+
+
+def _write_heartbeat(run_dir: Path, **fields) -> None:
+    (run_dir / "heartbeat.json").write_text(json.dumps({"time": time.time(), "ticks": 1, **fields}))
+
+
+@pytest.mark.timeout(60)
+def test_watchdog_names_workers_when_no_heartbeat_ever_appears(tmp_path):
+    # A previous invocation's heartbeat (older than this fit) must not count as a live worker.
+    (tmp_path / "heartbeat.json").write_text(json.dumps({"time": time.time() - 3600, "step": 9, "phase": "step"}))
+    before = signal.getsignal(signal.SIGINT)
+    t = time.monotonic()
+    with pytest.raises(TrainingStalled) as e:
+        fit_with_watchdog(_BlockingTrainer(), tmp_path, stall_timeout_s=1.0, startup_s=2.0)
+    assert 2.0 <= time.monotonic() - t < 10
+    assert e.value.stage == "workers" and e.value.step is None
+    assert "no worker ever started" in str(e.value) and "resources" in str(e.value)
+    assert isinstance(e.value, RuntimeError)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.timeout(60)
+def test_watchdog_names_the_stage_a_started_run_is_stuck_in(tmp_path):
+    trainer = _BlockingTrainer(heartbeat=(tmp_path, dict(step=7, phase="data", stepped=True)))
+    with pytest.raises(TrainingStalled) as e:
+        fit_with_watchdog(trainer, tmp_path, stall_timeout_s=1.5, startup_s=30.0)
+    assert e.value.stage == "data" and e.value.step == 7 and e.value.waited_s >= 1.5
+    msg = str(e.value)
+    assert "stuck in 'data' after step 7" in msg and "Ray Data" in msg
+
+
+@pytest.mark.timeout(60)
+def test_watchdog_lets_a_progressing_or_finished_fit_through(tmp_path):
+    assert fit_with_watchdog(_BlockingTrainer(0.1, result="done"), tmp_path, 1.0, startup_s=1.0) == "done"
+    assert fit_with_watchdog(_BlockingTrainer(0.1, result="off"), tmp_path, None) == "off"
+
+    class Progressing(_BlockingTrainer):
+        def fit(self):  # a step every 0.3 s for 4 s, with a 1 s timeout
+            for step in range(1, 14):
+                _write_heartbeat(tmp_path, step=step, phase="step", stepped=True)
+                time.sleep(0.3)
+            return "trained"
+
+    assert fit_with_watchdog(Progressing(), tmp_path, stall_timeout_s=1.0, startup_s=1.0) == "trained"
+
+
+def test_fault_drill_comes_from_the_environment_only(monkeypatch):
+    assert "kill_rank" not in TrainConfig.__dataclass_fields__
+    monkeypatch.delenv(FAULT_DRILL_ENV, raising=False)
+    assert FaultDrill.from_env() == FaultDrill()
+    monkeypatch.setenv(FAULT_DRILL_ENV, json.dumps({"stall_at_step": 4}))
+    assert FaultDrill.from_env().stall_at_step == 4
+
+
+def test_peak_flops_is_measured_once_then_read_from_the_run_dir(tmp_path, monkeypatch):
+    import pipelines.worker as w
+
+    peak = peak_flops(tmp_path, torch.device("cpu"), "fp32", torch.get_num_threads())
+    assert 1e9 < peak < 1e14  # a CPU: between 1 GFLOP/s and 100 TFLOP/s
+    (key, cached), = json.loads((tmp_path / "peak_flops.json").read_text()).items()
+    assert cached == peak and key.endswith(f"|fp32|{torch.get_num_threads()}")
+
+    def fail(*_):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(w, "measure_peak_flops", fail)
+    assert peak_flops(tmp_path, torch.device("cpu"), "fp32", torch.get_num_threads()) == peak
+
+
+def test_stop_policy_ends_at_the_first_limit():
+    tc = TrainConfig(max_steps=100, stop_at=80, steps_per_run=30)
+    assert StopPolicy.for_invocation(tc, 20).end == 50
+    assert StopPolicy.for_invocation(tc, 60).end == 80
+    assert not StopPolicy.for_invocation(TrainConfig(max_steps=100), 0).timed
+    now = time.time()
+    budget = StopPolicy(end=100, time_budget_s=10, t_start=now - 11)
+    assert budget.timed and budget.late(now, 5)
+    deadline = StopPolicy(end=100, deadline=now + 30, step_s=1.0, save_s=5.0)
+    assert not deadline.late(now, 10)  # 10 steps + 2 saves = 20 s < 30 s
+    assert deadline.late(now, 25)  # 35 s > 30 s
+
+
+def test_metrics_window_sums_on_the_device_and_resets():
+    w = MetricsWindow(torch.device("cpu"))
+    w.add(torch.tensor(2.0), torch.tensor(3), 4)
+    w.add(torch.tensor(1.0), torch.tensor(1), 4)
+    w.steps = 2
+    loss, acc, seconds, steps = w.reduce()
+    assert loss == pytest.approx(1.5) and acc == pytest.approx(0.5) and steps == 2 and seconds > 0
+    assert w.sums.tolist() == [0.0, 0.0, 0.0] and w.steps == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The real job on a 2-CPU Ray
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fast_poll(monkeypatch):
+    """The Train controller polls every 0.5 s instead of 2 s (set before Ray starts)."""
+    import ray.data
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    ctx = ray.data.DataContext.get_current()
+    old = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
+    yield
+    ctx.enable_progress_bars = old
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    from pipelines.corpora import peoples_daily_sentences
+    from pipelines.pretrain_data import write_corpus
+
+    return write_corpus(peoples_daily_sentences()[:420], str(tmp_path_factory.mktemp("corpus") / "zh"),
+                        rows_per_file=140)
+
+
+def _one_worker(run_dir: Path, corpus: str, **train):
+    from jobs.pretrain import preset_config
+    from pipelines.corpora import chinese_vocab_path
+
+    cfg = preset_config("debug")
+    cfg.run_dir = str(run_dir)
+    cfg.data.paths = [corpus]
+    cfg.data.tokenizer = str(chinese_vocab_path())
+    cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.max_failures = 1, 1.5, 0
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+@pytest.mark.timeout(300)
+def test_one_worker_holding_1_5_cpus_trains_on_2_threads_with_an_honest_mfu(fast_poll, ray_local, corpus,
+                                                                             tmp_path):
+    from bert_core.model import mlm_flops_per_token, preset
+    from jobs.pretrain import main, read_metrics
+
+    assert ray_local.cluster_resources()["CPU"] == 2
+    run_dir = tmp_path / "run"
+    cfg = _one_worker(run_dir, corpus, max_steps=12, log_every=3, eval_every=12, save_every=12)
+    result = main(cfg)
+    assert result.metrics["step"] == 12
+    records = read_metrics(run_dir)
+    (start,) = [r for r in records if r.get("event") == "start"]
+    assert start["threads"] == 2 and start["world_size"] == 1
+    logged = [r for r in records if "mfu" in r]
+    assert [r["step"] for r in logged] == [3, 6, 9, 12]
+    peaks = json.loads((run_dir / "peak_flops.json").read_text())
+    (key, measured), = peaks.items()
+    assert key.endswith("|fp32|2")
+    fpt = mlm_flops_per_token(preset("debug", vocab_size=21128), cfg.data.seq_len, 0.15)
+    for r in logged:
+        assert r["peak_flops"] == pytest.approx(measured) == start["peak_flops"]
+        assert 0 < r["mfu"] < 1.0
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / r["peak_flops"], rel=0.15)
+
+
+@pytest.mark.timeout(420)
+def test_watchdog_ends_a_stalled_run_keeping_its_checkpoint(fast_poll, ray_local, corpus, tmp_path, monkeypatch):
+    """Rank 0 hangs after step 10 (and its checkpoint): the job ends with TrainingStalled at stage
+    "step" within the timeout plus a few polls, checkpoint 10 is on disk, and the ledger says failed."""
+    from jobs.pretrain import main
+    from jobs.schedule import latest_step
+
+    monkeypatch.setenv(FAULT_DRILL_ENV, json.dumps({"stall_at_step": 10}))
+    run_dir = tmp_path / "run"
+    cfg = _one_worker(run_dir, corpus, max_steps=40, log_every=5, eval_every=100, save_every=10,
+                      stall_timeout_s=15.0)
+    with pytest.raises(TrainingStalled) as e:
+        main(cfg)
+    assert e.value.stage == "step" and e.value.step == 10
+    assert 15 <= e.value.waited_s < 30
+    assert "after step 10" in str(e.value)
+    assert (run_dir / "fault_drill_stall_step10.done").is_file()
+    assert (run_dir / "checkpoint_00000010" / "raybert_state.json").is_file() and latest_step(run_dir) == 10
+    ledger = [json.loads(x) for x in (run_dir / "runs.jsonl").read_text().splitlines()]
+    assert ledger[-1]["status"] == "failed" and "TrainingStalled" in ledger[-1]["error"]

@@ -4,7 +4,11 @@ Contract: `main(cfg: ScoreConfig) -> ScoreResult` connects to Ray (`--address`/`
 an embedded local Ray that it shuts down after), runs pipelines.scoring.score, prints the summary
 line (rows, error rows, tokens, tokens/s, output path) and returns it. Rerunning the same
 command after a crash resumes; after success it reports the finished run (`overwrite: true` to
-redo). The click command only parses flags, loads the YAML config and calls `main`.
+redo). Before the lock or Ray, `pipelines.scoring.preflight` checks the model, tokenizer, inputs
+and output, creating nothing if it refuses. A run holds `output_lock` for its whole life: a second
+run on the same output is refused with `RunLocked` (CLI exit status 75, EX_TEMPFAIL). The click
+command only parses flags, loads the YAML config and calls `main`; a bad config or input is one
+`Error:` line, exit status 1 (2 for a bad flag).
 """
 
 from __future__ import annotations
@@ -66,38 +70,51 @@ def validate(cfg: ScoreConfig) -> None:
         raise ValueError(f"score: dtype must be one of {DTYPES}, got {cfg.dtype!r}")
     if cfg.max_tokens < 1 or cfg.batch_size < 1 or cfg.max_length < 3:
         raise ValueError("score: max_tokens and batch_size must be >= 1, max_length >= 3")
+    if cfg.resources.num_actors is not None and cfg.resources.num_actors < 1:
+        raise ValueError(f"score: resources.num_actors must be >= 1 (leave it unset for one per GPU, else one "
+                         f"per 2 CPUs), got {cfg.resources.num_actors}")
 
 
-def _max_length(cfg: ScoreConfig) -> int:
-    """cfg.max_length, capped by the model's position table."""
-    import json
+def output_lock(output: str):
+    """The exclusive lock a run holds on its output: a `flock` on `<output>.lock`, beside the
+    output since overwrite deletes the output dir. A second run on the same output is refused
+    (`RunLocked`, CLI exit 75) instead of writing every row twice. flock needs a local or NFS
+    path: for an object-store URI there is nothing to lock, so we warn and go on (keep the
+    scheduler from overlapping such runs)."""
+    import contextlib
+    import logging
     import os
 
-    path = os.path.join(cfg.model, "config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return min(cfg.max_length, int(json.load(f).get("max_position_embeddings", cfg.max_length)))
-    return cfg.max_length
+    from jobs.schedule import RunLock
+
+    if "://" in output:
+        logging.getLogger(__name__).warning("%s: an object-store output can't be locked; make sure no other "
+                                            "run writes it at the same time", output)
+        return contextlib.nullcontext()
+    return RunLock(lock_file=os.path.abspath(output.rstrip("/")) + ".lock", subject=f"output {output}")
 
 
 def main(cfg: ScoreConfig):
     """Run the scoring job; returns pipelines.scoring.ScoreResult and prints its summary line."""
     validate(cfg)
+    from pipelines.scoring import preflight, score
+
+    common = dict(inputs=cfg.input, output=cfg.output, model=cfg.model, task=cfg.task,
+                  text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, id_column=cfg.id_column,
+                  checkpoint_dir=cfg.checkpoint_dir, overwrite=cfg.overwrite, tokenizer=cfg.tokenizer)
+    # Bad inputs are refused here, before the lock file or Ray exist; score() checks again under
+    # the lock, since the output may have changed in between.
+    max_length = min(cfg.max_length, preflight(**common).model_config.max_position_embeddings)
     from jobs.ray_env import ray_session
-    from pipelines.scoring import score
 
     r = cfg.resources
-    with ray_session(cfg.address):
-        result = score(inputs=cfg.input, output=cfg.output, model=cfg.model, task=cfg.task,
-                       text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,
-                       id_column=cfg.id_column, max_length=_max_length(cfg), max_tokens=cfg.max_tokens,
+    with output_lock(cfg.output), ray_session(cfg.address):
+        result = score(**common, max_length=max_length, max_tokens=cfg.max_tokens,
                        batch_size=cfg.batch_size, max_batch_rows=cfg.max_batch_rows, dtype=cfg.dtype,
                        pooling=cfg.pooling, normalize=cfg.normalize, top_k=cfg.top_k,
                        num_actors=r.num_actors, actor_num_cpus=r.actor_num_cpus, task_num_cpus=r.task_num_cpus,
                        torch_threads=r.torch_threads, device=r.device, max_restarts=r.max_restarts,
-                       max_task_retries=r.max_task_retries, task_max_retries=r.task_max_retries,
-                       checkpoint_dir=cfg.checkpoint_dir, overwrite=cfg.overwrite, tokenizer=cfg.tokenizer,
-                       head=cfg.head)
+                       max_task_retries=r.max_task_retries, task_max_retries=r.task_max_retries, head=cfg.head)
     print(result.line(), flush=True)
     return result
 
@@ -111,7 +128,7 @@ def main(cfg: ScoreConfig):
               help="YAML file of ScoreConfig fields; flags override it.")
 @click.option("--max-tokens", type=int, help="Token budget per forward pass (rows x longest row).")
 @click.option("--batch-size", type=int, help="Rows per block, sorted by length within it.")
-@click.option("--num-actors", type=int, help="Predictor actors (default: one per GPU, else per 2 CPUs).")
+@click.option("--num-actors", type=click.IntRange(min=1), help="Predictor actors (default: one per GPU, else per 2 CPUs).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="fp16 needs a GPU.")
 @click.option("--head", help="Task head of a multi-task checkpoint (default: its primary task).")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
@@ -121,14 +138,18 @@ def score(input, output, model, task, config_path, max_tokens, batch_size, num_a
     INPUT and OUTPUT may instead come from the --config file (as under `ray job submit ... --
     python -m jobs.score --config FILE`)."""
     from jobs.config import load_config
+    from jobs.schedule import EXIT_LOCKED, RunLocked
 
-    cfg = load_config(ScoreConfig, config_path, {
-        "input": input, "output": output, "model": model, "task": task, "max_tokens": max_tokens,
-        "batch_size": batch_size, "resources.num_actors": num_actors, "dtype": dtype, "head": head,
-        "address": address})
     try:
-        main(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        main(load_config(ScoreConfig, config_path, {
+            "input": input, "output": output, "model": model, "task": task, "max_tokens": max_tokens,
+            "batch_size": batch_size, "resources.num_actors": num_actors, "dtype": dtype, "head": head,
+            "address": address}))
+    except RunLocked as e:  # another run holds the output: "skipped, try later", not "failed"
+        err = click.ClickException(str(e))
+        err.exit_code = EXIT_LOCKED
+        raise err from e
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # a config, data or model problem
         raise click.ClickException(str(e)) from e
 
 

@@ -6,7 +6,14 @@ Contract:
   unreadable/corrupt or lacks a needed column (the message lists the columns present). It
   returns the file list, the expected row count and whether ids come from the data or are made
   from file + row index.
-- `score(...)` builds and runs the Ray Data program:
+- `preflight(...)` runs every check that needs no cluster, reading only, so a refused invocation
+  changes nothing on disk: the model (`bert_core.check_checkpoint`: BERT config, weights open)
+  and its tokenizer load; the inputs (`plan_inputs`; an object store that can't be reached is an
+  error naming the URI); the output and checkpoint dir are not existing files, can be created, and
+  overlap neither each other nor any input (equal, or one inside the other). With overwrite, the
+  output must be ours (our manifest or checkpoint dir exists, or it is empty) and the checkpoint
+  dir must hold only Ray Data checkpoint files: overwrite never deletes anything else.
+- `score(...)` runs `preflight` again, then builds and runs the Ray Data program:
   `read_parquet(files, only the needed columns, include_row_hash)` -> `repartition` into blocks
   of `batch_size` rows (streaming) -> `map_batches(tokenize_batch)` (stateless CPU tasks) ->
   `map_batches(Predictor, compute=ActorPoolStrategy(size=n))` -> `write_parquet(output)`.
@@ -21,6 +28,9 @@ Contract:
   the output (`<output>.checkpoint` by default, which must be shared storage on a cluster). On
   success we write `<output>/_SUCCESS.json` (the summary; Parquet readers skip `_` files) and
   delete the checkpoint; a rerun of a finished job reports the manifest and does nothing.
+  Runs must not overlap on one output (jobs.score locks `<output>.lock`); if writers did overlap,
+  the output holds rows twice, and a rerun repairs it (`repair_duplicates`: one row per
+  `row_hash`, after Ray has dropped uncommitted files and before the row count is checked).
 - Fault tolerance: predictor actors restart (`max_restarts`) and their in-flight tasks are
   retried (`max_task_retries`); tasks retry (`max_retries`).
 - CPU-only clusters: actors hold logical CPUs for their whole life, so on a small machine an
@@ -32,6 +42,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -68,6 +79,19 @@ def _is_uri(p: str) -> bool:
     return "://" in p
 
 
+@contextlib.contextmanager
+def _store(uri: str):
+    """Turn pyarrow's failure to reach an object store (no network, no credentials, a bad
+    bucket) into an error that names the URI, instead of a pyarrow traceback."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as e:
+        if not _is_uri(uri):
+            raise
+        raise ValueError(f"{uri}: the store could not be reached ({type(e).__name__}: {e}); check the URI, "
+                         f"the network and the credentials") from None
+
+
 def _expand(inputs: list[str]) -> tuple[list[str], dict[str, str]]:
     files: list[str] = []
     roots: dict[str, str] = {}
@@ -75,10 +99,13 @@ def _expand(inputs: list[str]) -> tuple[list[str], dict[str, str]]:
         if _is_uri(raw):
             import pyarrow.fs as pafs
 
-            fs, path = pafs.FileSystem.from_uri(raw)
-            info = fs.get_file_info(path)
+            with _store(raw):
+                fs, path = pafs.FileSystem.from_uri(raw)
+                info = fs.get_file_info(path)
+                listing = (fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                           if info.type == pafs.FileType.Directory else [])
             if info.type == pafs.FileType.Directory:
-                found = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                found = [f.path for f in listing
                          if f.type == pafs.FileType.File and f.path.endswith(".parquet")
                          and not any(part.startswith(("_", ".")) for part in os.path.relpath(f.path, path).split("/"))]
                 scheme = raw.split("://", 1)[0]
@@ -177,6 +204,8 @@ def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Op
              task_num_cpus: float = 0.25, torch_threads: Optional[int] = None, device: str = "auto") -> CpuPlan:
     """Size the predictor pool from the cluster: one actor per GPU (num_gpus=1) when there are
     GPUs, else CPU slots, leaving 1 CPU for Ray's checkpoint filter actor plus one task slot."""
+    if num_actors is not None and num_actors < 1:
+        raise ValueError(f"num_actors must be >= 1 (or unset for the default), got {num_actors}")
     cpus = float(cluster.get("CPU", 1))
     gpus = int(cluster.get("GPU", 0))
     use_gpu = gpus > 0 and device in ("auto", "cuda")
@@ -231,24 +260,38 @@ def _fs(path: str):
     import pyarrow.fs as pafs
 
     if _is_uri(path):
-        return pafs.FileSystem.from_uri(path)
+        with _store(path):
+            return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _file_type(path: str):
+    fs, p = _fs(path)
+    with _store(path):
+        return fs.get_file_info(p).type
 
 
 def _exists(path: str) -> bool:
     import pyarrow.fs as pafs
 
+    return _file_type(path) != pafs.FileType.NotFound
+
+
+def _listing(path: str) -> list:
+    """FileInfo of everything under directory `path` (empty if it is not a directory)."""
+    import pyarrow.fs as pafs
+
     fs, p = _fs(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
+    with _store(path):
+        if fs.get_file_info(p).type != pafs.FileType.Directory:
+            return []
+        return fs.get_file_info(pafs.FileSelector(p, recursive=True))
 
 
 def _data_files(output: str) -> list[str]:
     import pyarrow.fs as pafs
 
-    fs, p = _fs(output)
-    if fs.get_file_info(p).type != pafs.FileType.Directory:
-        return []
-    return [f.path for f in fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    return [f.path for f in _listing(output)
             if f.type == pafs.FileType.File and f.path.endswith(".parquet")
             and not os.path.basename(f.path).startswith(("_", "."))]
 
@@ -267,6 +310,148 @@ def output_totals(output: str) -> tuple[int, int, int]:
     return t.num_rows, t.num_rows - t["error"].null_count, int(tokens)
 
 
+# --------------------------------------------------------------------------------------------
+# Model, output and overwrite: checked on the driver before any work, creating nothing
+# --------------------------------------------------------------------------------------------
+
+
+def check_model(model: str, tokenizer: Optional[str] = None):
+    """The model's BertConfig, once the checkpoint (config, weights) and its tokenizer are known
+    to load; otherwise an error naming the path (what the actors would hit, minutes later)."""
+    from bert_core.checkpoint import check_checkpoint
+    from bert_core.tokenizer import load_tokenizer
+
+    config = check_checkpoint(model)
+    tok_path = tokenizer or model
+    try:
+        load_tokenizer(tok_path)
+    except Exception as e:  # transformers/tokenizers raise many kinds: say which path
+        raise ValueError(f"{tok_path}: the tokenizer does not load ({type(e).__name__}: {e}); give a checkpoint "
+                         f"directory with its tokenizer files, or a tokenizer") from None
+    return config
+
+
+def _norm(path: str) -> str:
+    return path.rstrip("/") if _is_uri(path) else os.path.realpath(path)
+
+
+def _overlap(a: str, b: str) -> bool:
+    """The same path, or one inside the other."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def _uncreatable(path: str) -> Optional[str]:
+    """Why local directory `path` can't be created, or None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def check_output(output: str, checkpoint_dir: str, inputs: list[str], plan: InputPlan, overwrite: bool) -> None:
+    """Refuse, before anything is created or deleted, an output or checkpoint dir that overlaps an
+    input (equal, or one inside the other) or each other, is an existing file or can't be created;
+    and with overwrite, one that holds anything but a previous output of this job (ours: it has
+    our manifest or our checkpoint dir exists, or it is empty)."""
+    import pyarrow.fs as pafs
+
+    out, ckpt = _norm(output), _norm(checkpoint_dir)
+    if _overlap(out, ckpt):
+        raise ValueError(f"checkpoint dir {checkpoint_dir} and output {output} overlap; keep them apart "
+                         f"(the default checkpoint dir is {default_checkpoint_dir(output)})")
+    sources = {_norm(f) for f in plan.files} | {_norm(i) for i in inputs if not any(c in i for c in "*?[")}
+    for path, what in ((out, "output"), (ckpt, "checkpoint dir")):
+        for src in sorted(sources):
+            if _overlap(path, src):
+                raise ValueError(f"{what} {path} overlaps input {src}: scoring must never write into, or "
+                                 f"overwrite delete, its inputs; choose an {what} outside the inputs")
+    for path, what in ((output, "output"), (checkpoint_dir, "checkpoint dir")):
+        kind = _file_type(path)
+        if kind == pafs.FileType.File:
+            raise ValueError(f"{what} {path} is an existing file; give a directory path (it is created)")
+        if kind == pafs.FileType.NotFound and not _is_uri(path) and (why := _uncreatable(path)):
+            raise ValueError(f"{what} {path} can't be created: {why}; choose another path")
+    if not overwrite:
+        return
+    if _listing(output) and not (_exists(output.rstrip("/") + "/" + MANIFEST) or _exists(checkpoint_dir)):
+        raise ValueError(f"{output} is not an output of raybert score (no {MANIFEST}, no checkpoint dir "
+                         f"{checkpoint_dir}, not empty): overwrite deletes only a previous output of this "
+                         f"job; choose another output, or remove {output} yourself")
+    foreign = [f.path for f in _listing(checkpoint_dir) if f.type != pafs.FileType.File
+               or not f.path.endswith(".parquet")]  # Ray Data writes only <id>[.pending].parquet files
+    if foreign:
+        raise ValueError(f"checkpoint dir {checkpoint_dir} holds files that are not Ray Data checkpoint files "
+                         f"(e.g. {foreign[0]}); overwrite would delete them: choose another checkpoint dir, "
+                         f"or remove it yourself")
+
+
+def repair_duplicates(output: str) -> int:
+    """Rewrite the output files that repeat a `row_hash` so each key is kept once (its first copy,
+    in file order); a row that exists once is never dropped. Returns the rows dropped. Repeats
+    come from writers that overlapped (two runs on one output, before the output lock) and, kept
+    in the checkpoint as committed, would otherwise fail every rerun's row count."""
+    import numpy as np
+
+    files = sorted(_data_files(output))
+    fs, _ = _fs(output)
+    keys = []
+    for f in files:
+        cols = pq.read_schema(f, filesystem=fs).names
+        if "row_hash" not in cols:
+            return 0  # not an output of ours with keys: nothing we can tell apart
+        keys.append(pq.read_table(f, columns=["row_hash"], filesystem=fs)["row_hash"].to_numpy())
+    if not keys:
+        return 0
+    flat = np.concatenate(keys)
+    keep = np.zeros(len(flat), dtype=bool)
+    keep[np.unique(flat, return_index=True)[1]] = True
+    if keep.all():
+        return 0
+    start = 0
+    for f, k in zip(files, keys):
+        mask = keep[start:start + len(k)]
+        start += len(k)
+        if mask.all():
+            continue
+        if not mask.any():
+            fs.delete_file(f)
+            continue
+        table = pq.read_table(f, filesystem=fs).filter(pa.array(mask))
+        tmp = os.path.join(os.path.dirname(f), "." + os.path.basename(f) + ".tmp")  # readers skip "." files
+        pq.write_table(table, tmp, filesystem=fs)
+        fs.move(tmp, f)  # atomic on a filesystem: a file is old or repaired, never half
+    dropped = int(len(flat) - keep.sum())
+    log.warning("%s: dropped %d duplicate row(s) (repeated row_hash) left by overlapping writers", output, dropped)
+    return dropped
+
+
+@dataclass
+class Preflight:
+    plan: InputPlan
+    checkpoint_dir: str
+    model_config: object  # bert_core.BertConfig of the model
+
+
+def preflight(*, inputs: str | list[str], output: str, model: str, task: str, text_column: str = "text",
+              text_pair_column: Optional[str] = None, id_column: str = "id", checkpoint_dir: Optional[str] = None,
+              overwrite: bool = False, tokenizer: Optional[str] = None) -> Preflight:
+    """Every check that needs no cluster (task, model and tokenizer, inputs, output), on the driver,
+    reading only: an invocation that passes it is valid, one that fails it changed nothing."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "tag" and text_pair_column:
+        raise ValueError("task tag scores single texts; text_pair_column is not supported with it")
+    model_config = check_model(model, tokenizer)
+    plan = plan_inputs(inputs, text_column, text_pair_column, id_column)
+    ckpt = checkpoint_dir or default_checkpoint_dir(output)
+    check_output(output, ckpt, [inputs] if isinstance(inputs, str) else list(inputs), plan, overwrite)
+    return Preflight(plan, ckpt, model_config)
+
+
 def score(*, inputs: str | list[str], output: str, model: str, task: str, text_column: str = "text",
           text_pair_column: Optional[str] = None, id_column: str = "id", max_length: int = 512,
           max_tokens: int = 4096, batch_size: int = 1024, max_batch_rows: Optional[int] = None,
@@ -280,14 +465,10 @@ def score(*, inputs: str | list[str], output: str, model: str, task: str, text_c
     import ray
     from ray.data.checkpoint import CheckpointConfig
 
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if task == "tag" and text_pair_column:
-        raise ValueError("task tag scores single texts; text_pair_column is not supported with it")
-    if not os.path.isfile(os.path.join(model, "config.json")) and not _is_uri(model):
-        raise FileNotFoundError(f"--model {model} is not a checkpoint directory (no config.json)")
-    plan = plan_inputs(inputs, text_column, text_pair_column, id_column)
-    ckpt = checkpoint_dir or default_checkpoint_dir(output)
+    pre = preflight(inputs=inputs, output=output, model=model, task=task, text_column=text_column,
+                    text_pair_column=text_pair_column, id_column=id_column, checkpoint_dir=checkpoint_dir,
+                    overwrite=overwrite, tokenizer=tokenizer)
+    plan, ckpt = pre.plan, pre.checkpoint_dir
     manifest = output.rstrip("/") + "/" + MANIFEST
 
     if overwrite:
@@ -355,8 +536,11 @@ def score(*, inputs: str | list[str], output: str, model: str, task: str, text_c
     seconds = time.perf_counter() - t0
 
     rows, errors, tokens = output_totals(output)
+    tokens_this_run = tokens - tokens_before
+    if rows != plan.rows and repair_duplicates(output):  # after Ray dropped uncommitted files
+        rows, errors, tokens = output_totals(output)
     result = ScoreResult(output=output, rows=rows, error_rows=errors, tokens=tokens, seconds=seconds,
-                         tokens_this_run=tokens - tokens_before, input_rows=plan.rows, resumed=resumed,
+                         tokens_this_run=tokens_this_run, input_rows=plan.rows, resumed=resumed,
                          plan=asdict(res))
     if rows != plan.rows:  # row conservation is the contract; never report success without it
         raise RuntimeError(f"{output}: {rows} output rows for {plan.rows} input rows; the checkpoint "
@@ -387,5 +571,6 @@ def read_output(output: str, columns: Optional[list[str]] = None) -> pa.Table:
     return pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns)
 
 
-__all__ = ["InputPlan", "plan_inputs", "CpuPlan", "cpu_plan", "ScoreResult", "score", "read_output",
+__all__ = ["InputPlan", "plan_inputs", "Preflight", "preflight", "check_model", "check_output", "repair_duplicates",
+           "CpuPlan", "cpu_plan", "ScoreResult", "score", "read_output",
            "output_totals", "default_checkpoint_dir", "Predictor", "tokenize_batch"]

@@ -33,7 +33,7 @@ from typing import Optional
 import click
 
 from bert_core.masking import MaskingConfig
-from jobs.pretrain import ScalingConfig, has_checkpoints
+from jobs.pretrain import FP16_NEEDS_GPU, ScalingConfig, check_init_from, expects_gpu, has_checkpoints
 from pipelines.finetune import FinetuneOptions
 from pipelines.finetune_data import FinetuneData, TaskData
 from pipelines.train import ModelConfig, TrainConfig
@@ -70,7 +70,6 @@ def _debug() -> FinetuneConfig:
     cfg.options.epochs = 2
     cfg.train.log_every, cfg.train.eval_every = 5, 20
     cfg.data.max_length = 64
-    cfg.scaling.cpus_per_worker = 0.5
     return cfg
 
 
@@ -119,12 +118,12 @@ def validate(cfg: FinetuneConfig) -> list[TaskData]:
     for t in tasks:
         if not t.paths:
             raise ValueError(f"task {t.name}: no data paths")
-    if cfg.train.dtype == "fp16" and not cfg.scaling.use_gpu:
-        raise ValueError("dtype fp16 needs GPUs (DeepSpeed on CPU supports fp32 and bf16); use bf16")
+    if cfg.train.dtype == "fp16" and expects_gpu(cfg.scaling, cfg.address) is False:
+        raise ValueError(FP16_NEEDS_GPU)
+    if cfg.scaling.torch_threads is not None and cfg.scaling.torch_threads < 1:
+        raise ValueError(f"torch_threads must be >= 1 (or unset), got {cfg.scaling.torch_threads}")
     if not (cfg.model.init_from or cfg.tokenizer):
         raise ValueError("no tokenizer: pass --init-from (a pretrained checkpoint) or --tokenizer")
-    if cfg.model.init_from and not Path(cfg.model.init_from, "config.json").is_file():
-        raise FileNotFoundError(f"--init-from {cfg.model.init_from} is not a checkpoint directory (no config.json)")
     return tasks
 
 
@@ -169,17 +168,25 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     tokenizer = str(Path(cfg.tokenizer or cfg.model.init_from).absolute())
     from bert_core.tokenizer import load_tokenizer
 
-    load_tokenizer(tokenizer)  # fail here, not on every worker
+    tok = load_tokenizer(tokenizer)  # fail here, not on every worker
+    if cfg.model.init_from:
+        check_init_from(cfg.model.init_from, tokenizer, tok)
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from jobs.ray_env import ray_session
     from pipelines.finetune import FinetuneLoopConfig, TaskSpec, finetune_loop_per_worker
     from pipelines.finetune_data import build_task_datasets
+    from pipelines.resources import cluster_nodes, plan_training
     from pipelines.worker import disable_deepspeed_jit, fit_with_watchdog, publish_export, torch_trainer
 
     disable_deepspeed_jit()
     with ray_session(cfg.address):
+        sc = cfg.scaling
+        plan = plan_training(cluster_nodes(), sc.num_workers, sc.cpus_per_worker, sc.use_gpu, sc.torch_threads,
+                             task_cpus=cfg.data.num_cpus)
+        if cfg.train.dtype == "fp16" and not plan.use_gpu:
+            raise ValueError(FP16_NEEDS_GPU)
         datasets, specs = {}, []
         need = cfg.train.micro_batch_size * cfg.scaling.num_workers
         for task in tasks:
@@ -202,12 +209,13 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
         loop = FinetuneLoopConfig(run_dir=str(run_dir), tokenizer=tokenizer, tasks=specs,
                                   model=model, data=copy.deepcopy(cfg.data), train=train,
                                   options=copy.deepcopy(cfg.options), masking=copy.deepcopy(cfg.masking),
-                                  use_gpu=cfg.scaling.use_gpu)
+                                  use_gpu=plan.use_gpu, torch_threads=plan.torch_threads)
         (run_dir / "config.json").write_text(json.dumps({"finetune": asdict(cfg) | {"tasks": [asdict(t) for t in tasks]},
-                                                         "loop": loop.to_dict()}, indent=1, default=str) + "\n")
+                                                         "loop": loop.to_dict(), "plan": plan.to_dict()},
+                                                        indent=1, default=str) + "\n")
         trainer = torch_trainer(
-            finetune_loop_per_worker, loop.to_dict(), run_dir=run_dir, num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
+            finetune_loop_per_worker, loop.to_dict(), run_dir=run_dir, num_workers=plan.num_workers,
+            use_gpu=plan.use_gpu, cpus_per_worker=plan.cpus_per_worker,
             max_failures=cfg.scaling.max_failures, keep_last=1, datasets=datasets)
         result = fit_with_watchdog(trainer, run_dir, cfg.train.stall_timeout_s)
 
@@ -248,7 +256,8 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--epochs", type=float, help="Passes over the labeled training rows.")
 @click.option("--lr", type=float, help="Peak learning rate.")
 @click.option("--num-workers", type=int, help="Ray Train workers.")
-@click.option("--use-gpu", is_flag=True, default=None, help="One GPU per worker.")
+@click.option("--use-gpu/--cpu", "use_gpu", default=None,
+              help="One GPU per worker, or CPUs only. Default: GPUs when the cluster has them.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="Training precision (fp16: GPU only).")
 @click.option("--zero-stage", type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage.")
 @click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray.")
@@ -259,10 +268,12 @@ def finetune(data, val_data, kind, name, run_dir, config_path, preset, init_from
                  "options.epochs": epochs, "train.lr": lr, "scaling.num_workers": num_workers,
                  "scaling.use_gpu": use_gpu, "train.dtype": dtype, "train.zero_stage": zero_stage,
                  "address": address}
+    from pipelines.worker import TrainingStalled
+
     task = dict(name=name, kind=kind, paths=list(data), val_paths=list(val_data)) if data else None
     try:
         result = main(build_config(preset, config_path, overrides, task))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # a config or data problem: no traceback
+    except (ValueError, FileNotFoundError, FileExistsError, TrainingStalled) as e:  # no traceback
         raise click.ClickException(str(e)) from e
     click.echo(json.dumps({"run_dir": result.run_dir, "export": result.export, "max_steps": result.max_steps,
                            "labels": result.labels, "metrics": result.metrics}, indent=1, default=str))

@@ -40,8 +40,13 @@ from pipelines.train import ModelConfig, TrainConfig
 @dataclass
 class ScalingConfig:
     num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
-    use_gpu: bool = False  # one GPU per worker, NCCL; else CPU and gloo
-    cpus_per_worker: float = 1.0  # CPU slots a worker reserves; keep some for the Ray Data tasks
+    # GPUs: None = one per worker when the cluster has GPUs (NCCL), True = require them,
+    # False = train on CPUs (gloo).
+    use_gpu: Optional[bool] = None
+    # CPUs each worker reserves; None = sized from the cluster, always leaving the Ray Data tasks a
+    # budget (pipelines/resources.py). An explicit value that leaves them none is refused.
+    cpus_per_worker: Optional[float] = None
+    torch_threads: Optional[int] = None  # CPU threads per worker; None = the CPUs it holds, rounded up
     max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before giving up
 
 
@@ -70,7 +75,6 @@ def _debug() -> PretrainConfig:
     cfg.data.seq_len = 64
     cfg.data.tokenize_batch_rows = 256
     cfg.data.val_fraction = 0.05
-    cfg.scaling.cpus_per_worker = 0.5
     return cfg
 
 
@@ -103,15 +107,32 @@ class PretrainResult:
     metrics: dict  # the last reported metrics
 
 
+FP16_NEEDS_GPU = "dtype fp16 needs GPUs (DeepSpeed on CPU supports fp32 and bf16); use --dtype bf16 or --use-gpu"
+
+
+def expects_gpu(scaling: ScalingConfig, address: Optional[str]) -> Optional[bool]:
+    """Whether the job will train on GPUs, as far as the driver can tell before Ray starts: the
+    setting if given, else (embedded local Ray) whether this machine has CUDA; None for a cluster
+    not connected to yet (the resource plan decides)."""
+    if scaling.use_gpu is not None:
+        return scaling.use_gpu
+    if address or os.environ.get("RAY_ADDRESS"):
+        return None
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def validate(cfg: PretrainConfig) -> None:
     """Fail before starting Ray on settings that can't work."""
-    if cfg.train.dtype == "fp16" and not cfg.scaling.use_gpu:
-        raise ValueError("dtype fp16 needs GPUs (DeepSpeed on CPU supports fp32 and bf16); "
-                         "use --dtype bf16 or --use-gpu")
+    if cfg.train.dtype == "fp16" and expects_gpu(cfg.scaling, cfg.address) is False:
+        raise ValueError(FP16_NEEDS_GPU)
     if cfg.resume not in ("auto", "never"):
         raise ValueError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
     if cfg.scaling.num_workers < 1:
         raise ValueError("num_workers must be >= 1")
+    if cfg.scaling.torch_threads is not None and cfg.scaling.torch_threads < 1:
+        raise ValueError(f"torch_threads must be >= 1 (or unset), got {cfg.scaling.torch_threads}")
     if not cfg.data.paths:
         raise ValueError("no training data: pass --data (Parquet files, directories or globs)")
     if not 0 <= cfg.data.val_fraction < 1:
@@ -127,9 +148,6 @@ def resolve_tokenizer(cfg: PretrainConfig) -> str:
     if not tok:
         raise ValueError("no tokenizer: pass --tokenizer (a checkpoint dir or vocab.txt), "
                          "or train one with `raybert vocab`")
-    from bert_core.tokenizer import load_tokenizer
-
-    load_tokenizer(tok)  # fail here, not on every worker
     return str(Path(tok).absolute())
 
 
@@ -137,28 +155,131 @@ def has_checkpoints(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def check_init_from(init_from: str, tokenizer_path: str, tok) -> None:
+    """Refuse an `--init-from` checkpoint that isn't a loadable BERT, or whose vocabulary isn't the
+    tokenizer's: its embedding rows would be trained as other tokens, silently (the weights load
+    either way). Driver side, no Ray; shared by pretraining and fine-tuning."""
+    from bert_core.checkpoint import check_checkpoint
+    from bert_core.tokenizer import load_tokenizer
+
+    ckpt = Path(init_from).absolute()
+    config = check_checkpoint(ckpt)
+    if config.vocab_size < len(tok):
+        raise ValueError(f"--init-from {ckpt} has vocab_size {config.vocab_size:,}, smaller than the "
+                         f"{len(tok):,} tokens of the tokenizer {tokenizer_path}: ids past "
+                         f"{config.vocab_size - 1} have no embedding. Use the tokenizer the checkpoint "
+                         f"was trained with (drop --tokenizer), or drop --init-from to train fresh weights")
+    ships_own = any((ckpt / f).is_file() for f in _TOKENIZER_FILES)
+    if ships_own and Path(tokenizer_path).absolute() != ckpt:
+        own = load_tokenizer(ckpt)
+        if own.get_vocab() != tok.get_vocab():
+            raise ValueError(f"--init-from {ckpt} ships its own vocabulary ({len(own):,} tokens), and "
+                             f"--tokenizer {tokenizer_path} is another ({len(tok):,} tokens): the checkpoint's "
+                             f"embeddings would be read as other tokens. Drop --tokenizer to use the "
+                             f"checkpoint's, or drop --init-from to train fresh weights on this vocabulary")
+    elif not ships_own and config.vocab_size != len(tok):
+        raise ValueError(f"--init-from {ckpt} has vocab_size {config.vocab_size:,} but the tokenizer "
+                         f"{tokenizer_path} has {len(tok):,} tokens, so it was trained with another "
+                         f"vocabulary; pass that one with --tokenizer, or drop --init-from")
+
+
+# Settings a run keeps for life: its checkpoints (model shape, vocabulary, ZeRO partitions of each
+# rank, precision-specific optimizer files) and exact resume (the data position counts
+# micro-batches of packed rows per worker) depend on them.
+_MODEL_SHAPE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size")
+_RUN_SETTINGS = ("data.seq_len", "data.text_column", "train.micro_batch_size", "train.grad_accum",
+                 "train.zero_stage", "train.dtype", "scaling.num_workers")
+
+
+def _dig(d: dict, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def check_resume(cfg: PretrainConfig, run_dir: Path, tok, bert_config) -> None:
+    """Refuse, before anything in the run dir changes, to resume a run under settings its
+    checkpoint can't continue with. The model shape and vocabulary are compared with the
+    checkpoint Ray Train would resume from (its HF export), the run settings with the run dir's
+    config.json; every difference is named."""
+    from bert_core.model import BertConfig
+    from bert_core.tokenizer import load_tokenizer
+    from jobs.schedule import registered_checkpoint
+
+    ckpt = registered_checkpoint(run_dir)
+    if ckpt is None:
+        return
+    diffs = []
+    saved_model = BertConfig.from_json(ckpt / "hf" / "config.json")
+    for k in _MODEL_SHAPE:
+        if getattr(saved_model, k) != getattr(bert_config, k):
+            diffs.append(f"model {k} {getattr(saved_model, k)} -> {getattr(bert_config, k)}")
+    saved_tok = load_tokenizer(ckpt / "hf")
+    if saved_tok.get_vocab() != tok.get_vocab():
+        diffs.append(f"tokenizer vocabulary ({len(saved_tok):,} tokens -> {len(tok):,}"
+                     f"{', other tokens' if len(saved_tok) == len(tok) else ''})")
+    saved_file = run_dir / "config.json"
+    saved = json.loads(saved_file.read_text()).get("pretrain", {}) if saved_file.is_file() else {}
+    now = _asdict(cfg)
+    for key in _RUN_SETTINGS:
+        was = _dig(saved, key)
+        if was is not None and was != _dig(now, key):
+            diffs.append(f"{key} {was} -> {_dig(now, key)}")
+    if diffs:
+        raise ValueError(f"{run_dir} holds a run (checkpoint {ckpt.name}) that these settings can't resume: "
+                         f"{'; '.join(diffs)} (saved -> now). Resume it with its own settings (see "
+                         f"{saved_file}), or start a new --run-dir")
+
+
+def check_inputs(cfg: PretrainConfig, run_dir: Path) -> str:
+    """Every check that needs no Ray, before anything on disk changes: the run dir's resume mode
+    and compatibility, the tokenizer, `init_from`, the corpus. Returns the tokenizer path."""
+    from bert_core.tokenizer import load_tokenizer
+    from pipelines.pretrain_data import check_corpus
+    from pipelines.worker import build_bert_config
+
+    if cfg.resume == "never" and has_checkpoints(run_dir):
+        raise FileExistsError(f"{run_dir} already holds checkpoints; use --resume auto to continue "
+                              f"it, or a new --run-dir")
+    tokenizer = resolve_tokenizer(cfg)
+    tok = load_tokenizer(tokenizer)
+    if cfg.model.init_from:
+        check_init_from(cfg.model.init_from, tokenizer, tok)
+    check_resume(cfg, run_dir, tok, build_bert_config(cfg.model, len(tok)))
+    t = cfg.train
+    check_corpus(cfg.data, tokenizer, rows_needed=cfg.scaling.num_workers * t.micro_batch_size * t.grad_accum)
+    return tokenizer
+
+
 def main(cfg: PretrainConfig) -> PretrainResult:
-    """One invocation: lock the run dir, train (to max_steps or this invocation's budget), record it."""
+    """One invocation: check everything the driver can, then lock the run dir, train (to max_steps
+    or this invocation's budget), record it."""
     from jobs.schedule import RunLock, RunLocked, append_record, latest_step, new_invocation_id, now_iso
 
+    t0 = time.time()
     validate(cfg)
     run_dir = Path(cfg.run_dir).absolute()
-    t0 = time.time()
+    tokenizer = check_inputs(cfg, run_dir)
     record = {"invocation": new_invocation_id(), "start": now_iso(), "pid": os.getpid(),
               "host": socket.gethostname(), "max_steps": cfg.train.max_steps,
               "steps_per_run": cfg.train.steps_per_run, "time_budget": cfg.time_budget}
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with RunLock(run_dir):
-            record["start_step"] = latest_step(run_dir)
+            record["start_step"] = latest_step(run_dir)  # where Ray Train resumes, not the newest dir
             try:
-                result = _run(cfg, run_dir, t0)
+                result = _run(cfg, run_dir, t0, tokenizer)
             except BaseException as e:
                 record.update(status="failed", error=f"{type(e).__name__}: {e}", end_step=latest_step(run_dir))
                 raise
-            end = int(result.metrics.get("step", latest_step(run_dir)))
             record.update(status="complete" if record["start_step"] >= cfg.train.max_steps else "ok",
-                          end_step=end, checkpoint=result.checkpoint, export=result.export)
+                          end_step=latest_step(run_dir), checkpoint=result.checkpoint, export=result.export)
             return result
     except RunLocked as e:
         record.update(status="refused", error=str(e))
@@ -171,25 +292,10 @@ def main(cfg: PretrainConfig) -> PretrainResult:
         append_record(run_dir, record)
 
 
-def _run(cfg: PretrainConfig, run_dir: Path, t0: float) -> PretrainResult:
-    if cfg.resume == "never" and has_checkpoints(run_dir):
-        raise FileExistsError(f"{run_dir} already holds checkpoints; use --resume auto to continue "
-                              f"it, or a new --run-dir")
-    tokenizer = resolve_tokenizer(cfg)
-
+def _run(cfg: PretrainConfig, run_dir: Path, t0: float, tokenizer: str) -> PretrainResult:
     from pipelines.train import LoopConfig, train_loop_per_worker
     from pipelines.worker import disable_deepspeed_jit, fit_with_watchdog, publish_export, torch_trainer
 
-    train = copy.deepcopy(cfg.train)
-    if cfg.time_budget is not None:
-        train.deadline = t0 + cfg.time_budget
-    model = copy.deepcopy(cfg.model)
-    if model.init_from:  # workers may run in another directory (a Ray Jobs working dir)
-        model.init_from = str(Path(model.init_from).absolute())
-    loop_cfg = LoopConfig(run_dir=str(run_dir), tokenizer=tokenizer, model=model,
-                          data=copy.deepcopy(cfg.data), train=train, use_gpu=cfg.scaling.use_gpu)
-    (run_dir / "config.json").write_text(json.dumps({"pretrain": _asdict(cfg), "tokenizer": tokenizer},
-                                                    indent=1, default=str) + "\n")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     disable_deepspeed_jit()
 
@@ -198,15 +304,32 @@ def _run(cfg: PretrainConfig, run_dir: Path, t0: float) -> PretrainResult:
 
     from jobs.ray_env import ray_session
     from pipelines.pretrain_data import build_datasets
+    from pipelines.resources import cluster_nodes, plan_training
 
     with ray_session(cfg.address):
+        sc = cfg.scaling
+        plan = plan_training(cluster_nodes(), sc.num_workers, sc.cpus_per_worker, sc.use_gpu, sc.torch_threads,
+                             task_cpus=cfg.data.num_cpus)
+        if cfg.train.dtype == "fp16" and not plan.use_gpu:
+            raise ValueError(FP16_NEEDS_GPU)
+        train = copy.deepcopy(cfg.train)
+        if cfg.time_budget is not None:
+            train.deadline = t0 + cfg.time_budget
+        model = copy.deepcopy(cfg.model)
+        if model.init_from:  # workers may run in another directory (a Ray Jobs working dir)
+            model.init_from = str(Path(model.init_from).absolute())
+        loop_cfg = LoopConfig(run_dir=str(run_dir), tokenizer=tokenizer, model=model, data=copy.deepcopy(cfg.data),
+                              train=train, use_gpu=plan.use_gpu, torch_threads=plan.torch_threads)
+        # Written only now, with every check passed: a refused invocation leaves the run dir as it was.
+        (run_dir / "config.json").write_text(json.dumps({"pretrain": _asdict(cfg), "tokenizer": tokenizer,
+                                                         "plan": plan.to_dict()}, indent=1, default=str) + "\n")
         datasets = build_datasets(cfg.data, tokenizer)
         # Deterministic order end to end: the same rows reach the same worker in the same order
         # on every run, which is what lets a resume skip exactly the batches already trained on.
         exec_opts = ray.data.ExecutionOptions(preserve_order=True)
         trainer = torch_trainer(
-            train_loop_per_worker, loop_cfg.to_dict(), run_dir=run_dir, num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
+            train_loop_per_worker, loop_cfg.to_dict(), run_dir=run_dir, num_workers=plan.num_workers,
+            use_gpu=plan.use_gpu, cpus_per_worker=plan.cpus_per_worker,
             max_failures=cfg.scaling.max_failures, keep_last=cfg.train.keep_last, datasets=datasets,
             dataset_config=ray.train.DataConfig(execution_options=exec_opts))
         result = fit_with_watchdog(trainer, run_dir, cfg.train.stall_timeout_s)
@@ -256,7 +379,8 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--max-steps", type=int, help="Optimizer steps of the whole run.")
 @click.option("--zero-stage", type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage.")
 @click.option("--num-workers", type=int, help="Ray Train workers.")
-@click.option("--use-gpu", is_flag=True, default=None, help="One GPU per worker.")
+@click.option("--use-gpu/--cpu", "use_gpu", default=None,
+              help="One GPU per worker, or CPUs only. Default: GPUs when the cluster has them.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="Training precision (fp16: GPU only).")
 @click.option("--resume", type=click.Choice(["auto", "never"]), help="Continue the run dir's latest checkpoint.")
 @click.option("--max-steps-per-run", type=int, help="Scheduled runs: train at most this many steps, then checkpoint and exit.")
@@ -270,6 +394,7 @@ def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps
     dir's latest checkpoint, overlapping invocations are refused (exit status 75), and
     RUN_DIR/runs.jsonl records each one."""
     from jobs.schedule import EXIT_LOCKED, RunLocked
+    from pipelines.worker import TrainingStalled
 
     overrides = {
         "train.steps_per_run": max_steps_per_run, "time_budget": time_budget,
@@ -284,21 +409,20 @@ def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps
         err = click.ClickException(str(e))
         err.exit_code = EXIT_LOCKED
         raise err from e
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # a config problem: no traceback
+    except (ValueError, FileNotFoundError, FileExistsError, TrainingStalled) as e:  # no traceback
         raise click.ClickException(str(e)) from e
     click.echo(json.dumps({"run_dir": result.run_dir, "checkpoint": result.checkpoint,
                            "export": result.export, "metrics": result.metrics}, indent=1, default=str))
 
 
 def iter_texts(paths: list[str], text_column: str = "text", limit: Optional[int] = None):
-    """Stream the text column of a Parquet corpus batch by batch (nothing held whole)."""
-    import pyarrow.dataset as pads
-
-    from pipelines.pretrain_data import resolve_paths
+    """Stream the non-empty texts of a Parquet corpus batch by batch (nothing held whole); the
+    files are checked first (readable, a string `text_column`), naming the one that isn't."""
+    from pipelines.pretrain_data import open_corpus
 
     n = 0
-    for path in resolve_paths(paths):
-        for batch in pads.dataset(path, format="parquet").to_batches(columns=[text_column]):
+    for _, pf in open_corpus(paths, text_column):
+        for batch in pf.iter_batches(columns=[text_column]):
             for t in batch.column(0).to_pylist():
                 if isinstance(t, str) and t:
                     yield t
@@ -316,9 +440,19 @@ def iter_texts(paths: list[str], text_column: str = "text", limit: Optional[int]
 @click.option("--cased", is_flag=True, help="Keep case (default: lowercase, as uncased BERT).")
 def vocab(data, out, vocab_size, text_column, max_docs, cased):
     """Train a WordPiece vocab on a Parquet corpus, for `raybert pretrain --tokenizer`."""
+    import itertools
+
     from bert_core.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(iter_texts(list(data), text_column, max_docs), vocab_size, out, lowercase=not cased)
+    try:
+        texts = iter_texts(list(data), text_column, max_docs)
+        first = next(texts, None)  # before anything is written to --out
+        if first is None:
+            raise ValueError(f"no text to train a vocab on: column {text_column!r} of {', '.join(data)} is null "
+                             f"or empty in every row (or there are no rows); check --data and --text-column")
+        tok = train_tokenizer(itertools.chain([first], texts), vocab_size, out, lowercase=not cased)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
     click.echo(json.dumps({"out": str(Path(out).absolute()), "vocab_size": len(tok)}))
 
 

@@ -9,9 +9,10 @@ Contract:
   flock is reliable on local disks and NFSv4; on object stores or other shared filesystems keep
   the scheduler itself from overlapping runs (e.g. `concurrencyPolicy: Forbid` on a CronJob).
 - `<run_dir>/runs.jsonl` gets one JSON line per invocation: invocation id, start and end (UTC ISO
-  8601), start and end step, steps trained, the checkpoint it left, status (`ok`, `complete`:
-  the run had already reached max_steps, `failed`, or `refused`: the run dir was locked) and the
-  error if any. Lines are appended with O_APPEND, whole or not at all.
+  8601), start and end step (those of the checkpoints Ray Train registered, `latest_step`: where
+  the invocation really resumed and where it left the run), steps trained, the checkpoint it
+  left, status (`ok`, `complete`: the run had already reached max_steps, `failed`, or `refused`:
+  the run dir was locked) and the error if any. Lines are appended with O_APPEND, whole or not at all.
 """
 
 from __future__ import annotations
@@ -94,18 +95,26 @@ def read_ledger(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def registered_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The checkpoint Ray Train resumes `run_dir` from: the latest one its checkpoint manager
+    registered (None if none). A checkpoint directory that a killed invocation left on disk before
+    Ray registered it is not one, whatever its step: the next invocation resumes from the one
+    before, and the ledger must say so."""
+    import ray.train
+
+    try:
+        result = ray.train.Result.from_path(str(Path(run_dir).absolute()))
+    except RuntimeError:  # not a Ray Train run dir (yet): no checkpoint manager snapshot
+        return None
+    return Path(result.checkpoint.path) if result.checkpoint is not None else None
+
+
 def latest_step(run_dir: str | Path) -> int:
-    """The step of the newest complete checkpoint in the run dir (0 if none)."""
-    best = 0
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    """The step of the registered latest checkpoint (0 if none)."""
+    ckpt = registered_checkpoint(run_dir)
+    if ckpt is None:
         return 0
-    for state in run_dir.glob("checkpoint_*/raybert_state.json"):
-        try:
-            best = max(best, int(json.loads(state.read_text())["step"]))
-        except (ValueError, KeyError, OSError):
-            continue  # a checkpoint being written or deleted
-    return best
+    return int(json.loads((ckpt / "raybert_state.json").read_text())["step"])
 
 
 def new_invocation_id() -> str:

@@ -18,6 +18,12 @@ Contract:
   Train's DataConfig), the same corpus yields the same rows in the same order, and Ray Data's
   OutputSplitter then deals the same rows to the same worker. Exact resume relies on this.
 - Masking is not done here: it is dynamic, per batch, on the worker.
+- `check_corpus(cfg, tokenizer_path, rows_needed)` runs on the driver before any Ray work and
+  refuses, naming the file and what to do, a corpus that can't train: an unreadable file, a
+  missing or non-string text column (the columns present are listed), no rows, no text (every
+  value null or empty), or too little text for one step (the training split packs into fewer
+  rows than `rows_needed`). It reads the footers, then streams the text column through
+  `tokenize_and_pack` only until `rows_needed` rows are packed, so a big corpus costs little.
 """
 
 from __future__ import annotations
@@ -143,6 +149,81 @@ def build_datasets(cfg: DataConfig, tokenizer_path: str) -> dict:
         )
         out[split] = ds
     return out
+
+
+@dataclass
+class CorpusCheck:
+    files: list[str]  # the Parquet files Ray Data reads
+    rows: int  # documents, from the footers
+    packed_rows: int  # training rows of seq_len packed before counting stopped (>= rows_needed)
+
+
+def _is_text(t) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _names(files: list[str], limit: int = 3) -> str:
+    return ", ".join(files[:limit]) + (f" (and {len(files) - limit} more)" if len(files) > limit else "")
+
+
+def open_corpus(paths: list[str], text_column: str = "text") -> list[tuple[str, object]]:
+    """The corpus files Ray Data reads, as (name, pyarrow ParquetFile), footers only; raises naming
+    the file when one is unreadable or lacks a string `text_column` (listing the columns present)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.finetune_data import parquet_files
+
+    out = []
+    for name, fs, path in parquet_files(paths):
+        try:
+            pf = pq.ParquetFile(path, filesystem=fs)
+        except Exception as e:  # ArrowInvalid, OSError: name the file
+            raise ValueError(f"{name}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        schema = pf.schema_arrow
+        if text_column not in schema.names:
+            raise ValueError(f"{name}: no column {text_column!r} (the documents to train on); columns present: "
+                             f"{schema.names}. Set the text column (data.text_column, --text-column) to match")
+        if not _is_text(schema.field(text_column).type):
+            raise ValueError(f"{name}: column {text_column!r} holds {schema.field(text_column).type}, not "
+                             f"text; set the text column (data.text_column, --text-column) to a string column")
+        out.append((name, pf))
+    return out
+
+
+def check_corpus(cfg: DataConfig, tokenizer_path: str, rows_needed: int) -> CorpusCheck:
+    """Refuse a corpus that can't give one training step (see the module docstring)."""
+    col = cfg.text_column
+    opened = open_corpus(cfg.paths, col)
+    files = [name for name, _ in opened]
+    rows = sum(pf.metadata.num_rows for _, pf in opened)
+    if rows == 0:
+        raise ValueError(f"the corpus has no rows: {_names(files)}; check --data")
+    tok = _tokenizer(tokenizer_path)
+    packed = texts = tokens = 0
+    for _, pf in opened:
+        for batch in pf.iter_batches(batch_size=cfg.tokenize_batch_rows, columns=[col]):
+            docs = [t for t in batch.column(0).to_pylist() if isinstance(t, str) and t]
+            texts += len(docs)
+            train_docs = [t for t in docs if not is_val(t, cfg.val_fraction)]
+            if train_docs:  # for the message: the text found, before packing drops partial rows
+                tokens += sum(len(ids) + 1 for ids in tok(train_docs, add_special_tokens=False)["input_ids"])
+            out = tokenize_and_pack({col: docs}, tokenizer_path=tokenizer_path, text_column=col,
+                                    seq_len=cfg.seq_len, val_fraction=cfg.val_fraction, split="train")
+            packed += len(out["input_ids"])
+            if packed >= rows_needed:
+                return CorpusCheck(files=files, rows=rows, packed_rows=packed)
+    if texts == 0:
+        raise ValueError(f"the corpus has no text: its {rows} rows in {_names(files)} have column {col!r} "
+                         f"null or empty everywhere; check --data and data.text_column")
+    raise ValueError(
+        f"the corpus has too little text for one training step: {_names(files)} hold {tokens:,} tokens of "
+        f"training text ({texts} documents), which pack into {packed} full rows of {cfg.seq_len} tokens; one "
+        f"step needs {rows_needed} rows ({rows_needed * cfg.seq_len:,} tokens: workers x micro_batch_size x "
+        f"grad_accum). Add text to --data, or lower micro_batch_size, seq_len or num_workers")
 
 
 def write_corpus(texts: list[str], path: str, rows_per_file: Optional[int] = None) -> str:

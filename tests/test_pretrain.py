@@ -195,9 +195,11 @@ def test_cli_pretrain_parses_the_issue_flags(tmp_path, monkeypatch):
     cfg = seen["cfg"]
     assert cfg.data.paths == ["a.parquet", "dir/"] and cfg.train.max_steps == 7 and cfg.train.zero_stage == 2
     assert cfg.scaling.num_workers == 1 and cfg.train.dtype == "bf16" and cfg.resume == "never"
-    assert cfg.address == "auto" and cfg.data.tokenizer == "vocab.txt" and cfg.scaling.use_gpu is False
+    assert cfg.address == "auto" and cfg.data.tokenizer == "vocab.txt" and cfg.scaling.use_gpu is None
     res = CliRunner().invoke(cli, ["pretrain", "--run-dir", "x", "--use-gpu", "--data", "a"])
     assert res.exit_code == 0 and seen["cfg"].scaling.use_gpu is True
+    res = CliRunner().invoke(cli, ["pretrain", "--run-dir", "x", "--cpu", "--data", "a"])
+    assert res.exit_code == 0 and seen["cfg"].scaling.use_gpu is False
     monkeypatch.undo()
     res = CliRunner().invoke(cli, ["pretrain", "--run-dir", str(tmp_path / "r"), "--data", str(tmp_path),
                                    "--preset", "debug", "--dtype", "fp16"])

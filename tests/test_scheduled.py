@@ -114,3 +114,45 @@ def test_time_budget_ends_the_invocation_with_a_checkpoint(schedule_yaml, tmp_pa
     main(done)
     last = read_ledger(run_dir)[-1]
     assert (last["status"], last["steps"], last["end_step"]) == ("complete", 0, record["end_step"])
+
+
+@pytest.mark.timeout(900)
+def test_ledger_says_where_training_resumed_and_an_incompatible_resume_changes_nothing(schedule_yaml, tmp_path):
+    """Issue 10, defect 4. An invocation killed mid-report can leave a checkpoint directory that Ray
+    never registered (planted here: checkpoint 10 copied as step 20). The next invocation resumes
+    from the registered checkpoint 10, and runs.jsonl must say so (start 10, end 20, 10 steps), not
+    start from the stray 20. Then an invocation with another preset is refused on the driver within
+    20 s, naming what differs, and leaves the run dir byte for byte as it was."""
+    import json
+    import shutil
+
+    from conftest import local_ray
+
+    run_dir = tmp_path / "run"
+    with local_ray():
+        main(build_config("debug", str(schedule_yaml), {"run_dir": str(run_dir), "train.steps_per_run": 10}))
+        stray = run_dir / "checkpoint_00000020"
+        shutil.copytree(run_dir / "checkpoint_00000010", stray)
+        state = json.loads((stray / "raybert_state.json").read_text())
+        (stray / "raybert_state.json").write_text(json.dumps(dict(state, step=20)))
+        assert latest_step(run_dir) == 10  # Ray's registered latest, not the newest directory
+        result = main(build_config("debug", str(schedule_yaml), {"run_dir": str(run_dir), "train.steps_per_run": 10}))
+    assert result.metrics["step"] == 20 and latest_step(run_dir) == 20
+    assert [(r["status"], r["start_step"], r["end_step"], r["steps"]) for r in read_ledger(run_dir)] == [
+        ("ok", 0, 10, 10), ("ok", 10, 20, 10)]
+    events = [(r["event"], r["step"]) for r in read_metrics(run_dir) if r.get("event") in ("start", "resume")]
+    assert events == [("start", 0), ("resume", 10)]
+
+    def snapshot() -> dict:
+        return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.read_bytes())
+                for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    t0 = time.time()
+    refused = CliRunner().invoke(pretrain, ["--config", str(schedule_yaml), "--preset", "mini",
+                                            "--run-dir", str(run_dir), "--max-steps-per-run", "10"])
+    assert time.time() - t0 < 20
+    assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output[-3000:]
+    (error,) = [line for line in refused.output.splitlines() if line.startswith("Error:")]
+    assert "can't resume" in error and "model hidden_size 64 -> 256" in error and "new --run-dir" in error
+    assert snapshot() == before

@@ -1,0 +1,140 @@
+"""The CPU/GPU reservations of a training job (pretraining and fine-tuning), planned on the driver
+from the cluster before any Ray Train work.
+
+Why: Ray Train workers hold their CPUs for the whole run, and Ray Data's read/tokenize tasks get
+only what the workers leave (Ray Train takes the workers' reservation out of Ray Data's budget).
+When nothing is left, the dataset never yields a row and training waits forever without an error
+("0.25/0 CPU ... backpressured:tasks(ResourceBudget)"; STACK_NOTES). So every plan leaves the
+data pipeline a budget, and settings that can't are refused before anything starts.
+
+Contract:
+- `plan_training(nodes, num_workers, ...) -> TrainPlan`. `nodes` are the alive nodes' total
+  resources (`cluster_nodes()` once Ray is up; `[{"CPU": 2.0}]` for a 2-core machine).
+- GPUs: `use_gpu=None` takes one GPU per worker when the cluster has GPUs, `True` requires them,
+  `False` trains on CPUs. Workers that can't each get a GPU are refused, naming the counts.
+- The data budget: at least `2 x task_cpus` (a read and a tokenize task at once; 0.5 CPU with
+  the default 0.25-CPU tasks). When the plan sizes the workers (`cpus_per_worker=None`), the data
+  gets more on big nodes: 1/8 of the cluster's CPUs for CPU training (the workers compute, the
+  data only tokenizes), 1/4 for GPU training (a GPU consumes text much faster).
+- `cpus_per_worker=None`: CPU workers share everything but the data budget equally (one worker
+  on 2 CPUs holds 1.5, and trains on 2 threads); GPU workers take up to `GPU_WORKER_CPUS` each
+  for their host-side work (masking, collation), the rest goes to the data. The size is the
+  largest that also places every worker on a node (a worker can't span nodes) with the data
+  budget left in pieces a task fits in.
+- An explicit `cpus_per_worker` is kept as given and refused when it leaves the data less than
+  its minimum or the workers can't be placed; the error names the cluster's CPUs, workers x CPUs
+  each, what is left, and the fix.
+- Autoscaling clusters: the plan sees the nodes alive when the job starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+GPU_WORKER_CPUS = 4.0  # most CPUs a GPU worker reserves when sized automatically
+_GRID = 0.05  # automatic sizes step down in these CPU increments until they fit the nodes
+
+
+@dataclass
+class TrainPlan:
+    num_workers: int
+    cpus_per_worker: float  # what each worker reserves
+    use_gpu: bool  # one GPU per worker
+    data_cpus: float  # the cluster's CPUs left to the data pipeline
+    cluster_cpus: float
+    cluster_gpus: int
+    torch_threads: Optional[int]  # the user's override; None = each worker's CPUs, rounded up
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cluster_nodes() -> list[dict]:
+    """The total resources of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def _place(nodes: list[dict], n: int, per: float, use_gpu: bool, task_cpus: float) -> Optional[float]:
+    """Pack n workers of `per` CPUs (and a GPU each with use_gpu) onto the nodes, biggest first, as
+    Ray Train's PACK placement does. Returns the CPUs left that data tasks can use (whole task
+    slots on each node), or None when the workers don't fit."""
+    left_for_data = 0.0
+    todo = n
+    for node in sorted(nodes, key=lambda r: (-float(r.get("GPU", 0)), -float(r.get("CPU", 0)))):
+        cpus = float(node.get("CPU", 0))
+        k = todo if per <= 0 else min(todo, int(cpus / per + 1e-9))
+        if use_gpu:
+            k = min(k, int(float(node.get("GPU", 0)) + 1e-9))
+        todo -= k
+        rest = cpus - k * per
+        left_for_data += math.floor(rest / task_cpus + 1e-9) * task_cpus
+    return None if todo > 0 else left_for_data
+
+
+def plan_training(nodes: list[dict], num_workers: int, cpus_per_worker: Optional[float] = None,
+                  use_gpu: Optional[bool] = None, torch_threads: Optional[int] = None,
+                  task_cpus: float = 0.25) -> TrainPlan:
+    """Size the workers' reservation from the cluster (see the module docstring); raise ValueError
+    with the numbers and the fix when the settings can't train."""
+    n = num_workers
+    cpus = sum(float(r.get("CPU", 0)) for r in nodes)
+    gpus = int(sum(float(r.get("GPU", 0)) for r in nodes) + 1e-9)
+    if n < 1:
+        raise ValueError(f"num_workers must be >= 1, got {n}")
+    if cpus_per_worker is not None and cpus_per_worker <= 0:
+        raise ValueError(f"cpus_per_worker must be > 0 (or unset, to size it from the cluster), "
+                         f"got {cpus_per_worker}")
+    if use_gpu is True and gpus == 0:
+        raise ValueError("GPUs were asked for (--use-gpu / scaling.use_gpu), but the Ray cluster has "
+                         "none; drop --use-gpu (or pass --cpu) to train on CPUs")
+    gpu = gpus > 0 if use_gpu is None else bool(use_gpu)
+    if gpu and gpus < n:
+        raise ValueError(f"{n} workers need one GPU each, but the Ray cluster has {gpus}; use "
+                         f"--num-workers {gpus}, or --cpu to train on CPUs")
+    min_data = 2 * task_cpus
+    what = f"{n} worker{'s' if n > 1 else ''}"
+
+    if cpus_per_worker is not None:
+        left = _place(nodes, n, cpus_per_worker, gpu, task_cpus)
+        if left is None:
+            biggest = max((float(r.get("CPU", 0)) for r in nodes), default=0.0)
+            raise ValueError(
+                f"{what} x {_fmt(cpus_per_worker)} CPU each don't fit the Ray cluster "
+                f"({_fmt(cpus)} CPUs in all, at most {_fmt(biggest)} on one node"
+                + (f", {gpus} GPUs" if gpu else "") + "): lower scaling.cpus_per_worker or use fewer "
+                f"workers (leave cpus_per_worker unset to size it from the cluster)")
+        if left < min_data:
+            room = max(0.0, (cpus - min_data) / n)
+            raise ValueError(
+                f"{what} x {_fmt(cpus_per_worker)} CPU each = {_fmt(n * cpus_per_worker)} of the Ray "
+                f"cluster's {_fmt(cpus)} CPUs leave {_fmt(round(left, 4))} to the data pipeline, which "
+                f"needs at least {_fmt(min_data)} (else training waits forever for data): set "
+                f"scaling.cpus_per_worker to at most {_fmt(math.floor(room / _GRID) * _GRID)}, use "
+                f"fewer workers, or leave cpus_per_worker unset to size it from the cluster")
+        return TrainPlan(n, float(cpus_per_worker), gpu, round(cpus - n * cpus_per_worker, 4), cpus, gpus,
+                         torch_threads)
+
+    data = max(min_data, cpus / (4 if gpu else 8))
+    target = (cpus - data) / n
+    if gpu:
+        target = min(GPU_WORKER_CPUS, target)
+    # The even share first, then smaller sizes until the workers fit the nodes with the data's
+    # budget left (a multi-node cluster can't give one worker CPUs of two nodes).
+    candidates = [target] + [k * _GRID for k in range(int(target / _GRID), 0, -1)]
+    for per in candidates:
+        per = round(per, 4)
+        if per <= 0:
+            continue
+        left = _place(nodes, n, per, gpu, task_cpus)
+        if left is not None and left >= min_data:
+            return TrainPlan(n, per, gpu, round(cpus - n * per, 4), cpus, gpus, torch_threads)
+    raise ValueError(f"the Ray cluster ({_fmt(cpus)} CPUs) has no room for {what} and the data pipeline's "
+                     f"{_fmt(min_data)} CPUs; use fewer workers or a bigger cluster")

@@ -6,7 +6,8 @@ Contract:
   `torch.load(weights_only=True)` (never a full unpickle). Key prefixes are normalized whatever HF
   class wrote the file (`bert.` on task models, none on `BertModel`; `cls.` MLM head;
   `classifier.` task heads), so e.g. a `BertModel` checkpoint loads into a classifier (fresh head,
-  reported) and an MLM checkpoint loads as an encoder (head ignored).
+  reported) and an MLM checkpoint loads as an encoder (head ignored). `HFAdapter` is the one map
+  between our keys and a file's, for saving and loading alike.
   A missing encoder weight is an error; a missing head weight is initialized fresh and reported.
 - `save_pretrained(model, path, tokenizer=None)` writes `config.json` + `model.safetensors` that
   `transformers` loads into the matching class (`BertModel` for encoder/embed heads,
@@ -26,13 +27,14 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .model import HEADS, BertConfig, BertForEmbedding, BertMultiTask, TaskHead, build_model
+from .model import HEADS, BertConfig, BertMultiTask, TaskHead, build_model
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,8 @@ HEAD_OF_ARCHITECTURE = {
     "BertForSequenceClassification": "classify",
     "BertForTokenClassification": "tag",
 }
-# Keys in HF files that carry no weights of ours: buffers, tied copies, the NSP head.
-_IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
+# Keys in HF files that carry no weights of ours: buffers, the tied decoder, the NSP head.
+_IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids", "predictions.decoder.weight")
 _IGNORED_PREFIXES = ("cls.seq_relationship.",)
 _EXTRA_HEADS = "raybert_heads."  # non-primary heads of a multi-task checkpoint
 _HEAD_PREFIXES = ("cls.", "classifier.", _EXTRA_HEADS)
@@ -147,27 +149,57 @@ def check_checkpoint(path: str | Path) -> BertConfig:
     return config
 
 
-def _normalize_keys(sd: dict[str, torch.Tensor], target_prefixed: bool) -> dict[str, torch.Tensor]:
-    """Map HF key spellings onto our module names (prefix, legacy gamma/beta, tied copies)."""
-    out: dict[str, torch.Tensor] = {}
-    decoder_bias = None
-    for key, value in sd.items():
-        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        if key.endswith(_IGNORED_SUFFIXES) or key.startswith(_IGNORED_PREFIXES):
-            continue
-        if key == "cls.predictions.decoder.weight":  # tied to the word embeddings
-            continue
-        if key == "cls.predictions.decoder.bias":  # an alias of cls.predictions.bias
-            decoder_bias = value
-            continue
-        is_head = key.startswith(_HEAD_PREFIXES)
-        encoder_key = key[len("bert."):] if key.startswith("bert.") else key
-        if target_prefixed:
-            out[key if is_head else "bert." + encoder_key] = value
-        elif not is_head:
-            out[encoder_key] = value
-    if target_prefixed and decoder_bias is not None:
-        out.setdefault("cls.predictions.bias", decoder_bias)
+@dataclass
+class HFAdapter:
+    """Our state-dict keys <-> the keys of an HF checkpoint file, for one model (torchtitan's
+    `StateDictAdapter`). save_pretrained writes through `to_hf`, both loaders read through `from_hf`.
+
+    HF files spell the encoder `bert.…` (task models) or bare (`BertModel`), the MLM head `cls.…`
+    and a classifier `classifier.…`; our multi-task files keep further heads under
+    `raybert_heads.<task>.`. `from_hf` accepts either encoder spelling and HF's older ones
+    (LayerNorm gamma/beta, `cls.predictions.decoder.bias`), and drops buffers, the NSP head and the
+    file's heads this model has no place for. The tied MLM decoder weight is never written: HF
+    re-ties it on load, as `tie_weights` does here.
+    """
+
+    routes: dict[str, str]  # our key prefix -> its prefix in the file, the encoder spelled `bert.`
+    bare: bool = False  # the file spells the encoder without `bert.`, as HF's BertModel does
+
+    @classmethod
+    def of(cls, model: nn.Module, tasks: Optional[list[dict]] = None) -> "HFAdapter":
+        """The adapter of `model`. `tasks` (raybert.tasks entries) place a multi-task model's heads
+        in the file; for a single-head model, one entry names the file head it reads (default: the
+        HF place of its kind)."""
+        head = _head_of(model)
+        routes = {"": "bert."} if head == "encoder" else {"bert.": "bert."}
+        if head == "multi":
+            routes.update({f"heads.{t['name']}.": t["prefix"] for t in tasks})
+        elif head in _KIND_PREFIX:  # our attribute is HF's (`cls`, `classifier`)
+            routes[_KIND_PREFIX[head]] = tasks[0]["prefix"] if tasks else _KIND_PREFIX[head]
+        return cls(routes, bare=head in ("encoder", "embed"))
+
+    def to_hf(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = _move({k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}, self.routes)
+        return {k.removeprefix("bert.") if self.bare else k: v for k, v in out.items()}
+
+    def from_hf(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        canon = {}
+        for k, v in sd.items():
+            k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+            if not (k.endswith(_IGNORED_SUFFIXES) or k.startswith(_IGNORED_PREFIXES)):
+                canon[k if k.startswith(("bert.", *_HEAD_PREFIXES)) else "bert." + k] = v
+        for k in [k for k in canon if k.endswith("predictions.decoder.bias")]:  # alias of predictions.bias
+            canon.setdefault(k.replace("decoder.bias", "bias"), canon.pop(k))
+        return _move(canon, {hf: ours for ours, hf in self.routes.items()})
+
+
+def _move(sd: dict[str, torch.Tensor], routes: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Re-prefix each key by the route its prefix matches (routes don't overlap); drop the rest."""
+    out = {}
+    for k, v in sd.items():
+        src = next((p for p in routes if k.startswith(p)), None)
+        if src is not None:
+            out[routes[src] + k[len(src):]] = v
     return out
 
 
@@ -177,25 +209,39 @@ def task_names(path: str | Path) -> list[str]:
     return [t["name"] for t in config.extra.get("raybert", {}).get("tasks", [])]
 
 
-def _select_task(path: Path, config: BertConfig, meta: dict, sd: dict, task: str,
-                 head: Optional[str]) -> tuple[dict, str]:
-    """Re-key task `task`'s head of a multi-task checkpoint to the plain single-head keys."""
-    tasks = {t["name"]: t for t in meta.get("tasks", [])}
-    if task not in tasks:
-        raise ValueError(f"{path} has no task head {task!r}; its tasks: {sorted(tasks) or 'none (single head)'}")
-    spec = tasks[task]
-    if head is None:
-        head = spec["kind"]
-    if head in ("classify", "tag", "mlm") and head != spec["kind"]:
-        raise ValueError(f"{path}: task {task!r} is a {spec['kind']} head, not {head}")
-    if spec["kind"] != "mlm":
-        config.id2label = {int(k): str(v) for k, v in spec["id2label"].items()}
-        config.label2id = {v: k for k, v in config.id2label.items()}
-    target, prefix = _KIND_PREFIX[spec["kind"]], spec["prefix"]
-    if prefix != target:  # drop the primary's head of that kind, then move ours into its place
-        sd = {k: v for k, v in sd.items() if not k.startswith(target)}
-        sd = {(target + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
-    return sd, head
+def _load_weights(model: nn.Module, adapter: HFAdapter, path: Path, dtype: Optional[torch.dtype],
+                  fresh_heads: bool) -> nn.Module:
+    """`path`'s weights into `model`, in eval mode. A missing encoder weight is an error. A head
+    (or pooler) weight the file lacks, or a classifier of another label count, is initialized fresh
+    and reported if `fresh_heads`, else an error too. Encoder-side weights the model has no place
+    for are an error, except a pooler the head doesn't use."""
+    sd = adapter.from_hf(read_state_dict(path))
+    own = model.state_dict()
+    fresh = []
+    for k in [k for k in sd if k in own and own[k].shape != sd[k].shape]:
+        if not (fresh_heads and k.startswith("classifier.")):
+            raise ValueError(f"{path}: weight {k} has shape {tuple(sd[k].shape)}, "
+                             f"model expects {tuple(own[k].shape)}")
+        fresh.append(k)
+        del sd[k]
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(_IGNORED_SUFFIXES)]  # never in a file: tied
+    lacking = [k for k in missing if k.removeprefix("bert.").startswith(("embeddings.", "encoder."))]
+    if lacking:
+        raise ValueError(f"{path}: checkpoint lacks encoder weights {lacking[:5]}"
+                         f"{' ...' if len(lacking) > 5 else ''}")
+    if missing and not fresh_heads:
+        raise ValueError(f"{path}: checkpoint lacks head weights {missing[:5]}")
+    if missing or fresh:
+        log.warning("%s: newly initialized (train before use): %s", path, sorted(set(missing + fresh)))
+    unexpected = [k for k in result.unexpected_keys if not k.removeprefix("bert.").startswith("pooler.")]
+    if unexpected:
+        raise ValueError(f"{path}: unexpected weights {unexpected[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
 
 
 def load_pretrained(path: str | Path, head: Optional[str] = None, *,
@@ -215,55 +261,30 @@ def load_pretrained(path: str | Path, head: Optional[str] = None, *,
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
     config = BertConfig.from_json(path / "config.json")
     meta = config.extra.get("raybert", {})
-    raw = read_state_dict(path)
+    spec = None
     if task is not None:
-        raw, head = _select_task(path, config, meta, raw, task, head)
+        tasks = {t["name"]: t for t in meta.get("tasks", [])}
+        if task not in tasks:
+            raise ValueError(f"{path} has no task head {task!r}; its tasks: {sorted(tasks) or 'none (single head)'}")
+        spec = tasks[task]
+        if head in _KIND_PREFIX and head != spec["kind"]:
+            raise ValueError(f"{path}: task {task!r} is a {spec['kind']} head, not {head}")
+        head = head or spec["kind"]
+        if spec["kind"] != "mlm":
+            config.set_labels(spec["id2label"])
     if head is None:
         arch = (config.architectures or ["BertModel"])[0]
         head = meta.get("head") or HEAD_OF_ARCHITECTURE.get(arch, "encoder")
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
     if id2label is not None:
-        config.id2label = {int(k): str(v) for k, v in id2label.items()}
-        config.label2id = {v: k for k, v in config.id2label.items()}
+        config.set_labels(id2label)
     kwargs = {}
     if head == "embed":
         kwargs = dict(pooling=pooling or meta.get("pooling", "mean"),
                       normalize=meta.get("normalize", True) if normalize is None else normalize)
-
     model = build_model(config, head, **kwargs)
-    target_prefixed = head != "encoder"
-    sd = _normalize_keys(raw, target_prefixed)
-    own = model.state_dict()
-    # Shapes must agree, except a classifier whose label count changed: that head is fresh.
-    fresh = []
-    for k in list(sd):
-        if k in own and own[k].shape != sd[k].shape:
-            if k.startswith("classifier."):
-                fresh.append(k)
-                del sd[k]
-            else:
-                raise ValueError(f"{path}: weight {k} has shape {tuple(sd[k].shape)}, "
-                                 f"model expects {tuple(own[k].shape)}")
-    result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if k != "cls.predictions.decoder.weight"]
-    missing_encoder = [k for k in missing if not k.startswith(_HEAD_PREFIXES) and ".pooler." not in
-                       "." + k.removeprefix("bert.")]
-    if missing_encoder:
-        raise ValueError(f"{path}: checkpoint lacks encoder weights {missing_encoder[:5]}"
-                         f"{' ...' if len(missing_encoder) > 5 else ''}")
-    if missing or fresh:
-        log.warning("%s: newly initialized (train before use): %s", path, sorted(set(missing + fresh)))
-    # Weights of parts this head doesn't have (another head, or a pooler it doesn't use) are skipped.
-    unexpected = [k for k in result.unexpected_keys
-                  if not k.startswith(_HEAD_PREFIXES) and "pooler." not in k]
-    if unexpected:
-        raise ValueError(f"{path}: unexpected weights {unexpected[:5]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    return _load_weights(model, HFAdapter.of(model, spec and [spec]), path, dtype, fresh_heads=True)
 
 
 def load_multitask(path: str | Path, dtype: Optional[torch.dtype] = None) -> BertMultiTask:
@@ -274,52 +295,27 @@ def load_multitask(path: str | Path, dtype: Optional[torch.dtype] = None) -> Ber
     if not specs:
         raise ValueError(f"{path} is not a multi-task checkpoint (no raybert.tasks in config.json)")
     model = BertMultiTask(config, [TaskHead(t["name"], t["kind"], t.get("id2label")) for t in specs])
-    raw = read_state_dict(path)
-    sd = {}
-    for k, v in raw.items():
-        if k.startswith("bert."):
-            sd[k] = v
-            continue
-        for t in specs:
-            if k.startswith(t["prefix"]):
-                sd[f"heads.{t['name']}." + k[len(t["prefix"]):]] = v
-    result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("predictions.decoder.weight")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{path}: multi-task weights don't match: missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
-    model.tie_weights()
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    return _load_weights(model, HFAdapter.of(model, specs), path, dtype, fresh_heads=False)
 
 
-def _multitask_state(model: BertMultiTask, config: BertConfig) -> dict[str, torch.Tensor]:
-    """HF keys for the primary head, `raybert_heads.<task>.` for the rest; fills config's meta."""
-    sd = {"bert." + k: v for k, v in model.bert.state_dict().items()}
-    primary, specs, used = model.primary, [], set()
+def _task_specs(model: BertMultiTask) -> list[dict]:
+    """raybert.tasks of a multi-task checkpoint: each task's kind, labels and key prefix in the
+    file. The primary task sits under HF's `classifier.`, the first mlm task under `cls.`, every
+    other head under `raybert_heads.<task>.`."""
+    specs, used, primary = [], set(), model.primary
     for name, t in model.tasks.items():
         prefix = _KIND_PREFIX[t.kind]
         if (t.kind != "mlm" and name != primary) or prefix in used:
             prefix = f"{_EXTRA_HEADS}{name}."
         used.add(prefix)
-        for k, v in model.heads[name].state_dict().items():
-            if not k.endswith("predictions.decoder.weight"):  # tied to the word embeddings
-                sd[prefix + k] = v
         specs.append({"name": name, "kind": t.kind, "prefix": prefix,
                       "id2label": {str(i): n for i, n in (t.id2label or {}).items()} or None})
-    head = model.tasks[primary].kind if primary else "mlm"
-    config.architectures = [ARCHITECTURES[head]]
-    if primary:
-        config.id2label = dict(model.tasks[primary].id2label)
-        config.label2id = {v: k for k, v in config.id2label.items()}
-    config.extra["raybert"] = {"head": head, "primary": primary, "tasks": specs}
-    return sd
+    return specs
 
 
 def _head_of(model: nn.Module) -> str:
     head = getattr(model, "head", None)
-    if head not in ARCHITECTURES:
+    if head not in ARCHITECTURES and head != "multi":
         raise TypeError(f"{type(model).__name__} is not a raybert BERT model")
     return head
 
@@ -329,24 +325,25 @@ def save_pretrained(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
+    head = _head_of(model)
     config = BertConfig.from_dict(model.config.to_dict())
-    if isinstance(model, BertMultiTask):
-        sd = _multitask_state(model, config)
+    tasks = None
+    if head == "multi":
+        tasks, primary = _task_specs(model), model.primary
+        head = model.tasks[primary].kind if primary else "mlm"
+        if primary:
+            config.set_labels(model.tasks[primary].id2label)
+        meta = {"head": head, "primary": primary, "tasks": tasks}
     else:
-        head = _head_of(model)
-        config.architectures = [ARCHITECTURES[head]]
         meta = {"head": head}
-        if isinstance(model, BertForEmbedding):
+        if head == "embed":
             meta.update(pooling=model.pooling, normalize=model.normalize)
-        config.extra["raybert"] = meta
-        sd = model.state_dict()
-        if head == "embed":  # a plain BertModel on disk, so AutoModel and sentence-transformers load it
-            sd = {k.removeprefix("bert."): v for k, v in sd.items()}
+    config.architectures = [ARCHITECTURES[head]]
+    config.extra["raybert"] = meta
+    sd = HFAdapter.of(model, tasks).to_hf(model.state_dict())
     path.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         config.vocab_size = max(config.vocab_size, len(tokenizer))
-
-    sd.pop("cls.predictions.decoder.weight", None)  # tied: HF re-ties it on load
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config.to_json(path / "config.json")

@@ -6,7 +6,10 @@ Contract:
   tests/test_parity.py to 1e-5 in fp32.
 - Parameter names follow the HF checkpoint keys one to one (`embeddings.word_embeddings.weight`,
   `encoder.layer.0.attention.self.query.weight`, `bert.` / `cls.` / `classifier.` prefixes on the
-  heads), so HF checkpoints load with no key surgery (see checkpoint.py).
+  heads), so HF checkpoints load with no key surgery beyond prefixes (checkpoint.HFAdapter).
+- Heads are modules (BertOnlyMLMHead, BertClassifierHead, BertPoolingHead) run by one container,
+  BertWithHeads: each single-head model holds one, BertMultiTask one per task (`heads.<task>.`
+  keys), so a task's head computes the same thing in either.
 - Single-device code: no distribution, no Ray, no DeepSpeed. Those are applied in `pipelines/`.
 
 What differs from stock HF BERT, and why:
@@ -85,6 +88,11 @@ class BertConfig:
             self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
             if self.id2label is None:
                 self.id2label = {v: k for k, v in self.label2id.items()}
+
+    def set_labels(self, id2label: dict) -> None:
+        """Replace the label names (id2label and its inverse label2id)."""
+        self.id2label = {int(k): str(v) for k, v in id2label.items()}
+        self.label2id = {v: k for k, v in self.id2label.items()}
 
     @property
     def num_labels(self) -> int:
@@ -372,7 +380,9 @@ def init_weights(module: nn.Module, config: BertConfig) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Heads. Attribute names (`bert`, `cls`, `classifier`) give the HF checkpoint prefixes.
+# Heads, and the one container that runs them. A head module reads the encoder's output; the
+# attribute that holds it (`cls`, `classifier`, or `heads.<task>` in BertMultiTask) gives its
+# key prefix, and checkpoint.HFAdapter maps those prefixes to and from HF files.
 # --------------------------------------------------------------------------------------------
 
 
@@ -391,7 +401,7 @@ class BertLMPredictionHead(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
-        # The decoder weight is tied to the word embeddings by BertForMaskedLM.
+        # The decoder weight is tied to the word embeddings by BertWithHeads.tie_weights.
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
@@ -400,102 +410,51 @@ class BertLMPredictionHead(nn.Module):
 
 
 class BertOnlyMLMHead(nn.Module):
+    """The MLM head (HF's `cls`): every token, or only the rows at `masked_index`, onto the vocab."""
+
+    kind = "mlm"
+
     def __init__(self, config: BertConfig):
         super().__init__()
         self.predictions = BertLMPredictionHead(config)
+        self.apply(lambda m: init_weights(m, config))
 
-
-class BertForMaskedLM(nn.Module):
-    """Encoder + MLM head with the decoder tied to `bert.embeddings.word_embeddings`."""
-
-    head = "mlm"
-
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.config = config
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self.cls = BertOnlyMLMHead(config)
-        self.cls.apply(lambda m: init_weights(m, config))
-        self.tie_weights()
-
-    def tie_weights(self) -> None:
-        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # (B, T)
-        attention_mask: Optional[torch.Tensor] = None,  # (B, T)
-        token_type_ids: Optional[torch.Tensor] = None,  # (B, T)
-        masked_index: Optional[torch.Tensor] = None,  # (M,) flat positions into B*T
-    ) -> torch.Tensor:
-        """Logits (B, T, V), or (M, V) at `masked_index` only (see masking.MaskedBatch)."""
-        h = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, H)
-        if masked_index is not None:
+    def forward(self, h: torch.Tensor, masked_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if masked_index is not None:  # (M,) flat positions into B*T
             h = h.reshape(-1, h.shape[-1]).index_select(0, masked_index)  # (M, H)
-        return self.cls.predictions(h)  # (B, T, V) or (M, V)
+        return self.predictions(h)  # (B, T, V) or (M, V)
 
 
-class BertForSequenceClassification(nn.Module):
-    """Encoder + pooler + dropout + linear, as HF. Returns logits (B, L)."""
+class BertClassifierHead(nn.Linear):
+    """Dropout, then a linear map to L labels (HF's `classifier`): on the pooled [CLS] for
+    `kind="classify"`, on every token for `kind="tag"`. It is the Linear itself, so its weights
+    are `<attribute>.weight` / `.bias`, as in HF files."""
 
-    head = "classify"
-
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.config = config
-        self.num_labels = config.num_labels
-        self.bert = BertModel(config, add_pooling_layer=True)
+    def __init__(self, config: BertConfig, kind: str, num_labels: int):
+        super().__init__(config.hidden_size, num_labels)
+        self.kind = kind
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
-        self.classifier = nn.Linear(config.hidden_size, self.num_labels)
-        init_weights(self.classifier, config)
+        init_weights(self, config)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        h = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, H)
-        pooled = self.bert.pooler(h)  # (B, H)
-        return self.classifier(self.dropout(pooled))  # (B, L)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.dropout(x))  # (B, L) or (B, T, L)
 
 
-class BertForTokenClassification(nn.Module):
-    """Encoder + dropout + linear per token, as HF (no pooler). Returns logits (B, T, L)."""
+class BertPoolingHead(nn.Module):
+    """Sentence embeddings: mean over real tokens (attention_mask == 1, as sentence-transformers
+    does) or the [CLS] state, optionally L2-normalized. No parameters."""
 
-    head = "tag"
+    kind = "embed"
 
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.config = config
-        self.num_labels = config.num_labels
-        self.bert = BertModel(config, add_pooling_layer=False)
-        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
-        self.classifier = nn.Linear(config.hidden_size, self.num_labels)
-        init_weights(self.classifier, config)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        h = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, H)
-        return self.classifier(self.dropout(h))  # (B, T, L)
-
-
-class BertForEmbedding(nn.Module):
-    """Sentence embeddings: encoder + mean or CLS pooling, optionally L2-normalized.
-
-    Mean pooling averages only real tokens (attention_mask == 1), as sentence-transformers does.
-    It has no parameters beyond the encoder; it saves as a plain HF `BertModel`.
-    """
-
-    head = "embed"
-
-    def __init__(self, config: BertConfig, pooling: str = "mean", normalize: bool = True):
+    def __init__(self, pooling: str = "mean", normalize: bool = True):
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-        self.config = config
         self.pooling = pooling
         self.normalize = normalize
-        self.bert = BertModel(config, add_pooling_layer=False)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        h = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, H)
+    def forward(self, h: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.pooling == "cls":
             e = h[:, 0]  # (B, H)
         elif attention_mask is None:
@@ -504,6 +463,99 @@ class BertForEmbedding(nn.Module):
             m = attention_mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
             e = (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)  # (B, H)
         return F.normalize(e, p=2, dim=-1) if self.normalize else e  # (B, H)
+
+
+class BertWithHeads(nn.Module):
+    """The head container: the encoder `bert` and head modules (subclasses add them as
+    attributes), run by one `run_head`. The single-head models hold one head, BertMultiTask one
+    per task; either way an MLM decoder is tied to the word embeddings."""
+
+    head: str  # encoder | mlm | classify | tag | embed | multi: what checkpoint.py saves it as
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=add_pooling_layer)
+
+    def tie_weights(self) -> None:
+        """Share the word-embedding matrix with every MLM decoder (again after loading weights)."""
+        for m in self.modules():
+            if isinstance(m, BertLMPredictionHead):
+                m.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def run_head(
+        self,
+        head: nn.Module,  # one of this model's head modules
+        input_ids: torch.Tensor,  # (B, T) long
+        attention_mask: Optional[torch.Tensor],  # (B, T) 1 = token, 0 = padding
+        token_type_ids: Optional[torch.Tensor],  # (B, T) segment ids
+        masked_index: Optional[torch.Tensor] = None,  # (M,) mlm only: flat positions into B*T
+    ) -> torch.Tensor:
+        h = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, H)
+        if head.kind == "classify":
+            return head(self.bert.pooler(h))  # (B, L), as HF's BertForSequenceClassification
+        if head.kind == "tag":
+            return head(h)  # (B, T, L), as HF's BertForTokenClassification
+        if head.kind == "mlm":
+            return head(h, masked_index)  # (B, T, V) or (M, V)
+        return head(h, attention_mask)  # embed: (B, H)
+
+
+class BertForMaskedLM(BertWithHeads):
+    """Encoder + MLM head with the decoder tied to `bert.embeddings.word_embeddings`."""
+
+    head = "mlm"
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.tie_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, masked_index=None) -> torch.Tensor:
+        """Logits (B, T, V), or (M, V) at `masked_index` only (see masking.MaskedBatch)."""
+        return self.run_head(self.cls, input_ids, attention_mask, token_type_ids, masked_index)
+
+
+class _BertForLabels(BertWithHeads):
+    """Encoder + BertClassifierHead: classify (pooled [CLS]) or tag (every token), by `head`."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config, add_pooling_layer=self.head == "classify")
+        self.num_labels = config.num_labels
+        self.classifier = BertClassifierHead(config, self.head, self.num_labels)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        # (B, L) for classify, (B, T, L) for tag
+        return self.run_head(self.classifier, input_ids, attention_mask, token_type_ids)
+
+
+class BertForSequenceClassification(_BertForLabels):
+    """Encoder + pooler + dropout + linear, as HF. Returns logits (B, L)."""
+
+    head = "classify"
+
+
+class BertForTokenClassification(_BertForLabels):
+    """Encoder + dropout + linear per token, as HF (no pooler). Returns logits (B, T, L)."""
+
+    head = "tag"
+
+
+class BertForEmbedding(BertWithHeads):
+    """Sentence embeddings (B, H): encoder + BertPoolingHead. It has no parameters beyond the
+    encoder; it saves as a plain HF `BertModel`."""
+
+    head = "embed"
+
+    def __init__(self, config: BertConfig, pooling: str = "mean", normalize: bool = True):
+        super().__init__(config, add_pooling_layer=False)
+        self.pool = BertPoolingHead(pooling, normalize)
+
+    pooling = property(lambda self: self.pool.pooling)  # mean | cls
+    normalize = property(lambda self: self.pool.normalize)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return self.run_head(self.pool, input_ids, attention_mask, token_type_ids)  # (B, H)
 
 
 @dataclass
@@ -527,38 +579,28 @@ class TaskHead:
                 raise ValueError(f"task {self.name}: label ids must be 0..{len(self.id2label) - 1}")
 
 
-class BertMultiTask(nn.Module):
+class BertMultiTask(BertWithHeads):
     """One shared encoder and several named heads: fine-tuning (one task) and multi-task learning.
 
-    `forward(task, ...)` runs the encoder once and the named head: classify gives (B, L) from the
-    pooled [CLS] (HF's BertForSequenceClassification), tag gives (B, T, L) (HF's
-    BertForTokenClassification), mlm gives (B, T, V) or (M, V) at `masked_index`, its decoder tied
-    to the word embeddings. Heads share one dropout. checkpoint.save_pretrained writes the first
-    classify/tag task under HF's own keys, so `transformers` loads it as that task's model, and
-    keeps every other head beside it (see checkpoint.py).
+    The heads are the single-head models' own modules, in `heads[<task name>]`, so
+    `forward(task, ...)` gives exactly what that task's single-head model gives: classify (B, L),
+    tag (B, T, L), mlm (B, T, V) or (M, V) at `masked_index`. checkpoint.save_pretrained writes
+    the first classify/tag task under HF's own keys, so `transformers` loads it as that task's
+    model, and keeps every other head beside it (see checkpoint.py).
     """
 
     head = "multi"
 
     def __init__(self, config: BertConfig, tasks: list[TaskHead]):
-        super().__init__()
         if not tasks:
             raise ValueError("BertMultiTask needs at least one task")
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
-        self.config = config
+        super().__init__(config, add_pooling_layer=any(t.kind == "classify" for t in tasks))
         self.tasks = {t.name: t for t in tasks}
-        self.bert = BertModel(config, add_pooling_layer=any(t.kind == "classify" for t in tasks))
-        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
-        self.heads = nn.ModuleDict()
-        for t in tasks:
-            if t.kind == "mlm":
-                self.heads[t.name] = BertOnlyMLMHead(config)
-            else:
-                self.heads[t.name] = nn.Linear(config.hidden_size, len(t.id2label))
-            self.heads[t.name].apply(lambda m: init_weights(m, config))
+        self.heads = nn.ModuleDict({t.name: BertOnlyMLMHead(config) if t.kind == "mlm" else
+                                    BertClassifierHead(config, t.kind, len(t.id2label)) for t in tasks})
         self.tie_weights()
 
     @property
@@ -566,28 +608,10 @@ class BertMultiTask(nn.Module):
         """The task HF sees: the first classify/tag task."""
         return next((n for n, t in self.tasks.items() if t.kind != "mlm"), None)
 
-    def tie_weights(self) -> None:
-        for name, t in self.tasks.items():
-            if t.kind == "mlm":
-                self.heads[name].predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
-
-    def forward(
-        self,
-        task: str,
-        input_ids: torch.Tensor,  # (B, T)
-        attention_mask: Optional[torch.Tensor] = None,  # (B, T)
-        token_type_ids: Optional[torch.Tensor] = None,  # (B, T)
-        masked_index: Optional[torch.Tensor] = None,  # (M,) mlm only: flat positions into B*T
-    ) -> torch.Tensor:
-        kind = self.tasks[task].kind
-        h = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, H)
-        if kind == "classify":
-            return self.heads[task](self.dropout(self.bert.pooler(h)))  # (B, L)
-        if kind == "tag":
-            return self.heads[task](self.dropout(h))  # (B, T, L)
-        if masked_index is not None:
-            h = h.reshape(-1, h.shape[-1]).index_select(0, masked_index)  # (M, H)
-        return self.heads[task].predictions(h)  # (B, T, V) or (M, V)
+    def forward(self, task: str, input_ids, attention_mask=None, token_type_ids=None,
+                masked_index=None) -> torch.Tensor:
+        """Logits of head `task`; `masked_index` (M,) applies to an mlm task only."""
+        return self.run_head(self.heads[task], input_ids, attention_mask, token_type_ids, masked_index)
 
 
 class BertEncoderOnly(BertModel):
@@ -610,15 +634,6 @@ def build_model(config: BertConfig, head: str = "encoder", **head_kwargs) -> nn.
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
     return HEADS[head](config, **head_kwargs)
-
-
-def count_params(model: nn.Module, non_embedding: bool = False) -> int:
-    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    if non_embedding:
-        for name, p in model.named_parameters():
-            if "embeddings" in name:
-                n -= p.numel()
-    return n
 
 
 def mlm_flops_per_token(config: BertConfig, seq_len: int, mask_rate: float = 0.15) -> float:

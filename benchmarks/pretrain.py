@@ -1,7 +1,16 @@
-"""Pretraining step throughput: raybert vs the Hugging Face baseline, in one process, one run.
+"""Pretraining throughput: raybert vs the Hugging Face baseline, the step and the whole job.
 
-    .venv/bin/python benchmarks/pretrain.py            # full: mini, seq 128, batch 32, fp32 + bf16
+    .venv/bin/python benchmarks/pretrain.py            # the step: mini, seq 128, batch 32, fp32 + bf16
     .venv/bin/python benchmarks/pretrain.py --quick    # smoke: tiny batch, few steps
+    .venv/bin/python benchmarks/pretrain.py --job      # the whole `raybert pretrain` job vs the HF loop
+    .venv/bin/python benchmarks/pretrain.py --job --quick   # smoke of the job comparison (debug preset)
+
+The job comparison (`--job`) runs `jobs.pretrain.main` (what `raybert pretrain` calls) on a
+Parquet corpus of People's Daily text: 1 worker holding 1.5 of the machine's CPUs (the rest left to
+Ray Data), fp32, sequence length 128, batch 32. Its tokens/s is the median of metrics.jsonl's
+log windows after the first two (start-up and warm-up excluded). The HF loop below runs in this
+process on all cores (torch's default threads) at the same config, once before and once after the
+job; the ratio is against their mean, so load drift on a shared machine hits both sides.
 
 What is compared (same `mini` config with Google's Chinese vocab, same packed rows of real
 People's Daily text, same batch, sequence length and dtype, torch AdamW in every case):
@@ -136,6 +145,72 @@ def bench_ours(config, tok, batches, dtype, warmup, deepspeed_engine: bool):
     return timed(step, batches, warmup)
 
 
+def bench_job(args, tok, config) -> dict:
+    """The whole job, steady state, from its own metrics.jsonl."""
+    import statistics
+    import tempfile
+
+    from jobs.pretrain import main as pretrain_main
+    from jobs.pretrain import preset_config, read_metrics
+    from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
+    from pipelines.pretrain_data import write_corpus
+
+    work = tempfile.mkdtemp(prefix="raybert-bench-job-")
+    corpus = write_corpus(peoples_daily_sentences(), os.path.join(work, "corpus"), rows_per_file=20_000)
+    cfg = preset_config(args.preset)
+    cfg.run_dir = os.path.join(work, "run")
+    cfg.data.paths, cfg.data.tokenizer, cfg.data.seq_len = [corpus], str(chinese_vocab_path()), args.seq_len
+    cfg.data.val_fraction = 0.0
+    cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = 1, args.cpus_per_worker
+    t = cfg.train
+    t.dtype, t.zero_stage, t.micro_batch_size, t.max_steps = "fp32", 1, args.batch, args.job_steps
+    t.log_every, t.eval_every, t.save_every = args.log_every, 10 ** 9, 10 ** 9
+    t0 = time.perf_counter()
+    pretrain_main(cfg)
+    wall = time.perf_counter() - t0
+    records = read_metrics(cfg.run_dir)
+    windows = [r for r in records if "tokens_per_s" in r]
+    start = next(r for r in records if r.get("event") == "start")
+    steady = windows[2:] or windows[-1:]
+    last = steady[-1]
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+            "windows": [round(r["tokens_per_s"]) for r in windows], "mfu": statistics.median(r["mfu"] for r in steady),
+            "peak_flops": last["peak_flops"], "threads": start["threads"], "steps": t.max_steps,
+            "wall_s": wall, "final_loss": last["loss"], "run_dir": cfg.run_dir}
+
+
+def job_main(args) -> None:
+    from bert_core.model import mlm_flops_per_token, preset
+    from bert_core.tokenizer import load_tokenizer
+    from pipelines.corpora import chinese_vocab_path
+
+    tok = load_tokenizer(chinese_vocab_path())
+    config = preset(args.preset, vocab_size=len(tok))
+    rows = packed_rows(tok, args.seq_len, args.batch * (args.steps + args.warmup))
+    batches = list(rows.split(args.batch))
+    tokens = args.batch * args.seq_len * args.steps
+    hf = [tokens / bench_hf(config, tok, batches, "fp32", args.warmup)]
+    print(f"  hf (before job): {hf[0]:.0f} tok/s, {torch.get_num_threads()} threads", flush=True)
+    job = bench_job(args, tok, config)
+    print(f"  job: {job['tokens_per_s']:.0f} tok/s (windows {job['windows']}), {job['threads']} threads",
+          flush=True)
+    hf.append(tokens / bench_hf(config, tok, batches, "fp32", args.warmup))
+    print(f"  hf (after job): {hf[1]:.0f} tok/s", flush=True)
+    hf_tps = sum(hf) / len(hf)
+    fpt_hf = mlm_flops_per_token(config, args.seq_len, mask_rate=1.0)
+    summary = {"preset": args.preset, "seq_len": args.seq_len, "batch": args.batch, "dtype": "fp32",
+               "cpus": os.cpu_count(), "cpus_per_worker": args.cpus_per_worker, "job": job,
+               "hf_tokens_per_s": hf, "hf_threads": torch.get_num_threads(),
+               "hf_mfu": hf_tps * fpt_hf / job["peak_flops"], "ratio_job_vs_hf": job["tokens_per_s"] / hf_tps}
+    print(f"\n`raybert pretrain` job vs HF loop, {args.preset}, seq {args.seq_len}, batch {args.batch}, fp32: "
+          f"{job['tokens_per_s']:.0f} vs {hf_tps:.0f} tokens/s = {summary['ratio_job_vs_hf']:.2f}x; "
+          f"job MFU {job['mfu']:.1%} of a measured {job['peak_flops'] / 1e9:.0f} GFLOP/s")
+    print(json.dumps(summary, indent=1, default=str))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+
+
 def init_single_process_group():
     import torch.distributed as dist
 
@@ -156,9 +231,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--out", help="write results as JSON here")
+    ap.add_argument("--job", action="store_true", help="the whole `raybert pretrain` job vs the HF loop")
+    ap.add_argument("--job-steps", type=int, default=60, help="--job: optimizer steps of the job")
+    ap.add_argument("--log-every", type=int, default=5, help="--job: steps per metrics window")
+    ap.add_argument("--cpus-per-worker", type=float, default=1.5, help="--job: CPUs the one worker holds")
     args = ap.parse_args()
     if args.quick:
         args.batch, args.steps, args.warmup = 4, 2, 1
+        args.preset, args.job_steps, args.log_every = ("debug", 12, 3) if args.job else (args.preset, 0, 0)
+    if args.job:
+        return job_main(args)
 
     from bert_core.model import mlm_flops_per_token, preset
     from bert_core.tokenizer import load_tokenizer

@@ -106,6 +106,9 @@ def registered_checkpoint(run_dir: str | Path) -> Optional[Path]:
         result = ray.train.Result.from_path(str(Path(run_dir).absolute()))
     except RuntimeError:  # not a Ray Train run dir (yet): no checkpoint manager snapshot
         return None
+    except Exception as e:  # the snapshot names checkpoints that are gone, or another Ray's format
+        raise ValueError(f"{run_dir}: Ray Train's checkpoint record can't be read ({type(e).__name__}: {e}); "
+                         f"restore the run dir's checkpoints, or start a new --run-dir") from None
     return Path(result.checkpoint.path) if result.checkpoint is not None else None
 
 

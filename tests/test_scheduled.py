@@ -156,3 +156,9 @@ def test_ledger_says_where_training_resumed_and_an_incompatible_resume_changes_n
     (error,) = [line for line in refused.output.splitlines() if line.startswith("Error:")]
     assert "can't resume" in error and "model hidden_size 64 -> 256" in error and "new --run-dir" in error
     assert snapshot() == before
+
+    # A registered checkpoint deleted by hand: one Error line naming the run dir, not a Ray traceback.
+    shutil.rmtree(run_dir / "checkpoint_00000020")
+    broken = CliRunner().invoke(pretrain, ["--config", str(schedule_yaml), "--preset", "debug", "--run-dir", str(run_dir)])
+    assert broken.exit_code == 1 and "Traceback" not in broken.output, broken.output[-3000:]
+    assert "checkpoint record can't be read" in broken.output and str(run_dir) in broken.output

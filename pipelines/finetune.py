@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from bert_core.masking import Masker, MaskingConfig
 from bert_core.model import BertConfig, BertMultiTask, TaskHead
 from pipelines.finetune_data import IGNORE, FinetuneData
-from pipelines.worker import (Heartbeat, MetricsWriter, ModelConfig, TrainConfig, all_reduce_sum, build_bert_config,
-                              build_engine, derive_seed, evaluating, gathered_state_dict, heartbeat_interval,
-                              mlm_step_inputs, worker_context, worker_nodes)
+from pipelines.worker import (Heartbeat, MetricsWriter, ModelConfig, TrainConfig, WorkerContext, all_reduce_sum,
+                              build_bert_config, build_engine, derive_seed, evaluating, gathered_state_dict,
+                              mlm_step_inputs, worker_nodes, worker_session)
 
 MIXING = ("proportional", "weights", "round_robin")
 METRICS = ("auto", "accuracy", "macro_f1", "entity_f1")
@@ -311,20 +311,11 @@ def _task_loss(engine, task: TaskSpec, batch: dict, masker: Optional[Masker], se
 
 def finetune_loop_per_worker(config: dict) -> None:
     cfg = FinetuneLoopConfig.from_dict(config)
-    wc = worker_context(cfg.use_gpu, cfg.torch_threads)
-    run_dir = Path(cfg.run_dir)
-    lead = wc.rank == 0
-    beat = Heartbeat(run_dir / "heartbeat.json" if lead and cfg.train.stall_timeout_s else None,
-                     heartbeat_interval(cfg.train.stall_timeout_s))
-    log = MetricsWriter(run_dir / "metrics.jsonl" if lead else None)
-    try:
-        _finetune(cfg, wc, beat, log)
-    finally:
-        log.close()
-        beat.close()
+    with worker_session(Path(cfg.run_dir), cfg.use_gpu, cfg.torch_threads, cfg.train.stall_timeout_s) as session:
+        _finetune(cfg, *session)
 
 
-def _finetune(cfg: FinetuneLoopConfig, wc, beat: Heartbeat, log: MetricsWriter) -> None:
+def _finetune(cfg: FinetuneLoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWriter) -> None:
     import ray.train
 
     tc, opts = cfg.train, cfg.options

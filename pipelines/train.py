@@ -63,8 +63,8 @@ from bert_core.model import BertConfig, BertForMaskedLM, mlm_flops_per_token
 from pipelines.pretrain_data import DataConfig
 from pipelines.worker import (FaultDrill, Heartbeat, MetricsWriter, ModelConfig, TrainConfig, WorkerContext,
                               all_reduce_sum, build_bert_config, build_engine, derive_seed, device_name,
-                              evaluating, gathered_state_dict, heartbeat_interval, mlm_step_inputs, peak_flops,
-                              worker_context, worker_nodes)
+                              evaluating, gathered_state_dict, mlm_step_inputs, peak_flops, worker_nodes,
+                              worker_session)
 
 
 @dataclass
@@ -277,18 +277,8 @@ def _eta(seconds: float) -> str:
 
 def train_loop_per_worker(config: dict) -> None:
     cfg = LoopConfig.from_dict(config)
-    wc = worker_context(cfg.use_gpu, cfg.torch_threads)
-    run_dir = Path(cfg.run_dir)
-    lead = wc.rank == 0
-    tc = cfg.train
-    beat = Heartbeat(run_dir / "heartbeat.json" if lead and tc.stall_timeout_s else None,
-                     heartbeat_interval(tc.stall_timeout_s))
-    log = MetricsWriter(run_dir / "metrics.jsonl" if lead else None)
-    try:
-        _train(cfg, wc, beat, log)
-    finally:
-        log.close()
-        beat.close()
+    with worker_session(Path(cfg.run_dir), cfg.use_gpu, cfg.torch_threads, cfg.train.stall_timeout_s) as session:
+        _train(cfg, *session)
 
 
 def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWriter) -> None:

@@ -5,13 +5,14 @@ Contract:
 - Configs every training job shares: `ModelConfig` (which encoder), `TrainConfig` (optimizer,
   schedule, precision, ZeRO, logging and checkpoint cadence, the stall timeout), and `FaultDrill`
   (fault injection for tests and chaos runs only: set through RAYBERT_FAULT_DRILL, never by users).
-- In a worker: `worker_context` gives (rank, world, device) and sets torch's CPU threads from the
-  CPUs the worker holds; `build_bert_config` resolves the encoder config; `build_engine` is the one
-  place a model meets DeepSpeed; `all_reduce_sum` sums metrics over ranks (one host sync);
-  `MetricsWriter` appends `metrics.jsonl` lines from a background thread, so a log step never waits
-  on the file system; `Heartbeat` publishes rank 0's {step, phase} to `<run_dir>/heartbeat.json`
-  every few seconds (the loop only assigns fields); `peak_flops` measures (and caches in the run
-  dir) the dense matmul peak MFU is quoted against.
+- In a worker: `worker_session` opens what every loop starts with: `worker_context` (rank, world,
+  device; torch's CPU threads set from the CPUs the worker holds), rank 0's `Heartbeat` (its
+  {step, phase} written to `<run_dir>/heartbeat.json` every few seconds by a thread; the loop only
+  assigns fields) and `MetricsWriter` (`metrics.jsonl` lines appended by a background thread, so
+  a log step never waits on the file system). `build_bert_config` resolves the encoder config;
+  `build_engine` is the one place a model meets DeepSpeed; `all_reduce_sum` sums metrics over
+  ranks (one host sync); `peak_flops` measures (and caches in the run dir) the dense matmul peak
+  MFU is quoted against.
 - On the driver: `torch_trainer` builds the TorchTrainer every job runs under; `fit_with_watchdog`
   runs `trainer.fit()` and ends it with `TrainingStalled` (naming the starved stage) when the
   heartbeat stops moving; `publish_export` copies a checkpoint's HF export to `<run_dir>/export`.
@@ -410,14 +411,36 @@ class Heartbeat:
                 pass
 
     def close(self) -> None:
+        """Stop the thread and leave the last state on disk."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
             self._thread = None
+            try:
+                self._write()
+            except OSError:
+                pass
 
 
 def heartbeat_interval(stall_timeout_s: Optional[float]) -> float:
     return min(5.0, max(0.5, (stall_timeout_s or 60.0) / 6))
+
+
+@contextmanager
+def worker_session(run_dir: Path, use_gpu: bool, torch_threads: Optional[int], stall_timeout_s: Optional[float]):
+    """What every training loop opens first: (WorkerContext, Heartbeat, MetricsWriter); rank 0's
+    heartbeat (when the watchdog is on) and metrics file live in `run_dir`, and are closed (the
+    metrics queue drained) however the loop ends."""
+    wc = worker_context(use_gpu, torch_threads)
+    lead = wc.rank == 0
+    beat = Heartbeat(run_dir / "heartbeat.json" if lead and stall_timeout_s else None,
+                     heartbeat_interval(stall_timeout_s))
+    log = MetricsWriter(run_dir / "metrics.jsonl" if lead else None)
+    try:
+        yield wc, beat, log
+    finally:
+        log.close()
+        beat.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -166,11 +166,13 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
         raise FileExistsError(f"{run_dir} already holds a fine-tune result; fine-tunes don't resume, "
                               f"use a new --run-dir")
     tokenizer = str(Path(cfg.tokenizer or cfg.model.init_from).absolute())
+    from bert_core.checkpoint import check_checkpoint
     from bert_core.tokenizer import load_tokenizer
 
+    init = check_checkpoint(cfg.model.init_from) if cfg.model.init_from else None  # before its tokenizer
     tok = load_tokenizer(tokenizer)  # fail here, not on every worker
-    if cfg.model.init_from:
-        check_init_from(cfg.model.init_from, tokenizer, tok)
+    if init is not None:
+        check_init_from(cfg.model.init_from, init, tokenizer, tok)
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

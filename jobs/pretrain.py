@@ -158,15 +158,14 @@ def has_checkpoints(run_dir: Path) -> bool:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
-def check_init_from(init_from: str, tokenizer_path: str, tok) -> None:
-    """Refuse an `--init-from` checkpoint that isn't a loadable BERT, or whose vocabulary isn't the
-    tokenizer's: its embedding rows would be trained as other tokens, silently (the weights load
-    either way). Driver side, no Ray; shared by pretraining and fine-tuning."""
-    from bert_core.checkpoint import check_checkpoint
+def check_init_from(init_from: str, config, tokenizer_path: str, tok) -> None:
+    """Refuse an `--init-from` checkpoint (`config`: what `bert_core.check_checkpoint` returned for
+    it) whose vocabulary isn't the tokenizer's: its embedding rows would be trained as other
+    tokens, silently (the weights load either way). Driver side, no Ray; shared by pretraining and
+    fine-tuning."""
     from bert_core.tokenizer import load_tokenizer
 
     ckpt = Path(init_from).absolute()
-    config = check_checkpoint(ckpt)
     if config.vocab_size < len(tok):
         raise ValueError(f"--init-from {ckpt} has vocab_size {config.vocab_size:,}, smaller than the "
                          f"{len(tok):,} tokens of the tokenizer {tokenizer_path}: ids past "
@@ -240,6 +239,7 @@ def check_resume(cfg: PretrainConfig, run_dir: Path, tok, bert_config) -> None:
 def check_inputs(cfg: PretrainConfig, run_dir: Path) -> str:
     """Every check that needs no Ray, before anything on disk changes: the run dir's resume mode
     and compatibility, the tokenizer, `init_from`, the corpus. Returns the tokenizer path."""
+    from bert_core.checkpoint import check_checkpoint
     from bert_core.tokenizer import load_tokenizer
     from pipelines.pretrain_data import check_corpus
     from pipelines.worker import build_bert_config
@@ -247,10 +247,11 @@ def check_inputs(cfg: PretrainConfig, run_dir: Path) -> str:
     if cfg.resume == "never" and has_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds checkpoints; use --resume auto to continue "
                               f"it, or a new --run-dir")
+    init = check_checkpoint(cfg.model.init_from) if cfg.model.init_from else None
     tokenizer = resolve_tokenizer(cfg)
     tok = load_tokenizer(tokenizer)
-    if cfg.model.init_from:
-        check_init_from(cfg.model.init_from, tokenizer, tok)
+    if init is not None:
+        check_init_from(cfg.model.init_from, init, tokenizer, tok)
     check_resume(cfg, run_dir, tok, build_bert_config(cfg.model, len(tok)))
     t = cfg.train
     check_corpus(cfg.data, tokenizer, rows_needed=cfg.scaling.num_workers * t.micro_batch_size * t.grad_accum)

@@ -13,66 +13,10 @@ command only parses flags, loads the YAML config and calls `main`; a bad config 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional, Union
-
 import click
 
-
-@dataclass
-class ResourceConfig:
-    """How the job uses the cluster. None means: size it from the cluster (see cpu_plan)."""
-
-    num_actors: Optional[int] = None  # predictor actors; default one per GPU, else one per 2 CPUs
-    actor_num_cpus: Optional[float] = None  # logical CPUs each actor reserves (CPU clusters: auto)
-    task_num_cpus: float = 0.25  # read/tokenize/write tasks; fractional so actors can't starve them
-    torch_threads: Optional[int] = None  # intra-op threads per actor
-    device: str = "auto"  # auto | cpu | cuda
-    max_restarts: int = 4  # restarts of a killed predictor actor
-    max_task_retries: int = 4  # retries of a block whose actor died
-    task_max_retries: int = 4  # retries of a failed read/tokenize/write task
-
-
-@dataclass
-class ScoreConfig:
-    input: Union[str, list] = ""  # Parquet file(s), directory or glob (or a list of them)
-    output: str = ""  # output directory (Parquet files + _SUCCESS.json)
-    model: str = ""  # HF BERT directory or raybert checkpoint
-    task: str = "embed"  # embed | classify | tag | fill-mask
-    text_column: str = "text"
-    text_pair_column: Optional[str] = None  # second text for sentence pairs
-    id_column: str = "id"  # if absent from the data, ids are "<file>:<row index>"
-    max_length: int = 512  # tokens per row (longer rows are truncated and flagged); capped by the model
-    max_tokens: int = 4096  # token budget per forward pass: rows x longest row
-    batch_size: int = 1024  # rows per block; the token-budget batcher sorts by length within it
-    max_batch_rows: Optional[int] = None  # optional cap on rows per forward pass
-    dtype: str = "fp32"  # fp32 | bf16 (CPU or GPU autocast) | fp16 (GPU only)
-    pooling: Optional[str] = None  # embed: mean | cls (default: the checkpoint's, else mean)
-    normalize: Optional[bool] = None  # embed: L2-normalize (default: the checkpoint's, else True)
-    top_k: int = 5  # fill-mask: candidates per [MASK]
-    tokenizer: Optional[str] = None  # tokenizer dir if not the model's
-    head: Optional[str] = None  # task head of a multi-task checkpoint (default: its primary task)
-    address: Optional[str] = None  # Ray address; None: RAY_ADDRESS or an embedded local Ray
-    checkpoint_dir: Optional[str] = None  # resume state; default "<output>.checkpoint" (shared storage on a cluster)
-    overwrite: bool = False  # discard an existing output/checkpoint and score again
-    resources: ResourceConfig = field(default_factory=ResourceConfig)
-
-
-def validate(cfg: ScoreConfig) -> None:
-    from pipelines.predictors import DTYPES, TASKS
-
-    for name in ("input", "output", "model"):
-        if not getattr(cfg, name):
-            raise ValueError(f"score: {name} is required")
-    if cfg.task not in TASKS:
-        raise ValueError(f"score: task must be one of {TASKS}, got {cfg.task!r}")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"score: dtype must be one of {DTYPES}, got {cfg.dtype!r}")
-    if cfg.max_tokens < 1 or cfg.batch_size < 1 or cfg.max_length < 3:
-        raise ValueError("score: max_tokens and batch_size must be >= 1, max_length >= 3")
-    if cfg.resources.num_actors is not None and cfg.resources.num_actors < 1:
-        raise ValueError(f"score: resources.num_actors must be >= 1 (leave it unset for one per GPU, else one "
-                         f"per 2 CPUs), got {cfg.resources.num_actors}")
+# The job's typed config is the pipeline's: one dataclass, checked once (ScoreConfig.check).
+from pipelines.scoring import ResourceConfig, ScoreConfig
 
 
 def output_lock(output: str):
@@ -96,25 +40,14 @@ def output_lock(output: str):
 
 def main(cfg: ScoreConfig):
     """Run the scoring job; returns pipelines.scoring.ScoreResult and prints its summary line."""
-    validate(cfg)
+    from jobs.ray_env import ray_session
     from pipelines.scoring import preflight, score
 
-    common = dict(inputs=cfg.input, output=cfg.output, model=cfg.model, task=cfg.task,
-                  text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, id_column=cfg.id_column,
-                  checkpoint_dir=cfg.checkpoint_dir, overwrite=cfg.overwrite, tokenizer=cfg.tokenizer)
-    # Bad inputs are refused here, before the lock file or Ray exist; score() checks again under
-    # the lock, since the output may have changed in between.
-    max_length = min(cfg.max_length, preflight(**common).model_config.max_position_embeddings)
-    from jobs.ray_env import ray_session
-
-    r = cfg.resources
+    # Bad config or inputs are refused here, before the lock file or Ray exist; score() checks
+    # again under the lock, since the output may have changed in between.
+    preflight(cfg)
     with output_lock(cfg.output), ray_session(cfg.address):
-        result = score(**common, max_length=max_length, max_tokens=cfg.max_tokens,
-                       batch_size=cfg.batch_size, max_batch_rows=cfg.max_batch_rows, dtype=cfg.dtype,
-                       pooling=cfg.pooling, normalize=cfg.normalize, top_k=cfg.top_k,
-                       num_actors=r.num_actors, actor_num_cpus=r.actor_num_cpus, task_num_cpus=r.task_num_cpus,
-                       torch_threads=r.torch_threads, device=r.device, max_restarts=r.max_restarts,
-                       max_task_retries=r.max_task_retries, task_max_retries=r.task_max_retries, head=cfg.head)
+        result = score(cfg)
     print(result.line(), flush=True)
     return result
 
@@ -129,7 +62,9 @@ def main(cfg: ScoreConfig):
 @click.option("--max-tokens", type=int, help="Token budget per forward pass (rows x longest row).")
 @click.option("--batch-size", type=int, help="Rows per block, sorted by length within it.")
 @click.option("--num-actors", type=click.IntRange(min=1), help="Predictor actors (default: one per GPU, else per 2 CPUs).")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="fp16 needs a GPU.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="Default auto: bf16 on a GPU that has it, else fp16; on CPU bf16 only where measured faster. "
+                   "fp16 needs a GPU.")
 @click.option("--head", help="Task head of a multi-task checkpoint (default: its primary task).")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
 def score(input, output, model, task, config_path, max_tokens, batch_size, num_actors, dtype, head, address):

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 TASKS = ("embed", "classify", "tag", "fill-mask")
 HEAD_OF_TASK = {"embed": "embed", "classify": "classify", "tag": "tag", "fill-mask": "mlm"}
 DTYPES = ("fp32", "bf16", "fp16")
+DTYPE_CHOICES = ("auto",) + DTYPES  # auto: chosen per machine by `resolve_dtype`
 # Key of the output blocks' schema metadata that names the precision the predictor ran in.
 DTYPE_METADATA = "raybert.dtype"
 # Characters kept before tokenizing. Longer text is certainly over any BERT length limit, and
@@ -295,7 +296,7 @@ def resolve_dtype(dtype: str, device: str, hidden: int = 384) -> str:
     on CPU bf16 only when `cpu_bf16_speedup` shows it measurably faster, else fp32."""
     import torch
 
-    if dtype not in DTYPES + ("auto",):
+    if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be auto or one of {DTYPES}, got {dtype!r}")
     on_gpu = torch.device(device).type == "cuda"
     if dtype == "fp16" and not on_gpu:
@@ -343,7 +344,7 @@ class Predictor:
     """
 
     def __init__(self, model: str, task: str, *, max_tokens: int = 4096,
-                 max_batch_rows: Optional[int] = None, dtype: str = "auto", device: str = "cpu",
+                 max_batch_rows: Optional[int] = None, dtype: str = "fp32", device: str = "cpu",
                  pooling: Optional[str] = None, normalize: Optional[bool] = None, top_k: int = 5,
                  num_threads: Optional[int] = None, tokenizer: Optional[str] = None,
                  head: Optional[str] = None, pad_multiple: Optional[int] = None):

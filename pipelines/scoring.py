@@ -6,14 +6,17 @@ Contract:
   unreadable/corrupt or lacks a needed column (the message lists the columns present). It
   returns the file list, the expected row count and whether ids come from the data or are made
   from file + row index.
-- `preflight(...)` runs every check that needs no cluster, reading only, so a refused invocation
+- `preflight(cfg)` runs every check that needs no cluster, reading only, so a refused invocation
   changes nothing on disk: the model (`bert_core.check_checkpoint`: BERT config, weights open)
   and its tokenizer load; the inputs (`plan_inputs`; an object store that can't be reached is an
   error naming the URI); the output and checkpoint dir are not existing files, can be created, and
   overlap neither each other nor any input (equal, or one inside the other). With overwrite, the
   output must be ours (our manifest or checkpoint dir exists, or it is empty) and the checkpoint
   dir must hold only Ray Data checkpoint files: overwrite never deletes anything else.
-- `score(...)` runs `preflight` again, then builds and runs the Ray Data program:
+- `ScoreConfig` (with `ResourceConfig`) is the run's one typed config; `raybert score` flags and
+  YAML keys are its fields. `ScoreConfig.check()` holds its rules and is the only place they are
+  checked (`preflight` calls it).
+- `score(cfg)` runs `preflight` again, then builds and runs the Ray Data program:
   `read_parquet(files, only the needed columns, include_row_hash)` -> `repartition` into blocks
   of `batch_size` rows (streaming) -> `map_batches(tokenize_batch)` (stateless CPU tasks) ->
   `map_batches(Predictor, compute=ActorPoolStrategy(size=n))` -> `write_parquet(output)`.
@@ -49,16 +52,82 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.predictors import TASKS, Predictor, tokenize_batch
+from pipelines.predictors import DTYPE_METADATA, TASKS, Predictor, tokenize_batch
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "_SUCCESS.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResourceConfig:
+    """How the job uses the cluster. None means: size it from the cluster (see cpu_plan)."""
+
+    num_actors: Optional[int] = None  # predictor actors; default one per GPU, else one per 2 CPUs
+    actor_num_cpus: Optional[float] = None  # logical CPUs each actor reserves (CPU clusters: auto)
+    task_num_cpus: float = 0.25  # read/tokenize/write tasks; fractional so actors can't starve them
+    torch_threads: Optional[int] = None  # intra-op threads per actor
+    device: str = "auto"  # auto | cpu | cuda
+    max_restarts: int = 4  # restarts of a killed predictor actor
+    max_task_retries: int = 4  # retries of a block whose actor died
+    task_max_retries: int = 4  # retries of a failed read/tokenize/write task
+
+
+@dataclass
+class ScoreConfig:
+    """Everything one scoring run needs; `raybert score` flags and YAML keys are these fields."""
+
+    input: Union[str, list] = ""  # Parquet file(s), directory or glob (or a list of them)
+    output: str = ""  # output directory (Parquet files + _SUCCESS.json)
+    model: str = ""  # HF BERT directory or raybert checkpoint
+    task: str = "embed"  # embed | classify | tag | fill-mask
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None  # second text for sentence pairs
+    id_column: str = "id"  # if absent from the data, ids are "<file>:<row index>"
+    max_length: int = 512  # tokens per row (longer rows are truncated and flagged); capped by the model
+    max_tokens: int = 4096  # token budget per forward pass: rows x longest row
+    batch_size: int = 1024  # rows per block; the token-budget batcher sorts by length within it
+    max_batch_rows: Optional[int] = None  # optional cap on rows per forward pass
+    dtype: str = "auto"  # auto (GPU: bf16, else fp16; CPU: bf16 only where measured faster) | fp32 | bf16 | fp16 (GPU)
+    pooling: Optional[str] = None  # embed: mean | cls (default: the checkpoint's, else mean)
+    normalize: Optional[bool] = None  # embed: L2-normalize (default: the checkpoint's, else True)
+    top_k: int = 5  # fill-mask: candidates per [MASK]
+    tokenizer: Optional[str] = None  # tokenizer dir if not the model's
+    head: Optional[str] = None  # task head of a multi-task checkpoint (default: its primary task)
+    address: Optional[str] = None  # Ray address; None: RAY_ADDRESS or an embedded local Ray
+    checkpoint_dir: Optional[str] = None  # resume state; default "<output>.checkpoint" (shared storage on a cluster)
+    overwrite: bool = False  # discard an existing output/checkpoint and score again
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+
+    def check(self) -> None:
+        """The config's own rules, checked once, on the driver, before anything touches disk or Ray
+        (preflight then checks the model, inputs and output against it)."""
+        from pipelines.predictors import DTYPE_CHOICES
+
+        for name in ("input", "output", "model"):
+            if not getattr(self, name):
+                raise ValueError(f"score: {name} is required")
+        if self.task not in TASKS:
+            raise ValueError(f"score: task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "tag" and self.text_pair_column:
+            raise ValueError("task tag scores single texts; text_pair_column is not supported with it")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"score: dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        if self.max_tokens < 1 or self.batch_size < 1 or self.max_length < 3:
+            raise ValueError("score: max_tokens and batch_size must be >= 1, max_length >= 3")
+        if self.resources.num_actors is not None and self.resources.num_actors < 1:
+            raise ValueError(f"score: resources.num_actors must be >= 1 (leave it unset for one per GPU, else one "
+                             f"per 2 CPUs), got {self.resources.num_actors}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +309,7 @@ class ScoreResult:
     resumed: bool = False
     already_complete: bool = False
     plan: dict = field(default_factory=dict)
+    dtype: str = ""  # the precision the predictors ran in (what `auto` chose); "a,b" if they differed
 
     @property
     def tokens_per_s(self) -> float:
@@ -247,7 +317,7 @@ class ScoreResult:
 
     def line(self) -> str:
         return (f"raybert score: rows={self.rows} error_rows={self.error_rows} tokens={self.tokens} "
-                f"tokens/s={self.tokens_per_s:,.0f} output={self.output}"
+                f"tokens/s={self.tokens_per_s:,.0f} dtype={self.dtype or '-'} output={self.output}"
                 + (" (resumed)" if self.resumed else "") + (" (already complete)" if self.already_complete else ""))
 
 
@@ -294,6 +364,18 @@ def _data_files(output: str) -> list[str]:
     return [f.path for f in _listing(output)
             if f.type == pafs.FileType.File and f.path.endswith(".parquet")
             and not os.path.basename(f.path).startswith(("_", "."))]
+
+
+def output_dtypes(output: str) -> str:
+    """The precision(s) the predictors ran in, from the output files' schema metadata (each
+    block carries it; see predictors.DTYPE_METADATA), sorted and comma-joined."""
+    fs, _ = _fs(output)
+    found = set()
+    for f in _data_files(output):
+        meta = pq.read_schema(f, filesystem=fs).metadata or {}
+        if DTYPE_METADATA.encode() in meta:
+            found.add(meta[DTYPE_METADATA.encode()].decode())
+    return ",".join(sorted(found))
 
 
 def output_totals(output: str) -> tuple[int, int, int]:
@@ -436,42 +518,29 @@ class Preflight:
     model_config: object  # bert_core.BertConfig of the model
 
 
-def preflight(*, inputs: str | list[str], output: str, model: str, task: str, text_column: str = "text",
-              text_pair_column: Optional[str] = None, id_column: str = "id", checkpoint_dir: Optional[str] = None,
-              overwrite: bool = False, tokenizer: Optional[str] = None) -> Preflight:
-    """Every check that needs no cluster (task, model and tokenizer, inputs, output), on the driver,
-    reading only: an invocation that passes it is valid, one that fails it changed nothing."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if task == "tag" and text_pair_column:
-        raise ValueError("task tag scores single texts; text_pair_column is not supported with it")
-    model_config = check_model(model, tokenizer)
-    plan = plan_inputs(inputs, text_column, text_pair_column, id_column)
-    ckpt = checkpoint_dir or default_checkpoint_dir(output)
-    check_output(output, ckpt, [inputs] if isinstance(inputs, str) else list(inputs), plan, overwrite)
+def preflight(cfg: ScoreConfig) -> Preflight:
+    """Every check that needs no cluster (config, model and tokenizer, inputs, output), on the
+    driver, reading only: an invocation that passes it is valid, one that fails it changed nothing."""
+    cfg.check()
+    model_config = check_model(cfg.model, cfg.tokenizer)
+    plan = plan_inputs(cfg.input, cfg.text_column, cfg.text_pair_column, cfg.id_column)
+    ckpt = cfg.checkpoint_dir or default_checkpoint_dir(cfg.output)
+    check_output(cfg.output, ckpt, [cfg.input] if isinstance(cfg.input, str) else list(cfg.input), plan, cfg.overwrite)
     return Preflight(plan, ckpt, model_config)
 
 
-def score(*, inputs: str | list[str], output: str, model: str, task: str, text_column: str = "text",
-          text_pair_column: Optional[str] = None, id_column: str = "id", max_length: int = 512,
-          max_tokens: int = 4096, batch_size: int = 1024, max_batch_rows: Optional[int] = None,
-          dtype: str = "fp32", pooling: Optional[str] = None, normalize: Optional[bool] = None,
-          top_k: int = 5, num_actors: Optional[int] = None, actor_num_cpus: Optional[float] = None,
-          task_num_cpus: float = 0.25, torch_threads: Optional[int] = None, device: str = "auto",
-          max_restarts: int = 4, max_task_retries: int = 4, task_max_retries: int = 4,
-          checkpoint_dir: Optional[str] = None, overwrite: bool = False, tokenizer: Optional[str] = None,
-          head: Optional[str] = None) -> ScoreResult:
+def score(cfg: ScoreConfig) -> ScoreResult:
     """Score `inputs` into `output` on the connected Ray cluster (see the module docstring)."""
     import ray
     from ray.data.checkpoint import CheckpointConfig
 
-    pre = preflight(inputs=inputs, output=output, model=model, task=task, text_column=text_column,
-                    text_pair_column=text_pair_column, id_column=id_column, checkpoint_dir=checkpoint_dir,
-                    overwrite=overwrite, tokenizer=tokenizer)
+    pre = preflight(cfg)
     plan, ckpt = pre.plan, pre.checkpoint_dir
+    output, model, task, head, dtype, r = cfg.output, cfg.model, cfg.task, cfg.head, cfg.dtype, cfg.resources
+    max_length = min(cfg.max_length, pre.model_config.max_position_embeddings)  # the model's position table
     manifest = output.rstrip("/") + "/" + MANIFEST
 
-    if overwrite:
+    if cfg.overwrite:
         for p in (output, ckpt):
             if _exists(p):
                 fs, q = _fs(p)
@@ -494,9 +563,13 @@ def score(*, inputs: str | list[str], output: str, model: str, task: str, text_c
         raise FileExistsError(f"{output} already holds Parquet files but has no checkpoint ({ckpt}) and no "
                               f"{MANIFEST}: it is not a run of this job to resume; choose another output or overwrite")
 
-    res = cpu_plan(ray.cluster_resources(), num_actors, actor_num_cpus, task_num_cpus, torch_threads, device)
+    res = cpu_plan(ray.cluster_resources(), r.num_actors, r.actor_num_cpus, r.task_num_cpus, r.torch_threads, r.device)
     if dtype == "fp16" and res.device != "cuda":
         raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
+    # CPU actors share the cores with the read/tokenize/write tasks. OpenMP's default spin-wait
+    # then burns the time slices the other torch thread needs: measured 10-20x slower forwards
+    # under contention; passive waiting (threads sleep at barriers) removed most of it.
+    actor_env = {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}} if res.device == "cpu" else {}
     log.info("scoring %d rows from %d file(s) with %s", plan.rows, len(plan.files), res)
 
     ctx = ray.data.DataContext.get_current()
@@ -510,27 +583,28 @@ def score(*, inputs: str | list[str], output: str, model: str, task: str, text_c
     try:
         ds = ray.data.read_parquet(plan.files, columns=plan.columns, include_paths=not plan.has_ids,
                                    include_row_hash=True, num_cpus=res.task_num_cpus)
-        ds = ds.repartition(target_num_rows_per_block=batch_size)
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
         ds = ds.map_batches(
             tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=res.task_num_cpus,
-            max_retries=task_max_retries,
-            fn_kwargs=dict(tokenizer_path=tokenizer or model, text_column=text_column,
-                           text_pair_column=text_pair_column, id_column=id_column, max_length=max_length,
+            max_retries=r.task_max_retries,
+            fn_kwargs=dict(tokenizer_path=cfg.tokenizer or model, text_column=cfg.text_column,
+                           text_pair_column=cfg.text_pair_column, id_column=cfg.id_column, max_length=max_length,
                            with_offsets=task == "tag",
                            fallback_ids=None if plan.has_ids else {"path_column": "path", "roots": plan.roots}))
         ds = ds.map_batches(
             # Blocks already hold `batch_size` rows. Ray insists on an explicit batch_size for GPU
             # actors; on CPU, None hands each block over whole, without re-batching.
-            Predictor, batch_format="pyarrow", batch_size=batch_size if res.actor_num_gpus else None,
+            Predictor, batch_format="pyarrow", batch_size=cfg.batch_size if res.actor_num_gpus else None,
             fn_constructor_args=(model, task),
-            fn_constructor_kwargs=dict(max_tokens=max_tokens, max_batch_rows=max_batch_rows, dtype=dtype,
-                                       device=res.device, pooling=pooling, normalize=normalize, top_k=top_k,
-                                       num_threads=res.torch_threads, tokenizer=tokenizer, head=head),
+            fn_constructor_kwargs=dict(max_tokens=cfg.max_tokens, max_batch_rows=cfg.max_batch_rows, dtype=dtype,
+                                       device=res.device, pooling=cfg.pooling, normalize=cfg.normalize,
+                                       top_k=cfg.top_k, num_threads=res.torch_threads, tokenizer=cfg.tokenizer,
+                                       head=head),
             compute=ray.data.ActorPoolStrategy(size=res.num_actors),
             num_cpus=res.actor_num_cpus, num_gpus=res.actor_num_gpus or None,
             # A killed actor is restarted and its in-flight block retried, on purpose.
-            max_restarts=max_restarts, max_task_retries=max_task_retries)
-        ds.write_parquet(output, ray_remote_args={"num_cpus": res.task_num_cpus, "max_retries": task_max_retries})
+            max_restarts=r.max_restarts, max_task_retries=r.max_task_retries, **actor_env)
+        ds.write_parquet(output, ray_remote_args={"num_cpus": res.task_num_cpus, "max_retries": r.task_max_retries})
     finally:
         ctx.checkpoint_config, ctx.use_datasource_v2 = saved
     seconds = time.perf_counter() - t0
@@ -541,7 +615,7 @@ def score(*, inputs: str | list[str], output: str, model: str, task: str, text_c
         rows, errors, tokens = output_totals(output)
     result = ScoreResult(output=output, rows=rows, error_rows=errors, tokens=tokens, seconds=seconds,
                          tokens_this_run=tokens_this_run, input_rows=plan.rows, resumed=resumed,
-                         plan=asdict(res))
+                         plan=asdict(res), dtype=output_dtypes(output))
     if rows != plan.rows:  # row conservation is the contract; never report success without it
         raise RuntimeError(f"{output}: {rows} output rows for {plan.rows} input rows; the checkpoint "
                            f"{ckpt} is kept, rerun to complete")
@@ -571,6 +645,6 @@ def read_output(output: str, columns: Optional[list[str]] = None) -> pa.Table:
     return pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns)
 
 
-__all__ = ["InputPlan", "plan_inputs", "Preflight", "preflight", "check_model", "check_output", "repair_duplicates",
+__all__ = ["ScoreConfig", "ResourceConfig", "InputPlan", "plan_inputs", "Preflight", "preflight", "check_model", "check_output", "repair_duplicates",
            "CpuPlan", "cpu_plan", "ScoreResult", "score", "read_output",
            "output_totals", "default_checkpoint_dir", "Predictor", "tokenize_batch"]

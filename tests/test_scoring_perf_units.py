@@ -80,7 +80,7 @@ def test_dtype_auto_follows_the_cpu_probe(minilm_dir, monkeypatch):
     assert resolve_dtype("auto", "cpu") == "bf16"
     monkeypatch.setattr(predictors, "cpu_bf16_speedup", lambda *a: 1.0)
     assert resolve_dtype("auto", "cpu") == "fp32"
-    p = Predictor(str(minilm_dir), "embed")  # dtype auto is the default
+    p = Predictor(str(minilm_dir), "embed", dtype="auto")  # the job's default
     assert p.dtype == "fp32" and p.autocast_dtype is None
     out = p(_tok(minilm_dir, TEXTS))
     assert out.schema.metadata[DTYPE_METADATA.encode()] == b"fp32"

@@ -173,6 +173,9 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     tok = load_tokenizer(tokenizer)  # fail here, not on every worker
     if init is not None:
         check_init_from(cfg.model.init_from, init, tokenizer, tok)
+    # Labels are read with pyarrow on the driver: a bad label set is refused before Ray starts
+    # and before the run dir exists.
+    labels = {t.name: _labels(t) for t in tasks}
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -192,7 +195,7 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
         datasets, specs = {}, []
         need = cfg.train.micro_batch_size * cfg.scaling.num_workers
         for task in tasks:
-            id2label, label2id = _labels(task)
+            id2label, label2id = labels[task.name]
             ds = build_task_datasets(task, cfg.data, tokenizer, label2id)
             rows = ds["train"].count()
             if rows < need:

@@ -39,7 +39,7 @@ from typing import Optional
 
 import numpy as np
 
-from pipelines.pretrain_data import _tokenizer, read_parquet_v1, resolve_paths
+from pipelines.pretrain_data import _tokenizer, names_list, parquet_files, read_parquet_v1, resolve_paths
 
 KINDS = ("classify", "tag", "mlm")
 IGNORE = -100  # label of positions that carry no loss
@@ -105,39 +105,6 @@ def encode_labels(values: list) -> tuple[dict[int, str], dict]:
     return id2label, {v: i for i, v in enumerate(values)} | {str(v): i for i, v in enumerate(values)}
 
 
-def parquet_files(paths: list) -> list[tuple[str, object, str]]:
-    """The Parquet files Ray Data reads for `paths`, as (name, filesystem, path in it), listed on
-    the driver so every label and column check runs on exactly what is read.
-
-    Ray's rules: a directory is searched recursively, skipping names that start with '.' or '_',
-    and only `*.parquet` files are read. Ray would skip a listed file with another suffix without a
-    word, so that is an error here, as is a directory without Parquet files.
-    """
-    import pyarrow.fs as pafs
-
-    out = []
-    for path in resolve_paths(paths):
-        fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-        scheme = path.split("://")[0] + "://" if "://" in path and not isinstance(fs, pafs.LocalFileSystem) else ""
-        info = fs.get_file_info(inner)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"data path {path!r} does not exist")
-        if info.type != pafs.FileType.Directory:
-            if not inner.lower().endswith(".parquet"):
-                raise ValueError(f"{path}: Ray Data reads only files named *.parquet and would skip this "
-                                 f"one; rename it")
-            out.append((path, fs, inner))
-            continue
-        base = info.path.rstrip("/")
-        found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-                       if i.is_file and i.path.lower().endswith(".parquet")
-                       and not i.path[len(base):].lstrip("/").startswith((".", "_")))
-        if not found:
-            raise ValueError(f"{path}: no *.parquet files in this directory")
-        out.extend((scheme + f, fs, f) for f in found)
-    return out
-
-
 def _read_schemas(files: list, columns: list) -> dict:
     """{file name: schema} of parquet_files' files (footers only); a file that is not Parquet or
     lacks a column fails, naming the file, the column and what it has."""
@@ -173,12 +140,6 @@ def _value_kind(t) -> str:
     return str(t)
 
 
-def _names(names: list, limit: int = 5) -> str:
-    names = list(dict.fromkeys(names))
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def _check_label_types(task: TaskData, schemas: dict) -> None:
     """Refuse files whose label columns hold different kinds of value (see _value_kind): an int 1
     and a string "1" are two labels, and Ray Data can't put such files in one dataset."""
@@ -189,7 +150,7 @@ def _check_label_types(task: TaskData, schemas: dict) -> None:
         if kind != "null":  # an all-null column: the null-label check names its file
             by_kind.setdefault(kind, []).append(name)
     if len(by_kind) > 1:
-        listed = "; ".join(f"{kind} in {_names(files, 3)}" for kind, files in by_kind.items())
+        listed = "; ".join(f"{kind} in {names_list(files, 3)}" for kind, files in by_kind.items())
         raise ValueError(f"task {task.name!r}: the {col!r} column has different types across files ({listed}); "
                          f"an int label and a string label are different labels, so use one type in "
                          f"every file (e.g. write every {col!r} as a string)")
@@ -232,13 +193,13 @@ def _check_classes(task: TaskData, labels: set, files: list, where: str = "train
         return
     found = f"only the label {next(iter(labels))!r}" if labels else "no label"
     what = "a tagger needs at least 2 tags" if task.kind == "tag" else "a classifier needs at least 2 classes"
-    raise ValueError(f"task {task.name!r}: the {where} in {_names(files)} have {found}; {what} in its "
+    raise ValueError(f"task {task.name!r}: the {where} in {names_list(files)} have {found}; {what} in its "
                      f"training rows: add training rows of the other class(es)")
 
 
 def _val_only_error(task: TaskData, only: dict, where: str) -> ValueError:
     """only: {label: files it occurs in}."""
-    listed = "; ".join(f"{label!r} (in {_names(files, 3)})" for label, files in sorted(only.items(), key=str))
+    listed = "; ".join(f"{label!r} (in {names_list(files, 3)})" for label, files in sorted(only.items(), key=str))
     return ValueError(f"task {task.name!r}: label(s) {listed} occur only in {where}, never in the training "
                       f"rows, so the head would have classes it never trained; add training rows for "
                       f"them, or list the task's `labels` explicitly in the config if that is intended")

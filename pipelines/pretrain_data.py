@@ -77,6 +77,39 @@ def resolve_paths(paths: list[str]) -> list[str]:
     return out
 
 
+def parquet_files(paths: list) -> list[tuple[str, object, str]]:
+    """The Parquet files Ray Data reads for `paths`, as (name, filesystem, path in it), listed on
+    the driver so every label and column check runs on exactly what is read.
+
+    Ray's rules: a directory is searched recursively, skipping names that start with '.' or '_',
+    and only `*.parquet` files are read. Ray would skip a listed file with another suffix without a
+    word, so that is an error here, as is a directory without Parquet files.
+    """
+    import pyarrow.fs as pafs
+
+    out = []
+    for path in resolve_paths(paths):
+        fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+        scheme = path.split("://")[0] + "://" if "://" in path and not isinstance(fs, pafs.LocalFileSystem) else ""
+        info = fs.get_file_info(inner)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"data path {path!r} does not exist")
+        if info.type != pafs.FileType.Directory:
+            if not inner.lower().endswith(".parquet"):
+                raise ValueError(f"{path}: Ray Data reads only files named *.parquet and would skip this "
+                                 f"one; rename it")
+            out.append((path, fs, inner))
+            continue
+        base = info.path.rstrip("/")
+        found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                       if i.is_file and i.path.lower().endswith(".parquet")
+                       and not i.path[len(base):].lstrip("/").startswith((".", "_")))
+        if not found:
+            raise ValueError(f"{path}: no *.parquet files in this directory")
+        out.extend((scheme + f, fs, f) for f in found)
+    return out
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str):
     # Cached per worker process: Ray reuses task workers, so the vocab loads once per process.
@@ -166,16 +199,17 @@ def _is_text(t) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
-def _names(files: list[str], limit: int = 3) -> str:
-    return ", ".join(files[:limit]) + (f" (and {len(files) - limit} more)" if len(files) > limit else "")
+def names_list(names: list, limit: int = 3) -> str:
+    """`a, b, c and 4 more`: file names for an error message, each once, in order."""
+    names = list(dict.fromkeys(names))
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def open_corpus(paths: list[str], text_column: str = "text") -> list[tuple[str, object]]:
     """The corpus files Ray Data reads, as (name, pyarrow ParquetFile), footers only; raises naming
     the file when one is unreadable or lacks a string `text_column` (listing the columns present)."""
     import pyarrow.parquet as pq
-
-    from pipelines.finetune_data import parquet_files
 
     out = []
     for name, fs, path in parquet_files(paths):
@@ -201,7 +235,7 @@ def check_corpus(cfg: DataConfig, tokenizer_path: str, rows_needed: int) -> Corp
     files = [name for name, _ in opened]
     rows = sum(pf.metadata.num_rows for _, pf in opened)
     if rows == 0:
-        raise ValueError(f"the corpus has no rows: {_names(files)}; check --data")
+        raise ValueError(f"the corpus has no rows: {names_list(files)}; check --data")
     tok = _tokenizer(tokenizer_path)
     packed = texts = tokens = 0
     for _, pf in opened:
@@ -217,10 +251,10 @@ def check_corpus(cfg: DataConfig, tokenizer_path: str, rows_needed: int) -> Corp
             if packed >= rows_needed:
                 return CorpusCheck(files=files, rows=rows, packed_rows=packed)
     if texts == 0:
-        raise ValueError(f"the corpus has no text: its {rows} rows in {_names(files)} have column {col!r} "
+        raise ValueError(f"the corpus has no text: its {rows} rows in {names_list(files)} have column {col!r} "
                          f"null or empty everywhere; check --data and data.text_column")
     raise ValueError(
-        f"the corpus has too little text for one training step: {_names(files)} hold {tokens:,} tokens of "
+        f"the corpus has too little text for one training step: {names_list(files)} hold {tokens:,} tokens of "
         f"training text ({texts} documents), which pack into {packed} full rows of {cfg.seq_len} tokens; one "
         f"step needs {rows_needed} rows ({rows_needed * cfg.seq_len:,} tokens: workers x micro_batch_size x "
         f"grad_accum). Add text to --data, or lower micro_batch_size, seq_len or num_workers")

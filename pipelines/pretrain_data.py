@@ -220,10 +220,10 @@ def open_corpus(paths: list[str], text_column: str = "text") -> list[tuple[str, 
         schema = pf.schema_arrow
         if text_column not in schema.names:
             raise ValueError(f"{name}: no column {text_column!r} (the documents to train on); columns present: "
-                             f"{schema.names}. Set the text column (data.text_column, --text-column) to match")
+                             f"{schema.names}. Set the text column to match (pretrain: data.text_column in --config; vocab: --text-column)")
         if not _is_text(schema.field(text_column).type):
             raise ValueError(f"{name}: column {text_column!r} holds {schema.field(text_column).type}, not "
-                             f"text; set the text column (data.text_column, --text-column) to a string column")
+                             f"text; set the text column to a string column (pretrain: data.text_column in --config; vocab: --text-column)")
         out.append((name, pf))
     return out
 

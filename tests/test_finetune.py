@@ -98,7 +98,7 @@ def _debug_cfg(run_dir: Path, init: str, workers: int = 2):
     cfg = preset_config("debug")
     cfg.run_dir, cfg.model.init_from = str(run_dir), init
     cfg.scaling.num_workers = workers
-    cfg.train.eval_every = 1000  # evaluate at the end only: each report costs a controller poll
+    cfg.train.eval_every = 1000  # evaluate at the end only (each evaluation is a pass over the val split)
     return cfg
 
 

@@ -163,19 +163,12 @@ def test_plan_refuses_settings_that_leave_no_data_budget_naming_the_numbers():
 
 
 @pytest.fixture
-def fast_ray(monkeypatch):
-    """A private 2-CPU Ray (the CI machine), progress bars off, 0.5 s controller polls."""
-    import ray.data
-
+def fast_ray(fast_train):
+    """A private 2-CPU Ray (the CI machine) with fast_train's settings."""
     from conftest import local_ray
 
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    ctx = ray.data.DataContext.get_current()
-    old = ctx.enable_progress_bars
-    ctx.enable_progress_bars = False
     with local_ray() as ray:
         yield ray
-    ctx.enable_progress_bars = old
 
 
 @pytest.fixture(scope="module")

@@ -25,23 +25,10 @@ STEPS = 50
 
 @pytest.fixture(scope="module", autouse=True)
 def _quiet_fast_ray():
-    """Progress bars off; the Train controller polls workers every 0.5 s instead of 2 s (it bounds
-    report throughput and how fast a dead worker is noticed). The embedded Ray that main() starts
-    inherits the variable. Both are restored after this module."""
-    import os
+    from conftest import fast_train_settings
 
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    old_bars, old_env = ctx.enable_progress_bars, os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    ctx.enable_progress_bars = False
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    yield
-    ctx.enable_progress_bars = old_bars
-    if old_env is None:
-        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
-    else:
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old_env
+    with fast_train_settings():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -164,17 +164,6 @@ def test_metrics_window_sums_on_the_device_and_resets():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fast_poll(monkeypatch):
-    """The Train controller polls every 0.5 s instead of 2 s (set before Ray starts)."""
-    import ray.data
-
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    ctx = ray.data.DataContext.get_current()
-    old = ctx.enable_progress_bars
-    ctx.enable_progress_bars = False
-    yield
-    ctx.enable_progress_bars = old
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +190,7 @@ def _one_worker(run_dir: Path, corpus: str, **train):
 
 
 @pytest.mark.timeout(300)
-def test_one_worker_holding_1_5_cpus_trains_on_2_threads_with_an_honest_mfu(fast_poll, ray_local, corpus,
+def test_one_worker_holding_1_5_cpus_trains_on_2_threads_with_an_honest_mfu(fast_train, ray_local, corpus,
                                                                              tmp_path):
     from bert_core.model import mlm_flops_per_token, preset
     from jobs.pretrain import main, read_metrics
@@ -227,7 +216,7 @@ def test_one_worker_holding_1_5_cpus_trains_on_2_threads_with_an_honest_mfu(fast
 
 
 @pytest.mark.timeout(420)
-def test_watchdog_ends_a_stalled_run_keeping_its_checkpoint(fast_poll, ray_local, corpus, tmp_path, monkeypatch):
+def test_watchdog_ends_a_stalled_run_keeping_its_checkpoint(fast_train, ray_local, corpus, tmp_path, monkeypatch):
     """Rank 0 hangs after step 10 (and its checkpoint): the job ends with TrainingStalled at stage
     "step" within the timeout plus a few polls, checkpoint 10 is on disk, and the ledger says failed."""
     from jobs.pretrain import main

@@ -105,8 +105,8 @@ def tokenize_batch(batch: Any, *, tokenizer_path: str, text_column: str = "text"
     """Tokenize one block of rows; see the module docstring for the output columns.
 
     `fallback_ids`: when the input has no id column, `{"path_column": ..., "roots": ...}` makes
-    ids `"<file relative to its input root>:<row index>"` from the reader's `path` and `row_hash`
-    columns (see `row_index_from_hash`).
+    ids `"<file relative to its input root>#<row_hash as 16 hex digits>"` from the reader's `path`
+    and `row_hash` columns (see `_fallback_ids`).
     """
     table = _as_table(batch)
     n = table.num_rows
@@ -176,75 +176,20 @@ def tokenize_batch(batch: Any, *, tokenizer_path: str, text_column: str = "text"
     return pa.table(cols)
 
 
-# --- stable ids from file + row index -------------------------------------------------------
-# Ray Data's `include_row_hash` column is splitmix64(md5(path)[:8] + row index in the file). The
-# finalizer is a bijection, so the row index can be recovered exactly; we then re-hash with Ray's
-# own function to check, and fall back to the hash itself if Ray ever changes its scheme.
-
-_M64 = (1 << 64) - 1
-_C1, _C2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-_C1_INV, _C2_INV = pow(_C1, -1, 1 << 64), pow(_C2, -1, 1 << 64)
-
-
-def _unxorshift(x: np.ndarray, s: int) -> np.ndarray:
-    y = x.copy()
-    shift = s
-    while shift < 64:  # x = y ^ (y >> s) ^ (y >> 2s) ^ ...
-        y ^= x >> np.uint64(shift)
-        shift += s
-    return y
-
-
-def row_index_from_hash(path: str, hashes: np.ndarray) -> np.ndarray:
-    """Invert Ray's row hash to the row's index in `path` (uint64 arrays, wrapping arithmetic)."""
-    import hashlib
-
-    x = np.asarray(hashes, dtype=np.uint64).copy()
-    with np.errstate(over="ignore"):
-        x = _unxorshift(x, 31)
-        x *= np.uint64(_C2_INV)
-        x = _unxorshift(x, 27)
-        x *= np.uint64(_C1_INV)
-        x = _unxorshift(x, 30)
-        seed = np.uint64(int.from_bytes(hashlib.md5(path.encode("utf-8")).digest()[:8], "little"))
-        return x - seed
+# --- stable ids for inputs without an id column ----------------------------------------------
+# The key is Ray Data's public `include_row_hash` column: a documented, deterministic uint64 of
+# (file path, row position), the same one resume keys on. We don't invert it to a row index
+# (that would tie ids to Ray's private hash scheme); "<file>#<hash>" is stable across reruns.
 
 
 def _fallback_ids(table: pa.Table, spec: dict) -> list[str]:
     import os
 
-    paths = table.column(spec.get("path_column", "path")).to_pylist()
-    hashes = table.column("row_hash").to_numpy(zero_copy_only=False).astype(np.uint64)
     roots = spec.get("roots", {})
-    out: list[str] = [""] * len(paths)
-    by_path: dict[str, list[int]] = {}
-    for i, p in enumerate(paths):
-        by_path.setdefault(p, []).append(i)
-    for p, idx in by_path.items():
-        idx_arr = np.asarray(idx)
-        rows = row_index_from_hash(p, hashes[idx_arr])
-        name = os.path.relpath(p, roots[p]) if p in roots else os.path.basename(p)
-        if _hash_check(p, rows, hashes[idx_arr]):
-            for j, r in zip(idx, rows.tolist()):
-                out[j] = f"{name}:{r}"
-        else:  # Ray's hash scheme changed: the hash is still a stable per-(file, row) key
-            for j, h in zip(idx, hashes[idx_arr].tolist()):
-                out[j] = f"{name}#{h:016x}"
-    return out
-
-
-def _hash_check(path: str, rows: np.ndarray, hashes: np.ndarray) -> bool:
-    try:
-        from ray.data._internal.datasource_v2.common.synthesized_columns import _compute_row_hashes
-    except ImportError:
-        return False
-    if rows.size == 0:
-        return True
-    lo, hi = int(rows.min()), int(rows.max())
-    if hi - lo > 10_000_000:  # not a plausible block of one file: the inversion is off
-        return False
-    ref = _compute_row_hashes(path, lo, hi - lo + 1)
-    return bool(np.array_equal(ref[(rows - lo).astype(np.int64)], hashes))
+    paths = table.column(spec.get("path_column", "path")).to_pylist()
+    hashes = table.column("row_hash").to_numpy(zero_copy_only=False).astype(np.uint64).tolist()
+    names = {p: os.path.relpath(p, roots[p]) if p in roots else os.path.basename(p) for p in set(paths)}
+    return [f"{names[p]}#{h:016x}" for p, h in zip(paths, hashes)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Contract:
   reads every file's Parquet footer, and fails with an error naming the file when a file is
   unreadable/corrupt or lacks a needed column (the message lists the columns present). It
   returns the file list, the expected row count and whether ids come from the data or are made
-  from file + row index.
+  from file + Ray's row hash.
 - `preflight(cfg)` runs every check that needs no cluster, reading only, so a refused invocation
   changes nothing on disk: the model (`bert_core.check_checkpoint`: BERT config, weights open)
   and its tokenizer load; the inputs (`plan_inputs`; an object store that can't be reached is an
@@ -93,7 +93,7 @@ class ScoreConfig:
     task: str = "embed"  # embed | classify | tag | fill-mask
     text_column: str = "text"
     text_pair_column: Optional[str] = None  # second text for sentence pairs
-    id_column: str = "id"  # if absent from the data, ids are "<file>:<row index>"
+    id_column: str = "id"  # if absent from the data, ids are "<file>#<row_hash hex>"
     max_length: int = 512  # tokens per row (longer rows are truncated and flagged); capped by the model
     max_tokens: int = 4096  # token budget per forward pass: rows x longest row
     batch_size: int = 1024  # rows per block; the token-budget batcher sorts by length within it
@@ -140,7 +140,7 @@ class InputPlan:
     files: list[str]  # absolute paths, sorted
     roots: dict[str, str]  # file -> the input root its fallback id is relative to
     rows: int  # total rows in the footers: the output must have exactly this many
-    has_ids: bool  # True: ids come from the id column; False: "<file>:<row>"
+    has_ids: bool  # True: ids come from the id column; False: "<file>#<row_hash hex>"
     columns: list[str]  # columns to read
 
 

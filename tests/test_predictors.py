@@ -12,7 +12,7 @@ import torch
 from bert_core.checkpoint import load_pretrained, save_pretrained
 from bert_core.model import build_model, preset
 from bert_core.tokenizer import load_tokenizer
-from pipelines.predictors import Predictor, row_index_from_hash, tokenize_batch
+from pipelines.predictors import Predictor, tokenize_batch
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world", "A", "",
          "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
@@ -204,16 +204,14 @@ def test_dtypes(minilm_dir):
     assert cos.min() > 0.99
 
 
-def test_row_hash_inverts_to_row_index():
-    from ray.data._internal.datasource_v2.common.synthesized_columns import _compute_row_hashes
-
-    for path in ["/data/a.parquet", "/x/y/part-00017.parquet"]:
-        h = _compute_row_hashes(path, 1000, 50)
-        assert row_index_from_hash(path, h).tolist() == list(range(1000, 1050))
-    t = tokenize_batch(pa.table({"text": ["a", "b"], "path": ["/d/f.parquet"] * 2,
-                                 "row_hash": pa.array(_compute_row_hashes("/d/f.parquet", 7, 2))}),
-                       tokenizer_path=str(_minilm()), fallback_ids={"roots": {"/d/f.parquet": "/d"}})
-    assert t["id"].to_pylist() == ["f.parquet:7", "f.parquet:8"]
+def test_fallback_ids_are_file_and_row_hash():
+    t = tokenize_batch(pa.table({"text": ["a", "b", "c"],
+                                 "path": ["/d/sub/f.parquet", "/d/sub/f.parquet", "/e/g.parquet"],
+                                 "row_hash": pa.array([7, 2**64 - 1, 7], pa.uint64())}),
+                       tokenizer_path=str(_minilm()), fallback_ids={"roots": {"/d/sub/f.parquet": "/d"}})
+    assert t["id"].to_pylist() == ["sub/f.parquet#0000000000000007", "sub/f.parquet#ffffffffffffffff",
+                                   "g.parquet#0000000000000007"]
+    assert t["row_hash"].to_pylist() == [7, 2**64 - 1, 7]
 
 
 def _minilm():

@@ -173,14 +173,23 @@ def test_missing_column_and_corrupt_file_fail_before_work(ray_module, minilm_dir
         main(_cfg(d, tmp_path / "foreign", minilm_dir, "embed"))
 
 
-def test_ids_from_file_and_row_when_absent(ray_module, minilm_dir, tmp_path):
+def test_ids_from_file_and_row_hash_when_absent(ray_module, minilm_dir, tmp_path):
+    import ray.data
+
     d = tmp_path / "in"
     (d / "sub").mkdir(parents=True)
     pq.write_table(pa.table({"text": _generated(250, 1)}), d / "x.parquet", row_group_size=60)
     pq.write_table(pa.table({"text": _generated(40, 2)}), d / "sub" / "y.parquet")
     main(_cfg(d, tmp_path / "out", minilm_dir, "embed", batch_size=64))
     ids = read_output(str(tmp_path / "out"))["id"].to_pylist()
-    assert sorted(ids) == sorted([f"x.parquet:{i}" for i in range(250)] + [f"sub/y.parquet:{i}" for i in range(40)])
+    # "<file relative to the input root>#<Ray's public row_hash>": one distinct id per row, and
+    # the same ids a plain Ray read of the input gives (so a rerun or resume keys the same rows)
+    plain = ray.data.read_parquet(str(d), include_paths=True, include_row_hash=True).to_pandas()
+    expected = [f"{os.path.relpath(p, d)}#{h:016x}" for p, h in zip(plain["path"], plain["row_hash"])]
+    assert len(set(ids)) == len(ids) == 290
+    assert sorted(ids) == sorted(expected)
+    assert sum(i.startswith("x.parquet#") for i in ids) == 250
+    assert sum(i.startswith("sub/y.parquet#") for i in ids) == 40
 
 
 def test_cli_score_prints_summary(ray_module, minilm_dir, tmp_path):

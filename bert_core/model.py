@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .padding import Unpadded, repad, unpad
+from .padding import Unpadded, repad, unpad_tokens
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,14 +300,19 @@ class BertEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        attn_mask = key_padding_mask(attention_mask)  # (B, 1, 1, T) or None
+        attn_mask = None  # None when nothing is padded: SDPA then runs its mask-free kernel
         unpadded = None
-        if attn_mask is not None:
+        if attention_mask is not None:
             B, T, _ = x.shape
+            # The one device-to-host sync per forward: the token count picks the mask-free
+            # kernel, decides unpadding and sizes it (see unpad_tokens), so a GPU step waits on
+            # the host once, not once per decision.
             n_real = int(attention_mask.sum())
-            if 1.0 - n_real / (B * T) >= self.unpad_min_padding:
-                x, indices, _, _ = unpad(x, attention_mask)  # (nnz, H)
-                unpadded = Unpadded(indices, B, T)
+            if n_real < B * T:
+                attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T) key padding
+                if 1.0 - n_real / (B * T) >= self.unpad_min_padding:
+                    x, indices = unpad_tokens(x, attention_mask, n_real)  # (nnz, H)
+                    unpadded = Unpadded(indices, B, T)
         for layer in self.layer:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, attn_mask, unpadded, use_reentrant=False)
@@ -327,19 +332,6 @@ class BertPooler(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.dense(hidden[:, 0]))  # (B, H)
-
-
-def key_padding_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """(B, T) 1/0 mask -> (B, 1, 1, T) bool for SDPA, or None if nothing is padded.
-
-    Returning None for unpadded batches matters: SDPA then runs its mask-free kernel.
-    """
-    if attention_mask is None:
-        return None
-    m = attention_mask.bool()
-    if bool(m.all()):
-        return None
-    return m[:, None, None, :]  # (B, 1, 1, T)
 
 
 class BertModel(nn.Module):

@@ -77,22 +77,21 @@ class Unpadded(NamedTuple):
     T: int
 
 
-def unpad(hidden: torch.Tensor, attention_mask: torch.Tensor
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Drop padding rows.
+def unpad_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, nnz: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop padding positions when the caller already knows nnz (the model's fast path).
 
-    hidden: (B, T, ...), attention_mask: (B, T) 1/0.
-    Returns (packed (nnz, ...), indices (nnz,) into B*T, cu_seqlens (B + 1,) int32, max_seqlen).
+    hidden: (B, T, ...), attention_mask: (B, T) 1/0, nnz = attention_mask.sum().
+    Returns (packed (nnz, ...), indices (nnz,) into B*T). Knowing nnz lets `nonzero_static` size
+    its output without another device-to-host sync (plain `nonzero` must wait for the count).
     """
-    seqlens = attention_mask.sum(dim=1, dtype=torch.int32)  # (B,)
-    indices = torch.nonzero(attention_mask.flatten(), as_tuple=False).flatten()  # (nnz,)
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))  # (B+1,)
+    indices = torch.nonzero_static(attention_mask.flatten(), size=nnz).flatten()  # (nnz,)
     packed = hidden.reshape(-1, *hidden.shape[2:]).index_select(0, indices)  # (nnz, ...)
-    return packed, indices, cu_seqlens, int(seqlens.max()) if seqlens.numel() else 0
+    return packed, indices
 
 
 def repad(packed: torch.Tensor, indices: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    """Inverse of `unpad`: (nnz, ...) -> (B, T, ...) with zeros at padding."""
+    """Inverse of `unpad_tokens`: (nnz, ...) -> (B, T, ...) with zeros at padding."""
     out = packed.new_zeros(B * T, *packed.shape[1:])  # (B*T, ...)
     out.index_copy_(0, indices, packed)
     return out.view(B, T, *packed.shape[1:])  # (B, T, ...)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bert_core import BertConfig, load_tokenizer, preset, train_tokenizer
-from bert_core.padding import SequencePacker, pad_batch, repad, token_budget_batches, unpad
+from bert_core.padding import SequencePacker, pad_batch, repad, token_budget_batches, unpad_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,8 +124,8 @@ def test_pad_unpad_repad_round_trip():
     ids, mask = pad_batch(seqs, pad_id=0)
     assert ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0], [9, 10, 11, 12]]
     h = torch.randn(3, 4, 2)
-    packed, idx, cu, mx = unpad(h, torch.from_numpy(mask))
-    assert packed.shape == (8, 2) and cu.tolist() == [0, 3, 4, 8] and mx == 4
+    packed, idx = unpad_tokens(h, torch.from_numpy(mask), int(mask.sum()))
+    assert packed.shape == (8, 2) and idx.tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
     back = repad(packed, idx, 3, 4)
     m = torch.from_numpy(mask).bool()
     assert torch.equal(back[m], h[m]) and (back[~m] == 0).all()

@@ -15,6 +15,10 @@ Contract:
   tokenizer files if given. `id2label`/`label2id` travel in config.json.
 - raybert-only settings (the embedding pooling) go under the `raybert` key of config.json, which
   transformers ignores.
+- sentence-transformers exports (`modules.json`, `1_Pooling/config.json`,
+  `sentence_bert_config.json`) are honoured: `sentence_transformers_settings(path)` reads their
+  pooling, normalization and max length, and the embed head defaults to them, so an embedding
+  equals `SentenceTransformer(path).encode(text)` unless the caller overrides a setting.
 - Multi-task checkpoints (`BertMultiTask`): the first classify/tag task is written under HF's own
   keys (`bert.`, `classifier.`), an mlm task under `cls.`, so `transformers` loads the primary
   task's model as usual (and reports the other heads' weights as unused). Every other head is kept
@@ -244,6 +248,51 @@ def _load_weights(model: nn.Module, adapter: HFAdapter, path: Path, dtype: Optio
     return model.eval()
 
 
+# sentence-transformers' Pooling config keys -> our pooling names; the other modes are refused
+_ST_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+               "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": None,
+               "pooling_mode_weightedmean_tokens": None, "pooling_mode_lasttoken": None}
+
+
+@dataclass
+class SentenceTransformerSettings:
+    """What a sentence-transformers export says about its embeddings; None where it says nothing."""
+
+    max_length: Optional[int] = None  # sentence_bert_config.json max_seq_length
+    pooling: Optional[str] = None  # mean | cls | max, from the Pooling module's config.json
+    normalize: Optional[bool] = None  # True iff modules.json lists a Normalize module
+    pooling_error: Optional[str] = None  # a Pooling config we can't reproduce, and why
+
+
+def sentence_transformers_settings(path: str | Path) -> SentenceTransformerSettings:
+    """Read a sentence-transformers export in `path` (all fields None for a plain HF checkpoint)."""
+    path = Path(path)
+    out = SentenceTransformerSettings()
+    pooling_dir = path / "1_Pooling"
+    modules_file = path / "modules.json"
+    if modules_file.is_file():
+        modules = json.loads(modules_file.read_text())
+        types = [str(m.get("type", "")) for m in modules]
+        out.normalize = any(t.endswith(".Normalize") for t in types)
+        pooling_dir = next((path / m.get("path", "") for m in modules
+                            if str(m.get("type", "")).endswith(".Pooling")), None)
+    if pooling_dir is not None and (pooling_dir / "config.json").is_file():
+        pooling_file = pooling_dir / "config.json"
+        modes = [k for k, v in json.loads(pooling_file.read_text()).items()
+                 if k.startswith("pooling_mode_") and v is True]
+        ours = [_ST_POOLING.get(k) for k in modes]
+        if len(modes) == 1 and ours[0] is not None:
+            out.pooling = ours[0]
+        else:
+            out.pooling_error = (f"{pooling_file} asks for pooling {modes or 'none'}; raybert reproduces one of "
+                                 f"cls, mean or max tokens. Pass pooling (mean, cls or max) to choose one")
+    st_config = path / "sentence_bert_config.json"
+    if st_config.is_file():
+        n = json.loads(st_config.read_text()).get("max_seq_length")
+        out.max_length = int(n) if n else None
+    return out
+
+
 def load_pretrained(path: str | Path, head: Optional[str] = None, *,
                     id2label: Optional[dict[int, str]] = None, pooling: Optional[str] = None,
                     normalize: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
@@ -252,7 +301,8 @@ def load_pretrained(path: str | Path, head: Optional[str] = None, *,
 
     `head=None` picks the head from config.json's `architectures`. `id2label` sets the labels of a
     fresh classify/tag head (ignored names in the file are replaced). `pooling`/`normalize` set the
-    embed head (default: the checkpoint's saved choice, else mean + normalize). `task` picks one
+    embed head (default: the checkpoint's saved choice, else its sentence-transformers files',
+    else mean + normalize). `task` picks one
     head of a multi-task checkpoint (default: its primary task, the one HF sees). The model is
     returned in eval mode.
     """
@@ -280,9 +330,13 @@ def load_pretrained(path: str | Path, head: Optional[str] = None, *,
     if id2label is not None:
         config.set_labels(id2label)
     kwargs = {}
-    if head == "embed":
-        kwargs = dict(pooling=pooling or meta.get("pooling", "mean"),
-                      normalize=meta.get("normalize", True) if normalize is None else normalize)
+    if head == "embed":  # the caller's choice, else ours saved in config.json, else the ST export's
+        st = sentence_transformers_settings(path)
+        pooling = pooling or meta.get("pooling")
+        if pooling is None and st.pooling_error:
+            raise ValueError(st.pooling_error)
+        kwargs = dict(pooling=pooling or st.pooling or "mean",
+                      normalize=next(v for v in (normalize, meta.get("normalize"), st.normalize, True) if v is not None))
     model = build_model(config, head, **kwargs)
     return _load_weights(model, HFAdapter.of(model, spec and [spec]), path, dtype, fresh_heads=True)
 

@@ -433,22 +433,29 @@ class BertClassifierHead(nn.Linear):
         return super().forward(self.dropout(x))  # (B, L) or (B, T, L)
 
 
+POOLINGS = ("mean", "cls", "max")
+
+
 class BertPoolingHead(nn.Module):
-    """Sentence embeddings: mean over real tokens (attention_mask == 1, as sentence-transformers
-    does) or the [CLS] state, optionally L2-normalized. No parameters."""
+    """Sentence embeddings: mean or max over real tokens (attention_mask == 1, as
+    sentence-transformers does) or the [CLS] state, optionally L2-normalized. No parameters."""
 
     kind = "embed"
 
     def __init__(self, pooling: str = "mean", normalize: bool = True):
         super().__init__()
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         self.pooling = pooling
         self.normalize = normalize
 
     def forward(self, h: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.pooling == "cls":
             e = h[:, 0]  # (B, H)
+        elif self.pooling == "max":
+            if attention_mask is not None:  # padding must never win the max
+                h = h.masked_fill(~attention_mask.bool().unsqueeze(-1), torch.finfo(h.dtype).min)  # (B, T, H)
+            e = h.amax(dim=1)  # (B, H)
         elif attention_mask is None:
             e = h.mean(dim=1)  # (B, H)
         else:

@@ -38,8 +38,7 @@ def run(rows: int, out: str) -> None:
     corpus, output = os.path.join(out, "corpus"), os.path.join(out, "scores")
     n = build_corpus(corpus, rows)
     print(f"corpus: {n} Shakespeare paragraphs in {corpus}", flush=True)
-    cfg = ScoreConfig(input=corpus, output=output, model=str(minilm_path()), task="embed", max_length=256,
-                      overwrite=True)
+    cfg = ScoreConfig(input=corpus, output=output, model=str(minilm_path()), task="embed", overwrite=True)
     result = main(cfg)
     t = read_output(output, ["id", "n_tokens", "truncated", "error", "embedding"])
     print(f"\noutput schema: {t.schema.field('embedding').type} embedding, {t.num_rows} rows")

@@ -94,13 +94,18 @@ class ScoreConfig:
     text_column: str = "text"
     text_pair_column: Optional[str] = None  # second text for sentence pairs
     id_column: str = "id"  # if absent from the data, ids are "<file>#<row_hash hex>"
-    max_length: int = 512  # tokens per row (longer rows are truncated and flagged); capped by the model
+    # tokens per row (longer rows are truncated and flagged); capped by the model's position table.
+    # None: the model's own, i.e. a sentence-transformers export's max_seq_length for embed (as
+    # `SentenceTransformer.encode` truncates), else the position table.
+    max_length: Optional[int] = None
     max_tokens: int = 4096  # token budget per forward pass: rows x longest row
     batch_size: int = 1024  # rows per block; the token-budget batcher sorts by length within it
     max_batch_rows: Optional[int] = None  # optional cap on rows per forward pass
     dtype: str = "auto"  # auto (GPU: bf16, else fp16; CPU: bf16 only where measured faster) | fp32 | bf16 | fp16 (GPU)
-    pooling: Optional[str] = None  # embed: mean | cls (default: the checkpoint's, else mean)
-    normalize: Optional[bool] = None  # embed: L2-normalize (default: the checkpoint's, else True)
+    # embed: mean | cls | max, and L2-normalize or not. Default: the checkpoint's saved choice, else
+    # its sentence-transformers files (1_Pooling/config.json, a Normalize module), else mean + True.
+    pooling: Optional[str] = None
+    normalize: Optional[bool] = None
     top_k: int = 5  # fill-mask: candidates per [MASK]
     tokenizer: Optional[str] = None  # tokenizer dir if not the model's
     head: Optional[str] = None  # task head of a multi-task checkpoint (default: its primary task)
@@ -123,8 +128,12 @@ class ScoreConfig:
             raise ValueError("task tag scores single texts; text_pair_column is not supported with it")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"score: dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
-        if self.max_tokens < 1 or self.batch_size < 1 or self.max_length < 3:
+        if self.max_tokens < 1 or self.batch_size < 1 or (self.max_length is not None and self.max_length < 3):
             raise ValueError("score: max_tokens and batch_size must be >= 1, max_length >= 3")
+        from bert_core.model import POOLINGS
+
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ValueError(f"score: pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.resources.num_actors is not None and self.resources.num_actors < 1:
             raise ValueError(f"score: resources.num_actors must be >= 1 (leave it unset for one per GPU, else one "
                              f"per 2 CPUs), got {self.resources.num_actors}")
@@ -516,6 +525,21 @@ class Preflight:
     plan: InputPlan
     checkpoint_dir: str
     model_config: object  # bert_core.BertConfig of the model
+    max_length: int  # tokens per row this run truncates to (see ScoreConfig.max_length)
+
+
+def embedding_defaults(cfg: ScoreConfig, model_config) -> int:
+    """The run's max length; for embed, also refuse a sentence-transformers pooling we can't
+    reproduce (unless the run names its own), here on the driver rather than in every actor."""
+    from bert_core.checkpoint import sentence_transformers_settings
+
+    limit = model_config.max_position_embeddings
+    if cfg.task != "embed":
+        return min(cfg.max_length or limit, limit)
+    st = sentence_transformers_settings(cfg.model)
+    if st.pooling_error and cfg.pooling is None and "pooling" not in model_config.extra.get("raybert", {}):
+        raise ValueError(st.pooling_error)
+    return min(cfg.max_length or st.max_length or limit, limit)
 
 
 def preflight(cfg: ScoreConfig) -> Preflight:
@@ -526,7 +550,7 @@ def preflight(cfg: ScoreConfig) -> Preflight:
     plan = plan_inputs(cfg.input, cfg.text_column, cfg.text_pair_column, cfg.id_column)
     ckpt = cfg.checkpoint_dir or default_checkpoint_dir(cfg.output)
     check_output(cfg.output, ckpt, [cfg.input] if isinstance(cfg.input, str) else list(cfg.input), plan, cfg.overwrite)
-    return Preflight(plan, ckpt, model_config)
+    return Preflight(plan, ckpt, model_config, embedding_defaults(cfg, model_config))
 
 
 def score(cfg: ScoreConfig) -> ScoreResult:
@@ -537,7 +561,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     pre = preflight(cfg)
     plan, ckpt = pre.plan, pre.checkpoint_dir
     output, model, task, head, dtype, r = cfg.output, cfg.model, cfg.task, cfg.head, cfg.dtype, cfg.resources
-    max_length = min(cfg.max_length, pre.model_config.max_position_embeddings)  # the model's position table
+    max_length = pre.max_length
     manifest = output.rstrip("/") + "/" + MANIFEST
 
     if cfg.overwrite:

@@ -333,14 +333,19 @@ def worker_nodes() -> list[str]:
 
 
 class MetricsWriter:
-    """Appends JSON lines to `path` from a background thread (None: a no-op, for ranks > 0).
+    """Appends JSON lines to `path`, and the numeric fields of each record with a `step` as
+    TensorBoard scalars under `tensorboard_dir`, from a background thread (path None: a no-op,
+    for ranks > 0).
 
     `write` only enqueues, so a log step never waits on storage (a network file system can take
     seconds); `close` drains the queue. Records are written in order.
     """
 
-    def __init__(self, path: Optional[Path]):
-        self.path = path
+    # Not curves: the step is the x axis, the rest are wall-clock and bookkeeping.
+    _NOT_SCALARS = frozenset({"step", "time", "epoch", "world_size", "threads"})
+
+    def __init__(self, path: Optional[Path], tensorboard_dir: Optional[Path] = None):
+        self.path, self.tensorboard_dir = path, tensorboard_dir
         self._q: queue.Queue = queue.Queue()
         self._thread = None
         if path is not None:
@@ -351,15 +356,33 @@ class MetricsWriter:
         if self._thread is not None:
             self._q.put(record)
 
+    def _scalars(self, tb, record: dict) -> None:
+        step = record.get("step")
+        if tb is None or not isinstance(step, int):
+            return
+        for k, v in record.items():
+            if k not in self._NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool):
+                tb.add_scalar(k, float(v), global_step=step, walltime=record.get("time"))
+
     def _drain(self) -> None:
-        with open(self.path, "a") as f:
-            while True:
-                record = self._q.get()
-                if record is None:
-                    return
-                f.write(json.dumps(record) + "\n")
-                if self._q.empty():
-                    f.flush()
+        tb = None
+        if self.tensorboard_dir is not None:
+            from tensorboardX import SummaryWriter  # a ray[train] dependency
+
+            tb = SummaryWriter(logdir=str(self.tensorboard_dir), flush_secs=30)
+        try:
+            with open(self.path, "a") as f:
+                while True:
+                    record = self._q.get()
+                    if record is None:
+                        return
+                    f.write(json.dumps(record) + "\n")
+                    self._scalars(tb, record)
+                    if self._q.empty():
+                        f.flush()
+        finally:
+            if tb is not None:
+                tb.close()
 
     def close(self) -> None:
         if self._thread is not None:
@@ -429,13 +452,13 @@ def heartbeat_interval(stall_timeout_s: Optional[float]) -> float:
 @contextmanager
 def worker_session(run_dir: Path, use_gpu: bool, torch_threads: Optional[int], stall_timeout_s: Optional[float]):
     """What every training loop opens first: (WorkerContext, Heartbeat, MetricsWriter); rank 0's
-    heartbeat (when the watchdog is on) and metrics file live in `run_dir`, and are closed (the
-    metrics queue drained) however the loop ends."""
+    heartbeat (when the watchdog is on), metrics file and TensorBoard events (`run_dir/tensorboard`)
+    live in `run_dir`, and are closed (the metrics queue drained) however the loop ends."""
     wc = worker_context(use_gpu, torch_threads)
     lead = wc.rank == 0
     beat = Heartbeat(run_dir / "heartbeat.json" if lead and stall_timeout_s else None,
                      heartbeat_interval(stall_timeout_s))
-    log = MetricsWriter(run_dir / "metrics.jsonl" if lead else None)
+    log = MetricsWriter(run_dir / "metrics.jsonl" if lead else None, run_dir / "tensorboard")
     try:
         yield wc, beat, log
     finally:

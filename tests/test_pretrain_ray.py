@@ -9,8 +9,12 @@ fault-tolerance and export tests.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,7 +70,13 @@ def _val(run_dir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def straight(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    result = main(_cfg(run_dir, corpus))
+    # What the user's console shows (the workers' lines arrive through Ray's log forwarding to the
+    # driver's stdout), kept beside the run for test_progress_lines_and_tensorboard_events.
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        result = main(_cfg(run_dir, corpus))
+    sys.stdout.write(console.getvalue())
+    (run_dir.parent / "console.txt").write_text(console.getvalue())
     return run_dir, result
 
 
@@ -88,6 +98,29 @@ def test_loss_falls_on_real_chinese_text(straight):
     assert m["tokens"] == STEPS * 2 * 8 * 64
     events = [r["event"] for r in read_metrics(run_dir) if "event" in r]
     assert events == ["start", "epoch_end", "end"]
+
+
+def test_progress_lines_and_tensorboard_events(straight):
+    """A run is never dark: the console gets a progress line per log step (step, loss, tokens/s,
+    ETA), and run_dir/tensorboard holds event files whose loss curve is metrics.jsonl's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = straight
+    console = (run_dir.parent / "console.txt").read_text()
+    lines = re.findall(r"\[raybert\] step (\d+)/50 loss ([\d.]+) ([\d,]+) tokens/s mfu [\d.]+% eta (\S+)", console)
+    assert len(lines) >= 5, console[-3000:]  # log_every 5 over 50 steps: 10 lines, allowing for late delivery
+    assert all(eta.endswith(("s", "m", "h")) for *_, eta in lines)
+    losses = _losses(run_dir)
+    for step, loss, _, _ in lines:
+        assert float(loss) == pytest.approx(losses[int(step)], abs=1e-4)
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert {"loss", "mlm_acc", "tokens_per_s", "mfu", "lr", "val_loss"} <= set(events.Tags()["scalars"])
+    tb_loss = {e.step: e.value for e in events.Scalars("loss")}
+    assert tb_loss.keys() == losses.keys()
+    assert all(tb_loss[k] == pytest.approx(v, rel=1e-6) for k, v in losses.items())
+    assert {e.step for e in events.Scalars("val_loss")} == set(_val(run_dir))
 
 
 @pytest.mark.timeout(400)

@@ -38,6 +38,23 @@ def test_metrics_writer_appends_in_order_from_its_thread(tmp_path):
     MetricsWriter(None).write({"step": 1})  # ranks > 0: a no-op, no file
 
 
+def test_metrics_writer_mirrors_numeric_fields_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsWriter(tmp_path / "metrics.jsonl", tmp_path / "tb")
+    log.write({"event": "start", "step": 0, "world_size": 2})  # bookkeeping: no curves
+    for i in range(1, 4):
+        log.write({"step": i * 10, "loss": 10.0 - i, "mfu": 0.1 * i, "time": 1e9 + i, "epoch": 0})
+    log.write({"step": 30, "val_loss": 6.5, "early_stop": True})  # bools are not curves
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["loss", "mfu", "val_loss"]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(10, 9.0), (20, 8.0), (30, 7.0)]
+    assert [e.wall_time for e in events.Scalars("loss")] == [1e9 + 1, 1e9 + 2, 1e9 + 3]
+    assert [(e.step, e.value) for e in events.Scalars("val_loss")] == [(30, 6.5)]
+
+
 def test_heartbeat_publishes_step_and_phase(tmp_path):
     path = tmp_path / "heartbeat.json"
     hb = Heartbeat(path, interval_s=0.1)

@@ -4,17 +4,22 @@ CLI overrides on top.
 Contract: `load_config(Cls, path, overrides)` returns a `Cls` instance. YAML keys must be field
 names of `Cls` (nested dataclasses are nested mappings); an unknown key is an error that names the
 key and the file, so a typo never silently falls back to a default. Overrides whose value is None
-(a CLI flag that was not given) are ignored.
+(a CLI flag that was not given) are ignored. `--print-config` (`print_config_option`) shows the
+resolved config as YAML that `--config` accepts, and runs nothing. `as_local_path` refuses a URI
+where only a local (or mounted shared) path works, before anything is written.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Optional, TypeVar
 
+import click
 import yaml
 
 T = TypeVar("T")
@@ -82,3 +87,37 @@ def _merge(base: dict, update: Mapping) -> dict:
         else:
             out[k] = v
     return out
+
+
+def dump_config(cfg: Any) -> str:
+    """The config as YAML that `--config` reads back into the same config."""
+    plain = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))  # tuples, Paths -> YAML-safe
+    return yaml.safe_dump(plain, sort_keys=False)
+
+
+def print_config_option(command):
+    """`--print-config` for a job's click command: it receives `print_config: bool` and, when set,
+    calls `echo_config(cfg)` instead of running."""
+    return click.option("--print-config", "print_config", is_flag=True,
+                        help="Print the resolved config (preset, then --config, then flags) as YAML and exit.")(command)
+
+
+def echo_config(cfg: Any) -> None:
+    click.echo(dump_config(cfg), nl=False)
+
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def as_local_path(what: str, value: Optional[str]) -> Optional[str]:
+    """`value` as a local path (`file:///x` -> `/x`), refusing any other URI (s3://, gs://, ...) for
+    a setting used as a local path: `Path` would turn `s3://b/run` into a directory named `s3:`
+    under the working dir (under `raybert submit`, the job's temporary dir), and whatever was
+    written there would be lost when the job ends."""
+    if not value or not _URI.match(str(value)):
+        return value
+    if str(value).startswith("file://"):
+        return str(value)[len("file://"):]
+    raise ValueError(f"{what} {value}: object-store URIs are not supported here yet; use a local path, or on a "
+                     f"cluster a shared filesystem mounted at the same path on every node (NFS, or the bucket "
+                     f"through a FUSE mount such as mountpoint-s3 or gcsfuse)")

@@ -33,6 +33,7 @@ from typing import Optional
 import click
 
 from bert_core.masking import MaskingConfig
+from jobs.config import echo_config, print_config_option
 from jobs.pretrain import FP16_NEEDS_GPU, ScalingConfig, check_init_from, expects_gpu, has_checkpoints
 from pipelines.finetune import FinetuneOptions
 from pipelines.finetune_data import FinetuneData, TaskData
@@ -107,6 +108,11 @@ def _tasks(cfg: FinetuneConfig) -> list[TaskData]:
 
 
 def validate(cfg: FinetuneConfig) -> list[TaskData]:
+    from jobs.config import as_local_path
+
+    cfg.run_dir = as_local_path("run_dir", cfg.run_dir)
+    cfg.tokenizer = as_local_path("tokenizer", cfg.tokenizer)
+    cfg.model.init_from = as_local_path("init_from", cfg.model.init_from)
     tasks = _tasks(cfg)
     if not tasks:
         raise ValueError("no task: pass --data (labeled Parquet) or list `tasks` in the --config file")
@@ -266,8 +272,9 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="Training precision (fp16: GPU only).")
 @click.option("--zero-stage", type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage.")
 @click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray.")
+@print_config_option
 def finetune(data, val_data, kind, name, run_dir, config_path, preset, init_from, tokenizer, epochs, lr,
-             num_workers, use_gpu, dtype, zero_stage, address):
+             num_workers, use_gpu, dtype, zero_stage, address, print_config):
     """Fine-tune a pretrained BERT into a classifier or tagger (or several heads, from --config)."""
     overrides = {"run_dir": run_dir, "model.init_from": init_from, "tokenizer": tokenizer,
                  "options.epochs": epochs, "train.lr": lr, "scaling.num_workers": num_workers,
@@ -277,7 +284,10 @@ def finetune(data, val_data, kind, name, run_dir, config_path, preset, init_from
 
     task = dict(name=name, kind=kind, paths=list(data), val_paths=list(val_data)) if data else None
     try:
-        result = main(build_config(preset, config_path, overrides, task))
+        cfg = build_config(preset, config_path, overrides, task)
+        if print_config:
+            return echo_config(cfg)
+        result = main(cfg)
     except (ValueError, FileNotFoundError, FileExistsError, TrainingStalled) as e:  # no traceback
         raise click.ClickException(str(e)) from e
     click.echo(json.dumps({"run_dir": result.run_dir, "export": result.export, "max_steps": result.max_steps,

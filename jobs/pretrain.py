@@ -33,6 +33,7 @@ from typing import Optional
 
 import click
 
+from jobs.config import echo_config, print_config_option
 from pipelines.pretrain_data import DataConfig
 from pipelines.train import ModelConfig, TrainConfig
 
@@ -124,7 +125,12 @@ def expects_gpu(scaling: ScalingConfig, address: Optional[str]) -> Optional[bool
 
 
 def validate(cfg: PretrainConfig) -> None:
-    """Fail before starting Ray on settings that can't work."""
+    """Fail before starting Ray on settings that can't work (and make local-path settings plain paths)."""
+    from jobs.config import as_local_path
+
+    cfg.run_dir = as_local_path("run_dir", cfg.run_dir)
+    cfg.data.tokenizer = as_local_path("tokenizer", cfg.data.tokenizer)
+    cfg.model.init_from = as_local_path("init_from", cfg.model.init_from)
     if cfg.train.dtype == "fp16" and expects_gpu(cfg.scaling, cfg.address) is False:
         raise ValueError(FP16_NEEDS_GPU)
     if cfg.resume not in ("auto", "never"):
@@ -387,8 +393,9 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--max-steps-per-run", type=int, help="Scheduled runs: train at most this many steps, then checkpoint and exit.")
 @click.option("--time-budget", type=float, help="Scheduled runs: seconds this invocation may take; it checkpoints before.")
 @click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray.")
+@print_config_option
 def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps, zero_stage, num_workers,
-             use_gpu, dtype, resume, max_steps_per_run, time_budget, address):
+             use_gpu, dtype, resume, max_steps_per_run, time_budget, address, print_config):
     """MLM-pretrain BERT on a Parquet text corpus with Ray Train + DeepSpeed.
 
     Run it on a schedule with `--resume auto` and a budget: each invocation continues the run
@@ -405,7 +412,10 @@ def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps
         "resume": resume, "address": address,
     }
     try:
-        result = main(build_config(preset, config_path, overrides))
+        cfg = build_config(preset, config_path, overrides)
+        if print_config:
+            return echo_config(cfg)
+        result = main(cfg)
     except RunLocked as e:
         err = click.ClickException(str(e))
         err.exit_code = EXIT_LOCKED

@@ -115,6 +115,41 @@ def test_pretrain_and_finetune_refuse_init_from_of_another_vocabulary(corpora, m
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("job", ["pretrain", "finetune"])
+def test_object_store_run_dir_is_refused_up_front_and_nothing_is_made_locally(corpora, tmp_path, monkeypatch, job):
+    """`Path("s3://b/run")` would be a local dir named `s3:` (lost with a submitted job's working
+    dir): such a setting is refused, naming it; `file://` URIs are plain local paths."""
+    monkeypatch.chdir(tmp_path)
+    data = ["--data", corpora["ok"]]
+    if job == "finetune":
+        labeled = tmp_path / "labeled.parquet"
+        pq.write_table(pa.table({"text": ["好", "坏"] * 20, "label": [1, 0] * 20}), labeled)
+        data = ["--data", str(labeled)]
+    base = [job, "--preset", "debug", *data, "--tokenizer", VOCAB]
+    _refused([*base, "--run-dir", "s3://bucket/run"], "run_dir s3://bucket/run", "not supported", "local path")
+    _refused([*base, "--run-dir", "run", "--init-from", "gs://bucket/ckpt"], "init_from gs://bucket/ckpt")
+    assert list(tmp_path.iterdir()) == ([tmp_path / "labeled.parquet"] if job == "finetune" else [])
+    res = CliRunner().invoke(cli, [*base, "--run-dir", f"file://{tmp_path}/run", "--print-config"])
+    assert res.exit_code == 0 and f"run_dir: file://{tmp_path}/run" in res.output
+
+
+@pytest.mark.parametrize("job", ["pretrain", "finetune"])
+def test_print_config_shows_the_resolved_config_and_reads_back(corpora, tmp_path, job):
+    import yaml
+
+    args = [job, "--preset", "debug", "--data", corpora["ok"], "--run-dir", str(tmp_path / "run"), "--lr" if
+            job == "finetune" else "--max-steps", "7", "--print-config"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    shown = yaml.safe_load(res.output)
+    assert shown["model"]["preset"] == "debug" and shown["run_dir"] == str(tmp_path / "run")
+    assert (shown["train"]["lr"] if job == "finetune" else shown["train"]["max_steps"]) == 7
+    (tmp_path / "c.yaml").write_text(res.output)  # what it prints is a --config that gives the same config
+    again = CliRunner().invoke(cli, [job, "--config", str(tmp_path / "c.yaml"), "--print-config"])
+    assert again.exit_code == 0 and again.output == res.output
+    assert not (tmp_path / "run").exists()  # nothing ran
+
+
 @pytest.mark.parametrize("case", ["all_null", "zero_rows", "no_text_column"])
 def test_vocab_refuses_a_corpus_without_text(corpora, case, tmp_path):
     out = tmp_path / "tok"

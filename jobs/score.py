@@ -6,17 +6,22 @@ line (rows, error rows, tokens, tokens/s, output path) and returns it. Rerunning
 command after a crash resumes; after success it reports the finished run (`overwrite: true` to
 redo). Before the lock or Ray, `pipelines.scoring.preflight` checks the model, tokenizer, inputs
 and output, creating nothing if it refuses. A run holds `output_lock` for its whole life: a second
-run on the same output is refused with `RunLocked` (CLI exit status 75, EX_TEMPFAIL). The click
-command only parses flags, loads the YAML config and calls `main`; a bad config or input is one
-`Error:` line, exit status 1 (2 for a bad flag).
+run on the same output is refused with `RunLocked` (CLI exit status 75, EX_TEMPFAIL). With
+`--device cuda` on a cluster, a run whose GPU actors don't start within `resources.gpu_wait_s`
+stops with `GpuWaitTimeout` (one `Error:` line, exit 1); on the embedded local Ray, which can't
+gain a GPU, it is refused before the lock or Ray. The click command only parses flags, loads the
+YAML config and calls `main`; a bad config or input is one `Error:` line, exit status 1 (2 for a
+bad flag).
 """
 
 from __future__ import annotations
 
 import click
 
+from jobs.config import echo_config, print_config_option
+
 # The job's typed config is the pipeline's: one dataclass, checked once (ScoreConfig.check).
-from pipelines.scoring import ResourceConfig, ScoreConfig
+from pipelines.scoring import GpuWaitTimeout, ResourceConfig, ScoreConfig
 
 
 def output_lock(output: str):
@@ -40,12 +45,24 @@ def output_lock(output: str):
 
 def main(cfg: ScoreConfig):
     """Run the scoring job; returns pipelines.scoring.ScoreResult and prints its summary line."""
+    import os
+
+    import ray
+    import torch
+
     from jobs.ray_env import ray_session
     from pipelines.scoring import preflight, score
 
     # Bad config or inputs are refused here, before the lock file or Ray exist; score() checks
     # again under the lock, since the output may have changed in between.
     preflight(cfg)
+    embedded = not (ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS"))
+    if embedded and cfg.resources.device == "cuda" and not torch.cuda.is_available():
+        # On a cluster, device cuda waits (resources.gpu_wait_s) for the autoscaler to add a GPU
+        # node; the embedded local Ray runs on this machine alone, so waiting would only delay this.
+        raise ValueError("device cuda asked for, but this machine has no GPU for the local Ray (and no "
+                         "autoscaler to add one); pass --address of a cluster with GPU workers, or "
+                         "--device auto or cpu")
     with output_lock(cfg.output), ray_session(cfg.address):
         result = score(cfg)
     print(result.line(), flush=True)
@@ -60,14 +77,22 @@ def main(cfg: ScoreConfig):
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="YAML file of ScoreConfig fields; flags override it.")
 @click.option("--max-tokens", type=int, help="Token budget per forward pass (rows x longest row).")
-@click.option("--batch-size", type=int, help="Rows per block, sorted by length within it.")
+@click.option("--batch-size", type=int,
+              help="Rows per Ray Data block (sorted by length within it), not per forward pass: forward-pass "
+                   "size is set by --max-tokens.")
 @click.option("--num-actors", type=click.IntRange(min=1), help="Predictor actors (default: one per GPU, else per 2 CPUs).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
+              help="auto (default): GPU actors if the cluster has GPUs now, else CPU. cuda: GPU actors even before "
+                   "a GPU node has joined, so an autoscaling cluster starts them (pool of 1 to N; fails after "
+                   "resources.gpu_wait_s if none starts).")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="Default auto: bf16 on a GPU that has it, else fp16; on CPU bf16 only where measured faster. "
                    "fp16 needs a GPU.")
 @click.option("--head", help="Task head of a multi-task checkpoint (default: its primary task).")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
-def score(input, output, model, task, config_path, max_tokens, batch_size, num_actors, dtype, head, address):
+@print_config_option
+def score(input, output, model, task, config_path, max_tokens, batch_size, num_actors, device, dtype, head, address,
+          print_config):
     """Score Parquet INPUT (file, directory or glob) into Parquet OUTPUT, one row per input row.
 
     INPUT and OUTPUT may instead come from the --config file (as under `ray job submit ... --
@@ -76,15 +101,20 @@ def score(input, output, model, task, config_path, max_tokens, batch_size, num_a
     from jobs.schedule import EXIT_LOCKED, RunLocked
 
     try:
-        main(load_config(ScoreConfig, config_path, {
+        cfg = load_config(ScoreConfig, config_path, {
             "input": input, "output": output, "model": model, "task": task, "max_tokens": max_tokens,
-            "batch_size": batch_size, "resources.num_actors": num_actors, "dtype": dtype, "head": head,
-            "address": address}))
+            "batch_size": batch_size, "resources.num_actors": num_actors, "resources.device": device,
+            "dtype": dtype, "head": head,
+            "address": address})
+        if print_config:
+            return echo_config(cfg)
+        main(cfg)
     except RunLocked as e:  # another run holds the output: "skipped, try later", not "failed"
         err = click.ClickException(str(e))
         err.exit_code = EXIT_LOCKED
         raise err from e
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # a config, data or model problem
+    # A config, data or model problem, or (GpuWaitTimeout) no GPU node in time for --device cuda.
+    except (ValueError, FileNotFoundError, FileExistsError, GpuWaitTimeout) as e:
         raise click.ClickException(str(e)) from e
 
 

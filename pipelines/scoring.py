@@ -19,7 +19,9 @@ Contract:
 - `score(cfg)` runs `preflight` again, then builds and runs the Ray Data program:
   `read_parquet(files, only the needed columns, include_row_hash)` -> `repartition` into blocks
   of `batch_size` rows (streaming) -> `map_batches(tokenize_batch)` (stateless CPU tasks) ->
-  `map_batches(Predictor, compute=ActorPoolStrategy(size=n))` -> `write_parquet(output)`.
+  `map_batches(Predictor, compute=ActorPoolStrategy(...))` (`cpu_plan`: a fixed pool, or with
+  device cuda one autoscaling from 1 GPU actor, that raises GpuWaitTimeout before any row is read
+  if no GPU actor starts within resources.gpu_wait_s) -> `write_parquet(output)`.
   Every input row gives exactly one output row (see predictors.py for the columns).
 - Resume: Ray Data's job-level checkpointing (`ray.data.checkpoint.CheckpointConfig`, beta in
   Ray 2.60) keyed on `row_hash`, Ray's deterministic hash of (file path, row index). User ids may
@@ -77,7 +79,13 @@ class ResourceConfig:
     actor_num_cpus: Optional[float] = None  # logical CPUs each actor reserves (CPU clusters: auto)
     task_num_cpus: float = 0.25  # read/tokenize/write tasks; fractional so actors can't starve them
     torch_threads: Optional[int] = None  # intra-op threads per actor
-    device: str = "auto"  # auto | cpu | cuda
+    # auto: GPU actors if the cluster has GPUs now, else CPU | cpu | cuda: GPU actors even if no GPU node has
+    # joined yet (their pending demand makes an autoscaler start GPU nodes; see cpu_plan)
+    device: str = "auto"
+    max_gpu_actors: int = 8  # device cuda: the pool's most GPU actors, if num_actors is unset and no GPU is there yet
+    # device cuda: stop with an error if no GPU actor has started after this many seconds (a GPU node takes
+    # minutes to boot; never wait forever on an autoscaler that can't deliver one)
+    gpu_wait_s: float = 900.0
     max_restarts: int = 4  # restarts of a killed predictor actor
     max_task_retries: int = 4  # retries of a block whose actor died
     task_max_retries: int = 4  # retries of a failed read/tokenize/write task
@@ -137,6 +145,11 @@ class ScoreConfig:
         if self.resources.num_actors is not None and self.resources.num_actors < 1:
             raise ValueError(f"score: resources.num_actors must be >= 1 (leave it unset for one per GPU, else one "
                              f"per 2 CPUs), got {self.resources.num_actors}")
+        if self.resources.device not in DEVICES:
+            raise ValueError(f"score: resources.device must be one of {DEVICES}, got {self.resources.device!r}")
+        if self.resources.max_gpu_actors < 1 or not self.resources.gpu_wait_s > 0:
+            raise ValueError(f"score: resources.max_gpu_actors must be >= 1 and resources.gpu_wait_s > 0, got "
+                             f"{self.resources.max_gpu_actors} and {self.resources.gpu_wait_s}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,37 +281,96 @@ def plan_inputs(inputs: str | list[str], text_column: str = "text", text_pair_co
 # --------------------------------------------------------------------------------------------
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class GpuWaitTimeout(TimeoutError):
+    """GPU predictor actors were asked for, and none started within `resources.gpu_wait_s`. Raised
+    before any row is read. Ray Data doesn't shut down a pipeline whose start failed, so the pool's
+    pending actors, and the GPU demand an autoscaler sees, last until this driver disconnects from
+    Ray (`jobs.score.main` does so at once; a caller that keeps its Ray session should too)."""
+
+
 @dataclass
 class CpuPlan:
-    num_actors: int
+    num_actors: int  # a fixed pool's size, or an autoscaling pool's maximum
     actor_num_cpus: float  # logical CPUs each predictor actor reserves
     actor_num_gpus: float
     task_num_cpus: float  # read / tokenize / write tasks
     torch_threads: int  # intra-op threads of each actor
     device: str
+    min_actors: Optional[int] = None  # an autoscaling pool's minimum; None: a fixed pool of num_actors
+    gpu_wait_s: Optional[float] = None  # fail if none of the pool's GPU actors has started by then
 
 
 def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Optional[float] = None,
-             task_num_cpus: float = 0.25, torch_threads: Optional[int] = None, device: str = "auto") -> CpuPlan:
-    """Size the predictor pool from the cluster: one actor per GPU (num_gpus=1) when there are
-    GPUs, else CPU slots, leaving 1 CPU for Ray's checkpoint filter actor plus one task slot."""
+             task_num_cpus: float = 0.25, torch_threads: Optional[int] = None, device: str = "auto",
+             max_gpu_actors: int = 8, gpu_wait_s: float = 900.0) -> CpuPlan:
+    """Size the predictor pool from the cluster's resources now (`ray.cluster_resources()`).
+
+    - device auto: one actor per GPU (num_gpus=1, fixed pool) when the cluster has GPUs now, else CPU.
+    - device cuda: GPU actors even if no GPU node has joined yet. On an autoscaling cluster (cluster.yaml's
+      GPU workers start at 0) the pending actors' `GPU: 1` demand is what makes the autoscaler start GPU
+      nodes, so the pool autoscales from 1 actor up to N: num_actors, else the GPUs there now, else
+      max_gpu_actors. If no actor has started after gpu_wait_s the run stops (score raises
+      GpuWaitTimeout) instead of waiting forever. With GPUs present and num_actors given, the pool
+      is a fixed num_actors, as with auto.
+    - CPU: by default one actor per 2 CPUs, leaving 1 CPU for Ray's checkpoint filter actor plus one
+      task slot."""
     if num_actors is not None and num_actors < 1:
         raise ValueError(f"num_actors must be >= 1 (or unset for the default), got {num_actors}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     cpus = float(cluster.get("CPU", 1))
     gpus = int(cluster.get("GPU", 0))
-    use_gpu = gpus > 0 and device in ("auto", "cuda")
-    if device == "cuda" and not gpus:
-        raise ValueError("device cuda asked for, but the Ray cluster has no GPUs")
-    if use_gpu:
+    per_gpu_actor = actor_num_cpus if actor_num_cpus is not None else 1.0
+    if device == "cuda" and not (gpus and num_actors):
+        n = num_actors or gpus or max_gpu_actors
+        return CpuPlan(n, per_gpu_actor, 1.0, task_num_cpus, torch_threads or max(1, int(cpus // n)), "cuda",
+                       min_actors=1, gpu_wait_s=gpu_wait_s)
+    if gpus > 0 and device in ("auto", "cuda"):
         n = num_actors or gpus
-        return CpuPlan(n, actor_num_cpus if actor_num_cpus is not None else 1.0, 1.0, task_num_cpus,
-                       torch_threads or max(1, int(cpus // n)), "cuda")
+        return CpuPlan(n, per_gpu_actor, 1.0, task_num_cpus, torch_threads or max(1, int(cpus // n)), "cuda")
     # CPU: by default one actor per 2 CPUs (each runs torch with 2 threads), at least one.
     n = num_actors or max(1, int(cpus // 2))
     room = max(cpus - 1.0 - task_num_cpus, 0.1)  # what the actors may reserve in total
     per = actor_num_cpus if actor_num_cpus is not None else min(1.0, room / n)
     threads = torch_threads or max(1, int(min(cpus, os.cpu_count() or 1) // n))
     return CpuPlan(n, per, 0.0, task_num_cpus, threads, "cpu")
+
+
+def actor_pool(plan: CpuPlan):
+    """The Ray Data compute strategy of `plan`: a fixed pool, or one autoscaling from min_actors."""
+    import ray.data
+
+    if plan.min_actors is None:
+        return ray.data.ActorPoolStrategy(size=plan.num_actors)
+    return ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.num_actors)
+
+
+class _QuietGpuWait(logging.Filter):
+    """Set on Ray Data's `ray.data.exceptions` logger while a GPU wait applies. When the pool's start
+    times out, Ray Data logs it as an internal Ray error (a plea to file a bug and a full traceback)
+    before raising; we report it as GpuWaitTimeout, one line, so we drop the records that logger
+    emits while it handles a GetTimeoutError, and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import sys
+
+        import ray.exceptions
+
+        return not isinstance(sys.exc_info()[1], ray.exceptions.GetTimeoutError)
+
+
+def gpu_wait_message(plan: CpuPlan, gpus_now: int) -> str:
+    """Why a run that asked for GPU actors stopped (score raises it as GpuWaitTimeout)."""
+    why = ("no GPU node joined the cluster" if not gpus_now else
+           f"the cluster has {gpus_now} GPU(s) now, but none was free for a predictor actor")
+    return (f"device cuda: no GPU predictor actor started within {plan.gpu_wait_s:g} s "
+            f"(resources.gpu_wait_s): {why}. Ray was asked for actors of 1 GPU each (a pool of "
+            f"{plan.min_actors} to {plan.num_actors}); on an autoscaling cluster check the GPU worker type in "
+            f"cluster.yaml (available_node_types, max_workers) and the autoscaler (`ray status`, its "
+            f"monitor log). To score on CPU instead, pass --device cpu (or --device auto).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -587,7 +659,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         raise FileExistsError(f"{output} already holds Parquet files but has no checkpoint ({ckpt}) and no "
                               f"{MANIFEST}: it is not a run of this job to resume; choose another output or overwrite")
 
-    res = cpu_plan(ray.cluster_resources(), r.num_actors, r.actor_num_cpus, r.task_num_cpus, r.torch_threads, r.device)
+    res = cpu_plan(ray.cluster_resources(), r.num_actors, r.actor_num_cpus, r.task_num_cpus, r.torch_threads, r.device,
+                   r.max_gpu_actors, r.gpu_wait_s)
     if dtype == "fp16" and res.device != "cuda":
         raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
     # CPU actors share the cores with the read/tokenize/write tasks. OpenMP's default spin-wait
@@ -597,11 +670,18 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     log.info("scoring %d rows from %d file(s) with %s", plan.rows, len(plan.files), res)
 
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.checkpoint_config, ctx.use_datasource_v2)
+    saved = (ctx.checkpoint_config, ctx.use_datasource_v2, ctx.wait_for_min_actors_s)
     cc = CheckpointConfig(id_column="row_hash", checkpoint_path=ckpt, delete_checkpoint_on_success=False)
     cc.checkpoint_actor_pool_max_size = 1  # each filter actor holds 1 CPU; one is enough
     ctx.checkpoint_config = cc
     ctx.use_datasource_v2 = False  # see the module docstring (CPU-only clusters)
+    quiet, ray_data_log = _QuietGpuWait(), logging.getLogger("ray.data.exceptions")
+    if res.gpu_wait_s is not None:
+        # Ray Data then blocks, when the pipeline starts and before any row is read, until each actor
+        # pool's minimum (ours: 1 GPU actor) has started, and raises GetTimeoutError after this long.
+        # Nothing polls while we wait: the pending actors' demand is what an autoscaler acts on.
+        ctx.wait_for_min_actors_s = res.gpu_wait_s
+        ray_data_log.addFilter(quiet)
     tokens_before = output_totals(output)[2] if resumed else 0
     t0 = time.perf_counter()
     try:
@@ -624,13 +704,18 @@ def score(cfg: ScoreConfig) -> ScoreResult:
                                        device=res.device, pooling=cfg.pooling, normalize=cfg.normalize,
                                        top_k=cfg.top_k, num_threads=res.torch_threads, tokenizer=cfg.tokenizer,
                                        head=head),
-            compute=ray.data.ActorPoolStrategy(size=res.num_actors),
+            compute=actor_pool(res),
             num_cpus=res.actor_num_cpus, num_gpus=res.actor_num_gpus or None,
             # A killed actor is restarted and its in-flight block retried, on purpose.
             max_restarts=r.max_restarts, max_task_retries=r.max_task_retries, **actor_env)
         ds.write_parquet(output, ray_remote_args={"num_cpus": res.task_num_cpus, "max_retries": r.task_max_retries})
+    except ray.exceptions.GetTimeoutError:
+        if res.gpu_wait_s is None or time.perf_counter() - t0 < res.gpu_wait_s:
+            raise  # not the wait for the GPU pool to start
+        raise GpuWaitTimeout(gpu_wait_message(res, int(ray.cluster_resources().get("GPU", 0)))) from None
     finally:
-        ctx.checkpoint_config, ctx.use_datasource_v2 = saved
+        ctx.checkpoint_config, ctx.use_datasource_v2, ctx.wait_for_min_actors_s = saved
+        ray_data_log.removeFilter(quiet)
     seconds = time.perf_counter() - t0
 
     rows, errors, tokens = output_totals(output)
@@ -670,5 +755,5 @@ def read_output(output: str, columns: Optional[list[str]] = None) -> pa.Table:
 
 
 __all__ = ["ScoreConfig", "ResourceConfig", "InputPlan", "plan_inputs", "Preflight", "preflight", "check_model", "check_output", "repair_duplicates",
-           "CpuPlan", "cpu_plan", "ScoreResult", "score", "read_output",
+           "CpuPlan", "cpu_plan", "actor_pool", "GpuWaitTimeout", "DEVICES", "ScoreResult", "score", "read_output",
            "output_totals", "default_checkpoint_dir", "Predictor", "tokenize_batch"]

@@ -204,6 +204,26 @@ def test_num_actors_below_one_is_a_usage_error(tmp_path, tiny):
     _nothing_created(tmp_path / "out")
 
 
+def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, tiny):
+    import yaml
+    from click.testing import CliRunner
+
+    from jobs.score import score
+
+    (tmp_path / "base.yaml").write_text("max_tokens: 1024\nresources:\n  gpu_wait_s: 60\n")
+    args = ["in.parquet", str(tmp_path / "out"), "--model", tiny, "--config", str(tmp_path / "base.yaml"),
+            "--batch-size", "64", "--device", "cpu", "--print-config"]
+    r = CliRunner().invoke(score, args)
+    assert r.exit_code == 0, r.output
+    shown = yaml.safe_load(r.output)
+    assert (shown["max_tokens"], shown["batch_size"], shown["resources"]["device"],
+            shown["resources"]["gpu_wait_s"], shown["dtype"]) == (1024, 64, "cpu", 60, "auto")
+    (tmp_path / "shown.yaml").write_text(r.output)
+    again = CliRunner().invoke(score, ["--config", str(tmp_path / "shown.yaml"), "--print-config"])
+    assert again.exit_code == 0 and again.output == r.output
+    _nothing_created(tmp_path / "out")
+
+
 # ---- 2: one run per output; duplicates left by overlapping writers are repaired ---------------
 
 

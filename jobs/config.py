@@ -121,3 +121,20 @@ def as_local_path(what: str, value: Optional[str]) -> Optional[str]:
     raise ValueError(f"{what} {value}: object-store URIs are not supported here yet; use a local path, or on a "
                      f"cluster a shared filesystem mounted at the same path on every node (NFS, or the bucket "
                      f"through a FUSE mount such as mountpoint-s3 or gcsfuse)")
+
+
+def load_deepspeed(value: Any) -> Optional[dict]:
+    """`train.deepspeed` as a dict: a mapping (from YAML) as is, a string as the path of a DeepSpeed
+    JSON file (`--deepspeed FILE`), read here on the driver so the workers get its content."""
+    if value is None or isinstance(value, Mapping):
+        return dict(value) if value is not None else None
+    path = Path(str(value))
+    if not path.is_file():
+        raise FileNotFoundError(f"deepspeed config {path} does not exist (pass a DeepSpeed JSON file)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"deepspeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"deepspeed config {path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -108,11 +108,14 @@ def _tasks(cfg: FinetuneConfig) -> list[TaskData]:
 
 
 def validate(cfg: FinetuneConfig) -> list[TaskData]:
-    from jobs.config import as_local_path
+    from jobs.config import as_local_path, load_deepspeed
+    from pipelines.worker import ds_config
 
     cfg.run_dir = as_local_path("run_dir", cfg.run_dir)
     cfg.tokenizer = as_local_path("tokenizer", cfg.tokenizer)
     cfg.model.init_from = as_local_path("init_from", cfg.model.init_from)
+    cfg.train.deepspeed = load_deepspeed(cfg.train.deepspeed)
+    ds_config(cfg.train, cfg.scaling.num_workers)  # a contradicting --deepspeed file fails here
     tasks = _tasks(cfg)
     if not tasks:
         raise ValueError("no task: pass --data (labeled Parquet) or list `tasks` in the --config file")
@@ -271,15 +274,16 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
               help="One GPU per worker, or CPUs only. Default: GPUs when the cluster has them.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="Training precision (fp16: GPU only).")
 @click.option("--zero-stage", type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage.")
+@click.option("--deepspeed", "deepspeed_json", help="DeepSpeed JSON merged over raybert's (ZeRO tuning, offload).")
 @click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray.")
 @print_config_option
 def finetune(data, val_data, kind, name, run_dir, config_path, preset, init_from, tokenizer, epochs, lr,
-             num_workers, use_gpu, dtype, zero_stage, address, print_config):
+             num_workers, use_gpu, dtype, zero_stage, deepspeed_json, address, print_config):
     """Fine-tune a pretrained BERT into a classifier or tagger (or several heads, from --config)."""
     overrides = {"run_dir": run_dir, "model.init_from": init_from, "tokenizer": tokenizer,
                  "options.epochs": epochs, "train.lr": lr, "scaling.num_workers": num_workers,
                  "scaling.use_gpu": use_gpu, "train.dtype": dtype, "train.zero_stage": zero_stage,
-                 "address": address}
+                 "address": address, "train.deepspeed": deepspeed_json}
     from pipelines.worker import TrainingStalled
 
     task = dict(name=name, kind=kind, paths=list(data), val_paths=list(val_data)) if data else None

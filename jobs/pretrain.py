@@ -126,11 +126,13 @@ def expects_gpu(scaling: ScalingConfig, address: Optional[str]) -> Optional[bool
 
 def validate(cfg: PretrainConfig) -> None:
     """Fail before starting Ray on settings that can't work (and make local-path settings plain paths)."""
-    from jobs.config import as_local_path
+    from jobs.config import as_local_path, load_deepspeed
+    from pipelines.worker import ds_config
 
     cfg.run_dir = as_local_path("run_dir", cfg.run_dir)
     cfg.data.tokenizer = as_local_path("tokenizer", cfg.data.tokenizer)
     cfg.model.init_from = as_local_path("init_from", cfg.model.init_from)
+    cfg.train.deepspeed = load_deepspeed(cfg.train.deepspeed)
     if cfg.train.dtype == "fp16" and expects_gpu(cfg.scaling, cfg.address) is False:
         raise ValueError(FP16_NEEDS_GPU)
     if cfg.resume not in ("auto", "never"):
@@ -147,6 +149,7 @@ def validate(cfg: PretrainConfig) -> None:
         raise ValueError("max_steps_per_run must be >= 1")
     if cfg.time_budget is not None and cfg.time_budget <= 0:
         raise ValueError("time_budget must be > 0 seconds")
+    ds_config(cfg.train, cfg.scaling.num_workers)  # a contradicting --deepspeed file fails here
 
 
 def resolve_tokenizer(cfg: PretrainConfig) -> str:
@@ -392,10 +395,11 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--resume", type=click.Choice(["auto", "never"]), help="Continue the run dir's latest checkpoint.")
 @click.option("--max-steps-per-run", type=int, help="Scheduled runs: train at most this many steps, then checkpoint and exit.")
 @click.option("--time-budget", type=float, help="Scheduled runs: seconds this invocation may take; it checkpoints before.")
+@click.option("--deepspeed", "deepspeed_json", help="DeepSpeed JSON merged over raybert's (ZeRO tuning, offload).")
 @click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray.")
 @print_config_option
 def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps, zero_stage, num_workers,
-             use_gpu, dtype, resume, max_steps_per_run, time_budget, address, print_config):
+             use_gpu, dtype, resume, max_steps_per_run, time_budget, deepspeed_json, address, print_config):
     """MLM-pretrain BERT on a Parquet text corpus with Ray Train + DeepSpeed.
 
     Run it on a schedule with `--resume auto` and a budget: each invocation continues the run
@@ -409,7 +413,7 @@ def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps
         "run_dir": run_dir, "data.paths": list(data) or None, "data.tokenizer": tokenizer,
         "model.init_from": init_from, "train.max_steps": max_steps, "train.zero_stage": zero_stage,
         "scaling.num_workers": num_workers, "scaling.use_gpu": use_gpu, "train.dtype": dtype,
-        "resume": resume, "address": address,
+        "resume": resume, "address": address, "train.deepspeed": deepspeed_json,
     }
     try:
         cfg = build_config(preset, config_path, overrides)

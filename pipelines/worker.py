@@ -84,6 +84,12 @@ class TrainConfig:
     # Stop the job with TrainingStalled when no micro-batch, step or eval batch completes for this
     # many seconds (start-up, before the first step, gets max(2x, 120 s)); None or 0 = never.
     stall_timeout_s: Optional[float] = 300.0
+    # Extra DeepSpeed config merged over the one built from these fields (as HF's --deepspeed):
+    # ZeRO tuning (overlap_comm, bucket sizes, offload_optimizer/offload_param), communication
+    # and activation settings. The keys raybert derives from this config (batch sizes, clipping,
+    # ZeRO stage, precision) may repeat our values but not contradict them, and `optimizer` /
+    # `scheduler` are refused: raybert brings its own (see `ds_config`).
+    deepspeed: Optional[dict] = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -173,7 +179,43 @@ def disable_deepspeed_jit() -> None:
     compat["deepspeed_ccl_comm"] = False
 
 
+# DeepSpeed keys raybert sets from TrainConfig, and the field a user changes instead.
+_DS_OWNED = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "train.micro_batch_size x train.grad_accum x scaling.num_workers",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16.enabled": "train.dtype",
+    "fp16.enabled": "train.dtype",
+}
+_DS_REFUSED = {
+    "optimizer": "raybert passes its own torch AdamW (train.lr, betas, eps, weight_decay)",
+    "scheduler": "raybert runs its own LR schedule (train.warmup_steps, decay, min_lr_ratio)",
+}
+
+
+def _merge_deepspeed(ours: dict, theirs: dict, where: str = "") -> dict:
+    out = dict(ours)
+    for k, v in theirs.items():
+        key = f"{where}{k}"
+        if key in _DS_REFUSED:
+            raise ValueError(f"deepspeed config: {key!r} is not accepted: {_DS_REFUSED[key]}")
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge_deepspeed(out[k], v, key + ".")
+            continue
+        if key in _DS_OWNED:
+            mine = out.get(k, False if key.endswith(".enabled") else None)
+            if v != mine:
+                raise ValueError(f"deepspeed config: {key} = {v!r} contradicts raybert's {mine!r}, which comes "
+                                 f"from {_DS_OWNED[key]}; set that instead (or drop the key)")
+        out[k] = v
+    return out
+
+
 def ds_config(train: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config of a run: ours from `train`, with `train.deepspeed` merged over it.
+    Also called on the driver, so a contradicting user config is refused before any worker starts."""
     cfg = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
@@ -188,6 +230,11 @@ def ds_config(train: TrainConfig, world_size: int) -> dict:
         cfg["bf16"] = {"enabled": True}
     elif train.dtype == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    if train.deepspeed:
+        for key in ("bf16", "fp16"):  # a precision section the dtype doesn't enable is ours to compare
+            cfg.setdefault(key, {"enabled": False})
+        cfg = _merge_deepspeed(cfg, train.deepspeed)
+        cfg = {k: v for k, v in cfg.items() if not (k in ("bf16", "fp16") and v == {"enabled": False})}
     return cfg
 
 

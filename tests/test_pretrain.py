@@ -4,6 +4,7 @@ schedule, configs and presets, CLI parsing, and errors raised before any work st
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,24 @@ def test_deepspeed_config_from_train_config():
         TrainConfig(dtype="fp8")
     with pytest.raises(ValueError, match="zero_stage"):
         TrainConfig(zero_stage=4)
+
+
+def test_deepspeed_json_merges_over_ours_and_may_not_contradict_it():
+    extra = {"zero_optimization": {"stage": 2, "overlap_comm": True, "offload_optimizer": {"device": "cpu"}},
+             "bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 8, "communication_data_type": "fp32"}
+    c = ds_config(TrainConfig(micro_batch_size=8, zero_stage=2, dtype="bf16", deepspeed=extra), 2)
+    assert c["zero_optimization"] == {"stage": 2, "overlap_comm": True, "offload_optimizer": {"device": "cpu"}}
+    assert c["communication_data_type"] == "fp32" and c["bf16"] == {"enabled": True} and "fp16" not in c
+    assert c["train_batch_size"] == 16 and c["gradient_clipping"] == 1.0  # ours, untouched
+    fp32 = ds_config(TrainConfig(deepspeed={"bf16": {"enabled": False}}), 1)
+    assert "bf16" not in fp32 and "fp16" not in fp32
+    for bad, needle in [({"zero_optimization": {"stage": 3}}, "zero_optimization.stage = 3 contradicts raybert's 2"),
+                        ({"train_batch_size": 99}, "train.micro_batch_size x train.grad_accum"),
+                        ({"bf16": {"enabled": True}}, "bf16.enabled = True contradicts raybert's False, which comes from train.dtype"),
+                        ({"optimizer": {"type": "Adam"}}, "'optimizer' is not accepted"),
+                        ({"scheduler": {"type": "WarmupLR"}}, "'scheduler' is not accepted")]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            ds_config(TrainConfig(zero_stage=2, deepspeed=bad), 2)
 
 
 def test_model_config_takes_tokenizer_vocab():

@@ -133,6 +133,18 @@ def test_object_store_run_dir_is_refused_up_front_and_nothing_is_made_locally(co
     assert res.exit_code == 0 and f"run_dir: file://{tmp_path}/run" in res.output
 
 
+def test_contradicting_or_missing_deepspeed_json_is_refused_up_front(corpora, tmp_path):
+    import json
+
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}}))
+    base = ["pretrain", "--preset", "debug", "--data", corpora["ok"], "--tokenizer", VOCAB, "--zero-stage", "2",
+            "--run-dir", str(tmp_path / "run")]
+    _refused([*base, "--deepspeed", str(bad)], "zero_optimization.stage = 3", "train.zero_stage")
+    _refused([*base, "--deepspeed", str(tmp_path / "nope.json")], "nope.json does not exist")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("job", ["pretrain", "finetune"])
 def test_print_config_shows_the_resolved_config_and_reads_back(corpora, tmp_path, job):
     import yaml

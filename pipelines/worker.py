@@ -601,7 +601,7 @@ def torch_trainer(loop_fn, loop_config: dict, *, run_dir: Path, num_workers: int
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    return TorchTrainer(
+    trainer = TorchTrainer(
         loop_fn,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
@@ -615,6 +615,29 @@ def torch_trainer(loop_fn, loop_config: dict, *, run_dir: Path, num_workers: int
         datasets=datasets,
         **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
+    return _without_placement_group_cleaner(trainer)
+
+
+def _without_placement_group_cleaner(trainer):
+    """Drop Ray Train 2.60's PlacementGroupCleaner from `trainer.fit()`.
+
+    The cleaner polls the state API for the controller actor and removes the run's placement group
+    when the lookup comes back empty, which a loaded head node's state API does now and then: the
+    live run's workers are then destroyed ("Destroying worker since its placement group was
+    removed") and the run fails. Our CI saw it twice in one run under load; later Ray treats an
+    empty lookup as transient (ray-project/ray#65447). What the cleaner guards against, a
+    controller that dies while its job driver lives on, ends with the driver here: Ray frees a
+    job's placement groups when its driver exits.
+    """
+    make_callbacks = getattr(trainer, "_create_default_callbacks", None)
+    if make_callbacks is None:  # a Ray without the hook: nothing to drop
+        return trainer
+
+    def callbacks():
+        return [c for c in make_callbacks() if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    trainer._create_default_callbacks = callbacks
+    return trainer
 
 
 class TrainingStalled(RuntimeError):

@@ -77,3 +77,13 @@ def minilm_dir():
     from pipelines.corpora import minilm_path
 
     return minilm_path()
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now: for a test cluster's dashboard, whose default (8265) another
+    Ray on the machine may hold."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -61,8 +61,10 @@ def cluster():
         # Keep this cluster private (see the module docstring).
         mp.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
         mp.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
+        from conftest import free_port
+
         c = Cluster(initialize_head=True, head_node_args=dict(
-            num_cpus=HEAD_CPUS, include_dashboard=True, object_store_memory=256 << 20))
+            num_cpus=HEAD_CPUS, include_dashboard=True, dashboard_port=free_port(), object_store_memory=256 << 20))
         try:
             for _ in range(2):
                 c.add_node(num_cpus=WORKER_CPUS, object_store_memory=256 << 20)

@@ -98,8 +98,10 @@ def cpu_cluster():
         # Keep this cluster private (see the module docstring).
         mp.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
         mp.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
+        from conftest import free_port
+
         c = Cluster(initialize_head=True, head_node_args=dict(
-            num_cpus=3, num_gpus=0, include_dashboard=True, object_store_memory=256 << 20))
+            num_cpus=3, num_gpus=0, include_dashboard=True, dashboard_port=free_port(), object_store_memory=256 << 20))
         try:
             c.wait_for_nodes()
             yield c

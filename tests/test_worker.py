@@ -252,3 +252,19 @@ def test_watchdog_ends_a_stalled_run_keeping_its_checkpoint(fast_train, ray_loca
     assert (run_dir / "checkpoint_00000010" / "raybert_state.json").is_file() and latest_step(run_dir) == 10
     ledger = [json.loads(x) for x in (run_dir / "runs.jsonl").read_text().splitlines()]
     assert ledger[-1]["status"] == "failed" and "TrainingStalled" in ledger[-1]["error"]
+
+
+def test_trainer_runs_without_ray_train_placement_group_cleaner(tmp_path):
+    """Ray 2.60's cleaner removed a live run's placement group on an empty state-API lookup under
+    load (two CI failures: "Destroying worker since its placement group was removed"); our trainer
+    leaves it out and keeps every other default callback."""
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.worker import torch_trainer
+
+    trainer = torch_trainer(print, {}, run_dir=tmp_path / "run", num_workers=1, use_gpu=False, cpus_per_worker=1.0,
+                            max_failures=0, keep_last=1, datasets={})
+    ours = [type(c).__name__ for c in trainer._create_default_callbacks()]
+    ray_default = [type(c).__name__ for c in TorchTrainer._create_default_callbacks(trainer)]
+    assert "PlacementGroupCleanerCallback" in ray_default and "PlacementGroupCleanerCallback" not in ours
+    assert ours == [c for c in ray_default if c != "PlacementGroupCleanerCallback"]

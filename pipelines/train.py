@@ -306,6 +306,7 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
     log.write({"event": "resume" if ckpt is not None else "start", "step": state["step"],
                "epoch": state["epoch"], "consumed": state["consumed"], "world_size": world,
                "nodes": worker_nodes(), "threads": wc.threads, "device": device_name(device),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                "peak_flops": peak, "time": time.time()})
 
     policy = StopPolicy.for_invocation(tc, state["step"])

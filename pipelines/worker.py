@@ -611,11 +611,25 @@ def torch_trainer(loop_fn, loop_config: dict, *, run_dir: Path, num_workers: int
         run_config=ray.train.RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_last),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            worker_runtime_env=cpu_worker_runtime_env() if not use_gpu else {}),
         datasets=datasets,
         **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
     return _without_placement_group_cleaner(trainer)
+
+
+def cpu_worker_runtime_env() -> dict:
+    """Environment for CPU training workers: OpenMP threads sleep when idle instead of spinning.
+
+    A CPU worker shares its node's cores with Ray Data's read/tokenize/mask tasks. With OpenMP's
+    default (active) waiting, the worker's idle threads spin between parallel regions and take
+    those cores from the data tasks, which the step then waits on: passive waiting made the whole
+    `raybert pretrain` job 1.3x faster on 2 cores (BENCHMARKS.md). libgomp reads the variable once,
+    when torch loads, so it must be in the worker's environment from process start, not set by the
+    loop. A value the user exported on the driver wins.
+    """
+    return {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
 
 
 def _without_placement_group_cleaner(trainer):

@@ -220,6 +220,7 @@ def test_one_worker_holding_1_5_cpus_trains_on_2_threads_with_an_honest_mfu(fast
     records = read_metrics(run_dir)
     (start,) = [r for r in records if r.get("event") == "start"]
     assert start["threads"] == 2 and start["world_size"] == 1
+    assert start["omp_wait_policy"] == "PASSIVE"  # idle OpenMP threads don't spin against data tasks
     logged = [r for r in records if "mfu" in r]
     assert [r["step"] for r in logged] == [3, 6, 9, 12]
     peaks = json.loads((run_dir / "peak_flops.json").read_text())

@@ -118,9 +118,36 @@ def as_local_path(what: str, value: Optional[str]) -> Optional[str]:
         return value
     if str(value).startswith("file://"):
         return str(value)[len("file://"):]
-    raise ValueError(f"{what} {value}: object-store URIs are not supported here yet; use a local path, or on a "
-                     f"cluster a shared filesystem mounted at the same path on every node (NFS, or the bucket "
-                     f"through a FUSE mount such as mountpoint-s3 or gcsfuse)")
+    raise ValueError(f"{what} {value}: object-store URIs are not supported for {what}; copy it to a local "
+                     f"path, or on a cluster to a shared filesystem mounted at the same path on every node "
+                     f"(NFS, or the bucket through a FUSE mount such as mountpoint-s3 or gcsfuse)")
+
+
+def as_run_location(value: str) -> str:
+    """A run dir as the jobs use it: a local path made absolute (`file://` stripped), or an
+    object-store URI that pyarrow can open and whose bucket exists, checked here on the driver so
+    a typo fails in seconds, not after Ray Train has started."""
+    import pyarrow.fs as pafs
+
+    from pipelines import storage
+
+    loc = storage.normalize(value)
+    if not storage.is_uri(loc):
+        return loc
+    try:
+        fs, path = pafs.FileSystem.from_uri(loc)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"run_dir {value}: not a storage URI pyarrow can open ({e}); use a local path or "
+                         f"s3://bucket/path, gs://bucket/path") from None
+    bucket = path.split("/", 1)[0]
+    if "/" not in path.strip("/"):
+        raise ValueError(f"run_dir {value}: give a directory inside the bucket (s3://{bucket}/my-run), not the bucket itself")
+    with storage.reachable(loc):
+        kind = fs.get_file_info(bucket).type
+    if kind == pafs.FileType.NotFound:
+        raise ValueError(f"run_dir {value}: bucket {bucket!r} does not exist (or these credentials can't see it); "
+                         f"create it first")
+    return loc
 
 
 def load_deepspeed(value: Any) -> Optional[dict]:

@@ -14,7 +14,8 @@ Contract:
   pipelines/finetune.py (`train_<task>` / `val_<task>` datasets).
 - The step count comes from `options.epochs` (over the labeled training rows, accounting for the
   mixing share of an auxiliary mlm task), and the warmup from `options.warmup_ratio`.
-- The run dir holds Ray's checkpoint of the result, `metrics.jsonl`, `config.json` and `export/`.
+- The run dir (a local path, or an object-store URI as for pretraining) holds Ray's checkpoint
+  of the result, `metrics.jsonl`, `config.json` and `export/`.
   A fine-tune does not resume: a run dir that already has a result is refused.
 - Config: `PRESETS[name]` (model size plus matching settings; `debug` runs in seconds), then a YAML
   file (FinetuneConfig fields; `tasks` is a list of TaskData mappings), then a few CLI flags.
@@ -108,10 +109,10 @@ def _tasks(cfg: FinetuneConfig) -> list[TaskData]:
 
 
 def validate(cfg: FinetuneConfig) -> list[TaskData]:
-    from jobs.config import as_local_path, load_deepspeed
+    from jobs.config import as_local_path, as_run_location, load_deepspeed
     from pipelines.worker import ds_config
 
-    cfg.run_dir = as_local_path("run_dir", cfg.run_dir)
+    cfg.run_dir = as_run_location(cfg.run_dir)
     cfg.tokenizer = as_local_path("tokenizer", cfg.tokenizer)
     cfg.model.init_from = as_local_path("init_from", cfg.model.init_from)
     cfg.train.deepspeed = load_deepspeed(cfg.train.deepspeed)
@@ -170,7 +171,9 @@ def plan_steps(cfg: FinetuneConfig, specs: list) -> tuple[int, int]:
 
 def main(cfg: FinetuneConfig) -> FinetuneResult:
     tasks = validate(cfg)
-    run_dir = Path(cfg.run_dir).absolute()
+    from pipelines import storage
+
+    run_dir = storage.normalize(cfg.run_dir)
     if has_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds a fine-tune result; fine-tunes don't resume, "
                               f"use a new --run-dir")
@@ -185,7 +188,8 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     # Labels are read with pyarrow on the driver: a bad label set is refused before Ray starts
     # and before the run dir exists.
     labels = {t.name: _labels(t) for t in tasks}
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not storage.is_uri(run_dir):
+        os.makedirs(run_dir, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from jobs.ray_env import ray_session
@@ -220,11 +224,11 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
         model = copy.deepcopy(cfg.model)
         if model.init_from:  # workers may run in another directory (a Ray Jobs working dir)
             model.init_from = str(Path(model.init_from).absolute())
-        loop = FinetuneLoopConfig(run_dir=str(run_dir), tokenizer=tokenizer, tasks=specs,
+        loop = FinetuneLoopConfig(run_dir=run_dir, tokenizer=tokenizer, tasks=specs,
                                   model=model, data=copy.deepcopy(cfg.data), train=train,
                                   options=copy.deepcopy(cfg.options), masking=copy.deepcopy(cfg.masking),
                                   use_gpu=plan.use_gpu, torch_threads=plan.torch_threads)
-        (run_dir / "config.json").write_text(json.dumps({"finetune": asdict(cfg) | {"tasks": [asdict(t) for t in tasks]},
+        storage.write_text(storage.join(run_dir, "config.json"), json.dumps({"finetune": asdict(cfg) | {"tasks": [asdict(t) for t in tasks]},
                                                          "loop": loop.to_dict(), "plan": plan.to_dict()},
                                                         indent=1, default=str) + "\n")
         trainer = torch_trainer(
@@ -233,10 +237,11 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
             max_failures=cfg.scaling.max_failures, keep_last=1, datasets=datasets)
         result = fit_with_watchdog(trainer, run_dir, cfg.train.stall_timeout_s)
 
-    export = publish_export(result.checkpoint.path if result.checkpoint is not None else None, run_dir)
+    ckpt = storage.join(run_dir, storage.basename(result.checkpoint.path)) if result.checkpoint is not None else None
+    export = publish_export(ckpt, run_dir)
     if export is None:
         raise RuntimeError(f"fine-tune finished without a result checkpoint in {run_dir}")
-    return FinetuneResult(run_dir=str(run_dir), export=str(export), metrics=dict(result.metrics or {}),
+    return FinetuneResult(run_dir=run_dir, export=export, metrics=dict(result.metrics or {}),
                           labels={s.name: s.id2label for s in specs if s.id2label}, max_steps=train.max_steps)
 
 

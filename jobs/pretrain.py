@@ -5,9 +5,11 @@ Contract:
   returns where the last checkpoint and its HF export are. The corpus is read and tokenized by
   Ray Data (pipelines/pretrain_data.py) and streamed to `scaling.num_workers` Ray Train workers
   running pipelines/train.py. Without `address` / RAY_ADDRESS it starts an embedded local Ray.
-- The run directory (absolute; on a cluster, shared storage) holds Ray Train's checkpoints
-  (`checkpoint_<step>/{deepspeed,hf,raybert_state.json}`, the last `train.keep_last` kept),
-  `metrics.jsonl`, and `export/`: a copy of the final HF export.
+- The run directory holds Ray Train's checkpoints (`checkpoint_<step>/{deepspeed,hf,
+  raybert_state.json}`, the last `train.keep_last` kept), `metrics.jsonl`, `tensorboard/`,
+  `runs.jsonl` and `export/`: a copy of the final HF export. It is a local path (on a cluster,
+  shared storage mounted at the same path on every node) or an object-store URI (`s3://...`,
+  `gs://...`) that every node can reach; pipelines/storage.py says how each file gets there.
 - `resume="auto"` continues from the run dir's latest checkpoint (step, LR schedule, optimizer,
   data position); `"never"` refuses a run dir that already has checkpoints.
 - Scheduled runs: each invocation holds an exclusive lock on the run dir (an overlapping one is
@@ -53,7 +55,7 @@ class ScalingConfig:
 
 @dataclass
 class PretrainConfig:
-    run_dir: str = "runs/pretrain"  # made absolute (Ray needs an absolute storage path)
+    run_dir: str = "runs/pretrain"  # a local path (made absolute) or an object-store URI (s3://b/run)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -126,10 +128,10 @@ def expects_gpu(scaling: ScalingConfig, address: Optional[str]) -> Optional[bool
 
 def validate(cfg: PretrainConfig) -> None:
     """Fail before starting Ray on settings that can't work (and make local-path settings plain paths)."""
-    from jobs.config import as_local_path, load_deepspeed
+    from jobs.config import as_local_path, as_run_location, load_deepspeed
     from pipelines.worker import ds_config
 
-    cfg.run_dir = as_local_path("run_dir", cfg.run_dir)
+    cfg.run_dir = as_run_location(cfg.run_dir)
     cfg.data.tokenizer = as_local_path("tokenizer", cfg.data.tokenizer)
     cfg.model.init_from = as_local_path("init_from", cfg.model.init_from)
     cfg.train.deepspeed = load_deepspeed(cfg.train.deepspeed)
@@ -160,8 +162,10 @@ def resolve_tokenizer(cfg: PretrainConfig) -> str:
     return str(Path(tok).absolute())
 
 
-def has_checkpoints(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
+def has_checkpoints(run_dir: str | Path) -> bool:
+    from pipelines import storage
+
+    return any(name.startswith("checkpoint_") for name in storage.list_names(str(run_dir)))
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
@@ -211,7 +215,7 @@ def _dig(d: dict, dotted: str):
     return d
 
 
-def check_resume(cfg: PretrainConfig, run_dir: Path, tok, bert_config) -> None:
+def check_resume(cfg: PretrainConfig, run_dir: str, tok, bert_config) -> None:
     """Refuse, before anything in the run dir changes, to resume a run under settings its
     checkpoint can't continue with. The model shape and vocabulary are compared with the
     checkpoint Ray Train would resume from (its HF export), the run settings with the run dir's
@@ -219,33 +223,36 @@ def check_resume(cfg: PretrainConfig, run_dir: Path, tok, bert_config) -> None:
     from bert_core.model import BertConfig
     from bert_core.tokenizer import load_tokenizer
     from jobs.schedule import registered_checkpoint
+    from pipelines import storage
 
     ckpt = registered_checkpoint(run_dir)
     if ckpt is None:
         return
     diffs = []
-    saved_model = BertConfig.from_json(ckpt / "hf" / "config.json")
+    # Only the export's config and tokenizer: the checkpoint's optimizer state may be gigabytes.
+    with storage.local_copy(storage.join(ckpt, "hf"), files=("config.json",) + _TOKENIZER_FILES) as hf:
+        saved_model = BertConfig.from_json(Path(hf, "config.json"))
+        saved_tok = load_tokenizer(hf)
     for k in _MODEL_SHAPE:
         if getattr(saved_model, k) != getattr(bert_config, k):
             diffs.append(f"model {k} {getattr(saved_model, k)} -> {getattr(bert_config, k)}")
-    saved_tok = load_tokenizer(ckpt / "hf")
     if saved_tok.get_vocab() != tok.get_vocab():
         diffs.append(f"tokenizer vocabulary ({len(saved_tok):,} tokens -> {len(tok):,}"
                      f"{', other tokens' if len(saved_tok) == len(tok) else ''})")
-    saved_file = run_dir / "config.json"
-    saved = json.loads(saved_file.read_text()).get("pretrain", {}) if saved_file.is_file() else {}
+    saved_file = storage.join(run_dir, "config.json")
+    saved = json.loads(storage.read_text(saved_file) or "{}").get("pretrain", {})
     now = _asdict(cfg)
     for key in _RUN_SETTINGS:
         was = _dig(saved, key)
         if was is not None and was != _dig(now, key):
             diffs.append(f"{key} {was} -> {_dig(now, key)}")
     if diffs:
-        raise ValueError(f"{run_dir} holds a run (checkpoint {ckpt.name}) that these settings can't resume: "
+        raise ValueError(f"{run_dir} holds a run (checkpoint {storage.basename(ckpt)}) that these settings can't resume: "
                          f"{'; '.join(diffs)} (saved -> now). Resume it with its own settings (see "
                          f"{saved_file}), or start a new --run-dir")
 
 
-def check_inputs(cfg: PretrainConfig, run_dir: Path) -> str:
+def check_inputs(cfg: PretrainConfig, run_dir: str) -> str:
     """Every check that needs no Ray, before anything on disk changes: the run dir's resume mode
     and compatibility, the tokenizer, `init_from`, the corpus. Returns the tokenizer path."""
     from bert_core.checkpoint import check_checkpoint
@@ -274,12 +281,15 @@ def main(cfg: PretrainConfig) -> PretrainResult:
 
     t0 = time.time()
     validate(cfg)
-    run_dir = Path(cfg.run_dir).absolute()
+    from pipelines import storage
+
+    run_dir = storage.normalize(cfg.run_dir)
     tokenizer = check_inputs(cfg, run_dir)
     record = {"invocation": new_invocation_id(), "start": now_iso(), "pid": os.getpid(),
               "host": socket.gethostname(), "max_steps": cfg.train.max_steps,
               "steps_per_run": cfg.train.steps_per_run, "time_budget": cfg.time_budget}
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not storage.is_uri(run_dir):
+        os.makedirs(run_dir, exist_ok=True)
     try:
         with RunLock(run_dir):
             record["start_step"] = latest_step(run_dir)  # where Ray Train resumes, not the newest dir
@@ -302,8 +312,9 @@ def main(cfg: PretrainConfig) -> PretrainResult:
         append_record(run_dir, record)
 
 
-def _run(cfg: PretrainConfig, run_dir: Path, t0: float, tokenizer: str) -> PretrainResult:
+def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str) -> PretrainResult:
     from pipelines.train import LoopConfig, train_loop_per_worker
+    from pipelines import storage
     from pipelines.worker import disable_deepspeed_jit, fit_with_watchdog, publish_export, torch_trainer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -328,10 +339,10 @@ def _run(cfg: PretrainConfig, run_dir: Path, t0: float, tokenizer: str) -> Pretr
         model = copy.deepcopy(cfg.model)
         if model.init_from:  # workers may run in another directory (a Ray Jobs working dir)
             model.init_from = str(Path(model.init_from).absolute())
-        loop_cfg = LoopConfig(run_dir=str(run_dir), tokenizer=tokenizer, model=model, data=copy.deepcopy(cfg.data),
+        loop_cfg = LoopConfig(run_dir=run_dir, tokenizer=tokenizer, model=model, data=copy.deepcopy(cfg.data),
                               train=train, use_gpu=plan.use_gpu, torch_threads=plan.torch_threads)
         # Written only now, with every check passed: a refused invocation leaves the run dir as it was.
-        (run_dir / "config.json").write_text(json.dumps({"pretrain": _asdict(cfg), "tokenizer": tokenizer,
+        storage.write_text(storage.join(run_dir, "config.json"), json.dumps({"pretrain": _asdict(cfg), "tokenizer": tokenizer,
                                                          "plan": plan.to_dict()}, indent=1, default=str) + "\n")
         datasets = build_datasets(cfg.data, tokenizer)
         # Deterministic order end to end: the same rows reach the same worker in the same order
@@ -344,9 +355,9 @@ def _run(cfg: PretrainConfig, run_dir: Path, t0: float, tokenizer: str) -> Pretr
             dataset_config=ray.train.DataConfig(execution_options=exec_opts))
         result = fit_with_watchdog(trainer, run_dir, cfg.train.stall_timeout_s)
 
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    ckpt = storage.join(run_dir, storage.basename(result.checkpoint.path)) if result.checkpoint is not None else None
     export = publish_export(ckpt, run_dir)
-    return PretrainResult(run_dir=str(run_dir), checkpoint=ckpt, export=str(export) if export else None,
+    return PretrainResult(run_dir=run_dir, checkpoint=ckpt, export=export,
                           metrics=dict(result.metrics or {}))
 
 
@@ -358,10 +369,10 @@ def _asdict(cfg) -> dict:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records of `<run_dir>/metrics.jsonl`, in order."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from pipelines import storage
+
+    text = storage.read_text(storage.join(str(run_dir), "metrics.jsonl")) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,13 +6,18 @@ Contract:
   CLI exits with status 75, EX_TEMPFAIL, so a scheduler can tell "skipped, still running" from
   "failed"). The kernel drops the lock when its process dies, so a crashed or killed invocation
   never leaves a stale lock behind. The lock file says who holds it (pid, host, start time).
-  flock is reliable on local disks and NFSv4; on object stores or other shared filesystems keep
-  the scheduler itself from overlapping runs (e.g. `concurrencyPolicy: Forbid` on a CronJob).
+  flock is reliable on local disks and NFSv4. An object-store run dir (s3://...) can't be flocked:
+  there the lock is a lease object, `<run_dir>/.raybert.lock`, renewed every minute by the holder
+  and deleted on exit; one not renewed for `LEASE_TTL_S` (a killed invocation's) is taken over.
+  Object stores offer pyarrow no compare-and-swap, so two invocations started within the same
+  second could both pass; keep the scheduler from overlapping runs as well (e.g.
+  `concurrencyPolicy: Forbid` on a CronJob).
 - `<run_dir>/runs.jsonl` gets one JSON line per invocation: invocation id, start and end (UTC ISO
   8601), start and end step (those of the checkpoints Ray Train registered, `latest_step`: where
   the invocation really resumed and where it left the run), steps trained, the checkpoint it
   left, status (`ok`, `complete`: the run had already reached max_steps, `failed`, or `refused`:
-  the run dir was locked) and the error if any. Lines are appended with O_APPEND, whole or not at all.
+  the run dir was locked) and the error if any. Lines are appended with O_APPEND, whole or not at
+  all (on an object store, the ledger is rewritten whole under the lock).
 """
 
 from __future__ import annotations
@@ -23,13 +28,19 @@ import fcntl
 import json
 import os
 import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Optional
 
+from pipelines import storage
+
 LOCK_NAME = ".raybert.lock"
 LEDGER_NAME = "runs.jsonl"
 EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
+LEASE_TTL_S = 300.0  # an object-store lock not renewed for this long is a dead invocation's
+LEASE_RENEW_S = 60.0
 
 
 class RunLocked(RuntimeError):
@@ -49,11 +60,18 @@ class RunLock:
                  subject: Optional[str] = None):
         if (run_dir is None) == (lock_file is None):
             raise TypeError("RunLock takes exactly one of run_dir or lock_file")
+        self._lease = None
+        if run_dir is not None and storage.is_uri(run_dir):
+            self._lease = LeaseLock(storage.join(str(run_dir), LOCK_NAME), subject or str(run_dir))
+            return
         self.path = Path(lock_file) if lock_file is not None else Path(run_dir) / LOCK_NAME
         self.subject = subject or str(self.path.parent)
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "RunLock":
+        if self._lease is not None:
+            self._lease.acquire()
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -72,6 +90,9 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            return
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -79,37 +100,93 @@ class RunLock:
             self._fd = None
 
 
+class LeaseLock:
+    """The run lock on an object store: a lease object holding {owner, host, pid, renewed}."""
+
+    def __init__(self, loc: str, subject: str, ttl_s: float = LEASE_TTL_S, renew_s: float = LEASE_RENEW_S):
+        self.loc, self.subject, self.ttl_s, self.renew_s = loc, subject, ttl_s, renew_s
+        self.owner = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _read(self) -> Optional[dict]:
+        try:
+            return json.loads(storage.read_text(self.loc) or "null")
+        except ValueError:
+            return None
+
+    def _write(self) -> None:
+        storage.write_text(self.loc, json.dumps({"owner": self.owner, "pid": os.getpid(),
+                                                 "host": socket.gethostname(), "renewed": time.time(),
+                                                 "since": now_iso()}) + "\n")
+
+    def _refuse(self, held: dict) -> RunLocked:
+        return RunLocked(f"{self.subject} is in use by another invocation (pid {held.get('pid')} on "
+                         f"{held.get('host')} since {held.get('since')}); refusing to overlap it. Let it "
+                         f"finish; the next scheduled run continues from its checkpoint.")
+
+    def acquire(self) -> None:
+        held = self._read()
+        if held and held.get("owner") != self.owner and time.time() - float(held.get("renewed", 0)) < self.ttl_s:
+            raise self._refuse(held)
+        self._write()
+        time.sleep(1.0)  # a rival that wrote in the same moment: the later write wins, the other backs off
+        held = self._read()
+        if not held or held.get("owner") != self.owner:
+            raise self._refuse(held or {})
+        self._thread = threading.Thread(target=self._renew, name="raybert-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.renew_s):
+            try:
+                self._write()
+            except (OSError, ValueError):  # retried at the next renewal; the TTL allows several misses
+                pass
+
+    def __enter__(self) -> "LeaseLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        held = self._read()
+        if held and held.get("owner") == self.owner:
+            storage.delete(self.loc)
+
+
 def append_record(run_dir: str | Path, record: dict) -> None:
-    line = (json.dumps(record, default=str) + "\n").encode()
-    fd = os.open(Path(run_dir) / LEDGER_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    storage.append_line(storage.join(str(run_dir), LEDGER_NAME), json.dumps(record, default=str))
 
 
 def read_ledger(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / LEDGER_NAME
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = storage.read_text(storage.join(str(run_dir), LEDGER_NAME)) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def registered_checkpoint(run_dir: str | Path) -> Optional[Path]:
+def registered_checkpoint(run_dir: str | Path) -> Optional[str]:
     """The checkpoint Ray Train resumes `run_dir` from: the latest one its checkpoint manager
     registered (None if none). A checkpoint directory that a killed invocation left on disk before
     Ray registered it is not one, whatever its step: the next invocation resumes from the one
-    before, and the ledger must say so."""
+    before, and the ledger must say so. Returns its location (a local path, or a URI for a run
+    dir on an object store)."""
     import ray.train
 
     try:
-        result = ray.train.Result.from_path(str(Path(run_dir).absolute()))
+        result = ray.train.Result.from_path(storage.normalize(str(run_dir)))
     except RuntimeError:  # not a Ray Train run dir (yet): no checkpoint manager snapshot
         return None
     except Exception as e:  # the snapshot names checkpoints that are gone, or another Ray's format
         raise ValueError(f"{run_dir}: Ray Train's checkpoint record can't be read ({type(e).__name__}: {e}); "
                          f"restore the run dir's checkpoints, or start a new --run-dir") from None
-    return Path(result.checkpoint.path) if result.checkpoint is not None else None
+    if result.checkpoint is None:
+        return None
+    return storage.join(storage.normalize(str(run_dir)), storage.basename(result.checkpoint.path))
 
 
 def latest_step(run_dir: str | Path) -> int:
@@ -117,7 +194,7 @@ def latest_step(run_dir: str | Path) -> int:
     ckpt = registered_checkpoint(run_dir)
     if ckpt is None:
         return 0
-    return int(json.loads((ckpt / "raybert_state.json").read_text())["step"])
+    return int(json.loads(storage.read_text(storage.join(ckpt, "raybert_state.json")))["step"])
 
 
 def new_invocation_id() -> str:

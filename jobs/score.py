@@ -25,22 +25,17 @@ from pipelines.scoring import GpuWaitTimeout, ResourceConfig, ScoreConfig
 
 
 def output_lock(output: str):
-    """The exclusive lock a run holds on its output: a `flock` on `<output>.lock`, beside the
-    output since overwrite deletes the output dir. A second run on the same output is refused
-    (`RunLocked`, CLI exit 75) instead of writing every row twice. flock needs a local or NFS
-    path: for an object-store URI there is nothing to lock, so we warn and go on (keep the
-    scheduler from overlapping such runs)."""
-    import contextlib
-    import logging
-    import os
+    """The exclusive lock a run holds on its output, beside the output since overwrite deletes the
+    output dir: a `flock` on `<output>.lock` locally, a lease object `<output>.lock` on an object
+    store (jobs/schedule.py says what each guarantees). A second run on the same output is refused
+    (`RunLocked`, CLI exit 75) instead of writing every row twice."""
+    from jobs.schedule import LeaseLock, RunLock
+    from pipelines import storage
 
-    from jobs.schedule import RunLock
-
-    if "://" in output:
-        logging.getLogger(__name__).warning("%s: an object-store output can't be locked; make sure no other "
-                                            "run writes it at the same time", output)
-        return contextlib.nullcontext()
-    return RunLock(lock_file=os.path.abspath(output.rstrip("/")) + ".lock", subject=f"output {output}")
+    out = storage.normalize(output)
+    if storage.is_uri(out):
+        return LeaseLock(out + ".lock", f"output {output}")
+    return RunLock(lock_file=out + ".lock", subject=f"output {output}")
 
 
 def main(cfg: ScoreConfig):

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from bert_core.masking import Masker, MaskingConfig
 from bert_core.model import BertConfig, BertForMaskedLM, mlm_flops_per_token
+from pipelines import storage
 from pipelines.pretrain_data import DataConfig
 from pipelines.worker import (FaultDrill, Heartbeat, MetricsWriter, ModelConfig, TrainConfig, WorkerContext,
                               all_reduce_sum, build_bert_config, build_engine, derive_seed, device_name,
@@ -277,7 +278,7 @@ def _eta(seconds: float) -> str:
 
 def train_loop_per_worker(config: dict) -> None:
     cfg = LoopConfig.from_dict(config)
-    with worker_session(Path(cfg.run_dir), cfg.use_gpu, cfg.torch_threads, cfg.train.stall_timeout_s) as session:
+    with worker_session(cfg.run_dir, cfg.use_gpu, cfg.torch_threads, cfg.train.stall_timeout_s) as session:
         _train(cfg, *session)
 
 
@@ -287,7 +288,7 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
     from bert_core.tokenizer import load_tokenizer
 
     tc, rank, world, device = cfg.train, wc.rank, wc.world, wc.device
-    run_dir = Path(cfg.run_dir)
+    run_dir = cfg.run_dir  # a local path or a URI (pipelines/storage.py)
     tokenizer = load_tokenizer(cfg.tokenizer)
     masker = Masker.from_tokenizer(tokenizer, cfg.data.masking)
     bert_config = build_bert_config(cfg.model, len(tokenizer))
@@ -391,13 +392,13 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
     gc.collect()
 
 
-def _fault_drill(fault: FaultDrill, rank: int, step: int, run_dir: Path, beat: Heartbeat) -> None:
+def _fault_drill(fault: FaultDrill, rank: int, step: int, run_dir: str, beat: Heartbeat) -> None:
     """Once per run dir (a marker file records it): SIGKILL rank `kill_rank` after `kill_at_step`,
     or hang rank 0 after `stall_at_step` (showing phase "step" to the watchdog)."""
     if fault.kill_at_step == step and rank == (fault.kill_rank or 0):
-        marker = run_dir / f"fault_drill_rank{rank}_step{step}.done"
-        if not marker.exists():
-            marker.write_text(f"killed at step {step}, pid {os.getpid()}, time {time.time()}\n")
+        marker = storage.join(run_dir, f"fault_drill_rank{rank}_step{step}.done")
+        if not storage.exists(marker):
+            storage.write_text(marker, f"killed at step {step}, pid {os.getpid()}, time {time.time()}\n")
             # Ray Train registers a checkpoint only once the controller has polled every rank's
             # report of it (one poll per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A rank that dies before
             # that poll takes the other ranks' unpolled reports with it, and the restart falls back
@@ -406,8 +407,8 @@ def _fault_drill(fault: FaultDrill, rank: int, step: int, run_dir: Path, beat: H
             time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1)
             os.kill(os.getpid(), signal.SIGKILL)
     if fault.stall_at_step == step and rank == 0:
-        marker = run_dir / f"fault_drill_stall_step{step}.done"
-        if not marker.exists():
-            marker.write_text(f"stalled at step {step}, pid {os.getpid()}, time {time.time()}\n")
+        marker = storage.join(run_dir, f"fault_drill_stall_step{step}.done")
+        if not storage.exists(marker):
+            storage.write_text(marker, f"stalled at step {step}, pid {os.getpid()}, time {time.time()}\n")
             beat.beat("step")
             threading.Event().wait()  # forever: only the watchdog ends this

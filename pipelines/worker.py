@@ -26,7 +26,9 @@ import json
 import math
 import os
 import queue
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -39,6 +41,8 @@ import torch
 
 from bert_core.masking import Masker
 from bert_core.model import BertConfig, preset
+from pipelines import storage
+from pipelines.storage import Mirror
 
 DTYPES = ("fp32", "bf16", "fp16")
 FAULT_DRILL_ENV = "RAYBERT_FAULT_DRILL"
@@ -391,8 +395,12 @@ class MetricsWriter:
     # Not curves: the step is the x axis, the rest are wall-clock and bookkeeping.
     _NOT_SCALARS = frozenset({"step", "time", "epoch", "world_size", "threads"})
 
-    def __init__(self, path: Optional[Path], tensorboard_dir: Optional[Path] = None):
+    def __init__(self, path: Optional[Path], tensorboard_dir: Optional[Path] = None,
+                 mirror: Optional[Mirror] = None, mirror_every_s: float = 30.0):
         self.path, self.tensorboard_dir = path, tensorboard_dir
+        # A remote run dir: the files are written to a local staging dir, and `mirror` uploads
+        # what changed every `mirror_every_s` and at close (object stores can't append).
+        self.mirror, self.mirror_every_s = mirror, mirror_every_s
         self._q: queue.Queue = queue.Queue()
         self._thread = None
         if path is not None:
@@ -417,19 +425,38 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter  # a ray[train] dependency
 
             tb = SummaryWriter(logdir=str(self.tensorboard_dir), flush_secs=30)
+        synced = time.monotonic()
         try:
             with open(self.path, "a") as f:
                 while True:
-                    record = self._q.get()
+                    try:
+                        record = self._q.get(timeout=self.mirror_every_s if self.mirror else None)
+                    except queue.Empty:
+                        record = ...  # time to mirror, nothing to write
                     if record is None:
                         return
-                    f.write(json.dumps(record) + "\n")
-                    self._scalars(tb, record)
+                    if record is not ...:
+                        f.write(json.dumps(record) + "\n")
+                        self._scalars(tb, record)
                     if self._q.empty():
                         f.flush()
+                        if self.mirror and time.monotonic() - synced >= self.mirror_every_s:
+                            if tb is not None:
+                                tb.flush()
+                            self._sync()
+                            synced = time.monotonic()
         finally:
             if tb is not None:
                 tb.close()
+            self._sync()
+
+    def _sync(self) -> None:
+        if self.mirror is None:
+            return
+        try:
+            self.mirror.sync()
+        except (OSError, ValueError) as e:  # an unreachable store must not kill training; retried next time
+            print(f"raybert: could not upload metrics to {self.mirror.loc}: {e}", flush=True)
 
     def close(self) -> None:
         if self._thread is not None:
@@ -447,8 +474,8 @@ class Heartbeat:
     attributes (`ticks` counts micro-batches and eval batches), so beating costs the step nothing.
     """
 
-    def __init__(self, path: Optional[Path], interval_s: float):
-        self.path, self.interval_s = path, interval_s
+    def __init__(self, path: Optional[str], interval_s: float):
+        self.path, self.interval_s = path, interval_s  # a local path or a URI (pipelines/storage.py)
         self.step, self.phase, self.ticks = 0, "starting", 0
         self.stepped = False  # a step completed in this invocation: start-up is over
         self._stop = threading.Event()
@@ -469,15 +496,13 @@ class Heartbeat:
         record = {"step": self.step, "phase": self.phase, "ticks": self.ticks, "stepped": self.stepped,
                   "time": time.time(),
                   "pid": os.getpid(), "host": socket.gethostname()}
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, self.path)
+        storage.write_text(self.path, json.dumps(record) + "\n")
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 self._write()
-            except OSError:  # a full or flaky disk must not kill training; the watchdog will tell
+            except (OSError, ValueError):  # a full disk or flaky store must not kill training; the watchdog will tell
                 pass
 
     def close(self) -> None:
@@ -488,7 +513,7 @@ class Heartbeat:
             self._thread = None
             try:
                 self._write()
-            except OSError:
+            except (OSError, ValueError):
                 pass
 
 
@@ -497,20 +522,35 @@ def heartbeat_interval(stall_timeout_s: Optional[float]) -> float:
 
 
 @contextmanager
-def worker_session(run_dir: Path, use_gpu: bool, torch_threads: Optional[int], stall_timeout_s: Optional[float]):
+def worker_session(run_dir: str, use_gpu: bool, torch_threads: Optional[int], stall_timeout_s: Optional[float]):
     """What every training loop opens first: (WorkerContext, Heartbeat, MetricsWriter); rank 0's
     heartbeat (when the watchdog is on), metrics file and TensorBoard events (`run_dir/tensorboard`)
-    live in `run_dir`, and are closed (the metrics queue drained) however the loop ends."""
+    live in `run_dir`, and are closed (the metrics queue drained) however the loop ends.
+
+    `run_dir` may be a URI (s3://...): the heartbeat is then written to the store directly (one
+    small PUT every few seconds), while metrics and TensorBoard events are written to a local
+    staging dir (seeded with the run's metrics so far) and mirrored to the store."""
     wc = worker_context(use_gpu, torch_threads)
     lead = wc.rank == 0
-    beat = Heartbeat(run_dir / "heartbeat.json" if lead and stall_timeout_s else None,
+    beat = Heartbeat(storage.join(run_dir, "heartbeat.json") if lead and stall_timeout_s else None,
                      heartbeat_interval(stall_timeout_s))
-    log = MetricsWriter(run_dir / "metrics.jsonl" if lead else None, run_dir / "tensorboard")
+    staging = None
+    if lead and storage.is_uri(run_dir):
+        staging = tempfile.mkdtemp(prefix="raybert-run-")
+        previous = storage.read_text(storage.join(run_dir, "metrics.jsonl"))
+        if previous:
+            Path(staging, "metrics.jsonl").write_text(previous)
+        local = Path(staging)
+        log = MetricsWriter(local / "metrics.jsonl", local / "tensorboard", mirror=storage.Mirror(staging, run_dir))
+    else:
+        log = MetricsWriter(Path(run_dir, "metrics.jsonl") if lead else None, Path(run_dir, "tensorboard"))
     try:
         yield wc, beat, log
     finally:
         log.close()
         beat.close()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,25 +606,22 @@ def measure_peak_flops(device: torch.device, dtype: str, budget_s: float = 1.0) 
     return 2 * n ** 3 / best
 
 
-def peak_flops(run_dir: Optional[Path], device: torch.device, dtype: str, threads: int) -> float:
-    """This worker's measured peak, cached in `<run_dir>/peak_flops.json` by (host, device, dtype,
-    threads) so resumes and restarts don't re-measure."""
+def peak_flops(run_dir: Optional[str | Path], device: torch.device, dtype: str, threads: int) -> float:
+    """This worker's measured peak, cached in `<run_dir>/peak_flops.json` (a local path or a URI)
+    by (host, device, dtype, threads) so resumes and restarts don't re-measure."""
     key = f"{socket.gethostname()}|{device_name(device)}|{dtype}|{threads if device.type == 'cpu' else 'gpu'}"
-    path = run_dir / "peak_flops.json" if run_dir is not None else None
+    path = storage.join(str(run_dir), "peak_flops.json") if run_dir is not None else None
     cache = {}
-    if path is not None and path.is_file():
+    if path is not None:
         try:
-            cache = json.loads(path.read_text())
+            cache = json.loads(storage.read_text(path) or "{}")
         except (OSError, ValueError):
             cache = {}
     if key in cache:
         return float(cache[key])
     peak = measure_peak_flops(device, dtype)
     if path is not None:  # a lost race between ranks loses an entry, never the file
-        cache = {**cache, key: peak}
-        tmp = path.with_name(f"peak_flops.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1) + "\n")
-        os.replace(tmp, path)
+        storage.write_text(path, json.dumps({**cache, key: peak}, indent=1) + "\n")
     return peak
 
 
@@ -593,11 +630,12 @@ def peak_flops(run_dir: Optional[Path], device: torch.device, dtype: str, thread
 # --------------------------------------------------------------------------------------------
 
 
-def torch_trainer(loop_fn, loop_config: dict, *, run_dir: Path, num_workers: int, use_gpu: bool,
+def torch_trainer(loop_fn, loop_config: dict, *, run_dir: str | Path, num_workers: int, use_gpu: bool,
                   cpus_per_worker: float, max_failures: int, keep_last: int, datasets: dict,
                   dataset_config=None):
     """The TorchTrainer every training job runs under: one rank per worker (a GPU each with
-    `use_gpu`, NCCL; else gloo on CPU), checkpoints in `run_dir`, worker-group restarts on failure."""
+    `use_gpu`, NCCL; else gloo on CPU), checkpoints in `run_dir` (a local path or a URI: Ray
+    Train writes through pyarrow.fs), worker-group restarts on failure."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -609,7 +647,7 @@ def torch_trainer(loop_fn, loop_config: dict, *, run_dir: Path, num_workers: int
             resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
+            name=storage.basename(str(run_dir)), storage_path=storage.parent(str(run_dir)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_last),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             worker_runtime_env=cpu_worker_runtime_env() if not use_gpu else {}),
@@ -679,10 +717,12 @@ _ADVICE = {
 }
 
 
-def _read_heartbeat(path: Path, since: float) -> Optional[dict]:
+def _read_heartbeat(path: str, since: float) -> Optional[dict]:
     try:
-        hb = json.loads(path.read_text())
-    except (OSError, ValueError):  # absent, or caught mid-replace on a non-POSIX store
+        hb = json.loads(storage.read_text(path) or "null")
+    except (OSError, ValueError):  # caught mid-replace on a non-POSIX store, or the store unreachable
+        return None
+    if not isinstance(hb, dict):
         return None
     return hb if hb.get("time", 0) >= since else None  # ignore a previous invocation's
 
@@ -695,7 +735,7 @@ def stall_error(hb: Optional[dict], waited_s: float) -> TrainingStalled:
                            f"{_ADVICE.get(stage, _ADVICE['step'])}", stage, step, waited_s)
 
 
-def fit_with_watchdog(trainer, run_dir: Path, stall_timeout_s: Optional[float],
+def fit_with_watchdog(trainer, run_dir: str | Path, stall_timeout_s: Optional[float],
                       startup_s: Optional[float] = None):
     """`trainer.fit()`, ended with `TrainingStalled` when rank 0's heartbeat shows no progress
     (step, phase or tick unchanged) for `stall_timeout_s`; before the first step of this
@@ -713,7 +753,7 @@ def fit_with_watchdog(trainer, run_dir: Path, stall_timeout_s: Optional[float],
 
     if not stall_timeout_s or threading.current_thread() is not threading.main_thread():
         return trainer.fit()
-    path = Path(run_dir) / "heartbeat.json"
+    path = storage.join(str(run_dir), "heartbeat.json")
     t0 = time.time()
     stop, lock = threading.Event(), threading.Lock()
     stalled: list[TrainingStalled] = []
@@ -755,15 +795,11 @@ def fit_with_watchdog(trainer, run_dir: Path, stall_timeout_s: Optional[float],
     return result
 
 
-def publish_export(checkpoint: Optional[str], run_dir: Path) -> Optional[Path]:
-    """Copy a checkpoint's `hf/` export to `run_dir/export`, replacing the previous one whole."""
-    import shutil
-
-    if checkpoint is None or not Path(checkpoint, "hf").is_dir():
+def publish_export(checkpoint: Optional[str], run_dir: str | Path) -> Optional[str]:
+    """Copy a checkpoint's `hf/` export to `run_dir/export`, replacing the previous one whole
+    (either may be a URI). Returns the export's location."""
+    if checkpoint is None or not storage.is_dir(storage.join(str(checkpoint), "hf")):
         return None
-    export, tmp = run_dir / "export", run_dir / "export.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(Path(checkpoint, "hf"), tmp)
-    shutil.rmtree(export, ignore_errors=True)
-    tmp.rename(export)
+    export = storage.join(str(run_dir), "export")
+    storage.replace_tree(storage.join(str(checkpoint), "hf"), export)
     return export

@@ -116,9 +116,10 @@ def test_pretrain_and_finetune_refuse_init_from_of_another_vocabulary(corpora, m
 
 
 @pytest.mark.parametrize("job", ["pretrain", "finetune"])
-def test_object_store_run_dir_is_refused_up_front_and_nothing_is_made_locally(corpora, tmp_path, monkeypatch, job):
-    """`Path("s3://b/run")` would be a local dir named `s3:` (lost with a submitted job's working
-    dir): such a setting is refused, naming it; `file://` URIs are plain local paths."""
+def test_unusable_run_dir_or_model_uri_is_refused_up_front_and_nothing_is_made_locally(corpora, tmp_path, monkeypatch, job):
+    """A run dir URI pyarrow can't open is refused, naming it, as is a model or tokenizer URI
+    (those must be local); `file://` URIs are plain local paths. (Run dirs on a real S3 server:
+    tests/test_remote_storage.py.)"""
     monkeypatch.chdir(tmp_path)
     data = ["--data", corpora["ok"]]
     if job == "finetune":
@@ -126,7 +127,8 @@ def test_object_store_run_dir_is_refused_up_front_and_nothing_is_made_locally(co
         pq.write_table(pa.table({"text": ["好", "坏"] * 20, "label": [1, 0] * 20}), labeled)
         data = ["--data", str(labeled)]
     base = [job, "--preset", "debug", *data, "--tokenizer", VOCAB]
-    _refused([*base, "--run-dir", "s3://bucket/run"], "run_dir s3://bucket/run", "not supported", "local path")
+    _refused([*base, "--run-dir", "nosuchscheme://bucket/run"], "run_dir nosuchscheme://bucket/run",
+             "not a storage URI")
     _refused([*base, "--run-dir", "run", "--init-from", "gs://bucket/ckpt"], "init_from gs://bucket/ckpt")
     assert list(tmp_path.iterdir()) == ([tmp_path / "labeled.parquet"] if job == "finetune" else [])
     res = CliRunner().invoke(cli, [*base, "--run-dir", f"file://{tmp_path}/run", "--print-config"])

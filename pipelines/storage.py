@@ -1,0 +1,260 @@
+"""Run directories and outputs on any `pyarrow.fs` location: a local path or a URI.
+
+Contract:
+- A *location* is a local path or a URI that `pyarrow.fs.FileSystem.from_uri` understands
+  (`s3://bucket/key`, `gs://...`, `file:///abs`). Code that may see a URI goes through these
+  helpers, never `pathlib`: `Path("s3://b/run")` is a directory named `s3:` under the working dir.
+- `normalize(loc)`: a local path made absolute (`file://` stripped); a URI kept, trailing `/` dropped.
+- `exists`, `read_text` (None when absent), `write_text` (atomic: a temp file renamed locally, a
+  single PUT on an object store), `append_line` (O_APPEND locally; read and rewrite on an object
+  store, so callers must hold the run's lock), `list_names`, `upload`, `download_tree`,
+  `replace_tree` (copy a directory over another, deleting what was there).
+- Errors from a store that can't be reached (network, credentials, a missing bucket) become a
+  `ValueError` naming the URI and what to check (`reachable`), never a pyarrow traceback.
+- Object stores are reached as pyarrow reaches them: for S3, the usual AWS settings
+  (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, and `AWS_ENDPOINT_URL` for an
+  S3-compatible server such as MinIO), on the driver and on every node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from typing import Iterator, Optional
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(loc) -> bool:
+    """A URI other than file:// (those are local paths)."""
+    return bool(loc) and bool(_URI.match(str(loc))) and not str(loc).startswith("file://")
+
+
+def normalize(loc: str) -> str:
+    loc = str(loc)
+    if loc.startswith("file://"):
+        loc = loc[len("file://"):]
+    if is_uri(loc):
+        return loc.rstrip("/")
+    return os.path.abspath(loc)
+
+
+def join(loc: str, *parts: str) -> str:
+    if is_uri(loc):
+        return "/".join([str(loc).rstrip("/"), *parts])
+    return os.path.join(loc, *parts)
+
+
+def basename(loc: str) -> str:
+    return str(loc).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(loc: str) -> str:
+    return str(loc).rstrip("/").rsplit("/", 1)[0] if is_uri(loc) else os.path.dirname(os.path.abspath(loc))
+
+
+@contextlib.contextmanager
+def reachable(loc: str) -> Iterator[None]:
+    """Turn pyarrow's failure to reach an object store (no network, no credentials, a bad bucket)
+    into an error that names the URI, instead of a pyarrow traceback."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (OSError, pa.ArrowException) as e:
+        if not is_uri(loc):
+            raise
+        raise ValueError(f"{loc}: the store could not be reached ({type(e).__name__}: {e}); check the URI, "
+                         f"the network and the credentials (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                         f"AWS_ENDPOINT_URL for an S3-compatible server)") from None
+
+
+def filesystem(loc: str):
+    """(pyarrow FileSystem, path within it) for a location."""
+    import pyarrow.fs as pafs
+
+    if is_uri(loc):
+        with reachable(loc):
+            return pafs.FileSystem.from_uri(str(loc))
+    return pafs.LocalFileSystem(), normalize(loc)
+
+
+def file_type(loc: str):
+    fs, path = filesystem(loc)
+    with reachable(loc):
+        return fs.get_file_info(path).type
+
+
+def exists(loc: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return file_type(loc) != pafs.FileType.NotFound
+
+
+def is_dir(loc: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return file_type(loc) == pafs.FileType.Directory
+
+
+def list_names(loc: str) -> list[str]:
+    """Names directly under directory `loc` (empty when it is not a directory)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(loc)
+    with reachable(loc):
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        return sorted(basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path)))
+
+
+def read_text(loc: str) -> Optional[str]:
+    """The file's text, or None when it does not exist."""
+    if not is_uri(loc):
+        try:
+            with open(normalize(loc)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+    fs, path = filesystem(loc)
+    with reachable(loc):
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            return None
+
+
+def write_text(loc: str, text: str) -> None:
+    """Replace the file whole: readers see the old text or the new, never a part."""
+    if not is_uri(loc):
+        path = normalize(loc)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        return
+    fs, path = filesystem(loc)
+    with reachable(loc), fs.open_output_stream(path) as f:  # one PUT: atomic on object stores
+        f.write(text.encode())
+
+
+def append_line(loc: str, line: str) -> None:
+    """Add one line. Locally a single O_APPEND write; on an object store (no append) a read and a
+    rewrite, so concurrent writers must be excluded by the caller (the run lock)."""
+    if not line.endswith("\n"):
+        line += "\n"
+    if not is_uri(loc):
+        fd = os.open(normalize(loc), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+        return
+    write_text(loc, (read_text(loc) or "") + line)
+
+
+def delete(loc: str) -> None:
+    """Delete a file or a directory tree; nothing if absent."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(loc)
+    with reachable(loc):
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif kind == pafs.FileType.File:
+            fs.delete_file(path)
+
+
+def upload(local_path: str, loc: str) -> None:
+    """Copy a local file or directory tree to `loc` (files under it are overwritten, others kept)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(loc)
+    with reachable(loc):
+        pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_tree(loc: str, local_dir: str) -> None:
+    """Copy directory `loc` (or one file) to `local_dir`."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(loc)
+    with reachable(loc):
+        pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def replace_tree(src: str, dst: str) -> None:
+    """Make directory `dst` a copy of directory `src` (either may be local or remote). Locally the
+    copy is built beside `dst` and renamed over it; on an object store, which has no rename, the
+    old objects are deleted first."""
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    src_fs, src_path = filesystem(src)
+    if not is_uri(dst):
+        dst = normalize(dst)
+        tmp = dst + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with reachable(src):
+            pafs.copy_files(src_path, tmp, source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
+        old = dst + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(dst):
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    delete(dst)
+    dst_fs, dst_path = filesystem(dst)
+    with reachable(dst):
+        pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+@contextlib.contextmanager
+def local_copy(loc: str, files: Optional[tuple[str, ...]] = None) -> Iterator[str]:
+    """A local directory holding `loc`'s content (the given `files` only, those that exist, when
+    set): `loc` itself when local, else a temporary download removed on exit."""
+    if not is_uri(loc):
+        yield normalize(loc)
+        return
+    with tempfile.TemporaryDirectory(prefix="raybert-") as tmp:
+        if files is None:
+            download_tree(loc, tmp)
+        else:
+            for name in files:
+                if exists(join(loc, name)):
+                    download_tree(join(loc, name), os.path.join(tmp, name))
+        yield tmp
+
+
+class Mirror:
+    """Keeps a remote directory in step with a local staging directory: `sync()` uploads the files
+    that changed since the last sync (by size and mtime). For files that are appended to (metrics,
+    TensorBoard events), which an object store can't append to."""
+
+    def __init__(self, local_dir: str, loc: str):
+        self.local_dir, self.loc = local_dir, loc
+        self._seen: dict[str, tuple[int, int]] = {}
+
+    def sync(self) -> None:
+        for dirpath, _, filenames in os.walk(self.local_dir):
+            for name in sorted(filenames):
+                if name.endswith(".tmp"):
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                key = (st.st_size, st.st_mtime_ns)
+                if self._seen.get(path) == key:
+                    continue
+                rel = os.path.relpath(path, self.local_dir).replace(os.sep, "/")
+                upload(path, join(self.loc, rel))
+                self._seen[path] = key

@@ -185,6 +185,8 @@ def download_tree(loc: str, local_dir: str) -> None:
 
     fs, path = filesystem(loc)
     with reachable(loc):
+        is_tree = fs.get_file_info(path).type == pafs.FileType.Directory
+        os.makedirs(local_dir if is_tree else os.path.dirname(os.path.abspath(local_dir)), exist_ok=True)
         pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
 
@@ -201,8 +203,7 @@ def replace_tree(src: str, dst: str) -> None:
         dst = normalize(dst)
         tmp = dst + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        with reachable(src):
-            pafs.copy_files(src_path, tmp, source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
+        download_tree(src, tmp)
         old = dst + ".old"
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(dst):

@@ -110,6 +110,7 @@ def _tasks(cfg: FinetuneConfig) -> list[TaskData]:
 
 def validate(cfg: FinetuneConfig) -> list[TaskData]:
     from jobs.config import as_local_path, as_run_location, load_deepspeed
+    from pipelines.tracking import check_trackers
     from pipelines.worker import ds_config
 
     cfg.run_dir = as_run_location(cfg.run_dir)
@@ -117,6 +118,7 @@ def validate(cfg: FinetuneConfig) -> list[TaskData]:
     cfg.model.init_from = as_local_path("init_from", cfg.model.init_from)
     cfg.train.deepspeed = load_deepspeed(cfg.train.deepspeed)
     ds_config(cfg.train, cfg.scaling.num_workers)  # a contradicting --deepspeed file fails here
+    check_trackers(cfg.train.mlflow, cfg.train.wandb)
     tasks = _tasks(cfg)
     if not tasks:
         raise ValueError("no task: pass --data (labeled Parquet) or list `tasks` in the --config file")

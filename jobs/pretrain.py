@@ -129,6 +129,7 @@ def expects_gpu(scaling: ScalingConfig, address: Optional[str]) -> Optional[bool
 def validate(cfg: PretrainConfig) -> None:
     """Fail before starting Ray on settings that can't work (and make local-path settings plain paths)."""
     from jobs.config import as_local_path, as_run_location, load_deepspeed
+    from pipelines.tracking import check_trackers
     from pipelines.worker import ds_config
 
     cfg.run_dir = as_run_location(cfg.run_dir)
@@ -152,6 +153,7 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.time_budget is not None and cfg.time_budget <= 0:
         raise ValueError("time_budget must be > 0 seconds")
     ds_config(cfg.train, cfg.scaling.num_workers)  # a contradicting --deepspeed file fails here
+    check_trackers(cfg.train.mlflow, cfg.train.wandb)
 
 
 def resolve_tokenizer(cfg: PretrainConfig) -> str:

@@ -311,7 +311,8 @@ def _task_loss(engine, task: TaskSpec, batch: dict, masker: Optional[Masker], se
 
 def finetune_loop_per_worker(config: dict) -> None:
     cfg = FinetuneLoopConfig.from_dict(config)
-    with worker_session(cfg.run_dir, cfg.use_gpu, cfg.torch_threads, cfg.train.stall_timeout_s) as session:
+    with worker_session(cfg.run_dir, cfg.use_gpu, cfg.torch_threads, cfg.train.stall_timeout_s,
+                        train=cfg.train, params=cfg.to_dict()) as session:
         _finetune(cfg, *session)
 
 

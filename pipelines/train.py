@@ -278,7 +278,8 @@ def _eta(seconds: float) -> str:
 
 def train_loop_per_worker(config: dict) -> None:
     cfg = LoopConfig.from_dict(config)
-    with worker_session(cfg.run_dir, cfg.use_gpu, cfg.torch_threads, cfg.train.stall_timeout_s) as session:
+    with worker_session(cfg.run_dir, cfg.use_gpu, cfg.torch_threads, cfg.train.stall_timeout_s,
+                        train=cfg.train, params=cfg.to_dict()) as session:
         _train(cfg, *session)
 
 

@@ -94,6 +94,11 @@ class TrainConfig:
     # ZeRO stage, precision) may repeat our values but not contradict them, and `optimizer` /
     # `scheduler` are refused: raybert brings its own (see `ds_config`).
     deepspeed: Optional[dict] = None
+    # Opt-in experiment trackers (pipelines/tracking.py), rank 0 only: settings for Ray's
+    # setup_mlflow (tracking_uri, experiment_name, ...) / for wandb.init (project, entity, mode,
+    # ...); {} = defaults, None = off. metrics.jsonl and TensorBoard events are always written.
+    mlflow: Optional[dict] = None
+    wandb: Optional[dict] = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -396,8 +401,11 @@ class MetricsWriter:
     _NOT_SCALARS = frozenset({"step", "time", "epoch", "world_size", "threads"})
 
     def __init__(self, path: Optional[Path], tensorboard_dir: Optional[Path] = None,
-                 mirror: Optional[Mirror] = None, mirror_every_s: float = 30.0):
+                 mirror: Optional[Mirror] = None, mirror_every_s: float = 30.0, trackers=None):
         self.path, self.tensorboard_dir = path, tensorboard_dir
+        # Opt-in MLflow / W&B (pipelines/tracking.py): a factory, called in the metrics thread so
+        # the trackers are opened, fed and closed by one thread and never by the step.
+        self.trackers = trackers
         # A remote run dir: the files are written to a local staging dir, and `mirror` uploads
         # what changed every `mirror_every_s` and at close (object stores can't append).
         self.mirror, self.mirror_every_s = mirror, mirror_every_s
@@ -411,13 +419,19 @@ class MetricsWriter:
         if self._thread is not None:
             self._q.put(record)
 
-    def _scalars(self, tb, record: dict) -> None:
+    def _scalars(self, tb, trackers, record: dict) -> None:
         step = record.get("step")
-        if tb is None or not isinstance(step, int):
+        if not isinstance(step, int):
             return
-        for k, v in record.items():
-            if k not in self._NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool):
-                tb.add_scalar(k, float(v), global_step=step, walltime=record.get("time"))
+        scalars = {k: float(v) for k, v in record.items()
+                   if k not in self._NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if not scalars:
+            return
+        if tb is not None:
+            for k, v in scalars.items():
+                tb.add_scalar(k, v, global_step=step, walltime=record.get("time"))
+        if trackers is not None:
+            trackers.log(scalars, step)
 
     def _drain(self) -> None:
         tb = None
@@ -425,6 +439,7 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter  # a ray[train] dependency
 
             tb = SummaryWriter(logdir=str(self.tensorboard_dir), flush_secs=30)
+        trackers = self.trackers() if self.trackers is not None else None
         synced = time.monotonic()
         try:
             with open(self.path, "a") as f:
@@ -437,7 +452,7 @@ class MetricsWriter:
                         return
                     if record is not ...:
                         f.write(json.dumps(record) + "\n")
-                        self._scalars(tb, record)
+                        self._scalars(tb, trackers, record)
                     if self._q.empty():
                         f.flush()
                         if self.mirror and time.monotonic() - synced >= self.mirror_every_s:
@@ -448,6 +463,8 @@ class MetricsWriter:
         finally:
             if tb is not None:
                 tb.close()
+            if trackers is not None:
+                trackers.close()
             self._sync()
 
     def _sync(self) -> None:
@@ -522,18 +539,28 @@ def heartbeat_interval(stall_timeout_s: Optional[float]) -> float:
 
 
 @contextmanager
-def worker_session(run_dir: str, use_gpu: bool, torch_threads: Optional[int], stall_timeout_s: Optional[float]):
+def worker_session(run_dir: str, use_gpu: bool, torch_threads: Optional[int], stall_timeout_s: Optional[float],
+                   train: Optional[TrainConfig] = None, params: Optional[dict] = None):
     """What every training loop opens first: (WorkerContext, Heartbeat, MetricsWriter); rank 0's
     heartbeat (when the watchdog is on), metrics file and TensorBoard events (`run_dir/tensorboard`)
     live in `run_dir`, and are closed (the metrics queue drained) however the loop ends.
 
     `run_dir` may be a URI (s3://...): the heartbeat is then written to the store directly (one
     small PUT every few seconds), while metrics and TensorBoard events are written to a local
-    staging dir (seeded with the run's metrics so far) and mirrored to the store."""
+    staging dir (seeded with the run's metrics so far) and mirrored to the store. `train.mlflow` /
+    `train.wandb` open those trackers on rank 0 (pipelines/tracking.py), with `params` as the run's
+    logged config."""
     wc = worker_context(use_gpu, torch_threads)
     lead = wc.rank == 0
     beat = Heartbeat(storage.join(run_dir, "heartbeat.json") if lead and stall_timeout_s else None,
                      heartbeat_interval(stall_timeout_s))
+    trackers = None
+    if lead and train is not None and (train.mlflow is not None or train.wandb is not None):
+        from functools import partial
+
+        from pipelines.tracking import Trackers
+
+        trackers = partial(Trackers, train.mlflow, train.wandb, str(run_dir), params or {})
     staging = None
     if lead and storage.is_uri(run_dir):
         staging = tempfile.mkdtemp(prefix="raybert-run-")
@@ -541,9 +568,11 @@ def worker_session(run_dir: str, use_gpu: bool, torch_threads: Optional[int], st
         if previous:
             Path(staging, "metrics.jsonl").write_text(previous)
         local = Path(staging)
-        log = MetricsWriter(local / "metrics.jsonl", local / "tensorboard", mirror=storage.Mirror(staging, run_dir))
+        log = MetricsWriter(local / "metrics.jsonl", local / "tensorboard", mirror=storage.Mirror(staging, run_dir),
+                            trackers=trackers)
     else:
-        log = MetricsWriter(Path(run_dir, "metrics.jsonl") if lead else None, Path(run_dir, "tensorboard"))
+        log = MetricsWriter(Path(run_dir, "metrics.jsonl") if lead else None, Path(run_dir, "tensorboard"),
+                            trackers=trackers)
     try:
         yield wc, beat, log
     finally:

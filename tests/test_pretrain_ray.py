@@ -67,14 +67,33 @@ def _val(run_dir) -> dict[int, float]:
     return {m["step"]: m["val_loss"] for m in read_metrics(run_dir) if "val_loss" in m}
 
 
+@contextlib.contextmanager
+def _env(key: str, value: str):
+    import os
+
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 @pytest.fixture(scope="module")
 def straight(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     # What the user's console shows (the workers' lines arrive through Ray's log forwarding to the
     # driver's stdout), kept beside the run for test_progress_lines_and_tensorboard_events.
     console = io.StringIO()
-    with contextlib.redirect_stdout(console):
-        result = main(_cfg(run_dir, corpus))
+    # MLflow on (a file store beside the run; MLflow 3 wants MLFLOW_ALLOW_FILE_STORE for one),
+    # read back by test_progress_lines_and_tensorboard_events. The env var reaches the workers
+    # because the embedded Ray starts inside main().
+    mlflow = {"tracking_uri": (run_dir.parent / "mlruns").as_uri(), "experiment_name": "raybert-test"}
+    with contextlib.redirect_stdout(console), _env("MLFLOW_ALLOW_FILE_STORE", "true"):
+        result = main(_cfg(run_dir, corpus, mlflow=mlflow))
     sys.stdout.write(console.getvalue())
     (run_dir.parent / "console.txt").write_text(console.getvalue())
     return run_dir, result
@@ -100,9 +119,10 @@ def test_loss_falls_on_real_chinese_text(straight):
     assert events == ["start", "epoch_end", "end"]
 
 
-def test_progress_lines_and_tensorboard_events(straight):
+def test_progress_lines_tensorboard_events_and_mlflow(straight, monkeypatch):
     """A run is never dark: the console gets a progress line per log step (step, loss, tokens/s,
-    ETA), and run_dir/tensorboard holds event files whose loss curve is metrics.jsonl's."""
+    ETA), run_dir/tensorboard holds event files whose loss curve is metrics.jsonl's, and the
+    opted-in MLflow run (rank 0 only) has the same curve, the config as params, and is FINISHED."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, _ = straight
@@ -121,6 +141,19 @@ def test_progress_lines_and_tensorboard_events(straight):
     assert tb_loss.keys() == losses.keys()
     assert all(tb_loss[k] == pytest.approx(v, rel=1e-6) for k, v in losses.items())
     assert {e.step for e in events.Scalars("val_loss")} == set(_val(run_dir))
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient((run_dir.parent / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("raybert-test").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.data.tags["raybert.run_dir"] == str(run_dir)
+    assert run.data.params["train.max_steps"] == str(STEPS) and run.data.params["train.zero_stage"] == "2"
+    ml_loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert ml_loss.keys() == losses.keys()
+    assert all(ml_loss[k] == pytest.approx(v, rel=1e-6) for k, v in losses.items())
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "val_loss")} == set(_val(run_dir))
 
 
 @pytest.mark.timeout(400)

@@ -167,6 +167,9 @@ def build_datasets(cfg: DataConfig, tokenizer_path: str) -> dict:
     """Lazy train / val datasets of packed rows (see the module docstring)."""
     import ray.data
 
+    from pipelines.data_pacing import pace_idle_data_scheduler
+
+    pace_idle_data_scheduler()
     paths = resolve_paths(cfg.paths)
     out = {}
     for split in ("train", "val"):

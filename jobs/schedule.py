@@ -17,7 +17,9 @@ Contract:
   the invocation really resumed and where it left the run), steps trained, the checkpoint it
   left, status (`ok`, `complete`: the run had already reached max_steps, `failed`, or `refused`:
   the run dir was locked) and the error if any. Lines are appended with O_APPEND, whole or not at
-  all (on an object store, the ledger is rewritten whole under the lock).
+  all. On an object store, which can't append, the ledger is read and rewritten whole; a refused
+  invocation's record, written without the lock, can then race the holder's and one of the two
+  may be lost (the run's checkpoints are unaffected).
 """
 
 from __future__ import annotations

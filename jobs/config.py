@@ -5,8 +5,10 @@ Contract: `load_config(Cls, path, overrides)` returns a `Cls` instance. YAML key
 names of `Cls` (nested dataclasses are nested mappings); an unknown key is an error that names the
 key and the file, so a typo never silently falls back to a default. Overrides whose value is None
 (a CLI flag that was not given) are ignored. `--print-config` (`print_config_option`) shows the
-resolved config as YAML that `--config` accepts, and runs nothing. `as_local_path` refuses a URI
-where only a local (or mounted shared) path works, before anything is written.
+resolved config as YAML that `--config` accepts, and runs nothing. `as_run_location` and
+`as_model_location` take a local path or an object-store URI (pipelines/storage.py), refusing on
+the driver, before anything is written, a URI that can't work (unknown scheme, no bucket, no such
+model), naming it.
 """
 
 from __future__ import annotations
@@ -109,18 +111,25 @@ def echo_config(cfg: Any) -> None:
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def as_local_path(what: str, value: Optional[str]) -> Optional[str]:
-    """`value` as a local path (`file:///x` -> `/x`), refusing any other URI (s3://, gs://, ...) for
-    a setting used as a local path: `Path` would turn `s3://b/run` into a directory named `s3:`
-    under the working dir (under `raybert submit`, the job's temporary dir), and whatever was
-    written there would be lost when the job ends."""
+def as_model_location(what: str, value: Optional[str]) -> Optional[str]:
+    """A model or tokenizer setting: a local path (`file://` stripped), or an object-store URI that
+    exists, checked here on the driver; every process that loads it takes a node-local copy
+    (pipelines.storage.cached_copy)."""
+    from pipelines import storage
+
     if not value or not _URI.match(str(value)):
         return value
-    if str(value).startswith("file://"):
+    if not storage.is_uri(value):
         return str(value)[len("file://"):]
-    raise ValueError(f"{what} {value}: object-store URIs are not supported for {what}; copy it to a local "
-                     f"path, or on a cluster to a shared filesystem mounted at the same path on every node "
-                     f"(NFS, or the bucket through a FUSE mount such as mountpoint-s3 or gcsfuse)")
+    import pyarrow.fs as pafs
+
+    try:
+        kind = storage.probe(value)
+    except ValueError as e:  # unreachable store or a scheme pyarrow can't open
+        raise ValueError(f"{what} {e}") from None
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{what} {value} does not exist")
+    return str(value).rstrip("/")
 
 
 def as_run_location(value: str) -> str:
@@ -142,8 +151,7 @@ def as_run_location(value: str) -> str:
     bucket = path.split("/", 1)[0]
     if "/" not in path.strip("/"):
         raise ValueError(f"run_dir {value}: give a directory inside the bucket (s3://{bucket}/my-run), not the bucket itself")
-    with storage.reachable(loc):
-        kind = fs.get_file_info(bucket).type
+    kind = storage.probe(loc, query=lambda: fs.get_file_info(bucket).type)
     if kind == pafs.FileType.NotFound:
         raise ValueError(f"run_dir {value}: bucket {bucket!r} does not exist (or these credentials can't see it); "
                          f"create it first")

@@ -109,13 +109,13 @@ def _tasks(cfg: FinetuneConfig) -> list[TaskData]:
 
 
 def validate(cfg: FinetuneConfig) -> list[TaskData]:
-    from jobs.config import as_local_path, as_run_location, load_deepspeed
+    from jobs.config import as_model_location, as_run_location, load_deepspeed
     from pipelines.tracking import check_trackers
     from pipelines.worker import ds_config
 
     cfg.run_dir = as_run_location(cfg.run_dir)
-    cfg.tokenizer = as_local_path("tokenizer", cfg.tokenizer)
-    cfg.model.init_from = as_local_path("init_from", cfg.model.init_from)
+    cfg.tokenizer = as_model_location("tokenizer", cfg.tokenizer)
+    cfg.model.init_from = as_model_location("init_from", cfg.model.init_from)
     cfg.train.deepspeed = load_deepspeed(cfg.train.deepspeed)
     ds_config(cfg.train, cfg.scaling.num_workers)  # a contradicting --deepspeed file fails here
     check_trackers(cfg.train.mlflow, cfg.train.wandb)
@@ -179,14 +179,15 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     if has_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds a fine-tune result; fine-tunes don't resume, "
                               f"use a new --run-dir")
-    tokenizer = str(Path(cfg.tokenizer or cfg.model.init_from).absolute())
+    tokenizer = cfg.tokenizer or cfg.model.init_from
+    tokenizer = tokenizer if storage.is_uri(tokenizer) else str(Path(tokenizer).absolute())
     from bert_core.checkpoint import check_checkpoint
     from bert_core.tokenizer import load_tokenizer
 
-    init = check_checkpoint(cfg.model.init_from) if cfg.model.init_from else None  # before its tokenizer
-    tok = load_tokenizer(tokenizer)  # fail here, not on every worker
+    init = check_checkpoint(storage.cached_copy(cfg.model.init_from)) if cfg.model.init_from else None  # before its tokenizer
+    tok = load_tokenizer(storage.cached_copy(tokenizer))  # fail here, not on every worker
     if init is not None:
-        check_init_from(cfg.model.init_from, init, tokenizer, tok)
+        check_init_from(storage.cached_copy(cfg.model.init_from), init, storage.cached_copy(tokenizer), tok)
     # Labels are read with pyarrow on the driver: a bad label set is refused before Ray starts
     # and before the run dir exists.
     labels = {t.name: _labels(t) for t in tasks}
@@ -224,7 +225,7 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
         train = copy.deepcopy(cfg.train)
         train.max_steps, train.warmup_steps = plan_steps(cfg, specs)
         model = copy.deepcopy(cfg.model)
-        if model.init_from:  # workers may run in another directory (a Ray Jobs working dir)
+        if model.init_from and not storage.is_uri(model.init_from):  # workers may run in another directory
             model.init_from = str(Path(model.init_from).absolute())
         loop = FinetuneLoopConfig(run_dir=run_dir, tokenizer=tokenizer, tasks=specs,
                                   model=model, data=copy.deepcopy(cfg.data), train=train,

@@ -128,13 +128,13 @@ def expects_gpu(scaling: ScalingConfig, address: Optional[str]) -> Optional[bool
 
 def validate(cfg: PretrainConfig) -> None:
     """Fail before starting Ray on settings that can't work (and make local-path settings plain paths)."""
-    from jobs.config import as_local_path, as_run_location, load_deepspeed
+    from jobs.config import as_model_location, as_run_location, load_deepspeed
     from pipelines.tracking import check_trackers
     from pipelines.worker import ds_config
 
     cfg.run_dir = as_run_location(cfg.run_dir)
-    cfg.data.tokenizer = as_local_path("tokenizer", cfg.data.tokenizer)
-    cfg.model.init_from = as_local_path("init_from", cfg.model.init_from)
+    cfg.data.tokenizer = as_model_location("tokenizer", cfg.data.tokenizer)
+    cfg.model.init_from = as_model_location("init_from", cfg.model.init_from)
     cfg.train.deepspeed = load_deepspeed(cfg.train.deepspeed)
     if cfg.train.dtype == "fp16" and expects_gpu(cfg.scaling, cfg.address) is False:
         raise ValueError(FP16_NEEDS_GPU)
@@ -161,7 +161,9 @@ def resolve_tokenizer(cfg: PretrainConfig) -> str:
     if not tok:
         raise ValueError("no tokenizer: pass --tokenizer (a checkpoint dir or vocab.txt), "
                          "or train one with `raybert vocab`")
-    return str(Path(tok).absolute())
+    from pipelines import storage
+
+    return tok if storage.is_uri(tok) else str(Path(tok).absolute())
 
 
 def has_checkpoints(run_dir: str | Path) -> bool:
@@ -265,11 +267,13 @@ def check_inputs(cfg: PretrainConfig, run_dir: str) -> str:
     if cfg.resume == "never" and has_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds checkpoints; use --resume auto to continue "
                               f"it, or a new --run-dir")
-    init = check_checkpoint(cfg.model.init_from) if cfg.model.init_from else None
+    from pipelines.storage import cached_copy
+
+    init = check_checkpoint(cached_copy(cfg.model.init_from)) if cfg.model.init_from else None
     tokenizer = resolve_tokenizer(cfg)
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(cached_copy(tokenizer))
     if init is not None:
-        check_init_from(cfg.model.init_from, init, tokenizer, tok)
+        check_init_from(cached_copy(cfg.model.init_from), init, cached_copy(tokenizer), tok)
     check_resume(cfg, run_dir, tok, build_bert_config(cfg.model, len(tok)))
     t = cfg.train
     check_corpus(cfg.data, tokenizer, rows_needed=cfg.scaling.num_workers * t.micro_batch_size * t.grad_accum)
@@ -339,7 +343,7 @@ def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str) -> Pretra
         if cfg.time_budget is not None:
             train.deadline = t0 + cfg.time_budget
         model = copy.deepcopy(cfg.model)
-        if model.init_from:  # workers may run in another directory (a Ray Jobs working dir)
+        if model.init_from and not storage.is_uri(model.init_from):  # workers may run in another directory
             model.init_from = str(Path(model.init_from).absolute())
         loop_cfg = LoopConfig(run_dir=run_dir, tokenizer=tokenizer, model=model, data=copy.deepcopy(cfg.data),
                               train=train, use_gpu=plan.use_gpu, torch_threads=plan.torch_threads)

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from bert_core.masking import Masker, MaskingConfig
 from bert_core.model import BertConfig, BertMultiTask, TaskHead
+from pipelines import storage
 from pipelines.finetune_data import IGNORE, FinetuneData
 from pipelines.worker import (Heartbeat, MetricsWriter, ModelConfig, TrainConfig, WorkerContext, all_reduce_sum,
                               build_bert_config, build_engine, derive_seed, evaluating, gathered_state_dict,
@@ -143,13 +144,13 @@ def build_multitask_model(model: ModelConfig, bert_config: BertConfig, heads: li
     if model.init_from:
         from bert_core.checkpoint import load_pretrained
 
-        enc = load_pretrained(model.init_from, head="encoder")
+        enc = load_pretrained(storage.cached_copy(model.init_from), head="encoder")
         own = m.bert.state_dict()
         enc_sd = {k: v for k, v in enc.state_dict().items() if k in own}  # no pooler if unused
         m.bert.load_state_dict(enc_sd, strict=m.bert.pooler is None or "pooler.dense.weight" in enc_sd)
         for t in heads:
             if t.kind == "mlm":
-                mlm = load_pretrained(model.init_from, head="mlm")
+                mlm = load_pretrained(storage.cached_copy(model.init_from), head="mlm")
                 m.heads[t.name].predictions.load_state_dict(mlm.cls.predictions.state_dict())
         m.tie_weights()
     m.bert.encoder.gradient_checkpointing = model.activation_checkpointing
@@ -324,7 +325,7 @@ def _finetune(cfg: FinetuneLoopConfig, wc: WorkerContext, beat: Heartbeat, log: 
 
     from bert_core.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(storage.cached_copy(cfg.tokenizer))  # a URI: this node's copy
     heads = [TaskHead(t.name, t.kind, t.id2label) for t in cfg.tasks]
     bert_config = finetune_bert_config(cfg.model, opts, len(tokenizer))
     torch.manual_seed(tc.seed)  # identical fresh heads on every rank

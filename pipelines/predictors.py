@@ -84,6 +84,10 @@ def _encoder(tokenizer_path: str, max_length: int):
     Only a checkpoint with nothing but a `vocab.txt` goes through `load_tokenizer`."""
     import os
 
+    from pipelines.storage import cached_copy
+
+    tokenizer_path = cached_copy(tokenizer_path)  # a URI: this node's copy, fetched once
+
     from tokenizers import Tokenizer
 
     path = os.path.join(tokenizer_path, "tokenizer.json")
@@ -295,6 +299,10 @@ class Predictor:
                  head: Optional[str] = None, pad_multiple: Optional[int] = None):
         import torch
 
+        from pipelines.storage import cached_copy
+
+        # A model or tokenizer URI: this node's copy, fetched once per node.
+        model, tokenizer = cached_copy(model), cached_copy(tokenizer)
         from bert_core.checkpoint import load_pretrained
 
         if task not in TASKS:

@@ -114,8 +114,9 @@ def parquet_files(paths: list) -> list[tuple[str, object, str]]:
 def _tokenizer(path: str):
     # Cached per worker process: Ray reuses task workers, so the vocab loads once per process.
     from bert_core.tokenizer import load_tokenizer
+    from pipelines.storage import cached_copy
 
-    return load_tokenizer(path)
+    return load_tokenizer(cached_copy(path))  # a URI: this node's copy
 
 
 def is_val(text: str, val_fraction: float) -> bool:

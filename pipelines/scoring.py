@@ -484,10 +484,12 @@ def check_model(model: str, tokenizer: Optional[str] = None):
     from bert_core.checkpoint import check_checkpoint
     from bert_core.tokenizer import load_tokenizer
 
-    config = check_checkpoint(model)
+    from pipelines.storage import cached_copy
+
+    config = check_checkpoint(cached_copy(model))  # a URI: this node's copy, fetched once
     tok_path = tokenizer or model
     try:
-        load_tokenizer(tok_path)
+        load_tokenizer(cached_copy(tok_path))
     except Exception as e:  # transformers/tokenizers raise many kinds: say which path
         raise ValueError(f"{tok_path}: the tokenizer does not load ({type(e).__name__}: {e}); give a checkpoint "
                          f"directory with its tokenizer files, or a tokenizer") from None
@@ -608,7 +610,9 @@ def embedding_defaults(cfg: ScoreConfig, model_config) -> int:
     limit = model_config.max_position_embeddings
     if cfg.task != "embed":
         return min(cfg.max_length or limit, limit)
-    st = sentence_transformers_settings(cfg.model)
+    from pipelines.storage import cached_copy
+
+    st = sentence_transformers_settings(cached_copy(cfg.model))
     if st.pooling_error and cfg.pooling is None and "pooling" not in model_config.extra.get("raybert", {}):
         raise ValueError(st.pooling_error)
     return min(cfg.max_length or st.max_length or limit, limit)

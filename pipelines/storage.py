@@ -9,6 +9,10 @@ Contract:
   single PUT on an object store), `append_line` (O_APPEND locally; read and rewrite on an object
   store, so callers must hold the run's lock), `list_names`, `upload`, `download_tree`,
   `replace_tree` (copy a directory over another, deleting what was there).
+- `cached_copy(loc)`: a model or tokenizer location as a local path, a URI downloaded once per
+  node (and per version of its files) into `$RAYBERT_CACHE` (default `~/.cache/raybert`). Every
+  process that loads a model or tokenizer (driver checks, training workers, tokenize tasks,
+  predictor actors) calls it, so each node fetches its own copy.
 - Errors from a store that can't be reached (network, credentials, a missing bucket) become a
   `ValueError` naming the URI and what to check (`reachable`), never a pyarrow traceback.
 - Object stores are reached as pyarrow reaches them: for S3, the usual AWS settings
@@ -75,9 +79,17 @@ def filesystem(loc: str):
     """(pyarrow FileSystem, path within it) for a location."""
     import pyarrow.fs as pafs
 
+    import pyarrow as pa
+
     if is_uri(loc):
-        with reachable(loc):
+        try:
             return pafs.FileSystem.from_uri(str(loc))
+        except pa.ArrowInvalid as e:  # an unknown scheme or a malformed URI: nothing to reach
+            raise ValueError(f"{loc}: not a storage URI pyarrow can open ({e}); use a local path or "
+                             f"s3://bucket/path, gs://bucket/path") from None
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(f"{loc}: the store could not be reached ({type(e).__name__}: {e}); check the URI, "
+                             f"the network and the credentials") from None
     return pafs.LocalFileSystem(), normalize(loc)
 
 
@@ -85,6 +97,32 @@ def file_type(loc: str):
     fs, path = filesystem(loc)
     with reachable(loc):
         return fs.get_file_info(path).type
+
+
+def probe(loc: str, timeout_s: float = 30.0, query=None):
+    """`file_type(loc)` (or `query()`, a call on `loc`'s store) for a driver-side check that must
+    not hang: a store that doesn't answer within `timeout_s` (pyarrow's GCS client retries for many
+    minutes without a network) is a ValueError naming the URI."""
+    import threading
+
+    result: dict = {}
+
+    def run():
+        try:
+            with reachable(loc):
+                result["value"] = query() if query is not None else file_type(loc)
+        except BaseException as e:  # handed to the caller
+            result["error"] = e
+
+    worker = threading.Thread(target=run, name="raybert-probe", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise ValueError(f"{loc}: the store did not answer within {timeout_s:.0f} s; check the URI, the network "
+                         f"and the credentials")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def exists(loc: str) -> bool:
@@ -232,6 +270,50 @@ def local_copy(loc: str, files: Optional[tuple[str, ...]] = None) -> Iterator[st
                 if exists(join(loc, name)):
                     download_tree(join(loc, name), os.path.join(tmp, name))
         yield tmp
+
+
+def cache_root() -> str:
+    return os.environ.get("RAYBERT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "raybert")
+
+
+def cached_copy(loc: Optional[str]) -> Optional[str]:
+    """A local path for a model or tokenizer location (a directory or one file): `loc` itself
+    (made absolute) when local; for a URI, a copy in this node's cache (`$RAYBERT_CACHE`, default
+    `~/.cache/raybert`), downloaded once per node and version. The cache key covers the URI and
+    every file's size and modification time, so a model overwritten in place is fetched again;
+    processes on one node that ask at once wait on a file lock while one of them downloads."""
+    import fcntl
+    import hashlib
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    if loc is None or not is_uri(loc):
+        return normalize(loc) if loc else loc
+    fs, path = filesystem(loc)
+    with reachable(loc):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{loc} does not exist")
+        files = ([info] if info.type == pafs.FileType.File else
+                 [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File])
+    version = "\n".join(sorted(f"{i.path}|{i.size}|{i.mtime_ns}" for i in files))
+    key = hashlib.sha256(f"{loc}\n{version}".encode()).hexdigest()[:20]
+    root = os.path.join(cache_root(), "remote")
+    dest, done = os.path.join(root, key, basename(loc)), os.path.join(root, key + ".done")
+    if os.path.exists(done):
+        return dest
+    os.makedirs(os.path.join(root, key), exist_ok=True)
+    with open(os.path.join(root, key + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not os.path.exists(done):
+            shutil.rmtree(dest, ignore_errors=True)
+            if os.path.isfile(dest):
+                os.remove(dest)
+            download_tree(loc, dest)
+            with open(done, "w") as f:
+                f.write(loc + "\n")
+    return dest
 
 
 class Mirror:

@@ -98,7 +98,7 @@ def build_mlm_model(model: ModelConfig, bert_config: BertConfig) -> BertForMaske
     if model.init_from:
         from bert_core.checkpoint import load_pretrained
 
-        m = load_pretrained(model.init_from, head="mlm")
+        m = load_pretrained(storage.cached_copy(model.init_from), head="mlm")
         m.train()
     else:
         m = BertForMaskedLM(bert_config)
@@ -290,7 +290,7 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
 
     tc, rank, world, device = cfg.train, wc.rank, wc.world, wc.device
     run_dir = cfg.run_dir  # a local path or a URI (pipelines/storage.py)
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(storage.cached_copy(cfg.tokenizer))  # a URI: this node's copy
     masker = Masker.from_tokenizer(tokenizer, cfg.data.masking)
     bert_config = build_bert_config(cfg.model, len(tokenizer))
     torch.manual_seed(tc.seed)  # identical fresh weights on every rank

@@ -139,7 +139,7 @@ class FaultDrill:
 def build_bert_config(model: ModelConfig, vocab_size: int) -> BertConfig:
     """The encoder config: `init_from`'s or the preset's, plus overrides, covering the tokenizer."""
     if model.init_from:
-        cfg = BertConfig.from_json(Path(model.init_from) / "config.json")
+        cfg = BertConfig.from_json(Path(storage.cached_copy(model.init_from)) / "config.json")
         for k, v in model.overrides.items():
             setattr(cfg, k, v)
     else:

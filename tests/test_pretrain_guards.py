@@ -117,9 +117,8 @@ def test_pretrain_and_finetune_refuse_init_from_of_another_vocabulary(corpora, m
 
 @pytest.mark.parametrize("job", ["pretrain", "finetune"])
 def test_unusable_run_dir_or_model_uri_is_refused_up_front_and_nothing_is_made_locally(corpora, tmp_path, monkeypatch, job):
-    """A run dir URI pyarrow can't open is refused, naming it, as is a model or tokenizer URI
-    (those must be local); `file://` URIs are plain local paths. (Run dirs on a real S3 server:
-    tests/test_remote_storage.py.)"""
+    """A run dir or model URI pyarrow can't open is refused, naming it; `file://` URIs are plain
+    local paths. (Run dirs, models and tokenizers on a real S3 server: tests/test_remote_storage.py.)"""
     monkeypatch.chdir(tmp_path)
     data = ["--data", corpora["ok"]]
     if job == "finetune":
@@ -129,7 +128,8 @@ def test_unusable_run_dir_or_model_uri_is_refused_up_front_and_nothing_is_made_l
     base = [job, "--preset", "debug", *data, "--tokenizer", VOCAB]
     _refused([*base, "--run-dir", "nosuchscheme://bucket/run"], "run_dir nosuchscheme://bucket/run",
              "not a storage URI")
-    _refused([*base, "--run-dir", "run", "--init-from", "gs://bucket/ckpt"], "init_from gs://bucket/ckpt")
+    _refused([*base, "--run-dir", "run", "--init-from", "nosuchscheme://bucket/ckpt"],
+             "init_from nosuchscheme://bucket/ckpt", "not a storage URI")
     assert list(tmp_path.iterdir()) == ([tmp_path / "labeled.parquet"] if job == "finetune" else [])
     res = CliRunner().invoke(cli, [*base, "--run-dir", f"file://{tmp_path}/run", "--print-config"])
     assert res.exit_code == 0 and f"run_dir: file://{tmp_path}/run" in res.output

@@ -6,6 +6,8 @@ pyarrow.fs underneath, Ray Train's storage for checkpoints).
   ledger and the export into the bucket, resumes from them on a second invocation, and leaves no
   `s3:` directory in the working dir.
 - `raybert score` reads Parquet from the bucket and writes its output there, every row once.
+- Models and tokenizers may be URIs too: each process that loads one takes a node-local copy
+  (`$RAYBERT_CACHE`), fetched once.
 - The run lock on an object store is a lease object: held, refused, released, taken over when stale.
 - A run dir URI that can't work (no bucket, an unknown scheme) is refused up front, naming it.
 """
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -43,7 +46,7 @@ def _env(**values):
 
 
 @pytest.fixture(scope="module")
-def s3():
+def s3(tmp_path_factory):
     """A loopback S3 server with one bucket; the AWS settings point at it for this module (set
     before any Ray starts here, so Ray's workers inherit them as they would on a cluster node)."""
     import ray
@@ -57,7 +60,8 @@ def s3():
     server.start()
     try:
         with _env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
-                  AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true"):
+                  AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
+                  RAYBERT_CACHE=str(tmp_path_factory.mktemp("cache"))):
             fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
                                    secret_key="testing", region="us-east-1", allow_bucket_creation=True)
             fs.create_dir(BUCKET)
@@ -80,6 +84,8 @@ def test_pretrain_run_dir_on_s3_checkpoints_resumes_and_exports(s3, tmp_path, mo
     from pipelines.pretrain_data import write_corpus
 
     corpus = write_corpus(peoples_daily_sentences()[:1500], str(tmp_path / "corpus"), rows_per_file=1000)
+    vocab = f"s3://{BUCKET}/vocab/vocab.txt"  # the tokenizer is in the bucket too
+    pafs.copy_files(str(chinese_vocab_path()), f"{BUCKET}/vocab/vocab.txt", destination_filesystem=s3)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # where a pathlib mistake would create `s3:/...`
@@ -88,7 +94,7 @@ def test_pretrain_run_dir_on_s3_checkpoints_resumes_and_exports(s3, tmp_path, mo
     def cfg(max_steps):
         c = preset_config("debug")
         c.run_dir = run
-        c.data.paths, c.data.tokenizer = [corpus], str(chinese_vocab_path())
+        c.data.paths, c.data.tokenizer = [corpus], vocab
         c.scaling.num_workers = 1
         c.train.max_steps, c.train.save_every, c.train.log_every, c.train.eval_every = max_steps, 3, 2, 10 ** 6
         return c
@@ -118,6 +124,8 @@ def test_pretrain_run_dir_on_s3_checkpoints_resumes_and_exports(s3, tmp_path, mo
         [("start", 0), ("resume", 6)]
     assert sorted(r["step"] for r in records if "loss" in r) == [2, 4, 6, 8, 9]  # one file, both invocations (9: the last step)
     assert list(work.iterdir()) == []  # nothing local: no `s3:` directory, no staging left behind
+    cached = list((Path(os.environ["RAYBERT_CACHE"]) / "remote").glob("*/vocab.txt"))
+    assert len(cached) == 1 and cached[0].read_bytes() == chinese_vocab_path().read_bytes()  # one copy per node
 
     # The export in the bucket is a Hugging Face checkpoint that transformers loads.
     import transformers
@@ -139,8 +147,10 @@ def test_scoring_reads_and_writes_the_bucket_with_every_row_once(s3, tmp_path, m
 
     tok = load_tokenizer(minilm_dir)
     torch.manual_seed(0)
-    model = tmp_path / "tiny"
-    save_pretrained(build_model(preset("debug", vocab_size=len(tok)), "embed"), model, tokenizer=tok)
+    local_model = tmp_path / "tiny"
+    save_pretrained(build_model(preset("debug", vocab_size=len(tok)), "embed"), local_model, tokenizer=tok)
+    pafs.copy_files(str(local_model), f"{BUCKET}/models/tiny", destination_filesystem=s3)
+    model = f"s3://{BUCKET}/models/tiny"  # the model is in the bucket too
     ids = []
     for f in range(3):
         rows = [f"f{f}-{i}" for i in range(40)]
@@ -149,7 +159,7 @@ def test_scoring_reads_and_writes_the_bucket_with_every_row_once(s3, tmp_path, m
                        f"{BUCKET}/in/part-{f}.parquet", filesystem=s3)
     monkeypatch.chdir(tmp_path)
     out = f"s3://{BUCKET}/scored"
-    result = main(ScoreConfig(input=f"s3://{BUCKET}/in", output=out, model=str(model), task="embed",
+    result = main(ScoreConfig(input=f"s3://{BUCKET}/in", output=out, model=model, task="embed",
                               dtype="fp32", resources=ResourceConfig(num_actors=1)))
     assert result.rows == 120 and result.error_rows == 0
     keys = _keys(s3, f"{BUCKET}/scored")
@@ -200,3 +210,38 @@ def test_run_dir_uris_that_cannot_work_are_refused_up_front(s3, tmp_path, monkey
     for n in needles:
         assert n in error, (n, error)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.parquet"]
+
+
+def test_model_uris_that_cannot_work_are_refused_up_front(s3, tmp_path, monkeypatch):
+    from jobs.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), data)
+    for model, needle in ((f"s3://{BUCKET}/models/none", "does not exist"),
+                          ("nosuchscheme://b/model", "not a storage URI")):
+        res = CliRunner().invoke(cli, ["score", str(data), str(tmp_path / "out"), "--model", model])
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output[-2000:]
+        (error,) = [line for line in res.output.splitlines() if line.startswith("Error:")]
+        assert model in error and needle in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
+
+
+def test_cached_copy_fetches_once_per_version(s3):
+    import time
+
+    from pipelines.storage import cached_copy
+
+    with s3.open_output_stream(f"{BUCKET}/m/cfg/config.json") as f:
+        f.write(b'{"v": 1}')
+    uri = f"s3://{BUCKET}/m/cfg"
+    first = cached_copy(uri)
+    assert Path(first, "config.json").read_text() == '{"v": 1}'
+    stamp = Path(first, "config.json").stat().st_mtime_ns
+    assert cached_copy(uri) == first and Path(first, "config.json").stat().st_mtime_ns == stamp  # not fetched again
+    time.sleep(1.1)  # S3 modification times have 1 s resolution
+    with s3.open_output_stream(f"{BUCKET}/m/cfg/config.json") as f:
+        f.write(b'{"v": 22}')  # overwritten in place: a new version, a new copy
+    second = cached_copy(uri)
+    assert second != first and Path(second, "config.json").read_text() == '{"v": 22}'
+    assert cached_copy("relative/dir") == os.path.abspath("relative/dir") and cached_copy(None) is None

@@ -86,6 +86,19 @@ class _BlockingTrainer:
         return self.result
 
 
+@pytest.fixture(autouse=True)
+def _python_sigint_handler():
+    """The watchdog stops a fit as Ctrl-C would (`_thread.interrupt_main`), which runs whatever SIGINT
+    handler is installed. A handler left by an earlier test in the same pytest process (the full
+    suite's CI run at faec314 showed one that swallowed the interrupt) must not decide these
+    tests: each runs with Python's own, as a fresh `raybert` process does, and gets the old one back."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _write_heartbeat(run_dir: Path, **fields) -> None:
     (run_dir / "heartbeat.json").write_text(json.dumps({"time": time.time(), "ticks": 1, **fields}))
 

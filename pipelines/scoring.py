@@ -170,17 +170,12 @@ def _is_uri(p: str) -> bool:
     return "://" in p
 
 
-@contextlib.contextmanager
 def _store(uri: str):
     """Turn pyarrow's failure to reach an object store (no network, no credentials, a bad
     bucket) into an error that names the URI, instead of a pyarrow traceback."""
-    try:
-        yield
-    except (OSError, pa.ArrowException) as e:
-        if not _is_uri(uri):
-            raise
-        raise ValueError(f"{uri}: the store could not be reached ({type(e).__name__}: {e}); check the URI, "
-                         f"the network and the credentials") from None
+    from pipelines.storage import reachable
+
+    return reachable(uri)
 
 
 def _expand(inputs: list[str]) -> tuple[list[str], dict[str, str]]:

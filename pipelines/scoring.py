@@ -47,7 +47,6 @@ Contract:
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import logging

@@ -75,7 +75,7 @@ def main(cfg: ScoreConfig):
 @click.option("--batch-size", type=int,
               help="Rows per Ray Data block (sorted by length within it), not per forward pass: forward-pass "
                    "size is set by --max-tokens.")
-@click.option("--num-actors", type=click.IntRange(min=1), help="Predictor actors (default: one per GPU, else per 2 CPUs).")
+@click.option("--num-actors", type=click.IntRange(min=1), help="Predictor actors (default: one per GPU, else one per CPU, memory permitting).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
               help="auto (default): GPU actors if the cluster has GPUs now, else CPU. cuda: GPU actors even before "
                    "a GPU node has joined, so an autoscaling cluster starts them (pool of 1 to N; fails after "

@@ -10,7 +10,10 @@ Contract:
   back, and a score is more useful than an error. Text longer than `max_length` tokens is truncated
   and flagged.
 - `Predictor` is the stateful model step (one per Ray actor): `__init__` loads the model once,
-  `__call__(batch) -> pyarrow.Table` runs it under `torch.inference_mode()`. Inside each block
+  `__call__(batch) -> pyarrow.Table` runs it under `torch.inference_mode()`. It takes
+  `tokenize_batch`'s output, or, built with `tokenize=` (that function's keyword arguments), the
+  input rows themselves, which it tokenizes first: on CPU the scoring pipeline runs both steps in
+  one actor (see pipelines/scoring.py for why). Inside each block
   it sorts rows by length and cuts batches with `bert_core.padding.token_budget_batches`, so
   rows x longest stays under `max_tokens`; results are scattered back to input order. Rows
   with an error pass through with null outputs.
@@ -283,7 +286,8 @@ def _sdpa_backends(device_type: str):
 
 
 class Predictor:
-    """One loaded model; `__call__` scores a tokenized block (see the module docstring).
+    """One loaded model; `__call__` scores a tokenized block, or with `tokenize` an input block that
+    it tokenizes first (see the module docstring).
 
     Device work per block: each token-budget batch is padded on the host (to a multiple of
     `pad_multiple` tokens, 8 on a GPU), copied over from pinned memory without blocking, and run;
@@ -296,7 +300,8 @@ class Predictor:
                  max_batch_rows: Optional[int] = None, dtype: str = "fp32", device: str = "cpu",
                  pooling: Optional[str] = None, normalize: Optional[bool] = None, top_k: int = 5,
                  num_threads: Optional[int] = None, tokenizer: Optional[str] = None,
-                 head: Optional[str] = None, pad_multiple: Optional[int] = None):
+                 head: Optional[str] = None, pad_multiple: Optional[int] = None,
+                 tokenize: Optional[dict] = None):
         import torch
 
         from pipelines.storage import cached_copy
@@ -312,6 +317,7 @@ class Predictor:
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.task = task
+        self.tokenize = tokenize  # tokenize_batch's kwargs: blocks come untokenized
         self.max_tokens = int(max_tokens)
         self.max_batch_rows = max_batch_rows
         self.top_k = int(top_k)
@@ -399,6 +405,8 @@ class Predictor:
         from bert_core.padding import token_budget_batches
 
         table = _as_table(batch)
+        if self.tokenize is not None:
+            table = tokenize_batch(table, **self.tokenize)
         n = table.num_rows
         errors = table.column("error").to_pylist() if n else []
         seqs = _lists(table.column("input_ids"))

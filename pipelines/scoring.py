@@ -18,11 +18,19 @@ Contract:
   checked (`preflight` calls it).
 - `score(cfg)` runs `preflight` again, then builds and runs the Ray Data program:
   `read_parquet(files, only the needed columns, include_row_hash)` -> `repartition` into blocks
-  of `batch_size` rows (streaming) -> `map_batches(tokenize_batch)` (stateless CPU tasks) ->
-  `map_batches(Predictor, compute=ActorPoolStrategy(...))` (`cpu_plan`: a fixed pool, or with
-  device cuda one autoscaling from 1 GPU actor, that raises GpuWaitTimeout before any row is read
-  if no GPU actor starts within resources.gpu_wait_s) -> `write_parquet(output)`.
+  of `batch_size` rows (streaming) -> [GPU only: `map_batches(tokenize_batch)`, stateless CPU
+  tasks] -> `map_batches(Predictor, compute=ActorPoolStrategy(...))` (`cpu_plan`: a fixed pool,
+  or with device cuda one autoscaling from 1 GPU actor, that raises GpuWaitTimeout before any row
+  is read if no GPU actor starts within resources.gpu_wait_s) -> `write_parquet(output)`.
   Every input row gives exactly one output row (see predictors.py for the columns).
+- Where tokenization runs: a GPU actor must never wait on the CPU work of tokenizing, so on GPUs
+  it is a stage of its own, on the CPUs beside them. On CPU the model and the tokenizer compete
+  for the same cores anyway, and a separate stage only adds processes, scheduling and an object
+  store round trip of the token ids. Measured on 2 cores (35,000 rows): read + tokenize as
+  0.25-CPU tasks took 15.5 s (each task started a `tokenizers` thread pool of every core), as
+  1-CPU tasks 4.6 s, and tokenizing in one process 2.0 s. So CPU actors tokenize their own blocks
+  (`Predictor(tokenize=...)`), one process per CPU by default, each on one thread (torch and
+  `tokenizers`), and GPU-side tokenize tasks run one `tokenizers` thread each.
 - Resume: Ray Data's job-level checkpointing (`ray.data.checkpoint.CheckpointConfig`, beta in
   Ray 2.60) keyed on `row_hash`, Ray's deterministic hash of (file path, row index). User ids may
   repeat, so they can't be the key. Each write task records its row keys as a *pending*
@@ -74,10 +82,10 @@ MANIFEST = "_SUCCESS.json"
 class ResourceConfig:
     """How the job uses the cluster. None means: size it from the cluster (see cpu_plan)."""
 
-    num_actors: Optional[int] = None  # predictor actors; default one per GPU, else one per 2 CPUs
+    num_actors: Optional[int] = None  # predictor actors; default one per GPU, else one per CPU (memory permitting)
     actor_num_cpus: Optional[float] = None  # logical CPUs each actor reserves (CPU clusters: auto)
     task_num_cpus: float = 0.25  # read/tokenize/write tasks; fractional so actors can't starve them
-    torch_threads: Optional[int] = None  # intra-op threads per actor
+    torch_threads: Optional[int] = None  # intra-op threads per actor (default: its share of the CPUs; 1 on CPU)
     # auto: GPU actors if the cluster has GPUs now, else CPU | cpu | cuda: GPU actors even if no GPU node has
     # joined yet (their pending demand makes an autoscaler start GPU nodes; see cpu_plan)
     device: str = "auto"
@@ -143,7 +151,7 @@ class ScoreConfig:
             raise ValueError(f"score: pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.resources.num_actors is not None and self.resources.num_actors < 1:
             raise ValueError(f"score: resources.num_actors must be >= 1 (leave it unset for one per GPU, else one "
-                             f"per 2 CPUs), got {self.resources.num_actors}")
+                             f"per CPU), got {self.resources.num_actors}")
         if self.resources.device not in DEVICES:
             raise ValueError(f"score: resources.device must be one of {DEVICES}, got {self.resources.device!r}")
         if self.resources.max_gpu_actors < 1 or not self.resources.gpu_wait_s > 0:
@@ -297,9 +305,15 @@ class CpuPlan:
     gpu_wait_s: Optional[float] = None  # fail if none of the pool's GPU actors has started by then
 
 
+# What one CPU predictor actor holds besides its weights: Python with torch, Ray Data and pyarrow
+# loaded, plus activations (measured: 0.93 GiB of RSS for MiniLM, whose weights are 87 MB, after a
+# block of 256-token rows).
+ACTOR_BASE_BYTES = 1 << 30
+
+
 def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Optional[float] = None,
              task_num_cpus: float = 0.25, torch_threads: Optional[int] = None, device: str = "auto",
-             max_gpu_actors: int = 8, gpu_wait_s: float = 900.0) -> CpuPlan:
+             max_gpu_actors: int = 8, gpu_wait_s: float = 900.0, model_bytes: int = 0) -> CpuPlan:
     """Size the predictor pool from the cluster's resources now (`ray.cluster_resources()`).
 
     - device auto: one actor per GPU (num_gpus=1, fixed pool) when the cluster has GPUs now, else CPU.
@@ -309,8 +323,12 @@ def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Op
       max_gpu_actors. If no actor has started after gpu_wait_s the run stops (score raises
       GpuWaitTimeout) instead of waiting forever. With GPUs present and num_actors given, the pool
       is a fixed num_actors, as with auto.
-    - CPU: by default one actor per 2 CPUs, leaving 1 CPU for Ray's checkpoint filter actor plus one
-      task slot."""
+    - CPU: by default one actor per CPU, each on one torch thread (it also tokenizes its blocks; see
+      the module docstring), but no more actors than half the cluster's memory holds at
+      ACTOR_BASE_BYTES + 2 x `model_bytes` each. Measured on 2 cores: two 1-thread actors ran 1.06x
+      (MiniLM) to 1.26x (near-free model) one 2-thread actor, whose OpenMP regions stall whenever
+      either thread is preempted. The actors' logical reservations leave 1 CPU for Ray's checkpoint
+      filter actor plus one task slot."""
     if num_actors is not None and num_actors < 1:
         raise ValueError(f"num_actors must be >= 1 (or unset for the default), got {num_actors}")
     if device not in DEVICES:
@@ -325,8 +343,13 @@ def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Op
     if gpus > 0 and device in ("auto", "cuda"):
         n = num_actors or gpus
         return CpuPlan(n, per_gpu_actor, 1.0, task_num_cpus, torch_threads or max(1, int(cpus // n)), "cuda")
-    # CPU: by default one actor per 2 CPUs (each runs torch with 2 threads), at least one.
-    n = num_actors or max(1, int(cpus // 2))
+    if num_actors is None:
+        n = max(1, int(cpus))
+        memory = float(cluster.get("memory", 0))
+        if memory > 0:
+            n = max(1, min(n, int(memory / 2 // (ACTOR_BASE_BYTES + 2 * model_bytes))))
+    else:
+        n = num_actors
     room = max(cpus - 1.0 - task_num_cpus, 0.1)  # what the actors may reserve in total
     per = actor_num_cpus if actor_num_cpus is not None else min(1.0, room / n)
     threads = torch_threads or max(1, int(min(cpus, os.cpu_count() or 1) // n))
@@ -490,6 +513,15 @@ def check_model(model: str, tokenizer: Optional[str] = None):
     return config
 
 
+def weight_bytes(model: str) -> int:
+    """Bytes of the checkpoint's weight files (safetensors or torch), this node's copy."""
+    from pipelines.storage import cached_copy
+
+    local = cached_copy(model)
+    names = os.listdir(local) if os.path.isdir(local) else []
+    return sum(os.path.getsize(os.path.join(local, f)) for f in names if f.endswith((".safetensors", ".bin", ".pt")))
+
+
 def _norm(path: str) -> str:
     return path.rstrip("/") if _is_uri(path) else os.path.realpath(path)
 
@@ -594,6 +626,7 @@ class Preflight:
     checkpoint_dir: str
     model_config: object  # bert_core.BertConfig of the model
     max_length: int  # tokens per row this run truncates to (see ScoreConfig.max_length)
+    model_bytes: int = 0  # size of the checkpoint's weight files (sizes the CPU actor pool)
 
 
 def embedding_defaults(cfg: ScoreConfig, model_config) -> int:
@@ -620,7 +653,7 @@ def preflight(cfg: ScoreConfig) -> Preflight:
     plan = plan_inputs(cfg.input, cfg.text_column, cfg.text_pair_column, cfg.id_column)
     ckpt = cfg.checkpoint_dir or default_checkpoint_dir(cfg.output)
     check_output(cfg.output, ckpt, [cfg.input] if isinstance(cfg.input, str) else list(cfg.input), plan, cfg.overwrite)
-    return Preflight(plan, ckpt, model_config, embedding_defaults(cfg, model_config))
+    return Preflight(plan, ckpt, model_config, embedding_defaults(cfg, model_config), weight_bytes(cfg.model))
 
 
 def score(cfg: ScoreConfig) -> ScoreResult:
@@ -658,13 +691,16 @@ def score(cfg: ScoreConfig) -> ScoreResult:
                               f"{MANIFEST}: it is not a run of this job to resume; choose another output or overwrite")
 
     res = cpu_plan(ray.cluster_resources(), r.num_actors, r.actor_num_cpus, r.task_num_cpus, r.torch_threads, r.device,
-                   r.max_gpu_actors, r.gpu_wait_s)
+                   r.max_gpu_actors, r.gpu_wait_s, model_bytes=pre.model_bytes)
     if dtype == "fp16" and res.device != "cuda":
         raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
-    # CPU actors share the cores with the read/tokenize/write tasks. OpenMP's default spin-wait
-    # then burns the time slices the other torch thread needs: measured 10-20x slower forwards
-    # under contention; passive waiting (threads sleep at barriers) removed most of it.
-    actor_env = {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}} if res.device == "cpu" else {}
+    on_cpu = res.device == "cpu"
+    # CPU actors share the cores with the read/write tasks and each other. OpenMP's default spin-wait
+    # then burns the time slices another torch thread needs: measured 10-20x slower forwards under
+    # contention; passive waiting (threads sleep at barriers) removed most of it. `tokenizers` starts
+    # a thread pool of every core in each process unless told its share (RAYON_NUM_THREADS).
+    actor_env = ({"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE",
+                                               "RAYON_NUM_THREADS": str(res.torch_threads)}}} if on_cpu else {})
     log.info("scoring %d rows from %d file(s) with %s", plan.rows, len(plan.files), res)
 
     ctx = ray.data.DataContext.get_current()
@@ -686,13 +722,14 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         ds = ray.data.read_parquet(plan.files, columns=plan.columns, include_paths=not plan.has_ids,
                                    include_row_hash=True, num_cpus=res.task_num_cpus)
         ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-        ds = ds.map_batches(
-            tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=res.task_num_cpus,
-            max_retries=r.task_max_retries,
-            fn_kwargs=dict(tokenizer_path=cfg.tokenizer or model, text_column=cfg.text_column,
-                           text_pair_column=cfg.text_pair_column, id_column=cfg.id_column, max_length=max_length,
-                           with_offsets=task == "tag",
-                           fallback_ids=None if plan.has_ids else {"path_column": "path", "roots": plan.roots}))
+        tokenize = dict(tokenizer_path=cfg.tokenizer or model, text_column=cfg.text_column,
+                        text_pair_column=cfg.text_pair_column, id_column=cfg.id_column, max_length=max_length,
+                        with_offsets=task == "tag",
+                        fallback_ids=None if plan.has_ids else {"path_column": "path", "roots": plan.roots})
+        if not on_cpu:  # GPU actors get token ids from CPU tasks (see the module docstring)
+            ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=res.task_num_cpus,
+                                max_retries=r.task_max_retries, fn_kwargs=tokenize,
+                                runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}})
         ds = ds.map_batches(
             # Blocks already hold `batch_size` rows. Ray insists on an explicit batch_size for GPU
             # actors; on CPU, None hands each block over whole, without re-batching.
@@ -701,7 +738,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
             fn_constructor_kwargs=dict(max_tokens=cfg.max_tokens, max_batch_rows=cfg.max_batch_rows, dtype=dtype,
                                        device=res.device, pooling=cfg.pooling, normalize=cfg.normalize,
                                        top_k=cfg.top_k, num_threads=res.torch_threads, tokenizer=cfg.tokenizer,
-                                       head=head),
+                                       head=head, tokenize=tokenize if on_cpu else None),
             compute=actor_pool(res),
             num_cpus=res.actor_num_cpus, num_gpus=res.actor_num_gpus or None,
             # A killed actor is restarted and its in-flight block retried, on purpose.

@@ -218,3 +218,23 @@ def _minilm():
     from pipelines.corpora import minilm_path
 
     return minilm_path()
+
+
+@pytest.mark.parametrize("task", ["embed", "tag"])
+def test_predictor_that_tokenizes_equals_the_two_steps(minilm_dir, ckpts, task):
+    # On CPU the pipeline hands predictor actors untokenized blocks (Predictor(tokenize=...)). The
+    # output must be the same table as tokenize_batch followed by a Predictor, bad rows included.
+    model = str(minilm_dir) if task == "embed" else ckpts["tag"]
+    table = pa.table({"id": pa.array(range(len(TEXTS) + 1), pa.int64()), "text": pa.array(TEXTS + [None], pa.string())})
+    kwargs = dict(tokenizer_path=model, max_length=32, with_offsets=task == "tag")
+    two_steps = Predictor(model, task)(tokenize_batch(table, **kwargs))
+    fused = Predictor(model, task, tokenize=kwargs)(table)
+    assert fused.schema == two_steps.schema and fused.num_rows == len(TEXTS) + 1
+    assert fused.column("error").to_pylist()[-1] == "text is null"
+    for name in fused.column_names:
+        if name == "embedding":  # null for the error row
+            a, b = fused[name].to_pylist(), two_steps[name].to_pylist()
+            assert a[-1] is None and b[-1] is None
+            np.testing.assert_allclose(np.array(a[:-1]), np.array(b[:-1]), atol=1e-6)
+        else:
+            assert fused[name].to_pylist() == two_steps[name].to_pylist(), name

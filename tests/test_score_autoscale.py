@@ -61,6 +61,22 @@ def test_cuda_asks_for_gpu_actors_before_any_gpu_joins():
         cpu_plan(no_gpu, device="gpu")
 
 
+def test_cpu_pool_is_one_single_thread_actor_per_cpu_within_memory():
+    gib = 2**30
+    # One actor per CPU, each on one torch thread, reserving less than a CPU so tasks keep a slot.
+    p = cpu_plan({"CPU": 2.0, "memory": 16 * gib}, device="cpu")
+    assert (p.num_actors, p.torch_threads, p.device) == (2, 1, "cpu")
+    assert p.num_actors * p.actor_num_cpus + 1.0 + p.task_num_cpus <= 2.0
+    p = cpu_plan({"CPU": 32.0, "memory": 200 * gib}, device="cpu", model_bytes=gib // 2)
+    assert (p.num_actors, p.torch_threads) == (32, 1)
+    # A big model on a small-memory node: as many actors as half the memory holds (1 GiB + 2x weights each).
+    p = cpu_plan({"CPU": 32.0, "memory": 40 * gib}, device="cpu", model_bytes=2 * gib)
+    assert p.num_actors == 4
+    # Explicit settings win.
+    p = cpu_plan({"CPU": 8.0, "memory": 64 * gib}, num_actors=2, torch_threads=3, device="cpu")
+    assert (p.num_actors, p.torch_threads) == (2, 3)
+
+
 def test_config_refuses_bad_device_settings():
     base = dict(input="in.parquet", output="out", model="m")
     for resources, words in ((ResourceConfig(device="gpu"), "resources.device must be one of"),

@@ -325,7 +325,7 @@ def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Op
       is a fixed num_actors, as with auto.
     - CPU: by default one actor per CPU, each on one torch thread (it also tokenizes its blocks; see
       the module docstring), but no more actors than half the cluster's memory holds at
-      ACTOR_BASE_BYTES + 2 x `model_bytes` each. Measured on 2 cores: two 1-thread actors ran 1.06x
+      ACTOR_BASE_BYTES + 2 x `model_bytes` each. Measured on 2 cores, single runs: two 1-thread actors ran 1.06x
       (MiniLM) to 1.26x (near-free model) one 2-thread actor, whose OpenMP regions stall whenever
       either thread is preempted. The actors' logical reservations leave 1 CPU for Ray's checkpoint
       filter actor plus one task slot."""

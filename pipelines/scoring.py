@@ -496,28 +496,27 @@ def output_totals(output: str) -> tuple[int, int, int]:
 
 
 def check_model(model: str, tokenizer: Optional[str] = None):
-    """The model's BertConfig, once the checkpoint (config, weights) and its tokenizer are known
-    to load; otherwise an error naming the path (what the actors would hit, minutes later)."""
+    """(the model's BertConfig, this node's copy of the checkpoint), once the checkpoint (config,
+    weights) and its tokenizer are known to load; otherwise an error naming the path (what the
+    actors would hit, minutes later)."""
     from bert_core.checkpoint import check_checkpoint
     from bert_core.tokenizer import load_tokenizer
 
     from pipelines.storage import cached_copy
 
-    config = check_checkpoint(cached_copy(model))  # a URI: this node's copy, fetched once
+    local = cached_copy(model)  # a URI: this node's copy, fetched once (each call lists the URI)
+    config = check_checkpoint(local)
     tok_path = tokenizer or model
     try:
         load_tokenizer(cached_copy(tok_path))
     except Exception as e:  # transformers/tokenizers raise many kinds: say which path
         raise ValueError(f"{tok_path}: the tokenizer does not load ({type(e).__name__}: {e}); give a checkpoint "
                          f"directory with its tokenizer files, or a tokenizer") from None
-    return config
+    return config, local
 
 
-def weight_bytes(model: str) -> int:
-    """Bytes of the checkpoint's weight files (safetensors or torch), this node's copy."""
-    from pipelines.storage import cached_copy
-
-    local = cached_copy(model)
+def weight_bytes(local: str) -> int:
+    """Bytes of the weight files (safetensors or torch) in a local checkpoint directory."""
     names = os.listdir(local) if os.path.isdir(local) else []
     return sum(os.path.getsize(os.path.join(local, f)) for f in names if f.endswith((".safetensors", ".bin", ".pt")))
 
@@ -629,7 +628,7 @@ class Preflight:
     model_bytes: int = 0  # size of the checkpoint's weight files (sizes the CPU actor pool)
 
 
-def embedding_defaults(cfg: ScoreConfig, model_config) -> int:
+def embedding_defaults(cfg: ScoreConfig, model_config, local_model: str) -> int:
     """The run's max length; for embed, also refuse a sentence-transformers pooling we can't
     reproduce (unless the run names its own), here on the driver rather than in every actor."""
     from bert_core.checkpoint import sentence_transformers_settings
@@ -637,9 +636,7 @@ def embedding_defaults(cfg: ScoreConfig, model_config) -> int:
     limit = model_config.max_position_embeddings
     if cfg.task != "embed":
         return min(cfg.max_length or limit, limit)
-    from pipelines.storage import cached_copy
-
-    st = sentence_transformers_settings(cached_copy(cfg.model))
+    st = sentence_transformers_settings(local_model)
     if st.pooling_error and cfg.pooling is None and "pooling" not in model_config.extra.get("raybert", {}):
         raise ValueError(st.pooling_error)
     return min(cfg.max_length or st.max_length or limit, limit)
@@ -649,11 +646,12 @@ def preflight(cfg: ScoreConfig) -> Preflight:
     """Every check that needs no cluster (config, model and tokenizer, inputs, output), on the
     driver, reading only: an invocation that passes it is valid, one that fails it changed nothing."""
     cfg.check()
-    model_config = check_model(cfg.model, cfg.tokenizer)
+    model_config, local_model = check_model(cfg.model, cfg.tokenizer)
     plan = plan_inputs(cfg.input, cfg.text_column, cfg.text_pair_column, cfg.id_column)
     ckpt = cfg.checkpoint_dir or default_checkpoint_dir(cfg.output)
     check_output(cfg.output, ckpt, [cfg.input] if isinstance(cfg.input, str) else list(cfg.input), plan, cfg.overwrite)
-    return Preflight(plan, ckpt, model_config, embedding_defaults(cfg, model_config), weight_bytes(cfg.model))
+    return Preflight(plan, ckpt, model_config, embedding_defaults(cfg, model_config, local_model),
+                     weight_bytes(local_model))
 
 
 def score(cfg: ScoreConfig) -> ScoreResult:

@@ -508,7 +508,7 @@ def check_model(model: str, tokenizer: Optional[str] = None):
     config = check_checkpoint(local)
     tok_path = tokenizer or model
     try:
-        load_tokenizer(cached_copy(tok_path))
+        load_tokenizer(cached_copy(tokenizer) if tokenizer else local)
     except Exception as e:  # transformers/tokenizers raise many kinds: say which path
         raise ValueError(f"{tok_path}: the tokenizer does not load ({type(e).__name__}: {e}); give a checkpoint "
                          f"directory with its tokenizer files, or a tokenizer") from None

@@ -123,15 +123,22 @@ def export_hf(engine, bert_config: BertConfig, path: str, tokenizer, rank: int, 
         save_pretrained(out, path, tokenizer=tokenizer)
 
 
+def write_checkpoint(engine, path: str, state: dict, bert_config: BertConfig, tokenizer, rank: int,
+                     zero_stage: int) -> None:
+    """Write this rank's part of a checkpoint directory (every rank calls it): `deepspeed/` (the
+    engine state, this rank's ZeRO partition), `hf/` and `raybert_state.json` (rank 0)."""
+    engine.save_checkpoint(os.path.join(path, "deepspeed"), tag="state", client_state={"raybert": state})
+    export_hf(engine, bert_config, os.path.join(path, "hf"), tokenizer, rank, zero_stage)
+    if rank == 0:
+        Path(path, "raybert_state.json").write_text(json.dumps(state, indent=1) + "\n")
+
+
 def save_checkpoint(engine, state: dict, metrics: dict, bert_config: BertConfig, tokenizer, rank: int,
                     zero_stage: int) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="raybert-ckpt-") as tmp:
-        engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state", client_state={"raybert": state})
-        export_hf(engine, bert_config, os.path.join(tmp, "hf"), tokenizer, rank, zero_stage)
-        if rank == 0:
-            Path(tmp, "raybert_state.json").write_text(json.dumps(state, indent=1) + "\n")
+        write_checkpoint(engine, tmp, state, bert_config, tokenizer, rank, zero_stage)
         # Ray merges every rank's files (each holds its own ZeRO partition) into one directory.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{state['step']:08d}")

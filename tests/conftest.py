@@ -87,3 +87,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_export_matches_zero_state(ckpt, exported: dict, dtype) -> None:
+    """A checkpoint's HF export (`exported`: its state dict) equals the fp32 weights consolidated
+    from its DeepSpeed ZeRO state (exactly in fp32; to bf16's precision in bf16)."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag="state")
+    fp32.pop("cls.predictions.decoder.weight", None)  # tied to the word embeddings
+    assert set(fp32) == set(exported)
+    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for k, v in fp32.items():
+        torch.testing.assert_close(exported[k], v.float(), **tol, msg=k)

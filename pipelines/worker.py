@@ -174,6 +174,31 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def import_deepspeed():
+    """`import deepspeed`, without the MLflow import that DeepSpeed's autotuner makes on the way.
+
+    DeepSpeed 0.19's `deepspeed.autotuning.autotuner` (loaded by `import deepspeed` itself, through
+    `runtime.config`) tries `import mlflow` to log autotuning experiments, which raybert never
+    runs. Where MLflow is installed, that import is most of `import deepspeed`: 2.8 of 3.5 s of CPU
+    on a 2-core EPYC, paid by every training worker and by the driver. While DeepSpeed loads,
+    `mlflow` is hidden (None in sys.modules makes `import mlflow` raise ImportError, which the
+    autotuner catches); afterwards it imports as usual, for raybert's own MLflow tracker.
+    """
+    import sys
+
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None
+    try:
+        import deepspeed
+    finally:
+        if hide and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def disable_deepspeed_jit() -> None:
     """Keep DeepSpeed from JIT-compiling its shm/ccl comm ops on init (~30 s, 1.5 GB on CPU).
 
@@ -181,6 +206,7 @@ def disable_deepspeed_jit() -> None:
     it before first access skips the probe too. Only deepspeed/comm reads it (0.19.8), and gloo /
     nccl collectives work without those ops.
     """
+    import_deepspeed()
     import deepspeed.ops as ops
 
     compat = ops.__dict__.setdefault("__compatible_ops__", {})
@@ -252,10 +278,9 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int,
     """The one place a model meets DeepSpeed (pretraining and fine-tuning alike). Returns the
     engine (engine.module is the model). `param_groups` may carry per-group `lr` (layer-wise
     decay); the schedule scales each group's own lr."""
-    import deepspeed
-
     from bert_core.model import BertLMPredictionHead
 
+    deepspeed = import_deepspeed()
     disable_deepspeed_jit()
     if train.zero_stage == 3:
         # A tied MLM decoder reads the word-embedding weight outside the embedding module's
@@ -278,8 +303,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int,
 def gathered_state_dict(engine, rank: int, zero_stage: int) -> Optional[dict]:
     """A CPU fp32 copy of the full weights on rank 0, None elsewhere (under ZeRO-3 the weights
     are partitioned, so every rank must call it: they all enter the gather)."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     params = list(engine.module.parameters())
     gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else nullcontext()
     with gather:

@@ -1,5 +1,6 @@
-"""Shared fixtures. Every test that starts Ray shuts it down; every test has a timeout
-(pyproject's pytest `timeout`), since several Ray failures hang instead of raising."""
+"""Shared fixtures. Tests share one local Ray (`local_ray`), shut down when the session ends or when
+a test needs a private cluster; every test has a timeout (pyproject's pytest `timeout`), since
+several Ray failures hang instead of raising."""
 
 from __future__ import annotations
 
@@ -12,22 +13,76 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# MLflow 3 refuses a file store unless this is set; tests track to one (test_pretrain_ray.py). Set
+# before any Ray starts, so the training workers of the shared Ray have it too.
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+# Ray Train's preemption watcher (an actor per worker group, watching for spot-node preemption) is
+# one more Python process per fit, ~4 s of CPU on 2 cores; a local test cluster is never preempted.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+# The tests' shared local Ray. Starting Ray costs a few seconds, and its first Ray Data job pays
+# for cold worker processes (imports: torch, tokenizers, pyarrow): 10-25 s on 2 cores, against 1-2 s
+# once they are warm. So one Ray serves every test that asks for `local_ray()`; a test that needs a
+# private cluster (multi-node, a real head, S3 settings its workers must inherit) shuts it down, and
+# the next `local_ray()` starts it again. The session's end shuts it down (`_shared_ray_down`).
+_SHARED_RAY = {"node": None}  # the node id of the shared Ray, while it is up
+
+
+def _cpus_free(ray, timeout_s: float = 15.0) -> bool:
+    """Whether every CPU is free again (an earlier test's actors are gone), waiting a little for
+    Ray to release what a finished job held."""
+    import time
+
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < total:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 @contextlib.contextmanager
 def local_ray():
-    """A private local Ray with 2 CPUs (the CI machine's size), shut down on exit even on failure."""
+    """The shared local Ray with 2 CPUs (the CI machine's size), started if it isn't up, and
+    replaced if a Ray another test started is up, or if an earlier test left work holding CPUs.
+    Started with the Ray Train controller polling every 0.5 s (fast_train_settings: it bounds how
+    fast a report or a dead worker is noticed). Left running for the next test."""
+    import ray
+
+    if ray.is_initialized() and not (ray.get_runtime_context().get_node_id() == _SHARED_RAY["node"]
+                                     and _cpus_free(ray)):
+        ray.shutdown()
+    if not ray.is_initialized():
+        # address="local": never join a cluster another test started with `ray start`.
+        with _env("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"):
+            ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 << 20,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        _SHARED_RAY["node"] = ray.get_runtime_context().get_node_id()
+    yield ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_ray_down():
+    yield
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    # address="local": never join a cluster another test started with `ray start`.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 << 20,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
     try:
-        yield ray
+        yield
     finally:
-        ray.shutdown()
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 @contextlib.contextmanager
@@ -60,14 +115,14 @@ def fast_train():
 
 @pytest.fixture
 def ray_local():
-    """Ray for one test."""
+    """The shared local Ray, for one test."""
     with local_ray() as ray:
         yield ray
 
 
 @pytest.fixture(scope="module")
 def ray_module():
-    """Ray shared by a module's tests (jobs reuse an initialized Ray and leave it running)."""
+    """The shared local Ray, for a module's tests (jobs reuse an initialized Ray and leave it running)."""
     with local_ray() as ray:
         yield ray
 

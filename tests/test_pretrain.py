@@ -160,6 +160,8 @@ def test_fp16_on_cpu_fails_before_any_work(tmp_path):
     cfg.run_dir = str(tmp_path / "run")
     cfg.data.paths = [str(tmp_path)]
     cfg.train.dtype = "fp16"
+    if ray.is_initialized():  # an earlier test's shared Ray: this test checks that the job starts none
+        ray.shutdown()
     with pytest.raises(ValueError, match="fp16 needs GPUs"):
         main(cfg)
     assert not ray.is_initialized() and not (tmp_path / "run").exists()

@@ -1,7 +1,7 @@
 """The worker toolkit (pipelines/worker.py) and the pretraining loop's parts: threads from held
 CPUs, the background metrics writer, the heartbeat and the driver's stall watchdog, the measured
-MFU peak, the stop policy and the on-device metrics window. The last two tests run the real job on
-a 2-CPU Ray: one worker holding 1.5 CPUs trains on 2 threads with an honest MFU, and a stalled
+MFU peak, the stop policy and the on-device metrics window. Two tests read one real job on a
+2-CPU Ray: one worker holding 1.5 CPUs trains on 2 threads with an honest MFU, then its stalled
 rank ends the job with TrainingStalled, a kept checkpoint and a `failed` ledger record."""
 
 from __future__ import annotations
@@ -214,22 +214,43 @@ def _one_worker(run_dir: Path, corpus: str, **train):
     cfg.data.paths = [corpus]
     cfg.data.tokenizer = str(chinese_vocab_path())
     cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.max_failures = 1, 1.5, 0
+    cfg.data.val_fraction = 0.0  # no val metrics are read: one Ray Data pipeline fewer
     for k, v in train.items():
         setattr(cfg.train, k, v)
     return cfg
 
 
-@pytest.mark.timeout(300)
-def test_one_worker_holding_1_5_cpus_trains_on_2_threads_with_an_honest_mfu(fast_train, ray_local, corpus,
-                                                                             tmp_path):
-    from bert_core.model import mlm_flops_per_token, preset
-    from jobs.pretrain import main, read_metrics
+@pytest.fixture(scope="module")
+def stalled_run(corpus, tmp_path_factory):
+    """One real job on a 2-CPU Ray serves both tests below (a Ray Train start costs ~30 s on 2
+    cores): one worker holding 1.5 CPUs logs every 3 steps, checkpoints at 12, then its rank 0 hangs
+    (the fault drill) until the stall watchdog (15 s) ends the job. Returns (run_dir, cfg, the
+    TrainingStalled raised, the Ray cluster's CPUs)."""
+    from conftest import fast_train_settings, local_ray
+    from jobs.pretrain import main
 
-    assert ray_local.cluster_resources()["CPU"] == 2
-    run_dir = tmp_path / "run"
-    cfg = _one_worker(run_dir, corpus, max_steps=12, log_every=3, eval_every=12, save_every=12)
-    result = main(cfg)
-    assert result.metrics["step"] == 12
+    run_dir = tmp_path_factory.mktemp("stalled") / "run"
+    cfg = _one_worker(run_dir, corpus, max_steps=40, log_every=3, eval_every=100, save_every=12,
+                      stall_timeout_s=15.0)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # see _python_sigint_handler
+    try:
+        with pytest.MonkeyPatch.context() as mp, fast_train_settings(), local_ray() as ray:
+            mp.setenv(FAULT_DRILL_ENV, json.dumps({"stall_at_step": 12}))
+            cpus = ray.cluster_resources()["CPU"]
+            with pytest.raises(TrainingStalled) as e:
+                main(cfg)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return run_dir, cfg, e.value, cpus
+
+
+@pytest.mark.timeout(300)
+def test_one_worker_holding_1_5_cpus_trains_on_2_threads_with_an_honest_mfu(stalled_run):
+    from bert_core.model import mlm_flops_per_token, preset
+    from jobs.pretrain import read_metrics
+
+    run_dir, cfg, _, cpus = stalled_run
+    assert cpus == 2
     records = read_metrics(run_dir)
     (start,) = [r for r in records if r.get("event") == "start"]
     assert start["threads"] == 2 and start["world_size"] == 1
@@ -246,24 +267,18 @@ def test_one_worker_holding_1_5_cpus_trains_on_2_threads_with_an_honest_mfu(fast
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / r["peak_flops"], rel=0.15)
 
 
-@pytest.mark.timeout(420)
-def test_watchdog_ends_a_stalled_run_keeping_its_checkpoint(fast_train, ray_local, corpus, tmp_path, monkeypatch):
-    """Rank 0 hangs after step 10 (and its checkpoint): the job ends with TrainingStalled at stage
-    "step" within the timeout plus a few polls, checkpoint 10 is on disk, and the ledger says failed."""
-    from jobs.pretrain import main
+@pytest.mark.timeout(300)
+def test_watchdog_ends_a_stalled_run_keeping_its_checkpoint(stalled_run):
+    """Rank 0 hangs after step 12 (and its checkpoint): the job ends with TrainingStalled at stage
+    "step" within the timeout plus a few polls, checkpoint 12 is on disk, and the ledger says failed."""
     from jobs.schedule import latest_step
 
-    monkeypatch.setenv(FAULT_DRILL_ENV, json.dumps({"stall_at_step": 10}))
-    run_dir = tmp_path / "run"
-    cfg = _one_worker(run_dir, corpus, max_steps=40, log_every=5, eval_every=100, save_every=10,
-                      stall_timeout_s=15.0)
-    with pytest.raises(TrainingStalled) as e:
-        main(cfg)
-    assert e.value.stage == "step" and e.value.step == 10
-    assert 15 <= e.value.waited_s < 30
-    assert "after step 10" in str(e.value)
-    assert (run_dir / "fault_drill_stall_step10.done").is_file()
-    assert (run_dir / "checkpoint_00000010" / "raybert_state.json").is_file() and latest_step(run_dir) == 10
+    run_dir, _, stalled, _ = stalled_run
+    assert stalled.stage == "step" and stalled.step == 12
+    assert 15 <= stalled.waited_s < 30
+    assert "after step 12" in str(stalled)
+    assert (run_dir / "fault_drill_stall_step12.done").is_file()
+    assert (run_dir / "checkpoint_00000012" / "raybert_state.json").is_file() and latest_step(run_dir) == 12
     ledger = [json.loads(x) for x in (run_dir / "runs.jsonl").read_text().splitlines()]
     assert ledger[-1]["status"] == "failed" and "TrainingStalled" in ledger[-1]["error"]
 
@@ -282,3 +297,22 @@ def test_trainer_runs_without_ray_train_placement_group_cleaner(tmp_path):
     ray_default = [type(c).__name__ for c in TorchTrainer._create_default_callbacks(trainer)]
     assert "PlacementGroupCleanerCallback" in ray_default and "PlacementGroupCleanerCallback" not in ours
     assert ours == [c for c in ray_default if c != "PlacementGroupCleanerCallback"]
+
+
+def test_deepspeed_loads_without_importing_mlflow():
+    """DeepSpeed 0.19's autotuner imports MLflow when it is installed: most of `import deepspeed`,
+    paid by every training worker. import_deepspeed hides MLflow while DeepSpeed loads (the
+    autotuner goes without), and MLflow still imports afterwards for raybert's tracker. When a
+    DeepSpeed upgrade drops that import, the first assertion says the workaround can go."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    (pkg,) = importlib.util.find_spec("deepspeed").submodule_search_locations
+    assert "import mlflow" in Path(pkg, "autotuning", "autotuner.py").read_text()
+    code = ("import sys; from pipelines.worker import import_deepspeed; ds = import_deepspeed(); "
+            "assert 'mlflow' not in sys.modules and ds.autotuning.autotuner.has_mlflow is False; "
+            "import mlflow; print('mlflow', mlflow.__version__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "mlflow " in out.stdout, out.stdout + out.stderr

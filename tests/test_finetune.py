@@ -118,6 +118,7 @@ def _ours_argmax(model, tok, texts: list[str]) -> list[int]:
         return model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]).argmax(-1).tolist()
 
 
+# Over 60 s: a Ray Train fit (~50 s of worker start-up on 2 cores) plus 169 steps, which the accuracy bar needs.
 @pytest.fixture(scope="module")
 def classifier(sentiment, zh_init, tmp_path_factory):
     path, rows = sentiment
@@ -212,6 +213,7 @@ def synthetic_ner(n: int, seed: int) -> list[tuple[list[str], list[str]]]:
     return out
 
 
+# Over 60 s: a Ray Train fit (~50 s of start-up on 2 cores) plus 3 epochs for an entity F1 over 0.8.
 @pytest.fixture(scope="module")
 def tagger(en_init, tmp_path_factory):
     d = tmp_path_factory.mktemp("ner")
@@ -271,6 +273,7 @@ def test_tagger_entity_f1_loads_in_transformers_and_serves(tagger, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+# Over 60 s: a Ray Train fit of 352 steps (two heads must each beat their majority class) and two scoring jobs.
 @pytest.mark.timeout(900)
 def test_multitask_both_heads_train_and_serve(sentiment, zh_init, tmp_path):
     """Acceptance 2: sentiment (reviews) and domain (review vs. People's Daily news) heads share an

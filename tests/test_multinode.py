@@ -165,6 +165,7 @@ def test_scoring_actors_run_on_two_nodes(cluster, minilm_dir, tmp_path):
           f"{sorted(set(actor_nodes.values()))}; blocks scored per node {per_node}")
 
 
+# Over 60 s: a Ray Train fit whose workers start on two other nodes of a 3-node test cluster.
 @pytest.mark.timeout(300)
 def test_pretraining_ranks_on_two_nodes(cluster, tmp_path):
     from jobs.pretrain import main, preset_config, read_metrics

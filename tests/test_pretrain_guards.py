@@ -237,6 +237,7 @@ def _tiny_steps(tmp_path: Path) -> str:
     return str(path)
 
 
+# Over 60 s each: a real Ray Train fit (a hang shows only in one), with 2 or 4 workers starting on 2 cores.
 @pytest.mark.timeout(400)
 # mini at its own micro-batch (32 rows of 128 tokens) x 2 workers, and debug x 4 workers: both
 # used to wait forever before step 1 (2 x 1.0 and 4 x 0.5 CPUs left the data none).

@@ -38,8 +38,9 @@ def _quiet_fast_ray():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
-    # ~400 sentences: one epoch is ~37 steps of 2 x 8 rows of 64 tokens, so a 50-step run crosses
-    # an epoch boundary and the resume at step 25 must carry the data position across it.
+    # 420 sentences: one epoch is 30 steps of 2 x 8 rows of 64 tokens (after the 5% val split), so a
+    # 50-step run crosses an epoch boundary: the resume at 25 must carry the data position across
+    # it, and the restart at 40 must find its place in the second epoch.
     d = tmp_path_factory.mktemp("corpus")
     texts = peoples_daily_sentences()[:420]
     return write_corpus(texts, str(d / "zh"), rows_per_file=140)  # a directory of 3 files
@@ -83,6 +84,7 @@ def _env(key: str, value: str):
             os.environ[key] = old
 
 
+# Over 60 s: the reference run, a Ray Train fit of 50 steps that crosses an epoch and evaluates twice.
 @pytest.fixture(scope="module")
 def straight(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
@@ -161,10 +163,10 @@ def test_progress_lines_tensorboard_events_and_mlflow(straight, monkeypatch):
 # 2 cores), and both kinds of resume are checked against the straight run's every loss window.
 @pytest.mark.timeout(600)
 def test_resume_is_exact_across_invocations_and_a_killed_worker(straight, corpus, tmp_path, monkeypatch):
-    """Acceptance 3 and 6: 25 steps, stop; a second invocation resumes at 25, and its rank 1 is
-    SIGKILLed right after step 35, so Ray Train restarts the worker group (FailureConfig), which
-    resumes from the latest checkpoint (30) and finishes. Every loss window equals the straight
-    50-step run's.
+    """Acceptance 3 and 6: 25 steps, stop; a second invocation resumes at 25, crosses the epoch
+    boundary (step 30), and its rank 1 is SIGKILLed right after step 45, so Ray Train restarts the
+    worker group (FailureConfig), which resumes from the latest checkpoint (40, ten batches into
+    epoch 1) and finishes. Every loss window equals the straight 50-step run's.
 
     Tolerance 1e-6 (absolute, on losses ~7): the resumed run computes the very same float ops
     (same rows in the same order, masking and dropout seeded from the data position, optimizer and
@@ -179,22 +181,22 @@ def test_resume_is_exact_across_invocations_and_a_killed_worker(straight, corpus
     first = main(_cfg(run_dir, corpus, stop_at=25))
     assert first.metrics["step"] == 25 and Path(first.checkpoint).name == "checkpoint_00000025"
 
-    monkeypatch.setenv(FAULT_DRILL_ENV, json.dumps({"kill_rank": 1, "kill_at_step": 35}))
+    monkeypatch.setenv(FAULT_DRILL_ENV, json.dumps({"kill_rank": 1, "kill_at_step": 45}))
     cfg = _cfg(run_dir, corpus)  # resume="auto"
     cfg.scaling.max_failures = 2
     second = main(cfg)
-    assert (run_dir / "fault_drill_rank1_step35.done").is_file()
+    assert (run_dir / "fault_drill_rank1_step45.done").is_file()
     assert second.metrics["step"] == STEPS
 
     records = read_metrics(run_dir)
     events = [r for r in records if "event" in r]
-    resumes = [(e["step"], e["consumed"]) for e in events if e["event"] == "resume"]
-    # batches into epoch 0: the new invocation at 25, the restarted worker group at checkpoint 30
-    assert resumes == [(25, 25), (30, 30)]
+    resumes = [(e["step"], e["epoch"], e["consumed"]) for e in events if e["event"] == "resume"]
+    # (step, epoch, batches into it): the new invocation at 25; the restarted worker group at 40
+    assert resumes == [(25, 0, 25), (40, 1, 10)]
     assert [e["event"] for e in events][:2] == ["start", "end"]  # the first invocation
-    assert [e["event"] for e in events].count("epoch_end") == 1
+    assert [e["event"] for e in events].count("epoch_end") == 1  # neither resume replays or skips it
     # Loss windows logged by each part: none skipped, none repeated within a part (the killed
-    # worker group may or may not have logged step 35 before the kill).
+    # worker group may or may not have logged step 45 before the kill).
     parts, part = [], []
     for r in records:
         if r.get("event") == "resume":
@@ -204,8 +206,8 @@ def test_resume_is_exact_across_invocations_and_a_killed_worker(straight, corpus
             part.append(r["step"])
     parts.append(part)
     assert parts[0] == [5, 10, 15, 20, 25]
-    assert parts[1] in ([30], [30, 35])
-    assert parts[2] == [35, 40, 45, 50]
+    assert parts[1] in ([30, 35, 40], [30, 35, 40, 45])
+    assert parts[2] == [45, 50]
     a, b = _losses(straight_dir), _losses(run_dir)
     assert sorted(b) == list(range(5, STEPS + 1, 5))
     for s in range(5, STEPS + 1, 5):

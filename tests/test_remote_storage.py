@@ -75,6 +75,7 @@ def _keys(fs, prefix: str) -> list[str]:
                   if i.type == pafs.FileType.File)
 
 
+# Over 60 s: two Ray Train fits (a run and its resume), both writing through the loopback S3 server.
 @pytest.mark.timeout(600)
 def test_pretrain_run_dir_on_s3_checkpoints_resumes_and_exports(s3, tmp_path, monkeypatch):
     from jobs.pretrain import main, preset_config, read_metrics

@@ -47,6 +47,7 @@ def _kill_tree(procs: list[psutil.Process]) -> None:
             pass
 
 
+# Over 60 s: two `raybert score` processes (killed mid-run, then the rerun), each starting its own Ray.
 def test_kill_driver_then_rerun_completes_without_duplicates(tmp_path, minilm_dir):
     ids = _corpus(tmp_path / "in", 800)
     out = tmp_path / "out"

@@ -316,6 +316,7 @@ def _corpus(path: Path, n: int = 50) -> list[str]:
     return ids
 
 
+# Over 60 s: a real Ray head (`ray start`) and three submissions to it, one of them a scoring job.
 # signal method: the timeout raises in the test, so the head's teardown still runs.
 @pytest.mark.timeout(360, method="signal")
 @pytest.mark.filterwarnings("ignore:ssl=None is deprecated")  # inside Ray's tail_job_logs

@@ -31,7 +31,8 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     from bert_core.tokenizer import load_tokenizer
     from pipelines.corpora import chinese_vocab_path
     from pipelines.train import build_mlm_model, forward_mlm, load_checkpoint, write_checkpoint
-    from pipelines.worker import ModelConfig, TrainConfig, build_bert_config, build_engine, gathered_state_dict
+    from pipelines.worker import (ModelConfig, TrainConfig, all_reduce_sum, build_bert_config, build_engine,
+                                  evaluating, gathered_state_dict)
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK="0")
@@ -60,6 +61,10 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
             trained.backward(loss)
             trained.step()
             losses.append(float(loss))
+        with evaluating(trained):  # what pipelines.train.evaluate runs on each validation batch
+            ids = torch.randint(1000, len(tok), (4, 32), generator=g)
+            val_loss, _, _ = forward_mlm(trained, masker, ids, seed=STEPS, device=torch.device("cpu"))
+        val_loss = all_reduce_sum([float(val_loss)], torch.device("cpu"))[0] / world
         ckpt = os.path.join(out, f"zero{stage}_{dtype}")
         state = {"step": STEPS, "epoch": 0, "consumed": STEPS}
         write_checkpoint(trained, ckpt, state, bert_config, tok, rank, stage)
@@ -69,7 +74,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         a, b = gathered_state_dict(trained, rank, stage), gathered_state_dict(loaded, rank, stage)
         if rank == 0:
             results[f"{stage}/{dtype}"] = {
-                "losses": losses, "global_steps": loaded.global_steps, "state": loaded_state,
+                "losses": losses, "val_loss": val_loss, "global_steps": loaded.global_steps, "state": loaded_state,
                 "lr": [trained.get_lr(), loaded.get_lr()],
                 "weights_equal": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)}
         for e in (trained, loaded):
@@ -94,15 +99,16 @@ def matrix_run(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stage,dtype", MATRIX)
 def test_zero_stage_precision_matrix(stage, dtype, matrix_run):
-    """Acceptance 1: 2 ranks, debug model: ZeRO 1/2/3 x fp32/bf16 train, checkpoint (both ranks'
-    optimizer partitions), load back exactly (weights, step, LR schedule), the DeepSpeed state
-    consolidates to the exported weights, and the export loads and predicts."""
+    """Acceptance 1: 2 ranks, debug model: ZeRO 1/2/3 x fp32/bf16 train and evaluate (finite
+    losses), checkpoint (both ranks' optimizer partitions), load back exactly (weights, step, LR
+    schedule), the DeepSpeed state consolidates to the exported weights, and the export loads and
+    predicts."""
     from bert_core.checkpoint import load_pretrained, read_state_dict
     from conftest import assert_export_matches_zero_state
 
     out, results = matrix_run
     r = results[f"{stage}/{dtype}"]
-    assert all(math.isfinite(x) for x in r["losses"])
+    assert all(math.isfinite(x) for x in r["losses"]) and math.isfinite(r["val_loss"])
     assert r["global_steps"] == STEPS and r["state"] == {"step": STEPS, "epoch": 0, "consumed": STEPS}
     assert r["weights_equal"]
     trained_lr, loaded_lr = r["lr"]

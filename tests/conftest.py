@@ -93,17 +93,13 @@ def fast_train_settings():
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    old_bars, old_env = ctx.enable_progress_bars, os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    old_bars = ctx.enable_progress_bars
     ctx.enable_progress_bars = False
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
     try:
-        yield
+        with _env("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"):
+            yield
     finally:
         ctx.enable_progress_bars = old_bars
-        if old_env is None:
-            os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
-        else:
-            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old_env
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ under test) with a real vocab: Google's Chinese vocab, or MiniLM's English one.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -29,21 +28,10 @@ from pipelines.finetune_data import TaskData, is_val
 def ray_for_module():
     """Progress bars off, the Train controller polling every 0.5 s (reports and failure detection
     are bounded by it; set before Ray starts so the controller inherits it), one Ray for all."""
-    import ray.data
+    from conftest import fast_train_settings, local_ray
 
-    from conftest import local_ray
-
-    ctx = ray.data.DataContext.get_current()
-    old_bars, old_env = ctx.enable_progress_bars, os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    ctx.enable_progress_bars = False
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    with local_ray() as ray:
+    with fast_train_settings(), local_ray() as ray:
         yield ray
-    ctx.enable_progress_bars = old_bars
-    if old_env is None:
-        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
-    else:
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old_env
 
 
 def _init_checkpoint(path: Path, tokenizer) -> str:

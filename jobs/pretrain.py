@@ -300,7 +300,10 @@ def main(cfg: PretrainConfig) -> PretrainResult:
         with RunLock(run_dir):
             record["start_step"] = latest_step(run_dir)  # where Ray Train resumes, not the newest dir
             try:
-                result = _run(cfg, run_dir, t0, tokenizer)
+                if record["start_step"] >= cfg.train.max_steps:
+                    result = _already_complete(run_dir, record["start_step"], cfg.train.max_steps)
+                else:
+                    result = _run(cfg, run_dir, t0, tokenizer)
             except BaseException as e:
                 record.update(status="failed", error=f"{type(e).__name__}: {e}", end_step=latest_step(run_dir))
                 raise
@@ -316,6 +319,19 @@ def main(cfg: PretrainConfig) -> PretrainResult:
         if "end_step" in record and "start_step" in record:
             record["steps"] = record["end_step"] - record["start_step"]
         append_record(run_dir, record)
+
+
+def _already_complete(run_dir: str, step: int, max_steps: int) -> PretrainResult:
+    """A run that has reached its max_steps: nothing to train, so no cluster is started (a
+    scheduled invocation on a finished run costs seconds, not a Ray Train start-up). The result is
+    the registered latest checkpoint and its export, as the fit that reached it returned them."""
+    from jobs.schedule import registered_checkpoint
+    from pipelines.worker import publish_export
+
+    ckpt = registered_checkpoint(run_dir)
+    print(f"[raybert] {run_dir} is at step {step:,} of max_steps {max_steps:,}: nothing to train", flush=True)
+    return PretrainResult(run_dir=run_dir, checkpoint=ckpt, export=publish_export(ckpt, run_dir),
+                          metrics={"step": step})
 
 
 def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str) -> PretrainResult:

@@ -57,11 +57,11 @@ def test_scheduled_invocations_continue_one_run_never_overlap_and_keep_a_ledger(
        (checkpoint 10 copied as step 20, what an invocation killed mid-report can leave) is
        planted: the second resumes from the registered 10, and the ledger says so (issue 10,
        defect 4), not the stray 20.
-    2. A third, started as `python -m jobs.pretrain` in another process with `--time-budget 1`,
-       holds the lock while an overlapping invocation is refused with exit status 75 and a clear
-       message; it continues the run from 20 and stops taking steps early enough to checkpoint
-       within its budget.
-    3. A run already at its max_steps: the next invocation trains nothing and says so.
+    2. A third, with a time budget of 1 s, holds the lock while an overlapping invocation in
+       another process is refused with exit status 75 and a clear message; it continues the run
+       from 20 and stops taking steps early enough to checkpoint within its budget.
+    3. A run already at its max_steps: the next invocation trains nothing, says so, and starts no
+       fit; its result is the latest checkpoint, exported again.
     4. An invocation with another preset is refused on the driver within 20 s, naming what
        differs, and leaves the run dir byte for byte as it was; a registered checkpoint deleted by
        hand gives one Error line naming the run dir, not a Ray traceback.
@@ -95,45 +95,54 @@ def test_scheduled_invocations_continue_one_run_never_overlap_and_keep_a_ledger(
     events = [(r["event"], r["step"]) for r in read_metrics(run_dir) if r.get("event") in ("start", "resume")]
     assert events == [("start", 0), ("resume", 10)]
 
-    # 2. A scheduled invocation in another process holds the lock (an overlapping one is refused)
-    # and ends within its time budget, with a checkpoint.
+    # 2. A budgeted invocation (this process, on the same Ray) holds the lock while an overlapping
+    # one, started as `python -m jobs.pretrain`'s command in another process, is refused; the
+    # budgeted one ends within its time budget, with a checkpoint.
+    lock = run_dir / LOCK_NAME
+    holder = f"pid {os.getpid()}"
+    overlapping = (
+        "import pathlib, sys, time\n"
+        "from jobs.pretrain import pretrain\n"
+        f"lock, deadline = pathlib.Path({str(lock)!r}), time.time() + 120\n"
+        f"while {holder!r} not in (lock.read_text() if lock.exists() else ''):\n"
+        "    if time.time() > deadline:\n"
+        "        sys.exit('the budgeted invocation never took the lock')\n"
+        "    time.sleep(0.1)\n"
+        f"pretrain({['--config', str(schedule_yaml), '--preset', 'debug', '--run-dir', str(run_dir), '--max-steps-per-run', '10']!r})\n")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", overlapping], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.pretrain", "--config", str(schedule_yaml), "--preset", "debug",
-         "--run-dir", str(run_dir), "--max-steps-per-run", "10", "--time-budget", "1"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        lock = run_dir / LOCK_NAME
-        deadline = time.time() + 120
-        while f"pid {proc.pid}" not in (lock.read_text() if lock.exists() else "") and proc.poll() is None:
-            assert time.time() < deadline, "the scheduled invocation never took the lock"
-            time.sleep(0.2)
-        refused = CliRunner().invoke(pretrain, ["--config", str(schedule_yaml), "--preset", "debug",
-                                                "--run-dir", str(run_dir), "--max-steps-per-run", "10"])
-        assert refused.exit_code == EXIT_LOCKED, refused.output
-        assert "in use by another invocation" in refused.output and f"pid {proc.pid}" in refused.output
-        out, _ = proc.communicate(timeout=300)
+        with local_ray():
+            budgeted = invoke(**{"train.steps_per_run": 10, "time_budget": 1})
+        out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, out[-3000:]
     assert time.time() - t0 < 240
+    assert proc.returncode == EXIT_LOCKED, out[-3000:]
+    assert "in use by another invocation" in out and holder in out
     ledger = read_ledger(run_dir)
     assert [r["status"] for r in ledger] == ["ok", "ok", "refused", "ok"]
     record = ledger[-1]
     assert record["start_step"] == 20 and 21 <= record["end_step"] < 30 and record["time_budget"] == 1
-    assert record["pid"] == proc.pid
+    assert record["pid"] == os.getpid() and budgeted.metrics["step"] == record["end_step"]
     assert latest_step(run_dir) == record["end_step"]
     assert (run_dir / f"checkpoint_{record['end_step']:08d}" / "raybert_state.json").is_file()
     events = [(r["event"], r["step"]) for r in read_metrics(run_dir) if r.get("event") in ("start", "resume")]
     assert events == [("start", 0), ("resume", 10), ("resume", 20)]
 
-    # 3. A run already at its max_steps: the next scheduled invocation trains nothing and says so.
-    invoke(**{"train.max_steps": record["end_step"]})
+    # 3. A run already at its max_steps: the next scheduled invocation trains nothing, says so, and
+    # starts no Ray Train fit (no new start/resume event); its result is the latest checkpoint.
+    shutil.rmtree(run_dir / "export")
+    done = invoke(**{"train.max_steps": record["end_step"]})
     last = read_ledger(run_dir)[-1]
     assert (last["status"], last["steps"], last["end_step"]) == ("complete", 0, record["end_step"])
+    assert Path(done.checkpoint).name == f"checkpoint_{record['end_step']:08d}"
+    assert done.metrics["step"] == record["end_step"] and (Path(done.export) / "config.json").is_file()
+    assert [(r["event"], r["step"]) for r in read_metrics(run_dir) if r.get("event") in ("start", "resume")] == events
 
     # 4. An incompatible resume changes nothing; a lost registered checkpoint is one clear error.
     def snapshot() -> dict:

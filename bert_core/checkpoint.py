@@ -146,10 +146,16 @@ def check_checkpoint(path: str | Path) -> BertConfig:
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
-                if not list(st.keys()):
+                keys = list(st.keys())
+                if not keys:
                     raise ValueError("it holds no tensors")
+                table = next((k for k in keys if k.endswith("embeddings.word_embeddings.weight")), None)
+                rows = st.get_slice(table).get_shape()[0] if table else None
         except Exception as e:  # SafetensorError, OSError, ValueError
             raise ValueError(f"{f}: not a readable safetensors file ({e}); re-export the checkpoint") from None
+        if rows is not None and rows != config.vocab_size:
+            raise ValueError(f"{path}: config.json says vocab_size {config.vocab_size:,} but the weights' "
+                             f"embedding table has {rows:,} rows; fix config.json or re-export the checkpoint")
     return config
 
 

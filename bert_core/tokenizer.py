@@ -13,6 +13,8 @@ Contract:
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -36,8 +38,16 @@ def _from_vocab_file(vocab: Path, lowercase: Optional[bool]):
 
 
 def load_tokenizer(path_or_vocab: str | Path, lowercase: Optional[bool] = None):
-    """A fast tokenizer from a checkpoint directory or a `vocab.txt` file."""
-    path = Path(path_or_vocab)
+    """A fast tokenizer from a checkpoint directory or a `vocab.txt` file. One that holds nothing but
+    special tokens (a directory with only tokenizer_config.json loads so) is an error."""
+    tok = _load_tokenizer(Path(path_or_vocab), lowercase)
+    if len(tok) <= len(SPECIAL_TOKENS):
+        raise ValueError(f"{path_or_vocab}: the tokenizer has only {len(tok)} tokens (special tokens, no "
+                         f"vocabulary); give a directory with tokenizer.json or vocab.txt, or a vocab.txt")
+    return tok
+
+
+def _load_tokenizer(path: Path, lowercase: Optional[bool]):
     if path.is_file():
         if path.suffix != ".txt":
             raise ValueError(f"{path}: expected a WordPiece vocab.txt or a checkpoint directory")
@@ -75,9 +85,33 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Optional[str
 
     wp = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
                                 lowercase=lowercase)
-    wp.train_from_iterator(iter(texts), vocab_size=vocab_size, min_frequency=min_frequency,
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size {vocab_size:,} is too small: the {len(SPECIAL_TOKENS)} special tokens alone "
+                         f"take {len(SPECIAL_TOKENS)}; BERT vocabs are ~20-30k (Google's Chinese BERT: 21,128)")
+    normalize = wp.normalizer.normalize_str
+    chars: Counter = Counter()
+
+    def seen(texts: Iterable[str]) -> Iterable[str]:
+        for text in texts:
+            chars.update(normalize(text))
+            yield text
+
+    wp.train_from_iterator(seen(texts), vocab_size=vocab_size, min_frequency=min_frequency,
                            limit_alphabet=limit_alphabet or vocab_size, special_tokens=SPECIAL_TOKENS,
                            show_progress=False)
+    for blank in " \t\n\r":
+        chars.pop(blank, None)
+    # The trainer keeps the most frequent characters that fit; the rest of the corpus's characters
+    # have no token and read as [UNK]. Refuse a vocab that leaves more than 2% of the text so
+    # (a few rare characters as [UNK] is what BERT vocabs accept; tens of percent is a broken model).
+    counts = sorted(chars.values(), reverse=True)
+    total, kept = sum(counts), sum(counts[:min(limit_alphabet or vocab_size, vocab_size - len(SPECIAL_TOKENS))])
+    if total and kept < 0.98 * total:
+        enough = next(i for i, c in enumerate(itertools.accumulate(counts), 1) if c >= 0.99 * total)
+        raise ValueError(f"vocab_size {vocab_size:,} is too small for this corpus: {1 - kept / total:.1%} of its "
+                         f"characters (of {len(counts):,} distinct characters) would have no token and read as "
+                         f"[UNK]; use at least {len(SPECIAL_TOKENS) + enough:,} (BERT vocabs are ~20-30k; "
+                         f"Google's Chinese BERT: 21,128)")
     with tempfile.TemporaryDirectory() as tmp:
         vocab = Path(wp.save_model(tmp)[0])
         tok = _from_vocab_file(vocab, lowercase)

@@ -27,8 +27,9 @@ import yaml
 T = TypeVar("T")
 
 
-def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T:
-    """Build dataclass `cls` from a (possibly nested) mapping, rejecting unknown keys."""
+def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "config", typed: bool = True) -> T:
+    """Build dataclass `cls` from a (possibly nested) mapping, rejecting unknown keys and (with
+    `typed`, for values a user wrote) values of the wrong type (`typed_value`)."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     hints = typing.get_type_hints(cls)
@@ -39,10 +40,76 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "config") -
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
-            value = from_mapping(hint, value, f"{where}.{name}")
+        if dataclasses.is_dataclass(hint):
+            if isinstance(value, Mapping):
+                value = from_mapping(hint, value, f"{where}.{name}", typed)
+            elif not isinstance(value, hint):
+                raise ValueError(f"{where}.{name}: expected a mapping of {hint.__name__} keys "
+                                 f"({', '.join(f.name for f in dataclasses.fields(hint))}), got {value!r}")
+        elif typed:
+            value = typed_value(value, hint, f"{where}.{name}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+_BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _type_name(hint) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(typing.get_origin(hint) or hint, str(hint))
+
+
+def typed_value(value: Any, hint: Any, where: str) -> Any:
+    """`value` (from YAML) as the type the field's `hint` wants, or a ValueError naming the key,
+    the value and the type. A quoted boolean or number ("false", "4096") and a YAML 1.1 float that
+    PyYAML reads as a string ("1e-4") are read as the field's type; anything else of the wrong type
+    is refused, never silently reinterpreted ("false" is not true). A single string is accepted
+    where a list is wanted (one path)."""
+    if typing.get_origin(hint) is typing.Union:
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        if len(options) == 1:
+            return typed_value(value, options[0], where)
+        for option in options:  # Union[str, list]: a value of one of them, as it is
+            if isinstance(value, typing.get_origin(option) or option):
+                return value
+        raise ValueError(f"{where}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    text = value.strip() if isinstance(value, str) else None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in _BOOLEAN_WORDS:
+            return _BOOLEAN_WORDS[text.lower()]
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if text is not None and re.fullmatch(r"[+-]?[0-9][0-9_]*", text):
+            return int(text)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value  # an int is a number too (and prints back as written)
+        if text is not None:
+            try:
+                return float(text)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is list or typing.get_origin(hint) is list:
+        if isinstance(value, str):
+            value = [value]
+        item = (typing.get_args(hint) or (Any,))[0]
+        if isinstance(value, list) and (item is Any or all(isinstance(v, item) for v in value)):
+            return value
+    elif hint is dict:
+        if isinstance(value, Mapping):
+            return value
+    else:
+        return value
+    raise ValueError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
 
 
 def to_mapping(obj: Any) -> dict:
@@ -73,12 +140,38 @@ def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Opti
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:  # one line: where, and what the parser expected
+            mark = getattr(e, "problem_mark", None)
+            at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ValueError(f"{p}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(data, Mapping):
             raise ValueError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
-        merged = _merge(to_mapping(cfg), data)
-        cfg = from_mapping(cls, merged, str(p))
+        merged = _merge(to_mapping(cfg), _typed(cls, data, str(p)))
+        cfg = from_mapping(cls, merged, str(p), typed=False)
     return apply_overrides(cfg, overrides or {})
+
+
+def _typed(cls, data: Mapping, where: str, prefix: str = "") -> dict:
+    """A config file's own keys for dataclass `cls`, checked (unknown keys, wrong types) and read
+    as their fields' types, before the defaults they update fill in the rest."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {[prefix + k for k in unknown]} for {cls.__name__}; "
+                         f"known keys: {sorted(hints)}")
+    out = {}
+    for name, value in data.items():
+        hint, key = hints[name], prefix + name
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{where}: {key}: expected a mapping of {hint.__name__} keys "
+                                 f"({', '.join(f.name for f in dataclasses.fields(hint))}), got {value!r}")
+            out[name] = _typed(hint, value, where, key + ".")
+        else:
+            out[name] = typed_value(value, hint, f"{where}: {key}")
+    return out
 
 
 def _merge(base: dict, update: Mapping) -> dict:

@@ -148,6 +148,12 @@ def validate(cfg: PretrainConfig) -> None:
         raise ValueError("no training data: pass --data (Parquet files, directories or globs)")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ValueError("val_fraction must be in [0, 1)")
+    t = cfg.train
+    for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_every", "save_every", "keep_last"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if not t.lr > 0 or t.warmup_steps < 0:
+        raise ValueError(f"train.lr must be > 0 and train.warmup_steps >= 0, got {t.lr} and {t.warmup_steps}")
     if cfg.train.steps_per_run is not None and cfg.train.steps_per_run < 1:
         raise ValueError("max_steps_per_run must be >= 1")
     if cfg.time_budget is not None and cfg.time_budget <= 0:

@@ -260,6 +260,26 @@ def _wait(client, sid: str, poll_s: float, follow: bool) -> str:
         time.sleep(poll_s)
 
 
+def check_config(job: str, path: Path) -> None:
+    """What the job itself would refuse in its config, checked here before anything is submitted:
+    unknown keys and values of the wrong type (jobs.config), and for score the config's own rules.
+    Paths are not checked: they name the cluster's storage, which this machine may not see."""
+    from jobs.config import load_config
+
+    if job == "score":
+        from pipelines.scoring import ScoreConfig
+
+        load_config(ScoreConfig, path).check()
+    elif job == "pretrain":
+        from jobs.pretrain import PretrainConfig
+
+        load_config(PretrainConfig, path)
+    else:
+        from jobs.finetune import FinetuneConfig, _tasks
+
+        _tasks(load_config(FinetuneConfig, path))  # each task's keys and types too
+
+
 def main(cfg: SubmitConfig) -> SubmitResult:
     """Submit the job once; print its id first; wait for it if asked. See the module docstring."""
     if cfg.job not in JOBS:
@@ -276,6 +296,7 @@ def main(cfg: SubmitConfig) -> SubmitResult:
                          "a job config should only hold settings and paths")
     config = canonical_config(text, str(path))
     address = resolve_address(cfg.address)
+    check_config(cfg.job, path)
     sid = submission_id(cfg.job, config, cfg.key)
     for line in _relative_path_warnings(config, str(path)):
         _err(line)

@@ -182,6 +182,11 @@ def label_values_by_file(task: TaskData, files: list) -> dict[str, set]:
                 raise ValueError(f"{name}: a row has a null {col!r}; every row needs a label "
                                  f"(fix the row or drop it from the data)")
             values.update(pc.unique(arr).to_pylist())
+        fractional = sorted(v for v in values if isinstance(v, float) and not v.is_integer())
+        if fractional:  # a score or a probability, not a class: 0.5 would become a class of its own
+            raise ValueError(f"{name}: {col!r} holds {fractional[0]!r}, which is not a class label: the {task.kind} "
+                             f"task {task.name!r} needs class labels (strings or whole numbers), not "
+                             f"fractional values; map the values to classes first")
         out[name] = values
     return out
 

@@ -10,9 +10,15 @@ Contract:
   changes nothing on disk: the model (`bert_core.check_checkpoint`: BERT config, weights open)
   and its tokenizer load; the inputs (`plan_inputs`; an object store that can't be reached is an
   error naming the URI); the output and checkpoint dir are not existing files, can be created, and
-  overlap neither each other nor any input (equal, or one inside the other). With overwrite, the
-  output must be ours (our manifest or checkpoint dir exists, or it is empty) and the checkpoint
-  dir must hold only Ray Data checkpoint files: overwrite never deletes anything else.
+  overlap neither each other nor any input (equal, or one inside the other, however spelled:
+  `file://`, relative, symlinked). With overwrite, the output must be ours (it holds our manifest
+  or run record, or it is empty) and the checkpoint dir must hold only Ray Data checkpoint files:
+  overwrite never deletes anything else. The task has its head in the checkpoint (classify on an
+  encoder-only model is refused, naming what it has), and the tokenizer fits the embedding table.
+- One output, one recipe: a run writes `<output>/_raybert_run.json` (RUN_RECORD) before any row,
+  holding what makes its rows comparable (`run_recipe`: task, model and its fingerprint, head,
+  lengths, pooling, dtype setting, columns, inputs). A resume, or a rerun of a finished output,
+  under another recipe is refused on the driver, naming each difference (`check_resume`).
 - `ScoreConfig` (with `ResourceConfig`) is the run's one typed config; `raybert score` flags and
   YAML keys are its fields. `ScoreConfig.check()` holds its rules and is the only place they are
   checked (`preflight` calls it).
@@ -71,6 +77,9 @@ from pipelines.predictors import DTYPE_METADATA, TASKS, Predictor, tokenize_batc
 log = logging.getLogger(__name__)
 
 MANIFEST = "_SUCCESS.json"
+# Written into the output when a run starts, before any row: the proof that the output is ours
+# (all that `overwrite` may delete) and the run's recipe, which a resume must match.
+RUN_RECORD = "_raybert_run.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,12 +130,15 @@ class ScoreConfig:
     # its sentence-transformers files (1_Pooling/config.json, a Normalize module), else mean + True.
     pooling: Optional[str] = None
     normalize: Optional[bool] = None
-    top_k: int = 5  # fill-mask: candidates per [MASK]
+    top_k: int = 5  # fill-mask: candidates per [MASK] (>= 1)
     tokenizer: Optional[str] = None  # tokenizer dir if not the model's
     head: Optional[str] = None  # task head of a multi-task checkpoint (default: its primary task)
     address: Optional[str] = None  # Ray address; None: RAY_ADDRESS or an embedded local Ray
     checkpoint_dir: Optional[str] = None  # resume state; default "<output>.checkpoint" (shared storage on a cluster)
-    overwrite: bool = False  # discard an existing output/checkpoint and score again
+    overwrite: bool = False  # discard an existing output/checkpoint of this job and score again
+    # classify/tag/fill-mask on a checkpoint without that head: refused, unless this is set (the head
+    # is then freshly initialized: untrained, random outputs; for pipeline tests only)
+    allow_untrained_head: bool = False
     resources: ResourceConfig = field(default_factory=ResourceConfig)
 
     def check(self) -> None:
@@ -145,6 +157,8 @@ class ScoreConfig:
             raise ValueError(f"score: dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         if self.max_tokens < 1 or self.batch_size < 1 or (self.max_length is not None and self.max_length < 3):
             raise ValueError("score: max_tokens and batch_size must be >= 1, max_length >= 3")
+        if self.top_k < 1:
+            raise ValueError(f"score: top_k must be >= 1 (candidates per [MASK]), got {self.top_k}")
         from bert_core.model import POOLINGS
 
         if self.pooling is not None and self.pooling not in POOLINGS:
@@ -235,9 +249,15 @@ def _expand(inputs: list[str]) -> tuple[list[str], dict[str, str]]:
             roots[p] = os.path.dirname(p)
         else:
             raise FileNotFoundError(f"input {raw} does not exist")
-    dupes = sorted({f for f in files if files.count(f) > 1})
-    if dupes:
-        raise ValueError(f"input file(s) given more than once: {dupes[:3]}")
+    # The same file twice (listed twice, or reached again through a symlink or file://) would be
+    # scored twice: refused, naming both spellings.
+    seen: dict[str, str] = {}
+    for f in files:
+        key = _norm(f)
+        if key in seen:
+            also = f" (also as {seen[key]})" if seen[key] != f else ""
+            raise ValueError(f"input file {f} is given more than once{also}; list each file once")
+        seen[key] = f
     return files, roots
 
 
@@ -508,10 +528,13 @@ def check_model(model: str, tokenizer: Optional[str] = None):
     config = check_checkpoint(local)
     tok_path = tokenizer or model
     try:
-        load_tokenizer(cached_copy(tokenizer) if tokenizer else local)
+        tok = load_tokenizer(cached_copy(tokenizer) if tokenizer else local)
     except Exception as e:  # transformers/tokenizers raise many kinds: say which path
         raise ValueError(f"{tok_path}: the tokenizer does not load ({type(e).__name__}: {e}); give a checkpoint "
                          f"directory with its tokenizer files, or a tokenizer") from None
+    if len(tok) > config.vocab_size:  # its top ids have no embedding: those rows would fail with IndexError
+        raise ValueError(f"{tok_path}: the tokenizer has {len(tok):,} tokens but the model {model} embeds only "
+                         f"{config.vocab_size:,}; use the tokenizer the model was trained with")
     return config, local
 
 
@@ -522,6 +545,11 @@ def weight_bytes(local: str) -> int:
 
 
 def _norm(path: str) -> str:
+    """One spelling per location, for comparing paths: a local path (plain, relative or `file://`)
+    becomes absolute with symlinks resolved; another URI loses its trailing slashes."""
+    path = str(path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
     return path.rstrip("/") if _is_uri(path) else os.path.realpath(path)
 
 
@@ -544,9 +572,11 @@ def _uncreatable(path: str) -> Optional[str]:
 
 def check_output(output: str, checkpoint_dir: str, inputs: list[str], plan: InputPlan, overwrite: bool) -> None:
     """Refuse, before anything is created or deleted, an output or checkpoint dir that overlaps an
-    input (equal, or one inside the other) or each other, is an existing file or can't be created;
-    and with overwrite, one that holds anything but a previous output of this job (ours: it has
-    our manifest or our checkpoint dir exists, or it is empty)."""
+    input (equal, or one inside the other, in any spelling: `file://`, relative, symlinked) or each
+    other, is an existing file or can't be created; and with overwrite, an output that holds
+    anything but a previous output of this job (ours: it holds our manifest or run record, or it
+    is empty; an existing checkpoint dir proves nothing), or a checkpoint dir holding anything but
+    Ray Data checkpoint files."""
     import pyarrow.fs as pafs
 
     out, ckpt = _norm(output), _norm(checkpoint_dir)
@@ -567,10 +597,10 @@ def check_output(output: str, checkpoint_dir: str, inputs: list[str], plan: Inpu
             raise ValueError(f"{what} {path} can't be created: {why}; choose another path")
     if not overwrite:
         return
-    if _listing(output) and not (_exists(output.rstrip("/") + "/" + MANIFEST) or _exists(checkpoint_dir)):
-        raise ValueError(f"{output} is not an output of raybert score (no {MANIFEST}, no checkpoint dir "
-                         f"{checkpoint_dir}, not empty): overwrite deletes only a previous output of this "
-                         f"job; choose another output, or remove {output} yourself")
+    if _listing(output) and not (_exists(_in(output, MANIFEST)) or _exists(_in(output, RUN_RECORD))):
+        raise ValueError(f"{output} is not an output of raybert score (no {MANIFEST} or {RUN_RECORD}, and not "
+                         f"empty): overwrite deletes only a previous output of this job; choose another output, "
+                         f"or remove {output} yourself")
     foreign = [f.path for f in _listing(checkpoint_dir) if f.type != pafs.FileType.File
                or not f.path.endswith(".parquet")]  # Ray Data writes only <id>[.pending].parquet files
     if foreign:
@@ -619,6 +649,120 @@ def repair_duplicates(output: str) -> int:
     return dropped
 
 
+def _in(directory: str, name: str) -> str:
+    return directory.rstrip("/") + "/" + name
+
+
+def _read_json(path: str) -> Optional[dict]:
+    if not _exists(path):
+        return None
+    fs, q = _fs(path)
+    with fs.open_input_stream(q) as f:
+        return json.loads(f.read().decode())
+
+
+def _write_json(path: str, body: dict) -> None:
+    """Whole or absent: written beside, then moved into place."""
+    fs, q = _fs(path)
+    fs.create_dir(q.rsplit("/", 1)[0], recursive=True)
+    tmp = q + ".tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(body, indent=2, default=str).encode())
+    fs.move(tmp, q)
+
+
+def model_fingerprint(local: str) -> str:
+    """Identifies a checkpoint's contents: its config.json and the names and sizes of its weight
+    files (retraining into the same directory changes it; reading gigabytes of weights is not needed)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(os.path.join(local, "config.json"), "rb") as f:
+        h.update(f.read())
+    for name in sorted(os.listdir(local)):
+        if name.endswith((".safetensors", ".bin", ".pt")):
+            h.update(f"{name}:{os.path.getsize(os.path.join(local, name))}".encode())
+    return h.hexdigest()[:16]
+
+
+def run_recipe(cfg: "ScoreConfig", plan: InputPlan, max_length: int, local_model: str) -> dict:
+    """What makes one output's rows comparable: a run resumed, or a finished output reported, under
+    a different recipe would mix two kinds of rows in one output."""
+    return {"task": cfg.task, "model": _norm(str(cfg.model)), "model_fingerprint": model_fingerprint(local_model),
+            "tokenizer": cfg.tokenizer and _norm(str(cfg.tokenizer)), "head": cfg.head, "max_length": max_length,
+            "pooling": cfg.pooling, "normalize": cfg.normalize, "top_k": cfg.top_k if cfg.task == "fill-mask" else None,
+            "dtype": cfg.dtype, "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
+            "id_column": cfg.id_column, "inputs": plan.files}
+
+
+def _recipe_differences(saved: dict, now: dict) -> list[str]:
+    out = []
+    for key, value in now.items():
+        if key in saved and saved[key] != value:
+            was = saved[key]
+            if key == "inputs":
+                out.append(f"inputs ({len(was)} file(s) -> {len(value)}, other files)")
+            else:
+                out.append(f"{key} {was} -> {value}")
+    return out
+
+
+def check_resume(output: str, checkpoint_dir: str, recipe: dict) -> None:
+    """Refuse, on the driver, to resume or report an output under another recipe (task, model,
+    head, lengths, pooling, dtype, inputs...): its rows would be mixed with rows of another kind.
+    A checkpoint dir with no run record in the output is not a run of this job to resume."""
+    done = _read_json(_in(output, MANIFEST))
+    if done is not None:
+        saved = done.get("recipe") or {k: done.get(k) for k in ("task", "model", "head")} | {"inputs": done.get("inputs")}
+        diffs = _recipe_differences(saved, recipe)
+        if diffs:
+            raise FileExistsError(f"{output} holds a finished run of another recipe: {'; '.join(diffs)} (saved -> now); "
+                                  f"choose another output, or pass overwrite to score it again")
+        return
+    if not _exists(checkpoint_dir):
+        return
+    saved = _read_json(_in(output, RUN_RECORD))
+    if saved is None:
+        raise FileExistsError(f"checkpoint dir {checkpoint_dir} exists but {output} has no {RUN_RECORD}: it is not a "
+                              f"run of this job to resume; choose another output and checkpoint dir, or pass overwrite")
+    diffs = _recipe_differences(saved.get("recipe", {}), recipe)
+    if diffs:
+        raise FileExistsError(f"{output} holds an unfinished run of another recipe: {'; '.join(diffs)} (saved -> now); "
+                              f"resume it with its own settings, choose another output, or pass overwrite to start over")
+
+
+def check_head(cfg: "ScoreConfig", local_model: str, model_config) -> None:
+    """Refuse a task whose head the checkpoint lacks (classify on an encoder: random labels), or a
+    head of another kind (tag on a classifier), naming the heads it has."""
+    from bert_core.checkpoint import HEAD_OF_ARCHITECTURE
+
+    from pipelines.predictors import HEAD_OF_TASK
+
+    need = HEAD_OF_TASK[cfg.task]
+    if need == "embed":
+        return  # any checkpoint has the encoder
+    tasks = model_config.extra.get("raybert", {}).get("tasks", [])
+    if tasks:
+        kinds = {t["name"]: t["kind"] for t in tasks}
+        name = cfg.head or tasks[0]["name"]
+        if name not in kinds:
+            raise ValueError(f"{cfg.model} has no task head {name!r}; its heads: "
+                             f"{', '.join(f'{n} ({k})' for n, k in kinds.items())}")
+        has, what = kinds[name], f"its head {name!r} is a {kinds[name]} head"
+    else:
+        if cfg.head is not None:
+            raise ValueError(f"--head {cfg.head}: {cfg.model} is not a multi-task checkpoint (it has one head); "
+                             f"drop --head")
+        arch = (model_config.architectures or ["BertModel"])[0]
+        has = model_config.extra.get("raybert", {}).get("head") or HEAD_OF_ARCHITECTURE.get(arch, "encoder")
+        what = f"it is a {arch} ({has} head)"
+    if has != need and not cfg.allow_untrained_head:
+        hint = {"mlm": "pretrain one (raybert pretrain)"}.get(need, "fine-tune one (raybert finetune)")
+        raise ValueError(f"task {cfg.task} needs a {need} head, but {what}: the task's outputs would come from an "
+                         f"untrained head; {hint}, or choose the task its head serves (allow_untrained_head: true "
+                         f"scores with a fresh head on purpose)")
+
+
 @dataclass
 class Preflight:
     plan: InputPlan
@@ -626,6 +770,7 @@ class Preflight:
     model_config: object  # bert_core.BertConfig of the model
     max_length: int  # tokens per row this run truncates to (see ScoreConfig.max_length)
     model_bytes: int = 0  # size of the checkpoint's weight files (sizes the CPU actor pool)
+    recipe: dict = field(default_factory=dict)  # run_recipe: what a resume must match
 
 
 def embedding_defaults(cfg: ScoreConfig, model_config, local_model: str) -> int:
@@ -647,11 +792,15 @@ def preflight(cfg: ScoreConfig) -> Preflight:
     driver, reading only: an invocation that passes it is valid, one that fails it changed nothing."""
     cfg.check()
     model_config, local_model = check_model(cfg.model, cfg.tokenizer)
+    check_head(cfg, local_model, model_config)
     plan = plan_inputs(cfg.input, cfg.text_column, cfg.text_pair_column, cfg.id_column)
     ckpt = cfg.checkpoint_dir or default_checkpoint_dir(cfg.output)
     check_output(cfg.output, ckpt, [cfg.input] if isinstance(cfg.input, str) else list(cfg.input), plan, cfg.overwrite)
-    return Preflight(plan, ckpt, model_config, embedding_defaults(cfg, model_config, local_model),
-                     weight_bytes(local_model))
+    max_length = embedding_defaults(cfg, model_config, local_model)
+    recipe = run_recipe(cfg, plan, max_length, local_model)
+    if not cfg.overwrite:
+        check_resume(cfg.output, ckpt, recipe)
+    return Preflight(plan, ckpt, model_config, max_length, weight_bytes(local_model), recipe)
 
 
 def score(cfg: ScoreConfig) -> ScoreResult:
@@ -670,14 +819,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
             if _exists(p):
                 fs, q = _fs(p)
                 fs.delete_dir(q)
-    elif _exists(manifest):
-        fs, q = _fs(manifest)
-        with fs.open_input_stream(q) as f:
-            done = json.loads(f.read().decode())
-        if (done.get("inputs") != plan.files or done.get("task") != task or done.get("model") != str(model)
-                or done.get("head") != head):
-            raise FileExistsError(f"{output} holds a finished run of other inputs, task or model "
-                                  f"({done.get('task')}, {done.get('model')}); choose another output or overwrite")
+    elif _exists(manifest):  # preflight checked it is a finished run of this recipe
+        done = _read_json(manifest)
         log.warning("%s is already complete (%s); pass overwrite to score again", output, MANIFEST)
         if _exists(ckpt):  # killed after the manifest, before the checkpoint was deleted
             cfs, cq = _fs(ckpt)
@@ -687,6 +830,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     if _data_files(output) and not resumed:
         raise FileExistsError(f"{output} already holds Parquet files but has no checkpoint ({ckpt}) and no "
                               f"{MANIFEST}: it is not a run of this job to resume; choose another output or overwrite")
+    if not resumed:  # before any row: the output is now provably ours, with its recipe
+        _write_json(_in(output, RUN_RECORD), {"recipe": pre.recipe, "started": time.time()})
 
     res = cpu_plan(ray.cluster_resources(), r.num_actors, r.actor_num_cpus, r.task_num_cpus, r.torch_threads, r.device,
                    r.max_gpu_actors, r.gpu_wait_s, model_bytes=pre.model_bytes)
@@ -761,15 +906,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     if rows != plan.rows:  # row conservation is the contract; never report success without it
         raise RuntimeError(f"{output}: {rows} output rows for {plan.rows} input rows; the checkpoint "
                            f"{ckpt} is kept, rerun to complete")
-    fs, q = _fs(output)
-    fs.create_dir(q, recursive=True)
-    body = json.dumps({"result": asdict(result), "inputs": plan.files, "task": task, "model": str(model),
-                       "head": head},
-                      indent=2, default=str).encode()
-    tmp = q.rstrip("/") + "/_SUCCESS.json.tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(body)
-    fs.move(tmp, q.rstrip("/") + "/" + MANIFEST)  # atomic: a manifest is whole or absent
+    _write_json(manifest, {"result": asdict(result), "inputs": plan.files, "task": task, "model": str(model),
+                           "head": head, "recipe": pre.recipe})  # whole or absent
     if _exists(ckpt):
         cfs, cq = _fs(ckpt)
         cfs.delete_dir(cq)

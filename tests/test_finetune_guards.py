@@ -97,6 +97,11 @@ def test_single_class_training_data_is_an_error(tmp_path, no_ray_data):
         discover_labels(tag)
 
 
+def test_whole_number_float_labels_are_classes(tmp_path, no_ray_data):
+    task = TaskData(name="s", paths=[_write(tmp_path / "f.parquet", text=["a", "b", "c"], label=[1.0, 0.0, 1.0])])
+    assert discover_labels(task) == [0.0, 1.0]
+
+
 def test_mixed_label_types_across_files_is_an_error(tmp_path, no_ray_data):
     task = TaskData(name="sentiment", paths=[_write(tmp_path / "ints.parquet", text=["a", "b"], label=[0, 1]),
                                              _write(tmp_path / "strs.parquet", text=["c", "d"], label=["0", "1"])])
@@ -131,7 +136,9 @@ def test_cli_refuses_bad_labels_with_one_error_line(tmp_path, minilm_dir, no_ray
     train = _write(tmp_path / "train.parquet", text=["e", "f"], label=["neg", "pos"])
     val = _write(tmp_path / "val.parquet", text=["g"], label=["neutral"])
     one = _write(tmp_path / "one.parquet", text=["h", "i"], label=["pos", "pos"])
-    cases = [(["--data", train, "--val-data", val], [val, "'neutral'", "only in the validation data"]),
+    scores = _write(tmp_path / "scores.parquet", text=["j", "k", "l"], label=[0.0, 0.5, 1.0])
+    cases = [(["--data", scores], [scores, "0.5", "not a class label", "not fractional values"]),
+             (["--data", train, "--val-data", val], [val, "'neutral'", "only in the validation data"]),
              (["--data", one], [one, "'pos'", "at least 2 classes"]),
              (["--data", ints, "--data", strs], [ints, strs, "int in", "string in", "use one type"])]
     for i, (args, want) in enumerate(cases):

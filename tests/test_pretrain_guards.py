@@ -277,3 +277,38 @@ def test_explicit_cpus_per_worker_without_data_budget_is_refused_up_front(fast_r
              "2 workers x 1 CPU each", "2 CPUs leave 0", "at most 0.75", within=60)
     assert not (run_dir / "config.json").exists()
     assert not any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
+
+
+@pytest.mark.parametrize("size", ["0", "5", "-3", "40"])
+def test_vocab_too_small_for_the_corpus_is_refused(corpora, size, tmp_path):
+    """A vocab that can't hold the special tokens plus the corpus's characters (0 and 5 wrote 5 and
+    15 tokens, -3 overflowed, and pretraining failed 80 s later) is one Error line; nothing written."""
+    out = tmp_path / "tok"
+    line = _refused(["vocab", "--data", corpora["ok"], "--out", str(out), "--vocab-size", size],
+                    f"vocab_size {int(size):,} is too small")
+    assert ("special tokens alone" if int(size) <= 5 else "would have no token and read as [UNK]") in line
+    assert not out.exists()
+
+
+def test_settings_that_cannot_train_are_refused_before_anything_is_made(corpora, tmp_path):
+    """--max-steps 0 or negative was refused only after 29 s of Ray start-up, leaving a run dir;
+    YAML of the wrong type was a traceback (or, `lr: 1e-4` read as a string by YAML 1.1, failed
+    in every worker after a minute). Now: one Error line, nothing made; `1e-4` is a number."""
+    import yaml
+
+    run_dir = tmp_path / "run"
+    base = ["pretrain", "--data", corpora["ok"], "--tokenizer", VOCAB, "--preset", "debug", "--run-dir", str(run_dir)]
+    for steps in ("0", "-5"):
+        _refused(base + ["--max-steps", steps], f"train.max_steps must be >= 1, got {steps}")
+    for text, needles in [("train:\n  micro_batch_size: [8]\n", ["train.micro_batch_size", "an integer"]),
+                          ("train: 5\n", ["train", "a mapping of TrainConfig keys"]),
+                          ("train:\n  lr: -1e-4\n", ["train.lr must be > 0"]),
+                          ("scaling:\n  num_workers: two\n", ["scaling.num_workers", "'two'", "an integer"])]:
+        (tmp_path / "c.yaml").write_text(text)
+        _refused(base + ["--config", str(tmp_path / "c.yaml")], *needles)
+    assert not run_dir.exists()
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 1e-4\n  save_every: '50'\n")
+    shown = CliRunner().invoke(cli, base + ["--config", str(tmp_path / "c.yaml"), "--print-config"])
+    assert shown.exit_code == 0, shown.output
+    train = yaml.safe_load(shown.output)["train"]
+    assert train["lr"] == 1e-4 and train["save_every"] == 50

@@ -275,3 +275,186 @@ def test_rerun_repairs_duplicate_rows(ray_local, tmp_path, tiny):
     ids = read_output(str(out))["id"].to_pylist()
     assert result.rows == len(ids) == len(set(ids)) == len(expected) and set(ids) == expected
     assert (out / MANIFEST).exists() and not os.path.exists(ckpt)
+
+
+# ---- issue 19: never touch what isn't ours, never mix results, refuse what can't be right -----
+
+
+def test_every_spelling_of_an_input_is_an_input(tmp_path, tiny, monkeypatch):
+    """`file://` URIs, relative paths and symlinks are compared as the directory they name: an
+    output or checkpoint dir inside or on an input is refused in each spelling, overwrite or not,
+    and the input is left as it was."""
+    data = _data(tmp_path / "data" / "in")
+    before = _tree(data)
+    os.symlink(data, tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    cases = [dict(output=f"file://{data}/out"), dict(output="data/in/out"), dict(output=str(tmp_path / "link" / "out")),
+             dict(output=str(tmp_path / "o1"), checkpoint_dir=f"file://{data}", overwrite=True),
+             dict(output=str(tmp_path / "o2"), checkpoint_dir=f"file://{data}/"),
+             dict(output=str(tmp_path / "o3"), checkpoint_dir="link")]
+    for case in cases:
+        with pytest.raises(ValueError, match="overlaps input"):
+            main(ScoreConfig(input=str(data), model=tiny, **case))
+    with pytest.raises(ValueError, match="overlaps input"):  # the input spelled as a URI, the output plainly
+        main(ScoreConfig(input=f"file://{data}", output=str(data / "out"), model=tiny))
+    assert _tree(data) == before
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "data/in/out"))
+
+
+def test_an_existing_checkpoint_dir_does_not_make_a_directory_ours(tmp_path, tiny):
+    """overwrite deletes only an output holding our manifest or run record: a directory of the
+    user's files is kept even when the checkpoint dir exists (empty, or Ray Data-like files)."""
+    data = _data(tmp_path / "in", files=1, rows=5)
+    precious, ckpt = tmp_path / "precious", tmp_path / "precious.checkpoint"
+    precious.mkdir()
+    (precious / "thesis.parquet").write_bytes(b"years of work")
+    ckpt.mkdir()
+    t0 = time.perf_counter()
+    r = _cli(data, precious, "--model", tiny, "--task", "embed", "--config", _yaml(tmp_path, "overwrite: true\n"))
+    _refused(r, precious, "is not an output of raybert score", elapsed=time.perf_counter() - t0)
+    (ckpt / "1.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="is not an output of raybert score"):
+        main(ScoreConfig(input=str(data), output=str(precious), model=tiny, overwrite=True))
+    assert (precious / "thesis.parquet").read_bytes() == b"years of work" and ckpt.is_dir()
+    # Without overwrite, that checkpoint dir is not a run to resume either.
+    other = tmp_path / "other"
+    with pytest.raises(FileExistsError, match="it is not a run of this job to resume"):
+        main(ScoreConfig(input=str(data), output=str(other), model=tiny, checkpoint_dir=str(ckpt)))
+    assert not other.exists()
+
+
+def _yaml(tmp_path, text: str):
+    import hashlib
+
+    path = tmp_path / f"cfg-{hashlib.sha1(text.encode()).hexdigest()[:8]}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_resume_or_finished_output_under_another_recipe_is_refused(tmp_path, tiny, minilm_dir):
+    """An output's run record holds its recipe; a run that would add rows of another task, model,
+    length or inputs to it is refused on the driver, naming each difference, and changes nothing.
+    (test_scoring_faults.py does this after a real kill -9.)"""
+    from pipelines.scoring import RUN_RECORD, preflight
+
+    data = _data(tmp_path / "in", files=2, rows=5)
+    out = tmp_path / "out"
+    cfg = ScoreConfig(input=str(data), output=str(out), model=tiny, task="embed", max_length=32)
+    recipe = preflight(cfg).recipe
+    # The state a killed run leaves: its run record, some rows, a checkpoint.
+    out.mkdir()
+    (out / RUN_RECORD).write_text(json.dumps({"recipe": recipe}))
+    ckpt = tmp_path / "out.checkpoint"
+    ckpt.mkdir()
+    before = _tree(tmp_path / "out")
+    assert preflight(cfg).recipe == recipe  # the same command resumes
+    other_model = tmp_path / "other"
+    shutil.copytree(tiny, other_model)
+    conf = json.loads((other_model / "config.json").read_text())
+    (other_model / "config.json").write_text(json.dumps({**conf, "layer_norm_eps": 1e-6}))
+    for change, needles in [(dict(model=minilm_dir), ["model ", "model_fingerprint"]),
+                            (dict(model=str(other_model)), ["model_fingerprint"]),
+                            (dict(max_length=64), ["max_length 32 -> 64"]),
+                            (dict(normalize=False), ["normalize None -> False"]),
+                            (dict(input=str(data / "part-0.parquet")), ["inputs (2 file(s) -> 1"])]:
+        with pytest.raises(FileExistsError, match="unfinished run of another recipe") as e:
+            main(ScoreConfig(**{**cfg.__dict__, **change}))
+        assert all(n in str(e.value) for n in needles), (change, str(e.value))
+    assert _tree(tmp_path / "out") == before and ckpt.is_dir()
+    # A finished output (manifest) likewise: it is reported only for its own recipe.
+    (out / MANIFEST).write_text(json.dumps({"recipe": recipe, "inputs": recipe["inputs"], "result": {}}))
+    shutil.rmtree(ckpt)
+    with pytest.raises(FileExistsError, match="finished run of another recipe: max_length 32 -> 64"):
+        main(ScoreConfig(**{**cfg.__dict__, "max_length": 64}))
+
+
+def test_a_task_the_checkpoint_has_no_head_for_is_refused(tmp_path, tiny):
+    """classify / fill-mask on an encoder (all-MiniLM-L6-v2 style) and tag on a classifier would
+    score with a freshly initialized head: refused, naming what the checkpoint has, unless asked
+    for on purpose (allow_untrained_head)."""
+    from pipelines.scoring import preflight
+
+    data = _data(tmp_path / "in", files=1, rows=5)
+    t0 = time.perf_counter()
+    r = _cli(data, tmp_path / "out", "--model", tiny, "--task", "classify")
+    _refused(r, "task classify needs a classify head", "BertModel", elapsed=time.perf_counter() - t0)
+    _nothing_created(tmp_path / "out")
+    with pytest.raises(ValueError, match="task fill-mask needs a mlm head, but it is a BertModel"):
+        main(ScoreConfig(input=str(data), output=str(tmp_path / "out"), model=tiny, task="fill-mask"))
+    tok = load_tokenizer(tiny)
+    clf = tmp_path / "clf"
+    save_pretrained(build_model(preset("debug", vocab_size=len(tok), id2label={0: "neg", 1: "pos"}), "classify"),
+                    clf, tokenizer=tok)
+    with pytest.raises(ValueError, match="task tag needs a tag head, but it is a BertForSequenceClassification"):
+        main(ScoreConfig(input=str(data), output=str(tmp_path / "out"), model=str(clf), task="tag"))
+    with pytest.raises(ValueError, match="--head x: .* is not a multi-task checkpoint"):
+        main(ScoreConfig(input=str(data), output=str(tmp_path / "out"), model=str(clf), task="classify", head="x"))
+    _nothing_created(tmp_path / "out")
+    preflight(ScoreConfig(input=str(data), output=str(tmp_path / "out"), model=str(clf), task="classify"))
+    preflight(ScoreConfig(input=str(data), output=str(tmp_path / "out"), model=tiny, task="classify",
+                          allow_untrained_head=True))
+
+
+def test_yaml_values_are_read_as_their_fields_types_or_refused(tmp_path, tiny):
+    """Quoted booleans and numbers are read as the field's type ("false" is false), wrong types
+    and invalid YAML are one `Error:` line naming the key, value and type, and top_k < 1 is refused."""
+    import yaml
+    from click.testing import CliRunner
+
+    from jobs.score import score
+
+    def run(text, *extra):
+        return CliRunner().invoke(score, ["in.parquet", str(tmp_path / "out"), "--model", tiny, "--config",
+                                          str(_yaml(tmp_path, text)), *extra])
+
+    shown = run('overwrite: "false"\nnormalize: "False"\nmax_tokens: "4096"\nresources:\n  gpu_wait_s: "1e2"\n',
+                "--print-config")
+    assert shown.exit_code == 0, shown.output
+    got = yaml.safe_load(shown.output)
+    assert (got["overwrite"], got["normalize"], got["max_tokens"], got["resources"]["gpu_wait_s"]) == (False, False, 4096, 100.0)
+    for text, needles in [("batch_size: [8]\n", ["batch_size", "[8]", "an integer"]),
+                          ("resources: 4\n", ["resources", "a mapping of ResourceConfig keys"]),
+                          ("overwrite: maybe\n", ["overwrite", "'maybe'", "true or false"]),
+                          ("max_tokens: 40.5\n", ["max_tokens", "40.5", "an integer"]),
+                          ("task: [embed\n", ["not valid YAML", "line 2"]),
+                          ("task: fill-mask\ntop_k: 0\n", ["top_k must be >= 1"])]:
+        r = run(text)
+        errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+        assert r.exit_code == 1 and len(errors) == 1 and "Traceback" not in r.output, r.output
+        assert all(n in errors[0] for n in needles), (text, errors[0])
+    _nothing_created(tmp_path / "out")
+
+
+def test_model_tokenizer_and_input_mismatches_are_refused_up_front(tmp_path, tiny):
+    """What failed late or silently: a config.json whose vocab_size disagrees with the weights, a
+    tokenizer larger than the embedding table (IndexError in the actors), a tokenizer dir with only
+    tokenizer_config.json (5 tokens), and one input file listed again through a symlink (scored
+    twice). Each is one error on the driver; nothing is created."""
+    data = _data(tmp_path / "in", files=1, rows=5)
+    out = tmp_path / "out"
+
+    def refused(match, **kw):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            main(ScoreConfig(**{"input": str(data), "output": str(out), "model": tiny, **kw}))
+
+    wrong = tmp_path / "wrong-vocab"
+    shutil.copytree(tiny, wrong)
+    conf = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**conf, "vocab_size": conf["vocab_size"] + 100}))
+    refused(r"vocab_size 30,622 but the weights' embedding table has 30,522 rows", model=str(wrong))
+
+    small = tmp_path / "small-vocab"
+    tok = load_tokenizer(tiny)
+    torch.manual_seed(0)
+    save_pretrained(build_model(preset("debug", vocab_size=1000), "embed"), small)
+    tok.save_pretrained(str(small))
+    refused("the tokenizer has 30,522 tokens but the model .* embeds only 1,000", model=str(small))
+
+    bare = tmp_path / "bare-tok"
+    bare.mkdir()
+    (bare / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    refused("only 5 tokens", tokenizer=str(bare))
+
+    os.symlink(data, tmp_path / "again")
+    refused("is given more than once .also as", input=[str(data), str(tmp_path / "again" / "part-0.parquet")])
+    _nothing_created(out)

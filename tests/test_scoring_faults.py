@@ -92,6 +92,13 @@ def test_kill_driver_then_rerun_completes_without_duplicates(tmp_path, minilm_di
     from jobs.cli import cli
 
     assert cmd[:4] == [sys.executable, "-m", "jobs.cli", "score"]
+    # Rerun with another recipe (here another length; also another task, model, pooling...): refused,
+    # naming the difference, instead of finishing the output with rows of another kind.
+    (tmp_path / "other.yaml").write_text("max_length: 32\nresources:\n  num_actors: 1\n")
+    other = CliRunner().invoke(cli, [*cmd[3:-1], str(tmp_path / "other.yaml")])
+    errors = [line for line in other.output.splitlines() if line.startswith("Error:")]
+    assert other.exit_code == 1 and len(errors) == 1 and "max_length 64 -> 32" in errors[0], other.output[-3000:]
+    assert set(_data_files(out)) == first_run and os.path.isdir(default_checkpoint_dir(str(out)))
     with local_ray():
         rerun = CliRunner().invoke(cli, cmd[3:])
     assert rerun.exit_code == 0, rerun.output[-3000:]

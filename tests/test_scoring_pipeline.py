@@ -4,6 +4,8 @@ stable ids, the finished-run manifest, and the CLI. One Ray per module (start-up
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 import numpy as np
@@ -82,8 +84,12 @@ def test_embed_real_and_generated_matches_reference(ray_module, corpus, minilm_d
     again = main(_cfg(d, tmp_path / "out", minilm_dir, "embed"))
     assert again.already_complete and again.rows == 900
     assert read_output(str(tmp_path / "out")).num_rows == 900
-    with pytest.raises(FileExistsError, match="finished run of other inputs, task or model"):
+    # Another task on it is refused: MiniLM has no classify head, and (allowed an untrained one on
+    # purpose) the output holds a finished run of another recipe.
+    with pytest.raises(ValueError, match="task classify needs a classify head"):
         main(_cfg(d, tmp_path / "out", minilm_dir, "classify"))
+    with pytest.raises(FileExistsError, match="finished run of another recipe: task embed -> classify"):
+        main(dataclasses.replace(_cfg(d, tmp_path / "out", minilm_dir, "classify"), allow_untrained_head=True))
 
 
 @pytest.mark.parametrize("task,head,labels", [

@@ -130,27 +130,49 @@ def test_wait_exits_nonzero_with_the_log_tail_and_a_raced_twin_is_refused(monkey
     import ray.job_submission
 
     cfg = tmp_path / "s.yaml"
-    cfg.write_text("task: embed\n")
+    # Valid here (submit checks keys, types and the job's rules first); it fails on the cluster.
+    text = "input: /data/in\noutput: /data/out\nmodel: /models/m\ntask: embed\n"
+    cfg.write_text(text)
+    shipped = yaml.safe_load(text)
     made = []
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient",
                         lambda address: made.append(_FakeClient(address)) or made[-1])
     r = CliRunner().invoke(cli, ["submit", "score", "--config", str(cfg), "--address", "http://h:1", "--wait"])
-    sid = submission_id("score", {"task": "embed"})
+    sid = submission_id("score", shipped)
     assert r.exit_code == 1 and r.stdout.splitlines() == [sid, f"{sid} FAILED"]
     assert "input is required" in r.stderr and "line 99" in r.stderr and "line 10\n" not in r.stderr
     kw = made[0].submitted[0]
     assert kw["entrypoint"] == "python -m jobs.submit score" and kw["submission_id"] == sid
-    assert kw["runtime_env"]["env_vars"]["RAYBERT_CONFIG_YAML"] == "task: embed\n"
+    assert kw["runtime_env"]["env_vars"]["RAYBERT_CONFIG_YAML"] == text
 
     # Without --wait: submitted, exit 0, status as seen right after the submission.
     made.clear()
     res = main(SubmitConfig(job="score", config=str(cfg), address="http://h:1", key="k"))
-    assert res.status == "PENDING" and res.submission_id == submission_id("score", {"task": "embed"}, "k")
+    assert res.status == "PENDING" and res.submission_id == submission_id("score", shipped, "k")
 
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient",
                         lambda address: _FakeClient(address, statuses=("RUNNING",), twin=True))
     r = CliRunner().invoke(cli, ["submit", "score", "--config", str(cfg), "--address", "http://h:1"])
     assert r.exit_code == 3 and sid in r.output and "RUNNING" in r.output
+
+
+def test_a_config_the_job_would_refuse_is_not_submitted(monkeypatch, tmp_path):
+    """An unknown key, a value of the wrong type, or (score) a missing input: one Error line
+    naming it, before any client is made or anything is uploaded."""
+    import ray.job_submission
+
+    made = []
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", lambda address: made.append(address))
+    for job, text, needle in [("score", "input: /in\noutput: /out\nmodel: /m\nmax_lenght: 64\n", "max_lenght"),
+                              ("score", "task: embed\n", "score: input is required"),
+                              ("pretrain", "train:\n  max_steps: [10]\n", "train.max_steps"),
+                              ("finetune", "tasks:\n  - name: s\n    wieght: 2\n", "wieght")]:
+        (tmp_path / "c.yaml").write_text(text)
+        r = CliRunner().invoke(cli, ["submit", job, "--config", str(tmp_path / "c.yaml"), "--address", "http://h:1",
+                                     "--follow"])
+        errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+        assert r.exit_code == 1 and len(errors) == 1 and needle in errors[0], (job, r.output)
+    assert made == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,20 +46,19 @@ def test_lock_refuses_a_second_holder_and_is_released(tmp_path):
 
 
 # One run dir carried through every scheduled-run behaviour, one invocation after another: each
-# invocation is a Ray Train fit (~30 s on 2 cores), so the four that run are shared by all the
+# invocation is a Ray Train fit (~30 s on 2 cores), so the two that train are shared by all the
 # checks below instead of each check starting its own run from step 0 (eight fits before).
 @pytest.mark.timeout(900)
 def test_scheduled_invocations_continue_one_run_never_overlap_and_keep_a_ledger(schedule_yaml, tmp_path):
     """Budgeted invocations on one run dir, with one `runs.jsonl` record each:
 
-    1. Two in-process invocations of 10 steps take the run 0 -> 10 -> 20, each resuming the last
-       one's checkpoint. Between them a stray checkpoint directory that Ray never registered
-       (checkpoint 10 copied as step 20, what an invocation killed mid-report can leave) is
-       planted: the second resumes from the registered 10, and the ledger says so (issue 10,
-       defect 4), not the stray 20.
-    2. A third, with a time budget of 1 s, holds the lock while an overlapping invocation in
-       another process is refused with exit status 75 and a clear message; it continues the run
-       from 20 and stops taking steps early enough to checkpoint within its budget.
+    1. An invocation of 10 steps takes the run 0 -> 10. Then a stray checkpoint directory that Ray
+       never registered (checkpoint 10 copied as step 20, what an invocation killed mid-report can
+       leave) is planted.
+    2. The next, with a time budget of 1 s, resumes from the registered 10, and the ledger says so
+       (issue 10, defect 4), not the stray 20. It holds the lock while an overlapping invocation in
+       another process is refused with exit status 75 and a clear message, and stops taking steps
+       early enough to checkpoint within its budget.
     3. A run already at its max_steps: the next invocation trains nothing, says so, and starts no
        fit; its result is the latest checkpoint, exported again.
     4. An invocation with another preset is refused on the driver within 20 s, naming what
@@ -76,28 +75,20 @@ def test_scheduled_invocations_continue_one_run_never_overlap_and_keep_a_ledger(
     def invoke(**overrides):
         return main(build_config("debug", str(schedule_yaml), {"run_dir": str(run_dir), **overrides}))
 
-    # 1. Two in-process invocations (one Ray for both: they differ only in the lock), a stray between.
+    # 1. An invocation of 10 steps, then a stray checkpoint planted beside its registered one.
     with local_ray():
         result = invoke(**{"train.steps_per_run": 10})
-        assert result.metrics["step"] == 10 and Path(result.checkpoint).name == "checkpoint_00000010"
-        stray = run_dir / "checkpoint_00000020"
-        shutil.copytree(run_dir / "checkpoint_00000010", stray)
-        state = json.loads((stray / "raybert_state.json").read_text())
-        (stray / "raybert_state.json").write_text(json.dumps(dict(state, step=20)))
-        assert latest_step(run_dir) == 10  # Ray's registered latest, not the newest directory
-        result = invoke(**{"train.steps_per_run": 10})
-    assert result.metrics["step"] == 20 and Path(result.checkpoint).name == "checkpoint_00000020"
-    assert latest_step(run_dir) == 20
-    ledger = read_ledger(run_dir)
-    assert [(r["status"], r["start_step"], r["end_step"], r["steps"]) for r in ledger] == [
-        ("ok", 0, 10, 10), ("ok", 10, 20, 10)]
-    assert all(r["start"] <= r["end"] and r["checkpoint"].endswith(f"{r['end_step']:08d}") for r in ledger)
-    events = [(r["event"], r["step"]) for r in read_metrics(run_dir) if r.get("event") in ("start", "resume")]
-    assert events == [("start", 0), ("resume", 10)]
+    assert result.metrics["step"] == 10 and Path(result.checkpoint).name == "checkpoint_00000010"
+    stray = run_dir / "checkpoint_00000020"
+    shutil.copytree(run_dir / "checkpoint_00000010", stray)
+    state = json.loads((stray / "raybert_state.json").read_text())
+    (stray / "raybert_state.json").write_text(json.dumps(dict(state, step=20)))
+    assert latest_step(run_dir) == 10  # Ray's registered latest, not the newest directory
 
-    # 2. A budgeted invocation (this process, on the same Ray) holds the lock while an overlapping
-    # one, started as `python -m jobs.pretrain`'s command in another process, is refused; the
-    # budgeted one ends within its time budget, with a checkpoint.
+    # 2. A budgeted invocation (this process, on the same Ray) resumes from the registered 10, not
+    # the stray 20, and holds the lock while an overlapping one, started as `python -m
+    # jobs.pretrain`'s command in another process, is refused; it ends within its time budget,
+    # with a checkpoint.
     lock = run_dir / LOCK_NAME
     holder = f"pid {os.getpid()}"
     overlapping = (
@@ -125,14 +116,19 @@ def test_scheduled_invocations_continue_one_run_never_overlap_and_keep_a_ledger(
     assert proc.returncode == EXIT_LOCKED, out[-3000:]
     assert "in use by another invocation" in out and holder in out
     ledger = read_ledger(run_dir)
-    assert [r["status"] for r in ledger] == ["ok", "ok", "refused", "ok"]
+    assert [r["status"] for r in ledger] == ["ok", "refused", "ok"]
+    assert [(r["status"], r["start_step"], r["end_step"], r["steps"]) for r in ledger[:1]] == [("ok", 0, 10, 10)]
+    assert all(r["start"] <= r["end"] and r["checkpoint"].endswith(f"{r['end_step']:08d}")
+               for r in ledger if r["status"] == "ok")
     record = ledger[-1]
-    assert record["start_step"] == 20 and 21 <= record["end_step"] < 30 and record["time_budget"] == 1
+    assert record["start_step"] == 10 and 11 <= record["end_step"] < 20 and record["time_budget"] == 1
+    assert record["steps"] == record["end_step"] - 10
     assert record["pid"] == os.getpid() and budgeted.metrics["step"] == record["end_step"]
-    assert latest_step(run_dir) == record["end_step"]
+    assert Path(budgeted.checkpoint).name == f"checkpoint_{record['end_step']:08d}"
+    assert latest_step(run_dir) == record["end_step"]  # the stray 20 is still not Ray's
     assert (run_dir / f"checkpoint_{record['end_step']:08d}" / "raybert_state.json").is_file()
     events = [(r["event"], r["step"]) for r in read_metrics(run_dir) if r.get("event") in ("start", "resume")]
-    assert events == [("start", 0), ("resume", 10), ("resume", 20)]
+    assert events == [("start", 0), ("resume", 10)]
 
     # 3. A run already at its max_steps: the next scheduled invocation trains nothing, says so, and
     # starts no Ray Train fit (no new start/resume event); its result is the latest checkpoint.

@@ -227,30 +227,43 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, tiny)
 # ---- 2: one run per output; duplicates left by overlapping writers are repaired ---------------
 
 
-def test_concurrent_run_on_one_output_is_refused(tmp_path, tiny):
-    data = _data(tmp_path / "in", files=2, rows=200)
+def test_concurrent_run_on_one_output_is_refused(ray_local, tmp_path, tiny):
+    """A second `raybert score` on an output that a running job holds is refused (exit 75, naming
+    the holder) and the first finishes with every row once. The first runs here, on the tests'
+    shared Ray; the second, in another process, tries as soon as the first holds the lock."""
+    from types import SimpleNamespace
+
+    rows = 200  # per file (the first job held the lock 22 s; the second was refused 4 s after it was taken)
+    data = _data(tmp_path / "in", files=2, rows=rows)
     out = tmp_path / "out"
-    args = [data, out, "--model", tiny, "--task", "embed", "--num-actors", "1", "--batch-size", "50"]
+    args = [str(a) for a in (data, out, "--model", tiny, "--task", "embed", "--num-actors", "1", "--batch-size", "50")]
+    holder = f"pid {os.getpid()}"
+    second = ("import pathlib, sys, time\n"
+              "from jobs.score import score\n"
+              f"lock, deadline = pathlib.Path({str(tmp_path / 'out.lock')!r}), time.time() + 120\n"
+              f"while {holder!r} not in (lock.read_text() if lock.exists() else ''):\n"
+              "    if time.time() > deadline:\n"
+              "        sys.exit('the first run never took the lock')\n"
+              "    time.sleep(0.05)\n"
+              f"score({args!r})\n")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
-    first = subprocess.Popen([sys.executable, "-m", "jobs.score", *map(str, args)], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", second], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
-        lock = tmp_path / "out.lock"
-        deadline = time.time() + 120
-        while not (lock.exists() and lock.read_text().strip()) and first.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert first.poll() is None, first.communicate()[0]
-        second = _cli(*args)
-        assert first.poll() is None, "the first run ended before the second tried the lock"
-        _refused(second, out, "in use by another invocation", f"pid {first.pid}", code=75)
-        log, _ = first.communicate(timeout=300)
+        result = main(ScoreConfig(input=str(data), output=str(out), model=tiny, task="embed", batch_size=50,
+                                  resources=ResourceConfig(num_actors=1)))
+        log, _ = proc.communicate(timeout=120)
     finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == 0, log
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Exit 75 (not 0, "already complete") also shows the second tried while the first held the lock.
+    _refused(SimpleNamespace(returncode=proc.returncode, stdout=log, stderr=""), out, "in use by another invocation",
+             holder, code=75)
     ids = read_output(str(out))["id"].to_pylist()
-    assert len(ids) == len(set(ids)) == 400 and set(ids) == {f"f{f}-{i}" for f in range(2) for i in range(200)}
+    assert result.rows == len(ids) == len(set(ids)) == 2 * rows
+    assert set(ids) == {f"f{f}-{i}" for f in range(2) for i in range(rows)}
 
 
 def test_rerun_repairs_duplicate_rows(ray_local, tmp_path, tiny):

@@ -763,6 +763,21 @@ def check_head(cfg: "ScoreConfig", local_model: str, model_config) -> None:
                          f"scores with a fresh head on purpose)")
 
 
+def choose_cpu_dtype(threads: int, hidden: int) -> str:
+    """`auto` on CPU for one job: the predictors' probe (`resolve_dtype`), run once here at the
+    actors' thread count."""
+    import torch
+
+    from pipelines.predictors import resolve_dtype
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        return resolve_dtype("auto", "cpu", hidden)
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass
 class Preflight:
     plan: InputPlan
@@ -838,6 +853,14 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     if dtype == "fp16" and res.device != "cuda":
         raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
     on_cpu = res.device == "cpu"
+    if on_cpu and dtype == "auto":
+        # One precision per output: actors that probed for themselves, started at once on shared
+        # cores, disagreed (an output held bf16 and fp32 rows). Chosen once, on the driver's
+        # machine, recorded in the run record, and kept by a resume whatever a new probe says.
+        record = _read_json(_in(output, RUN_RECORD)) or {}
+        dtype = record.get("dtype_used") or choose_cpu_dtype(res.torch_threads, pre.model_config.hidden_size)
+        if record.get("dtype_used") != dtype:
+            _write_json(_in(output, RUN_RECORD), {**record, "dtype_used": dtype})
     # CPU actors share the cores with the read/write tasks and each other. OpenMP's default spin-wait
     # then burns the time slices another torch thread needs: measured 10-20x slower forwards under
     # contention; passive waiting (threads sleep at barriers) removed most of it. `tokenizers` starts

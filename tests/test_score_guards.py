@@ -471,3 +471,31 @@ def test_model_tokenizer_and_input_mismatches_are_refused_up_front(tmp_path, tin
     os.symlink(data, tmp_path / "again")
     refused("is given more than once .also as", input=[str(data), str(tmp_path / "again" / "part-0.parquet")])
     _nothing_created(out)
+
+
+def test_auto_precision_is_chosen_once_per_output_and_kept_by_a_resume(ray_local, tmp_path, tiny, monkeypatch):
+    """`--dtype auto` on CPU is decided once per job on the driver and recorded in the run record;
+    a resume scores its remaining rows in that precision even where a new probe would choose
+    otherwise, so one output never mixes bf16 and fp32 rows (each actor used to probe for itself)."""
+    import pipelines.scoring as scoring
+    from pipelines.scoring import RUN_RECORD, output_dtypes
+
+    data = _data(tmp_path / "in", files=4, rows=20)
+    out = tmp_path / "out"
+    cfg = ScoreConfig(input=str(data), output=str(out), model=tiny, batch_size=10, resources=ResourceConfig(num_actors=1))
+    monkeypatch.setattr(scoring, "choose_cpu_dtype", lambda threads, hidden: "bf16")
+    first = main(cfg)
+    assert first.dtype == "bf16" and json.loads((out / RUN_RECORD).read_text())["dtype_used"] == "bf16"
+    # A killed run's state: half the files written and committed, no manifest.
+    files = sorted(p for p in os.listdir(out) if p.endswith(".parquet"))
+    ckpt = default_checkpoint_dir(str(out))
+    os.makedirs(ckpt)
+    for f in files[: len(files) // 2]:
+        pq.write_table(pq.read_table(out / f, columns=["row_hash"]), os.path.join(ckpt, f))
+    for f in files[len(files) // 2:]:
+        os.remove(out / f)
+    os.remove(out / MANIFEST)
+    monkeypatch.setattr(scoring, "choose_cpu_dtype", lambda threads, hidden: "fp32")  # a probe that now disagrees
+    resumed = main(cfg)
+    assert resumed.resumed and resumed.rows == 80
+    assert output_dtypes(str(out)) == "bf16" and resumed.dtype == "bf16"

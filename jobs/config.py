@@ -27,9 +27,9 @@ import yaml
 T = TypeVar("T")
 
 
-def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "config", typed: bool = True) -> T:
-    """Build dataclass `cls` from a (possibly nested) mapping, rejecting unknown keys and (with
-    `typed`, for values a user wrote) values of the wrong type (`typed_value`)."""
+def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T:
+    """Build dataclass `cls` from a (possibly nested) mapping, rejecting unknown keys. Values are
+    taken as they are: a user's mapping goes through `read_mapping` first."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     hints = typing.get_type_hints(cls)
@@ -40,14 +40,8 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "config", t
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            if isinstance(value, Mapping):
-                value = from_mapping(hint, value, f"{where}.{name}", typed)
-            elif not isinstance(value, hint):
-                raise ValueError(f"{where}.{name}: expected a mapping of {hint.__name__} keys "
-                                 f"({', '.join(f.name for f in dataclasses.fields(hint))}), got {value!r}")
-        elif typed:
-            value = typed_value(value, hint, f"{where}.{name}")
+        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+            value = from_mapping(hint, value, f"{where}.{name}")
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -148,14 +142,17 @@ def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Opti
             raise ValueError(f"{p}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(data, Mapping):
             raise ValueError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
-        merged = _merge(to_mapping(cfg), _typed(cls, data, str(p)))
-        cfg = from_mapping(cls, merged, str(p), typed=False)
+        merged = _merge(to_mapping(cfg), read_mapping(cls, data, str(p)))
+        cfg = from_mapping(cls, merged, str(p))
     return apply_overrides(cfg, overrides or {})
 
 
-def _typed(cls, data: Mapping, where: str, prefix: str = "") -> dict:
-    """A config file's own keys for dataclass `cls`, checked (unknown keys, wrong types) and read
-    as their fields' types, before the defaults they update fill in the rest."""
+def read_mapping(cls, data: Mapping, where: str, prefix: str = "") -> dict:
+    """A user's mapping for dataclass `cls` (a config file's own keys, before the defaults they
+    update fill in the rest), checked (unknown keys, wrong types) and read as its fields' types."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: {prefix.rstrip('.') or 'the file'}: expected a mapping of {cls.__name__} keys "
+                         f"({', '.join(f.name for f in dataclasses.fields(cls))}), got {data!r}")
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(hints))
     if unknown:
@@ -165,10 +162,7 @@ def _typed(cls, data: Mapping, where: str, prefix: str = "") -> dict:
     for name, value in data.items():
         hint, key = hints[name], prefix + name
         if dataclasses.is_dataclass(hint):
-            if not isinstance(value, Mapping):
-                raise ValueError(f"{where}: {key}: expected a mapping of {hint.__name__} keys "
-                                 f"({', '.join(f.name for f in dataclasses.fields(hint))}), got {value!r}")
-            out[name] = _typed(hint, value, where, key + ".")
+            out[name] = read_mapping(hint, value, where, key + ".")
         else:
             out[name] = typed_value(value, hint, f"{where}: {key}")
     return out

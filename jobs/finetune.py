@@ -101,10 +101,11 @@ class FinetuneResult:
 
 
 def _tasks(cfg: FinetuneConfig) -> list[TaskData]:
-    from jobs.config import from_mapping
+    from jobs.config import from_mapping, read_mapping
 
-    # from_mapping names an unknown key (a typo) and its task instead of a bare TypeError.
-    return [t if isinstance(t, TaskData) else from_mapping(TaskData, t, f"tasks[{i}]")
+    # read_mapping names an unknown key (a typo) or a value of the wrong type, and its task,
+    # instead of a bare TypeError.
+    return [t if isinstance(t, TaskData) else from_mapping(TaskData, read_mapping(TaskData, t, f"tasks[{i}]"))
             for i, t in enumerate(cfg.tasks)]
 
 

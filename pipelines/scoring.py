@@ -72,6 +72,7 @@ from typing import Optional, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines import storage
 from pipelines.predictors import DTYPE_METADATA, TASKS, Predictor, tokenize_batch
 
 log = logging.getLogger(__name__)
@@ -597,7 +598,8 @@ def check_output(output: str, checkpoint_dir: str, inputs: list[str], plan: Inpu
             raise ValueError(f"{what} {path} can't be created: {why}; choose another path")
     if not overwrite:
         return
-    if _listing(output) and not (_exists(_in(output, MANIFEST)) or _exists(_in(output, RUN_RECORD))):
+    ours = (_exists(storage.join(output, MANIFEST)) or _exists(storage.join(output, RUN_RECORD)))
+    if _listing(output) and not ours:
         raise ValueError(f"{output} is not an output of raybert score (no {MANIFEST} or {RUN_RECORD}, and not "
                          f"empty): overwrite deletes only a previous output of this job; choose another output, "
                          f"or remove {output} yourself")
@@ -649,26 +651,13 @@ def repair_duplicates(output: str) -> int:
     return dropped
 
 
-def _in(directory: str, name: str) -> str:
-    return directory.rstrip("/") + "/" + name
-
-
 def _read_json(path: str) -> Optional[dict]:
-    if not _exists(path):
-        return None
-    fs, q = _fs(path)
-    with fs.open_input_stream(q) as f:
-        return json.loads(f.read().decode())
+    text = storage.read_text(path)
+    return json.loads(text) if text else None
 
 
 def _write_json(path: str, body: dict) -> None:
-    """Whole or absent: written beside, then moved into place."""
-    fs, q = _fs(path)
-    fs.create_dir(q.rsplit("/", 1)[0], recursive=True)
-    tmp = q + ".tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(body, indent=2, default=str).encode())
-    fs.move(tmp, q)
+    storage.write_text(path, json.dumps(body, indent=2, default=str))  # whole or absent
 
 
 def model_fingerprint(local: str) -> str:
@@ -711,7 +700,7 @@ def check_resume(output: str, checkpoint_dir: str, recipe: dict) -> None:
     """Refuse, on the driver, to resume or report an output under another recipe (task, model,
     head, lengths, pooling, dtype, inputs...): its rows would be mixed with rows of another kind.
     A checkpoint dir with no run record in the output is not a run of this job to resume."""
-    done = _read_json(_in(output, MANIFEST))
+    done = _read_json(storage.join(output, MANIFEST))
     if done is not None:
         saved = done.get("recipe") or {k: done.get(k) for k in ("task", "model", "head")} | {"inputs": done.get("inputs")}
         diffs = _recipe_differences(saved, recipe)
@@ -721,7 +710,7 @@ def check_resume(output: str, checkpoint_dir: str, recipe: dict) -> None:
         return
     if not _exists(checkpoint_dir):
         return
-    saved = _read_json(_in(output, RUN_RECORD))
+    saved = _read_json(storage.join(output, RUN_RECORD))
     if saved is None:
         raise FileExistsError(f"checkpoint dir {checkpoint_dir} exists but {output} has no {RUN_RECORD}: it is not a "
                               f"run of this job to resume; choose another output and checkpoint dir, or pass overwrite")
@@ -827,7 +816,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     plan, ckpt = pre.plan, pre.checkpoint_dir
     output, model, task, head, dtype, r = cfg.output, cfg.model, cfg.task, cfg.head, cfg.dtype, cfg.resources
     max_length = pre.max_length
-    manifest = output.rstrip("/") + "/" + MANIFEST
+    manifest = storage.join(output, MANIFEST)
 
     if cfg.overwrite:
         for p in (output, ckpt):
@@ -845,8 +834,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     if _data_files(output) and not resumed:
         raise FileExistsError(f"{output} already holds Parquet files but has no checkpoint ({ckpt}) and no "
                               f"{MANIFEST}: it is not a run of this job to resume; choose another output or overwrite")
-    if not resumed:  # before any row: the output is now provably ours, with its recipe
-        _write_json(_in(output, RUN_RECORD), {"recipe": pre.recipe, "started": time.time()})
+    run_record = storage.join(output, RUN_RECORD)
+    record = (_read_json(run_record) or {}) if resumed else {"recipe": pre.recipe, "started": time.time()}
 
     res = cpu_plan(ray.cluster_resources(), r.num_actors, r.actor_num_cpus, r.task_num_cpus, r.torch_threads, r.device,
                    r.max_gpu_actors, r.gpu_wait_s, model_bytes=pre.model_bytes)
@@ -857,10 +846,9 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         # One precision per output: actors that probed for themselves, started at once on shared
         # cores, disagreed (an output held bf16 and fp32 rows). Chosen once, on the driver's
         # machine, recorded in the run record, and kept by a resume whatever a new probe says.
-        record = _read_json(_in(output, RUN_RECORD)) or {}
         dtype = record.get("dtype_used") or choose_cpu_dtype(res.torch_threads, pre.model_config.hidden_size)
-        if record.get("dtype_used") != dtype:
-            _write_json(_in(output, RUN_RECORD), {**record, "dtype_used": dtype})
+        record["dtype_used"] = dtype
+    _write_json(run_record, record)  # before any row: the output is now provably ours, with its recipe
     # CPU actors share the cores with the read/write tasks and each other. OpenMP's default spin-wait
     # then burns the time slices another torch thread needs: measured 10-20x slower forwards under
     # contention; passive waiting (threads sleep at barriers) removed most of it. `tokenizers` starts
@@ -930,7 +918,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         raise RuntimeError(f"{output}: {rows} output rows for {plan.rows} input rows; the checkpoint "
                            f"{ckpt} is kept, rerun to complete")
     _write_json(manifest, {"result": asdict(result), "inputs": plan.files, "task": task, "model": str(model),
-                           "head": head, "recipe": pre.recipe})  # whole or absent
+                           "head": head, "recipe": pre.recipe})
     if _exists(ckpt):
         cfs, cq = _fs(ckpt)
         cfs.delete_dir(cq)

@@ -720,7 +720,7 @@ def check_resume(output: str, checkpoint_dir: str, recipe: dict) -> None:
                               f"resume it with its own settings, choose another output, or pass overwrite to start over")
 
 
-def check_head(cfg: "ScoreConfig", local_model: str, model_config) -> None:
+def check_head(cfg: "ScoreConfig", model_config) -> None:
     """Refuse a task whose head the checkpoint lacks (classify on an encoder: random labels), or a
     head of another kind (tag on a classifier), naming the heads it has."""
     from bert_core.checkpoint import HEAD_OF_ARCHITECTURE
@@ -796,7 +796,7 @@ def preflight(cfg: ScoreConfig) -> Preflight:
     driver, reading only: an invocation that passes it is valid, one that fails it changed nothing."""
     cfg.check()
     model_config, local_model = check_model(cfg.model, cfg.tokenizer)
-    check_head(cfg, local_model, model_config)
+    check_head(cfg, model_config)
     plan = plan_inputs(cfg.input, cfg.text_column, cfg.text_pair_column, cfg.id_column)
     ckpt = cfg.checkpoint_dir or default_checkpoint_dir(cfg.output)
     check_output(cfg.output, ckpt, [cfg.input] if isinstance(cfg.input, str) else list(cfg.input), plan, cfg.overwrite)

@@ -47,7 +47,6 @@ def _kill_tree(procs: list[psutil.Process]) -> None:
             pass
 
 
-# Over 60 s: a `raybert score` process with its own Ray, killed mid-run, then the rerun.
 def test_kill_driver_then_rerun_completes_without_duplicates(tmp_path, minilm_dir):
     ids = _corpus(tmp_path / "in", 800)
     out = tmp_path / "out"

@@ -24,9 +24,11 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -110,6 +112,11 @@ class PretrainResult:
     metrics: dict  # the last reported metrics
 
 
+# The least --time-budget that can fit start-up, one step and a checkpoint: a Ray Train fit takes
+# 25-35 s to reach its first step on a 2-core CPU node (tens of seconds on GPU clusters too). A
+# shorter budget used to train one step and record `ok` at several times the budget.
+MIN_TIME_BUDGET_S = 30.0
+
 FP16_NEEDS_GPU = "dtype fp16 needs GPUs (DeepSpeed on CPU supports fp32 and bf16); use --dtype bf16 or --use-gpu"
 
 
@@ -156,8 +163,10 @@ def validate(cfg: PretrainConfig) -> None:
         raise ValueError(f"train.lr must be > 0 and train.warmup_steps >= 0, got {t.lr} and {t.warmup_steps}")
     if cfg.train.steps_per_run is not None and cfg.train.steps_per_run < 1:
         raise ValueError("max_steps_per_run must be >= 1")
-    if cfg.time_budget is not None and cfg.time_budget <= 0:
-        raise ValueError("time_budget must be > 0 seconds")
+    if cfg.time_budget is not None and cfg.time_budget < MIN_TIME_BUDGET_S:
+        raise ValueError(f"time_budget {cfg.time_budget:g} s can't fit one step: an invocation first starts Ray Train "
+                         f"and its data pipeline (tens of seconds), then trains, then checkpoints. Give at least "
+                         f"{MIN_TIME_BUDGET_S:.0f} s, or bound the invocation by steps with --max-steps-per-run")
     ds_config(cfg.train, cfg.scaling.num_workers)  # a contradicting --deepspeed file fails here
     check_trackers(cfg.train.mlflow, cfg.train.wandb)
 
@@ -225,16 +234,25 @@ def _dig(d: dict, dotted: str):
     return d
 
 
-def check_resume(cfg: PretrainConfig, run_dir: str, tok, bert_config) -> None:
+def check_resume(cfg: PretrainConfig, run_dir: str, tok, bert_config, corpus) -> None:
     """Refuse, before anything in the run dir changes, to resume a run under settings its
     checkpoint can't continue with. The model shape and vocabulary are compared with the
-    checkpoint Ray Train would resume from (its HF export), the run settings with the run dir's
-    config.json; every difference is named."""
+    checkpoint Ray Train would resume from (its HF export), the run settings and the corpus
+    (`corpus`: pipelines.pretrain_data.CorpusCheck) with the run dir's config.json; every
+    difference is named. A run dir of another job (a fine-tune's) is refused outright."""
     from bert_core.model import BertConfig
     from bert_core.tokenizer import load_tokenizer
     from jobs.schedule import registered_checkpoint
     from pipelines import storage
 
+    saved_file = storage.join(run_dir, "config.json")
+    saved_all = json.loads(storage.read_text(saved_file) or "{}")
+    others = bool(saved_all) and "pretrain" not in saved_all
+    if others or (not saved_all and has_checkpoints(run_dir)):
+        kind = f"a {next(iter(saved_all))} run" if saved_all else "checkpoints raybert pretraining didn't write"
+        raise ValueError(f"{run_dir} holds {kind} (its config.json has no pretraining settings); "
+                         f"pretraining never writes into another job's run dir. Choose a new --run-dir "
+                         f"(to start from that run's weights, add --init-from {storage.join(run_dir, 'export')})")
     ckpt = registered_checkpoint(run_dir)
     if ckpt is None:
         return
@@ -249,22 +267,33 @@ def check_resume(cfg: PretrainConfig, run_dir: str, tok, bert_config) -> None:
     if saved_tok.get_vocab() != tok.get_vocab():
         diffs.append(f"tokenizer vocabulary ({len(saved_tok):,} tokens -> {len(tok):,}"
                      f"{', other tokens' if len(saved_tok) == len(tok) else ''})")
-    saved_file = storage.join(run_dir, "config.json")
-    saved = json.loads(storage.read_text(saved_file) or "{}").get("pretrain", {})
+    saved = saved_all.get("pretrain", {})
     now = _asdict(cfg)
     for key in _RUN_SETTINGS:
         was = _dig(saved, key)
         if was is not None and was != _dig(now, key):
             diffs.append(f"{key} {was} -> {_dig(now, key)}")
+    hint = ""
+    was_corpus = saved_all.get("corpus")
+    if was_corpus is not None and was_corpus["fingerprint"] != corpus.fingerprint:
+        from pipelines.pretrain_data import CorpusCheck
+
+        before = CorpusCheck(files=[], rows=0, packed_rows=0, fingerprint=was_corpus["fingerprint"]).describe()
+        diffs.append(f"corpus {before} -> {corpus.describe()}"
+                     f"{', other content' if before == corpus.describe() else ''} (the run's data position "
+                     f"counts batches of the corpus it started on)")
+        hint = (f"; to go on training its weights on this corpus, start a new --run-dir with --init-from "
+                f"{storage.join(run_dir, 'export')}")
     if diffs:
         raise ValueError(f"{run_dir} holds a run (checkpoint {storage.basename(ckpt)}) that these settings can't resume: "
                          f"{'; '.join(diffs)} (saved -> now). Resume it with its own settings (see "
-                         f"{saved_file}), or start a new --run-dir")
+                         f"{saved_file}), or start a new --run-dir{hint}")
 
 
-def check_inputs(cfg: PretrainConfig, run_dir: str) -> str:
+def check_inputs(cfg: PretrainConfig, run_dir: str):
     """Every check that needs no Ray, before anything on disk changes: the run dir's resume mode
-    and compatibility, the tokenizer, `init_from`, the corpus. Returns the tokenizer path."""
+    and compatibility, the tokenizer, `init_from`, the corpus. Returns the tokenizer path and the
+    corpus check (pipelines.pretrain_data.CorpusCheck)."""
     from bert_core.checkpoint import check_checkpoint
     from bert_core.tokenizer import load_tokenizer
     from pipelines.pretrain_data import check_corpus
@@ -280,51 +309,70 @@ def check_inputs(cfg: PretrainConfig, run_dir: str) -> str:
     tok = load_tokenizer(cached_copy(tokenizer))
     if init is not None:
         check_init_from(cached_copy(cfg.model.init_from), init, cached_copy(tokenizer), tok)
-    check_resume(cfg, run_dir, tok, build_bert_config(cfg.model, len(tok)))
     t = cfg.train
-    check_corpus(cfg.data, tokenizer, rows_needed=cfg.scaling.num_workers * t.micro_batch_size * t.grad_accum)
-    return tokenizer
+    corpus = check_corpus(cfg.data, tokenizer, rows_needed=cfg.scaling.num_workers * t.micro_batch_size * t.grad_accum)
+    check_resume(cfg, run_dir, tok, build_bert_config(cfg.model, len(tok)), corpus)
+    return tokenizer, corpus
 
 
 def main(cfg: PretrainConfig) -> PretrainResult:
     """One invocation: check everything the driver can, then lock the run dir, train (to max_steps
     or this invocation's budget), record it."""
-    from jobs.schedule import RunLock, RunLocked, append_record, latest_step, new_invocation_id, now_iso
+    from jobs.schedule import Refused, new_invocation_id, now_iso
 
     t0 = time.time()
     validate(cfg)
     from pipelines import storage
 
     run_dir = storage.normalize(cfg.run_dir)
-    tokenizer = check_inputs(cfg, run_dir)
+    tokenizer, corpus = check_inputs(cfg, run_dir)
     record = {"invocation": new_invocation_id(), "start": now_iso(), "pid": os.getpid(),
               "host": socket.gethostname(), "max_steps": cfg.train.max_steps,
               "steps_per_run": cfg.train.steps_per_run, "time_budget": cfg.time_budget}
+    made_run_dir = not storage.is_uri(run_dir) and not os.path.exists(run_dir)
     if not storage.is_uri(run_dir):
         os.makedirs(run_dir, exist_ok=True)
     try:
-        with RunLock(run_dir):
-            record["start_step"] = latest_step(run_dir)  # where Ray Train resumes, not the newest dir
-            try:
-                if record["start_step"] >= cfg.train.max_steps:
-                    result = _already_complete(run_dir, record["start_step"], cfg.train.max_steps)
-                else:
-                    result = _run(cfg, run_dir, t0, tokenizer)
-            except BaseException as e:
-                record.update(status="failed", error=f"{type(e).__name__}: {e}", end_step=latest_step(run_dir))
-                raise
+        return _locked(cfg, run_dir, t0, record, tokenizer, corpus)
+    except Refused:
+        if made_run_dir:  # a refusal leaves nothing behind: the run dir held only the lock and this record
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _locked(cfg: PretrainConfig, run_dir: str, t0: float, record: dict, tokenizer: str, corpus) -> PretrainResult:
+    """The invocation under the run lock, recorded in the ledger whatever its outcome."""
+    from jobs.schedule import (Refused, RunLock, RunLocked, append_record, begin_invocation, end_invocation,
+                               latest_step, now_iso)
+
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(RunLock(run_dir))
+        except RunLocked as e:
+            record.update(status="refused", error=str(e), end=now_iso(), seconds=round(time.time() - t0, 1))
+            append_record(run_dir, record)
+            raise
+        try:
+            # Where Ray Train resumes (not the newest dir); a killed predecessor's record is written first.
+            record["start_step"] = begin_invocation(run_dir, record)
+            if record["start_step"] >= cfg.train.max_steps:
+                result = _already_complete(run_dir, record["start_step"], cfg.train.max_steps)
+            else:
+                result = _run(cfg, run_dir, t0, tokenizer, corpus)
             record.update(status="complete" if record["start_step"] >= cfg.train.max_steps else "ok",
                           end_step=latest_step(run_dir), checkpoint=result.checkpoint, export=result.export)
             return result
-    except RunLocked as e:
-        record.update(status="refused", error=str(e))
-        raise
-    finally:
-        record["end"] = now_iso()
-        record["seconds"] = round(time.time() - t0, 1)
-        if "end_step" in record and "start_step" in record:
-            record["steps"] = record["end_step"] - record["start_step"]
-        append_record(run_dir, record)
+        except BaseException as e:
+            record.update(status="refused" if isinstance(e, Refused) else "failed", error=f"{type(e).__name__}: {e}")
+            if "start_step" in record:
+                record["end_step"] = latest_step(run_dir)
+            raise
+        finally:
+            record["seconds"] = round(time.time() - t0, 1)
+            if record.get("time_budget") is not None:
+                # Start-up counts against the budget, and a fit can't stop before its first step.
+                record["over_budget"] = record["seconds"] > record["time_budget"]
+            end_invocation(run_dir, record)
 
 
 def _already_complete(run_dir: str, step: int, max_steps: int) -> PretrainResult:
@@ -340,7 +388,7 @@ def _already_complete(run_dir: str, step: int, max_steps: int) -> PretrainResult
                           metrics={"step": step})
 
 
-def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str) -> PretrainResult:
+def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str, corpus) -> PretrainResult:
     from pipelines.train import LoopConfig, train_loop_per_worker
     from pipelines import storage
     from pipelines.worker import disable_deepspeed_jit, fit_with_watchdog, publish_export, torch_trainer
@@ -355,12 +403,17 @@ def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str) -> Pretra
     from pipelines.pretrain_data import build_datasets
     from pipelines.resources import cluster_nodes, plan_training
 
+    from jobs.schedule import Refused
+
     with ray_session(cfg.address):
         sc = cfg.scaling
-        plan = plan_training(cluster_nodes(), sc.num_workers, sc.cpus_per_worker, sc.use_gpu, sc.torch_threads,
-                             task_cpus=cfg.data.num_cpus)
+        try:
+            plan = plan_training(cluster_nodes(), sc.num_workers, sc.cpus_per_worker, sc.use_gpu, sc.torch_threads,
+                                 task_cpus=cfg.data.num_cpus)
+        except ValueError as e:
+            raise Refused(str(e)) from None
         if cfg.train.dtype == "fp16" and not plan.use_gpu:
-            raise ValueError(FP16_NEEDS_GPU)
+            raise Refused(FP16_NEEDS_GPU)
         train = copy.deepcopy(cfg.train)
         if cfg.time_budget is not None:
             train.deadline = t0 + cfg.time_budget
@@ -371,7 +424,7 @@ def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str) -> Pretra
                               train=train, use_gpu=plan.use_gpu, torch_threads=plan.torch_threads)
         # Written only now, with every check passed: a refused invocation leaves the run dir as it was.
         storage.write_text(storage.join(run_dir, "config.json"), json.dumps({"pretrain": _asdict(cfg), "tokenizer": tokenizer,
-                                                         "plan": plan.to_dict()}, indent=1, default=str) + "\n")
+                                                         "plan": plan.to_dict(), "corpus": {"files": corpus.files, "fingerprint": corpus.fingerprint}}, indent=1, default=str) + "\n")
         datasets = build_datasets(cfg.data, tokenizer)
         # Deterministic order end to end: the same rows reach the same worker in the same order
         # on every run, which is what lets a resume skip exactly the batches already trained on.

@@ -15,8 +15,10 @@ Contract:
 - `<run_dir>/runs.jsonl` gets one JSON line per invocation: invocation id, start and end (UTC ISO
   8601), start and end step (those of the checkpoints Ray Train registered, `latest_step`: where
   the invocation really resumed and where it left the run), steps trained, the checkpoint it
-  left, status (`ok`, `complete`: the run had already reached max_steps, `failed`, or `refused`:
-  the run dir was locked) and the error if any. Lines are appended with O_APPEND, whole or not at
+  left, status (`ok`, `complete`: the run had already reached max_steps, `failed`, `refused`:
+  the run dir was locked or the cluster can't run the settings, or `killed`) and the error if any. A killed invocation can't write its
+  line: the next invocation writes it for it, from the running record each invocation leaves in
+  `<run_dir>/.raybert.invocation.json` until its own line is written (`begin_invocation`). Lines are appended with O_APPEND, whole or not at
   all. On an object store, which can't append, the ledger is read and rewritten whole; a refused
   invocation's record, written without the lock, can then race the holder's and one of the two
   may be lost (the run's checkpoints are unaffected).
@@ -40,6 +42,7 @@ from pipelines import storage
 
 LOCK_NAME = ".raybert.lock"
 LEDGER_NAME = "runs.jsonl"
+RUNNING_NAME = ".raybert.invocation.json"  # the running invocation's record, until it is in the ledger
 EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
 LEASE_TTL_S = 300.0  # an object-store lock not renewed for this long is a dead invocation's
 LEASE_RENEW_S = 60.0
@@ -47,6 +50,11 @@ LEASE_RENEW_S = 60.0
 
 class RunLocked(RuntimeError):
     """Another invocation holds the run directory."""
+
+
+class Refused(ValueError):
+    """Settings refused once the cluster is known (its resources can't run them), before any
+    training: recorded as `refused`, like a locked run dir, not as a failure."""
 
 
 def now_iso() -> str:
@@ -164,6 +172,55 @@ class LeaseLock:
 
 def append_record(run_dir: str | Path, record: dict) -> None:
     storage.append_line(storage.join(str(run_dir), LEDGER_NAME), json.dumps(record, default=str))
+
+
+def begin_invocation(run_dir: str | Path, record: dict) -> int:
+    """Under the run lock, before any work: if the previous holder left its running record (it was
+    killed, or its machine went down, so it never wrote its ledger line), append that record as
+    `killed`, with the step it left the run at (`end_step`: the checkpoint this invocation resumes
+    from) and the last step it logged (`last_step`). Then leave this invocation's record in its
+    place. Returns this invocation's start step (`latest_step`)."""
+    step = latest_step(run_dir)
+    running = storage.join(str(run_dir), RUNNING_NAME)
+    try:
+        previous = json.loads(storage.read_text(running) or "null")
+    except ValueError:  # cut short by a crash mid-write (local writes are atomic, so hardly ever)
+        previous = None
+    if isinstance(previous, dict) and previous.get("invocation") not in {r.get("invocation") for r in read_ledger(run_dir)}:
+        start = previous.get("start_step", step)
+        last = _last_logged_step(run_dir)
+        previous.update(status="killed", end=None, end_step=step, steps=step - start,
+                        last_step=last if last is not None and last > start else None,
+                        error=f"ended without recording itself (killed, or its node went down); found by "
+                              f"invocation {record['invocation']} at {now_iso()}")
+        append_record(run_dir, previous)
+    storage.write_text(running, json.dumps(dict(record, start_step=step), default=str))
+    return step
+
+
+def end_invocation(run_dir: str | Path, record: dict) -> None:
+    """Append this invocation's record (its end time and steps filled in), then drop its running record."""
+    record["end"] = now_iso()
+    if "end_step" in record and "start_step" in record:
+        record["steps"] = record["end_step"] - record["start_step"]
+    append_record(run_dir, record)
+    storage.delete(storage.join(str(run_dir), RUNNING_NAME))
+
+
+def _last_logged_step(run_dir: str | Path) -> Optional[int]:
+    """The last step in metrics.jsonl since its last start/resume event (the killed invocation's)."""
+    text = storage.read_text(storage.join(str(run_dir), "metrics.jsonl")) or ""
+    last = None
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:  # a line cut by the kill
+            continue
+        if r.get("event") in ("start", "resume"):
+            last = None
+        elif isinstance(r.get("step"), int):
+            last = r["step"]
+    return last
 
 
 def read_ledger(run_dir: str | Path) -> list[dict]:

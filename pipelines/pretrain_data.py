@@ -193,6 +193,12 @@ class CorpusCheck:
     files: list[str]  # the Parquet files Ray Data reads
     rows: int  # documents, from the footers
     packed_rows: int  # training rows of seq_len packed before counting stopped (>= rows_needed)
+    # What a resume's data position means something for: (rows, bytes) of each file in read order,
+    # from the footers. File names are left out, so a corpus moved to another mount still matches.
+    fingerprint: list = field(default_factory=list)
+
+    def describe(self) -> str:
+        return f"{len(self.fingerprint)} file(s), {sum(r for r, _ in self.fingerprint):,} rows"
 
 
 def _is_text(t) -> bool:
@@ -238,6 +244,8 @@ def check_corpus(cfg: DataConfig, tokenizer_path: str, rows_needed: int) -> Corp
     opened = open_corpus(cfg.paths, col)
     files = [name for name, _ in opened]
     rows = sum(pf.metadata.num_rows for _, pf in opened)
+    fingerprint = [[pf.metadata.num_rows, sum(pf.metadata.row_group(i).total_byte_size
+                                              for i in range(pf.metadata.num_row_groups))] for _, pf in opened]
     if rows == 0:
         raise ValueError(f"the corpus has no rows: {names_list(files)}; check --data")
     tok = _tokenizer(tokenizer_path)
@@ -253,7 +261,7 @@ def check_corpus(cfg: DataConfig, tokenizer_path: str, rows_needed: int) -> Corp
                                     seq_len=cfg.seq_len, val_fraction=cfg.val_fraction, split="train")
             packed += len(out["input_ids"])
             if packed >= rows_needed:
-                return CorpusCheck(files=files, rows=rows, packed_rows=packed)
+                return CorpusCheck(files=files, rows=rows, packed_rows=packed, fingerprint=fingerprint)
     if texts == 0:
         raise ValueError(f"the corpus has no text: its {rows} rows in {names_list(files)} have column {col!r} "
                          f"null or empty everywhere; check --data and data.text_column")

@@ -168,6 +168,33 @@ def test_raybert_score_serves_the_classifier(classifier, sentiment, tmp_path):
     assert all(abs(sum(out[i]["probs"]) - 1) < 1e-4 for i in range(len(val)))
 
 
+@pytest.mark.timeout(120)
+def test_other_runs_refuse_the_fine_tune_run_dir(classifier, tmp_path):
+    """`pretrain --run-dir` at a fine-tune's run dir was a TypeError traceback and a ledger line
+    with no status; now pretraining and a second fine-tune each refuse it in one Error line and
+    leave it as it was."""
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+    from pipelines.pretrain_data import write_corpus
+
+    cfg, result = classifier
+    run_dir = Path(result.run_dir)
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    corpus = write_corpus(peoples_daily_sentences()[:300], str(tmp_path / "c.parquet"))
+    for args, needles in [
+            (["pretrain", "--preset", "debug", "--data", corpus, "--tokenizer", str(chinese_vocab_path())],
+             ["holds a finetune run", "never writes into another job's run dir", f"--init-from {run_dir / 'export'}"]),
+            (["finetune", "--preset", "debug", "--data", cfg.tasks[0].paths[0], "--init-from", result.export],
+             ["already holds a fine-tune result", "new --run-dir"])]:
+        res = CliRunner().invoke(cli, args + ["--run-dir", str(run_dir)])
+        errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+        assert res.exit_code == 1 and len(errors) == 1 and "Traceback" not in res.output, res.output[-3000:]
+        assert all(n in errors[0] for n in needles), errors[0]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+    assert not (run_dir / "runs.jsonl").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Token classification on a synthetic NER set
 # --------------------------------------------------------------------------------------------

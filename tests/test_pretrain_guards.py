@@ -269,14 +269,22 @@ def test_settings_that_used_to_hang_now_train(fast_ray, big_corpus, tmp_path, pr
 def test_explicit_cpus_per_worker_without_data_budget_is_refused_up_front(fast_ray, big_corpus, tmp_path):
     import yaml
 
+    from jobs.schedule import read_ledger
+
     config = tmp_path / "greedy.yaml"
     config.write_text(yaml.safe_dump({"scaling": {"num_workers": 2, "cpus_per_worker": 1.0}}))
     run_dir = tmp_path / "run"
     _refused(["pretrain", "--preset", "debug", "--data", big_corpus, "--tokenizer", VOCAB,
               "--run-dir", str(run_dir), "--config", str(config)],
              "2 workers x 1 CPU each", "2 CPUs leave 0", "at most 0.75", within=60)
-    assert not (run_dir / "config.json").exists()
-    assert not any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
+    assert not run_dir.exists()  # it held a lock file and a `failed` ledger line
+    # An existing run dir keeps one `refused` line (a scheduler's record), and nothing else changes.
+    run_dir.mkdir()
+    _refused(["pretrain", "--preset", "debug", "--data", big_corpus, "--tokenizer", VOCAB,
+              "--run-dir", str(run_dir), "--config", str(config)], "2 CPUs leave 0", within=60)
+    (record,) = read_ledger(run_dir)
+    assert record["status"] == "refused" and "2 CPUs leave 0" in record["error"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".raybert.lock", "runs.jsonl"]
 
 
 @pytest.mark.parametrize("size", ["0", "5", "-3", "40"])
@@ -291,7 +299,8 @@ def test_vocab_too_small_for_the_corpus_is_refused(corpora, size, tmp_path):
 
 
 def test_settings_that_cannot_train_are_refused_before_anything_is_made(corpora, tmp_path):
-    """--max-steps 0 or negative was refused only after 29 s of Ray start-up, leaving a run dir;
+    """--max-steps 0 or negative was refused only after 29 s of Ray start-up, leaving a run dir
+    (--time-budget 1 trained a step at 30x its budget and recorded `ok`);
     YAML of the wrong type was a traceback (or, `lr: 1e-4` read as a string by YAML 1.1, failed
     in every worker after a minute). Now: one Error line, nothing made; `1e-4` is a number."""
     import yaml
@@ -300,6 +309,9 @@ def test_settings_that_cannot_train_are_refused_before_anything_is_made(corpora,
     base = ["pretrain", "--data", corpora["ok"], "--tokenizer", VOCAB, "--preset", "debug", "--run-dir", str(run_dir)]
     for steps in ("0", "-5"):
         _refused(base + ["--max-steps", steps], f"train.max_steps must be >= 1, got {steps}")
+    # A budget that can't fit start-up and one step trained one step and recorded `ok`.
+    _refused(base + ["--time-budget", "1"], "time_budget 1 s can't fit one step", "at least 30 s",
+             "--max-steps-per-run")
     for text, needles in [("train:\n  micro_batch_size: [8]\n", ["train.micro_batch_size", "an integer"]),
                           ("train: 5\n", ["train", "a mapping of TrainConfig keys"]),
                           ("train:\n  lr: -1e-4\n", ["train.lr must be > 0"]),

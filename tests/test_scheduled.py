@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from jobs.pretrain import build_config, main, pretrain, read_metrics
-from jobs.schedule import EXIT_LOCKED, LOCK_NAME, RunLock, RunLocked, latest_step, read_ledger
+from jobs.schedule import EXIT_LOCKED, LOCK_NAME, RUNNING_NAME, RunLock, RunLocked, latest_step, read_ledger
 from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
 from pipelines.pretrain_data import write_corpus
 
@@ -55,15 +55,17 @@ def test_scheduled_invocations_continue_one_run_never_overlap_and_keep_a_ledger(
     1. An invocation of 10 steps takes the run 0 -> 10. Then a stray checkpoint directory that Ray
        never registered (checkpoint 10 copied as step 20, what an invocation killed mid-report can
        leave) is planted.
-    2. The next, with a time budget of 1 s, resumes from the registered 10, and the ledger says so
-       (issue 10, defect 4), not the stray 20. It holds the lock while an overlapping invocation in
-       another process is refused with exit status 75 and a clear message, and stops taking steps
-       early enough to checkpoint within its budget.
-    3. A run already at its max_steps: the next invocation trains nothing, says so, and starts no
-       fit; its result is the latest checkpoint, exported again.
-    4. An invocation with another preset is refused on the driver within 20 s, naming what
-       differs, and leaves the run dir byte for byte as it was; a registered checkpoint deleted by
-       hand gives one Error line naming the run dir, not a Ray traceback.
+    2. The next, with a time budget of 30 s (the least accepted: start-up takes most of it),
+       resumes from the registered 10, and the ledger says so (issue 10, defect 4), not the stray
+       20. It holds the lock while an overlapping invocation in another process is refused with
+       exit status 75 and a clear message, and stops at its first step, the budget being spent.
+    3. An invocation killed with SIGKILL (in another process) can't write its ledger line: the next
+       one writes it, `killed`, with the step it left the run at. That next one finds the run at
+       its max_steps: it trains nothing, says so, and starts no fit; its result is the latest
+       checkpoint, exported again.
+    4. An invocation with another preset, or on another corpus, is refused on the driver within
+       20 s, naming what differs, and leaves the run dir byte for byte as it was; a registered
+       checkpoint deleted by hand gives one Error line naming the run dir, not a Ray traceback.
     """
     import json
     import shutil
@@ -106,7 +108,7 @@ def test_scheduled_invocations_continue_one_run_never_overlap_and_keep_a_ledger(
     t0 = time.time()
     try:
         with local_ray():
-            budgeted = invoke(**{"train.steps_per_run": 10, "time_budget": 1})
+            budgeted = invoke(**{"train.steps_per_run": 10, "time_budget": 30})
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -121,7 +123,8 @@ def test_scheduled_invocations_continue_one_run_never_overlap_and_keep_a_ledger(
     assert all(r["start"] <= r["end"] and r["checkpoint"].endswith(f"{r['end_step']:08d}")
                for r in ledger if r["status"] == "ok")
     record = ledger[-1]
-    assert record["start_step"] == 10 and 11 <= record["end_step"] < 20 and record["time_budget"] == 1
+    assert record["start_step"] == 10 and 11 <= record["end_step"] < 20 and record["time_budget"] == 30
+    assert record["over_budget"] == (record["seconds"] > 30)
     assert record["steps"] == record["end_step"] - 10
     assert record["pid"] == os.getpid() and budgeted.metrics["step"] == record["end_step"]
     assert Path(budgeted.checkpoint).name == f"checkpoint_{record['end_step']:08d}"
@@ -130,12 +133,32 @@ def test_scheduled_invocations_continue_one_run_never_overlap_and_keep_a_ledger(
     events = [(r["event"], r["step"]) for r in read_metrics(run_dir) if r.get("event") in ("start", "resume")]
     assert events == [("start", 0), ("resume", 10)]
 
-    # 3. A run already at its max_steps: the next scheduled invocation trains nothing, says so, and
-    # starts no Ray Train fit (no new start/resume event); its result is the latest checkpoint.
+    # 3. An invocation in another process (joining this Ray), SIGKILLed once it holds the run: no
+    # ledger line of its own. The next invocation writes it, then finds the run at its max_steps:
+    # it trains nothing, says so, and starts no Ray Train fit (no new start/resume event); its
+    # result is the latest checkpoint.
+    import ray
+
+    running = run_dir / RUNNING_NAME
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "jobs.pretrain", "--config", str(schedule_yaml), "--preset", "debug",
+         "--run-dir", str(run_dir), "--address", ray.get_runtime_context().gcs_address],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while f'"pid": {victim.pid},' not in (running.read_text() if running.exists() else ""):
+        assert victim.poll() is None and time.time() < deadline, "the invocation to kill never took the run"
+        time.sleep(0.05)
+    victim.kill()
+    victim.wait()
+    assert [r["status"] for r in read_ledger(run_dir)] == ["ok", "refused", "ok"]  # nothing of its own
     shutil.rmtree(run_dir / "export")
     done = invoke(**{"train.max_steps": record["end_step"]})
-    last = read_ledger(run_dir)[-1]
+    *_, killed, last = read_ledger(run_dir)
+    assert (killed["status"], killed["pid"], killed["start_step"], killed["end_step"], killed["steps"]) == \
+        ("killed", victim.pid, record["end_step"], record["end_step"], 0)
+    assert f"found by invocation {last['invocation']}" in killed["error"]
     assert (last["status"], last["steps"], last["end_step"]) == ("complete", 0, record["end_step"])
+    assert not running.exists()
     assert Path(done.checkpoint).name == f"checkpoint_{record['end_step']:08d}"
     assert done.metrics["step"] == record["end_step"] and (Path(done.export) / "config.json").is_file()
     assert [(r["event"], r["step"]) for r in read_metrics(run_dir) if r.get("event") in ("start", "resume")] == events
@@ -153,6 +176,13 @@ def test_scheduled_invocations_continue_one_run_never_overlap_and_keep_a_ledger(
     assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output[-3000:]
     (error,) = [line for line in refused.output.splitlines() if line.startswith("Error:")]
     assert "can't resume" in error and "model hidden_size 64 -> 256" in error and "new --run-dir" in error
+    other = write_corpus(peoples_daily_sentences()[:500], str(tmp_path / "other.parquet"))
+    refused = CliRunner().invoke(pretrain, ["--config", str(schedule_yaml), "--preset", "debug", "--data", other,
+                                            "--run-dir", str(run_dir)])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output[-3000:]
+    (error,) = [line for line in refused.output.splitlines() if line.startswith("Error:")]
+    assert "corpus 1 file(s), 420 rows -> 1 file(s), 500 rows" in error
+    assert f"--init-from {run_dir / 'export'}" in error
     assert snapshot() == before
 
     latest = run_dir / f"checkpoint_{record['end_step']:08d}"

@@ -377,6 +377,7 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
                 log.write(metrics)
             if step % tc.save_every == 0 or stop:
                 beat.beat("checkpoint")
+                log.sync()  # the checkpoint's steps' metrics reach a remote run dir now, not at the next mirror
                 t_save = time.time()
                 save_checkpoint(engine, dict(state), metrics or {"step": step}, bert_config, tokenizer,
                                 rank, tc.zero_stage)

@@ -412,6 +412,9 @@ def worker_nodes() -> list[str]:
     return nodes
 
 
+_SYNC = object()  # MetricsWriter.sync's request to the metrics thread
+
+
 class MetricsWriter:
     """Appends JSON lines to `path`, and the numeric fields of each record with a `step` as
     TensorBoard scalars under `tensorboard_dir`, from a background thread (path None: a no-op,
@@ -442,6 +445,13 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if self._thread is not None:
             self._q.put(record)
+
+    def sync(self) -> None:
+        """Flush what was written so far and, for a remote run dir, upload it now rather than at the
+        next `mirror_every_s`: called before each checkpoint, so a killed run's store holds the
+        metrics of every step its checkpoints cover. Returns at once (the metrics thread does it)."""
+        if self._thread is not None:
+            self._q.put(_SYNC)
 
     def _scalars(self, tb, trackers, record: dict) -> None:
         step = record.get("step")
@@ -474,12 +484,12 @@ class MetricsWriter:
                         record = ...  # time to mirror, nothing to write
                     if record is None:
                         return
-                    if record is not ...:
+                    if record is not ... and record is not _SYNC:
                         f.write(json.dumps(record) + "\n")
                         self._scalars(tb, trackers, record)
-                    if self._q.empty():
+                    if self._q.empty() or record is _SYNC:
                         f.flush()
-                        if self.mirror and time.monotonic() - synced >= self.mirror_every_s:
+                        if self.mirror and (record is _SYNC or time.monotonic() - synced >= self.mirror_every_s):
                             if tb is not None:
                                 tb.flush()
                             self._sync()

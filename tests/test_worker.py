@@ -55,6 +55,28 @@ def test_metrics_writer_mirrors_numeric_fields_to_tensorboard(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("val_loss")] == [(30, 6.5)]
 
 
+def test_metrics_reach_a_remote_run_dir_when_synced_not_only_at_close(tmp_path):
+    """A remote run dir's metrics are a local file mirrored every 30 s and at close: a run killed
+    in between (kill -9: no close) lost them on the store. The loop calls `sync()` before each
+    checkpoint, which uploads at once, without waiting for the mirror interval or the close."""
+    from pipelines.storage import Mirror
+
+    staging, remote = tmp_path / "staging", tmp_path / "remote"
+    staging.mkdir()
+    remote.mkdir()  # a stand-in for the store (which needs no directories)
+    log = MetricsWriter(staging / "metrics.jsonl", mirror=Mirror(str(staging), str(remote)))
+    for step in (5, 10):
+        log.write({"step": step, "loss": 9.0})
+    log.sync()
+    uploaded, deadline = [], time.time() + 10
+    while time.time() < deadline and len(uploaded) < 2:
+        time.sleep(0.05)
+        text = (remote / "metrics.jsonl").read_text() if (remote / "metrics.jsonl").exists() else ""
+        uploaded = [json.loads(x)["step"] for x in text.splitlines()]
+    assert uploaded == [5, 10]
+    log.close()
+
+
 def test_heartbeat_publishes_step_and_phase(tmp_path):
     path = tmp_path / "heartbeat.json"
     hb = Heartbeat(path, interval_s=0.1)

@@ -13,7 +13,9 @@ Contract:
   run. W&B settings are `wandb.init` keyword arguments; the W&B run id defaults to one derived from
   the run dir with `resume="allow"`, so a scheduled run's invocations continue one W&B run.
 - Only rank 0 tracks, from the metrics thread: a step never waits on a tracking server. A tracker
-  that fails (server down, bad credentials) prints one line and is dropped; training goes on.
+  that fails (server down, bad credentials) prints one line and is dropped; training goes on. An
+  MLflow server over http(s) gets one TCP connect of `CONNECT_TIMEOUT_S` first: MLflow's client
+  retries a refused connection with backoff for minutes, and the run waited for it at its end.
 """
 
 from __future__ import annotations
@@ -21,10 +23,27 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import os
+import socket
 from typing import Optional
 
 TRACKERS = {"mlflow": "mlflow", "wandb": "wandb"}  # config key -> the module that must be importable
 _MLFLOW_FIXED = {"config", "rank_zero_only"}  # set by us
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """One TCP connect to an http(s) server's host and port; ConnectionError naming it if none."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return  # a local file store, databricks, ...: nothing to connect to
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"tracking server {uri} is unreachable ({e})") from None
 
 
 def _mlflow_keys() -> set[str]:
@@ -93,6 +112,13 @@ class Trackers:
     def _mlflow(settings: dict, name: str, run_dir: str, params: dict):
         from ray.air.integrations.mlflow import setup_mlflow
 
+        uri = settings.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            check_reachable(uri)
+        # A server that goes away mid-run: a few short retries per call, not minutes (unless the
+        # user set these).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         kw = {"experiment_name": "raybert", "create_experiment_if_not_exists": True, "run_name": name} | settings
         kw["tags"] = {"raybert.run_dir": run_dir} | (settings.get("tags") or {})
         return setup_mlflow(config=params, rank_zero_only=False, **kw)

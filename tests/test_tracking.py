@@ -96,3 +96,22 @@ def test_a_pretrain_config_with_a_bad_tracker_is_one_error_line(tmp_path):
     (error,) = [line for line in res.output.splitlines() if line.startswith("Error:")]
     assert "train.mlflow" in error and "'experiment'" in error
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(60)
+def test_an_unreachable_mlflow_server_is_dropped_after_one_short_attempt(capsys, monkeypatch):
+    """A tracking server that refuses connections: MLflow's client retried it with backoff for
+    minutes (a 35 s run took 266 s). One connect, one line, and logging goes on without it."""
+    import time
+
+    from conftest import free_port
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    t0 = time.time()
+    t = Trackers({"tracking_uri": uri}, None, "/runs/a", {"train": {"lr": 1e-3}})
+    t.log({"loss": 1.0}, 5)
+    t.close()
+    assert time.time() - t0 < 10
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 1 and "mlflow tracking is off" in lines[0] and uri in lines[0], lines

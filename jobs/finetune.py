@@ -178,8 +178,11 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
 
     run_dir = storage.normalize(cfg.run_dir)
     if has_checkpoints(run_dir):
-        raise FileExistsError(f"{run_dir} already holds a fine-tune result; fine-tunes don't resume, "
-                              f"use a new --run-dir")
+        saved = json.loads(storage.read_text(storage.join(run_dir, "config.json")) or "{}")
+        what = "a pretraining run" if "pretrain" in saved else "a fine-tune result"
+        hint = f" (--init-from {storage.join(run_dir, 'export')} fine-tunes its weights)" if "pretrain" in saved else ""
+        raise FileExistsError(f"{run_dir} already holds {what}; fine-tunes don't resume and never write into "
+                              f"another run, use a new --run-dir{hint}")
     tokenizer = cfg.tokenizer or cfg.model.init_from
     tokenizer = tokenizer if storage.is_uri(tokenizer) else str(Path(tokenizer).absolute())
     from bert_core.checkpoint import check_checkpoint
@@ -192,8 +195,6 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     # Labels are read with pyarrow on the driver: a bad label set is refused before Ray starts
     # and before the run dir exists.
     labels = {t.name: _labels(t) for t in tasks}
-    if not storage.is_uri(run_dir):
-        os.makedirs(run_dir, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from jobs.ray_env import ray_session
@@ -232,6 +233,8 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
                                   model=model, data=copy.deepcopy(cfg.data), train=train,
                                   options=copy.deepcopy(cfg.options), masking=copy.deepcopy(cfg.masking),
                                   use_gpu=plan.use_gpu, torch_threads=plan.torch_threads)
+        # The run dir is made only now, every check passed (some need the tokenized rows): a refused
+        # fine-tune leaves nothing behind.
         storage.write_text(storage.join(run_dir, "config.json"), json.dumps({"finetune": asdict(cfg) | {"tasks": [asdict(t) for t in tasks]},
                                                          "loop": loop.to_dict(), "plan": plan.to_dict()},
                                                         indent=1, default=str) + "\n")

@@ -185,6 +185,20 @@ def test_split_checks_on_tokenized_rows(tmp_path, minilm_dir, ray_local):
     msg = str(e.value)
     assert f"label(s) 'rare' (in {f}) occur only in the hashed validation split (val_fraction 0.1, split_seed 0" in msg
     assert "add training rows" in msg and "`labels` explicitly" in msg
+    # Through the CLI (on this Ray): one Error line, and no run dir left (it was made before the
+    # checks that need the tokenized rows, and stayed behind).
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    run_dir = tmp_path / "run"
+    t0 = time.time()
+    res = CliRunner().invoke(cli, ["finetune", "--data", f, "--tokenizer", str(minilm_dir), "--preset", "debug",
+                                   "--run-dir", str(run_dir)])
+    errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert res.exit_code == 1 and len(errors) == 1 and "Traceback" not in res.output, res.output[-3000:]
+    assert "occur only in the hashed validation split" in errors[0] and time.time() - t0 < 20
+    assert not run_dir.exists()
     # Listed labels allow a validation-only class (the user said so) ...
     listed = TaskData(name="sentiment", paths=[f], labels=["neg", "pos", "rare"])
     fd.build_task_datasets(listed, cfg, str(minilm_dir), {"neg": 0, "pos": 1, "rare": 2})

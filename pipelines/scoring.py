@@ -752,6 +752,19 @@ def check_head(cfg: "ScoreConfig", model_config) -> None:
                          f"scores with a fresh head on purpose)")
 
 
+def job_dtype(setting: str, device: str, record: dict, threads: int, hidden: int) -> str:
+    """The one precision every row of an output is scored in. Actors that resolved `auto` for
+    themselves, started at once on shared cores, disagreed (an output held bf16 and fp32 rows), and
+    GPUs of two generations could too. So `auto` is chosen once, here: on CPU by the predictors'
+    probe at the actors' thread count; on GPU bf16 (native since Ampere, emulated before: the same
+    numbers on every GPU). A resume keeps the run record's choice whatever a new probe says."""
+    if setting != "auto":
+        return setting
+    if record.get("dtype_used"):
+        return record["dtype_used"]
+    return choose_cpu_dtype(threads, hidden) if device == "cpu" else "bf16"
+
+
 def choose_cpu_dtype(threads: int, hidden: int) -> str:
     """`auto` on CPU for one job: the predictors' probe (`resolve_dtype`), run once here at the
     actors' thread count."""
@@ -842,12 +855,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     if dtype == "fp16" and res.device != "cuda":
         raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
     on_cpu = res.device == "cpu"
-    if on_cpu and dtype == "auto":
-        # One precision per output: actors that probed for themselves, started at once on shared
-        # cores, disagreed (an output held bf16 and fp32 rows). Chosen once, on the driver's
-        # machine, recorded in the run record, and kept by a resume whatever a new probe says.
-        dtype = record.get("dtype_used") or choose_cpu_dtype(res.torch_threads, pre.model_config.hidden_size)
-        record["dtype_used"] = dtype
+    dtype = record["dtype_used"] = job_dtype(dtype, res.device, record, res.torch_threads, pre.model_config.hidden_size)
     _write_json(run_record, record)  # before any row: the output is now provably ours, with its recipe
     # CPU actors share the cores with the read/write tasks and each other. OpenMP's default spin-wait
     # then burns the time slices another torch thread needs: measured 10-20x slower forwards under

@@ -473,6 +473,21 @@ def test_model_tokenizer_and_input_mismatches_are_refused_up_front(tmp_path, tin
     _nothing_created(out)
 
 
+def test_auto_precision_is_one_per_job_on_gpus_too(monkeypatch):
+    """On GPUs each actor resolved `auto` itself (bf16 where supported, else fp16), so GPUs of two
+    generations could mix precisions in one output; now the driver fixes it (bf16 on any GPU) and
+    a resume keeps the recorded choice. CPU `auto` is the driver's one probe."""
+    import pipelines.scoring as scoring
+    from pipelines.scoring import job_dtype
+
+    probes = []
+    monkeypatch.setattr(scoring, "choose_cpu_dtype", lambda threads, hidden: probes.append((threads, hidden)) or "fp32")
+    assert job_dtype("auto", "cuda", {}, 1, 384) == "bf16" and probes == []
+    assert job_dtype("auto", "cuda", {"dtype_used": "fp16"}, 1, 384) == "fp16"  # a resume keeps its precision
+    assert job_dtype("auto", "cpu", {}, 2, 384) == "fp32" and probes == [(2, 384)]
+    assert job_dtype("fp16", "cuda", {"dtype_used": "bf16"}, 1, 384) == "fp16"  # explicit: as given (the recipe check refuses a change)
+
+
 def test_auto_precision_is_chosen_once_per_output_and_kept_by_a_resume(ray_local, tmp_path, tiny, monkeypatch):
     """`--dtype auto` on CPU is decided once per job on the driver and recorded in the run record;
     a resume scores its remaining rows in that precision even where a new probe would choose

@@ -74,7 +74,7 @@ def finetune(name: str, work: Path, train_path: str, init_from, tokenizer: str, 
 
     from jobs.finetune import FinetuneConfig, main
     from pipelines.finetune_data import TaskData
-    from pipelines.train import ModelConfig
+    from pipelines.train_config import ModelConfig
 
     run_dir = work / f"run_{name}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -99,7 +99,7 @@ def score_accuracy(export: str, test_path: str, test: list, out: Path) -> tuple[
     import shutil
 
     from jobs.score import ScoreConfig, main
-    from pipelines.scoring import read_output
+    from pipelines.score_output import read_output
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()

@@ -112,7 +112,8 @@ def bench_ours(config, tok, batches, dtype, warmup, deepspeed_engine: bool):
     masker = Masker.from_tokenizer(tok)
     g = torch.Generator().manual_seed(0)
     if deepspeed_engine:
-        from pipelines.train import TrainConfig, build_engine
+        from pipelines.engine import build_engine
+        from pipelines.train_config import TrainConfig
 
         engine = build_engine(model, TrainConfig(micro_batch_size=batches[0].shape[0], zero_stage=1, dtype=dtype,
                                                  warmup_steps=0, grad_clip=1.0, max_steps=10 ** 6), 1)

@@ -24,20 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-
-@dataclass
-class MaskingConfig:
-    mlm_probability: float = 0.15  # share of maskable tokens chosen for prediction
-    mask_replace_prob: float = 0.8  # of chosen tokens: replaced by [MASK]
-    random_replace_prob: float = 0.1  # of chosen tokens: replaced by a random token (rest kept)
-    whole_word: bool = False  # choose whole words rather than single WordPiece tokens
-
-    def __post_init__(self):
-        if not 0.0 < self.mlm_probability < 1.0:
-            raise ValueError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
-        if self.mask_replace_prob < 0 or self.random_replace_prob < 0 or \
-                self.mask_replace_prob + self.random_replace_prob > 1.0:
-            raise ValueError("mask_replace_prob and random_replace_prob must be >= 0 and sum to <= 1")
+from .masking_config import MaskingConfig
 
 
 @dataclass

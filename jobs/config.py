@@ -4,7 +4,8 @@ CLI overrides on top.
 Contract: `load_config(Cls, path, overrides)` returns a `Cls` instance. YAML keys must be field
 names of `Cls` (nested dataclasses are nested mappings); an unknown key is an error that names the
 key and the file, so a typo never silently falls back to a default. Overrides whose value is None
-(a CLI flag that was not given) are ignored. `--print-config` (`print_config_option`) shows the
+(a CLI flag that was not given) are ignored. `user_errors` gives every command the same one-line
+errors and exit statuses. `--print-config` (`print_config_option`) shows the
 resolved config as YAML that `--config` accepts, and runs nothing. `as_run_location` and
 `as_model_location` take a local path or an object-store URI (pipelines/storage.py), refusing on
 the driver, before anything is written, a URI that can't work (unknown scheme, no bucket, no such
@@ -189,6 +190,37 @@ def print_config_option(command):
     calls `echo_config(cfg)` instead of running."""
     return click.option("--print-config", "print_config", is_flag=True,
                         help="Print the resolved config (preset, then --config, then flags) as YAML and exit.")(command)
+
+
+def from_preset(presets: dict, name: str):
+    """A fresh config of the named preset; an unknown name is refused, listing the presets."""
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+    return presets[name]()
+
+
+def user_errors(*more: type):
+    """Decorator for a click command: an error the user can act on (a bad setting, file or
+    path: ValueError, FileNotFoundError, FileExistsError, plus the command's own `more`) is one
+    `Error:` line and exit status 1, never a traceback; a target held by another run
+    (`jobs.schedule.RunLocked`) is exit status 75 (EX_TEMPFAIL: skipped, try later)."""
+    import functools
+
+    def wrap(command):
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            from jobs.schedule import EXIT_LOCKED, RunLocked
+
+            try:
+                return command(*args, **kwargs)
+            except RunLocked as e:
+                err = click.ClickException(str(e))
+                err.exit_code = EXIT_LOCKED
+                raise err from e
+            except (ValueError, FileNotFoundError, FileExistsError, *more) as e:
+                raise click.ClickException(str(e)) from e
+        return run
+    return wrap
 
 
 def echo_config(cfg: Any) -> None:

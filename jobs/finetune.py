@@ -33,12 +33,12 @@ from typing import Optional
 
 import click
 
-from bert_core.masking import MaskingConfig
-from jobs.config import echo_config, print_config_option
-from jobs.pretrain import FP16_NEEDS_GPU, ScalingConfig, check_init_from, expects_gpu, has_checkpoints
-from pipelines.finetune import FinetuneOptions
+from bert_core.masking_config import MaskingConfig
+from jobs.config import echo_config, from_preset, print_config_option, user_errors
+from jobs.training import FP16_NEEDS_GPU, ScalingConfig, check_init_from, expects_gpu, has_checkpoints
 from pipelines.finetune_data import FinetuneData, TaskData
-from pipelines.train import ModelConfig, TrainConfig
+from pipelines.train_config import FinetuneOptions, ModelConfig, TrainConfig
+from pipelines.watchdog import TrainingStalled
 
 
 def _train_defaults() -> TrainConfig:
@@ -86,9 +86,7 @@ PRESETS = {
 
 
 def preset_config(name: str) -> FinetuneConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]()
+    return from_preset(PRESETS, name)
 
 
 @dataclass
@@ -100,7 +98,7 @@ class FinetuneResult:
     max_steps: int
 
 
-def _tasks(cfg: FinetuneConfig) -> list[TaskData]:
+def task_list(cfg: FinetuneConfig) -> list[TaskData]:
     from jobs.config import from_mapping, read_mapping
 
     # read_mapping names an unknown key (a typo) or a value of the wrong type, and its task,
@@ -112,7 +110,7 @@ def _tasks(cfg: FinetuneConfig) -> list[TaskData]:
 def validate(cfg: FinetuneConfig) -> list[TaskData]:
     from jobs.config import as_model_location, as_run_location, load_deepspeed
     from pipelines.tracking import check_trackers
-    from pipelines.worker import ds_config
+    from pipelines.engine import ds_config
 
     cfg.run_dir = as_run_location(cfg.run_dir)
     cfg.tokenizer = as_model_location("tokenizer", cfg.tokenizer)
@@ -120,7 +118,7 @@ def validate(cfg: FinetuneConfig) -> list[TaskData]:
     cfg.train.deepspeed = load_deepspeed(cfg.train.deepspeed)
     ds_config(cfg.train, cfg.scaling.num_workers)  # a contradicting --deepspeed file fails here
     check_trackers(cfg.train.mlflow, cfg.train.wandb)
-    tasks = _tasks(cfg)
+    tasks = task_list(cfg)
     if not tasks:
         raise ValueError("no task: pass --data (labeled Parquet) or list `tasks` in the --config file")
     names = [t.name for t in tasks]
@@ -141,13 +139,13 @@ def validate(cfg: FinetuneConfig) -> list[TaskData]:
 
 
 def _labels(task: TaskData) -> tuple[dict, dict]:
-    from pipelines.finetune_data import _label_key, discover_labels, encode_labels
+    from pipelines.finetune_data import label_key, discover_labels, encode_labels
 
     if task.kind == "mlm":
         return {}, {}
     if task.labels:
         id2label = {i: str(v) for i, v in enumerate(task.labels)}
-        label2id = {_label_key(v): i for i, v in enumerate(task.labels)} | {str(v): i for i, v in enumerate(task.labels)}
+        label2id = {label_key(v): i for i, v in enumerate(task.labels)} | {str(v): i for i, v in enumerate(task.labels)}
         return id2label, label2id
     return encode_labels(discover_labels(task))
 
@@ -198,32 +196,14 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from jobs.ray_env import ray_session
-    from pipelines.finetune import FinetuneLoopConfig, TaskSpec, finetune_loop_per_worker
-    from pipelines.finetune_data import build_task_datasets
-    from pipelines.resources import cluster_nodes, plan_training
-    from pipelines.worker import disable_deepspeed_jit, fit_with_watchdog, publish_export, torch_trainer
+    from jobs.training import plan_workers, run_trainer
+    from pipelines.compat import disable_deepspeed_jit
+    from pipelines.finetune import FinetuneLoopConfig, finetune_loop_per_worker
 
     disable_deepspeed_jit()
     with ray_session(cfg.address):
-        sc = cfg.scaling
-        plan = plan_training(cluster_nodes(), sc.num_workers, sc.cpus_per_worker, sc.use_gpu, sc.torch_threads,
-                             task_cpus=cfg.data.num_cpus)
-        if cfg.train.dtype == "fp16" and not plan.use_gpu:
-            raise ValueError(FP16_NEEDS_GPU)
-        datasets, specs = {}, []
-        need = cfg.train.micro_batch_size * cfg.scaling.num_workers
-        for task in tasks:
-            id2label, label2id = labels[task.name]
-            ds = build_task_datasets(task, cfg.data, tokenizer, label2id)
-            rows = ds["train"].count()
-            if rows < need:
-                raise ValueError(f"task {task.name}: {rows} training rows, fewer than one step needs "
-                                 f"({cfg.train.micro_batch_size} x {cfg.scaling.num_workers} workers)")
-            has_val = "val" in ds and ds["val"].count() > 0
-            datasets[f"train_{task.name}"] = ds["train"]
-            if has_val:
-                datasets[f"val_{task.name}"] = ds["val"]
-            specs.append(TaskSpec(task.name, task.kind, id2label or None, task.weight, rows, has_val))
+        plan = plan_workers(cfg.scaling, cfg.data.num_cpus, cfg.train.dtype)
+        datasets, specs = task_datasets(cfg, tasks, labels, tokenizer)
         train = copy.deepcopy(cfg.train)
         train.max_steps, train.warmup_steps = plan_steps(cfg, specs)
         model = copy.deepcopy(cfg.model)
@@ -235,21 +215,39 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
                                   use_gpu=plan.use_gpu, torch_threads=plan.torch_threads)
         # The run dir is made only now, every check passed (some need the tokenized rows): a refused
         # fine-tune leaves nothing behind.
-        storage.write_text(storage.join(run_dir, "config.json"), json.dumps({"finetune": asdict(cfg) | {"tasks": [asdict(t) for t in tasks]},
-                                                         "loop": loop.to_dict(), "plan": plan.to_dict()},
-                                                        indent=1, default=str) + "\n")
-        trainer = torch_trainer(
-            finetune_loop_per_worker, loop.to_dict(), run_dir=run_dir, num_workers=plan.num_workers,
-            use_gpu=plan.use_gpu, cpus_per_worker=plan.cpus_per_worker,
-            max_failures=cfg.scaling.max_failures, keep_last=1, datasets=datasets)
-        result = fit_with_watchdog(trainer, run_dir, cfg.train.stall_timeout_s)
-
-    ckpt = storage.join(run_dir, storage.basename(result.checkpoint.path)) if result.checkpoint is not None else None
-    export = publish_export(ckpt, run_dir)
+        storage.write_text(storage.join(run_dir, "config.json"), json.dumps(
+            {"finetune": asdict(cfg) | {"tasks": [asdict(t) for t in tasks]}, "loop": loop.to_dict(),
+             "plan": plan.to_dict()}, indent=1, default=str) + "\n")
+        _, export, metrics = run_trainer(finetune_loop_per_worker, loop.to_dict(), run_dir=run_dir, plan=plan,
+                                         scaling=cfg.scaling, keep_last=1, datasets=datasets,
+                                         stall_timeout_s=cfg.train.stall_timeout_s)
     if export is None:
         raise RuntimeError(f"fine-tune finished without a result checkpoint in {run_dir}")
-    return FinetuneResult(run_dir=run_dir, export=export, metrics=dict(result.metrics or {}),
+    return FinetuneResult(run_dir=run_dir, export=export, metrics=metrics,
                           labels={s.name: s.id2label for s in specs if s.id2label}, max_steps=train.max_steps)
+
+
+def task_datasets(cfg: FinetuneConfig, tasks: list, labels: dict, tokenizer: str) -> tuple[dict, list]:
+    """In a Ray session: each task's tokenized train (and val) datasets, keyed `train_<task>` /
+    `val_<task>`, and its TaskSpec; a task with fewer training rows than one step is refused."""
+    from pipelines.finetune import TaskSpec
+    from pipelines.finetune_data import build_task_datasets
+
+    datasets, specs = {}, []
+    need = cfg.train.micro_batch_size * cfg.scaling.num_workers
+    for task in tasks:
+        id2label, label2id = labels[task.name]
+        ds = build_task_datasets(task, cfg.data, tokenizer, label2id)
+        rows = ds["train"].count()
+        if rows < need:
+            raise ValueError(f"task {task.name}: {rows} training rows, fewer than one step needs "
+                             f"({cfg.train.micro_batch_size} x {cfg.scaling.num_workers} workers)")
+        has_val = "val" in ds and ds["val"].count() > 0
+        datasets[f"train_{task.name}"] = ds["train"]
+        if has_val:
+            datasets[f"val_{task.name}"] = ds["val"]
+        specs.append(TaskSpec(task.name, task.kind, id2label or None, task.weight, rows, has_val))
+    return datasets, specs
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,6 +287,7 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--deepspeed", "deepspeed_json", help="DeepSpeed JSON merged over raybert's (ZeRO tuning, offload).")
 @click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray.")
 @print_config_option
+@user_errors(TrainingStalled)
 def finetune(data, val_data, kind, name, run_dir, config_path, preset, init_from, tokenizer, epochs, lr,
              num_workers, use_gpu, dtype, zero_stage, deepspeed_json, address, print_config):
     """Fine-tune a pretrained BERT into a classifier or tagger (or several heads, from --config)."""
@@ -296,16 +295,11 @@ def finetune(data, val_data, kind, name, run_dir, config_path, preset, init_from
                  "options.epochs": epochs, "train.lr": lr, "scaling.num_workers": num_workers,
                  "scaling.use_gpu": use_gpu, "train.dtype": dtype, "train.zero_stage": zero_stage,
                  "address": address, "train.deepspeed": deepspeed_json}
-    from pipelines.worker import TrainingStalled
-
     task = dict(name=name, kind=kind, paths=list(data), val_paths=list(val_data)) if data else None
-    try:
-        cfg = build_config(preset, config_path, overrides, task)
-        if print_config:
-            return echo_config(cfg)
-        result = main(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, TrainingStalled) as e:  # no traceback
-        raise click.ClickException(str(e)) from e
+    cfg = build_config(preset, config_path, overrides, task)
+    if print_config:
+        return echo_config(cfg)
+    result = main(cfg)
     click.echo(json.dumps({"run_dir": result.run_dir, "export": result.export, "max_steps": result.max_steps,
                            "labels": result.labels, "metrics": result.metrics}, indent=1, default=str))
 

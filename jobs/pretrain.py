@@ -37,22 +37,12 @@ from typing import Optional
 
 import click
 
-from jobs.config import echo_config, print_config_option
+from jobs.config import echo_config, from_preset, print_config_option, user_errors
+from jobs.training import (FP16_NEEDS_GPU, TOKENIZER_FILES, ScalingConfig, check_init_from, expects_gpu,
+                           has_checkpoints)
 from pipelines.pretrain_data import DataConfig
-from pipelines.train import ModelConfig, TrainConfig
-
-
-@dataclass
-class ScalingConfig:
-    num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
-    # GPUs: None = one per worker when the cluster has GPUs (NCCL), True = require them,
-    # False = train on CPUs (gloo).
-    use_gpu: Optional[bool] = None
-    # CPUs each worker reserves; None = sized from the cluster, always leaving the Ray Data tasks a
-    # budget (pipelines/resources.py). An explicit value that leaves them none is refused.
-    cpus_per_worker: Optional[float] = None
-    torch_threads: Optional[int] = None  # CPU threads per worker; None = the CPUs it holds, rounded up
-    max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before giving up
+from pipelines.train_config import ModelConfig, TrainConfig
+from pipelines.watchdog import TrainingStalled
 
 
 @dataclass
@@ -99,9 +89,7 @@ PRESETS = {
 
 
 def preset_config(name: str) -> PretrainConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]()
+    return from_preset(PRESETS, name)
 
 
 @dataclass
@@ -117,27 +105,11 @@ class PretrainResult:
 # shorter budget used to train one step and record `ok` at several times the budget.
 MIN_TIME_BUDGET_S = 30.0
 
-FP16_NEEDS_GPU = "dtype fp16 needs GPUs (DeepSpeed on CPU supports fp32 and bf16); use --dtype bf16 or --use-gpu"
-
-
-def expects_gpu(scaling: ScalingConfig, address: Optional[str]) -> Optional[bool]:
-    """Whether the job will train on GPUs, as far as the driver can tell before Ray starts: the
-    setting if given, else (embedded local Ray) whether this machine has CUDA; None for a cluster
-    not connected to yet (the resource plan decides)."""
-    if scaling.use_gpu is not None:
-        return scaling.use_gpu
-    if address or os.environ.get("RAY_ADDRESS"):
-        return None
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def validate(cfg: PretrainConfig) -> None:
     """Fail before starting Ray on settings that can't work (and make local-path settings plain paths)."""
     from jobs.config import as_model_location, as_run_location, load_deepspeed
     from pipelines.tracking import check_trackers
-    from pipelines.worker import ds_config
+    from pipelines.engine import ds_config
 
     cfg.run_dir = as_run_location(cfg.run_dir)
     cfg.data.tokenizer = as_model_location("tokenizer", cfg.data.tokenizer)
@@ -181,42 +153,6 @@ def resolve_tokenizer(cfg: PretrainConfig) -> str:
     return tok if storage.is_uri(tok) else str(Path(tok).absolute())
 
 
-def has_checkpoints(run_dir: str | Path) -> bool:
-    from pipelines import storage
-
-    return any(name.startswith("checkpoint_") for name in storage.list_names(str(run_dir)))
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
-
-
-def check_init_from(init_from: str, config, tokenizer_path: str, tok) -> None:
-    """Refuse an `--init-from` checkpoint (`config`: what `bert_core.check_checkpoint` returned for
-    it) whose vocabulary isn't the tokenizer's: its embedding rows would be trained as other
-    tokens, silently (the weights load either way). Driver side, no Ray; shared by pretraining and
-    fine-tuning."""
-    from bert_core.tokenizer import load_tokenizer
-
-    ckpt = Path(init_from).absolute()
-    if config.vocab_size < len(tok):
-        raise ValueError(f"--init-from {ckpt} has vocab_size {config.vocab_size:,}, smaller than the "
-                         f"{len(tok):,} tokens of the tokenizer {tokenizer_path}: ids past "
-                         f"{config.vocab_size - 1} have no embedding. Use the tokenizer the checkpoint "
-                         f"was trained with (drop --tokenizer), or drop --init-from to train fresh weights")
-    ships_own = any((ckpt / f).is_file() for f in _TOKENIZER_FILES)
-    if ships_own and Path(tokenizer_path).absolute() != ckpt:
-        own = load_tokenizer(ckpt)
-        if own.get_vocab() != tok.get_vocab():
-            raise ValueError(f"--init-from {ckpt} ships its own vocabulary ({len(own):,} tokens), and "
-                             f"--tokenizer {tokenizer_path} is another ({len(tok):,} tokens): the checkpoint's "
-                             f"embeddings would be read as other tokens. Drop --tokenizer to use the "
-                             f"checkpoint's, or drop --init-from to train fresh weights on this vocabulary")
-    elif not ships_own and config.vocab_size != len(tok):
-        raise ValueError(f"--init-from {ckpt} has vocab_size {config.vocab_size:,} but the tokenizer "
-                         f"{tokenizer_path} has {len(tok):,} tokens, so it was trained with another "
-                         f"vocabulary; pass that one with --tokenizer, or drop --init-from")
-
-
 # Settings a run keeps for life: its checkpoints (model shape, vocabulary, ZeRO partitions of each
 # rank, precision-specific optimizer files) and exact resume (the data position counts
 # micro-batches of packed rows per worker) depend on them.
@@ -258,7 +194,7 @@ def check_resume(cfg: PretrainConfig, run_dir: str, tok, bert_config, corpus) ->
         return
     diffs = []
     # Only the export's config and tokenizer: the checkpoint's optimizer state may be gigabytes.
-    with storage.local_copy(storage.join(ckpt, "hf"), files=("config.json",) + _TOKENIZER_FILES) as hf:
+    with storage.local_copy(storage.join(ckpt, "hf"), files=("config.json",) + TOKENIZER_FILES) as hf:
         saved_model = BertConfig.from_json(Path(hf, "config.json"))
         saved_tok = load_tokenizer(hf)
     for k in _MODEL_SHAPE:
@@ -297,7 +233,7 @@ def check_inputs(cfg: PretrainConfig, run_dir: str):
     from bert_core.checkpoint import check_checkpoint
     from bert_core.tokenizer import load_tokenizer
     from pipelines.pretrain_data import check_corpus
-    from pipelines.worker import build_bert_config
+    from pipelines.engine import build_bert_config
 
     if cfg.resume == "never" and has_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds checkpoints; use --resume auto to continue "
@@ -380,7 +316,7 @@ def _already_complete(run_dir: str, step: int, max_steps: int) -> PretrainResult
     scheduled invocation on a finished run costs seconds, not a Ray Train start-up). The result is
     the registered latest checkpoint and its export, as the fit that reached it returned them."""
     from jobs.schedule import registered_checkpoint
-    from pipelines.worker import publish_export
+    from pipelines.trainer import publish_export
 
     ckpt = registered_checkpoint(run_dir)
     print(f"[raybert] {run_dir} is at step {step:,} of max_steps {max_steps:,}: nothing to train", flush=True)
@@ -389,31 +325,20 @@ def _already_complete(run_dir: str, step: int, max_steps: int) -> PretrainResult
 
 
 def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str, corpus) -> PretrainResult:
-    from pipelines.train import LoopConfig, train_loop_per_worker
-    from pipelines import storage
-    from pipelines.worker import disable_deepspeed_jit, fit_with_watchdog, publish_export, torch_trainer
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    disable_deepspeed_jit()
-
     import ray.data
     import ray.train
 
     from jobs.ray_env import ray_session
+    from jobs.training import plan_workers, run_trainer
+    from pipelines import storage
+    from pipelines.compat import disable_deepspeed_jit
     from pipelines.pretrain_data import build_datasets
-    from pipelines.resources import cluster_nodes, plan_training
+    from pipelines.train import LoopConfig, train_loop_per_worker
 
-    from jobs.schedule import Refused
-
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    disable_deepspeed_jit()
     with ray_session(cfg.address):
-        sc = cfg.scaling
-        try:
-            plan = plan_training(cluster_nodes(), sc.num_workers, sc.cpus_per_worker, sc.use_gpu, sc.torch_threads,
-                                 task_cpus=cfg.data.num_cpus)
-        except ValueError as e:
-            raise Refused(str(e)) from None
-        if cfg.train.dtype == "fp16" and not plan.use_gpu:
-            raise Refused(FP16_NEEDS_GPU)
+        plan = plan_workers(cfg.scaling, cfg.data.num_cpus, cfg.train.dtype)
         train = copy.deepcopy(cfg.train)
         if cfg.time_budget is not None:
             train.deadline = t0 + cfg.time_budget
@@ -423,23 +348,17 @@ def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str, corpus) -
         loop_cfg = LoopConfig(run_dir=run_dir, tokenizer=tokenizer, model=model, data=copy.deepcopy(cfg.data),
                               train=train, use_gpu=plan.use_gpu, torch_threads=plan.torch_threads)
         # Written only now, with every check passed: a refused invocation leaves the run dir as it was.
-        storage.write_text(storage.join(run_dir, "config.json"), json.dumps({"pretrain": _asdict(cfg), "tokenizer": tokenizer,
-                                                         "plan": plan.to_dict(), "corpus": {"files": corpus.files, "fingerprint": corpus.fingerprint}}, indent=1, default=str) + "\n")
-        datasets = build_datasets(cfg.data, tokenizer)
+        storage.write_text(storage.join(run_dir, "config.json"), json.dumps(
+            {"pretrain": _asdict(cfg), "tokenizer": tokenizer, "plan": plan.to_dict(),
+             "corpus": {"files": corpus.files, "fingerprint": corpus.fingerprint}}, indent=1, default=str) + "\n")
         # Deterministic order end to end: the same rows reach the same worker in the same order
         # on every run, which is what lets a resume skip exactly the batches already trained on.
         exec_opts = ray.data.ExecutionOptions(preserve_order=True)
-        trainer = torch_trainer(
-            train_loop_per_worker, loop_cfg.to_dict(), run_dir=run_dir, num_workers=plan.num_workers,
-            use_gpu=plan.use_gpu, cpus_per_worker=plan.cpus_per_worker,
-            max_failures=cfg.scaling.max_failures, keep_last=cfg.train.keep_last, datasets=datasets,
-            dataset_config=ray.train.DataConfig(execution_options=exec_opts))
-        result = fit_with_watchdog(trainer, run_dir, cfg.train.stall_timeout_s)
-
-    ckpt = storage.join(run_dir, storage.basename(result.checkpoint.path)) if result.checkpoint is not None else None
-    export = publish_export(ckpt, run_dir)
-    return PretrainResult(run_dir=run_dir, checkpoint=ckpt, export=export,
-                          metrics=dict(result.metrics or {}))
+        ckpt, export, metrics = run_trainer(
+            train_loop_per_worker, loop_cfg.to_dict(), run_dir=run_dir, plan=plan, scaling=cfg.scaling,
+            keep_last=cfg.train.keep_last, datasets=build_datasets(cfg.data, tokenizer),
+            stall_timeout_s=cfg.train.stall_timeout_s, dataset_config=ray.train.DataConfig(execution_options=exec_opts))
+    return PretrainResult(run_dir=run_dir, checkpoint=ckpt, export=export, metrics=metrics)
 
 
 def _asdict(cfg) -> dict:
@@ -490,6 +409,7 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--deepspeed", "deepspeed_json", help="DeepSpeed JSON merged over raybert's (ZeRO tuning, offload).")
 @click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray.")
 @print_config_option
+@user_errors(TrainingStalled)
 def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps, zero_stage, num_workers,
              use_gpu, dtype, resume, max_steps_per_run, time_budget, deepspeed_json, address, print_config):
     """MLM-pretrain BERT on a Parquet text corpus with Ray Train + DeepSpeed.
@@ -497,9 +417,6 @@ def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps
     Run it on a schedule with `--resume auto` and a budget: each invocation continues the run
     dir's latest checkpoint, overlapping invocations are refused (exit status 75), and
     RUN_DIR/runs.jsonl records each one."""
-    from jobs.schedule import EXIT_LOCKED, RunLocked
-    from pipelines.worker import TrainingStalled
-
     overrides = {
         "train.steps_per_run": max_steps_per_run, "time_budget": time_budget,
         "run_dir": run_dir, "data.paths": list(data) or None, "data.tokenizer": tokenizer,
@@ -507,17 +424,10 @@ def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps
         "scaling.num_workers": num_workers, "scaling.use_gpu": use_gpu, "train.dtype": dtype,
         "resume": resume, "address": address, "train.deepspeed": deepspeed_json,
     }
-    try:
-        cfg = build_config(preset, config_path, overrides)
-        if print_config:
-            return echo_config(cfg)
-        result = main(cfg)
-    except RunLocked as e:
-        err = click.ClickException(str(e))
-        err.exit_code = EXIT_LOCKED
-        raise err from e
-    except (ValueError, FileNotFoundError, FileExistsError, TrainingStalled) as e:  # no traceback
-        raise click.ClickException(str(e)) from e
+    cfg = build_config(preset, config_path, overrides)
+    if print_config:
+        return echo_config(cfg)
+    result = main(cfg)
     click.echo(json.dumps({"run_dir": result.run_dir, "checkpoint": result.checkpoint,
                            "export": result.export, "metrics": result.metrics}, indent=1, default=str))
 
@@ -545,21 +455,19 @@ def iter_texts(paths: list[str], text_column: str = "text", limit: Optional[int]
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--max-docs", type=int, help="Train on at most this many documents.")
 @click.option("--cased", is_flag=True, help="Keep case (default: lowercase, as uncased BERT).")
+@user_errors()
 def vocab(data, out, vocab_size, text_column, max_docs, cased):
     """Train a WordPiece vocab on a Parquet corpus, for `raybert pretrain --tokenizer`."""
     import itertools
 
     from bert_core.tokenizer import train_tokenizer
 
-    try:
-        texts = iter_texts(list(data), text_column, max_docs)
-        first = next(texts, None)  # before anything is written to --out
-        if first is None:
-            raise ValueError(f"no text to train a vocab on: column {text_column!r} of {', '.join(data)} is null "
-                             f"or empty in every row (or there are no rows); check --data and --text-column")
-        tok = train_tokenizer(itertools.chain([first], texts), vocab_size, out, lowercase=not cased)
-    except (ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
+    texts = iter_texts(list(data), text_column, max_docs)
+    first = next(texts, None)  # before anything is written to --out
+    if first is None:
+        raise ValueError(f"no text to train a vocab on: column {text_column!r} of {', '.join(data)} is null "
+                         f"or empty in every row (or there are no rows); check --data and --text-column")
+    tok = train_tokenizer(itertools.chain([first], texts), vocab_size, out, lowercase=not cased)
     click.echo(json.dumps({"out": str(Path(out).absolute()), "vocab_size": len(tok)}))
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import click
 
-from jobs.config import echo_config, print_config_option
+from jobs.config import echo_config, print_config_option, user_errors
 
 # The job's typed config is the pipeline's: one dataclass, checked once (ScoreConfig.check).
-from pipelines.scoring import GpuWaitTimeout, ResourceConfig, ScoreConfig
+from pipelines.score_config import GpuWaitTimeout, ResourceConfig, ScoreConfig
 
 
 def output_lock(output: str):
@@ -86,6 +86,7 @@ def main(cfg: ScoreConfig):
 @click.option("--head", help="Task head of a multi-task checkpoint (default: its primary task).")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
 @print_config_option
+@user_errors(GpuWaitTimeout)  # no GPU node in time for --device cuda
 def score(input, output, model, task, config_path, max_tokens, batch_size, num_actors, device, dtype, head, address,
           print_config):
     """Score Parquet INPUT (file, directory or glob) into Parquet OUTPUT, one row per input row.
@@ -93,24 +94,14 @@ def score(input, output, model, task, config_path, max_tokens, batch_size, num_a
     INPUT and OUTPUT may instead come from the --config file (as under `ray job submit ... --
     python -m jobs.score --config FILE`)."""
     from jobs.config import load_config
-    from jobs.schedule import EXIT_LOCKED, RunLocked
 
-    try:
-        cfg = load_config(ScoreConfig, config_path, {
-            "input": input, "output": output, "model": model, "task": task, "max_tokens": max_tokens,
-            "batch_size": batch_size, "resources.num_actors": num_actors, "resources.device": device,
-            "dtype": dtype, "head": head,
-            "address": address})
-        if print_config:
-            return echo_config(cfg)
-        main(cfg)
-    except RunLocked as e:  # another run holds the output: "skipped, try later", not "failed"
-        err = click.ClickException(str(e))
-        err.exit_code = EXIT_LOCKED
-        raise err from e
-    # A config, data or model problem, or (GpuWaitTimeout) no GPU node in time for --device cuda.
-    except (ValueError, FileNotFoundError, FileExistsError, GpuWaitTimeout) as e:
-        raise click.ClickException(str(e)) from e
+    cfg = load_config(ScoreConfig, config_path, {
+        "input": input, "output": output, "model": model, "task": task, "max_tokens": max_tokens,
+        "batch_size": batch_size, "resources.num_actors": num_actors, "resources.device": device,
+        "dtype": dtype, "head": head, "address": address})
+    if print_config:
+        return echo_config(cfg)
+    main(cfg)
 
 
 __all__ = ["ScoreConfig", "ResourceConfig", "main", "score"]

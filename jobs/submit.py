@@ -267,7 +267,7 @@ def check_config(job: str, path: Path) -> None:
     from jobs.config import load_config
 
     if job == "score":
-        from pipelines.scoring import ScoreConfig
+        from pipelines.score_config import ScoreConfig
 
         load_config(ScoreConfig, path).check()
     elif job == "pretrain":
@@ -275,9 +275,9 @@ def check_config(job: str, path: Path) -> None:
 
         load_config(PretrainConfig, path)
     else:
-        from jobs.finetune import FinetuneConfig, _tasks
+        from jobs.finetune import FinetuneConfig, task_list
 
-        _tasks(load_config(FinetuneConfig, path))  # each task's keys and types too
+        task_list(load_config(FinetuneConfig, path))  # each task's keys and types too
 
 
 def main(cfg: SubmitConfig) -> SubmitResult:

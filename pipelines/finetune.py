@@ -7,9 +7,9 @@ Contract:
   tasks that have validation rows) from pipelines/finetune_data.py.
 - Model: `bert_core.BertMultiTask` with a head per task, the encoder (and an mlm task's head)
   loaded from `model.init_from` or fresh from `model.preset`. DeepSpeed is applied by
-  pipelines.worker.build_engine, the one place shared with pretraining (ZeRO 0-3, fp32/bf16/fp16,
-  AdamW, warmup + decay, accumulation, clipping); threads, metrics writing, the heartbeat for the
-  stall watchdog and the all-reduce also come from pipelines.worker.
+  pipelines.engine.build_engine, the one place shared with pretraining (ZeRO 0-3, fp32/bf16/fp16,
+  AdamW, warmup + decay, accumulation, clipping); threads and the all-reduce come from
+  pipelines.worker, metrics writing from pipelines.run_log, the heartbeat from pipelines.watchdog.
 - Knobs (FinetuneOptions): epochs (which set the step count), warmup ratio, weight decay (in
   TrainConfig), dropout, layer-wise LR decay (layer l of L trains at lr * decay^(L + 1 - l), the
   embeddings at lr * decay^(L + 1), the pooler and heads at lr), and early stopping on the
@@ -46,37 +46,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bert_core.masking import Masker, MaskingConfig
+from bert_core.masking import Masker
+from bert_core.masking_config import MaskingConfig
 from bert_core.model import BertConfig, BertMultiTask, TaskHead
 from pipelines import storage
 from pipelines.finetune_data import IGNORE, FinetuneData
-from pipelines.worker import (Heartbeat, MetricsWriter, ModelConfig, TrainConfig, WorkerContext, all_reduce_sum,
-                              build_bert_config, build_engine, derive_seed, evaluating, gathered_state_dict,
-                              mlm_step_inputs, worker_nodes, worker_session)
+from pipelines.engine import build_bert_config, build_engine, evaluating, gathered_state_dict
+from pipelines.run_log import MetricsWriter
+from pipelines.train_config import FinetuneOptions, ModelConfig, TrainConfig
+from pipelines.watchdog import Heartbeat
+from pipelines.worker import WorkerContext, all_reduce_sum, derive_seed, mlm_step_inputs, run_in_session, worker_nodes
 
-MIXING = ("proportional", "weights", "round_robin")
-METRICS = ("auto", "accuracy", "macro_f1", "entity_f1")
-
-
-@dataclass
-class FinetuneOptions:
-    epochs: Optional[float] = 3.0  # passes over the labeled training rows; None = train.max_steps
-    warmup_ratio: Optional[float] = 0.1  # warmup as a share of the steps; None = train.warmup_steps
-    layer_lr_decay: float = 1.0  # < 1 trains lower layers slower (ELECTRA / BEiT style); 1 = off
-    dropout: Optional[float] = None  # encoder hidden + attention dropout; None = the checkpoint's
-    classifier_dropout: Optional[float] = None  # head dropout; None = dropout
-    mixing: str = "proportional"  # multi-task: proportional | weights | round_robin
-    metric: str = "auto"  # early-stopping score: auto | accuracy | macro_f1 | entity_f1
-    patience: int = 0  # stop after this many evaluations without improvement; 0 = never early
-    min_delta: float = 0.0  # an improvement must beat the best by more than this
-
-    def __post_init__(self):
-        if self.mixing not in MIXING:
-            raise ValueError(f"mixing must be one of {MIXING}, got {self.mixing!r}")
-        if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
-        if not 0 < self.layer_lr_decay <= 1:
-            raise ValueError("layer_lr_decay must be in (0, 1]")
 
 
 @dataclass
@@ -299,7 +279,7 @@ class _Stream:
                            "a smaller micro_batch_size or fewer workers")
 
 
-def _task_loss(engine, task: TaskSpec, batch: dict, masker: Optional[Masker], seed: int, device):
+def task_loss(engine, task: TaskSpec, batch: dict, masker: Optional[Masker], seed: int, device):
     if task.kind == "mlm":
         mb = mlm_step_inputs(masker, batch["input_ids"], seed)
         logits = engine(task.name, mb.input_ids.to(device), masked_index=mb.masked_index.to(device))  # (M, V)
@@ -311,10 +291,7 @@ def _task_loss(engine, task: TaskSpec, batch: dict, masker: Optional[Masker], se
 
 
 def finetune_loop_per_worker(config: dict) -> None:
-    cfg = FinetuneLoopConfig.from_dict(config)
-    with worker_session(cfg.run_dir, cfg.use_gpu, cfg.torch_threads, cfg.train.stall_timeout_s,
-                        train=cfg.train, params=cfg.to_dict()) as session:
-        _finetune(cfg, *session)
+    run_in_session(_finetune, FinetuneLoopConfig.from_dict(config))
 
 
 def _finetune(cfg: FinetuneLoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWriter) -> None:
@@ -322,30 +299,13 @@ def _finetune(cfg: FinetuneLoopConfig, wc: WorkerContext, beat: Heartbeat, log: 
 
     tc, opts = cfg.train, cfg.options
     rank, world, device = wc.rank, wc.world, wc.device
-
-    from bert_core.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(storage.cached_copy(cfg.tokenizer))  # a URI: this node's copy
-    heads = [TaskHead(t.name, t.kind, t.id2label) for t in cfg.tasks]
-    bert_config = finetune_bert_config(cfg.model, opts, len(tokenizer))
-    torch.manual_seed(tc.seed)  # identical fresh heads on every rank
-    model = build_multitask_model(cfg.model, bert_config, heads)
-    groups = layerwise_param_groups(model, tc.lr, tc.weight_decay, opts.layer_lr_decay)
-    engine = build_engine(model, tc, world, param_groups=groups)
-    masker = (Masker.from_tokenizer(tokenizer, cfg.masking) if any(t.kind == "mlm" for t in cfg.tasks) else None)
-
+    tokenizer, heads, bert_config, engine, masker = _open_finetune(cfg, wc)
     log.write({"event": "start", "step": 0, "world_size": world, "nodes": worker_nodes(), "threads": wc.threads,
                "tasks": [t.name for t in cfg.tasks], "max_steps": tc.max_steps, "time": time.time()})
     streams = {t.name: _Stream(ray.train.get_dataset_shard(f"train_{t.name}"), tc.micro_batch_size,
                                derive_seed(tc.seed, 31, i)) for i, t in enumerate(cfg.tasks)}
     vals = {t.name: ray.train.get_dataset_shard(f"val_{t.name}") for t in cfg.tasks if t.has_val}
-    by_name = {t.name: t for t in cfg.tasks}
-    index = {t.name: i for i, t in enumerate(cfg.tasks)}
-
-    best_score, best_step, best_sd, bad_evals = -math.inf, None, None, 0
-    # Per task: loss sum and micro-batches since the last log, on the device (no per-batch sync).
-    sums = torch.zeros(len(cfg.tasks), 2, dtype=torch.float64, device=device)
-    t_log, steps_since_log, tokens_since_log = time.time(), 0, 0
+    window, best = _LossWindow(cfg.tasks, device), _BestSoFar(opts)
     last_metrics: dict = {}
     engine.train()
     for step in range(1, tc.max_steps + 1):
@@ -356,59 +316,118 @@ def _finetune(cfg: FinetuneLoopConfig, wc: WorkerContext, beat: Heartbeat, log: 
             beat.beat("step")
             seed = derive_seed(tc.seed, rank, step, micro)
             torch.manual_seed(derive_seed(seed, 1))  # dropout
-            loss = _task_loss(engine, task, batch, masker, seed, device)
+            loss = task_loss(engine, task, batch, masker, seed, device)
             engine.backward(loss)
             engine.step()
-            sums[index[task.name], 0] += loss.detach().double()
-            sums[index[task.name], 1] += 1
-            # The batch is on the CPU: counting its tokens costs no device sync.
-            tokens_since_log += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch[
-                "input_ids"].numel()
-        steps_since_log += 1
+            window.add(task, loss, batch)
+        window.steps += 1
         beat.beat("step", step)
         metrics: dict = {}
         if step % tc.log_every == 0 or step == tc.max_steps:
-            flat = all_reduce_sum(torch.cat([sums.flatten(), sums.new_tensor([tokens_since_log])]), device)
-            dt = max(time.time() - t_log, 1e-9)
-            metrics = {"step": step, "lr": engine.get_lr()[-1], "tokens_per_s": flat[-1] / dt,
-                       **{f"loss_{t.name}": flat[2 * i] / flat[2 * i + 1]
-                          for i, t in enumerate(cfg.tasks) if flat[2 * i + 1] > 0}}
-            if rank == 0:
-                losses = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
-                eta = (tc.max_steps - step) * dt / steps_since_log
-                print(f"[raybert] step {step}/{tc.max_steps} {losses} {metrics['tokens_per_s']:,.0f} tokens/s "
-                      f"eta {eta:.0f}s", flush=True)
-            sums.zero_()
-            t_log, steps_since_log, tokens_since_log = time.time(), 0, 0
+            metrics = window.reduce(step, tc.max_steps, engine, rank)
         stop = step == tc.max_steps
         if vals and (step % tc.eval_every == 0 or stop):
-            scores = []
             metrics["step"] = step
-            for name, shard in vals.items():
-                m = evaluate_task(engine, by_name[name], shard, cfg, device, beat)
-                metrics.update({f"{k}_{name}": v for k, v in m.items()})
-                scores.append(_score(by_name[name], m, opts.metric))
-            score = float(np.mean(scores))
-            metrics["val_score"] = score
-            if score > best_score + opts.min_delta:
-                best_score, best_step, bad_evals = score, step, 0
-                best_sd = gathered_state_dict(engine, rank, tc.zero_stage)  # None except on rank 0
-            else:
-                bad_evals += 1
-                if opts.patience and bad_evals >= opts.patience:
-                    metrics["early_stop"] = True
-                    stop = True
-            metrics["best_step"] = best_step
+            stop |= best.evaluate(step, engine, vals, cfg, rank, device, beat, metrics)
         if metrics:
             log.write(metrics)
             last_metrics.update(metrics)
         if stop:
             break
     if not vals:  # no validation: keep the last weights
-        best_sd, best_step = gathered_state_dict(engine, rank, tc.zero_stage), step
-    final = {**last_metrics, "step": step, "best_step": best_step, "best_score": best_score if vals else None}
+        best.state_dict, best.step = gathered_state_dict(engine, rank, tc.zero_stage), step
+    final = {**last_metrics, "step": step, "best_step": best.step, "best_score": best.score if vals else None}
     log.write({"event": "end", **final, "time": time.time()})
     beat.beat("checkpoint")
+    _report_result(final, step, best.state_dict, bert_config, heads, tokenizer, rank)
+    engine.destroy()
+
+
+def _open_finetune(cfg: FinetuneLoopConfig, wc: WorkerContext):
+    """(tokenizer, heads, bert_config, engine, masker): the multi-task model from `init_from` with
+    fresh heads seeded alike on every rank, layer-wise LR groups, one DeepSpeed engine; a masker
+    only when a task is MLM."""
+    from bert_core.tokenizer import load_tokenizer
+
+    tc, opts = cfg.train, cfg.options
+    tokenizer = load_tokenizer(storage.cached_copy(cfg.tokenizer))  # a URI: this node's copy
+    heads = [TaskHead(t.name, t.kind, t.id2label) for t in cfg.tasks]
+    bert_config = finetune_bert_config(cfg.model, opts, len(tokenizer))
+    torch.manual_seed(tc.seed)  # identical fresh heads on every rank
+    model = build_multitask_model(cfg.model, bert_config, heads)
+    groups = layerwise_param_groups(model, tc.lr, tc.weight_decay, opts.layer_lr_decay)
+    engine = build_engine(model, tc, wc.world, param_groups=groups)
+    masker = (Masker.from_tokenizer(tokenizer, cfg.masking) if any(t.kind == "mlm" for t in cfg.tasks) else None)
+    return tokenizer, heads, bert_config, engine, masker
+
+
+class _LossWindow:
+    """Per task: loss sum and micro-batches since the last log, on the device (no per-batch sync),
+    and the tokens seen (counted on the CPU batch: no device sync either)."""
+
+    def __init__(self, tasks: list, device):
+        self.tasks, self.device = tasks, device
+        self.index = {t.name: i for i, t in enumerate(tasks)}
+        self.sums = torch.zeros(len(tasks), 2, dtype=torch.float64, device=device)
+        self.t0, self.steps, self.tokens = time.time(), 0, 0
+
+    def add(self, task: TaskSpec, loss: torch.Tensor, batch: dict) -> None:
+        self.sums[self.index[task.name], 0] += loss.detach().double()
+        self.sums[self.index[task.name], 1] += 1
+        self.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+    def reduce(self, step: int, max_steps: int, engine, rank: int) -> dict:
+        """The log step's metrics over all ranks (one sync); rank 0 prints the progress line."""
+        flat = all_reduce_sum(torch.cat([self.sums.flatten(), self.sums.new_tensor([self.tokens])]), self.device)
+        dt = max(time.time() - self.t0, 1e-9)
+        metrics = {"step": step, "lr": engine.get_lr()[-1], "tokens_per_s": flat[-1] / dt,
+                   **{f"loss_{t.name}": flat[2 * i] / flat[2 * i + 1]
+                      for i, t in enumerate(self.tasks) if flat[2 * i + 1] > 0}}
+        if rank == 0:
+            losses = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
+            eta = (max_steps - step) * dt / self.steps
+            print(f"[raybert] step {step}/{max_steps} {losses} {metrics['tokens_per_s']:,.0f} tokens/s "
+                  f"eta {eta:.0f}s", flush=True)
+        self.sums.zero_()
+        self.t0, self.steps, self.tokens = time.time(), 0, 0
+        return metrics
+
+
+class _BestSoFar:
+    """Early stopping on the validation score: the best score, its step and (rank 0) its weights."""
+
+    def __init__(self, opts: FinetuneOptions):
+        self.opts = opts
+        self.score, self.step, self.state_dict, self.bad_evals = -math.inf, None, None, 0
+
+    def evaluate(self, step: int, engine, vals: dict, cfg: FinetuneLoopConfig, rank: int, device, beat,
+                 metrics: dict) -> bool:
+        """Evaluate every task with validation data into `metrics`; True when patience ran out."""
+        by_name = {t.name: t for t in cfg.tasks}
+        scores = []
+        for name, shard in vals.items():
+            m = evaluate_task(engine, by_name[name], shard, cfg, device, beat)
+            metrics.update({f"{k}_{name}": v for k, v in m.items()})
+            scores.append(_score(by_name[name], m, self.opts.metric))
+        score = float(np.mean(scores))
+        metrics["val_score"] = score
+        stop = False
+        if score > self.score + self.opts.min_delta:
+            self.score, self.step, self.bad_evals = score, step, 0
+            self.state_dict = gathered_state_dict(engine, rank, cfg.train.zero_stage)  # None except on rank 0
+        else:
+            self.bad_evals += 1
+            if self.opts.patience and self.bad_evals >= self.opts.patience:
+                metrics["early_stop"] = stop = True
+        metrics["best_step"] = self.step
+        return stop
+
+
+def _report_result(final: dict, step: int, best_sd: Optional[dict], bert_config: BertConfig, heads: list,
+                   tokenizer, rank: int) -> None:
+    """Rank 0 saves the best weights as an HF checkpoint; every rank reports it to Ray Train."""
+    import ray.train
+
     with tempfile.TemporaryDirectory(prefix="raybert-ft-") as tmp:
         ckpt = None
         if rank == 0:
@@ -420,4 +439,3 @@ def _finetune(cfg: FinetuneLoopConfig, wc: WorkerContext, beat: Heartbeat, log: 
             Path(tmp, "finetune_result.json").write_text(json.dumps(final, indent=1, default=str) + "\n")
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
-    engine.destroy()

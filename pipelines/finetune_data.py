@@ -39,7 +39,9 @@ from typing import Optional
 
 import numpy as np
 
-from pipelines.pretrain_data import _tokenizer, names_list, parquet_files, read_parquet_v1, resolve_paths
+from pipelines.compat import read_parquet_v1
+from pipelines.inputs import names_list, parquet_files, resolve_paths
+from pipelines.pretrain_data import cached_tokenizer
 
 KINDS = ("classify", "tag", "mlm")
 IGNORE = -100  # label of positions that carry no loss
@@ -85,7 +87,7 @@ def is_val(text: str, val_fraction: float, split_seed: int) -> bool:
     return zlib.crc32(f"{split_seed}:{text}".encode("utf-8")) % 10_000 < val_fraction * 10_000
 
 
-def _label_key(value):
+def label_key(value):
     """Label values as they are keyed: ints stay ints (numpy ints included), the rest are str."""
     if isinstance(value, (bool, np.bool_)):
         return str(value)
@@ -98,7 +100,7 @@ def encode_labels(values: list) -> tuple[dict[int, str], dict]:
     """Sorted distinct label values -> (id2label, value -> id)."""
     if any(v is None for v in values):
         raise ValueError("labels contain null")
-    values = sorted({_label_key(v) for v in values}, key=lambda v: (isinstance(v, str), v))
+    values = sorted({label_key(v) for v in values}, key=lambda v: (isinstance(v, str), v))
     if all(isinstance(v, int) for v in values) and values == list(range(len(values))):
         return {v: str(v) for v in values}, {v: v for v in values}
     id2label = {i: str(v) for i, v in enumerate(values)}
@@ -236,7 +238,7 @@ def discover_labels(task: TaskData) -> list:
 
 
 def _lookup(label2id: dict, value, path: str, task: TaskData) -> int:
-    key = _label_key(value)
+    key = label_key(value)
     if key not in label2id:
         raise ValueError(f"{path}: label {value!r} of task {task.name!r} is not one of "
                          f"{sorted(map(str, label2id))[:20]}; fix the row or add the label to the "
@@ -252,7 +254,7 @@ def tokenize_labeled(batch, *, task: TaskData, tokenizer_path: str, label2id: di
     hashed split, or None to keep every row (an explicit validation file).
     Returns {"input_ids", "attention_mask", "token_type_ids": (N, T) int64, "labels": (N,) or (N, T)}.
     """
-    tok = _tokenizer(tokenizer_path)
+    tok = cached_tokenizer(tokenizer_path)
     cols = {name: batch.column(name).to_pylist() for name in batch.column_names}
     paths = cols["path"]
     if task.kind == "classify":

@@ -29,7 +29,6 @@ Contract:
 from __future__ import annotations
 
 import functools
-import glob
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -37,7 +36,9 @@ from typing import Optional
 
 import numpy as np
 
-from bert_core.masking import MaskingConfig
+from bert_core.masking_config import MaskingConfig
+from pipelines.compat import read_parquet_v1
+from pipelines.inputs import names_list, parquet_files, resolve_paths
 
 VAL_BUCKETS = 10_000
 
@@ -55,63 +56,8 @@ class DataConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
 
 
-def resolve_paths(paths: list[str]) -> list[str]:
-    """Expand local globs; pass directories, files and URIs (s3://, gs://) through unchanged."""
-    if isinstance(paths, str):
-        paths = [paths]
-    out: list[str] = []
-    for p in paths:
-        if "://" not in p and any(c in p for c in "*?["):
-            hits = sorted(glob.glob(p))
-            if not hits:
-                raise FileNotFoundError(f"data glob {p!r} matches no files")
-            out.extend(os.path.abspath(h) for h in hits)
-        elif "://" not in p:
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"data path {p!r} does not exist")
-            out.append(os.path.abspath(p))
-        else:
-            out.append(p)
-    if not out:
-        raise ValueError("no data paths given (--data)")
-    return out
-
-
-def parquet_files(paths: list) -> list[tuple[str, object, str]]:
-    """The Parquet files Ray Data reads for `paths`, as (name, filesystem, path in it), listed on
-    the driver so every label and column check runs on exactly what is read.
-
-    Ray's rules: a directory is searched recursively, skipping names that start with '.' or '_',
-    and only `*.parquet` files are read. Ray would skip a listed file with another suffix without a
-    word, so that is an error here, as is a directory without Parquet files.
-    """
-    import pyarrow.fs as pafs
-
-    out = []
-    for path in resolve_paths(paths):
-        fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-        scheme = path.split("://")[0] + "://" if "://" in path and not isinstance(fs, pafs.LocalFileSystem) else ""
-        info = fs.get_file_info(inner)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"data path {path!r} does not exist")
-        if info.type != pafs.FileType.Directory:
-            if not inner.lower().endswith(".parquet"):
-                raise ValueError(f"{path}: Ray Data reads only files named *.parquet and would skip this "
-                                 f"one; rename it")
-            out.append((path, fs, inner))
-            continue
-        base = info.path.rstrip("/")
-        found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-                       if i.is_file and i.path.lower().endswith(".parquet")
-                       and not i.path[len(base):].lstrip("/").startswith((".", "_")))
-        if not found:
-            raise ValueError(f"{path}: no *.parquet files in this directory")
-        out.extend((scheme + f, fs, f) for f in found)
-    return out
-
-
 @functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
+def cached_tokenizer(path: str):
     # Cached per worker process: Ray reuses task workers, so the vocab loads once per process.
     from bert_core.tokenizer import load_tokenizer
     from pipelines.storage import cached_copy
@@ -132,7 +78,7 @@ def tokenize_and_pack(batch: dict, *, tokenizer_path: str, text_column: str, seq
     """
     from bert_core.padding import SequencePacker
 
-    tok = _tokenizer(tokenizer_path)
+    tok = cached_tokenizer(tokenizer_path)
     want_val = split == "val"
     texts = [t for t in batch[text_column]
              if isinstance(t, str) and t and is_val(t, val_fraction) == want_val]
@@ -145,29 +91,8 @@ def tokenize_and_pack(batch: dict, *, tokenizer_path: str, text_column: str, seq
     return {"input_ids": rows}
 
 
-def read_parquet_v1(paths: list[str], **kwargs):
-    """`ray.data.read_parquet` through the V1 datasource, whose read tasks honour `num_cpus`.
-
-    Ray 2.60's default V2 reader adds a file-listing task that asks for a whole CPU. When the
-    Train workers hold all but a fraction of a CPU (2 workers x 0.75 CPU on a 2-CPU machine), that
-    task is never scheduled and training waits forever without an error. The choice is made when
-    the read is planned, so the context is restored right after.
-    """
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    try:
-        return ray.data.read_parquet(paths, **kwargs)
-    finally:
-        ctx.use_datasource_v2 = saved
-
-
 def build_datasets(cfg: DataConfig, tokenizer_path: str) -> dict:
     """Lazy train / val datasets of packed rows (see the module docstring)."""
-    import ray.data
-
     from pipelines.data_pacing import pace_idle_data_scheduler
 
     pace_idle_data_scheduler()
@@ -209,13 +134,6 @@ def _is_text(t) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
-def names_list(names: list, limit: int = 3) -> str:
-    """`a, b, c and 4 more`: file names for an error message, each once, in order."""
-    names = list(dict.fromkeys(names))
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def open_corpus(paths: list[str], text_column: str = "text") -> list[tuple[str, object]]:
     """The corpus files Ray Data reads, as (name, pyarrow ParquetFile), footers only; raises naming
     the file when one is unreadable or lacks a string `text_column` (listing the columns present)."""
@@ -248,7 +166,7 @@ def check_corpus(cfg: DataConfig, tokenizer_path: str, rows_needed: int) -> Corp
                                               for i in range(pf.metadata.num_row_groups))] for _, pf in opened]
     if rows == 0:
         raise ValueError(f"the corpus has no rows: {names_list(files)}; check --data")
-    tok = _tokenizer(tokenizer_path)
+    tok = cached_tokenizer(tokenizer_path)
     packed = texts = tokens = 0
     for _, pf in opened:
         for batch in pf.iter_batches(batch_size=cfg.tokenize_batch_rows, columns=[col]):

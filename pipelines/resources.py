@@ -1,5 +1,6 @@
-"""The CPU/GPU reservations of a training job (pretraining and fine-tuning), planned on the driver
-from the cluster before any Ray Train work.
+"""The CPU/GPU reservations of a job, planned on the driver from the cluster before any work: the
+Ray Train workers of a training job (pretraining and fine-tuning), and the predictor actor pool
+of a scoring job (`cpu_plan`, at the end).
 
 Why: Ray Train workers hold their CPUs for the whole run, and Ray Data's read/tokenize tasks get
 only what the workers leave (Ray Train takes the workers' reservation out of Ray Data's budget).
@@ -30,8 +31,11 @@ Contract:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Optional
+
+from pipelines.score_config import DEVICES
 
 GPU_WORKER_CPUS = 4.0  # most CPUs a GPU worker reserves when sized automatically
 _GRID = 0.05  # automatic sizes step down in these CPU increments until they fit the nodes
@@ -138,3 +142,91 @@ def plan_training(nodes: list[dict], num_workers: int, cpus_per_worker: Optional
             return TrainPlan(n, per, gpu, round(cpus - n * per, 4), cpus, gpus, torch_threads)
     raise ValueError(f"the Ray cluster ({_fmt(cpus)} CPUs) has no room for {what} and the data pipeline's "
                      f"{_fmt(min_data)} CPUs; use fewer workers or a bigger cluster")
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring: the predictor actor pool
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CpuPlan:
+    num_actors: int  # a fixed pool's size, or an autoscaling pool's maximum
+    actor_num_cpus: float  # logical CPUs each predictor actor reserves
+    actor_num_gpus: float
+    task_num_cpus: float  # read / tokenize / write tasks
+    torch_threads: int  # intra-op threads of each actor
+    device: str
+    min_actors: Optional[int] = None  # an autoscaling pool's minimum; None: a fixed pool of num_actors
+    gpu_wait_s: Optional[float] = None  # fail if none of the pool's GPU actors has started by then
+
+
+# What one CPU predictor actor holds besides its weights: Python with torch, Ray Data and pyarrow
+# loaded, plus activations (measured: 0.93 GiB of RSS for MiniLM, whose weights are 87 MB, after a
+# block of 256-token rows).
+ACTOR_BASE_BYTES = 1 << 30
+
+
+def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Optional[float] = None,
+             task_num_cpus: float = 0.25, torch_threads: Optional[int] = None, device: str = "auto",
+             max_gpu_actors: int = 8, gpu_wait_s: float = 900.0, model_bytes: int = 0) -> CpuPlan:
+    """Size the predictor pool from the cluster's resources now (`ray.cluster_resources()`).
+
+    - device auto: one actor per GPU (num_gpus=1, fixed pool) when the cluster has GPUs now, else CPU.
+    - device cuda: GPU actors even if no GPU node has joined yet. On an autoscaling cluster (cluster.yaml's
+      GPU workers start at 0) the pending actors' `GPU: 1` demand is what makes the autoscaler start GPU
+      nodes, so the pool autoscales from 1 actor up to N: num_actors, else the GPUs there now, else
+      max_gpu_actors. If no actor has started after gpu_wait_s the run stops (score raises
+      GpuWaitTimeout) instead of waiting forever. With GPUs present and num_actors given, the pool
+      is a fixed num_actors, as with auto.
+    - CPU: by default one actor per CPU, each on one torch thread (it also tokenizes its blocks; see
+      pipelines/scoring.py's docstring), but no more actors than half the cluster's memory holds at
+      ACTOR_BASE_BYTES + 2 x `model_bytes` each. Measured on 2 cores, single runs: two 1-thread actors ran 1.06x
+      (MiniLM) to 1.26x (near-free model) one 2-thread actor, whose OpenMP regions stall whenever
+      either thread is preempted. The actors' logical reservations leave 1 CPU for Ray's checkpoint
+      filter actor plus one task slot."""
+    if num_actors is not None and num_actors < 1:
+        raise ValueError(f"num_actors must be >= 1 (or unset for the default), got {num_actors}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    cpus = float(cluster.get("CPU", 1))
+    gpus = int(cluster.get("GPU", 0))
+    per_gpu_actor = actor_num_cpus if actor_num_cpus is not None else 1.0
+    if device == "cuda" and not (gpus and num_actors):
+        n = num_actors or gpus or max_gpu_actors
+        return CpuPlan(n, per_gpu_actor, 1.0, task_num_cpus, torch_threads or max(1, int(cpus // n)), "cuda",
+                       min_actors=1, gpu_wait_s=gpu_wait_s)
+    if gpus > 0 and device in ("auto", "cuda"):
+        n = num_actors or gpus
+        return CpuPlan(n, per_gpu_actor, 1.0, task_num_cpus, torch_threads or max(1, int(cpus // n)), "cuda")
+    if num_actors is None:
+        n = max(1, int(cpus))
+        memory = float(cluster.get("memory", 0))
+        if memory > 0:
+            n = max(1, min(n, int(memory / 2 // (ACTOR_BASE_BYTES + 2 * model_bytes))))
+    else:
+        n = num_actors
+    room = max(cpus - 1.0 - task_num_cpus, 0.1)  # what the actors may reserve in total
+    per = actor_num_cpus if actor_num_cpus is not None else min(1.0, room / n)
+    threads = torch_threads or max(1, int(min(cpus, os.cpu_count() or 1) // n))
+    return CpuPlan(n, per, 0.0, task_num_cpus, threads, "cpu")
+
+
+def actor_pool(plan: CpuPlan):
+    """The Ray Data compute strategy of `plan`: a fixed pool, or one autoscaling from min_actors."""
+    import ray.data
+
+    if plan.min_actors is None:
+        return ray.data.ActorPoolStrategy(size=plan.num_actors)
+    return ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.num_actors)
+
+
+def gpu_wait_message(plan: CpuPlan, gpus_now: int) -> str:
+    """Why a run that asked for GPU actors stopped (score raises it as GpuWaitTimeout)."""
+    why = ("no GPU node joined the cluster" if not gpus_now else
+           f"the cluster has {gpus_now} GPU(s) now, but none was free for a predictor actor")
+    return (f"device cuda: no GPU predictor actor started within {plan.gpu_wait_s:g} s "
+            f"(resources.gpu_wait_s): {why}. Ray was asked for actors of 1 GPU each (a pool of "
+            f"{plan.min_actors} to {plan.num_actors}); on an autoscaling cluster check the GPU worker type in "
+            f"cluster.yaml (available_node_types, max_workers) and the autoscaler (`ray status`, its "
+            f"monitor log). To score on CPU instead, pass --device cpu (or --device auto).")

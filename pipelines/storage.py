@@ -5,7 +5,9 @@ Contract:
   (`s3://bucket/key`, `gs://...`, `file:///abs`). Code that may see a URI goes through these
   helpers, never `pathlib`: `Path("s3://b/run")` is a directory named `s3:` under the working dir.
 - `normalize(loc)`: a local path made absolute (`file://` stripped); a URI kept, trailing `/` dropped.
-- `exists`, `read_text` (None when absent), `write_text` (atomic: a temp file renamed locally, a
+  `canonical(loc)` also resolves symlinks: one spelling per location, for comparing paths
+  (`overlaps`: the same location, or one inside the other).
+- `exists`, `listing` (recursive), `read_text` (None when absent), `write_text` (atomic: a temp file renamed locally, a
   single PUT on an object store), `append_line` (O_APPEND locally; read and rewrite on an object
   store, so callers must hold the run's lock), `list_names`, `upload`, `download_tree`,
   `replace_tree` (copy a directory over another, deleting what was there).
@@ -135,6 +137,30 @@ def is_dir(loc: str) -> bool:
     import pyarrow.fs as pafs
 
     return file_type(loc) == pafs.FileType.Directory
+
+
+def canonical(loc: str) -> str:
+    """One spelling per location, for comparing paths: a local path (plain, relative or `file://`)
+    becomes absolute with symlinks resolved; another URI loses its trailing slashes."""
+    loc = normalize(loc)
+    return loc if is_uri(loc) else os.path.realpath(loc)
+
+
+def overlaps(a: str, b: str) -> bool:
+    """The same path, or one inside the other."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def listing(loc: str) -> list:
+    """pyarrow FileInfo of everything under directory `loc`, recursively (empty when it is not a
+    directory)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(loc)
+    with reachable(loc):
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        return fs.get_file_info(pafs.FileSelector(path, recursive=True))
 
 
 def list_names(loc: str) -> list[str]:

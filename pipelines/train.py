@@ -5,7 +5,7 @@ Contract:
   (`LoopConfig(...).to_dict()`), so it pickles to any worker and never captures driver state.
   It runs under `ray.train.torch.TorchTrainer` with `datasets={"train": ..., "val": ...}` from
   pipelines/pretrain_data.py and `TorchConfig(backend="gloo"|"nccl")`.
-- Distribution is applied in one place: `pipelines.worker.build_engine` calls `deepspeed.initialize` once
+- Distribution is applied in one place: `pipelines.engine.build_engine` calls `deepspeed.initialize` once
   (ZeRO stage 0-3, fp32 / bf16 / fp16, torch AdamW with a warmup + linear/cosine decay schedule,
   gradient accumulation, clipping). The model is plain `bert_core.BertForMaskedLM`.
 - Loss: cross-entropy at masked positions only. The model gathers the masked rows before the
@@ -21,7 +21,7 @@ Contract:
   poll, ~2 s) is called only with checkpoints.
 - Each worker computes with as many torch threads as the CPUs it holds, rounded up
   (`LoopConfig.torch_threads` overrides). Rank 0 keeps `<run_dir>/heartbeat.json` current (step
-  and phase) for the driver's stall watchdog (pipelines.worker.fit_with_watchdog).
+  and phase) for the driver's stall watchdog (pipelines.watchdog.fit_with_watchdog).
 - Checkpoints (every `save_every` steps and at the end; Ray keeps the last `keep_last`), one Ray
   checkpoint directory holding:
     deepspeed/   the engine state: module, optimizer (ZeRO partitions of every rank), LR
@@ -58,14 +58,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from bert_core.masking import Masker, MaskingConfig
+from bert_core.masking import Masker
+from bert_core.masking_config import MaskingConfig
 from bert_core.model import BertConfig, BertForMaskedLM, mlm_flops_per_token
 from pipelines import storage
 from pipelines.pretrain_data import DataConfig
-from pipelines.worker import (FaultDrill, Heartbeat, MetricsWriter, ModelConfig, TrainConfig, WorkerContext,
-                              all_reduce_sum, build_bert_config, build_engine, derive_seed, device_name,
-                              evaluating, gathered_state_dict, mlm_step_inputs, peak_flops, worker_nodes,
-                              worker_session)
+from pipelines.engine import build_bert_config, build_engine, evaluating, gathered_state_dict
+from pipelines.run_log import MetricsWriter
+from pipelines.train_config import FaultDrill, ModelConfig, TrainConfig
+from pipelines.watchdog import Heartbeat
+from pipelines.worker import (WorkerContext, all_reduce_sum, derive_seed, device_name, mlm_step_inputs, peak_flops,
+                              run_in_session, worker_nodes)
 
 
 @dataclass
@@ -284,52 +287,21 @@ def _eta(seconds: float) -> str:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    cfg = LoopConfig.from_dict(config)
-    with worker_session(cfg.run_dir, cfg.use_gpu, cfg.torch_threads, cfg.train.stall_timeout_s,
-                        train=cfg.train, params=cfg.to_dict()) as session:
-        _train(cfg, *session)
+    run_in_session(_train, LoopConfig.from_dict(config))
 
 
 def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWriter) -> None:
     import ray.train
 
-    from bert_core.tokenizer import load_tokenizer
-
     tc, rank, world, device = cfg.train, wc.rank, wc.world, wc.device
-    run_dir = cfg.run_dir  # a local path or a URI (pipelines/storage.py)
-    tokenizer = load_tokenizer(storage.cached_copy(cfg.tokenizer))  # a URI: this node's copy
-    masker = Masker.from_tokenizer(tokenizer, cfg.data.masking)
-    bert_config = build_bert_config(cfg.model, len(tokenizer))
-    torch.manual_seed(tc.seed)  # identical fresh weights on every rank
-    engine = build_engine(build_mlm_model(cfg.model, bert_config), tc, world)
-
-    state = {"step": 0, "epoch": 0, "consumed": 0}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_checkpoint(engine, d)
-    beat.step = state["step"]
-    # MFU is quoted against the sum of the workers' measured (or configured) peaks.
-    peak = all_reduce_sum([tc.peak_flops_per_worker or peak_flops(run_dir, device, tc.dtype, wc.threads)],
-                          device)[0]
-    log.write({"event": "resume" if ckpt is not None else "start", "step": state["step"],
-               "epoch": state["epoch"], "consumed": state["consumed"], "world_size": world,
-               "nodes": worker_nodes(), "threads": wc.threads, "device": device_name(device),
-               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-               "peak_flops": peak, "time": time.time()})
-
+    tokenizer, masker, bert_config, engine, state, resumed, peak = _open_run(cfg, wc, beat, log)
     policy = StopPolicy.for_invocation(tc, state["step"])
     flops_per_token = mlm_flops_per_token(bert_config, cfg.data.seq_len, cfg.data.masking.mlm_probability)
     tokens_per_step = tc.micro_batch_size * cfg.data.seq_len * tc.grad_accum * world
-    train_shard = ray.train.get_dataset_shard("train")
-    try:
-        val_shard = ray.train.get_dataset_shard("val")
-    except KeyError:
-        val_shard = None
-
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), _val_shard()
     window = MetricsWindow(device)
     step = first_step = state["step"]
-    last_saved = step if ckpt is not None else -1
+    last_saved = step if resumed else -1
     engine.train()
     done = policy.reached(step)
     while not done:
@@ -337,14 +309,9 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
         beat.beat("data")
         for i, batch in epoch_batches(train_shard, cfg, epoch, state["consumed"]):
             beat.beat("step")
-            seed = derive_seed(tc.seed, rank, epoch, i)
-            torch.manual_seed(derive_seed(seed, 1))  # dropout
-            loss, correct, masked = forward_mlm(engine, masker, batch["input_ids"], seed, device)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.backward(loss)
-            engine.step()
+            boundary = _micro_step(engine, masker, batch["input_ids"], derive_seed(tc.seed, rank, epoch, i),
+                                   device, window)
             state["consumed"] = i + 1
-            window.add(loss, correct, masked)
             if not boundary:
                 beat.beat("data")
                 continue
@@ -353,37 +320,19 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
             state["step"] = step
             beat.beat("step", step)
             log_now = step % tc.log_every == 0 or policy.reached(step)
-            stop = policy.reached(step)
-            if policy.timed and (log_now or step == first_step + 1):
-                if step == first_step + 1:  # first step: its wall time is the only estimate yet
-                    policy.step_s = max(policy.step_s, time.time() - policy.t_start)
-                stop |= all_reduce_sum([float(policy.late(time.time(), tc.log_every))], device)[0] > 0
+            stop = _time_to_stop(policy, step, first_step, log_now, tc, device)
             metrics = {}
             if log_now or stop:
-                loss_mean, acc, seconds, steps = window.reduce()
-                policy.step_s = max(policy.step_s, seconds / steps)
-                tps = tokens_per_step * steps / seconds
-                metrics = {"step": step, "epoch": epoch, "loss": loss_mean, "mlm_acc": acc,
-                           "lr": engine.get_lr()[0], "tokens_per_s": tps,
-                           "mfu": tps * flops_per_token / peak, "peak_flops": peak,
-                           "tokens": step * tokens_per_step, "time": time.time()}
-                if rank == 0:
-                    print(f"[raybert] step {step}/{policy.end} loss {loss_mean:.4f} {tps:,.0f} tokens/s "
-                          f"mfu {metrics['mfu']:.1%} eta {_eta((policy.end - step) * seconds / steps)}",
-                          flush=True)
+                metrics = _window_metrics(window, engine, policy, step, epoch, peak, tokens_per_step,
+                                          flops_per_token, rank)
             if val_shard is not None and (step % tc.eval_every == 0 or policy.reached(step)):
                 metrics.update(step=step, **evaluate(engine, val_shard, masker, cfg, rank, device, beat))
             if metrics:
                 log.write(metrics)
             if step % tc.save_every == 0 or stop:
-                beat.beat("checkpoint")
-                log.sync()  # the checkpoint's steps' metrics reach a remote run dir now, not at the next mirror
-                t_save = time.time()
-                save_checkpoint(engine, dict(state), metrics or {"step": step}, bert_config, tokenizer,
-                                rank, tc.zero_stage)
-                policy.save_s = max(policy.save_s, time.time() - t_save)
+                _save(engine, state, metrics, bert_config, tokenizer, rank, tc, policy, beat, log)
                 last_saved = step
-            _fault_drill(cfg.fault, rank, step, run_dir, beat)
+            _fault_drill(cfg.fault, rank, step, cfg.run_dir, beat)
             if stop:
                 done = True
                 break
@@ -399,6 +348,98 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
     engine.destroy()
     del engine
     gc.collect()
+
+
+def _val_shard():
+    """This worker's validation shard, or None when the run has no validation split."""
+    import ray.train
+
+    try:
+        return ray.train.get_dataset_shard("val")
+    except KeyError:
+        return None
+
+
+def _micro_step(engine, masker: Masker, input_ids: torch.Tensor, seed: int, device, window: MetricsWindow) -> bool:
+    """Forward and backward of one micro-batch, and the optimizer step at an accumulation
+    boundary (DeepSpeed's `step` decides); masking and dropout seeded from the data position.
+    Returns whether this was the boundary (a whole optimizer step)."""
+    torch.manual_seed(derive_seed(seed, 1))  # dropout
+    loss, correct, masked = forward_mlm(engine, masker, input_ids, seed, device)
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.backward(loss)
+    engine.step()
+    window.add(loss, correct, masked)
+    return boundary
+
+
+def _save(engine, state: dict, metrics: dict, bert_config: BertConfig, tokenizer, rank: int, tc: TrainConfig,
+          policy: StopPolicy, beat: Heartbeat, log: MetricsWriter) -> None:
+    """Checkpoint at `state`'s step, timing the write for the stop policy's deadline margin."""
+    beat.beat("checkpoint")
+    log.sync()  # the checkpoint's steps' metrics reach a remote run dir now, not at the next mirror
+    t_save = time.time()
+    save_checkpoint(engine, dict(state), metrics or {"step": state["step"]}, bert_config, tokenizer, rank,
+                    tc.zero_stage)
+    policy.save_s = max(policy.save_s, time.time() - t_save)
+
+
+def _open_run(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWriter):
+    """This invocation's model and engine: fresh weights (seeded alike on every rank) or the
+    checkpoint Ray Train resumes from, and the summed peak FLOP/s MFU is quoted against; logs the
+    start (or resume) event. Returns (tokenizer, masker, bert_config, engine, state, resumed, peak)."""
+    import ray.train
+
+    from bert_core.tokenizer import load_tokenizer
+
+    tc, device = cfg.train, wc.device
+    tokenizer = load_tokenizer(storage.cached_copy(cfg.tokenizer))  # a URI: this node's copy
+    masker = Masker.from_tokenizer(tokenizer, cfg.data.masking)
+    bert_config = build_bert_config(cfg.model, len(tokenizer))
+    torch.manual_seed(tc.seed)  # identical fresh weights on every rank
+    engine = build_engine(build_mlm_model(cfg.model, bert_config), tc, wc.world)
+    state = {"step": 0, "epoch": 0, "consumed": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(engine, d)
+    beat.step = state["step"]
+    # MFU is quoted against the sum of the workers' measured (or configured) peaks.
+    peak = all_reduce_sum([tc.peak_flops_per_worker or peak_flops(cfg.run_dir, device, tc.dtype, wc.threads)],
+                          device)[0]
+    log.write({"event": "resume" if ckpt is not None else "start", "step": state["step"],
+               "epoch": state["epoch"], "consumed": state["consumed"], "world_size": wc.world,
+               "nodes": worker_nodes(), "threads": wc.threads, "device": device_name(device),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+               "peak_flops": peak, "time": time.time()})
+    return tokenizer, masker, bert_config, engine, state, ckpt is not None, peak
+
+
+def _time_to_stop(policy: StopPolicy, step: int, first_step: int, log_now: bool, tc: TrainConfig, device) -> bool:
+    """At the end, or (timed invocations, on log steps and the first step) out of time on any rank:
+    the ranks agree through one all-reduce, so they all stop at the same step."""
+    stop = policy.reached(step)
+    if policy.timed and (log_now or step == first_step + 1):
+        if step == first_step + 1:  # first step: its wall time is the only estimate yet
+            policy.step_s = max(policy.step_s, time.time() - policy.t_start)
+        stop |= all_reduce_sum([float(policy.late(time.time(), tc.log_every))], device)[0] > 0
+    return stop
+
+
+def _window_metrics(window: MetricsWindow, engine, policy: StopPolicy, step: int, epoch: int, peak: float,
+                    tokens_per_step: int, flops_per_token: float, rank: int) -> dict:
+    """The metrics line of a log step (one sync over all ranks); rank 0 prints the progress line."""
+    loss_mean, acc, seconds, steps = window.reduce()
+    policy.step_s = max(policy.step_s, seconds / steps)
+    tps = tokens_per_step * steps / seconds
+    metrics = {"step": step, "epoch": epoch, "loss": loss_mean, "mlm_acc": acc,
+               "lr": engine.get_lr()[0], "tokens_per_s": tps,
+               "mfu": tps * flops_per_token / peak, "peak_flops": peak,
+               "tokens": step * tokens_per_step, "time": time.time()}
+    if rank == 0:
+        print(f"[raybert] step {step}/{policy.end} loss {loss_mean:.4f} {tps:,.0f} tokens/s "
+              f"mfu {metrics['mfu']:.1%} eta {_eta((policy.end - step) * seconds / steps)}", flush=True)
+    return metrics
 
 
 def _fault_drill(fault: FaultDrill, rank: int, step: int, run_dir: str, beat: Heartbeat) -> None:

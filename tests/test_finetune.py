@@ -93,7 +93,7 @@ def _debug_cfg(run_dir: Path, init: str, workers: int = 2):
 def _score(inp: str, out: Path, model: str, task: str, head=None):
     from jobs.score import ScoreConfig
     from jobs.score import main as score_main
-    from pipelines.scoring import read_output
+    from pipelines.score_output import read_output
 
     res = score_main(ScoreConfig(input=inp, output=str(out), model=model, task=task, head=head, max_length=64))
     assert res.error_rows == 0

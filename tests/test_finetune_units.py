@@ -177,8 +177,9 @@ def test_multitask_engine_steps_one_head_at_a_time_under_zero(zero_stage):
     import torch.distributed as dist
 
     from bert_core.masking import Masker
-    from pipelines.finetune import _task_loss
-    from pipelines.train import TrainConfig, build_engine
+    from pipelines.finetune import task_loss
+    from pipelines.engine import build_engine
+    from pipelines.train_config import TrainConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29562", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)
@@ -199,7 +200,7 @@ def test_multitask_engine_steps_one_head_at_a_time_under_zero(zero_stage):
             name = ["sentiment", "ner", "mlm"][step % 3]
             batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
                      **batches[name]}
-            loss = _task_loss(engine, specs[name], batch, masker, step, torch.device("cpu"))
+            loss = task_loss(engine, specs[name], batch, masker, step, torch.device("cpu"))
             engine.backward(loss)
             engine.step()
             losses.append(float(loss))

@@ -105,7 +105,7 @@ def test_scoring_actors_run_on_two_nodes(cluster, minilm_dir, tmp_path):
     from ray.util.state import list_actors, list_tasks
 
     from jobs.score import ResourceConfig, ScoreConfig, main
-    from pipelines.scoring import read_output
+    from pipelines.score_output import read_output
 
     head, workers = _node_ids(cluster)
     d = tmp_path / "in"

@@ -14,9 +14,11 @@ import torch
 from bert_core.masking import Masker, MaskingConfig
 from bert_core.tokenizer import load_tokenizer
 from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
-from pipelines.pretrain_data import is_val, resolve_paths, tokenize_and_pack, write_corpus
+from pipelines.inputs import resolve_paths
+from pipelines.pretrain_data import is_val, tokenize_and_pack, write_corpus
 from pipelines.train import LoopConfig
-from pipelines.worker import FaultDrill, ModelConfig, TrainConfig, build_bert_config, ds_config, lr_factor
+from pipelines.engine import build_bert_config, ds_config, lr_factor
+from pipelines.train_config import FaultDrill, ModelConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -254,7 +256,7 @@ def test_engine_in_one_process_accumulates_clips_and_checkpoints_activations():
 
     from bert_core.model import preset
     from pipelines.train import build_mlm_model
-    from pipelines.worker import build_engine
+    from pipelines.engine import build_engine
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)

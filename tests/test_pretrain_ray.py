@@ -174,7 +174,7 @@ def test_resume_is_exact_across_invocations_and_a_killed_worker(straight, corpus
     is bit-identical in practice; any lost state (a skipped or repeated batch, a reset Adam moment,
     a restarted schedule, other masks) moves the loss by 1e-3 or more.
     """
-    from pipelines.worker import FAULT_DRILL_ENV
+    from pipelines.train_config import FAULT_DRILL_ENV
 
     straight_dir, _ = straight
     run_dir = tmp_path / "run"

@@ -145,7 +145,7 @@ def test_scoring_reads_and_writes_the_bucket_with_every_row_once(s3, tmp_path, m
     from bert_core.model import build_model, preset
     from bert_core.tokenizer import load_tokenizer
     from jobs.score import ResourceConfig, ScoreConfig, main
-    from pipelines.scoring import MANIFEST
+    from pipelines.score_output import MANIFEST
 
     tok = load_tokenizer(minilm_dir)
     torch.manual_seed(0)

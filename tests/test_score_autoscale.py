@@ -26,7 +26,9 @@ import torch
 from bert_core.checkpoint import save_pretrained
 from bert_core.model import build_model, preset
 from bert_core.tokenizer import load_tokenizer
-from pipelines.scoring import ResourceConfig, ScoreConfig, actor_pool, cpu_plan, read_output
+from pipelines.score_config import ResourceConfig, ScoreConfig
+from pipelines.resources import actor_pool, cpu_plan
+from pipelines.score_output import read_output
 
 PREDICTOR = "MapWorker(MapBatches(Predictor))"  # the state API's class name of Ray Data's Predictor actors
 GPU_WAIT_S = 10.0

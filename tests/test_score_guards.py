@@ -21,7 +21,7 @@ from bert_core.checkpoint import save_pretrained
 from bert_core.model import build_model, preset
 from bert_core.tokenizer import load_tokenizer
 from jobs.score import ResourceConfig, ScoreConfig, main
-from pipelines.scoring import MANIFEST, default_checkpoint_dir, read_output
+from pipelines.score_output import MANIFEST, default_checkpoint_dir, read_output
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -348,7 +348,8 @@ def test_a_resume_or_finished_output_under_another_recipe_is_refused(tmp_path, t
     """An output's run record holds its recipe; a run that would add rows of another task, model,
     length or inputs to it is refused on the driver, naming each difference, and changes nothing.
     (test_scoring_faults.py does this after a real kill -9.)"""
-    from pipelines.scoring import RUN_RECORD, preflight
+    from pipelines.score_output import RUN_RECORD
+    from pipelines.scoring import preflight
 
     data = _data(tmp_path / "in", files=2, rows=5)
     out = tmp_path / "out"
@@ -493,7 +494,7 @@ def test_auto_precision_is_chosen_once_per_output_and_kept_by_a_resume(ray_local
     a resume scores its remaining rows in that precision even where a new probe would choose
     otherwise, so one output never mixes bf16 and fp32 rows (each actor used to probe for itself)."""
     import pipelines.scoring as scoring
-    from pipelines.scoring import RUN_RECORD, output_dtypes
+    from pipelines.score_output import RUN_RECORD, output_dtypes
 
     data = _data(tmp_path / "in", files=4, rows=20)
     out = tmp_path / "out"

@@ -17,7 +17,7 @@ import pytest
 
 from jobs.score import ResourceConfig, ScoreConfig, main
 from pipelines.corpora import shakespeare_paragraphs
-from pipelines.scoring import MANIFEST, default_checkpoint_dir, read_output
+from pipelines.score_output import MANIFEST, default_checkpoint_dir, read_output
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import pipelines.predictors as predictors
+import pipelines.tokenize as tokenize
 from bert_core.padding import pad_batch, token_budget_batches
 from bert_core.tokenizer import load_tokenizer
 from pipelines.corpora import shakespeare_paragraphs
-from pipelines.predictors import DTYPE_METADATA, Predictor, resolve_dtype, tokenize_batch
+from pipelines.predictors import DTYPE_METADATA, Predictor, resolve_dtype
+from pipelines.tokenize import tokenize_batch
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world", "A", "",
          "Héllo WORLD café naïve 中文", "Another somewhat longer sentence about token budgets, " * 5]
@@ -47,8 +49,8 @@ def test_token_budget_counts_the_rounded_length():
 def test_encoder_without_transformers_gives_the_same_ids(minilm_dir):
     from tokenizers import Tokenizer
 
-    predictors._encoder.cache_clear()
-    enc = predictors._encoder(str(minilm_dir), 128)
+    tokenize.encoder.cache_clear()
+    enc = tokenize.encoder(str(minilm_dir), 128)
     hf = load_tokenizer(minilm_dir)
     texts = TEXTS + shakespeare_paragraphs()[:300]
     ref = hf(texts, truncation=True, max_length=128)["input_ids"]

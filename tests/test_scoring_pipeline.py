@@ -19,8 +19,9 @@ from bert_core.model import build_model, preset
 from bert_core.tokenizer import load_tokenizer
 from jobs.score import ResourceConfig, ScoreConfig, main
 from pipelines.corpora import shakespeare_paragraphs
-from pipelines.predictors import Predictor, tokenize_batch
-from pipelines.scoring import MANIFEST, read_output
+from pipelines.predictors import Predictor
+from pipelines.tokenize import tokenize_batch
+from pipelines.score_output import MANIFEST, read_output
 
 
 def _tiny_ckpt(tmp, minilm_dir, head, id2label=None):

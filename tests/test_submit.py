@@ -343,7 +343,7 @@ def _corpus(path: Path, n: int = 50) -> list[str]:
 @pytest.mark.timeout(360, method="signal")
 @pytest.mark.filterwarnings("ignore:ssl=None is deprecated")  # inside Ray's tail_job_logs
 def test_submit_scores_on_a_real_head_refuses_duplicates_and_accepts_a_key(tmp_path, minilm_dir, monkeypatch):
-    from pipelines.scoring import read_output
+    from pipelines.score_output import read_output
 
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(var, raising=False)

@@ -178,3 +178,41 @@ def test_imports_flow_one_way(package, forbidden):
     assert files
     offenders = {str(f.relative_to(ROOT)): sorted(_imports(f) & forbidden) for f in files}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_cli_help_imports_neither_torch_nor_ray():
+    """`raybert --help` (and each command's --help) loads only torch-free configs: it used to
+    import torch through configs kept beside torch code (1.25 s). The wall time is printed; the
+    figure on a quiet 2-core machine is in the closing note of the issue that set the 0.5 s target."""
+    import time
+
+    code = ("import sys\nfrom jobs.cli import cli\n"
+            "for args in (['--help'], ['score', '--help'], ['pretrain', '--help'], ['finetune', '--help'], "
+            "['vocab', '--help'], ['submit', '--help']):\n"
+            "    try:\n        cli(args)\n    except SystemExit as e:\n        assert e.code == 0, (args, e.code)\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'ray', 'deepspeed', 'transformers'})\n"
+            "print('HEAVY', heavy)")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    print(f"six --help screens in one process: {time.perf_counter() - t0:.2f} s")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "HEAVY []" in r.stdout and "Usage: " in r.stdout, r.stdout[-2000:]
+
+
+def test_modules_and_functions_stay_readable():
+    """pipelines/ and jobs/: no module over 500 lines, no function over 60, and no `_private` name
+    imported from another module (what a module keeps private stays in it)."""
+    import ast
+
+    too_long, private = [], []
+    for f in sorted([*(ROOT / "pipelines").glob("*.py"), *(ROOT / "jobs").glob("*.py")]):
+        src = f.read_text()
+        name = str(f.relative_to(ROOT))
+        if len(src.splitlines()) > 500:
+            too_long.append(f"{name}: {len(src.splitlines())} lines")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                too_long.append(f"{name}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in {"pipelines", "jobs", "bert_core"}:
+                private += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert too_long == [] and private == []

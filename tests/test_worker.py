@@ -1,4 +1,4 @@
-"""The worker toolkit (pipelines/worker.py) and the pretraining loop's parts: threads from held
+"""The worker toolkit (pipelines/worker.py, run_log.py, watchdog.py, trainer.py) and the pretraining loop's parts: threads from held
 CPUs, the background metrics writer, the heartbeat and the driver's stall watchdog, the measured
 MFU peak, the stop policy and the on-device metrics window. Two tests read one real job on a
 2-CPU Ray: one worker holding 1.5 CPUs trains on 2 threads with an honest MFU, then its stalled
@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from pipelines.train import MetricsWindow, StopPolicy
-from pipelines.worker import (FAULT_DRILL_ENV, FaultDrill, Heartbeat, MetricsWriter, TrainConfig,
-                              TrainingStalled, fit_with_watchdog, peak_flops, torch_threads_for)
+from pipelines.run_log import MetricsWriter
+from pipelines.train_config import FAULT_DRILL_ENV, FaultDrill, TrainConfig
+from pipelines.watchdog import Heartbeat, TrainingStalled, fit_with_watchdog
+from pipelines.worker import peak_flops, torch_threads_for
 
 
 def test_threads_follow_the_cpus_held_rounded_up():
@@ -303,38 +305,3 @@ def test_watchdog_ends_a_stalled_run_keeping_its_checkpoint(stalled_run):
     assert (run_dir / "checkpoint_00000012" / "raybert_state.json").is_file() and latest_step(run_dir) == 12
     ledger = [json.loads(x) for x in (run_dir / "runs.jsonl").read_text().splitlines()]
     assert ledger[-1]["status"] == "failed" and "TrainingStalled" in ledger[-1]["error"]
-
-
-def test_trainer_runs_without_ray_train_placement_group_cleaner(tmp_path):
-    """Ray 2.60's cleaner removed a live run's placement group on an empty state-API lookup under
-    load (two CI failures: "Destroying worker since its placement group was removed"); our trainer
-    leaves it out and keeps every other default callback."""
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.worker import torch_trainer
-
-    trainer = torch_trainer(print, {}, run_dir=tmp_path / "run", num_workers=1, use_gpu=False, cpus_per_worker=1.0,
-                            max_failures=0, keep_last=1, datasets={})
-    ours = [type(c).__name__ for c in trainer._create_default_callbacks()]
-    ray_default = [type(c).__name__ for c in TorchTrainer._create_default_callbacks(trainer)]
-    assert "PlacementGroupCleanerCallback" in ray_default and "PlacementGroupCleanerCallback" not in ours
-    assert ours == [c for c in ray_default if c != "PlacementGroupCleanerCallback"]
-
-
-def test_deepspeed_loads_without_importing_mlflow():
-    """DeepSpeed 0.19's autotuner imports MLflow when it is installed: most of `import deepspeed`,
-    paid by every training worker. import_deepspeed hides MLflow while DeepSpeed loads (the
-    autotuner goes without), and MLflow still imports afterwards for raybert's tracker. When a
-    DeepSpeed upgrade drops that import, the first assertion says the workaround can go."""
-    import importlib.util
-    import subprocess
-    import sys
-
-    (pkg,) = importlib.util.find_spec("deepspeed").submodule_search_locations
-    assert "import mlflow" in Path(pkg, "autotuning", "autotuner.py").read_text()
-    code = ("import sys; from pipelines.worker import import_deepspeed; ds = import_deepspeed(); "
-            "assert 'mlflow' not in sys.modules and ds.autotuning.autotuner.has_mlflow is False; "
-            "import mlflow; print('mlflow', mlflow.__version__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "mlflow " in out.stdout, out.stdout + out.stderr

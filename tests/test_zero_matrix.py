@@ -31,8 +31,9 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     from bert_core.tokenizer import load_tokenizer
     from pipelines.corpora import chinese_vocab_path
     from pipelines.train import build_mlm_model, forward_mlm, load_checkpoint, write_checkpoint
-    from pipelines.worker import (ModelConfig, TrainConfig, all_reduce_sum, build_bert_config, build_engine,
-                                  evaluating, gathered_state_dict)
+    from pipelines.engine import build_bert_config, build_engine, evaluating, gathered_state_dict
+    from pipelines.train_config import ModelConfig, TrainConfig
+    from pipelines.worker import all_reduce_sum
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK="0")

@@ -1,0 +1,116 @@
+"""What pretraining and fine-tuning share on the driver: the scaling config, the checks both make
+before Ray starts, and `run_trainer`, the one path from a Ray session to a finished Ray Train fit.
+
+Contract:
+- `ScalingConfig`: workers, GPUs and CPUs of a training job (pipelines/resources.py plans them).
+- `expects_gpu`, `has_checkpoints`, `check_init_from`: driver-side checks, no Ray.
+- `plan_workers(scaling, task_cpus, dtype)`, in a Ray session: the workers' resource plan; settings
+  the cluster can't run are refused (`jobs.schedule.Refused`) before any worker starts.
+- `run_trainer(...)`: the TorchTrainer (pipelines/trainer.py) under the stall watchdog, then the
+  latest checkpoint's HF export published to `<run_dir>/export`; returns (checkpoint, export,
+  last metrics).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
+    # GPUs: None = one per worker when the cluster has GPUs (NCCL), True = require them,
+    # False = train on CPUs (gloo).
+    use_gpu: Optional[bool] = None
+    # CPUs each worker reserves; None = sized from the cluster, always leaving the Ray Data tasks a
+    # budget (pipelines/resources.py). An explicit value that leaves them none is refused.
+    cpus_per_worker: Optional[float] = None
+    torch_threads: Optional[int] = None  # CPU threads per worker; None = the CPUs it holds, rounded up
+    max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before giving up
+
+
+FP16_NEEDS_GPU = "dtype fp16 needs GPUs (DeepSpeed on CPU supports fp32 and bf16); use --dtype bf16 or --use-gpu"
+
+
+def expects_gpu(scaling: ScalingConfig, address: Optional[str]) -> Optional[bool]:
+    """Whether the job will train on GPUs, as far as the driver can tell before Ray starts: the
+    setting if given, else (embedded local Ray) whether this machine has CUDA; None for a cluster
+    not connected to yet (the resource plan decides)."""
+    if scaling.use_gpu is not None:
+        return scaling.use_gpu
+    if address or os.environ.get("RAY_ADDRESS"):
+        return None
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def has_checkpoints(run_dir: str | Path) -> bool:
+    from pipelines import storage
+
+    return any(name.startswith("checkpoint_") for name in storage.list_names(str(run_dir)))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def check_init_from(init_from: str, config, tokenizer_path: str, tok) -> None:
+    """Refuse an `--init-from` checkpoint (`config`: what `bert_core.check_checkpoint` returned for
+    it) whose vocabulary isn't the tokenizer's: its embedding rows would be trained as other
+    tokens, silently (the weights load either way). Driver side, no Ray; shared by pretraining and
+    fine-tuning."""
+    from bert_core.tokenizer import load_tokenizer
+
+    ckpt = Path(init_from).absolute()
+    if config.vocab_size < len(tok):
+        raise ValueError(f"--init-from {ckpt} has vocab_size {config.vocab_size:,}, smaller than the "
+                         f"{len(tok):,} tokens of the tokenizer {tokenizer_path}: ids past "
+                         f"{config.vocab_size - 1} have no embedding. Use the tokenizer the checkpoint "
+                         f"was trained with (drop --tokenizer), or drop --init-from to train fresh weights")
+    ships_own = any((ckpt / f).is_file() for f in TOKENIZER_FILES)
+    if ships_own and Path(tokenizer_path).absolute() != ckpt:
+        own = load_tokenizer(ckpt)
+        if own.get_vocab() != tok.get_vocab():
+            raise ValueError(f"--init-from {ckpt} ships its own vocabulary ({len(own):,} tokens), and "
+                             f"--tokenizer {tokenizer_path} is another ({len(tok):,} tokens): the checkpoint's "
+                             f"embeddings would be read as other tokens. Drop --tokenizer to use the "
+                             f"checkpoint's, or drop --init-from to train fresh weights on this vocabulary")
+    elif not ships_own and config.vocab_size != len(tok):
+        raise ValueError(f"--init-from {ckpt} has vocab_size {config.vocab_size:,} but the tokenizer "
+                         f"{tokenizer_path} has {len(tok):,} tokens, so it was trained with another "
+                         f"vocabulary; pass that one with --tokenizer, or drop --init-from")
+
+
+def plan_workers(scaling: ScalingConfig, task_cpus: float, dtype: str):
+    """The workers' resource plan on the connected cluster (pipelines.resources.TrainingPlan)."""
+    from jobs.schedule import Refused
+    from pipelines.resources import cluster_nodes, plan_training
+
+    try:
+        plan = plan_training(cluster_nodes(), scaling.num_workers, scaling.cpus_per_worker, scaling.use_gpu,
+                             scaling.torch_threads, task_cpus=task_cpus)
+    except ValueError as e:
+        raise Refused(str(e)) from None
+    if dtype == "fp16" and not plan.use_gpu:
+        raise Refused(FP16_NEEDS_GPU)
+    return plan
+
+
+def run_trainer(loop_fn, loop_config: dict, *, run_dir: str, plan, scaling: ScalingConfig, keep_last: int,
+                datasets: dict, stall_timeout_s: Optional[float], dataset_config=None):
+    """Fit `loop_fn` on `plan`'s workers under the stall watchdog; returns (latest checkpoint,
+    its published export, the last reported metrics)."""
+    from pipelines import storage
+    from pipelines.trainer import publish_export, torch_trainer
+    from pipelines.watchdog import fit_with_watchdog
+
+    trainer = torch_trainer(loop_fn, loop_config, run_dir=run_dir, num_workers=plan.num_workers,
+                            use_gpu=plan.use_gpu, cpus_per_worker=plan.cpus_per_worker,
+                            max_failures=scaling.max_failures, keep_last=keep_last, datasets=datasets,
+                            dataset_config=dataset_config)
+    result = fit_with_watchdog(trainer, run_dir, stall_timeout_s)
+    ckpt = storage.join(run_dir, storage.basename(result.checkpoint.path)) if result.checkpoint is not None else None
+    return ckpt, publish_export(ckpt, run_dir), dict(result.metrics or {})

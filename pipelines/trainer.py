@@ -1,0 +1,62 @@
+"""Driver side of every training job: `torch_trainer` builds the TorchTrainer it runs under (one
+rank per worker, gloo on CPU or NCCL on GPU, checkpoints in the run dir, worker-group restarts), and
+`publish_export` copies a checkpoint's HF export to `<run_dir>/export`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from pipelines import storage
+from pipelines.compat import without_placement_group_cleaner
+
+
+def torch_trainer(loop_fn, loop_config: dict, *, run_dir: str | Path, num_workers: int, use_gpu: bool,
+                  cpus_per_worker: float, max_failures: int, keep_last: int, datasets: dict,
+                  dataset_config=None):
+    """The TorchTrainer every training job runs under: one rank per worker (a GPU each with
+    `use_gpu`, NCCL; else gloo on CPU), checkpoints in `run_dir` (a local path or a URI: Ray
+    Train writes through pyarrow.fs), worker-group restarts on failure."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        loop_fn,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=storage.basename(str(run_dir)), storage_path=storage.parent(str(run_dir)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_last),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            worker_runtime_env=cpu_worker_runtime_env() if not use_gpu else {}),
+        datasets=datasets,
+        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
+    )
+    return without_placement_group_cleaner(trainer)
+
+
+def cpu_worker_runtime_env() -> dict:
+    """Environment for CPU training workers: OpenMP threads sleep when idle instead of spinning.
+
+    A CPU worker shares its node's cores with Ray Data's read/tokenize/mask tasks. With OpenMP's
+    default (active) waiting, the worker's idle threads spin between parallel regions and take
+    those cores from the data tasks, which the step then waits on: passive waiting made the whole
+    `raybert pretrain` job 1.3x faster on 2 cores (BENCHMARKS.md). libgomp reads the variable once,
+    when torch loads, so it must be in the worker's environment from process start, not set by the
+    loop. A value the user exported on the driver wins.
+    """
+    return {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
+
+
+def publish_export(checkpoint: Optional[str], run_dir: str | Path) -> Optional[str]:
+    """Copy a checkpoint's `hf/` export to `run_dir/export`, replacing the previous one whole
+    (either may be a URI). Returns the export's location."""
+    if checkpoint is None or not storage.is_dir(storage.join(str(checkpoint), "hf")):
+        return None
+    export = storage.join(str(run_dir), "export")
+    storage.replace_tree(storage.join(str(checkpoint), "hf"), export)
+    return export

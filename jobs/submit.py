@@ -212,15 +212,13 @@ def _relative_path_warnings(config: dict, where: str) -> list[str]:
 # Submit and wait
 # --------------------------------------------------------------------------------------------
 
-def _not_found(e: RuntimeError) -> bool:
-    return "status code 404" in str(e)  # JobSubmissionClient's wording for an unknown job id
-
-
 def _existing(client, sid: str):
+    from pipelines.compat import http_status
+
     try:
         return client.get_job_info(sid)
     except RuntimeError as e:
-        if _not_found(e):
+        if http_status(e) == 404:  # no such job
             return None
         raise
 
@@ -316,15 +314,12 @@ def main(cfg: SubmitConfig) -> SubmitResult:
             metadata={"raybert_job": cfg.job, "raybert_config": str(path.resolve()),
                       "raybert_key": cfg.key or ""})
     except RuntimeError as e:
-        # A twin submitted between our check and this call. Ray 2.60 answers a taken
-        # submission_id with HTTP 500, which the client raises as RuntimeError("Request failed
-        # with status code 500: <server traceback> ValueError: Job with submission_id ... already
-        # exists. Please use a different submission_id.").
-        if "already exists" not in str(e):
-            raise
+        # A twin submitted between our check and this call (Ray 2.60 answers a taken
+        # submission_id with HTTP 500): the job exists now, and it is not ours.
         info = _existing(client, sid)
-        raise AlreadySubmitted(sid, _status(info) if info else "unknown",
-                               (info.message or "") if info else "", address) from e
+        if info is None:
+            raise
+        raise AlreadySubmitted(sid, _status(info), info.message or "", address) from e
     print(sid, flush=True)  # first line of stdout: scripts can capture it
     _err(f"submitted {cfg.job} ({path}) to {address}; logs: ray job logs --follow {sid} --address {address}")
     status = _wait(client, sid, cfg.poll_s, cfg.follow) if (cfg.wait or cfg.follow) else \

@@ -9,6 +9,8 @@ unnecessary or stops it from working (tests/test_compat.py), so none outlives it
 - `read_parquet_v1` (Ray Data 2.60): the V2 Parquet reader's file-listing task asks for a whole CPU,
   which CPU training workers may leave no room for (training then waits forever); scoring sets the
   same flag for its run (pipelines/scoring.py, `ray_data_settings`).
+- `http_status` (Ray 2.60): the Ray Jobs client raises a bare RuntimeError for a failed request,
+  with the HTTP status only in its text ("Request failed with status code 404: ...").
 - `QuietGpuWait` (Ray Data 2.60): a pool-start timeout is logged as an internal Ray error, with a
   plea to file a bug and a traceback, before it is raised; we report it in one line.
 """
@@ -16,6 +18,8 @@ unnecessary or stops it from working (tests/test_compat.py), so none outlives it
 from __future__ import annotations
 
 import logging
+import re
+from typing import Optional
 
 def import_deepspeed():
     """`import deepspeed`, without the MLflow import that DeepSpeed's autotuner makes on the way.
@@ -110,3 +114,10 @@ def read_parquet_v1(paths: list[str], **kwargs):
         return ray.data.read_parquet(paths, **kwargs)
     finally:
         ctx.use_datasource_v2 = saved
+
+
+def http_status(error: BaseException) -> Optional[int]:
+    """The HTTP status of a failed Ray Jobs request, else None. Ray 2.60's
+    `SubmissionClient._raise_error` keeps no status attribute or exception type, only this text."""
+    m = re.match(r"Request failed with status code (\d+)", str(error))
+    return int(m.group(1)) if m else None

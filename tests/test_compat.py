@@ -61,3 +61,20 @@ def test_deepspeed_comm_ops_are_not_jit_built():
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr
+
+
+def test_ray_jobs_errors_still_carry_the_status_only_in_their_text():
+    """The Ray Jobs client raises RuntimeError("Request failed with status code N: ...") with no
+    status attribute; http_status reads N back. When Ray gives the error a type or a status, the
+    first assertion fails and http_status can go."""
+    import inspect
+
+    from ray.dashboard.modules.dashboard_sdk import SubmissionClient
+
+    from pipelines.compat import http_status
+
+    assert 'RuntimeError(\n            f"Request failed with status code {r.status_code}' in inspect.getsource(
+        SubmissionClient._raise_error)
+    assert http_status(RuntimeError("Request failed with status code 404: Job not found.")) == 404
+    assert http_status(RuntimeError("Failed to connect")) is None
+

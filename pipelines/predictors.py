@@ -10,6 +10,10 @@ Contract:
   it sorts rows by length and cuts batches with `bert_core.padding.token_budget_batches`, so
   rows x longest stays under `max_tokens`; results are scattered back to input order. Rows
   with an error pass through with null outputs.
+- What differs between tasks is one small class each (`STEPS`: `EmbedStep`, `ClassifyStep`,
+  `TagStep`, `FillMaskStep`): `forward` runs a padded batch (tag and fill-mask return a typed
+  `TagBatch` / `FillMaskBatch`), `collect` brings a block's outputs home in input order,
+  `columns` makes the task's output columns.
 - Output columns: `id, row_hash, n_tokens, truncated, error` and, by task,
   `embed`: `embedding` fixed_size_list<float32>[H];
   `classify`: `label` (name from id2label), `score`, `probs` list<float32>;
@@ -26,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -206,6 +211,7 @@ class Predictor:
         self.vocab = (np.array([enc.id_to_token(i) for i in range(enc.get_vocab_size())], dtype=object)
                       if task == "fill-mask" else None)
         self.id2label = self.config.id2label or {i: f"LABEL_{i}" for i in range(self.config.num_labels)}
+        self.step = STEPS[task](self)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -220,7 +226,7 @@ class Predictor:
         ctx.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
         return ctx
 
-    def _to_device(self, a: np.ndarray):
+    def to_device(self, a: np.ndarray):
         import torch
 
         t = torch.from_numpy(a)
@@ -229,34 +235,14 @@ class Predictor:
         return t.to(self.device)
 
     def _forward(self, seqs: list[np.ndarray], types: Optional[list[np.ndarray]]):
-        """Run one padded batch; returns its raw outputs, still on the device (see `_collect`)."""
+        """Pad and run one batch; its outputs stay on the device until the block is collected."""
         from bert_core.padding import pad_batch
 
         ids, mask = pad_batch(seqs, pad_id=self.pad_id, multiple=self.pad_multiple)  # (B, T) each
-        padded = not mask.all()
-        ids_t = self._to_device(ids)  # (B, T)
         # No mask for a batch without padding: the model then skips masking (and its mask checks).
-        mask_t = self._to_device(mask) if padded else None  # (B, T)
-        tt = self._to_device(pad_batch(types, pad_id=0, multiple=self.pad_multiple)[0]) if types is not None else None
-        if self.task == "fill-mask":
-            import torch
-
-            # [MASK] positions are found on the host, so the device never has to report a count.
-            flat = np.flatnonzero((ids == self.mask_id) & (mask == 1))  # (M,) positions in B*T
-            if flat.size == 0:
-                return flat, ids.shape[1], None, None
-            logits = self.model(ids_t, mask_t, tt, masked_index=self._to_device(flat))  # (M, V)
-            probs = torch.softmax(logits.float(), dim=-1)  # (M, V)
-            top = torch.topk(probs, min(self.top_k, probs.shape[-1]), dim=-1)  # (M, k)
-            return flat, ids.shape[1], top.values, top.indices
-        out = self.model(ids_t, mask_t, tt)
-        if self.task == "embed":
-            return out.float()  # (B, H)
-        if self.task == "classify":
-            return out.float().softmax(-1)  # (B, L)
-        probs = out.float().softmax(-1)  # (B, T, L)
-        score, label = probs.max(-1)  # (B, T) each: the top label of every token
-        return label.int().flatten(), score.flatten(), ids.shape[1]
+        mask_t = self.to_device(mask) if not mask.all() else None  # (B, T)
+        tt = self.to_device(pad_batch(types, pad_id=0, multiple=self.pad_multiple)[0]) if types is not None else None
+        return self.step.forward(ids, mask, self.to_device(ids), mask_t, tt)
 
     # -- the UDF ---------------------------------------------------------------------------
 
@@ -288,55 +274,14 @@ class Predictor:
                             done.append((np.array([i]), self._run(np.array([i]), seqs, types)))
                         except Exception as e1:  # noqa: BLE001 - the row gets the error instead
                             errors[i] = f"model error: {type(e1).__name__}: {e1}"
-            results = self._collect(done, n, seqs)
+            results = self.step.collect(done, n, seqs)
         out = self._table(table, errors, results)
         return out.replace_schema_metadata({DTYPE_METADATA: self.dtype})
 
     def _run(self, idx: np.ndarray, seqs, types):
         return self._forward([seqs[i] for i in idx], [types[i] for i in idx] if types is not None else None)
 
-    def _collect(self, done: list, n: int, seqs) -> Any:
-        """Bring every batch's outputs to the host in one copy per tensor and put them in input
-        order: embed/classify (n, H|L) float32; tag: per row (labels, scores) of its tokens;
-        fill-mask: per row a list of (position, scores, token ids)."""
-        import torch
-
-        if self.task in ("embed", "classify"):
-            width = self.hidden if self.task == "embed" else len(self.id2label)
-            full = np.zeros((n, width), dtype=np.float32)
-            if done:
-                full[np.concatenate([i for i, _ in done])] = torch.cat([o for _, o in done]).cpu().numpy()
-            return full
-        per_row: list[Any] = [None] * n
-        if self.task == "tag":
-            if not done:
-                return per_row
-            labels = torch.cat([o[0] for _, o in done]).cpu().numpy()
-            scores = torch.cat([o[1] for _, o in done]).cpu().numpy()
-            start = 0
-            for idx, (_, _, T) in done:
-                for r, i in enumerate(idx.tolist()):
-                    a = start + r * T
-                    per_row[i] = (labels[a:a + len(seqs[i])], scores[a:a + len(seqs[i])])  # drop padding
-                start += len(idx) * T
-            return per_row
-        for idx, _ in done:  # fill-mask: rows without a [MASK] get an empty list
-            for i in idx.tolist():
-                per_row[i] = []
-        hits = [(idx, o) for idx, o in done if o[2] is not None]
-        if hits:
-            vals = torch.cat([o[2] for _, o in hits]).float().cpu().numpy()  # (M, k)
-            toks = torch.cat([o[3] for _, o in hits]).cpu().numpy()  # (M, k)
-            m = 0
-            for idx, (flat, T, _, _) in hits:
-                for pos in flat.tolist():
-                    r, t = divmod(pos, T)
-                    per_row[int(idx[r])].append((t, vals[m], toks[m]))
-                    m += 1
-        return per_row
-
     def _table(self, table: pa.Table, errors: list, results: Any) -> pa.Table:
-        n = table.num_rows
         cols: dict[str, pa.Array] = {"id": table.column("id").combine_chunks()}
         if "row_hash" in table.column_names:
             cols["row_hash"] = table.column("row_hash").combine_chunks()
@@ -344,52 +289,126 @@ class Predictor:
         cols["truncated"] = table.column("truncated").combine_chunks().cast(pa.bool_())
         cols["error"] = pa.array(errors, pa.string())
         missing = np.array([e is not None for e in errors], dtype=bool)  # rows without outputs
-        if self.task == "embed":
-            cols["embedding"] = pa.FixedSizeListArray.from_arrays(
-                pa.array(results.reshape(-1), pa.float32()), self.hidden, mask=pa.array(missing, pa.bool_()))
-        elif self.task == "classify":
-            L = results.shape[1]
-            k = results.argmax(1) if n else np.zeros(0, dtype=np.int64)  # (n,)
-            names = np.array([self.id2label.get(i, str(i)) for i in range(L)], dtype=object)
-            cols["label"] = pa.array(names[k], pa.string(), mask=missing)
-            cols["score"] = pa.array(results[np.arange(n), k], pa.float32(), mask=missing)
-            cols["probs"] = pa.ListArray.from_arrays(
-                pa.array(np.arange(n + 1, dtype=np.int32) * L), pa.array(results.reshape(-1), pa.float32()),
-                mask=pa.array(missing, pa.bool_()))
-        elif self.task == "tag":
-            texts = table.column("text").to_pylist() if n else []
-            offsets = _lists(table.column("offsets"))
-            word_ids = _lists(table.column("word_ids"))
-            cols["entities"] = pa.array(
-                [None if (missing[i] or r is None) else self._entities(*r, texts[i], offsets[i], word_ids[i])
-                 for i, r in enumerate(results)], pa.list_(ENTITY_TYPE))
-        else:
-            cols["fill_mask"] = self._fill_mask_column(results, missing)
-        return pa.table(cols)
+        return pa.table(cols | self.step.columns(table, results, missing))
 
-    def _fill_mask_column(self, per_row: list, missing: np.ndarray) -> pa.Array:
-        """list<struct<position, tokens, token_ids, scores>>, built column-wise (no per-item dicts)."""
-        k = self.top_k
-        counts = np.array([0 if (missing[i] or r is None) else len(r) for i, r in enumerate(per_row)], dtype=np.int32)
-        items = [x for i, r in enumerate(per_row) if not (missing[i] or r is None)
-                 for x in sorted(r, key=lambda x: x[0])]  # by position within each row
-        M = len(items)
-        k = items[0][2].shape[0] if M else min(k, len(self.vocab))
-        pos = np.array([t for t, _, _ in items], dtype=np.int32)
-        ids = np.stack([t for _, _, t in items]).astype(np.int32) if M else np.zeros((0, k), np.int32)
-        scores = np.stack([v for _, v, _ in items]).astype(np.float32) if M else np.zeros((0, k), np.float32)
-        inner = pa.array(np.arange(M + 1, dtype=np.int32) * k)
-        struct = pa.StructArray.from_arrays(
-            [pa.array(pos, pa.int32()),
-             pa.ListArray.from_arrays(inner, pa.array(self.vocab[ids.reshape(-1)], pa.string())),
-             pa.ListArray.from_arrays(inner, pa.array(ids.reshape(-1), pa.int32())),
-             pa.ListArray.from_arrays(inner, pa.array(scores.reshape(-1), pa.float32()))],
-            fields=list(FILL_TYPE))
-        outer = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        return pa.ListArray.from_arrays(pa.array(outer), struct, mask=pa.array(missing, pa.bool_()))
 
-    def _entities(self, labels: np.ndarray, scores: np.ndarray, text: str, offsets: np.ndarray,
-                  word_ids: np.ndarray) -> list[dict]:
+# --------------------------------------------------------------------------------------------
+# One small class per task: run a padded batch, bring the block's outputs home, make the columns
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TagBatch:
+    labels: Any  # (B*T,) int32 on the device: the top label of every token
+    scores: Any  # (B*T,) float32 on the device: its probability
+    width: int  # T, the padded length
+
+
+@dataclass
+class FillMaskBatch:
+    positions: np.ndarray  # (M,) flat indices into B*T of the [MASK] tokens (found on the host)
+    width: int  # T, the padded length
+    scores: Any  # (M, k) float on the device, or None when the batch has no [MASK]
+    token_ids: Any  # (M, k) on the device, or None
+
+
+class TaskStep:
+    """What differs between tasks. `forward` runs one padded batch and returns its outputs still
+    on the device; `collect` brings a block's outputs to the host in one copy per tensor, in
+    input order; `columns` turns them into the task's output columns (rows in `missing` get
+    nulls)."""
+
+    def __init__(self, predictor: "Predictor"):
+        self.p = predictor
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, ids_t, mask_t, types_t):
+        raise NotImplementedError
+
+    def collect(self, done: list, n: int, seqs: list) -> Any:
+        raise NotImplementedError
+
+    def columns(self, table: pa.Table, results: Any, missing: np.ndarray) -> dict:
+        raise NotImplementedError
+
+
+class _PooledStep(TaskStep):
+    """embed and classify: one (width,) float32 vector per row."""
+
+    width = 0
+
+    def collect(self, done: list, n: int, seqs: list) -> np.ndarray:
+        import torch
+
+        full = np.zeros((n, self.width), dtype=np.float32)  # (n, H | L)
+        if done:
+            full[np.concatenate([i for i, _ in done])] = torch.cat([o for _, o in done]).cpu().numpy()
+        return full
+
+
+class EmbedStep(_PooledStep):
+    def __init__(self, predictor: "Predictor"):
+        super().__init__(predictor)
+        self.width = predictor.hidden
+
+    def forward(self, ids, mask, ids_t, mask_t, types_t):
+        return self.p.model(ids_t, mask_t, types_t).float()  # (B, H)
+
+    def columns(self, table, results, missing):
+        return {"embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(results.reshape(-1), pa.float32()), self.width, mask=pa.array(missing, pa.bool_()))}
+
+
+class ClassifyStep(_PooledStep):
+    def __init__(self, predictor: "Predictor"):
+        super().__init__(predictor)
+        self.width = len(predictor.id2label)
+
+    def forward(self, ids, mask, ids_t, mask_t, types_t):
+        return self.p.model(ids_t, mask_t, types_t).float().softmax(-1)  # (B, L)
+
+    def columns(self, table, results, missing):
+        n, L = results.shape
+        k = results.argmax(1) if n else np.zeros(0, dtype=np.int64)  # (n,)
+        names = np.array([self.p.id2label.get(i, str(i)) for i in range(L)], dtype=object)
+        return {"label": pa.array(names[k], pa.string(), mask=missing),
+                "score": pa.array(results[np.arange(n), k], pa.float32(), mask=missing),
+                "probs": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * L),
+                                                  pa.array(results.reshape(-1), pa.float32()),
+                                                  mask=pa.array(missing, pa.bool_()))}
+
+
+class TagStep(TaskStep):
+    def forward(self, ids, mask, ids_t, mask_t, types_t) -> TagBatch:
+        probs = self.p.model(ids_t, mask_t, types_t).float().softmax(-1)  # (B, T, L)
+        score, label = probs.max(-1)  # (B, T) each
+        return TagBatch(label.int().flatten(), score.flatten(), ids.shape[1])
+
+    def collect(self, done: list, n: int, seqs: list) -> list:
+        """Per row: (labels, scores) of its tokens, padding dropped."""
+        import torch
+
+        per_row: list[Any] = [None] * n
+        if not done:
+            return per_row
+        labels = torch.cat([o.labels for _, o in done]).cpu().numpy()
+        scores = torch.cat([o.scores for _, o in done]).cpu().numpy()
+        start = 0
+        for idx, o in done:
+            for r, i in enumerate(idx.tolist()):
+                a = start + r * o.width
+                per_row[i] = (labels[a:a + len(seqs[i])], scores[a:a + len(seqs[i])])
+            start += len(idx) * o.width
+        return per_row
+
+    def columns(self, table, results, missing):
+        texts = table.column("text").to_pylist() if table.num_rows else []
+        offsets, word_ids = _lists(table.column("offsets")), _lists(table.column("word_ids"))
+        return {"entities": pa.array(
+            [None if (missing[i] or r is None) else self.entities(*r, texts[i], offsets[i], word_ids[i])
+             for i, r in enumerate(results)], pa.list_(ENTITY_TYPE))}
+
+    def entities(self, labels: np.ndarray, scores: np.ndarray, text: str, offsets: np.ndarray,
+                 word_ids: np.ndarray) -> list[dict]:
         """Per word: the first sub-token's label and score; offsets span all its sub-tokens."""
         spans = offsets.reshape(-1, 2)  # (T, 2) char offsets of each token
         words: dict[int, list[int]] = {}
@@ -400,10 +419,69 @@ class Predictor:
         for w, toks in words.items():
             first = toks[0]
             k = int(labels[first])
-            label = self.id2label.get(k, str(k))
+            label = self.p.id2label.get(k, str(k))
             if label == "O":
                 continue
             start, end = int(spans[first][0]), int(spans[toks[-1]][1])
             out.append({"word": text[start:end], "label": label, "score": float(scores[first]),
                         "start": start, "end": end})
         return out
+
+
+class FillMaskStep(TaskStep):
+    def forward(self, ids, mask, ids_t, mask_t, types_t) -> FillMaskBatch:
+        import torch
+
+        p = self.p
+        # [MASK] positions are found on the host, so the device never has to report a count.
+        flat = np.flatnonzero((ids == p.mask_id) & (mask == 1))  # (M,) positions in B*T
+        if flat.size == 0:
+            return FillMaskBatch(flat, ids.shape[1], None, None)
+        logits = p.model(ids_t, mask_t, types_t, masked_index=p.to_device(flat))  # (M, V)
+        probs = torch.softmax(logits.float(), dim=-1)  # (M, V)
+        top = torch.topk(probs, min(p.top_k, probs.shape[-1]), dim=-1)  # (M, k)
+        return FillMaskBatch(flat, ids.shape[1], top.values, top.indices)
+
+    def collect(self, done: list, n: int, seqs: list) -> list:
+        """Per row: a list of (position, scores, token ids); rows without a [MASK] get []."""
+        import torch
+
+        per_row: list[Any] = [None] * n
+        for idx, _ in done:
+            for i in idx.tolist():
+                per_row[i] = []
+        hits = [(idx, o) for idx, o in done if o.scores is not None]
+        if hits:
+            vals = torch.cat([o.scores for _, o in hits]).float().cpu().numpy()  # (M, k)
+            toks = torch.cat([o.token_ids for _, o in hits]).cpu().numpy()  # (M, k)
+            m = 0
+            for idx, o in hits:
+                for pos in o.positions.tolist():
+                    r, t = divmod(pos, o.width)
+                    per_row[int(idx[r])].append((t, vals[m], toks[m]))
+                    m += 1
+        return per_row
+
+    def columns(self, table, results, missing):
+        """list<struct<position, tokens, token_ids, scores>>, built column-wise (no per-item dicts)."""
+        vocab = self.p.vocab
+        counts = np.array([0 if (missing[i] or r is None) else len(r) for i, r in enumerate(results)], dtype=np.int32)
+        items = [x for i, r in enumerate(results) if not (missing[i] or r is None)
+                 for x in sorted(r, key=lambda x: x[0])]  # by position within each row
+        M = len(items)
+        k = items[0][2].shape[0] if M else min(self.p.top_k, len(vocab))
+        pos = np.array([t for t, _, _ in items], dtype=np.int32)
+        ids = np.stack([t for _, _, t in items]).astype(np.int32) if M else np.zeros((0, k), np.int32)
+        scores = np.stack([v for _, v, _ in items]).astype(np.float32) if M else np.zeros((0, k), np.float32)
+        inner = pa.array(np.arange(M + 1, dtype=np.int32) * k)
+        struct = pa.StructArray.from_arrays(
+            [pa.array(pos, pa.int32()),
+             pa.ListArray.from_arrays(inner, pa.array(vocab[ids.reshape(-1)], pa.string())),
+             pa.ListArray.from_arrays(inner, pa.array(ids.reshape(-1), pa.int32())),
+             pa.ListArray.from_arrays(inner, pa.array(scores.reshape(-1), pa.float32()))],
+            fields=list(FILL_TYPE))
+        outer = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        return {"fill_mask": pa.ListArray.from_arrays(pa.array(outer), struct, mask=pa.array(missing, pa.bool_()))}
+
+
+STEPS = {"embed": EmbedStep, "classify": ClassifyStep, "tag": TagStep, "fill-mask": FillMaskStep}

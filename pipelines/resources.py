@@ -114,7 +114,7 @@ def plan_training(nodes: list[dict], num_workers: int, cpus_per_worker: Optional
                 f"{what} x {_fmt(cpus_per_worker)} CPU each don't fit the Ray cluster "
                 f"({_fmt(cpus)} CPUs in all, at most {_fmt(biggest)} on one node"
                 + (f", {gpus} GPUs" if gpu else "") + "): lower scaling.cpus_per_worker or use fewer "
-                f"workers (leave cpus_per_worker unset to size it from the cluster)")
+                "workers (leave cpus_per_worker unset to size it from the cluster)")
         if left < min_data:
             room = max(0.0, (cpus - min_data) / n)
             raise ValueError(

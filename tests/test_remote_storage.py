@@ -194,7 +194,7 @@ def test_object_store_lock_is_a_lease(s3):
 
 
 @pytest.mark.parametrize("run_dir,needles", [
-    (f"s3://no-such-bucket-raybert/run", ["no-such-bucket-raybert", "does not exist"]),
+    ("s3://no-such-bucket-raybert/run", ["no-such-bucket-raybert", "does not exist"]),
     (f"s3://{BUCKET}", ["inside the bucket"]),
     ("nosuchscheme://b/run", ["nosuchscheme://b/run", "not a storage URI"]),
 ])

@@ -13,7 +13,6 @@ import time
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from jobs.score import ResourceConfig, ScoreConfig, main
 from pipelines.corpora import shakespeare_paragraphs

@@ -212,7 +212,7 @@ def test_cli_score_prints_summary(ray_module, minilm_dir, tmp_path):
                                  "--task", "embed", "--config", str(cfg), "--max-tokens", "1024",
                                  "--batch-size", "16", "--dtype", "bf16"])
     assert r.exit_code == 0, r.output
-    assert f"rows=50 error_rows=0" in r.output and f"output={tmp_path / 'out'}" in r.output
+    assert "rows=50 error_rows=0" in r.output and f"output={tmp_path / 'out'}" in r.output
     assert read_output(str(tmp_path / "out"))["n_tokens"].to_numpy().max() <= 64
     bad = CliRunner().invoke(cli, ["score", str(f), str(tmp_path / "o2"), "--model", str(minilm_dir),
                                    "--task", "embed", "--dtype", "fp16"])

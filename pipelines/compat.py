@@ -6,9 +6,12 @@ unnecessary or stops it from working (tests/test_compat.py), so none outlives it
 - `disable_deepspeed_jit` (DeepSpeed 0.19): no JIT build of the shm/ccl comm ops on CPU.
 - `without_placement_group_cleaner` (Ray 2.60): Ray Train's placement-group cleaner destroys live
   runs when a loaded head's state API answers empty.
-- `read_parquet_v1` (Ray Data 2.60): the V2 Parquet reader's file-listing task asks for a whole CPU,
-  which CPU training workers may leave no room for (training then waits forever); scoring sets the
-  same flag for its run (pipelines/scoring.py, `ray_data_settings`).
+- `parquet_reader_v1` / `read_parquet_v1` (Ray Data 2.60): the V2 Parquet reader's file-listing
+  task asks for a whole CPU, which CPU training workers may leave no room for (training then waits
+  forever); scoring holds the same setting for its run (pipelines/scoring.py, `ray_data_settings`).
+- `pace_idle_data_scheduler` (Ray Data 2.60): the streaming executor's scheduling loop spins when no
+  task is running, a training dataset's steady state; a callback on Ray Data's internal execution
+  hook sleeps 50 ms in such a step.
 - `http_status` (Ray 2.60): the Ray Jobs client raises a bare RuntimeError for a failed request,
   with the HTTP status only in its text ("Request failed with status code 404: ...").
 - `QuietGpuWait` (Ray Data 2.60): a pool-start timeout is logged as an internal Ray error, with a
@@ -17,9 +20,13 @@ unnecessary or stops it from working (tests/test_compat.py), so none outlives it
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import re
+import time
 from typing import Optional
+
 
 def import_deepspeed():
     """`import deepspeed`, without the MLflow import that DeepSpeed's autotuner makes on the way.
@@ -97,13 +104,14 @@ class QuietGpuWait(logging.Filter):
         return not isinstance(sys.exc_info()[1], ray.exceptions.GetTimeoutError)
 
 
-def read_parquet_v1(paths: list[str], **kwargs):
-    """`ray.data.read_parquet` through the V1 datasource, whose read tasks honour `num_cpus`.
+@contextlib.contextmanager
+def parquet_reader_v1():
+    """Within it, `ray.data.read_parquet` plans with the V1 datasource, whose read tasks honour
+    `num_cpus`.
 
     Ray 2.60's default V2 reader adds a file-listing task that asks for a whole CPU. When the
     Train workers hold all but a fraction of a CPU (2 workers x 0.75 CPU on a 2-CPU machine), that
-    task is never scheduled and training waits forever without an error. The choice is made when
-    the read is planned, so the context is restored right after.
+    task is never scheduled and training waits forever without an error.
     """
     import ray.data
 
@@ -111,9 +119,18 @@ def read_parquet_v1(paths: list[str], **kwargs):
     saved = ctx.use_datasource_v2
     ctx.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(paths, **kwargs)
+        yield
     finally:
         ctx.use_datasource_v2 = saved
+
+
+def read_parquet_v1(paths: list[str], **kwargs):
+    """`ray.data.read_parquet` through the V1 datasource (`parquet_reader_v1`). The choice is made
+    when the read is planned, so the context is restored right after."""
+    import ray.data
+
+    with parquet_reader_v1():
+        return ray.data.read_parquet(paths, **kwargs)
 
 
 def http_status(error: BaseException) -> Optional[int]:
@@ -121,3 +138,59 @@ def http_status(error: BaseException) -> Optional[int]:
     `SubmissionClient._raise_error` keeps no status attribute or exception type, only this text."""
     m = re.match(r"Request failed with status code (\d+)", str(error))
     return int(m.group(1)) if m else None
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Data 2.60: the scheduling loop of an idle training dataset spins
+# --------------------------------------------------------------------------------------------
+# The streaming executor waits for task completions with `ray.wait(timeout=0.1)` but skips that
+# wait when no task is active (`process_completed_tasks`: `if active_tasks:`), which is a training
+# dataset's steady state (the pipeline runs ahead until backpressure pauses it, then waits for the
+# trainer to take rows). The loop then spins: the SplitCoordinator took 80% of a core on a 2-core
+# node (py-spy: budget arithmetic in `_scheduling_loop_step`), cores the training worker computes
+# on. 50 ms is far below what a trainer takes to consume a block of packed rows, so noticing that
+# 50 ms late costs nothing. It uses Ray Data's internal callback hook, so it is best effort: on a
+# Ray without the hook nothing is registered, and an executor it doesn't understand is left alone.
+
+IDLE_SLEEP_S = 0.05  # Ray waits up to 0.1 s per step when tasks run; a trainer takes a block in far longer
+
+
+def executor_is_idle(executor) -> bool:
+    """No operator of the executor's topology has a running task (False when that can't be told)."""
+    try:
+        return not any(op.num_active_tasks() for op in executor._topology)
+    except Exception:
+        return False
+
+
+@functools.cache
+def idle_scheduler_backoff():
+    """The callback class that sleeps IDLE_SLEEP_S in a scheduling step when no task of the dataset
+    is running; None on a Ray without the hook. Built on first use: importing this module imports
+    no Ray."""
+    try:
+        from ray.data._internal.execution.execution_callback import ExecutionCallback
+    except ImportError:  # pragma: no cover - a Ray without the hook
+        return None
+
+    class IdleSchedulerBackoff(ExecutionCallback):
+        def on_execution_step(self, executor) -> None:
+            if executor_is_idle(executor):
+                time.sleep(IDLE_SLEEP_S)
+
+    return IdleSchedulerBackoff
+
+
+def pace_idle_data_scheduler() -> bool:
+    """Register the backoff in this process's DataContext (once); the datasets built after it
+    carry it to their executor (for training, Ray Train's SplitCoordinator actor). Returns whether
+    it is registered."""
+    import ray.data
+
+    backoff = idle_scheduler_backoff()
+    if backoff is None:
+        return False
+    classes = ray.data.DataContext.get_current().custom_execution_callback_classes
+    if backoff not in classes:
+        classes.append(backoff)
+    return True

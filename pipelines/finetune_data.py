@@ -370,7 +370,7 @@ def build_task_datasets(task: TaskData, cfg: FinetuneData, tokenizer_path: str, 
 
     Raises ValueError before any training if a row is bad or the split leaves the head with fewer
     than 2 trained classes or a class only validation rows have (see _check_split_labels)."""
-    from pipelines.data_pacing import pace_idle_data_scheduler
+    from pipelines.compat import pace_idle_data_scheduler
 
     pace_idle_data_scheduler()
     if task.kind == "mlm":

@@ -93,7 +93,7 @@ def tokenize_and_pack(batch: dict, *, tokenizer_path: str, text_column: str, seq
 
 def build_datasets(cfg: DataConfig, tokenizer_path: str) -> dict:
     """Lazy train / val datasets of packed rows (see the module docstring)."""
-    from pipelines.data_pacing import pace_idle_data_scheduler
+    from pipelines.compat import pace_idle_data_scheduler
 
     pace_idle_data_scheduler()
     paths = resolve_paths(cfg.paths)

@@ -72,7 +72,7 @@ from pipelines import storage
 from pipelines.inputs import InputPlan, plan_inputs
 from pipelines.predictors import Predictor
 from pipelines.tokenize import tokenize_batch
-from pipelines.compat import QuietGpuWait
+from pipelines.compat import QuietGpuWait, parquet_reader_v1
 from pipelines.resources import CpuPlan, actor_pool, cpu_plan, gpu_wait_message
 from pipelines.score_config import GpuWaitTimeout, ScoreConfig
 from pipelines.score_output import (MANIFEST, RUN_RECORD, check_output, check_resume, data_files,
@@ -309,11 +309,10 @@ def ray_data_settings(checkpoint_dir: str, gpu_wait_s: Optional[float]):
     from ray.data.checkpoint import CheckpointConfig
 
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.checkpoint_config, ctx.use_datasource_v2, ctx.wait_for_min_actors_s)
+    saved = (ctx.checkpoint_config, ctx.wait_for_min_actors_s)
     cc = CheckpointConfig(id_column="row_hash", checkpoint_path=checkpoint_dir, delete_checkpoint_on_success=False)
     cc.checkpoint_actor_pool_max_size = 1  # each filter actor holds 1 CPU; one is enough
     ctx.checkpoint_config = cc
-    ctx.use_datasource_v2 = False
     quiet, ray_data_log = QuietGpuWait(), logging.getLogger("ray.data.exceptions")
     if gpu_wait_s is not None:
         # Ray Data then blocks, when the pipeline starts and before any row is read, until each actor
@@ -322,9 +321,10 @@ def ray_data_settings(checkpoint_dir: str, gpu_wait_s: Optional[float]):
         ctx.wait_for_min_actors_s = gpu_wait_s
         ray_data_log.addFilter(quiet)
     try:
-        yield
+        with parquet_reader_v1():
+            yield
     finally:
-        ctx.checkpoint_config, ctx.use_datasource_v2, ctx.wait_for_min_actors_s = saved
+        ctx.checkpoint_config, ctx.wait_for_min_actors_s = saved
         ray_data_log.removeFilter(quiet)
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from pipelines.compat import IDLE_SLEEP_S, executor_is_idle, idle_scheduler_backoff, pace_idle_data_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,3 +81,115 @@ def test_ray_jobs_errors_still_carry_the_status_only_in_their_text():
     assert http_status(RuntimeError("Request failed with status code 404: Job not found.")) == 404
     assert http_status(RuntimeError("Failed to connect")) is None
 
+
+
+# Ray Data 2.60's idle scheduling loop (pace_idle_data_scheduler): it sleeps only when no task runs,
+# and it reaches the datasets training builds (through their DataContext).
+
+def test_ray_data_scheduling_loop_still_skips_its_wait_when_no_task_runs():
+    """The behaviour the backoff answers, and the hook and attribute it relies on. When Ray waits
+    even with no task active, the first assertion fails and the backoff can go."""
+    import inspect
+
+    from ray.data._internal.execution import streaming_executor, streaming_executor_state
+
+    waits = inspect.getsource(streaming_executor_state.process_completed_tasks)
+    assert "if active_tasks:" in waits and waits.index("if active_tasks:") < waits.index("ray.wait(")
+    loop = inspect.getsource(streaming_executor.StreamingExecutor)
+    assert "callback.on_execution_step(self)" in loop and "self._topology = " in loop
+
+
+class _Op:
+    def __init__(self, active: int):
+        self.active = active
+
+    def num_active_tasks(self) -> int:
+        return self.active
+
+
+class _Executor:
+    def __init__(self, *active: int):
+        self._topology = {_Op(a): None for a in active}
+
+
+def _step_seconds(executor) -> float:
+    t0 = time.perf_counter()
+    idle_scheduler_backoff()().on_execution_step(executor)
+    return time.perf_counter() - t0
+
+
+def test_idle_data_scheduler_backs_off_only_when_no_task_runs():
+    assert executor_is_idle(_Executor(0, 0)) and not executor_is_idle(_Executor(0, 2))
+    assert _step_seconds(_Executor(0, 0)) >= IDLE_SLEEP_S * 0.9
+    assert _step_seconds(_Executor(1, 0)) < IDLE_SLEEP_S / 2  # tasks running: Ray's own ray.wait paces the loop
+    assert not executor_is_idle(object())  # an executor it doesn't understand is left alone
+    assert _step_seconds(object()) < IDLE_SLEEP_S / 2
+
+
+def test_training_datasets_carry_the_idle_scheduler_backoff(ray_local, tmp_path):
+    import ray.data
+
+    from pipelines.corpora import chinese_vocab_path
+    from pipelines.pretrain_data import DataConfig, build_datasets, write_corpus
+
+    backoff = idle_scheduler_backoff()
+    ctx = ray.data.DataContext.get_current()
+    saved = list(ctx.custom_execution_callback_classes)
+    try:
+        ctx.custom_execution_callback_classes[:] = []
+        corpus = write_corpus(["一二三四五六七八九十"] * 20, str(tmp_path / "c.parquet"))
+        ds = build_datasets(DataConfig(paths=[corpus], val_fraction=0.0), str(chinese_vocab_path()))["train"]
+        assert backoff in ds.context.custom_execution_callback_classes
+        assert ds.context.execution_callback_classes.count(backoff) == 1
+        pace_idle_data_scheduler()  # idempotent
+        assert ctx.custom_execution_callback_classes.count(backoff) == 1
+    finally:
+        ctx.custom_execution_callback_classes[:] = saved
+
+
+def test_ray_data_v2_parquet_listing_still_asks_for_a_whole_cpu():
+    """Ray Data 2.60 reads Parquet through V2 by default, and V2's ListFiles task sets no num_cpus
+    (so Ray's default, 1 CPU, which CPU training workers may leave no room for). When either
+    changes, parquet_reader_v1 can go. Within it the V1 reader is planned; after it, the setting is
+    the caller's again."""
+    import inspect
+
+    import ray.data
+    from ray.data import context
+    from ray.data._internal.planner import plan_list_files_op
+
+    from pipelines.compat import parquet_reader_v1
+
+    assert context.DEFAULT_USE_DATASOURCE_V2 is True
+    listing = inspect.getsource(plan_list_files_op)
+    assert 'name="ListFiles"' in listing and "num_cpus" not in listing
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2
+    with parquet_reader_v1():
+        assert ctx.use_datasource_v2 is False
+    assert ctx.use_datasource_v2 == before
+
+
+def test_quiet_gpu_wait_drops_only_the_records_of_a_pool_start_timeout():
+    """Ray Data 2.60 logs a GetTimeoutError it re-raises as an internal error (a plea to file a bug,
+    then the traceback) on `ray.data.exceptions`; QuietGpuWait drops exactly those records."""
+    import inspect
+    import logging
+
+    import ray.data.exceptions
+    import ray.exceptions
+
+    from pipelines.compat import QuietGpuWait
+
+    assert "logger.exception(" in inspect.getsource(ray.data.exceptions.omit_traceback_stdout)
+    record = logging.LogRecord("ray.data.exceptions", logging.ERROR, __file__, 1, "Full stack trace:", None, None)
+    quiet = QuietGpuWait()
+    try:
+        raise ray.exceptions.GetTimeoutError("pool did not start")
+    except ray.exceptions.GetTimeoutError:
+        assert quiet.filter(record) is False
+    try:
+        raise RuntimeError("a real error")
+    except RuntimeError:
+        assert quiet.filter(record) is True
+    assert quiet.filter(record) is True

@@ -44,11 +44,6 @@ log = logging.getLogger(__name__)
 # Key of the output blocks' schema metadata that names the precision the predictor ran in.
 DTYPE_METADATA = "raybert.dtype"
 
-BASE_FIELDS = [
-    pa.field("n_tokens", pa.int32()),
-    pa.field("truncated", pa.bool_()),
-    pa.field("error", pa.string()),
-]
 ENTITY_TYPE = pa.struct([("word", pa.string()), ("label", pa.string()), ("score", pa.float32()),
                          ("start", pa.int32()), ("end", pa.int32())])
 FILL_TYPE = pa.struct([("position", pa.int32()), ("tokens", pa.list_(pa.string())),

@@ -5,7 +5,7 @@ of a scoring job (`cpu_plan`, at the end).
 Why: Ray Train workers hold their CPUs for the whole run, and Ray Data's read/tokenize tasks get
 only what the workers leave (Ray Train takes the workers' reservation out of Ray Data's budget).
 When nothing is left, the dataset never yields a row and training waits forever without an error
-("0.25/0 CPU ... backpressured:tasks(ResourceBudget)"; STACK_NOTES). So every plan leaves the
+("0.25/0 CPU ... backpressured:tasks(ResourceBudget)" in Ray Data's progress line). So every plan leaves the
 data pipeline a budget, and settings that can't are refused before anything starts.
 
 Contract:

@@ -20,8 +20,6 @@ from typing import Optional
 
 from pipelines import storage
 
-PHASES = ("starting", "data", "step", "eval", "checkpoint")
-
 
 class Heartbeat:
     """Rank 0's liveness for the driver's watchdog: {step, phase, ticks}, written atomically to
@@ -41,7 +39,8 @@ class Heartbeat:
             self._thread.start()
 
     def beat(self, phase: str, step: Optional[int] = None) -> None:
-        """Enter `phase`; `step` when a step has just completed."""
+        """Enter `phase` (the loops use "data", "step", "eval", "checkpoint"; a new beat starts in
+        "starting"); `step` when a step has just completed."""
         self.phase = phase
         self.ticks += 1
         if step is not None:

@@ -9,7 +9,7 @@ observe it rather than assume it:
 - head: 1 CPU; each worker node: 3 CPUs. A predictor actor reserves 1.75 CPUs and a Train
   worker 2, so two of either can't share a node and neither fits on the head, while every node
   keeps a CPU or so free for the fractional (0.25) Ray Data read/tokenize/write tasks and Ray's
-  1-CPU checkpoint-filter actor (without that room Ray Data waits forever, see STACK_NOTES).
+  1-CPU checkpoint-filter actor (without that room Ray Data waits forever: pipelines/resources.py).
 - Scoring: Ray's state API (`ray.util.state`, served by the head's dashboard) lists the actors
   Ray Data started for the predictor (`MapWorker(MapBatches(Predictor))`) with their node ids,
   and the tasks they ran with theirs.

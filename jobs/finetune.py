@@ -35,7 +35,8 @@ import click
 
 from bert_core.masking_config import MaskingConfig
 from jobs.config import echo_config, from_preset, print_config_option, user_errors
-from jobs.training import FP16_NEEDS_GPU, ScalingConfig, check_init_from, expects_gpu, has_checkpoints
+from jobs.training import (FP16_NEEDS_GPU, ScalingConfig, check_init_from, expects_gpu, has_checkpoints,
+                           training_flags)
 from pipelines.finetune_data import FinetuneData, TaskData
 from pipelines.train_config import FinetuneOptions, ModelConfig, TrainConfig
 from pipelines.watchdog import TrainingStalled
@@ -279,22 +280,14 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--tokenizer", help="Tokenizer (default: --init-from's).")
 @click.option("--epochs", type=float, help="Passes over the labeled training rows.")
 @click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--num-workers", type=int, help="Ray Train workers.")
-@click.option("--use-gpu/--cpu", "use_gpu", default=None,
-              help="One GPU per worker, or CPUs only. Default: GPUs when the cluster has them.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="Training precision (fp16: GPU only).")
-@click.option("--zero-stage", type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage.")
-@click.option("--deepspeed", "deepspeed_json", help="DeepSpeed JSON merged over raybert's (ZeRO tuning, offload).")
-@click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray.")
+@training_flags
 @print_config_option
 @user_errors(TrainingStalled)
 def finetune(data, val_data, kind, name, run_dir, config_path, preset, init_from, tokenizer, epochs, lr,
-             num_workers, use_gpu, dtype, zero_stage, deepspeed_json, address, print_config):
+             training, print_config):
     """Fine-tune a pretrained BERT into a classifier or tagger (or several heads, from --config)."""
     overrides = {"run_dir": run_dir, "model.init_from": init_from, "tokenizer": tokenizer,
-                 "options.epochs": epochs, "train.lr": lr, "scaling.num_workers": num_workers,
-                 "scaling.use_gpu": use_gpu, "train.dtype": dtype, "train.zero_stage": zero_stage,
-                 "address": address, "train.deepspeed": deepspeed_json}
+                 "options.epochs": epochs, "train.lr": lr, **training}
     task = dict(name=name, kind=kind, paths=list(data), val_paths=list(val_data)) if data else None
     cfg = build_config(preset, config_path, overrides, task)
     if print_config:

@@ -39,7 +39,7 @@ import click
 
 from jobs.config import echo_config, from_preset, print_config_option, user_errors
 from jobs.training import (FP16_NEEDS_GPU, TOKENIZER_FILES, ScalingConfig, check_init_from, expects_gpu,
-                           has_checkpoints)
+                           has_checkpoints, training_flags)
 from pipelines.pretrain_data import DataConfig
 from pipelines.train_config import ModelConfig, TrainConfig
 from pipelines.watchdog import TrainingStalled
@@ -398,20 +398,14 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--tokenizer", help="Tokenizer: checkpoint dir or vocab.txt (see `raybert vocab`).")
 @click.option("--init-from", help="Start from this HF checkpoint's weights instead of fresh ones.")
 @click.option("--max-steps", type=int, help="Optimizer steps of the whole run.")
-@click.option("--zero-stage", type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage.")
-@click.option("--num-workers", type=int, help="Ray Train workers.")
-@click.option("--use-gpu/--cpu", "use_gpu", default=None,
-              help="One GPU per worker, or CPUs only. Default: GPUs when the cluster has them.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="Training precision (fp16: GPU only).")
 @click.option("--resume", type=click.Choice(["auto", "never"]), help="Continue the run dir's latest checkpoint.")
 @click.option("--max-steps-per-run", type=int, help="Scheduled runs: train at most this many steps, then checkpoint and exit.")
 @click.option("--time-budget", type=float, help="Scheduled runs: seconds this invocation may take; it checkpoints before.")
-@click.option("--deepspeed", "deepspeed_json", help="DeepSpeed JSON merged over raybert's (ZeRO tuning, offload).")
-@click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray.")
+@training_flags
 @print_config_option
 @user_errors(TrainingStalled)
-def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps, zero_stage, num_workers,
-             use_gpu, dtype, resume, max_steps_per_run, time_budget, deepspeed_json, address, print_config):
+def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps, resume, max_steps_per_run,
+             time_budget, training, print_config):
     """MLM-pretrain BERT on a Parquet text corpus with Ray Train + DeepSpeed.
 
     Run it on a schedule with `--resume auto` and a budget: each invocation continues the run
@@ -420,9 +414,7 @@ def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps
     overrides = {
         "train.steps_per_run": max_steps_per_run, "time_budget": time_budget,
         "run_dir": run_dir, "data.paths": list(data) or None, "data.tokenizer": tokenizer,
-        "model.init_from": init_from, "train.max_steps": max_steps, "train.zero_stage": zero_stage,
-        "scaling.num_workers": num_workers, "scaling.use_gpu": use_gpu, "train.dtype": dtype,
-        "resume": resume, "address": address, "train.deepspeed": deepspeed_json,
+        "model.init_from": init_from, "train.max_steps": max_steps, "resume": resume, **training,
     }
     cfg = build_config(preset, config_path, overrides)
     if print_config:

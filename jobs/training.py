@@ -6,6 +6,8 @@ Contract:
 - `expects_gpu`, `has_checkpoints`, `check_init_from`: driver-side checks, no Ray.
 - `plan_workers(scaling, task_cpus, dtype)`, in a Ray session: the workers' resource plan; settings
   the cluster can't run are refused (`jobs.schedule.Refused`) before any worker starts.
+- `training_flags`: the command-line flags every training command shares, handed to the command
+  as one `training` dict of config overrides.
 - `run_trainer(...)`: the TorchTrainer (pipelines/trainer.py) under the stall watchdog, then the
   latest checkpoint's HF export published to `<run_dir>/export`; returns (checkpoint, export,
   last metrics).
@@ -13,10 +15,15 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+import click
+
+from pipelines.train_config import DTYPES
 
 
 @dataclass
@@ -30,6 +37,33 @@ class ScalingConfig:
     cpus_per_worker: Optional[float] = None
     torch_threads: Optional[int] = None  # CPU threads per worker; None = the CPUs it holds, rounded up
     max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before giving up
+
+
+# flag's parameter name -> the config key it overrides
+TRAINING_FLAGS = {"num_workers": "scaling.num_workers", "use_gpu": "scaling.use_gpu", "dtype": "train.dtype",
+                  "zero_stage": "train.zero_stage", "deepspeed_json": "train.deepspeed", "address": "address"}
+_TRAINING_OPTIONS = [
+    click.option("--num-workers", type=int, help="Ray Train workers."),
+    click.option("--use-gpu/--cpu", "use_gpu", default=None,
+                 help="One GPU per worker, or CPUs only. Default: GPUs when the cluster has them."),
+    click.option("--dtype", type=click.Choice(list(DTYPES)), help="Training precision (fp16: GPU only)."),
+    click.option("--zero-stage", type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage."),
+    click.option("--deepspeed", "deepspeed_json", help="DeepSpeed JSON merged over raybert's (ZeRO tuning, offload)."),
+    click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray."),
+]
+
+
+def training_flags(command):
+    """Adds the flags of TRAINING_FLAGS to a click command; it receives them as `training`, a dict
+    of config overrides (dotted keys; None where the flag was not given)."""
+    @functools.wraps(command)
+    def with_training(*args, **kwargs):
+        training = {key: kwargs.pop(name) for name, key in TRAINING_FLAGS.items()}
+        return command(*args, training=training, **kwargs)
+
+    for option in reversed(_TRAINING_OPTIONS):
+        with_training = option(with_training)
+    return with_training
 
 
 FP16_NEEDS_GPU = "dtype fp16 needs GPUs (DeepSpeed on CPU supports fp32 and bf16); use --dtype bf16 or --use-gpu"

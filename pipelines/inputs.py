@@ -1,14 +1,20 @@
-"""Finding and checking input files, on the driver, before any work.
+"""Finding and checking input files, on the driver, before any work: one rule for every job.
 
 Contract:
-- `plan_inputs(inputs, text_column, text_pair_column, id_column)` (scoring): expands files,
-  directories (recursively; names starting with `_` or `.` skipped) and globs, local or on an
-  object store (`file://` is a local path), refuses a file given twice in any spelling, reads every
-  file's Parquet footer and fails with an error naming the file when one is unreadable or lacks a
-  needed column (listing the columns present). It returns the file list, each file's root (what a
-  fallback id is relative to), the expected row count and whether ids come from the data.
-- `resolve_paths` / `parquet_files` (training data): the Parquet files Ray Data reads for the
-  given paths, by Ray's rules, so every check runs on exactly what is read.
+- `find_parquet(inputs)`: the Parquet files to read. An input is a file, a directory (searched
+  recursively) or a local glob (`**` included), local or on an object store (`file://` is a local
+  path). Under a directory or a glob, only `*.parquet` files are read, and nothing whose path below
+  it has a part starting with `_` or `.` (`_SUCCESS`, `_temporary/`, `.crc`). A file given by name
+  must be `*.parquet` (Ray Data's reader would skip it without a word). A missing input, a glob or
+  directory without Parquet files, and a file given twice in any spelling are errors naming it.
+  Every job hands Ray Data the files found here, never a directory to list by its own rules, so
+  every check runs on exactly what is read.
+- `plan_inputs(inputs, text_column, text_pair_column, id_column)` (scoring): `find_parquet`, then
+  every file's footer: an error names the file that is unreadable or lacks a needed column
+  (listing the columns present). It returns the file list, each file's root (what a fallback id is
+  relative to), the expected row count and whether ids come from the data.
+- `resolve_paths` / `parquet_files` (training data): `find_parquet`'s names, or (name, filesystem,
+  path) for the footer and label checks.
 """
 
 from __future__ import annotations
@@ -32,71 +38,34 @@ class InputPlan:
     columns: list[str]  # columns to read
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[str], dict[str, str]]:
-    files: list[str] = []
-    roots: dict[str, str] = {}
+@dataclass(frozen=True)
+class InputFile:
+    name: str  # a local absolute path or a URI (scheme kept): what is read, recorded and named in errors
+    root: Optional[str]  # the directory or glob base it was found under; None for a file named itself
+    fs: object  # its pyarrow FileSystem
+    path: str  # its path within fs
+
+
+def find_parquet(inputs: str | list[str], what: str = "input") -> list[InputFile]:
+    """The Parquet files to read for `inputs`: the one rule every job reads by (see the module
+    docstring). `what` names the inputs in errors ("input", "data")."""
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    found: list[InputFile] = []
     for raw in inputs:
-        if raw.startswith("file://"):  # a local path, spelled as a URI
-            raw = storage.normalize(raw)
-        if storage.is_uri(raw):
-            found = _expand_uri(raw)
-            files += found
-            if found != [raw]:  # a directory: ids relative to it (a lone file's: its name)
-                roots.update(dict.fromkeys(found, raw))
-            continue
-        p = os.path.abspath(raw)
-        if any(c in raw for c in "*?["):
-            matches = sorted(os.path.abspath(m) for m in glob.glob(raw, recursive=True) if os.path.isfile(m))
-            if not matches:
-                raise FileNotFoundError(f"input glob {raw} matches no files")
-            root = os.path.commonpath([os.path.dirname(m) for m in matches])
-            for m in matches:
-                files.append(m)
-                roots[m] = root
-        elif os.path.isdir(p):
-            found = []
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith(("_", ".")))
-                found += [os.path.join(dirpath, f) for f in filenames
-                          if f.endswith(".parquet") and not f.startswith(("_", "."))]
-            if not found:
-                raise FileNotFoundError(f"input directory {p} has no .parquet files")
-            for f in sorted(found):
-                files.append(f)
-                roots[f] = p
-        elif os.path.isfile(p):
-            files.append(p)
-            roots[p] = os.path.dirname(p)
+        raw = storage.normalize(raw) if str(raw).startswith("file://") else str(raw)
+        if not storage.is_uri(raw) and any(c in raw for c in "*?["):
+            found += _glob(raw, what)
         else:
-            raise FileNotFoundError(f"input {raw} does not exist")
-    _refuse_repeats(files)
-    return files, roots
-
-
-def _expand_uri(raw: str) -> list[str]:
-    """The Parquet files of an object-store input: itself, or (a directory) every `*.parquet`
-    under it, names starting with `_` or `.` skipped, sorted."""
-    import pyarrow.fs as pafs
-
-    with storage.reachable(raw):
-        fs, path = pafs.FileSystem.from_uri(raw)
-        info = fs.get_file_info(path)
-        listing = (fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                   if info.type == pafs.FileType.Directory else [])
-    if info.type == pafs.FileType.File:
-        return [raw]
-    if info.type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"input {raw} does not exist")
-    scheme = raw.split("://", 1)[0]
-    return [f"{scheme}://{f}" for f in sorted(
-        f.path for f in listing
-        if f.type == pafs.FileType.File and f.path.endswith(".parquet")
-        and not any(part.startswith(("_", ".")) for part in os.path.relpath(f.path, path).split("/")))]
+            found += _expand(raw if storage.is_uri(raw) else os.path.abspath(raw), what)
+    if not found:
+        raise ValueError(f"no {what} paths given" + (" (--data)" if what == "data" else ""))
+    _refuse_repeats([f.name for f in found])
+    return found
 
 
 def _refuse_repeats(files: list[str]) -> None:
     # The same file twice (listed twice, or reached again through a symlink or file://) would be
-    # scored twice: refused, naming both spellings.
+    # read twice: refused, naming both spellings.
     seen: dict[str, str] = {}
     for f in files:
         key = storage.canonical(f)
@@ -104,6 +73,55 @@ def _refuse_repeats(files: list[str]) -> None:
             also = f" (also as {seen[key]})" if seen[key] != f else ""
             raise ValueError(f"input file {f} is given more than once{also}; list each file once")
         seen[key] = f
+
+
+def _is_read(relative: str) -> bool:
+    """Found under a directory or by a glob: `*.parquet`, no part of its path (below the directory)
+    starting with `_` or `.` (_SUCCESS, _temporary/, .crc files)."""
+    parts = relative.replace(os.sep, "/").split("/")
+    return relative.lower().endswith(".parquet") and not any(p.startswith(("_", ".")) for p in parts)
+
+
+def _glob(pattern: str, what: str) -> list[InputFile]:
+    hits = sorted(os.path.abspath(h) for h in glob.glob(pattern, recursive=True))
+    if not hits:
+        raise FileNotFoundError(f"{what} glob {pattern} matches no files")
+    root = os.path.commonpath([os.path.dirname(h) for h in hits])
+    found = [f for h in hits for f in (_expand(h, what, root) if os.path.isdir(h) else
+                                        [_file(h, root)] if _is_read(os.path.relpath(h, root)) else [])]
+    if not found:
+        raise FileNotFoundError(f"{what} glob {pattern} matches no *.parquet files")
+    return found
+
+
+def _file(name: str, root: Optional[str]) -> InputFile:
+    fs, path = storage.filesystem(name)
+    return InputFile(name, root, fs, path)
+
+
+def _expand(name: str, what: str, root: Optional[str] = None) -> list[InputFile]:
+    """A file given by name (it must be `*.parquet`: Ray Data would skip it without a word), or
+    every file read under a directory, sorted."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(name)
+    with storage.reachable(name):
+        info = fs.get_file_info(path)
+        listing = (fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                   if info.type == pafs.FileType.Directory else [])
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{what} {name} does not exist")
+    if info.type != pafs.FileType.Directory:
+        if not name.lower().endswith(".parquet"):
+            raise ValueError(f"{name}: Ray Data reads only files named *.parquet and would skip this one; "
+                             f"rename it")
+        return [InputFile(name, root, fs, path)]
+    base = info.path.rstrip("/")
+    prefix = name.split("://", 1)[0] + "://" if storage.is_uri(name) else ""
+    found = sorted(i.path for i in listing if i.is_file and _is_read(i.path[len(base):].lstrip("/")))
+    if not found:
+        raise FileNotFoundError(f"{what} directory {name} has no *.parquet files")
+    return [InputFile(prefix + f, root or name, fs, f) for f in found]
 
 
 def parquet_footer(path: str) -> pq.FileMetaData:
@@ -120,8 +138,9 @@ def parquet_footer(path: str) -> pq.FileMetaData:
 def plan_inputs(inputs: str | list[str], text_column: str = "text", text_pair_column: Optional[str] = None,
                 id_column: str = "id") -> InputPlan:
     """Expand and validate the inputs; raise before any work if one can't be scored."""
-    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
-    files, roots = expand_inputs(inputs)
+    found = find_parquet(inputs)
+    files = [f.name for f in found]
+    roots = {f.name: f.root for f in found if f.root is not None}
     rows = 0
     with_id: list[str] = []
     without_id: list[str] = []
@@ -142,58 +161,14 @@ def plan_inputs(inputs: str | list[str], text_column: str = "text", text_pair_co
 
 
 def resolve_paths(paths: list[str]) -> list[str]:
-    """Expand local globs; pass directories, files and URIs (s3://, gs://) through unchanged."""
-    if isinstance(paths, str):
-        paths = [paths]
-    out: list[str] = []
-    for p in paths:
-        if "://" not in p and any(c in p for c in "*?["):
-            hits = sorted(glob.glob(p))
-            if not hits:
-                raise FileNotFoundError(f"data glob {p!r} matches no files")
-            out.extend(os.path.abspath(h) for h in hits)
-        elif "://" not in p:
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"data path {p!r} does not exist")
-            out.append(os.path.abspath(p))
-        else:
-            out.append(p)
-    if not out:
-        raise ValueError("no data paths given (--data)")
-    return out
+    """The names of the Parquet files to read for training data `paths` (`find_parquet`): Ray Data
+    is given these files, never a directory to list by its own rules."""
+    return [f.name for f in find_parquet(paths, "data")]
 
 
 def parquet_files(paths: list) -> list[tuple[str, object, str]]:
-    """The Parquet files Ray Data reads for `paths`, as (name, filesystem, path in it), listed on
-    the driver so every label and column check runs on exactly what is read.
-
-    Ray's rules: a directory is searched recursively, skipping names that start with '.' or '_',
-    and only `*.parquet` files are read. Ray would skip a listed file with another suffix without a
-    word, so that is an error here, as is a directory without Parquet files.
-    """
-    import pyarrow.fs as pafs
-
-    out = []
-    for path in resolve_paths(paths):
-        fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-        scheme = path.split("://")[0] + "://" if "://" in path and not isinstance(fs, pafs.LocalFileSystem) else ""
-        info = fs.get_file_info(inner)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"data path {path!r} does not exist")
-        if info.type != pafs.FileType.Directory:
-            if not inner.lower().endswith(".parquet"):
-                raise ValueError(f"{path}: Ray Data reads only files named *.parquet and would skip this "
-                                 f"one; rename it")
-            out.append((path, fs, inner))
-            continue
-        base = info.path.rstrip("/")
-        found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-                       if i.is_file and i.path.lower().endswith(".parquet")
-                       and not i.path[len(base):].lstrip("/").startswith((".", "_")))
-        if not found:
-            raise ValueError(f"{path}: no *.parquet files in this directory")
-        out.extend((scheme + f, fs, f) for f in found)
-    return out
+    """`find_parquet(paths)` as (name, filesystem, path in it), for the footer and label checks."""
+    return [(f.name, f.fs, f.path) for f in find_parquet(paths, "data")]
 
 
 def names_list(names: list, limit: int = 3) -> str:

@@ -135,17 +135,25 @@ def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Opti
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:  # one line: where, and what the parser expected
-            mark = getattr(e, "problem_mark", None)
-            at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-            raise ValueError(f"{p}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+        data = read_yaml(p.read_text(), str(p))
         merged = _merge(to_mapping(cfg), read_mapping(cls, data, str(p)))
         cfg = from_mapping(cls, merged, str(p))
     return apply_overrides(cfg, overrides or {})
+
+
+def read_yaml(text: str, where: str) -> dict:
+    """A YAML document that must be a mapping (empty: {}); a parse error is one line naming
+    `where` and what the parser expected."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ValueError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    return dict(data)
 
 
 def read_mapping(cls, data: Mapping, where: str, prefix: str = "") -> dict:

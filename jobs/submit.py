@@ -124,16 +124,9 @@ def project_root(root: Optional[str | Path] = None) -> Path:
 
 def canonical_config(text: str, where: str) -> dict:
     """The YAML as a mapping; what the submission id is computed from."""
-    import yaml
+    from jobs.config import read_yaml
 
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{where}: not valid YAML: {e}") from e
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    return read_yaml(text, where)
 
 
 def submission_id(job: str, config: dict, key: Optional[str] = None) -> str:

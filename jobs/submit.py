@@ -47,6 +47,8 @@ from typing import Optional
 
 import click
 
+from jobs.config import user_errors
+
 JOBS = ("score", "pretrain", "finetune")
 TORCH_PIN = "torch==2.13.0"  # the version the project is built and tested with (see make setup)
 CONFIG_ENV = "RAYBERT_CONFIG_YAML"  # the YAML content, shipped in the runtime_env
@@ -367,6 +369,7 @@ class _Refused(click.ClickException):
               help="Also pip-install the project's dependencies (pyproject.toml, torch==2.13.0 "
                    "first) in the job's runtime_env, for clusters whose Python lacks them. Off by "
                    "default: cluster.yaml's setup_commands install them.")
+@user_errors(ConnectionError, RuntimeError)
 def submit(job, config_path, address, wait, follow, key, install_deps):
     """Submit JOB (score | pretrain | finetune) to a Ray cluster via Ray Jobs.
 
@@ -379,8 +382,6 @@ def submit(job, config_path, address, wait, follow, key, install_deps):
         result = main(cfg)
     except AlreadySubmitted as e:
         raise _Refused(str(e)) from e
-    except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as e:
-        raise click.ClickException(str(e)) from e
     except KeyboardInterrupt:
         # Only the waiting stops; the job itself keeps running on the cluster.
         raise click.ClickException("interrupted; the job keeps running on the cluster "

@@ -408,5 +408,13 @@ def save_pretrained(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config.to_json(path / "config.json")
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
+        # A tokenizer built from a bare vocab.txt has model_max_length ~1e30 ("no limit"), and
+        # `truncation=True` then passes texts longer than the position table, which AutoModel
+        # fails on: the export says the model's limit.
+        own_limit = tokenizer.model_max_length
+        tokenizer.model_max_length = min(own_limit or config.max_position_embeddings, config.max_position_embeddings)
+        try:
+            tokenizer.save_pretrained(str(path))
+        finally:
+            tokenizer.model_max_length = own_limit
     return path

@@ -273,3 +273,24 @@ def test_gradients_match_transformers_on_padded_batch():
         assert ref is not None and (p.grad - ref).abs().max().item() < 1e-5, name
         n += 1
     assert n > 20
+
+
+def test_export_tokenizer_truncates_at_the_models_position_limit(tmp_path):
+    """A tokenizer from a bare vocab.txt says model_max_length ~1e30; the export must say the
+    model's limit, so `AutoTokenizer(...)(long_text, truncation=True)` + `AutoModel` just work."""
+    from bert_core import load_tokenizer
+    from bert_core.model import build_model
+    from pipelines.corpora import chinese_vocab_path
+
+    tok = load_tokenizer(chinese_vocab_path())
+    assert tok.model_max_length > 1e20  # the trap
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=64)
+    save_pretrained(build_model(cfg, "mlm").eval(), tmp_path, tokenizer=tok)
+    assert tok.model_max_length > 1e20  # the caller's tokenizer is left as it was
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    batch = hf_tok("人民日报" * 500, truncation=True, return_tensors="pt")  # 2,000 characters
+    assert hf_tok.model_max_length == 64 and batch["input_ids"].shape == (1, 64)
+    with torch.no_grad():
+        out = transformers.AutoModel.from_pretrained(str(tmp_path))(**batch).last_hidden_state
+    assert out.shape == (1, 64, 32)

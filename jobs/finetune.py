@@ -273,6 +273,8 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--task", "kind", type=click.Choice(["classify", "tag"]), default="classify", show_default=True,
               help="With --data: the head to train.")
 @click.option("--name", default="task", show_default=True, help="With --data: the task (head) name.")
+@click.option("--text-column", help="With --data: the text column (default: text).")
+@click.option("--label-column", help="With --data: the label column (default: label; tag: tags).")
 @click.option("--run-dir", help="Run directory: metrics.jsonl, checkpoint, export/.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML config.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Model size and matching settings.")
@@ -283,12 +285,16 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @training_flags
 @print_config_option
 @user_errors(TrainingStalled)
-def finetune(data, val_data, kind, name, run_dir, config_path, preset, init_from, tokenizer, epochs, lr,
-             training, print_config):
+def finetune(data, val_data, kind, name, text_column, label_column, run_dir, config_path, preset, init_from,
+             tokenizer, epochs, lr, training, print_config):
     """Fine-tune a pretrained BERT into a classifier or tagger (or several heads, from --config)."""
     overrides = {"run_dir": run_dir, "model.init_from": init_from, "tokenizer": tokenizer,
                  "options.epochs": epochs, "train.lr": lr, **training}
-    task = dict(name=name, kind=kind, paths=list(data), val_paths=list(val_data)) if data else None
+    if not data and (text_column or label_column):
+        raise click.UsageError("--text-column and --label-column go with --data (a --config's tasks name their "
+                               "own columns: tasks[i].text_column, tasks[i].label_column)")
+    task = dict(name=name, kind=kind, paths=list(data), val_paths=list(val_data), text_column=text_column,
+                label_column=label_column) if data else None
     cfg = build_config(preset, config_path, overrides, task)
     if print_config:
         return echo_config(cfg)

@@ -21,7 +21,7 @@ import click
 from jobs.config import echo_config, print_config_option, user_errors
 
 # The job's typed config is the pipeline's: one dataclass, checked once (ScoreConfig.check).
-from pipelines.score_config import GpuWaitTimeout, ResourceConfig, ScoreConfig
+from pipelines.score_config import POOLINGS, GpuWaitTimeout, ResourceConfig, ScoreConfig
 
 
 def output_lock(output: str):
@@ -84,10 +84,21 @@ def main(cfg: ScoreConfig):
               help="Default auto: bf16 on a GPU that has it, else fp16; on CPU bf16 only where measured faster. "
                    "fp16 needs a GPU.")
 @click.option("--head", help="Task head of a multi-task checkpoint (default: its primary task).")
+@click.option("--text-column", help="The text to score (default: text).")
+@click.option("--text-pair-column", help="A second text: rows are sentence pairs (classify).")
+@click.option("--id-column", help="Row ids (default: id; without one, ids are <file>#<row hash>).")
+@click.option("--max-length", type=click.IntRange(min=3),
+              help="Tokens per row before truncation (default: the model's limit, or a sentence-transformers "
+                   "export's max_seq_length).")
+@click.option("--pooling", type=click.Choice(list(POOLINGS)), help="embed: pooling (default: the checkpoint's).")
+@click.option("--normalize/--no-normalize", default=None, help="embed: L2-normalize (default: the checkpoint's).")
+@click.option("--overwrite/--no-overwrite", default=None,
+              help="Delete this job's earlier output and checkpoint and score again (never anything else).")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
 @print_config_option
 @user_errors(GpuWaitTimeout)  # no GPU node in time for --device cuda
-def score(input, output, model, task, config_path, max_tokens, batch_size, num_actors, device, dtype, head, address,
+def score(input, output, model, task, config_path, max_tokens, batch_size, num_actors, device, dtype, head,
+          text_column, text_pair_column, id_column, max_length, pooling, normalize, overwrite, address,
           print_config):
     """Score Parquet INPUT (file, directory or glob) into Parquet OUTPUT, one row per input row.
 
@@ -98,7 +109,9 @@ def score(input, output, model, task, config_path, max_tokens, batch_size, num_a
     cfg = load_config(ScoreConfig, config_path, {
         "input": input, "output": output, "model": model, "task": task, "max_tokens": max_tokens,
         "batch_size": batch_size, "resources.num_actors": num_actors, "resources.device": device,
-        "dtype": dtype, "head": head, "address": address})
+        "dtype": dtype, "head": head, "text_column": text_column, "text_pair_column": text_pair_column,
+        "id_column": id_column, "max_length": max_length, "pooling": pooling, "normalize": normalize,
+        "overwrite": overwrite, "address": address})
     if print_config:
         return echo_config(cfg)
     main(cfg)

@@ -13,6 +13,7 @@ from pipelines.train_config import DTYPES
 TASKS = ("embed", "classify", "tag", "fill-mask")
 HEAD_OF_TASK = {"embed": "embed", "classify": "classify", "tag": "tag", "fill-mask": "mlm"}
 DTYPE_CHOICES = ("auto",) + DTYPES  # auto: chosen once per job (pipelines.scoring.job_dtype)
+POOLINGS = ("mean", "cls", "max")  # embed pooling: bert_core.model.POOLINGS (a test keeps them equal)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -86,8 +87,6 @@ class ScoreConfig:
             raise ValueError("score: max_tokens and batch_size must be >= 1, max_length >= 3")
         if self.top_k < 1:
             raise ValueError(f"score: top_k must be >= 1 (candidates per [MASK]), got {self.top_k}")
-        from bert_core.model import POOLINGS
-
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"score: pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.resources.num_actors is not None and self.resources.num_actors < 1:

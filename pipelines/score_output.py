@@ -220,18 +220,18 @@ def check_resume(output: str, checkpoint_dir: str, recipe: dict) -> None:
         diffs = recipe_differences(saved, recipe)
         if diffs:
             raise FileExistsError(f"{output} holds a finished run of another recipe: {'; '.join(diffs)} (saved -> now); "
-                                  f"choose another output, or pass overwrite to score it again")
+                                  f"choose another output, or pass --overwrite (YAML: overwrite: true) to score it again")
         return
     if not storage.exists(checkpoint_dir):
         return
     saved = read_json(storage.join(output, RUN_RECORD))
     if saved is None:
         raise FileExistsError(f"checkpoint dir {checkpoint_dir} exists but {output} has no {RUN_RECORD}: it is not a "
-                              f"run of this job to resume; choose another output and checkpoint dir, or pass overwrite")
+                              f"run of this job to resume; choose another output and checkpoint dir, or pass --overwrite (YAML: overwrite: true)")
     diffs = recipe_differences(saved.get("recipe", {}), recipe)
     if diffs:
         raise FileExistsError(f"{output} holds an unfinished run of another recipe: {'; '.join(diffs)} (saved -> now); "
-                              f"resume it with its own settings, choose another output, or pass overwrite to start over")
+                              f"resume it with its own settings, choose another output, or pass --overwrite (YAML: overwrite: true) to start over")
 
 
 def read_output(output: str, columns: Optional[list[str]] = None) -> pa.Table:

@@ -256,7 +256,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     if data_files(cfg.output) and not resumed:
         raise FileExistsError(f"{cfg.output} already holds Parquet files but has no checkpoint ({pre.checkpoint_dir}) "
                               f"and no {MANIFEST}: it is not a run of this job to resume; choose another output or "
-                              f"overwrite")
+                              f"pass --overwrite (YAML: overwrite: true)")
     run_record = storage.join(cfg.output, RUN_RECORD)
     record = (read_json(run_record) or {}) if resumed else {"recipe": pre.recipe, "started": time.time()}
     r = cfg.resources
@@ -294,7 +294,7 @@ def reuse_or_reset(cfg: ScoreConfig, pre: Preflight) -> Optional[ScoreResult]:
     if not storage.exists(manifest):
         return None
     done = read_json(manifest)
-    log.warning("%s is already complete (%s); pass overwrite to score again", output, MANIFEST)
+    log.warning("%s is already complete (%s); pass --overwrite (YAML: overwrite: true) to score again", output, MANIFEST)
     storage.delete(ckpt)  # killed after the manifest, before the checkpoint was deleted
     return ScoreResult(**{**done["result"], "already_complete": True, "plan": done["result"].get("plan", {})})
 

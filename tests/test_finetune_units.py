@@ -243,3 +243,23 @@ def test_cli_finetune_flags_and_clean_errors(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli, ["finetune", "--data", "a.parquet", "--run-dir", str(tmp_path / "r"),
                                    "--init-from", str(tmp_path / "missing")])
     assert res.exit_code == 1 and "not a checkpoint directory" in res.output
+
+
+def test_cli_finetune_takes_the_columns_of_a_glue_style_file(tmp_path):
+    """`--text-column sentence --label-column y` without a YAML file; without --data they are refused
+    (a --config's tasks name their own columns)."""
+    import yaml
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    res = CliRunner().invoke(cli, ["finetune", "--data", "glue.parquet", "--text-column", "sentence",
+                                   "--label-column", "y", "--print-config"])
+    assert res.exit_code == 0, res.output
+    (task,) = yaml.safe_load(res.output)["tasks"]
+    assert (task["text_column"], task["label_column"]) == ("sentence", "y")
+    tag = yaml.safe_load(CliRunner().invoke(cli, ["finetune", "--data", "t.parquet", "--task", "tag",
+                                                  "--print-config"]).output)["tasks"][0]
+    assert (tag["text_column"], tag["label_column"]) == ("text", "tags")  # unset: the task kind's defaults
+    res = CliRunner().invoke(cli, ["finetune", "--text-column", "sentence", "--print-config"])
+    assert res.exit_code == 2 and "--text-column and --label-column go with --data" in res.output

@@ -515,3 +515,38 @@ def test_auto_precision_is_chosen_once_per_output_and_kept_by_a_resume(ray_local
     resumed = main(cfg)
     assert resumed.resumed and resumed.rows == 80
     assert output_dtypes(str(out)) == "bf16" and resumed.dtype == "bf16"
+
+
+def test_the_settings_everyone_sets_are_flags_and_errors_name_them_as_flags(tmp_path, tiny):
+    """--text-column, --text-pair-column, --id-column, --max-length, --pooling, --normalize and
+    --overwrite reach the config (no YAML needed for a GLUE-style `sentence` column), and a refusal
+    that overwrite would lift names the flag and the YAML key."""
+    import yaml
+    from click.testing import CliRunner
+
+    import bert_core.model
+    import pipelines.score_config
+    from jobs.score import score
+    from pipelines.score_output import RUN_RECORD
+    from pipelines.scoring import preflight
+
+    assert pipelines.score_config.POOLINGS == bert_core.model.POOLINGS  # the CLI's choices are the model's
+    args = ["in.parquet", str(tmp_path / "out"), "--model", tiny, "--text-column", "sentence", "--text-pair-column",
+            "sentence2", "--id-column", "key", "--max-length", "64", "--pooling", "cls", "--no-normalize",
+            "--overwrite", "--print-config"]
+    r = CliRunner().invoke(score, args)
+    assert r.exit_code == 0, r.output
+    shown = yaml.safe_load(r.output)
+    assert [shown[k] for k in ("text_column", "text_pair_column", "id_column", "max_length", "pooling",
+                               "normalize", "overwrite")] == ["sentence", "sentence2", "key", 64, "cls", False, True]
+    unset = yaml.safe_load(CliRunner().invoke(score, args[:4] + ["--print-config"]).output)
+    assert (unset["normalize"], unset["overwrite"], unset["pooling"]) == (None, False, None)  # YAML/defaults stand
+    # A refusal that --overwrite would lift says so, as the user can set it.
+    data = _data(tmp_path / "in", files=1, rows=3)
+    out = tmp_path / "out"
+    cfg = ScoreConfig(input=str(data), output=str(out), model=tiny, task="embed", max_length=32)
+    out.mkdir()
+    (out / RUN_RECORD).write_text(json.dumps({"recipe": preflight(cfg).recipe}))
+    (tmp_path / "out.checkpoint").mkdir()
+    with pytest.raises(FileExistsError, match=r"pass --overwrite \(YAML: overwrite: true\)"):
+        main(ScoreConfig(**{**cfg.__dict__, "max_length": 64}))

@@ -39,14 +39,13 @@ def run(rows: int, out: str) -> None:
     n = build_corpus(corpus, rows)
     print(f"corpus: {n} Shakespeare paragraphs in {corpus}", flush=True)
     cfg = ScoreConfig(input=corpus, output=output, model=str(minilm_path()), task="embed", overwrite=True)
-    result = main(cfg)
+    main(cfg)  # prints the summary line, as `raybert score` does
     t = read_output(output, ["id", "n_tokens", "truncated", "error", "embedding"])
     print(f"\noutput schema: {t.schema.field('embedding').type} embedding, {t.num_rows} rows")
     for row in t.sort_by("id").slice(0, 5).to_pylist():
         e = row["embedding"]
         print(f"  {row['id']}  n_tokens={row['n_tokens']:3d} truncated={row['truncated']!s:5} "
               f"error={row['error']}  embedding[:4]={[round(x, 4) for x in e[:4]]}")
-    print("\n" + result.line())
 
 
 def main() -> None:

@@ -217,3 +217,13 @@ def test_cli_score_prints_summary(ray_module, minilm_dir, tmp_path):
     bad = CliRunner().invoke(cli, ["score", str(f), str(tmp_path / "o2"), "--model", str(minilm_dir),
                                    "--task", "embed", "--dtype", "fp16"])
     assert bad.exit_code != 0 and "fp16 needs a GPU" in bad.output
+
+
+def test_demo_prints_its_summary_once(ray_module, tmp_path, capsys):
+    """`make demo`'s run: the corpus, one summary line, the output's schema and a peek at it."""
+    from jobs.demo import run
+
+    run(40, str(tmp_path))
+    out = capsys.readouterr().out
+    assert out.count("raybert score: rows=40 error_rows=0") == 1, out
+    assert "corpus: 40 Shakespeare paragraphs" in out and "output schema: fixed_size_list<element: float>[384] embedding, 40 rows" in out

@@ -216,3 +216,20 @@ def test_modules_and_functions_stay_readable():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in {"pipelines", "jobs", "bert_core"}:
                 private += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert too_long == [] and private == []
+
+
+def test_the_repo_carries_its_license_and_a_config_that_works_from_anywhere():
+    """pyproject declares Apache-2.0 and LICENSE holds its text; configs/score.yaml names no path
+    relative to the repo (it was only usable from the repo root), and loads as a ScoreConfig."""
+    import tomllib
+
+    from jobs.config import load_config
+    from pipelines.score_config import ScoreConfig
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == "Apache-2.0"
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    cfg = load_config(ScoreConfig, ROOT / "configs" / "score.yaml")
+    for key in ("model", "tokenizer", "input", "output", "checkpoint_dir"):
+        value = getattr(cfg, key)
+        assert not value or Path(str(value)).is_absolute() or "://" in str(value), (key, value)

@@ -460,6 +460,10 @@ def vocab(data, out, vocab_size, text_column, max_docs, cased):
         raise ValueError(f"no text to train a vocab on: column {text_column!r} of {', '.join(data)} is null "
                          f"or empty in every row (or there are no rows); check --data and --text-column")
     tok = train_tokenizer(itertools.chain([first], texts), vocab_size, out, lowercase=not cased)
+    if len(tok) < vocab_size:  # WordPiece stops once every word of the corpus is covered
+        click.echo(f"note: the vocab has {len(tok):,} tokens, fewer than --vocab-size {vocab_size:,}: this corpus has "
+                   f"no more distinct pieces to learn; a larger corpus gives a larger vocab (pretraining sizes its "
+                   f"embeddings to the vocab it is given)", err=True)
     click.echo(json.dumps({"out": str(Path(out).absolute()), "vocab_size": len(tok)}))
 
 

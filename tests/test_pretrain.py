@@ -289,3 +289,19 @@ def test_engine_in_one_process_accumulates_clips_and_checkpoints_activations():
 
         ds_comm.cdb = None
         ds_groups._WORLD_GROUP = None
+
+
+def test_cli_vocab_says_when_the_corpus_gives_fewer_tokens_than_asked(tmp_path, zh_texts):
+    """--vocab-size 21128 on a few hundred reviews gives far fewer tokens: said on stderr, while
+    stdout stays the one JSON line."""
+    import json
+
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    write_corpus(zh_texts[:200], str(tmp_path / "corpus"), rows_per_file=200)
+    res = CliRunner().invoke(cli, ["vocab", "--data", str(tmp_path / "corpus"), "--out", str(tmp_path / "tok")])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)["vocab_size"]
+    assert got < 21128 and f"the vocab has {got:,} tokens, fewer than --vocab-size 21,128" in res.stderr

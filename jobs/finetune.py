@@ -36,7 +36,7 @@ import click
 from bert_core.masking_config import MaskingConfig
 from jobs.config import echo_config, from_preset, print_config_option, user_errors
 from jobs.training import (FP16_NEEDS_GPU, ScalingConfig, check_init_from, expects_gpu, has_checkpoints,
-                           training_flags)
+                           training_flags, stdout_for_the_result)
 from pipelines.finetune_data import FinetuneData, TaskData
 from pipelines.train_config import FinetuneOptions, ModelConfig, TrainConfig
 from pipelines.watchdog import TrainingStalled
@@ -298,7 +298,8 @@ def finetune(data, val_data, kind, name, text_column, label_column, run_dir, con
     cfg = build_config(preset, config_path, overrides, task)
     if print_config:
         return echo_config(cfg)
-    result = main(cfg)
+    with stdout_for_the_result():
+        result = main(cfg)
     click.echo(json.dumps({"run_dir": result.run_dir, "export": result.export, "max_steps": result.max_steps,
                            "labels": result.labels, "metrics": result.metrics}, indent=1, default=str))
 

@@ -39,7 +39,7 @@ import click
 
 from jobs.config import echo_config, from_preset, print_config_option, user_errors
 from jobs.training import (FP16_NEEDS_GPU, TOKENIZER_FILES, ScalingConfig, check_init_from, expects_gpu,
-                           has_checkpoints, training_flags)
+                           has_checkpoints, training_flags, stdout_for_the_result)
 from pipelines.pretrain_data import DataConfig
 from pipelines.train_config import ModelConfig, TrainConfig
 from pipelines.watchdog import TrainingStalled
@@ -419,7 +419,8 @@ def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps
     cfg = build_config(preset, config_path, overrides)
     if print_config:
         return echo_config(cfg)
-    result = main(cfg)
+    with stdout_for_the_result():
+        result = main(cfg)
     click.echo(json.dumps({"run_dir": result.run_dir, "checkpoint": result.checkpoint,
                            "export": result.export, "metrics": result.metrics}, indent=1, default=str))
 

@@ -6,6 +6,8 @@ Contract:
 - `expects_gpu`, `has_checkpoints`, `check_init_from`: driver-side checks, no Ray.
 - `plan_workers(scaling, task_cpus, dtype)`, in a Ray session: the workers' resource plan; settings
   the cluster can't run are refused (`jobs.schedule.Refused`) before any worker starts.
+- `stdout_for_the_result()`: while a training command runs, whatever prints to stdout goes to
+  stderr, so stdout carries only the command's JSON result.
 - `training_flags`: the command-line flags every training command shares, handed to the command
   as one `training` dict of config overrides.
 - `run_trainer(...)`: the TorchTrainer (pipelines/trainer.py) under the stall watchdog, then the
@@ -15,8 +17,10 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -51,6 +55,14 @@ _TRAINING_OPTIONS = [
     click.option("--deepspeed", "deepspeed_json", help="DeepSpeed JSON merged over raybert's (ZeRO tuning, offload)."),
     click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray."),
 ]
+
+
+@contextlib.contextmanager
+def stdout_for_the_result():
+    """Send what the run prints to stdout (its own progress lines, libraries' prints, Ray's
+    forwarded worker output) to stderr, so `raybert pretrain ... | jq` reads the JSON result alone."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def training_flags(command):

@@ -2,7 +2,8 @@
 place. Each says the version it targets and why, and has a test that fails when an upgrade makes it
 unnecessary or stops it from working (tests/test_compat.py), so none outlives its reason.
 
-- `import_deepspeed` (DeepSpeed 0.19): `import deepspeed` without the MLflow import its autotuner makes.
+- `import_deepspeed` (DeepSpeed 0.19): `import deepspeed` without the MLflow import its autotuner makes,
+  and with its log on stderr (its handler writes to stdout, ahead of a command's JSON result).
 - `disable_deepspeed_jit` (DeepSpeed 0.19): no JIT build of the shm/ccl comm ops on CPU.
 - `without_placement_group_cleaner` (Ray 2.60): Ray Train's placement-group cleaner destroys live
   runs when a loaded head's state API answers empty.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import re
 import time
@@ -37,20 +39,28 @@ def import_deepspeed():
     on a 2-core EPYC, paid by every training worker and by the driver. While DeepSpeed loads,
     `mlflow` is hidden (None in sys.modules makes `import mlflow` raise ImportError, which the
     autotuner catches); afterwards it imports as usual, for raybert's own MLflow tracker.
+
+    DeepSpeed's logger ("DeepSpeed") writes to stdout through its own handler, so its lines ("Setting
+    accelerator to CPU", ...) came ahead of the JSON a command prints there and `json.load(stdout)`
+    failed; the handler is made on stderr (or pointed there, if DeepSpeed was imported before).
     """
     import sys
 
-    if "deepspeed" in sys.modules:
-        return sys.modules["deepspeed"]
-    hide = "mlflow" not in sys.modules
-    if hide:
-        sys.modules["mlflow"] = None
-    try:
-        import deepspeed
-    finally:
-        if hide and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
-            del sys.modules["mlflow"]
-    return deepspeed
+    if "deepspeed" not in sys.modules:
+        hide = "mlflow" not in sys.modules
+        if hide:
+            sys.modules["mlflow"] = None
+        try:
+            # Its logger's handler takes sys.stdout as it is at import: stderr, here.
+            with contextlib.redirect_stdout(sys.stderr):
+                importlib.import_module("deepspeed")
+        finally:
+            if hide and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+                del sys.modules["mlflow"]
+    for handler in logging.getLogger("DeepSpeed").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+    return sys.modules["deepspeed"]
 
 
 def disable_deepspeed_jit() -> None:

@@ -193,3 +193,17 @@ def test_quiet_gpu_wait_drops_only_the_records_of_a_pool_start_timeout():
     except RuntimeError:
         assert quiet.filter(record) is True
     assert quiet.filter(record) is True
+
+
+def test_deepspeed_logs_to_stderr_so_stdout_keeps_a_commands_result():
+    """DeepSpeed 0.19 logs through a handler on stdout ("Setting accelerator to CPU" landed ahead of
+    `raybert pretrain`'s JSON); after import_deepspeed its log goes to stderr and stdout is empty."""
+    import inspect
+
+    import deepspeed.utils.logging as ds_logging
+
+    assert "StreamHandler(stream=sys.stdout)" in inspect.getsource(ds_logging)
+    code = ("import sys, logging; from pipelines.compat import import_deepspeed; import_deepspeed(); "
+            "logging.getLogger('DeepSpeed').warning('to stderr please')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout == "" and "to stderr please" in out.stderr, out.stdout + out.stderr

@@ -305,3 +305,31 @@ def test_cli_vocab_says_when_the_corpus_gives_fewer_tokens_than_asked(tmp_path, 
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)["vocab_size"]
     assert got < 21128 and f"the vocab has {got:,} tokens, fewer than --vocab-size 21,128" in res.stderr
+
+
+def test_training_commands_print_only_their_json_result_on_stdout(tmp_path, monkeypatch):
+    """What a run prints (its own progress, a library's print, Ray's forwarded worker lines) goes to
+    stderr; stdout parses as the JSON result (`raybert pretrain ... | jq`)."""
+    import json
+
+    from click.testing import CliRunner
+
+    import jobs.finetune as jf
+    import jobs.pretrain as jp
+    from jobs.cli import cli
+
+    def noisy(result):
+        def main(cfg):
+            print("Setting accelerator to CPU.")  # as a library would
+            return result(cfg)
+        return main
+
+    monkeypatch.setattr(jp, "main", noisy(lambda cfg: jp.PretrainResult(run_dir=cfg.run_dir, checkpoint="c",
+                                                                         export="e", metrics={"step": 2})))
+    monkeypatch.setattr(jf, "main", noisy(lambda cfg: jf.FinetuneResult(run_dir=cfg.run_dir, export="e", metrics={},
+                                                                         labels={}, max_steps=1)))
+    for args in (["pretrain", "--data", "a.parquet", "--run-dir", str(tmp_path / "p")],
+                 ["finetune", "--data", "a.parquet", "--run-dir", str(tmp_path / "f")]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["export"] == "e" and "Setting accelerator to CPU." in res.stderr

@@ -207,6 +207,18 @@ def from_preset(presets: dict, name: str):
     return presets[name]()
 
 
+def chosen_preset(flag: Optional[str], config_path: Optional[str | Path]) -> Optional[str]:
+    """The whole-run preset a training command runs with: `--preset`, else the config file's
+    `model.preset`. Wherever it is named, it chooses both the model and the training defaults, and
+    the order is defaults < preset < file < flags (as HfArgumentParser and Ray users expect)."""
+    if flag:
+        return flag
+    if config_path is None or not Path(config_path).is_file():
+        return None  # no file, or load_config reports the missing one
+    model = read_yaml(Path(config_path).read_text(), str(config_path)).get("model")
+    return model.get("preset") if isinstance(model, Mapping) else None
+
+
 def user_errors(*more: type):
     """Decorator for a click command: an error the user can act on (a bad setting, file or
     path: ValueError, FileNotFoundError, FileExistsError, plus the command's own `more`) is one

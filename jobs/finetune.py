@@ -258,10 +258,12 @@ def task_datasets(cfg: FinetuneConfig, tasks: list, labels: dict, tokenizer: str
 
 def build_config(preset: Optional[str], config_path: Optional[str], overrides: dict,
                  task: Optional[dict] = None) -> FinetuneConfig:
-    from jobs.config import load_config
+    from jobs.config import chosen_preset, load_config
 
-    base = preset_config(preset) if preset else None
-    cfg = load_config(FinetuneConfig, config_path, overrides, base=base)
+    name = chosen_preset(preset, config_path)
+    cfg = load_config(FinetuneConfig, config_path, overrides, base=preset_config(name) if name else None)
+    if preset:
+        cfg.model.preset = preset  # the flag over the file's model.preset: flags > file
     if task is not None:  # --data on the command line: one task, replacing the config's tasks
         cfg.tasks = [TaskData(**{k: v for k, v in task.items() if v is not None})]
     return cfg

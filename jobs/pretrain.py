@@ -381,10 +381,12 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def build_config(preset: Optional[str], config_path: Optional[str], overrides: dict) -> PretrainConfig:
-    from jobs.config import load_config
+    from jobs.config import chosen_preset, load_config
 
-    base = preset_config(preset) if preset else None
-    cfg = load_config(PretrainConfig, config_path, overrides, base=base)
+    name = chosen_preset(preset, config_path)
+    cfg = load_config(PretrainConfig, config_path, overrides, base=preset_config(name) if name else None)
+    if preset:
+        cfg.model.preset = preset  # the flag over the file's model.preset: flags > file
     if isinstance(cfg.data.paths, str):
         cfg.data.paths = [cfg.data.paths]
     return cfg

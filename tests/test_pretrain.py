@@ -333,3 +333,32 @@ def test_training_commands_print_only_their_json_result_on_stdout(tmp_path, monk
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 0, res.output
         assert json.loads(res.stdout)["export"] == "e" and "Setting accelerator to CPU." in res.stderr
+
+
+def test_a_preset_chooses_model_and_training_wherever_it_is_named(tmp_path):
+    """defaults < preset < file < flags: a YAML-only `model.preset: debug` gives the debug model with
+    the debug training settings, and `--preset debug` over a YAML `model.preset: mini` gives debug
+    for both, while the file's other keys still apply over the preset."""
+    import yaml
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+    from jobs.pretrain import PRESETS
+
+    debug, mini = PRESETS["debug"](), PRESETS["mini"]()
+    assert debug.train.max_steps != mini.train.max_steps and debug.train.lr != mini.train.lr
+
+    def shown(*args):
+        res = CliRunner().invoke(cli, ["pretrain", "--data", "a.parquet", *args, "--print-config"])
+        assert res.exit_code == 0, res.output
+        return yaml.safe_load(res.output)
+
+    (tmp_path / "debug.yaml").write_text("model:\n  preset: debug\ntrain:\n  lr: 0.005\n")
+    got = shown("--config", str(tmp_path / "debug.yaml"))
+    assert got["model"]["preset"] == "debug" and got["train"]["max_steps"] == debug.train.max_steps
+    assert got["data"]["seq_len"] == debug.data.seq_len and got["train"]["lr"] == 0.005  # the file over the preset
+    (tmp_path / "mini.yaml").write_text("model:\n  preset: mini\ntrain:\n  lr: 0.005\n")
+    got = shown("--config", str(tmp_path / "mini.yaml"), "--preset", "debug")
+    assert got["model"]["preset"] == "debug" and got["train"]["max_steps"] == debug.train.max_steps
+    assert got["train"]["lr"] == 0.005
+    assert shown("--config", str(tmp_path / "mini.yaml"))["train"]["max_steps"] == mini.train.max_steps

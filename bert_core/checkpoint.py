@@ -16,7 +16,8 @@ Contract:
 - raybert-only settings (the embedding pooling) go under the `raybert` key of config.json, which
   transformers ignores.
 - sentence-transformers exports (`modules.json`, `1_Pooling/config.json`,
-  `sentence_bert_config.json`) are honoured: `sentence_transformers_settings(path)` reads their
+  `sentence_bert_config.json`, and `tokenizer_config.json` where newer versions keep the max length)
+  are honoured, old and current formats: `sentence_transformers_settings(path)` reads their
   pooling, normalization and max length, and the embed head defaults to them, so an embedding
   equals `SentenceTransformer(path).encode(text)` unless the caller overrides a setting.
 - Multi-task checkpoints (`BertMultiTask`): the first classify/tag task is written under HF's own
@@ -255,23 +256,43 @@ def _load_weights(model: nn.Module, adapter: HFAdapter, path: Path, dtype: Optio
 
 
 # sentence-transformers' Pooling config keys -> our pooling names; the other modes are refused
-_ST_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
-               "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": None,
-               "pooling_mode_weightedmean_tokens": None, "pooling_mode_lasttoken": None}
+# sentence-transformers' pooling names, in its current `pooling_mode` form and the legacy
+# `pooling_mode_*` booleans; None: a pooling we don't reproduce.
+_ST_POOLING = {"cls": "cls", "mean": "mean", "max": "max", "mean_sqrt_len_tokens": None, "weightedmean": None,
+               "lasttoken": None}
+_ST_LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                      "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                      "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+_NO_LIMIT = 1_000_000  # a tokenizer's model_max_length at or above this means "not set" (HF writes ~1e30)
 
 
 @dataclass
 class SentenceTransformerSettings:
     """What a sentence-transformers export says about its embeddings; None where it says nothing."""
 
-    max_length: Optional[int] = None  # sentence_bert_config.json max_seq_length
+    # sentence_bert_config.json's max_seq_length, else (sentence-transformers >= 5 writes it there)
+    # the export's tokenizer_config.json model_max_length
+    max_length: Optional[int] = None
     pooling: Optional[str] = None  # mean | cls | max, from the Pooling module's config.json
     normalize: Optional[bool] = None  # True iff modules.json lists a Normalize module
     pooling_error: Optional[str] = None  # a Pooling config we can't reproduce, and why
+    unsupported: Optional[str] = None  # a module we don't reproduce at all (Dense), and why
+
+
+def _st_pooling_modes(config: dict) -> tuple[list[str], list[str]]:
+    """(the pooling modes a Pooling config.json asks for, as written; their current names), in
+    either format."""
+    mode = config.get("pooling_mode")
+    if mode is not None:
+        modes = [mode] if isinstance(mode, str) else list(mode)
+        return modes, modes
+    keys = [k for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
+    return keys, [_ST_LEGACY_POOLING.get(k, k) for k in keys]
 
 
 def sentence_transformers_settings(path: str | Path) -> SentenceTransformerSettings:
-    """Read a sentence-transformers export in `path` (all fields None for a plain HF checkpoint)."""
+    """Read a sentence-transformers export in `path` (all fields None for a plain HF checkpoint):
+    the formats of sentence-transformers 2.x to 6.x."""
     path = Path(path)
     out = SentenceTransformerSettings()
     pooling_dir = path / "1_Pooling"
@@ -282,11 +303,15 @@ def sentence_transformers_settings(path: str | Path) -> SentenceTransformerSetti
         out.normalize = any(t.endswith(".Normalize") for t in types)
         pooling_dir = next((path / m.get("path", "") for m in modules
                             if str(m.get("type", "")).endswith(".Pooling")), None)
+        dense = [m.get("path") or m.get("name") for m in modules if str(m.get("type", "")).endswith(".Dense")]
+        if dense:
+            out.unsupported = (f"{path} is a sentence-transformers model with a Dense module ({', '.join(dense)}) after "
+                               f"pooling; raybert does not reproduce it, so its embeddings would differ from "
+                               f"SentenceTransformer.encode: use a model without Dense layers")
     if pooling_dir is not None and (pooling_dir / "config.json").is_file():
         pooling_file = pooling_dir / "config.json"
-        modes = [k for k, v in json.loads(pooling_file.read_text()).items()
-                 if k.startswith("pooling_mode_") and v is True]
-        ours = [_ST_POOLING.get(k) for k in modes]
+        modes, names = _st_pooling_modes(json.loads(pooling_file.read_text()))
+        ours = [_ST_POOLING.get(m) for m in names]
         if len(modes) == 1 and ours[0] is not None:
             out.pooling = ours[0]
         else:
@@ -296,6 +321,10 @@ def sentence_transformers_settings(path: str | Path) -> SentenceTransformerSetti
     if st_config.is_file():
         n = json.loads(st_config.read_text()).get("max_seq_length")
         out.max_length = int(n) if n else None
+    tok_config = path / "tokenizer_config.json"
+    if out.max_length is None and modules_file.is_file() and tok_config.is_file():
+        n = json.loads(tok_config.read_text()).get("model_max_length")
+        out.max_length = int(n) if isinstance(n, (int, float)) and 0 < n < _NO_LIMIT else None
     return out
 
 
@@ -338,6 +367,8 @@ def load_pretrained(path: str | Path, head: Optional[str] = None, *,
     kwargs = {}
     if head == "embed":  # the caller's choice, else ours saved in config.json, else the ST export's
         st = sentence_transformers_settings(path)
+        if st.unsupported:
+            raise ValueError(st.unsupported)
         pooling = pooling or meta.get("pooling")
         if pooling is None and st.pooling_error:
             raise ValueError(st.pooling_error)

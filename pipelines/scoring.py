@@ -223,6 +223,8 @@ def embedding_defaults(cfg: ScoreConfig, model_config, local_model: str) -> int:
     if cfg.task != "embed":
         return min(cfg.max_length or limit, limit)
     st = sentence_transformers_settings(local_model)
+    if st.unsupported:
+        raise ValueError(st.unsupported)
     if st.pooling_error and cfg.pooling is None and "pooling" not in model_config.extra.get("raybert", {}):
         raise ValueError(st.pooling_error)
     return min(cfg.max_length or st.max_length or limit, limit)

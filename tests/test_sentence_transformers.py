@@ -108,3 +108,59 @@ def test_score_embed_matches_sentence_transformers(ray_module, minilm_dir, tmp_p
     cos = _cos(ours, ref)
     assert cos.min() > 0.9999, f"worst row {int(cos.argmin())}: cosine {cos.min():.6f}"
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-4)  # MiniLM's Normalize module
+
+
+# The format the installed sentence-transformers writes (6.x): `1_Pooling/config.json` holds
+# {"pooling_mode": "mean"}, and max_seq_length lives in tokenizer_config.json's model_max_length.
+
+@pytest.fixture(scope="module")
+def saved_by_st(minilm_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("st") / "minilm"
+    st.SentenceTransformer(str(minilm_dir), device="cpu").save(str(d))
+    return d
+
+
+def test_settings_read_from_the_installed_sentence_transformers_format(saved_by_st):
+    pooling = json.loads((saved_by_st / "1_Pooling" / "config.json").read_text())
+    if "pooling_mode" not in pooling or "max_seq_length" in json.loads(
+            (saved_by_st / "sentence_bert_config.json").read_text()):
+        pytest.fail("the installed sentence-transformers writes the older format; this test checks the newer one")
+    s = sentence_transformers_settings(saved_by_st)
+    assert (s.max_length, s.pooling, s.normalize, s.pooling_error, s.unsupported) == (256, "mean", True, None, None)
+    # Both spellings of a multi-mode pooling are refused, naming what the file asks for.
+    (saved_by_st.parent / "multi").mkdir()
+    (saved_by_st.parent / "multi" / "config.json").write_text(json.dumps({"pooling_mode": ["mean", "max"]}))
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "../multi", "type": "sentence_transformers.models.Pooling"}]
+    (saved_by_st.parent / "probe").mkdir()
+    (saved_by_st.parent / "probe" / "modules.json").write_text(json.dumps(modules))
+    assert "['mean', 'max']" in sentence_transformers_settings(saved_by_st.parent / "probe").pooling_error
+
+
+def test_score_embed_matches_a_model_saved_by_the_installed_sentence_transformers(ray_module, saved_by_st,
+                                                                                     minilm_dir, tmp_path):
+    texts = _texts(minilm_dir)
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), inp)
+    main(ScoreConfig(input=str(inp), output=str(tmp_path / "out"), model=str(saved_by_st), task="embed",
+                     dtype="fp32", resources=ResourceConfig(num_actors=1)))
+    out = read_output(str(tmp_path / "out")).sort_by("id")
+    ours = np.array(out["embedding"].to_pylist())
+    assert sum(out["truncated"].to_pylist()) >= 5  # cut at 256, as encode does, not at 512
+    ref = st.SentenceTransformer(str(saved_by_st), device="cpu").encode(texts, batch_size=8)
+    cos = _cos(ours, ref)
+    assert cos.min() > 0.9999, f"worst row {int(cos.argmin())}: cosine {cos.min():.6f}"
+
+
+def test_a_dense_module_is_refused_up_front(minilm_dir, tmp_path):
+    d = _variant(minilm_dir, tmp_path, {"pooling_mode_mean_tokens": True}, True)
+    modules = json.loads((d / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    (d / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match=r"Dense module \(2_Dense\)"):
+        load_pretrained(d, "embed")
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [1], "text": ["one row"]}), inp)
+    with pytest.raises(ValueError, match="Dense module"):  # preflight: before Ray or any output
+        main(ScoreConfig(input=str(inp), output=str(tmp_path / "out"), model=str(d), task="embed"))
+    assert not (tmp_path / "out").exists()

@@ -140,6 +140,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def one_process_group(port: int):
+    """A world-size-1 gloo group in this pytest process (DeepSpeed engines without Ray), torn down
+    after, with DeepSpeed's per-process cache of the group forgotten so a later one starts clean."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        import deepspeed.comm.comm as ds_comm
+        import deepspeed.utils.groups as ds_groups
+
+        ds_comm.cdb = None
+        ds_groups._WORLD_GROUP = None
+
+
 def assert_export_matches_zero_state(ckpt, exported: dict, dtype) -> None:
     """A checkpoint's HF export (`exported`: its state dict) equals the fp32 weights consolidated
     from its DeepSpeed ZeRO state (exactly in fp32; to bf16's precision in bf16)."""

@@ -172,18 +172,14 @@ def test_task_mixing_is_seeded_and_follows_the_schedule():
 def test_multitask_engine_steps_one_head_at_a_time_under_zero(zero_stage):
     """build_engine without Ray (world size 1, gloo): each step trains one head (the others get no
     gradient at all), the tied MLM decoder included, under ZeRO-3's partitioned parameters."""
-    import os
-
-    import torch.distributed as dist
-
     from bert_core.masking import Masker
     from pipelines.finetune import task_loss
     from pipelines.engine import build_engine
     from pipelines.train_config import TrainConfig
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29562", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    from conftest import one_process_group
+
+    with one_process_group(29562):
         model = _multitask().train()
         groups = layerwise_param_groups(model, lr=1e-3, weight_decay=0.0, decay=0.8)
         engine = build_engine(model, TrainConfig(max_steps=6, micro_batch_size=3, zero_stage=zero_stage,
@@ -207,15 +203,6 @@ def test_multitask_engine_steps_one_head_at_a_time_under_zero(zero_stage):
         assert engine.global_steps == 6 and all(torch.isfinite(torch.tensor(losses)))
         assert losses[3] < losses[0] and losses[4] < losses[1]  # each head learned from its own steps
         engine.destroy()
-    finally:
-        dist.destroy_process_group()
-        # DeepSpeed caches the process group and its world group per process; forget them, so a
-        # later one-process engine in this pytest process starts clean.
-        import deepspeed.comm.comm as ds_comm
-        import deepspeed.utils.groups as ds_groups
-
-        ds_comm.cdb = None
-        ds_groups._WORLD_GROUP = None
 
 
 def test_cli_finetune_flags_and_clean_errors(tmp_path, monkeypatch):

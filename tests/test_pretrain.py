@@ -250,17 +250,13 @@ def test_cli_vocab_trains_a_tokenizer_that_pretrain_accepts(tmp_path, zh_texts):
 def test_engine_in_one_process_accumulates_clips_and_checkpoints_activations():
     """build_engine without Ray (world size 1, gloo): ZeRO-0, grad accumulation 2 (one optimizer
     step per 2 micro-batches, the LR schedule stepping with it), activation checkpointing on."""
-    import os
-
-    import torch.distributed as dist
-
     from bert_core.model import preset
     from pipelines.train import build_mlm_model
     from pipelines.engine import build_engine
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    from conftest import one_process_group
+
+    with one_process_group(29561):
         torch.manual_seed(0)
         mc = ModelConfig(preset="debug", activation_checkpointing=True)
         model = build_mlm_model(mc, preset("debug", vocab_size=128))
@@ -280,15 +276,6 @@ def test_engine_in_one_process_accumulates_clips_and_checkpoints_activations():
         assert engine.global_steps == 3
         assert lrs == pytest.approx([0.25e-3, 0.5e-3, 0.5e-3, 0.75e-3, 0.75e-3, 1e-3])
         engine.destroy()
-    finally:
-        dist.destroy_process_group()
-        # DeepSpeed caches the process group and its world group per process; forget them, so a
-        # later one-process engine in this pytest process (test_finetune_units) starts clean.
-        import deepspeed.comm.comm as ds_comm
-        import deepspeed.utils.groups as ds_groups
-
-        ds_comm.cdb = None
-        ds_groups._WORLD_GROUP = None
 
 
 def test_cli_vocab_says_when_the_corpus_gives_fewer_tokens_than_asked(tmp_path, zh_texts):

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.score_config import DTYPE_CHOICES, DTYPES, HEAD_OF_TASK, TASKS
-from pipelines.tokenize import as_table, encoder, tokenize_batch
+from pipelines.tokenize import KEEP, as_table, encoder, tokenize_batch
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +276,17 @@ class Predictor:
     def _run(self, idx: np.ndarray, seqs, types):
         return self._forward([seqs[i] for i in idx], [types[i] for i in idx] if types is not None else None)
 
+    @staticmethod
+    def output_names(task: str) -> tuple:
+        """The columns a block of `task` gets beside the input's (id and row_hash aside)."""
+        return ("n_tokens", "truncated", "error") + STEPS[task].names
+
     def _table(self, table: pa.Table, errors: list, results: Any) -> pa.Table:
-        cols: dict[str, pa.Array] = {"id": table.column("id").combine_chunks()}
+        # The caller's own columns first (the Python API), then the id, when the rows have one.
+        cols: dict[str, pa.Array] = {c[len(KEEP):]: table.column(c).combine_chunks()
+                                     for c in table.column_names if c.startswith(KEEP)}
+        if "id" in table.column_names:
+            cols["id"] = table.column("id").combine_chunks()
         if "row_hash" in table.column_names:
             cols["row_hash"] = table.column("row_hash").combine_chunks()
         cols["n_tokens"] = table.column("n_tokens").combine_chunks().cast(pa.int32())
@@ -311,7 +320,9 @@ class TaskStep:
     """What differs between tasks. `forward` runs one padded batch and returns its outputs still
     on the device; `collect` brings a block's outputs to the host in one copy per tensor, in
     input order; `columns` turns them into the task's output columns (rows in `missing` get
-    nulls)."""
+    nulls). `names`: the columns it makes."""
+
+    names: tuple = ()
 
     def __init__(self, predictor: "Predictor"):
         self.p = predictor
@@ -341,6 +352,8 @@ class _PooledStep(TaskStep):
 
 
 class EmbedStep(_PooledStep):
+    names = ("embedding",)
+
     def __init__(self, predictor: "Predictor"):
         super().__init__(predictor)
         self.width = predictor.hidden
@@ -354,6 +367,8 @@ class EmbedStep(_PooledStep):
 
 
 class ClassifyStep(_PooledStep):
+    names = ("label", "score", "probs")
+
     def __init__(self, predictor: "Predictor"):
         super().__init__(predictor)
         self.width = len(predictor.id2label)
@@ -373,6 +388,8 @@ class ClassifyStep(_PooledStep):
 
 
 class TagStep(TaskStep):
+    names = ("entities",)
+
     def forward(self, ids, mask, ids_t, mask_t, types_t) -> TagBatch:
         probs = self.p.model(ids_t, mask_t, types_t).float().softmax(-1)  # (B, T, L)
         score, label = probs.max(-1)  # (B, T) each
@@ -424,6 +441,8 @@ class TagStep(TaskStep):
 
 
 class FillMaskStep(TaskStep):
+    names = ("fill_mask",)
+
     def forward(self, ids, mask, ids_t, mask_t, types_t) -> FillMaskBatch:
         import torch
 

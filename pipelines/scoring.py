@@ -335,7 +335,7 @@ def build_dataset(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str):
     -> the predictor actor pool."""
     import ray.data
 
-    plan, r, on_cpu = pre.plan, cfg.resources, res.device == "cpu"
+    plan = pre.plan
     ds = ray.data.read_parquet(plan.files, columns=plan.columns, include_paths=not plan.has_ids,
                                include_row_hash=True, num_cpus=res.task_num_cpus)
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
@@ -343,9 +343,17 @@ def build_dataset(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str):
                     text_pair_column=cfg.text_pair_column, id_column=cfg.id_column, max_length=pre.max_length,
                     with_offsets=cfg.task == "tag",
                     fallback_ids=None if plan.has_ids else {"path_column": "path", "roots": plan.roots})
+    # Blocks already hold `batch_size` rows: on CPU each goes to an actor whole, without re-batching.
+    return predict_stage(ds, cfg, res, dtype, tokenize, rebatch=False)
+
+
+def predict_stage(ds, cfg: ScoreConfig, res: CpuPlan, dtype: str, tokenize: dict, rebatch: bool):
+    """`ds` -> [GPU: tokenize tasks] -> the predictor actor pool. `rebatch`: cut the blocks into
+    `batch_size` rows on the way in (blocks of another size, such as a caller's dataset)."""
+    r, on_cpu = cfg.resources, res.device == "cpu"
     if not on_cpu:  # GPU actors get token ids from CPU tasks (see the module docstring)
-        ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=res.task_num_cpus,
-                            max_retries=r.task_max_retries, fn_kwargs=tokenize,
+        ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=cfg.batch_size if rebatch else None,
+                            num_cpus=res.task_num_cpus, max_retries=r.task_max_retries, fn_kwargs=tokenize,
                             runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}})
     # CPU actors share the cores with the read/write tasks and each other. OpenMP's default spin-wait
     # then burns the time slices another torch thread needs: measured 10-20x slower forwards under
@@ -354,9 +362,9 @@ def build_dataset(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str):
     actor_env = ({"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE",
                                                "RAYON_NUM_THREADS": str(res.torch_threads)}}} if on_cpu else {})
     return ds.map_batches(
-        # Blocks already hold `batch_size` rows. Ray insists on an explicit batch_size for GPU
-        # actors; on CPU, None hands each block over whole, without re-batching.
-        Predictor, batch_format="pyarrow", batch_size=cfg.batch_size if res.actor_num_gpus else None,
+        # Ray insists on an explicit batch_size for GPU actors.
+        Predictor, batch_format="pyarrow",
+        batch_size=cfg.batch_size if (res.actor_num_gpus or rebatch) else None,
         fn_constructor_args=(cfg.model, cfg.task),
         fn_constructor_kwargs=dict(max_tokens=cfg.max_tokens, max_batch_rows=cfg.max_batch_rows, dtype=dtype,
                                    device=res.device, pooling=cfg.pooling, normalize=cfg.normalize,
@@ -366,6 +374,43 @@ def build_dataset(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str):
         num_cpus=res.actor_num_cpus, num_gpus=res.actor_num_gpus or None,
         # A killed actor is restarted and its in-flight block retried, on purpose.
         max_restarts=r.max_restarts, max_task_retries=r.max_task_retries, **actor_env)
+
+
+def score_dataset(ds, model: str, task: str = "embed", **settings):
+    """Score a `ray.data.Dataset` (or a pandas DataFrame) in a notebook or your own Ray program:
+    a lazy Dataset of the caller's rows, every column kept, plus `n_tokens`, `truncated`, `error`
+    and the task's columns (as `raybert score` writes them). No id column is needed.
+
+    `settings` are ScoreConfig fields (text_column, text_pair_column, max_length, pooling,
+    normalize, dtype, max_tokens, batch_size, top_k, head, tokenizer, allow_untrained_head) and
+    `resources` (a ResourceConfig). The defaults and the checks are the CLI's (dtype auto, chosen
+    once for the whole dataset; the model, its head and tokenizer; the text column; names the output
+    would clash on), made here, before any work; Ray must be initialized."""
+    import ray
+
+    if not isinstance(ds, ray.data.Dataset):  # a pandas DataFrame
+        ds = ray.data.from_pandas(ds)
+    cfg = ScoreConfig(input="<dataset>", output="<dataset>", model=model, task=task, **settings)
+    cfg.check()
+    model_config, local = check_model(cfg.model, cfg.tokenizer)
+    check_head(cfg, model_config)
+    max_length = embedding_defaults(cfg, model_config, local)
+    names = ds.schema().names
+    for col in [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else []):
+        if col not in names:
+            raise ValueError(f"the dataset has no column {col!r} (the text to score); its columns: {names}; "
+                             f"set text_column")
+    clash = sorted(set(names) & set(Predictor.output_names(cfg.task)))
+    if clash:
+        raise ValueError(f"the dataset's columns {clash} would be replaced by the scores; rename them first")
+    r = cfg.resources
+    res = cpu_plan(ray.cluster_resources(), r.num_actors, r.actor_num_cpus, r.task_num_cpus, r.torch_threads,
+                   r.device, r.max_gpu_actors, r.gpu_wait_s, model_bytes=weight_bytes(local))
+    dtype = job_dtype(cfg.dtype, res.device, {}, res.torch_threads, model_config.hidden_size)
+    tokenize = dict(tokenizer_path=cfg.tokenizer or cfg.model, text_column=cfg.text_column,
+                    text_pair_column=cfg.text_pair_column, id_column=None, max_length=max_length,
+                    with_offsets=cfg.task == "tag", keep_columns=names)
+    return predict_stage(ds, cfg, res, dtype, tokenize, rebatch=True)
 
 
 def finish(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, resumed: bool, seconds: float,

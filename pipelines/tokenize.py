@@ -7,7 +7,9 @@ columns) and returns a `pyarrow.Table` with, per input row and in input order: t
 pairs, and `text`/`offsets`/`word_ids` for tagging). It never drops a row: null or non-string text
 gives a row with `error` set and no tokens. An empty string is valid text: it scores as
 `[CLS] [SEP]` (n_tokens 2). Text longer than `max_length` tokens is truncated and flagged. Inputs
-without an id column get `<file>#<row_hash hex>` ids, stable across runs.
+without an id column get `<file>#<row_hash hex>` ids, stable across runs. With `keep_columns`
+(the Python API, `pipelines.scoring.score_dataset`), those input columns travel along unchanged as
+`keep:<name>` (the predictor restores their names), and `id_column=None` means the rows need no id.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pyarrow as pa
 # clipping it first keeps a 1 MB row from costing a full tokenization (offsets are unaffected:
 # we clip the tail). A clipped row is flagged truncated.
 CHARS_PER_TOKEN_LIMIT = 64
+KEEP = "keep:"  # prefix of a caller's column carried through tokenizing (never clashes with ours)
 
 
 def as_table(batch: Any) -> pa.Table:
@@ -70,7 +73,7 @@ def encoder(tokenizer_path: str, max_length: int):
 def tokenize_batch(batch: Any, *, tokenizer_path: str, text_column: str = "text",
                    text_pair_column: Optional[str] = None, id_column: str = "id",
                    max_length: int = 512, with_offsets: bool = False,
-                   fallback_ids: Optional[dict] = None) -> pa.Table:
+                   fallback_ids: Optional[dict] = None, keep_columns: Optional[list] = None) -> pa.Table:
     """Tokenize one block of rows; see the module docstring for the output columns.
 
     `fallback_ids`: when the input has no id column, `{"path_column": ..., "roots": ...}` makes
@@ -103,8 +106,10 @@ def tokenize_batch(batch: Any, *, tokenizer_path: str, text_column: str = "text"
             offsets[i] = [x for pair in e.offsets for x in pair]  # flat (start, end) pairs
             word_ids[i] = [-1 if w is None else w for w in e.word_ids]  # -1 = special token
 
-    cols: dict[str, pa.Array] = {}
-    if id_column in table.column_names:
+    cols: dict[str, pa.Array] = {KEEP + c: table.column(c).combine_chunks() for c in keep_columns or []}
+    if id_column is None:
+        pass  # the caller's rows need no id (keep_columns carry what identifies them)
+    elif id_column in table.column_names:
         cols["id"] = table.column(id_column).combine_chunks()
     elif fallback_ids is not None:
         cols["id"] = pa.array(_fallback_ids(table, fallback_ids), pa.string())

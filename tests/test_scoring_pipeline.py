@@ -227,3 +227,33 @@ def test_demo_prints_its_summary_once(ray_module, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("raybert score: rows=40 error_rows=0") == 1, out
     assert "corpus: 40 Shakespeare paragraphs" in out and "output schema: fixed_size_list<element: float>[384] embedding, 40 rows" in out
+
+
+def test_score_dataset_keeps_the_callers_columns_and_needs_no_id(ray_module, minilm_dir, tmp_path):
+    """The Python API: a Ray Dataset (or a pandas DataFrame) with a GLUE-style `sentence` column, no
+    id and columns of its own comes back with every column kept and the embeddings the CLI would
+    write (the in-process Predictor's, row for row); bad settings fail before any work."""
+    import pandas as pd
+    import ray
+
+    from pipelines.scoring import score_dataset
+
+    texts = shakespeare_paragraphs()[:60] + [""]
+    frame = pd.DataFrame({"sentence": texts, "doc": list(range(len(texts))), "lang": ["en"] * len(texts)})
+    out = score_dataset(ray.data.from_pandas(frame), str(minilm_dir), text_column="sentence", dtype="fp32",
+                        batch_size=16).to_pandas().sort_values("doc")
+    assert list(out.columns[:3]) == ["sentence", "doc", "lang"] and len(out) == len(texts)
+    assert out["doc"].tolist() == list(range(len(texts))) and set(out["lang"]) == {"en"}
+    assert out["error"].isna().all() and "id" not in out.columns
+    ref = Predictor(str(minilm_dir), "embed", dtype="fp32")(
+        tokenize_batch(pa.table({"text": texts}), tokenizer_path=str(minilm_dir), id_column=None, max_length=256))
+    ours, want = np.stack(out["embedding"].to_numpy()), np.stack(ref["embedding"].to_numpy(zero_copy_only=False))
+    assert np.abs(ours - want).max() < 1e-5
+    # A pandas DataFrame directly; the CLI's default precision (auto) is chosen once for all rows.
+    assert len(score_dataset(frame.head(5), str(minilm_dir), text_column="sentence").take_all()) == 5
+    with pytest.raises(ValueError, match=r"no column 'text' .*'sentence', 'doc', 'lang'"):
+        score_dataset(frame, str(minilm_dir))
+    with pytest.raises(ValueError, match=r"columns \['error'\] would be replaced"):
+        score_dataset(frame.assign(error=1), str(minilm_dir), text_column="sentence")
+    with pytest.raises(ValueError, match="needs a classify head"):
+        score_dataset(frame, str(minilm_dir), task="classify", text_column="sentence")

@@ -193,6 +193,17 @@ def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(plain, sort_keys=False)
 
 
+def config_flags(presets: dict):
+    """`--config FILE` and `--preset NAME` for a training command (it receives `config_path` and
+    `preset`): where its config comes from, read by `chosen_preset` and `load_config`."""
+    def add(command):
+        command = click.option("--preset", type=click.Choice(sorted(presets)),
+                               help="Model size and the training settings that suit it (see --print-config).")(command)
+        return click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+                            help="YAML config (defaults < preset < this file < flags).")(command)
+    return add
+
+
 def print_config_option(command):
     """`--print-config` for a job's click command: it receives `print_config: bool` and, when set,
     calls `echo_config(cfg)` instead of running."""

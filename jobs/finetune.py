@@ -34,12 +34,11 @@ from typing import Optional
 import click
 
 from bert_core.masking_config import MaskingConfig
-from jobs.config import echo_config, from_preset, print_config_option, user_errors
+from jobs.config import echo_config, from_preset
 from jobs.training import (FP16_NEEDS_GPU, ScalingConfig, check_init_from, expects_gpu, has_checkpoints,
-                           training_flags, stdout_for_the_result)
+                           stdout_for_the_result, training_command)
 from pipelines.finetune_data import FinetuneData, TaskData
 from pipelines.train_config import FinetuneOptions, ModelConfig, TrainConfig
-from pipelines.watchdog import TrainingStalled
 
 
 def _train_defaults() -> TrainConfig:
@@ -278,15 +277,11 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--text-column", help="With --data: the text column (default: text).")
 @click.option("--label-column", help="With --data: the label column (default: label; tag: tags).")
 @click.option("--run-dir", help="Run directory: metrics.jsonl, checkpoint, export/.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML config.")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Model size and matching settings.")
 @click.option("--init-from", help="Pretrained HF BERT directory to start from.")
 @click.option("--tokenizer", help="Tokenizer (default: --init-from's).")
 @click.option("--epochs", type=float, help="Passes over the labeled training rows.")
 @click.option("--lr", type=float, help="Peak learning rate.")
-@training_flags
-@print_config_option
-@user_errors(TrainingStalled)
+@training_command(PRESETS)
 def finetune(data, val_data, kind, name, text_column, label_column, run_dir, config_path, preset, init_from,
              tokenizer, epochs, lr, training, print_config):
     """Fine-tune a pretrained BERT into a classifier or tagger (or several heads, from --config)."""

@@ -37,12 +37,11 @@ from typing import Optional
 
 import click
 
-from jobs.config import echo_config, from_preset, print_config_option, user_errors
+from jobs.config import echo_config, from_preset, user_errors
 from jobs.training import (FP16_NEEDS_GPU, TOKENIZER_FILES, ScalingConfig, check_init_from, expects_gpu,
-                           has_checkpoints, training_flags, stdout_for_the_result)
+                           has_checkpoints, stdout_for_the_result, training_command)
 from pipelines.pretrain_data import DataConfig
 from pipelines.train_config import ModelConfig, TrainConfig
-from pipelines.watchdog import TrainingStalled
 
 
 @dataclass
@@ -395,17 +394,13 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.command()
 @click.option("--data", "data", multiple=True, help="Parquet file, directory or glob (repeatable).")
 @click.option("--run-dir", help="Run directory: checkpoints, metrics.jsonl, runs.jsonl, export/.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML config.")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Model size and matching training settings.")
 @click.option("--tokenizer", help="Tokenizer: checkpoint dir or vocab.txt (see `raybert vocab`).")
 @click.option("--init-from", help="Start from this HF checkpoint's weights instead of fresh ones.")
 @click.option("--max-steps", type=int, help="Optimizer steps of the whole run.")
 @click.option("--resume", type=click.Choice(["auto", "never"]), help="Continue the run dir's latest checkpoint.")
 @click.option("--max-steps-per-run", type=int, help="Scheduled runs: train at most this many steps, then checkpoint and exit.")
 @click.option("--time-budget", type=float, help="Scheduled runs: seconds this invocation may take; it checkpoints before.")
-@training_flags
-@print_config_option
-@user_errors(TrainingStalled)
+@training_command(PRESETS)
 def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps, resume, max_steps_per_run,
              time_budget, training, print_config):
     """MLM-pretrain BERT on a Parquet text corpus with Ray Train + DeepSpeed.

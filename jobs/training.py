@@ -9,7 +9,8 @@ Contract:
 - `stdout_for_the_result()`: while a training command runs, whatever prints to stdout goes to
   stderr, so stdout carries only the command's JSON result.
 - `training_flags`: the command-line flags every training command shares, handed to the command
-  as one `training` dict of config overrides.
+  as one `training` dict of config overrides; `training_command(presets)`: those, `--config` and
+  `--preset`, `--print-config` and the CLI's error handling, as one decorator.
 - `run_trainer(...)`: the TorchTrainer (pipelines/trainer.py) under the stall watchdog, then the
   latest checkpoint's HF export published to `<run_dir>/export`; returns (checkpoint, export,
   last metrics).
@@ -55,6 +56,18 @@ _TRAINING_OPTIONS = [
     click.option("--deepspeed", "deepspeed_json", help="DeepSpeed JSON merged over raybert's (ZeRO tuning, offload)."),
     click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray."),
 ]
+
+
+def training_command(presets: dict):
+    """What every training command's click function carries, outermost first: `--config` and
+    `--preset` (config_path, preset), the training flags (training), `--print-config`
+    (print_config), and one `Error:` line for a user's error (a stalled run included)."""
+    from jobs.config import config_flags, print_config_option, user_errors
+    from pipelines.watchdog import TrainingStalled
+
+    def wrap(command):
+        return config_flags(presets)(training_flags(print_config_option(user_errors(TrainingStalled)(command))))
+    return wrap
 
 
 @contextlib.contextmanager

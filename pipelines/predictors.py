@@ -6,15 +6,16 @@ Contract:
   `__call__(batch) -> pyarrow.Table` runs it under `torch.inference_mode()`. It takes
   `tokenize_batch`'s output, or, built with `tokenize=` (that function's keyword arguments), the
   input rows themselves, which it tokenizes first: on CPU the scoring pipeline runs both steps in
-  one actor (see pipelines/scoring.py for why). Inside each block
-  it sorts rows by length and cuts batches with `bert_core.padding.token_budget_batches`, so
-  rows x longest stays under `max_tokens`; results are scattered back to input order. Rows
-  with an error pass through with null outputs.
+  one actor (see pipelines/scoring.py for why). Inside each block it sorts rows by length and cuts
+  batches with `bert_core.padding.token_budget_batches`, so rows x longest stays under
+  `max_tokens`; results are scattered back to input order. Rows with an error pass through with
+  null outputs.
 - What differs between tasks is one small class each (`STEPS`: `EmbedStep`, `ClassifyStep`,
   `TagStep`, `FillMaskStep`): `forward` runs a padded batch (tag and fill-mask return a typed
   `TagBatch` / `FillMaskBatch`), `collect` brings a block's outputs home in input order,
   `columns` makes the task's output columns.
-- Output columns: `id, row_hash, n_tokens, truncated, error` and, by task,
+- Output columns: the caller's kept columns (`tokenize_batch(keep_columns=...)`), `id, row_hash`
+  (when the rows have them), `n_tokens, truncated, error` and, by task,
   `embed`: `embedding` fixed_size_list<float32>[H];
   `classify`: `label` (name from id2label), `score`, `probs` list<float32>;
   `tag`: `entities` list<struct<word, label, score, start, end>>, one per word whose label is
@@ -276,19 +277,13 @@ class Predictor:
     def _run(self, idx: np.ndarray, seqs, types):
         return self._forward([seqs[i] for i in idx], [types[i] for i in idx] if types is not None else None)
 
-    @staticmethod
-    def output_names(task: str) -> tuple:
-        """The columns a block of `task` gets beside the input's (id and row_hash aside)."""
-        return ("n_tokens", "truncated", "error") + STEPS[task].names
-
     def _table(self, table: pa.Table, errors: list, results: Any) -> pa.Table:
-        # The caller's own columns first (the Python API), then the id, when the rows have one.
+        # The caller's own columns first (the Python API), then the id and row_hash, when there.
         cols: dict[str, pa.Array] = {c[len(KEEP):]: table.column(c).combine_chunks()
                                      for c in table.column_names if c.startswith(KEEP)}
-        if "id" in table.column_names:
-            cols["id"] = table.column("id").combine_chunks()
-        if "row_hash" in table.column_names:
-            cols["row_hash"] = table.column("row_hash").combine_chunks()
+        for name in ("id", "row_hash"):
+            if name in table.column_names:
+                cols[name] = table.column(name).combine_chunks()
         cols["n_tokens"] = table.column("n_tokens").combine_chunks().cast(pa.int32())
         cols["truncated"] = table.column("truncated").combine_chunks().cast(pa.bool_())
         cols["error"] = pa.array(errors, pa.string())

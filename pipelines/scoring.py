@@ -70,7 +70,7 @@ from typing import Optional
 
 from pipelines import storage
 from pipelines.inputs import InputPlan, plan_inputs
-from pipelines.predictors import Predictor
+from pipelines.predictors import STEPS, Predictor
 from pipelines.tokenize import tokenize_batch
 from pipelines.compat import QuietGpuWait, parquet_reader_v1
 from pipelines.resources import CpuPlan, actor_pool, cpu_plan, gpu_wait_message
@@ -400,7 +400,7 @@ def score_dataset(ds, model: str, task: str = "embed", **settings):
         if col not in names:
             raise ValueError(f"the dataset has no column {col!r} (the text to score); its columns: {names}; "
                              f"set text_column")
-    clash = sorted(set(names) & set(Predictor.output_names(cfg.task)))
+    clash = sorted(set(names) & {"n_tokens", "truncated", "error", *STEPS[cfg.task].names})  # what we add
     if clash:
         raise ValueError(f"the dataset's columns {clash} would be replaced by the scores; rename them first")
     r = cfg.resources

@@ -240,8 +240,9 @@ def test_score_dataset_keeps_the_callers_columns_and_needs_no_id(ray_module, min
 
     texts = shakespeare_paragraphs()[:60] + [""]
     frame = pd.DataFrame({"sentence": texts, "doc": list(range(len(texts))), "lang": ["en"] * len(texts)})
-    out = score_dataset(ray.data.from_pandas(frame), str(minilm_dir), text_column="sentence", dtype="fp32",
-                        batch_size=16).to_pandas().sort_values("doc")
+    scored = score_dataset(frame, str(minilm_dir), text_column="sentence", dtype="fp32", batch_size=16)
+    assert isinstance(scored, ray.data.Dataset)  # a DataFrame in, a lazy Dataset out
+    out = scored.to_pandas().sort_values("doc")
     assert list(out.columns[:3]) == ["sentence", "doc", "lang"] and len(out) == len(texts)
     assert out["doc"].tolist() == list(range(len(texts))) and set(out["lang"]) == {"en"}
     assert out["error"].isna().all() and "id" not in out.columns
@@ -249,8 +250,9 @@ def test_score_dataset_keeps_the_callers_columns_and_needs_no_id(ray_module, min
         tokenize_batch(pa.table({"text": texts}), tokenizer_path=str(minilm_dir), id_column=None, max_length=256))
     ours, want = np.stack(out["embedding"].to_numpy()), np.stack(ref["embedding"].to_numpy(zero_copy_only=False))
     assert np.abs(ours - want).max() < 1e-5
-    # A pandas DataFrame directly; the CLI's default precision (auto) is chosen once for all rows.
-    assert len(score_dataset(frame.head(5), str(minilm_dir), text_column="sentence").take_all()) == 5
+    # A Dataset is taken as it is (lazily: nothing runs until it is consumed).
+    assert isinstance(score_dataset(ray.data.from_pandas(frame), str(minilm_dir), text_column="sentence"),
+                      ray.data.Dataset)
     with pytest.raises(ValueError, match=r"no column 'text' .*'sentence', 'doc', 'lang'"):
         score_dataset(frame, str(minilm_dir))
     with pytest.raises(ValueError, match=r"columns \['error'\] would be replaced"):

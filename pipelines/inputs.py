@@ -87,16 +87,11 @@ def _glob(pattern: str, what: str) -> list[InputFile]:
     if not hits:
         raise FileNotFoundError(f"{what} glob {pattern} matches no files")
     root = os.path.commonpath([os.path.dirname(h) for h in hits])
-    found = [f for h in hits for f in (_expand(h, what, root) if os.path.isdir(h) else
-                                        [_file(h, root)] if _is_read(os.path.relpath(h, root)) else [])]
+    found = [f for h in hits if os.path.isdir(h) or _is_read(os.path.relpath(h, root))
+             for f in _expand(h, what, root)]
     if not found:
         raise FileNotFoundError(f"{what} glob {pattern} matches no *.parquet files")
     return found
-
-
-def _file(name: str, root: Optional[str]) -> InputFile:
-    fs, path = storage.filesystem(name)
-    return InputFile(name, root, fs, path)
 
 
 def _expand(name: str, what: str, root: Optional[str] = None) -> list[InputFile]:

@@ -262,8 +262,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     run_record = storage.join(cfg.output, RUN_RECORD)
     record = (read_json(run_record) or {}) if resumed else {"recipe": pre.recipe, "started": time.time()}
     r = cfg.resources
-    res = cpu_plan(ray.cluster_resources(), r.num_actors, r.actor_num_cpus, r.task_num_cpus, r.torch_threads, r.device,
-                   r.max_gpu_actors, r.gpu_wait_s, model_bytes=pre.model_bytes)
+    res = plan_actors(cfg, pre.model_bytes)
     if cfg.dtype == "fp16" and res.device != "cuda":
         raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
     dtype = record["dtype_used"] = job_dtype(cfg.dtype, res.device, record, res.torch_threads,
@@ -339,12 +338,26 @@ def build_dataset(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str):
     ds = ray.data.read_parquet(plan.files, columns=plan.columns, include_paths=not plan.has_ids,
                                include_row_hash=True, num_cpus=res.task_num_cpus)
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    tokenize = dict(tokenizer_path=cfg.tokenizer or cfg.model, text_column=cfg.text_column,
-                    text_pair_column=cfg.text_pair_column, id_column=cfg.id_column, max_length=pre.max_length,
-                    with_offsets=cfg.task == "tag",
-                    fallback_ids=None if plan.has_ids else {"path_column": "path", "roots": plan.roots})
+    tokenize = tokenize_settings(cfg, pre.max_length, id_column=cfg.id_column,
+                                 fallback_ids=None if plan.has_ids else {"path_column": "path", "roots": plan.roots})
     # Blocks already hold `batch_size` rows: on CPU each goes to an actor whole, without re-batching.
     return predict_stage(ds, cfg, res, dtype, tokenize, rebatch=False)
+
+
+def plan_actors(cfg: ScoreConfig, model_bytes: int) -> CpuPlan:
+    """The predictor pool for `cfg` on the connected cluster as it is now (`cpu_plan`)."""
+    import ray
+
+    r = cfg.resources
+    return cpu_plan(ray.cluster_resources(), r.num_actors, r.actor_num_cpus, r.task_num_cpus, r.torch_threads,
+                    r.device, r.max_gpu_actors, r.gpu_wait_s, model_bytes=model_bytes)
+
+
+def tokenize_settings(cfg: ScoreConfig, max_length: int, **ids) -> dict:
+    """`tokenize_batch`'s keyword arguments for `cfg`; `ids`: where row ids come from (id_column,
+    fallback_ids) and the caller's columns to keep (keep_columns)."""
+    return dict(tokenizer_path=cfg.tokenizer or cfg.model, text_column=cfg.text_column,
+                text_pair_column=cfg.text_pair_column, max_length=max_length, with_offsets=cfg.task == "tag", **ids)
 
 
 def predict_stage(ds, cfg: ScoreConfig, res: CpuPlan, dtype: str, tokenize: dict, rebatch: bool):
@@ -403,13 +416,9 @@ def score_dataset(ds, model: str, task: str = "embed", **settings):
     clash = sorted(set(names) & {"n_tokens", "truncated", "error", *STEPS[cfg.task].names})  # what we add
     if clash:
         raise ValueError(f"the dataset's columns {clash} would be replaced by the scores; rename them first")
-    r = cfg.resources
-    res = cpu_plan(ray.cluster_resources(), r.num_actors, r.actor_num_cpus, r.task_num_cpus, r.torch_threads,
-                   r.device, r.max_gpu_actors, r.gpu_wait_s, model_bytes=weight_bytes(local))
+    res = plan_actors(cfg, weight_bytes(local))
     dtype = job_dtype(cfg.dtype, res.device, {}, res.torch_threads, model_config.hidden_size)
-    tokenize = dict(tokenizer_path=cfg.tokenizer or cfg.model, text_column=cfg.text_column,
-                    text_pair_column=cfg.text_pair_column, id_column=None, max_length=max_length,
-                    with_offsets=cfg.task == "tag", keep_columns=names)
+    tokenize = tokenize_settings(cfg, max_length, id_column=None, keep_columns=names)
     return predict_stage(ds, cfg, res, dtype, tokenize, rebatch=True)
 
 

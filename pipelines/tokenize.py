@@ -107,13 +107,11 @@ def tokenize_batch(batch: Any, *, tokenizer_path: str, text_column: str = "text"
             word_ids[i] = [-1 if w is None else w for w in e.word_ids]  # -1 = special token
 
     cols: dict[str, pa.Array] = {KEEP + c: table.column(c).combine_chunks() for c in keep_columns or []}
-    if id_column is None:
-        pass  # the caller's rows need no id (keep_columns carry what identifies them)
-    elif id_column in table.column_names:
+    if id_column in table.column_names:
         cols["id"] = table.column(id_column).combine_chunks()
     elif fallback_ids is not None:
         cols["id"] = pa.array(_fallback_ids(table, fallback_ids), pa.string())
-    else:
+    elif id_column is not None:  # None: the caller's rows need no id (keep_columns identify them)
         raise KeyError(f"no id column {id_column!r} in the batch and no fallback configured")
     if "row_hash" in table.column_names:
         cols["row_hash"] = table.column("row_hash").combine_chunks()

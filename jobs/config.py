@@ -211,6 +211,26 @@ def print_config_option(command):
                         help="Print the resolved config (preset, then --config, then flags) as YAML and exit.")(command)
 
 
+def verbosity_options(command):
+    """`--quiet` and `--verbose` for a job's click command (pipelines.console says what each shows),
+    set for this process and the Ray it starts before the command runs."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args, quiet: bool, verbose: bool, **kwargs):
+        from pipelines.console import NORMAL, QUIET, VERBOSE, set_verbosity
+
+        if quiet and verbose:
+            raise click.UsageError("--quiet and --verbose: choose one")
+        set_verbosity(QUIET if quiet else VERBOSE if verbose else NORMAL)
+        return command(*args, **kwargs)
+
+    run = click.option("--verbose", "-v", is_flag=True,
+                       help="Everything Ray, Ray Data, Ray Train and DeepSpeed log (INFO lines, operator progress).")(run)
+    return click.option("--quiet", "-q", is_flag=True,
+                        help="Errors and the result only: no progress or summary line.")(run)
+
+
 def from_preset(presets: dict, name: str):
     """A fresh config of the named preset; an unknown name is refused, listing the presets."""
     if name not in presets:

@@ -4,7 +4,7 @@ Ray Train + DeepSpeed.
 Contract:
 - `main(cfg: FinetuneConfig) -> FinetuneResult` fine-tunes `model.init_from` (an HF BERT
   directory, e.g. a `raybert pretrain` export; or fresh weights of `model.preset`) on labeled
-  Parquet, one head per task (pipelines/finetune_data.py for the formats), and writes
+  Parquet, CSV or JSON Lines, one head per task (pipelines/finetune_data.py for the formats), and writes
   `<run_dir>/export`: an HF directory whose primary task loads in
   `transformers.BertFor{Sequence,Token}Classification`, with `id2label`, and which
   `raybert score --task classify|tag [--head TASK]` serves. Without `address` / RAY_ADDRESS it
@@ -120,7 +120,7 @@ def validate(cfg: FinetuneConfig) -> list[TaskData]:
     check_trackers(cfg.train.mlflow, cfg.train.wandb)
     tasks = task_list(cfg)
     if not tasks:
-        raise ValueError("no task: pass --data (labeled Parquet) or list `tasks` in the --config file")
+        raise ValueError("no task: pass --data (labeled Parquet, CSV or JSON Lines) or list `tasks` in the --config file")
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be unique, got {names}")
@@ -269,8 +269,8 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 
 
 @click.command()
-@click.option("--data", "data", multiple=True, help="Labeled Parquet: file, directory or glob (repeatable).")
-@click.option("--val-data", multiple=True, help="Validation Parquet (default: a hashed split of --data).")
+@click.option("--data", "data", multiple=True, help="Labeled Parquet, CSV or JSON Lines: file, directory or glob (repeatable).")
+@click.option("--val-data", multiple=True, help="Validation data, as --data (default: a hashed split of --data).")
 @click.option("--task", "kind", type=click.Choice(["classify", "tag"]), default="classify", show_default=True,
               help="With --data: the head to train.")
 @click.option("--name", default="task", show_default=True, help="With --data: the task (head) name.")
@@ -298,7 +298,7 @@ def finetune(data, val_data, kind, name, text_column, label_column, run_dir, con
     with stdout_for_the_result():
         result = main(cfg)
     click.echo(json.dumps({"run_dir": result.run_dir, "export": result.export, "max_steps": result.max_steps,
-                           "labels": result.labels, "metrics": result.metrics}, indent=1, default=str))
+                           "labels": result.labels, "metrics": result.metrics}, default=str))  # one line: `| jq` pretty-prints
 
 
 if __name__ == "__main__":  # `python -m jobs.finetune --config FILE`: the Ray Jobs entrypoint

@@ -1,7 +1,7 @@
 """`raybert pretrain` and `raybert vocab`: MLM pretraining on Ray Train + DeepSpeed ZeRO.
 
 Contract:
-- `main(cfg: PretrainConfig) -> PretrainResult` pretrains BERT on a Parquet text corpus and
+- `main(cfg: PretrainConfig) -> PretrainResult` pretrains BERT on a text corpus (Parquet, CSV or JSON Lines) and
   returns where the last checkpoint and its HF export are. The corpus is read and tokenized by
   Ray Data (pipelines/pretrain_data.py) and streamed to `scaling.num_workers` Ray Train workers
   running pipelines/train.py. Without `address` / RAY_ADDRESS it starts an embedded local Ray.
@@ -123,7 +123,7 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.scaling.torch_threads is not None and cfg.scaling.torch_threads < 1:
         raise ValueError(f"torch_threads must be >= 1 (or unset), got {cfg.scaling.torch_threads}")
     if not cfg.data.paths:
-        raise ValueError("no training data: pass --data (Parquet files, directories or globs)")
+        raise ValueError("no training data: pass --data (Parquet, CSV or JSON Lines files, directories or globs)")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ValueError("val_fraction must be in [0, 1)")
     t = cfg.train
@@ -392,7 +392,7 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 
 
 @click.command()
-@click.option("--data", "data", multiple=True, help="Parquet file, directory or glob (repeatable).")
+@click.option("--data", "data", multiple=True, help="Parquet, CSV or JSON Lines file, directory or glob (repeatable).")
 @click.option("--run-dir", help="Run directory: checkpoints, metrics.jsonl, runs.jsonl, export/.")
 @click.option("--tokenizer", help="Tokenizer: checkpoint dir or vocab.txt (see `raybert vocab`).")
 @click.option("--init-from", help="Start from this HF checkpoint's weights instead of fresh ones.")
@@ -403,7 +403,7 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @training_command(PRESETS)
 def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps, resume, max_steps_per_run,
              time_budget, training, print_config):
-    """MLM-pretrain BERT on a Parquet text corpus with Ray Train + DeepSpeed.
+    """MLM-pretrain BERT on a text corpus (Parquet, CSV, JSON Lines) with Ray Train + DeepSpeed.
 
     Run it on a schedule with `--resume auto` and a budget: each invocation continues the run
     dir's latest checkpoint, overlapping invocations are refused (exit status 75), and
@@ -419,11 +419,11 @@ def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps
     with stdout_for_the_result():
         result = main(cfg)
     click.echo(json.dumps({"run_dir": result.run_dir, "checkpoint": result.checkpoint,
-                           "export": result.export, "metrics": result.metrics}, indent=1, default=str))
+                           "export": result.export, "metrics": result.metrics}, default=str))  # one line: `| jq` pretty-prints
 
 
 def iter_texts(paths: list[str], text_column: str = "text", limit: Optional[int] = None):
-    """Stream the non-empty texts of a Parquet corpus batch by batch (nothing held whole); the
+    """Stream the non-empty texts of a corpus (Parquet, CSV, JSON Lines) batch by batch (nothing held whole); the
     files are checked first (readable, a string `text_column`), naming the one that isn't."""
     from pipelines.pretrain_data import open_corpus
 
@@ -439,7 +439,7 @@ def iter_texts(paths: list[str], text_column: str = "text", limit: Optional[int]
 
 
 @click.command()
-@click.option("--data", "data", multiple=True, required=True, help="Parquet file, directory or glob (repeatable).")
+@click.option("--data", "data", multiple=True, required=True, help="Parquet, CSV or JSON Lines file, directory or glob (repeatable).")
 @click.option("--out", required=True, help="Directory for the tokenizer files.")
 @click.option("--vocab-size", type=int, default=21_128, show_default=True)
 @click.option("--text-column", default="text", show_default=True)
@@ -447,7 +447,7 @@ def iter_texts(paths: list[str], text_column: str = "text", limit: Optional[int]
 @click.option("--cased", is_flag=True, help="Keep case (default: lowercase, as uncased BERT).")
 @user_errors()
 def vocab(data, out, vocab_size, text_column, max_docs, cased):
-    """Train a WordPiece vocab on a Parquet corpus, for `raybert pretrain --tokenizer`."""
+    """Train a WordPiece vocab on a text corpus (Parquet, CSV, JSON Lines), for `raybert pretrain --tokenizer`."""
     import itertools
 
     from bert_core.tokenizer import train_tokenizer

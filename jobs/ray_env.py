@@ -4,6 +4,7 @@ Contract: `ray_session(address)` yields with Ray initialized. With no `address` 
 `RAY_ADDRESS` in the environment it starts a local Ray (the embedded default) and shuts it down on
 exit, even on error; given an address (or RAY_ADDRESS, as under `ray job submit`), it connects and
 leaves the cluster running. A Ray that is already initialized in this process is reused as is.
+Either way, the libraries' console output is first set to the run's verbosity (pipelines/console.py).
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import ray
 @contextlib.contextmanager
 def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None,
                 object_store_memory: Optional[int] = None) -> Iterator[None]:
+    from pipelines.console import quiet_libraries, ray_init_kwargs
+
+    quiet_libraries()  # before Ray starts: the embedded Ray's processes inherit its environment
     if ray.is_initialized():
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **ray_init_kwargs())
     else:
         # Embedded default: a private local Ray. Token auth is off because the cluster lives and
         # dies with this process and listens on loopback only.
@@ -31,7 +35,7 @@ def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None,
         # address="local": always a new private cluster. A bare ray.init() would join any cluster
         # that `ray start` recorded on this machine (/tmp/ray/ray_current_cluster).
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
-                 include_dashboard=False)
+                 include_dashboard=False, **ray_init_kwargs())
     try:
         yield
     finally:

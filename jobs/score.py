@@ -1,8 +1,9 @@
-"""`raybert score`: batch scoring, Parquet in, Parquet out, every row accounted for.
+"""`raybert score`: batch scoring, Parquet (or CSV, JSON Lines) in, Parquet out, every row accounted for.
 
 Contract: `main(cfg: ScoreConfig) -> ScoreResult` connects to Ray (`--address`/`RAY_ADDRESS`, or
 an embedded local Ray that it shuts down after), runs pipelines.scoring.score, prints the summary
-line (rows, error rows, tokens, tokens/s, output path) and returns it. Rerunning the same
+line (rows, error rows, tokens, tokens/s, output path) on stderr and returns it; `raybert score`
+then prints the result as one JSON line on stdout (pipelines/console.py: what the console shows). Rerunning the same
 command after a crash resumes; after success it reports the finished run (`overwrite: true` to
 redo). Before the lock or Ray, `pipelines.scoring.preflight` checks the model, tokenizer, inputs
 and output, creating nothing if it refuses. A run holds `output_lock` for its whole life: a second
@@ -16,9 +17,11 @@ bad flag).
 
 from __future__ import annotations
 
+import json
+
 import click
 
-from jobs.config import echo_config, print_config_option, user_errors
+from jobs.config import echo_config, print_config_option, user_errors, verbosity_options
 
 # The job's typed config is the pipeline's: one dataclass, checked once (ScoreConfig.check).
 from pipelines.score_config import POOLINGS, GpuWaitTimeout, ResourceConfig, ScoreConfig
@@ -39,13 +42,16 @@ def output_lock(output: str):
 
 
 def main(cfg: ScoreConfig):
-    """Run the scoring job; returns pipelines.scoring.ScoreResult and prints its summary line."""
+    """Run the scoring job; returns pipelines.scoring.ScoreResult and prints its summary line (on
+    stderr; `raybert score` prints the result as JSON on stdout)."""
     import os
+    import sys
 
     import ray
     import torch
 
     from jobs.ray_env import ray_session
+    from pipelines.console import shows_progress
     from pipelines.scoring import preflight, score
 
     # Bad config or inputs are refused here, before the lock file or Ray exist; score() checks
@@ -60,7 +66,8 @@ def main(cfg: ScoreConfig):
                          "--device auto or cpu")
     with output_lock(cfg.output), ray_session(cfg.address):
         result = score(cfg)
-    print(result.line(), flush=True)
+    if shows_progress():
+        print(result.line(), file=sys.stderr, flush=True)
     return result
 
 
@@ -96,11 +103,12 @@ def main(cfg: ScoreConfig):
               help="Delete this job's earlier output and checkpoint and score again (never anything else).")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
 @print_config_option
+@verbosity_options
 @user_errors(GpuWaitTimeout)  # no GPU node in time for --device cuda
 def score(input, output, model, task, config_path, max_tokens, batch_size, num_actors, device, dtype, head,
           text_column, text_pair_column, id_column, max_length, pooling, normalize, overwrite, address,
           print_config):
-    """Score Parquet INPUT (file, directory or glob) into Parquet OUTPUT, one row per input row.
+    """Score INPUT (Parquet, CSV or JSON Lines: file, directory or glob) into Parquet OUTPUT, one row per input row.
 
     INPUT and OUTPUT may instead come from the --config file (as under `ray job submit ... --
     python -m jobs.score --config FILE`)."""
@@ -114,7 +122,8 @@ def score(input, output, model, task, config_path, max_tokens, batch_size, num_a
         "overwrite": overwrite, "address": address})
     if print_config:
         return echo_config(cfg)
-    main(cfg)
+    result = main(cfg)
+    click.echo(json.dumps(result.summary(), default=str))  # stdout: the result alone (`| jq`)
 
 
 __all__ = ["ScoreConfig", "ResourceConfig", "main", "score"]

@@ -61,12 +61,13 @@ _TRAINING_OPTIONS = [
 def training_command(presets: dict):
     """What every training command's click function carries, outermost first: `--config` and
     `--preset` (config_path, preset), the training flags (training), `--print-config`
-    (print_config), and one `Error:` line for a user's error (a stalled run included)."""
-    from jobs.config import config_flags, print_config_option, user_errors
+    (print_config), `--quiet`/`--verbose`, and one `Error:` line for a user's error (a stalled run included)."""
+    from jobs.config import config_flags, print_config_option, user_errors, verbosity_options
     from pipelines.watchdog import TrainingStalled
 
     def wrap(command):
-        return config_flags(presets)(training_flags(print_config_option(user_errors(TrainingStalled)(command))))
+        return config_flags(presets)(training_flags(print_config_option(
+            verbosity_options(user_errors(TrainingStalled)(command)))))
     return wrap
 
 

@@ -30,6 +30,14 @@ import time
 from typing import Optional
 
 
+class _NoAcceleratorNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+_NO_ACCELERATOR_NOTE = _NoAcceleratorNote()
+
+
 def import_deepspeed():
     """`import deepspeed`, without the MLflow import that DeepSpeed's autotuner makes on the way.
 
@@ -46,6 +54,13 @@ def import_deepspeed():
     """
     import sys
 
+    from pipelines.console import VERBOSE, verbosity
+
+    if verbosity() != VERBOSE:
+        # Its accelerator probe warns "Setting accelerator to CPU" in every process on a CPU machine;
+        # raybert chose the device already (--use-gpu/--cpu). A filter on the logger outlives
+        # DeepSpeed's own set-up of it at import.
+        logging.getLogger("DeepSpeed").addFilter(_NO_ACCELERATOR_NOTE)
     if "deepspeed" not in sys.modules:
         hide = "mlflow" not in sys.modules
         if hide:

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from bert_core.masking import Masker
 from bert_core.masking_config import MaskingConfig
 from bert_core.model import BertConfig, BertMultiTask, TaskHead
+from pipelines.console import shows_progress
 from pipelines import storage
 from pipelines.finetune_data import IGNORE, FinetuneData
 from pipelines.engine import build_bert_config, build_engine, evaluating, gathered_state_dict
@@ -383,7 +384,7 @@ class _LossWindow:
         metrics = {"step": step, "lr": engine.get_lr()[-1], "tokens_per_s": flat[-1] / dt,
                    **{f"loss_{t.name}": flat[2 * i] / flat[2 * i + 1]
                       for i, t in enumerate(self.tasks) if flat[2 * i + 1] > 0}}
-        if rank == 0:
+        if rank == 0 and shows_progress():
             losses = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
             eta = (max_steps - step) * dt / self.steps
             print(f"[raybert] step {step}/{max_steps} {losses} {metrics['tokens_per_s']:,.0f} tokens/s "

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from bert_core.masking import Masker
 from bert_core.masking_config import MaskingConfig
 from bert_core.model import BertConfig, BertForMaskedLM, mlm_flops_per_token
+from pipelines.console import shows_progress
 from pipelines import storage
 from pipelines.pretrain_data import DataConfig
 from pipelines.engine import build_bert_config, build_engine, evaluating, gathered_state_dict
@@ -436,7 +437,7 @@ def _window_metrics(window: MetricsWindow, engine, policy: StopPolicy, step: int
                "lr": engine.get_lr()[0], "tokens_per_s": tps,
                "mfu": tps * flops_per_token / peak, "peak_flops": peak,
                "tokens": step * tokens_per_step, "time": time.time()}
-    if rank == 0:
+    if rank == 0 and shows_progress():
         print(f"[raybert] step {step}/{policy.end} loss {loss_mean:.4f} {tps:,.0f} tokens/s "
               f"mfu {metrics['mfu']:.1%} eta {_eta((policy.end - step) * seconds / steps)}", flush=True)
     return metrics

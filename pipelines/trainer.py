@@ -10,6 +10,7 @@ from typing import Optional
 
 from pipelines import storage
 from pipelines.compat import without_placement_group_cleaner
+from pipelines.console import train_logging_level, worker_env
 
 
 def torch_trainer(loop_fn, loop_config: dict, *, run_dir: str | Path, num_workers: int, use_gpu: bool,
@@ -32,11 +33,21 @@ def torch_trainer(loop_fn, loop_config: dict, *, run_dir: str | Path, num_worker
             name=storage.basename(str(run_dir)), storage_path=storage.parent(str(run_dir)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_last),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            worker_runtime_env=cpu_worker_runtime_env() if not use_gpu else {}),
+            logging_config=ray.train.LoggingConfig(log_level=train_logging_level()),
+            worker_runtime_env=worker_runtime_env(use_gpu)),
         datasets=datasets,
         **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
     return without_placement_group_cleaner(trainer)
+
+
+def worker_runtime_env(use_gpu: bool) -> dict:
+    """Environment for training workers: the console's verbosity (`console.worker_env`), and on CPU,
+    `cpu_worker_runtime_env`'s."""
+    env = {"env_vars": worker_env()}
+    if not use_gpu:
+        env["env_vars"].update(cpu_worker_runtime_env()["env_vars"])
+    return env
 
 
 def cpu_worker_runtime_env() -> dict:

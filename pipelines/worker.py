@@ -29,6 +29,7 @@ import torch
 
 from bert_core.masking import Masker
 from pipelines import storage
+from pipelines.console import quiet_worker
 from pipelines.run_log import MetricsWriter
 from pipelines.train_config import TrainConfig
 from pipelines.watchdog import Heartbeat, heartbeat_interval
@@ -170,6 +171,7 @@ def worker_session(run_dir: str, use_gpu: bool, torch_threads: Optional[int], st
 def run_in_session(loop, cfg) -> None:
     """Run `loop(cfg, wc, beat, log)` inside `worker_session` (a loop config with run_dir, use_gpu,
     torch_threads, train and to_dict): the body of every `train_loop_per_worker`."""
+    quiet_worker()
     with worker_session(cfg.run_dir, cfg.use_gpu, cfg.torch_threads, cfg.train.stall_timeout_s,
                         train=cfg.train, params=cfg.to_dict()) as session:
         loop(cfg, *session)

@@ -1,0 +1,165 @@
+"""What a job shows on the console, and how much: quiet by default, with progress.
+
+Contract:
+- One level per process, `quiet`, `normal` (the default) or `verbose`, set by the CLI
+  (`--quiet`/`--verbose`) through `set_verbosity` and kept in the environment (RAYBERT_VERBOSITY),
+  so the processes started after it (the embedded local Ray and its workers) inherit it; Ray Train
+  workers get it, on any cluster, through `worker_env()`.
+  - `normal`: raybert's own progress and summary, and the libraries' errors; Ray's, Ray Data's, Ray
+    Train's and DeepSpeed's INFO lines, operator progress bars and known-harmless warnings are off.
+  - `quiet`: errors and the result only (no progress lines, no summary line on stderr).
+  - `verbose`: every library as it is by default, raybert's progress too.
+- Results meant for programs (the JSON summary) go to stdout alone, everything else to stderr.
+- `quiet_libraries()` sets the driver's side, before Ray starts (`ray_init_kwargs()` adds
+  ray.init's own level); `quiet_worker()` runs first thing in a training worker;
+  `train_logging_level()` is Ray Train's console level (RunConfig.logging_config).
+- `Progress`: one progress line (done / total, tokens/s, ETA) redrawn in place on a terminal, and
+  a plain line every so often in a log (15 s for the first two minutes, then every minute).
+
+Imports neither torch nor ray at module level (the CLI's `--help` stays fast).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from typing import Optional, TextIO
+
+QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
+LEVELS = (QUIET, NORMAL, VERBOSE)
+ENV = "RAYBERT_VERBOSITY"
+
+
+def set_verbosity(level: str) -> None:
+    if level not in LEVELS:
+        raise ValueError(f"verbosity {level!r}: use one of {', '.join(LEVELS)}")
+    os.environ[ENV] = level
+
+
+def verbosity() -> str:
+    level = os.environ.get(ENV, NORMAL)
+    return level if level in LEVELS else NORMAL
+
+
+def shows_progress() -> bool:
+    return verbosity() != QUIET
+
+
+def ray_init_kwargs() -> dict:
+    """ray.init's own log level: its "Started a local Ray instance" and connection lines are INFO."""
+    return {} if verbosity() == VERBOSE else {"logging_level": logging.WARNING}
+
+
+def train_logging_level() -> str:
+    """Ray Train's console level (controller and workers): its worker-group, checkpoint and report
+    lines are INFO."""
+    return "INFO" if verbosity() == VERBOSE else "WARNING"
+
+
+def worker_env() -> dict:
+    """Environment variables for Ray Train workers. Ray Train 2.60 patches `print` in its workers to
+    log as well, and each of our progress lines reached the console twice: the patch is off."""
+    return {ENV: verbosity(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *parts: str):
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(p in record.getMessage() for p in self.parts)
+
+
+# Ray Data says this once per process when its progress bars are off, which is how we run it.
+_PROGRESS_BARS_OFF = _DropMessages("Progress bars disabled")
+
+
+def quiet_libraries() -> None:
+    """The driver's side of `normal` and `quiet`, before Ray starts. Ray Data's level goes into the
+    environment as well (RAY_DATA_LOG_LEVEL, read where Ray Data starts: the embedded Ray's actors
+    that run Ray Train's datasets), and its progress bars are off: scoring draws its own
+    (`Progress`), training prints a line per log step."""
+    if verbosity() == VERBOSE:
+        return
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    data_log = logging.getLogger("ray.data")
+    data_log.setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
+    for handler in data_log.handlers:
+        if _PROGRESS_BARS_OFF not in handler.filters:
+            handler.addFilter(_PROGRESS_BARS_OFF)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "A run snapshot was found ..." after a fit
+
+
+def quiet_worker() -> None:
+    """A training worker's side, at `normal` and `quiet`: the warning DeepSpeed 0.19's ZeRO triggers
+    in torch on every step (`all_gather_into_tensor` is deprecated: not the user's to act on) is
+    silenced, and INFO records stay out of the console (our progress lines are prints);
+    DeepSpeed's own accelerator line is dropped by `compat.import_deepspeed`."""
+    if verbosity() == VERBOSE:
+        return
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    # Ray Train sets the workers' root logger to INFO, and its report lines ("Reporting training
+    # result ...", a logger named by its file, not under `ray.train`) reach the console through it.
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Progress of one job: `update(done, tokens)` with cumulative counts; `close()` ends the line.
+    Counts done before this run (a resume) are `start` and don't enter the rates."""
+
+    def __init__(self, what: str, total: int, start: int = 0, stream: Optional[TextIO] = None,
+                 tty: Optional[bool] = None):
+        self.what, self.total, self.start = what, total, start
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.t0 = time.monotonic()
+        self.last_line = 0.0
+        self.done, self.tokens = start, 0
+        self.enabled = shows_progress()
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        rate = (self.done - self.start) / elapsed
+        eta = format_duration((self.total - self.done) / rate) if rate > 0 else "?"
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return (f"[raybert] {self.what}: {self.done:,}/{self.total:,} rows ({pct:.0f}%) "
+                f"{self.tokens / elapsed:,.0f} tokens/s, elapsed {format_duration(elapsed)}, eta {eta}")
+
+    def update(self, done: int, tokens: int, draw: bool = True) -> None:
+        self.done, self.tokens = done, tokens
+        if not (self.enabled and draw):
+            return
+        if self.tty:
+            self.stream.write("\r" + self.line() + "\x1b[K")
+            self.stream.flush()
+            return
+        now = time.monotonic()
+        every = 15.0 if now - self.t0 < 120 else 60.0
+        if now - self.last_line >= every:
+            self.last_line = now
+            print(self.line(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r" + self.line() + "\x1b[K\n")
+        else:
+            print(self.line(), file=self.stream)
+        self.stream.flush()

@@ -1,7 +1,7 @@
-"""Labeled data for fine-tuning: Parquet -> tokenized, label-encoded rows, on Ray Data.
+"""Labeled data for fine-tuning: Parquet, CSV or JSON Lines -> tokenized, label-encoded rows, on Ray Data.
 
 Contract:
-- A task reads its own Parquet files (`TaskData.paths`). By kind:
+- A task reads its own files (`TaskData.paths`: Parquet, CSV or JSON Lines). By kind:
     classify  `text` (+ optional `text_pair`) and `label`: a label name (string) or an int;
     tag       `tokens` (list of words) and `tags` (list of BIO labels, one per word), CoNLL style;
     mlm       `text` only: an auxiliary masked-LM task, packed as in pretraining.
@@ -16,8 +16,9 @@ Contract:
   differ in type (ints in one, strings in another) are refused, since 1 and "1" are different
   labels. These checks run before training: per file at discovery, and on the split rows (the
   hashed split, listed labels) once tokenized.
-- Files: what Ray Data reads (`parquet_files`): directories recursively, `*.parquet` only, names
-  starting with '.' or '_' skipped; a listed file with another suffix is an error, not skipped.
+- Files: what Ray Data reads (`inputs.input_files`): directories recursively, Parquet, CSV and
+  JSON Lines files only (by extension), names starting with '.' or '_' skipped; a listed file with
+  another suffix is an error, not skipped.
 - Validation: `val_paths` if given, else a split by a seeded hash of the row's text
   (`crc32(f"{split_seed}:{text}") % 10_000 < val_fraction * 10_000`): deterministic, stateless,
   the same on every run and worker, and a text never lands on both sides.
@@ -39,8 +40,7 @@ from typing import Optional
 
 import numpy as np
 
-from pipelines.compat import read_parquet_v1
-from pipelines.inputs import names_list, parquet_files, resolve_paths
+from pipelines.inputs import TableFile, input_files, names_list, read_dataset
 from pipelines.pretrain_data import cached_tokenizer
 
 KINDS = ("classify", "tag", "mlm")
@@ -51,7 +51,7 @@ IGNORE = -100  # label of positions that carry no loss
 class TaskData:
     name: str = "task"  # head name; the export serves it as `raybert score --head NAME`
     kind: str = "classify"  # classify | tag | mlm
-    paths: list = field(default_factory=list)  # Parquet files, directories or globs
+    paths: list = field(default_factory=list)  # Parquet/CSV/JSON Lines files, directories or globs
     val_paths: list = field(default_factory=list)  # explicit validation set; else a hashed split
     text_column: str = "text"  # classify / mlm: the text
     text_pair_column: Optional[str] = None  # classify: optional second text (sentence pairs)
@@ -107,17 +107,12 @@ def encode_labels(values: list) -> tuple[dict[int, str], dict]:
     return id2label, {v: i for i, v in enumerate(values)} | {str(v): i for i, v in enumerate(values)}
 
 
-def _read_schemas(files: list, columns: list) -> dict:
-    """{file name: schema} of parquet_files' files (footers only); a file that is not Parquet or
-    lacks a column fails, naming the file, the column and what it has."""
-    import pyarrow.parquet as pq
-
+def _read_schemas(files: list, columns: list, text_columns: tuple = ()) -> dict:
+    """{file name: schema} of input_files' files (Parquet: footers only); a file that can't be read
+    or lacks a column fails, naming the file, the column and what it has."""
     schemas = {}
-    for name, fs, path in files:
-        try:
-            schema = pq.read_schema(path, filesystem=fs)
-        except Exception as e:
-            raise ValueError(f"{name}: not a readable Parquet file ({e})") from e
+    for f in files:
+        name, schema = f.name, TableFile(f, text_columns).schema
         missing = [c for c in columns if c not in schema.names]
         if missing:
             raise ValueError(f"{name}: no column(s) {missing}; it has {schema.names}. Set the task's "
@@ -159,7 +154,7 @@ def _check_label_types(task: TaskData, schemas: dict) -> None:
 
 
 def label_values_by_file(task: TaskData, files: list) -> dict[str, set]:
-    """{file name: its distinct label values} of a classify / tag task's `files` (parquet_files'
+    """{file name: its distinct label values} of a classify / tag task's `files` (input_files'
     entries), read on the driver from the label column alone, a batch at a time (no Ray work, no
     text read).
 
@@ -167,14 +162,13 @@ def label_values_by_file(task: TaskData, files: list) -> dict[str, set]:
     one, strings in another) or a row has a null label (a tag task: a null tag list or tag).
     """
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     col = task.label_column
     _check_label_types(task, _read_schemas(files, [col]))
     out = {}
-    for name, fs, path in files:
-        values = set()
-        for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=65_536, columns=[col]):
+    for f in files:
+        name, values = f.name, set()
+        for batch in TableFile(f).iter_batches(batch_size=65_536, columns=[col]):
             arr = batch.column(0)
             null = arr.null_count > 0
             if task.kind == "tag" and not null:
@@ -217,10 +211,10 @@ def discover_labels(task: TaskData) -> list:
     strings), read on the driver before any Ray work. Raises ValueError (see label_values_by_file)
     if the training files hold fewer than 2 labels, or the validation files hold a label that the
     training files lack."""
-    train_files = parquet_files(task.paths)
-    val_files = parquet_files(task.val_paths) if task.val_paths else []
+    train_files = input_files(task.paths)
+    val_files = input_files(task.val_paths) if task.val_paths else []
     by_file = label_values_by_file(task, train_files + val_files)
-    train, val = [f[0] for f in train_files], [f[0] for f in val_files]
+    train, val = [f.name for f in train_files], [f.name for f in val_files]
     values = set().union(*by_file.values())
     if not values:
         raise ValueError(f"task {task.name}: no labels found in {task.paths}")
@@ -347,7 +341,7 @@ def _check_split_labels(task: TaskData, cfg: FinetuneData, splits: dict, label2i
     hashed split and a task that lists its labels."""
     name_of = {i: str(k) for k, i in label2id.items()}
     train_ids = _label_ids(splits["train"], cfg.num_cpus)
-    train_files = [name for name, _, _ in parquet_files(task.paths)]
+    train_files = [f.name for f in input_files(task.paths)]
     where = "training rows" if task.val_paths or "val" not in splits else (
         f"training rows of the hashed split (val_fraction {cfg.val_fraction}, split_seed {cfg.split_seed})")
     _check_classes(task, {name_of[i] for i in train_ids}, train_files, where)
@@ -356,7 +350,7 @@ def _check_split_labels(task: TaskData, cfg: FinetuneData, splits: dict, label2i
     only_val = {name_of[i] for i in _label_ids(splits["val"], cfg.num_cpus) - train_ids}
     if only_val:
         only = {}
-        for f, values in label_values_by_file(task, parquet_files(task.val_paths or task.paths)).items():
+        for f, values in label_values_by_file(task, input_files(task.val_paths or task.paths)).items():
             for v in {str(v) for v in values} & only_val:
                 only.setdefault(v, []).append(f)
         where = "the validation data" if task.val_paths else (
@@ -383,7 +377,8 @@ def build_task_datasets(task: TaskData, cfg: FinetuneData, tokenizer_path: str, 
                if task.kind == "classify" else [task.tokens_column])
     columns.append(task.label_column)
     # Also when the task lists its labels (discovery, which checks the types too, is skipped then).
-    _check_label_types(task, _read_schemas(parquet_files(task.paths + task.val_paths), columns))
+    texts = (task.text_column, task.text_pair_column) if task.kind == "classify" else ()
+    _check_label_types(task, _read_schemas(input_files(task.paths + task.val_paths), columns, texts))
     sources = {"train": (task.paths, "train" if not task.val_paths else None)}
     if task.val_paths:
         sources["val"] = (task.val_paths, None)
@@ -391,7 +386,7 @@ def build_task_datasets(task: TaskData, cfg: FinetuneData, tokenizer_path: str, 
         sources["val"] = (task.paths, "val")
     splits = {}
     for name, (paths, split) in sources.items():
-        ds = read_parquet_v1(resolve_paths(paths), columns=columns, include_paths=True, num_cpus=cfg.num_cpus)
+        ds = read_dataset(input_files(paths), columns, text_columns=texts, include_paths=True, num_cpus=cfg.num_cpus)
         ds = ds.map_batches(tokenize_or_error, batch_format="pyarrow", batch_size=cfg.tokenize_batch_rows,
                             num_cpus=cfg.num_cpus,
                             fn_kwargs=dict(task=task, tokenizer_path=tokenizer_path, label2id=label2id,

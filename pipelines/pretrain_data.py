@@ -1,9 +1,9 @@
-"""The pretraining data pipeline: Parquet text -> tokenized, packed rows, on Ray Data.
+"""The pretraining data pipeline: text (Parquet, CSV or JSON Lines) -> tokenized, packed rows, on Ray Data.
 
 Contract:
 - `build_datasets(cfg, tokenizer_path)` returns `{"train": ds, "val": ds}`, two lazy Ray
   Datasets of rows `{"input_ids": int64[seq_len]}`. Nothing is read in the driver: the plan is
-  `read_parquet(text column only) -> map_batches(tokenize_and_pack)` (CPU tasks), executed as
+  `inputs.read_dataset(text column only) -> map_batches(tokenize_and_pack)` (CPU tasks), executed as
   Ray Train streams it to the workers (`TorchTrainer(datasets=...)` and
   `get_dataset_shard(...).iter_torch_batches()` in pipelines/train.py).
 - Packing: documents are tokenized without special tokens and concatenated into rows of exactly
@@ -22,7 +22,7 @@ Contract:
   refuses, naming the file and what to do, a corpus that can't train: an unreadable file, a
   missing or non-string text column (the columns present are listed), no rows, no text (every
   value null or empty), or too little text for one step (the training split packs into fewer
-  rows than `rows_needed`). It reads the footers, then streams the text column through
+  rows than `rows_needed`). It reads the footers (CSV / JSON Lines: counts their rows), then streams the text column through
   `tokenize_and_pack` only until `rows_needed` rows are packed, so a big corpus costs little.
 """
 
@@ -37,15 +37,14 @@ from typing import Optional
 import numpy as np
 
 from bert_core.masking_config import MaskingConfig
-from pipelines.compat import read_parquet_v1
-from pipelines.inputs import names_list, parquet_files, resolve_paths
+from pipelines.inputs import TableFile, input_files, names_list, read_dataset
 
 VAL_BUCKETS = 10_000
 
 
 @dataclass
 class DataConfig:
-    paths: list[str] = field(default_factory=list)  # Parquet files, directories or globs (local or URIs)
+    paths: list[str] = field(default_factory=list)  # Parquet/CSV/JSON Lines files, directories or globs (local or URIs)
     text_column: str = "text"  # the column holding one document per row
     tokenizer: Optional[str] = None  # checkpoint dir or vocab.txt (see `raybert vocab`); else init_from's
     seq_len: int = 128  # packed row length, [CLS] included
@@ -96,13 +95,13 @@ def build_datasets(cfg: DataConfig, tokenizer_path: str) -> dict:
     from pipelines.compat import pace_idle_data_scheduler
 
     pace_idle_data_scheduler()
-    paths = resolve_paths(cfg.paths)
+    files = input_files(cfg.paths)
     out = {}
     for split in ("train", "val"):
         if split == "val" and cfg.val_fraction <= 0:
             continue
-        # select_columns is pushed down into the Parquet read: only the text column is read.
-        ds = read_parquet_v1(paths, num_cpus=cfg.num_cpus).select_columns([cfg.text_column])
+        # Only the text column is read (pushed down into the Parquet read).
+        ds = read_dataset(files, [cfg.text_column], text_columns=(cfg.text_column,), num_cpus=cfg.num_cpus)
         ds = ds.map_batches(
             tokenize_and_pack, batch_size=cfg.tokenize_batch_rows, batch_format="numpy",
             num_cpus=cfg.num_cpus,
@@ -115,7 +114,7 @@ def build_datasets(cfg: DataConfig, tokenizer_path: str) -> dict:
 
 @dataclass
 class CorpusCheck:
-    files: list[str]  # the Parquet files Ray Data reads
+    files: list[str]  # the files Ray Data reads
     rows: int  # documents, from the footers
     packed_rows: int  # training rows of seq_len packed before counting stopped (>= rows_needed)
     # What a resume's data position means something for: (rows, bytes) of each file in read order,
@@ -134,18 +133,13 @@ def _is_text(t) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
-def open_corpus(paths: list[str], text_column: str = "text") -> list[tuple[str, object]]:
-    """The corpus files Ray Data reads, as (name, pyarrow ParquetFile), footers only; raises naming
-    the file when one is unreadable or lacks a string `text_column` (listing the columns present)."""
-    import pyarrow.parquet as pq
-
+def open_corpus(paths: list[str], text_column: str = "text") -> list[tuple[str, TableFile]]:
+    """The corpus files Ray Data reads, as (name, inputs.TableFile) (Parquet: footers only); raises
+    naming the file when one is unreadable or lacks a string `text_column` (listing the columns present)."""
     out = []
-    for name, fs, path in parquet_files(paths):
-        try:
-            pf = pq.ParquetFile(path, filesystem=fs)
-        except Exception as e:  # ArrowInvalid, OSError: name the file
-            raise ValueError(f"{name}: not a readable Parquet file ({type(e).__name__}: {e})") from None
-        schema = pf.schema_arrow
+    for f in input_files(paths):
+        name, pf = f.name, TableFile(f, (text_column,))
+        schema = pf.schema
         if text_column not in schema.names:
             raise ValueError(f"{name}: no column {text_column!r} (the documents to train on); columns present: "
                              f"{schema.names}. Set the text column to match (pretrain: data.text_column in --config; vocab: --text-column)")
@@ -161,9 +155,8 @@ def check_corpus(cfg: DataConfig, tokenizer_path: str, rows_needed: int) -> Corp
     col = cfg.text_column
     opened = open_corpus(cfg.paths, col)
     files = [name for name, _ in opened]
-    rows = sum(pf.metadata.num_rows for _, pf in opened)
-    fingerprint = [[pf.metadata.num_rows, sum(pf.metadata.row_group(i).total_byte_size
-                                              for i in range(pf.metadata.num_row_groups))] for _, pf in opened]
+    rows = sum(pf.num_rows for _, pf in opened)
+    fingerprint = [[pf.num_rows, pf.byte_size] for _, pf in opened]
     if rows == 0:
         raise ValueError(f"the corpus has no rows: {names_list(files)}; check --data")
     tok = cached_tokenizer(tokenizer_path)

@@ -8,7 +8,8 @@ Contract:
   spelling), is a file or can't be created; with overwrite, one that isn't provably ours.
 - `run_recipe` / `check_resume`: a resume, or a rerun of a finished output, under another recipe
   is refused, naming each difference.
-- `data_files`, `output_totals`, `output_dtypes`, `read_output`: what the output holds;
+- `data_files`, `output_totals`, `output_dtypes`, `read_output`: what the output holds
+  (`OutputCounter`: the same, as it grows, for progress);
   `repair_duplicates` keeps one row per `row_hash` after overlapping writers.
 """
 
@@ -39,12 +40,53 @@ def default_checkpoint_dir(output: str) -> str:
     return storage.normalize(output) + ".checkpoint"
 
 
+# CSV and JSON Lines inputs are staged here as Parquet before scoring (see `stage_inputs`).
+STAGED = "_staged"
+
+
 def data_files(output: str) -> list[str]:
+    """The output's Parquet data files: nothing whose path below the output has a part starting with
+    `_` or `.` (the manifest, the run record, STAGED inputs)."""
     import pyarrow.fs as pafs
 
+    fs, base = storage.filesystem(output)
+    base = base.rstrip("/")
     return [f.path for f in storage.listing(output)
             if f.type == pafs.FileType.File and f.path.endswith(".parquet")
-            and not os.path.basename(f.path).startswith(("_", "."))]
+            and not any(part.startswith(("_", ".")) for part in f.path[len(base):].lstrip("/").split("/"))]
+
+
+def stage_inputs(output: str, plan: InputPlan, text_columns: tuple) -> dict[str, str]:
+    """{file Ray Data reads: the input it holds}. Parquet inputs are read as they are. A CSV or JSON
+    Lines input is first written as Parquet under `<output>/_staged/` (its needed columns, in file
+    order, whole or absent), because resume keys on Ray Data's `row_hash` of (file, row position),
+    which only its Parquet reader gives; a resumed run reuses the staged files (same inputs, same
+    order: the run record's recipe holds them). `finish` deletes them."""
+    from pipelines.inputs import TableFile, find_inputs
+
+    staged = {}
+    for i, name in enumerate(plan.files):
+        if plan.formats.get(name, "parquet") == "parquet":
+            staged[name] = name
+            continue
+        target = storage.join(output, STAGED, f"{i:05d}.parquet")
+        if not storage.exists(target):
+            (found,) = find_inputs(name)
+            table = TableFile(found, text_columns)
+            fs, path = storage.filesystem(target)
+            fs.create_dir(os.path.dirname(path), recursive=True)
+            tmp = os.path.join(os.path.dirname(path), f".{i:05d}.parquet.tmp")
+            writer = None
+            for batch in table.iter_batches(columns=plan.columns):
+                writer = writer or pq.ParquetWriter(tmp, batch.schema, filesystem=fs)
+                writer.write_batch(batch)
+            if writer is None:  # no rows: an empty file of the columns
+                pq.write_table(pa.table({c: pa.array([], pa.string()) for c in plan.columns}), tmp, filesystem=fs)
+            else:
+                writer.close()
+            fs.move(tmp, path)  # whole or absent
+        staged[target] = name
+    return staged
 
 
 def output_dtypes(output: str) -> str:
@@ -71,6 +113,27 @@ def output_totals(output: str) -> tuple[int, int, int]:
     t = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=["n_tokens", "error"])
     tokens = pc.sum(t["n_tokens"]).as_py() or 0
     return t.num_rows, t.num_rows - t["error"].null_count, int(tokens)
+
+
+class OutputCounter:
+    """Rows and tokens written under an output so far, for progress: each data file is read once
+    (its `n_tokens` column), after it reads whole; a file still being written waits for the next call."""
+
+    def __init__(self, output: str):
+        self.output, self.seen = output, {}
+
+    def counts(self) -> tuple[int, int]:
+        fs, _ = storage.filesystem(self.output)
+        present = data_files(self.output)
+        for f in present:
+            if f not in self.seen:
+                try:
+                    t = pq.read_table(f, columns=["n_tokens"], filesystem=fs)
+                except Exception:  # not whole yet (or gone): counted when it reads
+                    continue
+                self.seen[f] = (t.num_rows, int(t["n_tokens"].to_numpy().sum()))
+        counted = [self.seen[f] for f in present if f in self.seen]
+        return sum(r for r, _ in counted), sum(t for _, t in counted)
 
 
 def uncreatable(path: str) -> Optional[str]:

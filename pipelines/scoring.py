@@ -1,4 +1,5 @@
 """The batch-scoring pipeline on Ray Data: read Parquet -> tokenize -> predict -> write Parquet.
+(CSV and JSON Lines inputs are staged as Parquet first: `score_output.stage_inputs`.)
 
 Contract:
 - Beside it: the config (`score_config.py`), finding and checking the inputs (`inputs.py`:
@@ -21,8 +22,9 @@ Contract:
   YAML keys are its fields. `ScoreConfig.check()` holds its rules and is the only place they are
   checked (`preflight` calls it).
 - `score(cfg)` runs `preflight` again, then, as named steps: `reuse_or_reset` the output,
-  `ray_data_settings` (process-wide Ray Data flags, restored after), `build_dataset`, the write,
-  and `finish` (row conservation, the manifest). The Ray Data program:
+  `ray_data_settings` (process-wide Ray Data flags, restored after), `stage_inputs`,
+  `build_dataset`, the write (watched by `watch_output`: the progress line), and `finish` (row
+  conservation, the manifest, the staged inputs deleted). The Ray Data program:
   `read_parquet(files, only the needed columns, include_row_hash)` -> `repartition` into blocks
   of `batch_size` rows (streaming) -> [GPU only: `map_batches(tokenize_batch)`, stateless CPU
   tasks] -> `map_batches(Predictor, compute=ActorPoolStrategy(...))` (`cpu_plan`: a fixed pool,
@@ -64,20 +66,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from pipelines import storage
 from pipelines.inputs import InputPlan, plan_inputs
 from pipelines.predictors import STEPS, Predictor
-from pipelines.tokenize import tokenize_batch
+from pipelines.tokenize import id_name, tokenize_batch
 from pipelines.compat import QuietGpuWait, parquet_reader_v1
+from pipelines.console import Progress
 from pipelines.resources import CpuPlan, actor_pool, cpu_plan, gpu_wait_message
 from pipelines.score_config import GpuWaitTimeout, ScoreConfig
-from pipelines.score_output import (MANIFEST, RUN_RECORD, check_output, check_resume, data_files,
-                                    default_checkpoint_dir, output_dtypes, output_totals, read_json,
-                                    repair_duplicates, run_recipe, write_json)
+from pipelines.score_output import (MANIFEST, RUN_RECORD, STAGED, OutputCounter, check_output, check_resume,
+                                    data_files, default_checkpoint_dir, output_dtypes, output_totals, read_json,
+                                    repair_duplicates, run_recipe, stage_inputs, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,10 @@ class ScoreResult:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens_this_run / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict:
+        """The result as `raybert score` prints it on stdout (JSON)."""
+        return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 1)}
 
     def line(self) -> str:
         return (f"raybert score: rows={self.rows} error_rows={self.error_rows} tokens={self.tokens} "
@@ -269,17 +278,46 @@ def score(cfg: ScoreConfig) -> ScoreResult:
                                              pre.model_config.hidden_size)
     write_json(run_record, record)  # before any row: the output is now provably ours, with its recipe
     log.info("scoring %d rows from %d file(s) with %s", pre.plan.rows, len(pre.plan.files), res)
-    tokens_before = output_totals(cfg.output)[2] if resumed else 0
+    rows_before, _, tokens_before = output_totals(cfg.output) if resumed else (0, 0, 0)
+    texts = (cfg.text_column, cfg.text_pair_column)
     t0 = time.perf_counter()
-    with ray_data_settings(pre.checkpoint_dir, res.gpu_wait_s):
+    with ray_data_settings(pre.checkpoint_dir, res.gpu_wait_s), \
+            watch_output(cfg.output, pre.plan.rows, rows_before, tokens_before):
         try:
-            build_dataset(cfg, pre, res, dtype).write_parquet(
+            build_dataset(cfg, pre, res, dtype, stage_inputs(cfg.output, pre.plan, texts)).write_parquet(
                 cfg.output, ray_remote_args={"num_cpus": res.task_num_cpus, "max_retries": r.task_max_retries})
         except ray.exceptions.GetTimeoutError:
             if res.gpu_wait_s is None or time.perf_counter() - t0 < res.gpu_wait_s:
                 raise  # not the wait for the GPU pool to start
             raise GpuWaitTimeout(gpu_wait_message(res, int(ray.cluster_resources().get("GPU", 0)))) from None
     return finish(cfg, pre, res, resumed, time.perf_counter() - t0, tokens_before)
+
+
+@contextlib.contextmanager
+def watch_output(output: str, total: int, rows_before: int, tokens_before: int):
+    """While the pipeline runs, one progress line (rows written of `total`, tokens/s, ETA) from what
+    the output holds (a thread polls it: the driver itself waits in Ray Data's write)."""
+    progress = Progress("score", total, start=rows_before)
+    if not progress.enabled:
+        yield
+        return
+    counter, stop = OutputCounter(output), threading.Event()
+
+    def poll():
+        while not stop.wait(2.0 if progress.tty else 5.0):
+            rows, tokens = counter.counts()
+            progress.update(rows, tokens - tokens_before)
+
+    thread = threading.Thread(target=poll, name="raybert-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+        rows, tokens = counter.counts()
+        progress.update(rows, tokens - tokens_before, draw=False)  # drawn by close()
+    finally:
+        stop.set()
+        thread.join()
+        progress.close()
 
 
 def reuse_or_reset(cfg: ScoreConfig, pre: Preflight) -> Optional[ScoreResult]:
@@ -329,17 +367,19 @@ def ray_data_settings(checkpoint_dir: str, gpu_wait_s: Optional[float]):
         ray_data_log.removeFilter(quiet)
 
 
-def build_dataset(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str):
+def build_dataset(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str, staged: dict):
     """The Ray Data program up to the write: read -> blocks of batch_size -> [GPU: tokenize tasks]
-    -> the predictor actor pool."""
+    -> the predictor actor pool. `staged`: {file to read: the input it holds} (`stage_inputs`)."""
     import ray.data
 
     plan = pre.plan
-    ds = ray.data.read_parquet(plan.files, columns=plan.columns, include_paths=not plan.has_ids,
+    ds = ray.data.read_parquet(list(staged), columns=plan.columns, include_paths=not plan.has_ids,
                                include_row_hash=True, num_cpus=res.task_num_cpus)
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    tokenize = tokenize_settings(cfg, pre.max_length, id_column=cfg.id_column,
-                                 fallback_ids=None if plan.has_ids else {"path_column": "path", "roots": plan.roots})
+    # A staged file's fallback ids name the input it holds, as an input read directly would be named.
+    names = {read: id_name(source, plan.roots) for read, source in staged.items() if read != source}
+    tokenize = tokenize_settings(cfg, pre.max_length, id_column=cfg.id_column, fallback_ids=None if plan.has_ids else
+                                 {"path_column": "path", "roots": plan.roots, "names": names})
     # Blocks already hold `batch_size` rows: on CPU each goes to an actor whole, without re-batching.
     return predict_stage(ds, cfg, res, dtype, tokenize, rebatch=False)
 
@@ -364,29 +404,34 @@ def predict_stage(ds, cfg: ScoreConfig, res: CpuPlan, dtype: str, tokenize: dict
     """`ds` -> [GPU: tokenize tasks] -> the predictor actor pool. `rebatch`: cut the blocks into
     `batch_size` rows on the way in (blocks of another size, such as a caller's dataset)."""
     r, on_cpu = cfg.resources, res.device == "cpu"
-    if not on_cpu:  # GPU actors get token ids from CPU tasks (see the module docstring)
-        ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=cfg.batch_size if rebatch else None,
-                            num_cpus=res.task_num_cpus, max_retries=r.task_max_retries, fn_kwargs=tokenize,
-                            runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}})
     # CPU actors share the cores with the read/write tasks and each other. OpenMP's default spin-wait
     # then burns the time slices another torch thread needs: measured 10-20x slower forwards under
     # contention; passive waiting (threads sleep at barriers) removed most of it. `tokenizers` starts
     # a thread pool of every core in each process unless told its share (RAYON_NUM_THREADS).
     actor_env = ({"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE",
                                                "RAYON_NUM_THREADS": str(res.torch_threads)}}} if on_cpu else {})
-    return ds.map_batches(
-        # Ray insists on an explicit batch_size for GPU actors.
-        Predictor, batch_format="pyarrow",
-        batch_size=cfg.batch_size if (res.actor_num_gpus or rebatch) else None,
-        fn_constructor_args=(cfg.model, cfg.task),
-        fn_constructor_kwargs=dict(max_tokens=cfg.max_tokens, max_batch_rows=cfg.max_batch_rows, dtype=dtype,
-                                   device=res.device, pooling=cfg.pooling, normalize=cfg.normalize,
-                                   top_k=cfg.top_k, num_threads=res.torch_threads, tokenizer=cfg.tokenizer,
-                                   head=cfg.head, tokenize=tokenize if on_cpu else None),
-        compute=actor_pool(res),
-        num_cpus=res.actor_num_cpus, num_gpus=res.actor_num_gpus or None,
-        # A killed actor is restarted and its in-flight block retried, on purpose.
-        max_restarts=r.max_restarts, max_task_retries=r.max_task_retries, **actor_env)
+    # Ray 2.60 deprecates retry settings passed through **ray_remote_args (max_retries, max_restarts,
+    # max_task_retries) but has no named parameter for them yet, and its defaults retry forever: we
+    # pass ours, with that warning hidden.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        if not on_cpu:  # GPU actors get token ids from CPU tasks (see the module docstring)
+            ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=cfg.batch_size if rebatch else None,
+                                num_cpus=res.task_num_cpus, max_retries=r.task_max_retries, fn_kwargs=tokenize,
+                                runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}})
+        return ds.map_batches(
+            # Ray insists on an explicit batch_size for GPU actors.
+            Predictor, batch_format="pyarrow",
+            batch_size=cfg.batch_size if (res.actor_num_gpus or rebatch) else None,
+            fn_constructor_args=(cfg.model, cfg.task),
+            fn_constructor_kwargs=dict(max_tokens=cfg.max_tokens, max_batch_rows=cfg.max_batch_rows, dtype=dtype,
+                                       device=res.device, pooling=cfg.pooling, normalize=cfg.normalize,
+                                       top_k=cfg.top_k, num_threads=res.torch_threads, tokenizer=cfg.tokenizer,
+                                       head=cfg.head, tokenize=tokenize if on_cpu else None),
+            compute=actor_pool(res),
+            num_cpus=res.actor_num_cpus, num_gpus=res.actor_num_gpus or None,
+            # A killed actor is restarted and its in-flight block retried, on purpose.
+            max_restarts=r.max_restarts, max_task_retries=r.max_task_retries, **actor_env)
 
 
 def score_dataset(ds, model: str, task: str = "embed", **settings):
@@ -440,4 +485,5 @@ def finish(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, resumed: bool, second
     write_json(storage.join(output, MANIFEST), {"result": asdict(result), "inputs": plan.files, "task": cfg.task,
                                                 "model": str(cfg.model), "head": cfg.head, "recipe": pre.recipe})
     storage.delete(pre.checkpoint_dir)
+    storage.delete(storage.join(output, STAGED))
     return result

@@ -164,11 +164,17 @@ def _screen(texts: list, pairs: Optional[list], text_column: str, text_pair_colu
 # (that would tie ids to Ray's private hash scheme); "<file>#<hash>" is stable across reruns.
 
 
-def _fallback_ids(table: pa.Table, spec: dict) -> list[str]:
+def id_name(path: str, roots: dict) -> str:
+    """The file part of a fallback id: `path` relative to the input root it was found under, or its
+    base name for a file named itself."""
     import os
 
-    roots = spec.get("roots", {})
+    return os.path.relpath(path, roots[path]) if path in roots else os.path.basename(path)
+
+
+def _fallback_ids(table: pa.Table, spec: dict) -> list[str]:
+    roots, given = spec.get("roots", {}), spec.get("names", {})  # names: a staged file's input's name
     paths = table.column(spec.get("path_column", "path")).to_pylist()
     hashes = table.column("row_hash").to_numpy(zero_copy_only=False).astype(np.uint64).tolist()
-    names = {p: os.path.relpath(p, roots[p]) if p in roots else os.path.basename(p) for p in set(paths)}
+    names = {p: given.get(p) or id_name(p, roots) for p in set(paths)}
     return [f"{names[p]}#{h:016x}" for p, h in zip(paths, hashes)]

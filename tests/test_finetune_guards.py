@@ -39,7 +39,7 @@ def no_ray_data(monkeypatch):
     def read(*args, **kwargs):
         raise AssertionError("Ray Data read during label discovery")
 
-    monkeypatch.setattr(fd, "read_parquet_v1", read)
+    monkeypatch.setattr(fd, "read_dataset", read)
 
 
 def test_discovery_reads_labels_per_file_and_skips_what_ray_skips(tmp_path, no_ray_data):
@@ -49,19 +49,19 @@ def test_discovery_reads_labels_per_file_and_skips_what_ray_skips(tmp_path, no_r
     ints = TaskData(name="t", paths=[_write(tmp_path / "i32.parquet", text=["x"], label=pa.array([2], pa.int32())),
                                      _write(tmp_path / "i64.parquet", text=["y", "z"], label=[0, 1])])
     assert discover_labels(ints) == [0, 1, 2]
-    # A directory: recursively, *.parquet only, '.'/'_' names skipped, as Ray Data reads it.
+    # A directory: recursively, input formats only, '.'/'_' names skipped, as Ray Data reads it.
     d = tmp_path / "dir"
     _write(d / "part-0.parquet", text=["x"], label=["neg"])
     _write(d / "sub" / "part-1.parquet", text=["y"], label=["pos"])
     _write(d / "_tmp.parquet", text=["z"], label=["junk"])
     (d / "_SUCCESS").write_text("")
     (d / "README.txt").write_text("not parquet")
-    assert [n for n, _, _ in fd.parquet_files([str(d)])] == [str(d / "part-0.parquet"), str(d / "sub" / "part-1.parquet")]
+    assert [f.name for f in fd.input_files([str(d)])] == [str(d / "part-0.parquet"), str(d / "sub" / "part-1.parquet")]
     assert discover_labels(TaskData(name="t", paths=[str(d)])) == ["neg", "pos"]
     # A listed file Ray would skip is an error, not silently left out.
     other = tmp_path / "extra.pq"
     pq.write_table(pa.table({"text": ["q"], "label": ["neutral"]}), other)
-    with pytest.raises(ValueError, match=r"extra\.pq: Ray Data reads only files named \*\.parquet"):
+    with pytest.raises(ValueError, match=r"extra\.pq: raybert reads Parquet \(\*\.parquet\), CSV"):
         discover_labels(TaskData(name="t", paths=[str(d), str(other)]))
 
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.inputs import find_parquet, parquet_files, plan_inputs, resolve_paths
+from pipelines.inputs import TableFile, find_inputs, input_files, plan_inputs, resolve_paths
 
 
 def _write(path, n=1):
@@ -29,24 +29,25 @@ def test_every_job_reads_the_same_files_by_one_rule(tmp_path):
     plan = plan_inputs([str(d)])
     assert plan.files == expected and plan.rows == 6 and plan.roots == dict.fromkeys(expected, str(d))
     assert resolve_paths([str(d)]) == expected  # what pretraining and fine-tuning hand Ray Data
-    assert [name for name, _, _ in parquet_files([str(d)])] == expected  # what their checks read
-    assert [f.name for f in find_parquet([f"file://{d}"])] == expected
+    assert [f.name for f in input_files([str(d)])] == expected  # what their checks read
+    assert [f.name for f in find_inputs([f"file://{d}"])] == expected
     # A glob: the same rule below its base (here `in/`), `**` included.
-    assert [f.name for f in find_parquet([str(d / "**" / "*.parquet")])] == expected[1:]
-    assert {f.root for f in find_parquet([str(d / "**" / "*.parquet")])} == {str(d)}
+    assert [f.name for f in find_inputs([str(d / "**" / "*.parquet")])] == expected[1:]
+    assert {f.root for f in find_inputs([str(d / "**" / "*.parquet")])} == {str(d)}
 
 
 def test_what_would_be_skipped_or_read_twice_is_an_error_naming_it(tmp_path):
     d = _write(tmp_path / "in" / "part-0.parquet").parent
     other = _write(tmp_path / "extra.pq")  # Ray Data's reader skips it without a word
     for read in (plan_inputs, resolve_paths):
-        with pytest.raises(ValueError, match=r"extra\.pq: Ray Data reads only files named \*\.parquet.*rename it"):
+        with pytest.raises(ValueError, match=r"extra\.pq: raybert reads Parquet \(\*\.parquet\), CSV \(\*\.csv\) and JSON "
+                                             r"Lines .* by extension; give the file its format's extension"):
             read([str(d), str(other)])
         with pytest.raises(ValueError, match="is given more than once"):
             read([str(d), f"file://{d}/part-0.parquet"])
     (tmp_path / "empty" / "_tmp").mkdir(parents=True)
     _write(tmp_path / "empty" / "_tmp" / "x.parquet")
-    with pytest.raises(FileNotFoundError, match=r"empty has no \*\.parquet files"):
+    with pytest.raises(FileNotFoundError, match=r"empty has no input files; raybert reads Parquet"):
         resolve_paths([str(tmp_path / "empty")])
     with pytest.raises(FileNotFoundError, match="matches no files"):
         plan_inputs([str(tmp_path / "nope*.parquet")])
@@ -54,3 +55,70 @@ def test_what_would_be_skipped_or_read_twice_is_an_error_naming_it(tmp_path):
         plan_inputs([str(tmp_path / "missing.parquet")])
     with pytest.raises(ValueError, match=r"no data paths given \(--data\)"):
         resolve_paths([])
+
+
+def _csv_and_jsonl(d):
+    """The same 5 rows as CSV (a comma, a quote, a text of digits) and as gzipped JSON Lines."""
+    import gzip
+    import json
+
+    d.mkdir(parents=True, exist_ok=True)
+    rows = [("a1", 'say "hi", then go', "pos"), ("a2", "12345", "neg"), ("a3", "plain", "pos"),
+            ("a4", "line one", "neg"), ("a5", "x", "pos")]
+    (d / "train.csv").write_text("id,text,label\n" + "".join(
+        f'{i},"{t.replace(chr(34), chr(34) * 2)}",{lab}\n' for i, t, lab in rows))
+    with gzip.open(d / "more.jsonl.gz", "wt") as f:
+        for i, t, lab in rows:
+            f.write(json.dumps({"id": i.replace("a", "b"), "text": t, "label": lab}) + "\n")
+    return rows
+
+
+def test_csv_and_json_lines_are_found_checked_and_read_like_parquet(tmp_path):
+    """Issue #23, item 2: CSV and JSON Lines (compressed too) are inputs of every job, found by the
+    one rule, with their rows counted and text read as text; a bad one is an error naming it."""
+    rows = _csv_and_jsonl(tmp_path / "in")
+    _write(tmp_path / "in" / "part.parquet", 2)
+    (tmp_path / "in" / "notes.txt").write_text("not an input")
+    names = [f.name for f in find_inputs([str(tmp_path / "in")])]
+    assert names == [str(tmp_path / "in" / n) for n in ("more.jsonl.gz", "part.parquet", "train.csv")]
+
+    plan = plan_inputs([str(tmp_path / "in" / "train.csv"), str(tmp_path / "in" / "more.jsonl.gz")])
+    assert plan.rows == 10 and plan.has_ids and plan.formats == {str(tmp_path / "in" / "train.csv"): "csv",
+                                                                 str(tmp_path / "in" / "more.jsonl.gz"): "json"}
+    for f in input_files([str(tmp_path / "in" / "train.csv"), str(tmp_path / "in" / "more.jsonl.gz")]):
+        table = TableFile(f, ("text",))
+        texts = [t for b in table.iter_batches(columns=["text"]) for t in b.column(0).to_pylist()]
+        assert texts == [t for _, t, _ in rows] and table.num_rows == 5  # "12345" stays a string
+        assert table.schema.field("text").type == pa.string()
+
+    with pytest.raises(ValueError, match=r"train\.csv: no column 'sentence' \(the text to score\); columns present: "
+                                         r"\['id', 'text', 'label'\]"):
+        plan_inputs([str(tmp_path / "in" / "train.csv")], text_column="sentence")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": unquoted}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl: not a readable JSON Lines file"):
+        plan_inputs([str(tmp_path / "bad.jsonl")])
+    # Before: the advice was to rename a CSV to .parquet (then unreadable).
+    (tmp_path / "data.tsv").write_text("text\tlabel\nx\tpos\n")
+    with pytest.raises(ValueError, match=r"data\.tsv: raybert reads .*CSV \(\*\.csv\)"):
+        plan_inputs([str(tmp_path / "data.tsv")])
+
+
+def test_finetune_labels_and_pretrain_corpus_checks_read_csv_and_json_lines(tmp_path):
+    """The training jobs' driver checks (label discovery, the corpus check, `raybert vocab`'s
+    texts) read CSV and JSON Lines as they read Parquet."""
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+    from pipelines.finetune_data import TaskData, discover_labels
+    from pipelines.pretrain_data import open_corpus
+
+    rows = _csv_and_jsonl(tmp_path / "in")
+    task = TaskData(name="t", paths=[str(tmp_path / "in" / "train.csv")], val_paths=[str(tmp_path / "in" / "more.jsonl.gz")])
+    assert discover_labels(task) == ["neg", "pos"]
+    opened = open_corpus([str(tmp_path / "in")])
+    assert [pf.num_rows for _, pf in opened] == [5, 5]
+    res = CliRunner().invoke(cli, ["vocab", "--data", str(tmp_path / "in" / "train.csv"), "--out", str(tmp_path / "tok"),
+                                   "--vocab-size", "200"])
+    assert res.exit_code == 0, res.output
+    vocab = set((tmp_path / "tok" / "vocab.txt").read_text().split())
+    assert {c for _, t, _ in rows for c in t if c.isalnum()} <= vocab  # every row's characters, digits too

@@ -67,7 +67,7 @@ def test_embed_real_and_generated_matches_reference(ray_module, corpus, minilm_d
     assert sorted(out["id"].to_pylist()) == sorted(texts)
     assert out.schema.field("embedding").type == pa.list_(pa.float32(), 384)
     assert result.error_rows == 0 and result.tokens == sum(out["n_tokens"].to_pylist()) > 0
-    assert "rows=900 error_rows=0" in capsys.readouterr().out
+    assert "rows=900 error_rows=0" in capsys.readouterr().err
     assert os.path.isfile(tmp_path / "out" / MANIFEST) and not os.path.exists(f"{tmp_path / 'out'}.checkpoint")
     # Reference: single-process bert_core, one row at a time, HF tokenizer.
     ref = load_pretrained(minilm_dir, "embed")
@@ -199,33 +199,27 @@ def test_ids_from_file_and_row_hash_when_absent(ray_module, minilm_dir, tmp_path
     assert sum(i.startswith("sub/y.parquet#") for i in ids) == 40
 
 
-def test_cli_score_prints_summary(ray_module, minilm_dir, tmp_path):
+def test_cli_score_refuses_fp16_on_cpu(ray_module, minilm_dir, tmp_path):
+    """(A CLI run's summary, JSON stdout and line count: tests/test_console.py.)"""
     from click.testing import CliRunner
 
     from jobs.cli import cli
 
     f = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"id": list(range(50)), "text": _generated(50, 3)}), f)
-    cfg = tmp_path / "score.yaml"
-    cfg.write_text("max_length: 64\nresources:\n  num_actors: 1\n")
-    r = CliRunner().invoke(cli, ["score", str(f), str(tmp_path / "out"), "--model", str(minilm_dir),
-                                 "--task", "embed", "--config", str(cfg), "--max-tokens", "1024",
-                                 "--batch-size", "16", "--dtype", "bf16"])
-    assert r.exit_code == 0, r.output
-    assert "rows=50 error_rows=0" in r.output and f"output={tmp_path / 'out'}" in r.output
-    assert read_output(str(tmp_path / "out"))["n_tokens"].to_numpy().max() <= 64
+    pq.write_table(pa.table({"id": list(range(5)), "text": _generated(5, 3)}), f)
     bad = CliRunner().invoke(cli, ["score", str(f), str(tmp_path / "o2"), "--model", str(minilm_dir),
                                    "--task", "embed", "--dtype", "fp16"])
-    assert bad.exit_code != 0 and "fp16 needs a GPU" in bad.output
+    assert bad.exit_code == 1 and "fp16 needs a GPU" in bad.output
 
 
 def test_demo_prints_its_summary_once(ray_module, tmp_path, capsys):
-    """`make demo`'s run: the corpus, one summary line, the output's schema and a peek at it."""
+    """`make demo`'s run: the corpus, progress, one summary line, the output's schema and a peek at it."""
     from jobs.demo import run
 
     run(40, str(tmp_path))
-    out = capsys.readouterr().out
-    assert out.count("raybert score: rows=40 error_rows=0") == 1, out
+    out, err = capsys.readouterr()
+    assert err.count("raybert score: rows=40 error_rows=0") == 1, err
+    assert "[raybert] score: 40/40 rows (100%)" in err  # the progress line, at its end
     assert "corpus: 40 Shakespeare paragraphs" in out and "output schema: fixed_size_list<element: float>[384] embedding, 40 rows" in out
 
 
@@ -259,3 +253,34 @@ def test_score_dataset_keeps_the_callers_columns_and_needs_no_id(ray_module, min
         score_dataset(frame.assign(error=1), str(minilm_dir), text_column="sentence")
     with pytest.raises(ValueError, match="needs a classify head"):
         score_dataset(frame, str(minilm_dir), task="classify", text_column="sentence")
+
+
+def test_csv_and_json_lines_inputs_score_with_ids_naming_them(ray_module, minilm_dir, tmp_path):
+    """Issue #23, item 2: a CSV and a gzipped JSON Lines file (no id column) score like Parquet: one
+    row per input row, fallback ids naming the input file (not the Parquet copy scoring reads:
+    resume keys on Ray's row hash, which only its Parquet reader gives), text of digits scored as
+    text; the staged copies are gone after. The training jobs' Ray read of the same files too."""
+    import gzip
+    import json
+
+    from pipelines.inputs import input_files, read_dataset
+
+    d = tmp_path / "in"
+    d.mkdir()
+    csv_texts = ['say "hi", then go', "12345", "plain text"]
+    json_texts = ["line one", "x", "another, longer line of text"]
+    (d / "a.csv").write_text("text,label\n" + "".join(f'"{t.replace(chr(34), chr(34) * 2)}",pos\n' for t in csv_texts))
+    with gzip.open(d / "b.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": t, "label": "neg"}) + "\n" for t in json_texts))
+    result = main(_cfg(d, tmp_path / "out", minilm_dir, "embed"))
+    out = read_output(str(tmp_path / "out"), ["id", "n_tokens", "error"])
+    assert result.rows == out.num_rows == 6 and out["error"].null_count == 6
+    tok = load_tokenizer(minilm_dir)
+    for name, texts in (("a.csv", csv_texts), ("b.jsonl.gz", json_texts)):
+        got = [n for i, n in zip(out["id"].to_pylist(), out["n_tokens"].to_pylist()) if i.startswith(name + "#")]
+        assert sorted(got) == sorted(len(tok(t)["input_ids"]) for t in texts)
+    assert not (tmp_path / "out" / "_staged").exists()
+
+    rows = read_dataset(input_files([str(d)]), ["text", "label"], text_columns=("text",), include_paths=True).take_all()
+    assert sorted(r["text"] for r in rows) == sorted(csv_texts + json_texts)
+    assert {os.path.basename(r["path"]) for r in rows} == {"a.csv", "b.jsonl.gz"}

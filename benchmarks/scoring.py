@@ -41,9 +41,9 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -291,9 +291,9 @@ def pipeline_ceiling(work: str, texts: list[str], max_length: int, device: str) 
         wall = time.perf_counter() - t0
         if run.returncode:
             raise RuntimeError(f"raybert score failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
-        line = next(x for x in run.stdout.splitlines() if x.startswith("raybert score:"))
-        return (int(re.search(r"tokens=(\d+)", line).group(1)),
-                float(re.search(r"tokens/s=([\d,]+)", line).group(1).replace(",", "")), wall, line)
+        result = json.loads(run.stdout)  # stdout is the result alone (the summary line is on stderr)
+        line = next(x for x in run.stderr.splitlines() if x.startswith("raybert score:"))
+        return result["tokens"], result["tokens_per_s"], wall, line
 
     tokens, pipe, wall, line = job(inp)
     # The same job on twice the rows: the difference in pipeline time is what the extra rows cost

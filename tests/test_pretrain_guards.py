@@ -254,7 +254,7 @@ def test_settings_that_used_to_hang_now_train(fast_ray, big_corpus, tmp_path, pr
                                    "--data", big_corpus, "--tokenizer", VOCAB, "--run-dir", str(run_dir),
                                    "--config", _tiny_steps(tmp_path)])
     assert res.exit_code == 0, res.output[-3000:]
-    summary, _ = json.JSONDecoder().raw_decode(res.output[res.output.index('{\n "run_dir"'):])
+    summary = json.loads(res.stdout)  # stdout is the JSON result alone
     assert summary["metrics"]["step"] == 2
     plan = json.loads((run_dir / "config.json").read_text())["plan"]
     assert plan["num_workers"] == workers and plan["data_cpus"] >= 0.5

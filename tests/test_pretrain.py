@@ -349,3 +349,27 @@ def test_a_preset_chooses_model_and_training_wherever_it_is_named(tmp_path):
     assert got["model"]["preset"] == "debug" and got["train"]["max_steps"] == debug.train.max_steps
     assert got["train"]["lr"] == 0.005
     assert shown("--config", str(tmp_path / "mini.yaml"))["train"]["max_steps"] == mini.train.max_steps
+
+
+def test_the_task_adaptive_pretraining_config_resolves_as_documented():
+    """Issue #22, item 3: `configs/tapt.yaml` (the README's TAPT step) is a valid pretraining config
+    whose settings are the documented ones (a tenth of pretraining's peak LR, a short warmup), and
+    the user's flags still override it."""
+    import yaml
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+    from jobs.pretrain import PRESETS
+
+    tapt = Path(__file__).resolve().parents[1] / "configs" / "tapt.yaml"
+    res = CliRunner().invoke(cli, ["pretrain", "--config", str(tapt), "--init-from", "runs/zh/export",
+                                   "--data", "reviews_train.csv", "--run-dir", "runs/zh-tapt", "--print-config"])
+    assert res.exit_code == 0, res.output
+    got = yaml.safe_load(res.output)
+    mini = PRESETS["mini"]()
+    assert got["model"]["init_from"] == "runs/zh/export" and got["data"]["paths"] == ["reviews_train.csv"]
+    assert got["train"]["lr"] == pytest.approx(mini.train.lr / 10) and got["train"]["warmup_steps"] == 20
+    assert got["train"]["warmup_steps"] < mini.train.warmup_steps and got["train"]["max_steps"] == 300
+    res = CliRunner().invoke(cli, ["pretrain", "--config", str(tapt), "--data", "x.csv", "--max-steps", "50",
+                                   "--print-config"])
+    assert yaml.safe_load(res.output)["train"]["max_steps"] == 50

@@ -14,10 +14,12 @@ model), naming it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import re
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Optional, TypeVar
@@ -209,6 +211,14 @@ def print_config_option(command):
     calls `echo_config(cfg)` instead of running."""
     return click.option("--print-config", "print_config", is_flag=True,
                         help="Print the resolved config (preset, then --config, then flags) as YAML and exit.")(command)
+
+
+@contextlib.contextmanager
+def stdout_for_the_result():
+    """Send what a job prints to stdout (its own progress lines, libraries' prints, Ray's forwarded
+    worker output) to stderr, so `raybert score|pretrain|finetune ... | jq` reads the JSON result alone."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def verbosity_options(command):

@@ -34,9 +34,9 @@ from typing import Optional
 import click
 
 from bert_core.masking_config import MaskingConfig
-from jobs.config import echo_config, from_preset
+from jobs.config import echo_config, from_preset, stdout_for_the_result
 from jobs.training import (FP16_NEEDS_GPU, ScalingConfig, check_init_from, expects_gpu, has_checkpoints,
-                           stdout_for_the_result, training_command)
+                           training_command)
 from pipelines.finetune_data import FinetuneData, TaskData
 from pipelines.train_config import FinetuneOptions, ModelConfig, TrainConfig
 

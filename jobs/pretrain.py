@@ -37,9 +37,9 @@ from typing import Optional
 
 import click
 
-from jobs.config import echo_config, from_preset, user_errors
+from jobs.config import echo_config, from_preset, stdout_for_the_result, user_errors
 from jobs.training import (FP16_NEEDS_GPU, TOKENIZER_FILES, ScalingConfig, check_init_from, expects_gpu,
-                           has_checkpoints, stdout_for_the_result, training_command)
+                           has_checkpoints, training_command)
 from pipelines.pretrain_data import DataConfig
 from pipelines.train_config import ModelConfig, TrainConfig
 

@@ -19,9 +19,16 @@ import ray
 @contextlib.contextmanager
 def ray_session(address: Optional[str] = None, num_cpus: Optional[int] = None,
                 object_store_memory: Optional[int] = None) -> Iterator[None]:
-    from pipelines.console import quiet_libraries, ray_init_kwargs
+    from pipelines.console import quiet_libraries
 
-    quiet_libraries()  # before Ray starts: the embedded Ray's processes inherit its environment
+    # Before Ray starts: the embedded Ray's processes inherit its environment.
+    with quiet_libraries():
+        yield from _session(address, num_cpus, object_store_memory)
+
+
+def _session(address: Optional[str], num_cpus: Optional[int], object_store_memory: Optional[int]):
+    from pipelines.console import ray_init_kwargs
+
     if ray.is_initialized():
         yield
         return

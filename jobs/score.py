@@ -21,7 +21,7 @@ import json
 
 import click
 
-from jobs.config import echo_config, print_config_option, user_errors, verbosity_options
+from jobs.config import echo_config, print_config_option, stdout_for_the_result, user_errors, verbosity_options
 
 # The job's typed config is the pipeline's: one dataclass, checked once (ScoreConfig.check).
 from pipelines.score_config import POOLINGS, GpuWaitTimeout, ResourceConfig, ScoreConfig
@@ -122,7 +122,8 @@ def score(input, output, model, task, config_path, max_tokens, batch_size, num_a
         "overwrite": overwrite, "address": address})
     if print_config:
         return echo_config(cfg)
-    result = main(cfg)
+    with stdout_for_the_result():  # Ray forwards its workers' prints to this process's stdout
+        result = main(cfg)
     click.echo(json.dumps(result.summary(), default=str))  # stdout: the result alone (`| jq`)
 
 

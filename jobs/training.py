@@ -6,8 +6,6 @@ Contract:
 - `expects_gpu`, `has_checkpoints`, `check_init_from`: driver-side checks, no Ray.
 - `plan_workers(scaling, task_cpus, dtype)`, in a Ray session: the workers' resource plan; settings
   the cluster can't run are refused (`jobs.schedule.Refused`) before any worker starts.
-- `stdout_for_the_result()`: while a training command runs, whatever prints to stdout goes to
-  stderr, so stdout carries only the command's JSON result.
 - `training_flags`: the command-line flags every training command shares, handed to the command
   as one `training` dict of config overrides; `training_command(presets)`: those, `--config` and
   `--preset`, `--print-config` and the CLI's error handling, as one decorator.
@@ -18,10 +16,8 @@ Contract:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -69,14 +65,6 @@ def training_command(presets: dict):
         return config_flags(presets)(training_flags(print_config_option(
             verbosity_options(user_errors(TrainingStalled)(command)))))
     return wrap
-
-
-@contextlib.contextmanager
-def stdout_for_the_result():
-    """Send what the run prints to stdout (its own progress lines, libraries' prints, Ray's
-    forwarded worker output) to stderr, so `raybert pretrain ... | jq` reads the JSON result alone."""
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
 
 
 def training_flags(command):

@@ -10,8 +10,8 @@ Contract:
   - `quiet`: errors and the result only (no progress lines, no summary line on stderr).
   - `verbose`: every library as it is by default, raybert's progress too.
 - Results meant for programs (the JSON summary) go to stdout alone, everything else to stderr.
-- `quiet_libraries()` sets the driver's side, before Ray starts (`ray_init_kwargs()` adds
-  ray.init's own level); `quiet_worker()` runs first thing in a training worker;
+- `quiet_libraries()` (a context, one job long) sets the driver's side, before Ray starts
+  (`ray_init_kwargs()` adds ray.init's own level); `quiet_worker()` runs first thing in a training worker;
   `train_logging_level()` is Ray Train's console level (RunConfig.logging_config).
 - `Progress`: one progress line (done / total, tokens/s, ETA) redrawn in place on a terminal, and
   a plain line every so often in a log (15 s for the first two minutes, then every minute).
@@ -21,6 +21,7 @@ Imports neither torch nor ray at module level (the CLI's `--help` stays fast).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -78,25 +79,44 @@ class _DropMessages(logging.Filter):
 _PROGRESS_BARS_OFF = _DropMessages("Progress bars disabled")
 
 
-def quiet_libraries() -> None:
-    """The driver's side of `normal` and `quiet`, before Ray starts. Ray Data's level goes into the
-    environment as well (RAY_DATA_LOG_LEVEL, read where Ray Data starts: the embedded Ray's actors
-    that run Ray Train's datasets), and its progress bars are off: scoring draws its own
-    (`Progress`), training prints a line per log step."""
+@contextlib.contextmanager
+def quiet_libraries():
+    """The driver's side of `normal` and `quiet`, for one job (entered before Ray starts; restored
+    after, so a program that runs a job keeps its own settings): Ray Data's INFO lines and progress
+    bars are off (scoring draws its own `Progress`, training prints a line per log step), its
+    warnings stay (one says when a job can't get the resources to run: that one must show), but for
+    the note that its bars are off; Ray Train's driver-side INFO lines are off. Processes the
+    embedded Ray starts from here inherit RAY_DATA_LOG_LEVEL=ERROR: there Ray Data runs Ray Train's
+    datasets, whose starved stages the training watchdog names itself, and its note that the bars
+    are off can't be filtered."""
     if verbosity() == VERBOSE:
+        yield
         return
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    data_log = logging.getLogger("ray.data")
-    data_log.setLevel(os.environ["RAY_DATA_LOG_LEVEL"])
-    for handler in data_log.handlers:
-        if _PROGRESS_BARS_OFF not in handler.filters:
-            handler.addFilter(_PROGRESS_BARS_OFF)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "A run snapshot was found ..." after a fit
+    data_log, train_log = logging.getLogger("ray.data"), logging.getLogger("ray.train")
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, data_log.level, train_log.level,
+             os.environ.get("RAY_DATA_LOG_LEVEL"))
+    os.environ["RAY_DATA_LOG_LEVEL"] = "ERROR"
+    ctx.enable_progress_bars = ctx.print_on_execution_start = False
+    data_log.setLevel(logging.WARNING)
+    handlers = [h for h in data_log.handlers if _PROGRESS_BARS_OFF not in h.filters]
+    for handler in handlers:
+        handler.addFilter(_PROGRESS_BARS_OFF)
+    train_log.setLevel(logging.WARNING)  # "A run snapshot was found ..." after a fit
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = saved[:2]
+        data_log.setLevel(saved[2])
+        train_log.setLevel(saved[3])
+        for handler in handlers:
+            handler.removeFilter(_PROGRESS_BARS_OFF)
+        if saved[4] is None:
+            os.environ.pop("RAY_DATA_LOG_LEVEL", None)
+        else:
+            os.environ["RAY_DATA_LOG_LEVEL"] = saved[4]
 
 
 def quiet_worker() -> None:

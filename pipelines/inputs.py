@@ -15,8 +15,9 @@ Contract:
 - `TableFile`: one found file as the driver's checks read it (schema, rows, bytes, batches of
   chosen columns), whatever its format; an unreadable file is an error naming it. Parquet answers
   from its footer; CSV and JSON Lines have no footer, so their rows are counted by parsing them
-  once on the driver (prefer Parquet for large corpora). Text columns of CSV and JSON Lines are
-  read as strings (a column of digits stays text).
+  once on the driver (JSON Lines whole, as Ray Data's reader takes it; prefer Parquet for large
+  corpora). Text and id columns of CSV and JSON Lines are read as strings (a column of digits
+  stays text, ids keep leading zeros).
 - `read_dataset(files, columns, ...)`: the Ray Dataset of those files (`read_parquet`, `read_csv`,
   `read_json`, unioned), only the needed columns, text columns as strings.
 - `plan_inputs(inputs, text_column, text_pair_column, id_column)` (scoring): `find_inputs`, then
@@ -49,6 +50,7 @@ class InputPlan:
     has_ids: bool  # True: ids come from the id column; False: "<file>#<row_hash hex>"
     columns: list[str]  # columns to read
     formats: dict = field(default_factory=dict)  # file -> "parquet" | "csv" | "json"
+    found: list = field(default_factory=list, repr=False)  # the InputFiles, in files' order
 
 
 # Ray Data's readers' own extensions (csv_datasource, json_datasource in Ray 2.60).
@@ -154,14 +156,21 @@ def _expand(name: str, what: str, root: Optional[str] = None) -> list[InputFile]
     return [InputFile(prefix + f, root or name, fs, f) for f in found]
 
 
+# CSV and JSON Lines have no footer: their row counts, parsed once, are kept for the process (the
+# driver plans a run twice, before and under the output lock), keyed by what would change them.
+_ROWS: dict = {}
+_COMPRESSION = {".gz": "gzip", ".br": "brotli", ".zst": "zstd", ".lz4": "lz4"}
+
+
 class TableFile:
     """One input file as the driver's checks read it, whatever its format (see the module
-    docstring). `text_columns` are read as strings from CSV and JSON Lines."""
+    docstring). `text_columns` (text, and ids) are read as strings from CSV and JSON Lines: a column
+    of digits stays text, and ids keep their leading zeros."""
 
     def __init__(self, f: InputFile, text_columns: tuple = ()):
         self.file, self.name, self.format = f, f.name, f.format
         self.text_columns = tuple(c for c in text_columns if c)
-        self._parquet = self._rows = None
+        self._parquet = self._json = None
 
     def _fail(self, e: Exception) -> ValueError:
         return ValueError(f"{self.name}: not a readable {FORMAT_NAMES[self.format]} file ({type(e).__name__}: {e})")
@@ -174,36 +183,59 @@ class TableFile:
                 raise self._fail(e) from None
         return self._parquet
 
-    def _reader(self, columns: Optional[list]):
-        """A streaming CSV / JSON Lines reader of `columns` (None: all)."""
+    def _stream(self):
+        # By the lowercased extension: pyarrow's own detection is case-sensitive.
+        low = self.name.lower()
+        codec = next((c for ext, c in _COMPRESSION.items() if low.endswith(ext)), None)
+        return self.file.fs.open_input_stream(self.file.path, compression=codec)
+
+    def _json_table(self):
+        """The whole JSON Lines file, as Ray Data's reader takes it (a field may first appear in any
+        row), text columns cast to strings (a JSON number in a text column becomes its text)."""
         import pyarrow as pa
-        import pyarrow.csv as pacsv
         import pyarrow.json as pajson
 
-        stream = self.file.fs.open_input_stream(self.file.path, compression="detect")
+        if self._json is None:
+            try:
+                table = pajson.read_json(self._stream())
+                for c in self.text_columns:
+                    if c in table.column_names and table.schema.field(c).type != pa.string():
+                        table = table.set_column(table.column_names.index(c), c, table[c].cast(pa.string()))
+            except (pa.ArrowException, OSError) as e:
+                raise self._fail(e) from None
+            self._json = table
+        return self._json
+
+    def _csv_reader(self, columns: Optional[list]):
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
         strings = {c: pa.string() for c in self.text_columns}
-        if self.format == "csv":
-            return pacsv.open_csv(stream, convert_options=pacsv.ConvertOptions(
-                column_types=strings, include_columns=columns))
-        return pajson.open_json(stream, parse_options=pajson.ParseOptions(
-            explicit_schema=pa.schema(strings) if strings else None, unexpected_field_behavior="infer"))
+        return pacsv.open_csv(self._stream(), convert_options=pacsv.ConvertOptions(
+            column_types=strings, include_columns=columns))
 
     @property
     def schema(self):
+        import pyarrow as pa
+
         if self.format == "parquet":
             return self._parquet_file().schema_arrow
+        if self.format == "json":
+            return self._json_table().schema
         try:
-            return self._reader(None).schema
-        except Exception as e:
+            return self._csv_reader(None).schema
+        except (pa.ArrowException, OSError) as e:
             raise self._fail(e) from None
 
     @property
     def num_rows(self) -> int:
         if self.format == "parquet":
             return self._parquet_file().metadata.num_rows
-        if self._rows is None:  # no footer: parse it once
-            self._rows = sum(b.num_rows for b in self.iter_batches())
-        return self._rows
+        info = self.file.fs.get_file_info(self.file.path)
+        key = (self.name, info.size, info.mtime_ns)
+        if key not in _ROWS:  # no footer: parse it once
+            _ROWS[key] = sum(b.num_rows for b in self.iter_batches())
+        return _ROWS[key]
 
     @property
     def byte_size(self) -> int:
@@ -214,24 +246,27 @@ class TableFile:
         return self.file.fs.get_file_info(self.file.path).size
 
     def iter_batches(self, batch_size: int = 65_536, columns: Optional[list] = None):
-        """RecordBatches of `columns` (None: all), in file order, nothing held whole."""
+        """RecordBatches of `columns` (None: all), in file order (CSV: streamed, nothing held whole)."""
+        import pyarrow as pa
+
         if self.format == "parquet":
             yield from self._parquet_file().iter_batches(batch_size=batch_size, columns=columns)
             return
+        if self.format == "json":
+            table = self._json_table()
+            yield from (table.select(columns) if columns else table).to_batches(max_chunksize=batch_size)
+            return
         try:
-            reader = self._reader(columns)
-            for batch in reader:
-                yield batch.select(columns) if columns and self.format == "json" else batch
-        except ValueError:
-            raise
-        except Exception as e:
+            yield from self._csv_reader(columns)
+        except (pa.ArrowException, OSError) as e:  # a bad value past the first block: name the file
             raise self._fail(e) from None
 
 
 def read_dataset(files: list[InputFile], columns: Optional[list] = None, text_columns: tuple = (),
                  include_paths: bool = False, num_cpus: Optional[float] = None):
-    """The Ray Dataset of `files` (see the module docstring): Parquet through the V1 reader
-    (compat.read_parquet_v1), CSV and JSON Lines through Ray Data's own readers."""
+    """The Ray Dataset of `files` (see the module docstring), in their order: Parquet through the V1
+    reader (compat.read_parquet_v1), CSV and JSON Lines through Ray Data's own readers, one read per
+    run of consecutive files of one format."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
@@ -239,24 +274,26 @@ def read_dataset(files: list[InputFile], columns: Optional[list] = None, text_co
 
     from pipelines.compat import read_parquet_v1
 
-    by_format: dict[str, list[str]] = {}
+    runs: list[tuple[str, list[str]]] = []
     for f in files:
-        by_format.setdefault(f.format, []).append(f.name)
+        if runs and runs[-1][0] == f.format:
+            runs[-1][1].append(f.name)
+        else:
+            runs.append((f.format, [f.name]))
     strings = {c: pa.string() for c in text_columns if c}
     keep = (list(columns) + (["path"] if include_paths else [])) if columns else None
     parts = []
-    if "parquet" in by_format:
-        parts.append(read_parquet_v1(by_format["parquet"], columns=columns, include_paths=include_paths,
-                                     num_cpus=num_cpus))
-    if "csv" in by_format:
-        parts.append(ray.data.read_csv(by_format["csv"], include_paths=include_paths, num_cpus=num_cpus,
-                                       convert_options=pacsv.ConvertOptions(column_types=strings,
-                                                                            include_columns=columns)))
-    if "json" in by_format:
-        ds = ray.data.read_json(by_format["json"], include_paths=include_paths, num_cpus=num_cpus,
-                                parse_options=pajson.ParseOptions(explicit_schema=pa.schema(strings) if strings else None,
-                                                                  unexpected_field_behavior="infer"))
-        parts.append(ds.select_columns(keep) if keep else ds)
+    for fmt, names in runs:
+        if fmt == "parquet":
+            parts.append(read_parquet_v1(names, columns=columns, include_paths=include_paths, num_cpus=num_cpus))
+        elif fmt == "csv":
+            parts.append(ray.data.read_csv(names, include_paths=include_paths, num_cpus=num_cpus,
+                                           convert_options=pacsv.ConvertOptions(column_types=strings,
+                                                                                include_columns=columns)))
+        else:
+            ds = ray.data.read_json(names, include_paths=include_paths, num_cpus=num_cpus, parse_options=pajson.ParseOptions(
+                explicit_schema=pa.schema(strings) if strings else None, unexpected_field_behavior="infer"))
+            parts.append(ds.select_columns(keep) if keep else ds)
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
@@ -266,7 +303,7 @@ def plan_inputs(inputs: str | list[str], text_column: str = "text", text_pair_co
     found = find_inputs(inputs)
     files = [f.name for f in found]
     roots = {f.name: f.root for f in found if f.root is not None}
-    texts = (text_column, text_pair_column)
+    texts = (text_column, text_pair_column, id_column)  # read as strings from CSV / JSON Lines
     rows = 0
     with_id: list[str] = []
     without_id: list[tuple[str, list]] = []
@@ -287,7 +324,7 @@ def plan_inputs(inputs: str | list[str], text_column: str = "text", text_pair_co
     has_ids = bool(with_id)
     columns = [text_column] + ([text_pair_column] if text_pair_column else []) + ([id_column] if has_ids else [])
     return InputPlan(files=files, roots=roots, rows=rows, has_ids=has_ids, columns=columns,
-                     formats={f.name: f.format for f in found})
+                     formats={f.name: f.format for f in found}, found=found)
 
 
 def resolve_paths(paths: list[str]) -> list[str]:

@@ -41,7 +41,7 @@ class ResourceConfig:
 class ScoreConfig:
     """Everything one scoring run needs; `raybert score` flags and YAML keys are these fields."""
 
-    input: Union[str, list] = ""  # Parquet file(s), directory or glob (or a list of them)
+    input: Union[str, list] = ""  # Parquet/CSV/JSON Lines file(s), directory or glob (or a list of them)
     output: str = ""  # output directory (Parquet files + _SUCCESS.json)
     model: str = ""  # HF BERT directory or raybert checkpoint
     task: str = "embed"  # embed | classify | tag | fill-mask

@@ -61,32 +61,42 @@ def stage_inputs(output: str, plan: InputPlan, text_columns: tuple) -> dict[str,
     Lines input is first written as Parquet under `<output>/_staged/` (its needed columns, in file
     order, whole or absent), because resume keys on Ray Data's `row_hash` of (file, row position),
     which only its Parquet reader gives; a resumed run reuses the staged files (same inputs, same
-    order: the run record's recipe holds them). `finish` deletes them."""
-    from pipelines.inputs import TableFile, find_inputs
+    order: the run record's recipe holds them). `finish` deletes them. Keys are as Ray Data's `path`
+    column spells them (absolute local paths; a URI without its scheme)."""
+    from pipelines.inputs import TableFile
 
-    staged = {}
-    for i, name in enumerate(plan.files):
-        if plan.formats.get(name, "parquet") == "parquet":
-            staged[name] = name
+    staged, out = {}, storage.normalize(output)
+    for i, f in enumerate(plan.found):
+        if f.format == "parquet":
+            staged[f.name] = f.name
             continue
-        target = storage.join(output, STAGED, f"{i:05d}.parquet")
+        target = storage.join(out, STAGED, f"{i:05d}.parquet")
         if not storage.exists(target):
-            (found,) = find_inputs(name)
-            table = TableFile(found, text_columns)
-            fs, path = storage.filesystem(target)
-            fs.create_dir(os.path.dirname(path), recursive=True)
-            tmp = os.path.join(os.path.dirname(path), f".{i:05d}.parquet.tmp")
-            writer = None
-            for batch in table.iter_batches(columns=plan.columns):
-                writer = writer or pq.ParquetWriter(tmp, batch.schema, filesystem=fs)
-                writer.write_batch(batch)
-            if writer is None:  # no rows: an empty file of the columns
-                pq.write_table(pa.table({c: pa.array([], pa.string()) for c in plan.columns}), tmp, filesystem=fs)
-            else:
-                writer.close()
-            fs.move(tmp, path)  # whole or absent
-        staged[target] = name
+            _write_staged(TableFile(f, text_columns), plan.columns, target)
+        staged[target] = f.name
     return staged
+
+
+def ray_path(name: str) -> str:
+    """A file as Ray Data's `path` column spells it: a URI without its scheme."""
+    return name.split("://", 1)[1] if storage.is_uri(name) else name
+
+
+def _write_staged(table, columns: list, target: str) -> None:
+    import pyarrow as pa
+
+    fs, path = storage.filesystem(target)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")  # listings skip "." files
+    writer = None
+    for batch in table.iter_batches(columns=columns):
+        writer = writer or pq.ParquetWriter(tmp, batch.schema, filesystem=fs)
+        writer.write_batch(batch)
+    if writer is None:  # no rows: an empty file of the columns
+        pq.write_table(pa.table({c: pa.array([], pa.string()) for c in columns}), tmp, filesystem=fs)
+    else:
+        writer.close()
+    fs.move(tmp, path)  # whole or absent
 
 
 def output_dtypes(output: str) -> str:

@@ -82,7 +82,7 @@ from pipelines.resources import CpuPlan, actor_pool, cpu_plan, gpu_wait_message
 from pipelines.score_config import GpuWaitTimeout, ScoreConfig
 from pipelines.score_output import (MANIFEST, RUN_RECORD, STAGED, OutputCounter, check_output, check_resume,
                                     data_files, default_checkpoint_dir, output_dtypes, output_totals, read_json,
-                                    repair_duplicates, run_recipe, stage_inputs, write_json)
+                                    ray_path, repair_duplicates, run_recipe, stage_inputs, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -279,12 +279,13 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     write_json(run_record, record)  # before any row: the output is now provably ours, with its recipe
     log.info("scoring %d rows from %d file(s) with %s", pre.plan.rows, len(pre.plan.files), res)
     rows_before, _, tokens_before = output_totals(cfg.output) if resumed else (0, 0, 0)
-    texts = (cfg.text_column, cfg.text_pair_column)
+    texts = (cfg.text_column, cfg.text_pair_column, cfg.id_column)  # read as strings from CSV / JSON Lines
     t0 = time.perf_counter()
+    staged = stage_inputs(cfg.output, pre.plan, texts)
     with ray_data_settings(pre.checkpoint_dir, res.gpu_wait_s), \
             watch_output(cfg.output, pre.plan.rows, rows_before, tokens_before):
         try:
-            build_dataset(cfg, pre, res, dtype, stage_inputs(cfg.output, pre.plan, texts)).write_parquet(
+            build_dataset(cfg, pre, res, dtype, staged).write_parquet(
                 cfg.output, ray_remote_args={"num_cpus": res.task_num_cpus, "max_retries": r.task_max_retries})
         except ray.exceptions.GetTimeoutError:
             if res.gpu_wait_s is None or time.perf_counter() - t0 < res.gpu_wait_s:
@@ -303,20 +304,26 @@ def watch_output(output: str, total: int, rows_before: int, tokens_before: int):
         return
     counter, stop = OutputCounter(output), threading.Event()
 
+    def look(draw: bool) -> None:
+        try:
+            rows, tokens = counter.counts()
+        except Exception as e:  # a listing that failed (an object store's hiccup): progress only, the job goes on
+            log.debug("progress: could not list %s: %s", output, e)
+            return
+        progress.update(rows, tokens - tokens_before, draw=draw)
+
     def poll():
         while not stop.wait(2.0 if progress.tty else 5.0):
-            rows, tokens = counter.counts()
-            progress.update(rows, tokens - tokens_before)
+            look(draw=True)
 
     thread = threading.Thread(target=poll, name="raybert-progress", daemon=True)
     thread.start()
     try:
         yield
-        rows, tokens = counter.counts()
-        progress.update(rows, tokens - tokens_before, draw=False)  # drawn by close()
+        look(draw=False)  # the last count, drawn by close()
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=30)  # a listing stuck on a remote store must not hold the job
         progress.close()
 
 
@@ -377,7 +384,7 @@ def build_dataset(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str, st
                                include_row_hash=True, num_cpus=res.task_num_cpus)
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     # A staged file's fallback ids name the input it holds, as an input read directly would be named.
-    names = {read: id_name(source, plan.roots) for read, source in staged.items() if read != source}
+    names = {ray_path(read): id_name(source, plan.roots) for read, source in staged.items() if read != source}
     tokenize = tokenize_settings(cfg, pre.max_length, id_column=cfg.id_column, fallback_ids=None if plan.has_ids else
                                  {"path_column": "path", "roots": plan.roots, "names": names})
     # Blocks already hold `batch_size` rows: on CPU each goes to an actor whole, without re-batching.

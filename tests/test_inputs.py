@@ -122,3 +122,36 @@ def test_finetune_labels_and_pretrain_corpus_checks_read_csv_and_json_lines(tmp_
     assert res.exit_code == 0, res.output
     vocab = set((tmp_path / "tok" / "vocab.txt").read_text().split())
     assert {c for _, t, _ in rows for c in t if c.isalnum()} <= vocab  # every row's characters, digits too
+
+
+def test_what_the_review_found_in_csv_and_json_lines_reading(tmp_path):
+    """A JSON Lines file without the text column is refused (not read as all-null text); ids keep
+    leading zeros; a bad value past the first block names the file; a field first seen late in a
+    JSON Lines file and JSON numbers in a text column read as Ray Data's reader takes them (mixed
+    kinds in one column: an error naming the file); an upper-case compressed name reads."""
+    import gzip
+    import json
+
+    (tmp_path / "other.jsonl").write_text('{"id": 1, "other": "x"}\n')
+    with pytest.raises(ValueError, match=r"other\.jsonl: no column 'text'"):
+        plan_inputs([str(tmp_path / "other.jsonl")])
+    (tmp_path / "zeros.csv").write_text("id,text\n007,a\n008,b\n")
+    (found,) = find_inputs([str(tmp_path / "zeros.csv")])
+    assert TableFile(found, ("text", "id")).schema.field("id").type == pa.string()
+    ids = [i for b in TableFile(found, ("text", "id")).iter_batches(columns=["id"]) for i in b.column(0).to_pylist()]
+    assert ids == ["007", "008"]
+    (tmp_path / "late.csv").write_text("n,text\n" + "".join(f"{i},t\n" for i in range(200_000)) + "abc,last\n")
+    (late,) = find_inputs([str(tmp_path / "late.csv")])
+    with pytest.raises(ValueError, match=r"late\.csv: not a readable CSV file"):
+        TableFile(late, ("text",)).num_rows
+    rows = [{"text": 11}] * 5 + [{"text": 12, "extra": "first seen late"}]
+    (tmp_path / "late.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (lj,) = find_inputs([str(tmp_path / "late.jsonl")])
+    table = TableFile(lj, ("text",))
+    assert table.num_rows == 6 and [t for b in table.iter_batches(columns=["text"]) for t in b.column(0).to_pylist()][-1] == "12"
+    (tmp_path / "mixed.jsonl").write_text('{"text": "a"}\n{"text": 12}\n')  # pyarrow can't type it: named
+    with pytest.raises(ValueError, match=r"mixed\.jsonl: not a readable JSON Lines file .*changed from string to number"):
+        plan_inputs([str(tmp_path / "mixed.jsonl")])
+    with gzip.open(tmp_path / "UP.JSONL.GZ", "wt") as f:
+        f.write('{"text": "x"}\n')
+    assert plan_inputs([str(tmp_path / "UP.JSONL.GZ")]).rows == 1

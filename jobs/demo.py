@@ -42,7 +42,7 @@ def run(rows: int, out: str) -> None:
     main(cfg)  # prints the summary line, as `raybert score` does
     t = read_output(output, ["id", "n_tokens", "truncated", "error", "embedding"])
     print(f"\noutput schema: {t.schema.field('embedding').type} embedding, {t.num_rows} rows")
-    for row in t.sort_by("id").slice(0, 5).to_pylist():
+    for row in t.sort_by("id").slice(0, 3).to_pylist():
         e = row["embedding"]
         print(f"  {row['id']}  n_tokens={row['n_tokens']:3d} truncated={row['truncated']!s:5} "
               f"error={row['error']}  embedding[:4]={[round(x, 4) for x in e[:4]]}")

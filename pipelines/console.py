@@ -75,8 +75,11 @@ class _DropMessages(logging.Filter):
         return not any(p in record.getMessage() for p in self.parts)
 
 
-# Ray Data says this once per process when its progress bars are off, which is how we run it.
-_PROGRESS_BARS_OFF = _DropMessages("Progress bars disabled")
+# Ray Data's notes that don't apply to our jobs: that its progress bars are off (how we run it),
+# and, when actors hold every CPU at the start, that the job "will hang unless more CPUs are freed
+# up": the predictor pool's plan (resources.cpu_plan) leaves the tasks their CPUs, so it never does.
+# Its warning that a job can't get the resources to run at all stays.
+_PROGRESS_BARS_OFF = _DropMessages("Progress bars disabled", "does not have any available CPUs")
 
 
 @contextlib.contextmanager
@@ -85,7 +88,7 @@ def quiet_libraries():
     after, so a program that runs a job keeps its own settings): Ray Data's INFO lines and progress
     bars are off (scoring draws its own `Progress`, training prints a line per log step), its
     warnings stay (one says when a job can't get the resources to run: that one must show), but for
-    the note that its bars are off; Ray Train's driver-side INFO lines are off. Processes the
+    two notes that don't apply (`_PROGRESS_BARS_OFF`); Ray Train's driver-side INFO lines are off. Processes the
     embedded Ray starts from here inherit RAY_DATA_LOG_LEVEL=ERROR: there Ray Data runs Ray Train's
     datasets, whose starved stages the training watchdog names itself, and its note that the bars
     are off can't be filtered."""
@@ -149,7 +152,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.t0 = time.monotonic()
-        self.last_line = 0.0
+        self.last_line = self.t0  # in a log, the first line after one interval (a short job: just the last)
         self.done, self.tokens = start, 0
         self.enabled = shows_progress()
 

@@ -83,11 +83,15 @@ def test_progress_line_on_a_terminal_and_in_a_log(monkeypatch):
     assert drawn.startswith("\r[raybert] score: 600/1,000 rows (60%) 5,000 tokens/s") and "eta 0m10s" in drawn
     log = io.StringIO()
     p = console.Progress("score", total=10, stream=log, tty=False)
-    for done in range(1, 11):
-        p.update(done, done * 5)  # within one interval: one line, not ten
+    for done in range(1, 6):
+        p.update(done, done * 5)  # within the first interval: no line yet
+    p.t0 -= 16.0  # one interval later
+    p.last_line -= 16.0
+    for done in range(6, 11):
+        p.update(done, done * 5)  # one line for the interval, not five
     p.close()
     lines = log.getvalue().splitlines()
-    assert len(lines) == 2 and "1/10 rows" in lines[0] and "10/10 rows (100%)" in lines[1]
+    assert len(lines) == 2 and "6/10 rows (60%)" in lines[0] and "10/10 rows (100%)" in lines[1]
 
     monkeypatch.setenv(console.ENV, console.QUIET)
     quiet = io.StringIO()

@@ -54,6 +54,15 @@ def free_model(work: str) -> str:
     return path
 
 
+def free_model_and_corpus(work: str, rows: int) -> tuple[str, list, str, str]:
+    """(free model dir, the paragraphs, one Parquet file of them, the model's tokenizer.json)."""
+    model = free_model(work)
+    texts = corpus(rows)
+    every = os.path.join(work, "all.parquet")
+    pq.write_table(pa.table({"text": texts}), every)
+    return model, texts, every, os.path.join(model, "tokenizer.json")
+
+
 class UnitScorer:
     """One actor per core: reads a unit (file, row group), tokenizes and predicts in 1,024-row
     blocks, writes one Parquet file and renames it into place."""
@@ -114,11 +123,7 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=2)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="raybert-bound-") as work:
-        model = free_model(work)
-        texts = corpus(args.rows)
-        every = os.path.join(work, "all.parquet")
-        pq.write_table(pa.table({"text": texts}), every)
-        tj = os.path.join(model, "tokenizer.json")
+        model, texts, every, tj = free_model_and_corpus(work, args.rows)
         n0, s0 = bare_tokenizer(tj, every, args.max_length)
         one, two = os.path.join(work, "in-1x"), os.path.join(work, "in-2x")
         write_corpus(one, texts)

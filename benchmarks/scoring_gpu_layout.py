@@ -21,19 +21,20 @@ import sys
 import tempfile
 import time
 
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from scoring import bare_tokenizer, corpus, cpu_model, write_corpus  # noqa: E402
-from scoring_direct_bound import free_model  # noqa: E402
+from scoring import bare_tokenizer, cpu_model, write_corpus  # noqa: E402
+from scoring_direct_bound import free_model_and_corpus  # noqa: E402
 
 
-def gpu_layout(model: str, inp: str, out: str, max_length: int, task_cpus: float) -> tuple[int, float]:
-    """(tokens, seconds) of the GPU layout's stages on the connected Ray, device cpu."""
+def gpu_layout(model: str, inp: str, out: str, max_length: int, task_cpus: float,
+               repartition: bool = True) -> tuple[int, float]:
+    """(tokens, seconds) of the GPU layout's stages on the connected Ray, device cpu. Without
+    `repartition`, the tokenize tasks cut the read blocks into 1,024-row batches themselves (and Ray
+    Data may fuse them with the read)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -46,8 +47,10 @@ def gpu_layout(model: str, inp: str, out: str, max_length: int, task_cpus: float
                     max_length=max_length, with_offsets=False)
     t0 = time.perf_counter()
     ds = ray.data.read_parquet(files, columns=["id", "text"], num_cpus=task_cpus)
-    ds = ds.repartition(target_num_rows_per_block=1024)
+    if repartition:
+        ds = ds.repartition(target_num_rows_per_block=1024)
     ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", num_cpus=task_cpus, fn_kwargs=tokenize,
+                        batch_size=None if repartition else 1024,
                         runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}})
     ds = ds.map_batches(Predictor, batch_format="pyarrow", batch_size=1024, fn_constructor_args=(model, "embed"),
                         fn_constructor_kwargs=dict(max_tokens=16384, dtype="fp32", device="cpu", num_threads=1),
@@ -64,14 +67,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=35_000)
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--no-repartition", action="store_true", help="tokenize tasks cut the read blocks themselves")
     args = ap.parse_args()
     cores = os.cpu_count()
     with tempfile.TemporaryDirectory(prefix="raybert-gpu-layout-") as work:
-        model = free_model(work)
-        texts = corpus(args.rows)
-        every = os.path.join(work, "all.parquet")
-        pq.write_table(pa.table({"text": texts}), every)
-        tj = os.path.join(model, "tokenizer.json")
+        model, texts, every, tj = free_model_and_corpus(work, args.rows)
         n0, s0 = bare_tokenizer(tj, every, args.max_length, threads=1)
         inp = os.path.join(work, "in")
         write_corpus(inp, texts)
@@ -79,7 +79,8 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             # Fractional CPUs, as the job's plan gives tasks beside GPU actors: every core can tokenize.
-            tokens, seconds = gpu_layout(model, inp, os.path.join(work, "out"), args.max_length, task_cpus=0.5)
+            tokens, seconds = gpu_layout(model, inp, os.path.join(work, "out"), args.max_length, task_cpus=0.5,
+                                         repartition=not args.no_repartition)
         finally:
             ray.shutdown()
         n1, s1 = bare_tokenizer(tj, every, args.max_length, threads=1)
@@ -88,7 +89,7 @@ def main() -> None:
     rate = tokens / seconds
     print(f"machine: {cpu_model()}, {cores} cores; {args.rows:,} paragraphs, {tokens:,} tokens")
     print(f"bare tokenizer, one thread: {per_core_bare:,.0f} tokens/s (runs {n0 / s0:,.0f} / {n1 / s1:,.0f})")
-    print(f"GPU layout on CPU (tokenize tasks -> 1 free-model actor), pipeline {seconds:.1f} s: {rate:,.0f} tokens/s "
+    print(f"GPU layout on CPU (tokenize tasks{'' if not args.no_repartition else ', no repartition'} -> 1 free-model actor), pipeline {seconds:.1f} s: {rate:,.0f} tokens/s "
           f"= {rate / cores:,.0f} per core = {rate / cores / per_core_bare:.1%} of the bare tokenizer per core "
           f"(target >= 40%)")
 

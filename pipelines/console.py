@@ -100,8 +100,11 @@ def quiet_libraries():
     ctx = ray.data.DataContext.get_current()
     data_log, train_log = logging.getLogger("ray.data"), logging.getLogger("ray.train")
     saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, data_log.level, train_log.level,
-             os.environ.get("RAY_DATA_LOG_LEVEL"))
+             {k: os.environ.get(k) for k in ("RAY_DATA_LOG_LEVEL", "PYTHONWARNINGS")})
     os.environ["RAY_DATA_LOG_LEVEL"] = "ERROR"
+    # Ray's own actors (Ray Train's DatasetManager) warn about Ray's deprecated internals: nothing a
+    # user can act on. Read by the Python processes the embedded Ray starts from here.
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [saved[4]["PYTHONWARNINGS"], "ignore::DeprecationWarning"]))
     ctx.enable_progress_bars = ctx.print_on_execution_start = False
     data_log.setLevel(logging.WARNING)
     handlers = [h for h in data_log.handlers if _PROGRESS_BARS_OFF not in h.filters]
@@ -116,10 +119,11 @@ def quiet_libraries():
         train_log.setLevel(saved[3])
         for handler in handlers:
             handler.removeFilter(_PROGRESS_BARS_OFF)
-        if saved[4] is None:
-            os.environ.pop("RAY_DATA_LOG_LEVEL", None)
-        else:
-            os.environ["RAY_DATA_LOG_LEVEL"] = saved[4]
+        for key, value in saved[4].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def quiet_worker() -> None:

@@ -29,13 +29,10 @@ import re
 import time
 from typing import Optional
 
-
-class _NoAcceleratorNote(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Setting accelerator to CPU")
+from pipelines.console import DropMessages
 
 
-_NO_ACCELERATOR_NOTE = _NoAcceleratorNote()
+_NO_ACCELERATOR_NOTE = DropMessages("Setting accelerator to CPU")
 
 
 def import_deepspeed():

@@ -66,7 +66,9 @@ def worker_env() -> dict:
     return {ENV: verbosity(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
-class _DropMessages(logging.Filter):
+class DropMessages(logging.Filter):
+    """A logging filter that drops records whose message contains any of `parts`."""
+
     def __init__(self, *parts: str):
         super().__init__()
         self.parts = parts
@@ -79,7 +81,7 @@ class _DropMessages(logging.Filter):
 # and, when actors hold every CPU at the start, that the job "will hang unless more CPUs are freed
 # up": the predictor pool's plan (resources.cpu_plan) leaves the tasks their CPUs, so it never does.
 # Its warning that a job can't get the resources to run at all stays.
-_PROGRESS_BARS_OFF = _DropMessages("Progress bars disabled", "does not have any available CPUs")
+_PROGRESS_BARS_OFF = DropMessages("Progress bars disabled", "does not have any available CPUs")
 
 
 @contextlib.contextmanager

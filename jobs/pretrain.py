@@ -277,8 +277,8 @@ def main(cfg: PretrainConfig) -> PretrainResult:
 
 def _locked(cfg: PretrainConfig, run_dir: str, t0: float, record: dict, tokenizer: str, corpus) -> PretrainResult:
     """The invocation under the run lock, recorded in the ledger whatever its outcome."""
-    from jobs.schedule import (Refused, RunLock, RunLocked, append_record, begin_invocation, end_invocation,
-                               latest_step, now_iso)
+    from jobs.schedule import (Refused, RunLock, RunLocked, append_record, begin_invocation, budget_spent,
+                               end_invocation, latest_step, now_iso)
 
     with contextlib.ExitStack() as held:
         try:
@@ -290,11 +290,13 @@ def _locked(cfg: PretrainConfig, run_dir: str, t0: float, record: dict, tokenize
         try:
             # Where Ray Train resumes (not the newest dir); a killed predecessor's record is written first.
             record["start_step"] = begin_invocation(run_dir, record)
-            if record["start_step"] >= cfg.train.max_steps:
-                result = _already_complete(run_dir, record["start_step"], cfg.train.max_steps)
+            complete = (record["start_step"] >= cfg.train.max_steps
+                        or budget_spent(run_dir, cfg.train.total_time_budget_s))
+            if complete:
+                result = _already_complete(run_dir, record["start_step"], cfg.train)
             else:
                 result = _run(cfg, run_dir, t0, tokenizer, corpus)
-            record.update(status="complete" if record["start_step"] >= cfg.train.max_steps else "ok",
+            record.update(status="complete" if complete else "ok",
                           end_step=latest_step(run_dir), checkpoint=result.checkpoint, export=result.export)
             return result
         except BaseException as e:
@@ -310,15 +312,17 @@ def _locked(cfg: PretrainConfig, run_dir: str, t0: float, record: dict, tokenize
             end_invocation(run_dir, record)
 
 
-def _already_complete(run_dir: str, step: int, max_steps: int) -> PretrainResult:
-    """A run that has reached its max_steps: nothing to train, so no cluster is started (a
+def _already_complete(run_dir: str, step: int, train: TrainConfig) -> PretrainResult:
+    """A run that has reached its max_steps or spent its total time budget: nothing to train, so no cluster is started (a
     scheduled invocation on a finished run costs seconds, not a Ray Train start-up). The result is
     the registered latest checkpoint and its export, as the fit that reached it returned them."""
     from jobs.schedule import registered_checkpoint
     from pipelines.trainer import publish_export
 
     ckpt = registered_checkpoint(run_dir)
-    print(f"[raybert] {run_dir} is at step {step:,} of max_steps {max_steps:,}: nothing to train", flush=True)
+    end = (f"the end of its total time budget ({train.total_time_budget_s:g} s)" if step < train.max_steps
+           else f"max_steps {train.max_steps:,}")
+    print(f"[raybert] {run_dir} is at step {step:,}, {end}: nothing to train", flush=True)
     return PretrainResult(run_dir=run_dir, checkpoint=ckpt, export=publish_export(ckpt, run_dir),
                           metrics={"step": step})
 
@@ -400,9 +404,11 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--resume", type=click.Choice(["auto", "never"]), help="Continue the run dir's latest checkpoint.")
 @click.option("--max-steps-per-run", type=int, help="Scheduled runs: train at most this many steps, then checkpoint and exit.")
 @click.option("--time-budget", type=float, help="Scheduled runs: seconds this invocation may take; it checkpoints before.")
+@click.option("--total-time-budget", type=float,
+              help="Training seconds of the whole run, across invocations: the LR schedule ends (at its floor) when they do.")
 @training_command(PRESETS)
 def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps, resume, max_steps_per_run,
-             time_budget, training, print_config):
+             time_budget, total_time_budget, training, print_config):
     """MLM-pretrain BERT on a text corpus (Parquet, CSV, JSON Lines) with Ray Train + DeepSpeed.
 
     Run it on a schedule with `--resume auto` and a budget: each invocation continues the run
@@ -410,6 +416,7 @@ def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps
     RUN_DIR/runs.jsonl records each one."""
     overrides = {
         "train.steps_per_run": max_steps_per_run, "time_budget": time_budget,
+        "train.total_time_budget_s": total_time_budget,
         "run_dir": run_dir, "data.paths": list(data) or None, "data.tokenizer": tokenizer,
         "model.init_from": init_from, "train.max_steps": max_steps, "resume": resume, **training,
     }

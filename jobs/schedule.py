@@ -248,12 +248,33 @@ def registered_checkpoint(run_dir: str | Path) -> Optional[str]:
     return storage.join(storage.normalize(str(run_dir)), storage.basename(result.checkpoint.path))
 
 
-def latest_step(run_dir: str | Path) -> int:
-    """The step of the registered latest checkpoint (0 if none)."""
+def latest_state(run_dir: str | Path) -> dict:
+    """The registered latest checkpoint's raybert_state.json (step, data position, and a budgeted
+    run's LR plan and budget use); {"step": 0} if there is none."""
     ckpt = registered_checkpoint(run_dir)
     if ckpt is None:
-        return 0
-    return int(json.loads(storage.read_text(storage.join(ckpt, "raybert_state.json")))["step"])
+        return {"step": 0}
+    return json.loads(storage.read_text(storage.join(ckpt, "raybert_state.json")))
+
+
+def latest_step(run_dir: str | Path) -> int:
+    """The step of the registered latest checkpoint (0 if none)."""
+    return int(latest_state(run_dir)["step"])
+
+
+def budget_spent(run_dir: str | Path, total_time_budget_s: Optional[float]) -> bool:
+    """Whether a budgeted run has nothing left to train: its LR schedule reached its end (final:
+    to train on, start a new run dir with --init-from), or it ran out of `total_time_budget_s`
+    (a budget raised before the end extends the plan)."""
+    from pipelines.run_plan import OVERRUN
+
+    if total_time_budget_s is None:
+        return False
+    state = latest_state(run_dir)
+    plan, budget = state.get("lr_schedule"), state.get("budget")
+    if not plan or not budget:
+        return False
+    return state["step"] >= plan["end"] or budget["used_s"] >= OVERRUN * total_time_budget_s
 
 
 def new_invocation_id() -> str:

@@ -2,8 +2,9 @@
 
 Contract:
 - `build_bert_config` resolves the encoder config (`init_from`'s or the preset's, plus overrides,
-  covering the tokenizer); `lr_factor` is the LR schedule (linear warmup, then linear, cosine or
-  constant decay to a floor).
+  covering the tokenizer). The LR schedule (linear warmup, then linear, cosine or constant decay
+  to a floor, re-plannable by a time budget) is pipelines/run_plan.py's `LRSchedule`;
+  `lr_schedule(engine)` returns a built engine's, `fresh_lr_schedule` replaces it.
 - `ds_config` builds a run's DeepSpeed config from `TrainConfig`, merging the user's `deepspeed`
   section over it (a contradiction of a key we derive, or an optimizer/scheduler, is refused; the
   driver calls it too, so that happens before any worker starts).
@@ -15,7 +16,6 @@ Contract:
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
@@ -25,6 +25,7 @@ import torch
 from bert_core.model import BertConfig, preset
 from pipelines import storage
 from pipelines.compat import disable_deepspeed_jit, import_deepspeed
+from pipelines.run_plan import LRSchedule
 from pipelines.train_config import ModelConfig, TrainConfig
 
 
@@ -43,18 +44,6 @@ def build_bert_config(model: ModelConfig, vocab_size: int) -> BertConfig:
     if not model.init_from and "vocab_size" not in model.overrides:
         cfg.vocab_size = vocab_size
     return cfg
-
-
-def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
-    """LR multiplier for optimizer step `step` (0-based): linear warmup, then decay to min_ratio."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if decay == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if decay == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return min_ratio + (1 - min_ratio) * (1 - progress)
 
 
 def default_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -143,13 +132,26 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int,
     optimizer = torch.optim.AdamW(param_groups or default_param_groups(model, train.weight_decay), lr=train.lr,
                                   betas=tuple(train.betas), eps=train.eps)
 
-    def schedule(opt):
+    def schedule(opt):  # one LRSchedule object for every param group: a re-plan moves them all
         return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, train.warmup_steps, train.max_steps, train.decay, train.min_lr_ratio))
+            opt, LRSchedule(train.warmup_steps, train.max_steps, train.decay, train.min_lr_ratio))
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=ds_config(train, world_size))
     return engine
+
+
+def lr_schedule(engine) -> LRSchedule:
+    """The engine's LR multiplier object (shared by every param group)."""
+    return engine.lr_scheduler.lr_lambdas[0]
+
+
+def fresh_lr_schedule(engine, train: TrainConfig) -> LRSchedule:
+    """Replace the engine's LR multiplier with one planned by steps from `train` (what a checkpoint
+    load restored into the old one is dropped); the current LR is untouched until the next step."""
+    schedule = LRSchedule(train.warmup_steps, train.max_steps, train.decay, train.min_lr_ratio)
+    engine.lr_scheduler.lr_lambdas = [schedule] * len(engine.lr_scheduler.lr_lambdas)
+    return schedule
 
 
 def gathered_state_dict(engine, rank: int, zero_stage: int) -> Optional[dict]:

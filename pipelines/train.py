@@ -64,7 +64,8 @@ from bert_core.model import BertConfig, BertForMaskedLM, mlm_flops_per_token
 from pipelines.console import shows_progress
 from pipelines import storage
 from pipelines.pretrain_data import DataConfig
-from pipelines.engine import build_bert_config, build_engine, evaluating, gathered_state_dict
+from pipelines.engine import build_bert_config, build_engine, evaluating, fresh_lr_schedule, gathered_state_dict, lr_schedule
+from pipelines.run_plan import OVERRUN, StopPolicy
 from pipelines.run_log import MetricsWriter
 from pipelines.train_config import FaultDrill, ModelConfig, TrainConfig
 from pipelines.watchdog import Heartbeat
@@ -201,41 +202,6 @@ def evaluate(engine, shard, masker: Masker, cfg: LoopConfig, rank: int, device,
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class StopPolicy:
-    """When this invocation ends: at `end` (max_steps, stop_at, steps_per_run past the resume
-    step), or when out of time (time_budget_s since the loop began, or too close to `deadline` to
-    train until the next check and still write two checkpoints)."""
-
-    end: int
-    time_budget_s: Optional[float] = None
-    deadline: Optional[float] = None
-    t_start: float = field(default_factory=time.time)
-    step_s: float = 0.0  # slowest seconds per step seen so far
-    save_s: float = 10.0  # slowest checkpoint write so far (a first guess until one is timed)
-
-    @classmethod
-    def for_invocation(cls, tc: TrainConfig, start_step: int) -> "StopPolicy":
-        end = min(tc.max_steps, tc.stop_at) if tc.stop_at is not None else tc.max_steps
-        if tc.steps_per_run is not None:
-            end = min(end, start_step + tc.steps_per_run)
-        return cls(end=end, time_budget_s=tc.time_budget_s, deadline=tc.deadline)
-
-    @property
-    def timed(self) -> bool:
-        return self.time_budget_s is not None or self.deadline is not None
-
-    def reached(self, step: int) -> bool:
-        return step >= self.end
-
-    def late(self, now: float, steps_to_next_check: int) -> bool:
-        """This rank's view; the loop all-reduces it so every rank stops at the same step."""
-        if self.time_budget_s is not None and now - self.t_start > self.time_budget_s:
-            return True
-        margin = steps_to_next_check * self.step_s + 2 * self.save_s
-        return self.deadline is not None and now + margin > self.deadline
-
-
 class MetricsWindow:
     """Loss and accuracy sums since the last log step, kept on the device: adding a micro-batch
     launches two tiny kernels and never waits for the device; `reduce` syncs once, over all ranks."""
@@ -296,7 +262,7 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
 
     tc, rank, world, device = cfg.train, wc.rank, wc.world, wc.device
     tokenizer, masker, bert_config, engine, state, resumed, peak = _open_run(cfg, wc, beat, log)
-    policy = StopPolicy.for_invocation(tc, state["step"])
+    policy = StopPolicy.for_invocation(tc, state["step"], state.get("budget"))
     flops_per_token = mlm_flops_per_token(bert_config, cfg.data.seq_len, cfg.data.masking.mlm_probability)
     tokens_per_step = tc.micro_batch_size * cfg.data.seq_len * tc.grad_accum * world
     train_shard, val_shard = ray.train.get_dataset_shard("train"), _val_shard()
@@ -321,13 +287,13 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
             state["step"] = step
             beat.beat("step", step)
             log_now = step % tc.log_every == 0 or policy.reached(step)
-            stop = _time_to_stop(policy, step, first_step, log_now, tc, device)
+            stop = _time_to_stop(policy, step, first_step, log_now, tc, device, engine, world)
             metrics = {}
             if log_now or stop:
                 metrics = _window_metrics(window, engine, policy, step, epoch, peak, tokens_per_step,
                                           flops_per_token, rank)
             if val_shard is not None and (step % tc.eval_every == 0 or policy.reached(step)):
-                metrics.update(step=step, **evaluate(engine, val_shard, masker, cfg, rank, device, beat))
+                metrics.update(step=step, **_validate(engine, val_shard, masker, cfg, rank, device, beat, policy))
             if metrics:
                 log.write(metrics)
             if step % tc.save_every == 0 or stop:
@@ -349,6 +315,16 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
     engine.destroy()
     del engine
     gc.collect()
+
+
+def _validate(engine, val_shard, masker: Masker, cfg: LoopConfig, rank: int, device, beat: Heartbeat,
+              policy: StopPolicy) -> dict:
+    """`evaluate`, timed for a budgeted run's reserve (the pass at the end is planned for)."""
+    t0 = time.time()
+    out = evaluate(engine, val_shard, masker, cfg, rank, device, beat)
+    if policy.budget is not None:
+        policy.budget.eval_s = time.time() - t0
+    return out
 
 
 def _val_shard():
@@ -376,13 +352,18 @@ def _micro_step(engine, masker: Masker, input_ids: torch.Tensor, seed: int, devi
 
 def _save(engine, state: dict, metrics: dict, bert_config: BertConfig, tokenizer, rank: int, tc: TrainConfig,
           policy: StopPolicy, beat: Heartbeat, log: MetricsWriter) -> None:
-    """Checkpoint at `state`'s step, timing the write for the stop policy's deadline margin."""
+    """Checkpoint at `state`'s step (with the LR plan and the budget's use, on budgeted runs),
+    timing the write for the stop policy's deadline margin and the budget's reserve."""
     beat.beat("checkpoint")
     log.sync()  # the checkpoint's steps' metrics reach a remote run dir now, not at the next mirror
     t_save = time.time()
+    if policy.budget is not None:
+        state.update(lr_schedule=lr_schedule(engine).state(), budget=policy.budget.state(t_save))
     save_checkpoint(engine, dict(state), metrics or {"step": state["step"]}, bert_config, tokenizer, rank,
                     tc.zero_stage)
     policy.save_s = max(policy.save_s, time.time() - t_save)
+    if policy.budget is not None:
+        policy.budget.save_s = max(policy.budget.save_s or 0.0, time.time() - t_save)
 
 
 def _open_run(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWriter):
@@ -404,6 +385,9 @@ def _open_run(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsW
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = load_checkpoint(engine, d)
+    schedule = fresh_lr_schedule(engine, tc)  # as configured now: max_steps, warmup may have changed
+    if tc.total_time_budget_s is not None and "lr_schedule" in state:
+        schedule.load(state["lr_schedule"])  # a budgeted run's plan goes on where it was: no jump
     beat.step = state["step"]
     # MFU is quoted against the sum of the workers' measured (or configured) peaks.
     peak = all_reduce_sum([tc.peak_flops_per_worker or peak_flops(cfg.run_dir, device, tc.dtype, wc.threads)],
@@ -416,15 +400,34 @@ def _open_run(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsW
     return tokenizer, masker, bert_config, engine, state, ckpt is not None, peak
 
 
-def _time_to_stop(policy: StopPolicy, step: int, first_step: int, log_now: bool, tc: TrainConfig, device) -> bool:
+def _time_to_stop(policy: StopPolicy, step: int, first_step: int, log_now: bool, tc: TrainConfig, device,
+                  engine, world: int) -> bool:
     """At the end, or (timed invocations, on log steps and the first step) out of time on any rank:
-    the ranks agree through one all-reduce, so they all stop at the same step."""
+    the ranks agree through one all-reduce, so they all stop at the same step. A budgeted run
+    re-plans its schedule here, from the same all-reduce."""
     stop = policy.reached(step)
     if policy.timed and (log_now or step == first_step + 1):
+        now = time.time()
         if step == first_step + 1:  # first step: its wall time is the only estimate yet
-            policy.step_s = max(policy.step_s, time.time() - policy.t_start)
-        stop |= all_reduce_sum([float(policy.late(time.time(), tc.log_every))], device)[0] > 0
+            policy.step_s = max(policy.step_s, now - policy.t_start)
+        b = policy.budget
+        figures = [b.used(now), b.observe(step, now), b.reserve_s] if b is not None else []
+        late, *agreed = all_reduce_sum([float(policy.late(now, tc.log_every))] + figures, device)
+        stop |= late > 0
+        if b is not None:
+            stop |= _follow_budget(policy, lr_schedule(engine), tc, step, *(x / world for x in agreed))
     return stop
+
+
+def _follow_budget(policy: StopPolicy, schedule, tc: TrainConfig, step: int, used_s: float, step_s: float,
+                   reserve_s: float) -> bool:
+    """Re-plan the LR schedule to end when the budget does (the ranks' mean figures, identical on
+    every rank), and this invocation with it. Returns whether the budget is spent."""
+    b = policy.budget
+    if step_s > 0:  # 0: no rate yet (a fresh run's first step): the plan waits for the next check
+        schedule.replan(step, min(tc.max_steps, b.planned_end(b.total_s, step, used_s, step_s, reserve_s)))
+        policy.end = min(policy.limit, max(schedule.end, step))
+    return used_s >= OVERRUN * b.total_s or policy.reached(step)
 
 
 def _window_metrics(window: MetricsWindow, engine, policy: StopPolicy, step: int, epoch: int, peak: float,
@@ -437,9 +440,13 @@ def _window_metrics(window: MetricsWindow, engine, policy: StopPolicy, step: int
                "lr": engine.get_lr()[0], "tokens_per_s": tps,
                "mfu": tps * flops_per_token / peak, "peak_flops": peak,
                "tokens": step * tokens_per_step, "time": time.time()}
+    if policy.budget is not None:  # rank 0's clock
+        metrics.update(budget_used_s=policy.budget.used(metrics["time"]), planned_steps=lr_schedule(engine).end)
     if rank == 0 and shows_progress():
+        left = (policy.budget.total_s - metrics["budget_used_s"] if policy.budget is not None
+                else (policy.end - step) * seconds / steps)
         print(f"[raybert] step {step}/{policy.end} loss {loss_mean:.4f} {tps:,.0f} tokens/s "
-              f"mfu {metrics['mfu']:.1%} eta {_eta((policy.end - step) * seconds / steps)}", flush=True)
+              f"mfu {metrics['mfu']:.1%} eta {_eta(max(left, 0))}", flush=True)
     return metrics
 
 

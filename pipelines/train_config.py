@@ -32,6 +32,10 @@ class TrainConfig:
     # Wall-clock deadline (Unix seconds) of this invocation: training stops early enough to write
     # its checkpoint before it (set by `raybert pretrain --time-budget`).
     deadline: Optional[float] = None
+    # Training seconds of the whole run, across invocations: the LR schedule is re-planned from the
+    # measured step time to reach its floor when they run out, and the run ends there (or at
+    # max_steps, if sooner). pipelines/lr_schedule.py says what time counts. None = plan by steps.
+    total_time_budget_s: Optional[float] = None
     micro_batch_size: int = 32  # packed rows per worker per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 5e-4  # peak learning rate
@@ -78,6 +82,8 @@ class TrainConfig:
             raise ValueError("max_steps, micro_batch_size and grad_accum must be >= 1")
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
+        if self.total_time_budget_s is not None and not self.total_time_budget_s > 0:
+            raise ValueError(f"total_time_budget_s must be > 0 seconds, got {self.total_time_budget_s}")
 
 
 @dataclass

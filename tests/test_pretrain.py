@@ -17,7 +17,8 @@ from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
 from pipelines.inputs import resolve_paths
 from pipelines.pretrain_data import is_val, tokenize_and_pack, write_corpus
 from pipelines.train import LoopConfig
-from pipelines.engine import build_bert_config, ds_config, lr_factor
+from pipelines.engine import build_bert_config, ds_config
+from pipelines.run_plan import lr_factor
 from pipelines.train_config import FaultDrill, ModelConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,13 +213,14 @@ def test_cli_pretrain_parses_the_issue_flags(tmp_path, monkeypatch):
     args = ["pretrain", "--data", "a.parquet", "--data", "dir/", "--run-dir", str(tmp_path / "r"),
             "--config", str(REPO / "configs" / "pretrain_debug.yaml"), "--preset", "debug",
             "--tokenizer", "vocab.txt", "--max-steps", "7", "--zero-stage", "2", "--num-workers", "1",
-            "--dtype", "bf16", "--resume", "never", "--address", "auto"]
+            "--dtype", "bf16", "--resume", "never", "--address", "auto", "--total-time-budget", "3600"]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     cfg = seen["cfg"]
     assert cfg.data.paths == ["a.parquet", "dir/"] and cfg.train.max_steps == 7 and cfg.train.zero_stage == 2
     assert cfg.scaling.num_workers == 1 and cfg.train.dtype == "bf16" and cfg.resume == "never"
     assert cfg.address == "auto" and cfg.data.tokenizer == "vocab.txt" and cfg.scaling.use_gpu is None
+    assert cfg.train.total_time_budget_s == 3600
     res = CliRunner().invoke(cli, ["pretrain", "--run-dir", "x", "--use-gpu", "--data", "a"])
     assert res.exit_code == 0 and seen["cfg"].scaling.use_gpu is True
     res = CliRunner().invoke(cli, ["pretrain", "--run-dir", "x", "--cpu", "--data", "a"])

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.train import MetricsWindow, StopPolicy
+from pipelines.run_plan import LRSchedule, StopPolicy, TimeBudget, lr_factor
+from pipelines.train import MetricsWindow
 from pipelines.run_log import MetricsWriter
 from pipelines.train_config import FAULT_DRILL_ENV, FaultDrill, TrainConfig
 from pipelines.watchdog import Heartbeat, TrainingStalled, fit_with_watchdog
@@ -201,6 +202,37 @@ def test_stop_policy_ends_at_the_first_limit():
     deadline = StopPolicy(end=100, deadline=now + 30, step_s=1.0, save_s=5.0)
     assert not deadline.late(now, 10)  # 10 steps + 2 saves = 20 s < 30 s
     assert deadline.late(now, 25)  # 35 s > 30 s
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_lr_schedule_replans_its_end_without_a_jump(decay):
+    """A budget moves the schedule's end as its step-time estimate changes: the multiplier stays
+    continuous at every re-plan, never rises after warmup, and is at its floor at the final end."""
+    plain = LRSchedule(10, 100, decay, 0.1)
+    assert [plain(s) for s in range(0, 120, 7)] == [lr_factor(s, 10, 100, decay, 0.1) for s in range(0, 120, 7)]
+    sched, values = LRSchedule(10, 1000, decay, 0.1), []
+    for step in range(0, 161):
+        if step in (5, 40, 90, 120):  # during warmup, then shorter, longer and shorter again
+            before = sched(step)
+            sched.replan(step, {5: 500, 40: 100, 90: 200, 120: 160}[step])
+            assert sched(step) == pytest.approx(before, abs=1e-12)
+        values.append(sched(step))
+    assert values[9] == pytest.approx(1.0) and values[160] == pytest.approx(0.1)
+    assert all(a >= b - 1e-12 for a, b in zip(values[10:], values[11:]))
+    moved = LRSchedule(10, 1000, decay, 0.1)
+    moved.load(sched.state())
+    assert [moved(s) for s in range(150, 170)] == [sched(s) for s in range(150, 170)]
+
+
+def test_time_budget_plans_from_the_rate_after_the_first_step():
+    b = TimeBudget.resume(100.0, None, step=0, now=1000.0)
+    assert b.observe(1, 1004.0) == 0.0  # the first step carries start-up: no figure yet
+    assert b.observe(11, 1009.0) == 0.5  # then timed from the first step's end
+    assert b.used(1009.0) == 9.0
+    assert TimeBudget.planned_end(100.0, 11, 9.0, 0.5, 1.0) == 11 + 180  # (100 - 9 - 1) / 0.5
+    assert TimeBudget.planned_end(100.0, 11, 120.0, 0.5, 1.0) == 11  # spent
+    later = TimeBudget.resume(100.0, b.state(1009.0), step=11, now=2000.0)  # a new invocation
+    assert later.used(2001.0) == 10.0 and later.observe(12, 2001.0) == 0.5  # the carried rate, not 1 s
 
 
 def test_metrics_window_sums_on_the_device_and_resets():

@@ -17,6 +17,10 @@ Contract:
 - The run dir (a local path, or an object-store URI as for pretraining) holds Ray's checkpoint
   of the result, `metrics.jsonl`, `config.json` and `export/`.
   A fine-tune does not resume: a run dir that already has a result is refused.
+- `sweep` (`--sweep lr=2e-5,5e-5 --sweep seed=0,1`): one fine-tune per combination on Ray Tune
+  with ASHA early stopping, in `<run_dir>/trials/`; the trial with the best validation score is
+  exported to `<run_dir>/export`, and `<run_dir>/sweep.json` records every trial
+  (pipelines/sweep.py). A malformed sweep is refused before Ray starts.
 - Config: `PRESETS[name]` (model size plus matching settings; `debug` runs in seconds), then a YAML
   file (FinetuneConfig fields; `tasks` is a list of TaskData mappings), then a few CLI flags.
 """
@@ -59,6 +63,9 @@ class FinetuneConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)  # mlm tasks
     scaling: ScalingConfig = field(default_factory=lambda: ScalingConfig(num_workers=1))
     address: Optional[str] = None  # Ray cluster address; None = RAY_ADDRESS or embedded local Ray
+    # A Ray Tune sweep: {key: [values]} (pipelines.sweep.SWEEP_KEYS: lr, weight_decay, seed, dropout,
+    # warmup_ratio, layer_lr_decay), one trial per combination, the best on validation exported.
+    sweep: dict = field(default_factory=dict)
 
 
 def _preset(name: str, lr: float, micro_batch_size: int = 32) -> FinetuneConfig:
@@ -135,6 +142,13 @@ def validate(cfg: FinetuneConfig) -> list[TaskData]:
         raise ValueError(f"torch_threads must be >= 1 (or unset), got {cfg.scaling.torch_threads}")
     if not (cfg.model.init_from or cfg.tokenizer):
         raise ValueError("no tokenizer: pass --init-from (a pretrained checkpoint) or --tokenizer")
+    if cfg.sweep:
+        from pipelines.sweep import parse_sweep
+
+        cfg.sweep = parse_sweep(cfg.sweep)
+        if cfg.data.val_fraction <= 0 and not any(t.val_paths for t in tasks):
+            raise ValueError("a sweep chooses its trial on validation rows, and there are none: give --val-data, "
+                             "or data.val_fraction > 0")
     return tasks
 
 
@@ -175,7 +189,7 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     from pipelines import storage
 
     run_dir = storage.normalize(cfg.run_dir)
-    if has_checkpoints(run_dir):
+    if has_checkpoints(run_dir) or storage.exists(storage.join(run_dir, "trials")):
         saved = json.loads(storage.read_text(storage.join(run_dir, "config.json")) or "{}")
         what = "a pretraining run" if "pretrain" in saved else "a fine-tune result"
         hint = f" (--init-from {storage.join(run_dir, 'export')} fine-tunes its weights)" if "pretrain" in saved else ""
@@ -218,13 +232,25 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
         storage.write_text(storage.join(run_dir, "config.json"), json.dumps(
             {"finetune": asdict(cfg) | {"tasks": [asdict(t) for t in tasks]}, "loop": loop.to_dict(),
              "plan": plan.to_dict()}, indent=1, default=str) + "\n")
-        _, export, metrics = run_trainer(finetune_loop_per_worker, loop.to_dict(), run_dir=run_dir, plan=plan,
-                                         scaling=cfg.scaling, keep_last=1, datasets=datasets,
-                                         stall_timeout_s=cfg.train.stall_timeout_s)
+        if cfg.sweep:
+            export, metrics = _sweep(cfg, loop, datasets, plan, run_dir, specs)
+        else:
+            _, export, metrics = run_trainer(finetune_loop_per_worker, loop.to_dict(), run_dir=run_dir, plan=plan,
+                                             scaling=cfg.scaling, keep_last=1, datasets=datasets,
+                                             stall_timeout_s=cfg.train.stall_timeout_s)
     if export is None:
         raise RuntimeError(f"fine-tune finished without a result checkpoint in {run_dir}")
     return FinetuneResult(run_dir=run_dir, export=export, metrics=metrics,
                           labels={s.name: s.id2label for s in specs if s.id2label}, max_steps=train.max_steps)
+
+
+def _sweep(cfg: FinetuneConfig, loop, datasets: dict, plan, run_dir: str, specs: list) -> tuple[str, dict]:
+    from pipelines.sweep import run_sweep
+
+    if not any(s.has_val for s in specs):
+        raise ValueError("a sweep chooses its trial on validation rows, and no task has any (the hashed "
+                         "data.val_fraction split left none): give --val-data, or a larger val_fraction")
+    return run_sweep(loop.to_dict(), datasets, plan.to_dict(), run_dir, cfg.sweep)
 
 
 def task_datasets(cfg: FinetuneConfig, tasks: list, labels: dict, tokenizer: str) -> tuple[dict, list]:
@@ -281,12 +307,17 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--tokenizer", help="Tokenizer (default: --init-from's).")
 @click.option("--epochs", type=float, help="Passes over the labeled training rows.")
 @click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--sweep", multiple=True, metavar="KEY=V1,V2,...",
+              help="Ray Tune sweep (repeatable): lr, weight_decay, seed, dropout, warmup_ratio or layer_lr_decay; "
+                   "one trial per combination, ASHA early stopping, the best on validation exported.")
 @training_command(PRESETS)
 def finetune(data, val_data, kind, name, text_column, label_column, run_dir, config_path, preset, init_from,
-             tokenizer, epochs, lr, training, print_config):
+             tokenizer, epochs, lr, sweep, training, print_config):
     """Fine-tune a pretrained BERT into a classifier or tagger (or several heads, from --config)."""
+    from pipelines.sweep import parse_sweep
+
     overrides = {"run_dir": run_dir, "model.init_from": init_from, "tokenizer": tokenizer,
-                 "options.epochs": epochs, "train.lr": lr, **training}
+                 "options.epochs": epochs, "train.lr": lr, "sweep": parse_sweep(sweep) or None, **training}
     if not data and (text_column or label_column):
         raise click.UsageError("--text-column and --label-column go with --data (a --config's tasks name their "
                                "own columns: tasks[i].text_column, tasks[i].label_column)")

@@ -7,6 +7,10 @@ unnecessary or stops it from working (tests/test_compat.py), so none outlives it
 - `disable_deepspeed_jit` (DeepSpeed 0.19): no JIT build of the shm/ccl comm ops on CPU.
 - `without_placement_group_cleaner` (Ray 2.60): Ray Train's placement-group cleaner destroys live
   runs when a loaded head's state API answers empty.
+- `placement_group_recorder` / `remove_placement_group_by_id` (Ray Train 2.60 under Ray Tune): a
+  trial that Tune stops (ASHA) dies with its Train controller, whose placement group outlives
+  them until the sweep's driver exits (the cleaner above is off), so the next trial waited forever
+  for its CPUs. The trial records its placement group; the sweep removes it when the trial ends.
 - `parquet_reader_v1` / `read_parquet_v1` (Ray Data 2.60): the V2 Parquet reader's file-listing
   task asks for a whole CPU, which CPU training workers may leave no room for (training then waits
   forever); scoring holds the same setting for its run (pipelines/scoring.py, `ray_data_settings`).
@@ -110,6 +114,35 @@ def without_placement_group_cleaner(trainer):
 
     trainer._create_default_callbacks = callbacks
     return trainer
+
+
+def placement_group_recorder(path: str):
+    """A Ray Train callback (it runs in the controller) that writes the id of each worker group's
+    placement group to `path` (a local path or URI), for `remove_placement_group_by_id`. Ray Train
+    runs callbacks that aren't UserCallbacks as its own (data_parallel_trainer: "custom
+    workarounds built on top of internal callbacks")."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class RecordPlacementGroup(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group) -> None:
+            from pipelines import storage
+
+            pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+            storage.write_text(path, pg.id.hex())
+
+    return RecordPlacementGroup()
+
+
+def remove_placement_group_by_id(hex_id: str) -> bool:
+    """Remove the placement group `hex_id` unless it is gone already; True if this removed it."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    pg = PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id.strip())))
+    if placement_group_table(pg).get("state") in (None, "REMOVED"):
+        return False
+    remove_placement_group(pg)
+    return True
 
 
 class QuietGpuWait(logging.Filter):

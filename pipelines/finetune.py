@@ -24,8 +24,10 @@ Contract:
   `metric` (auto: macro-F1 for classify, entity F1 for tag).
 - Output: the weights of the best evaluation (the last step's when no task has validation rows),
   reported once at the end as a Ray checkpoint holding an HF export (bert_core.save_pretrained:
-  id2label per head, the primary task under HF's keys); that is the loop's only
-  `ray.train.report` (it blocks until the controller polls). Rank 0 logs to
+  id2label per head, the primary task under HF's keys); outside a sweep that is the loop's only
+  `ray.train.report` (it blocks until the controller polls). A sweep trial (`report_evals`) also
+  reports each evaluation's `val_score` and `best_score`, without a checkpoint, for Tune's
+  early-stopping scheduler (pipelines/sweep.py). Rank 0 logs to
   `<run_dir>/metrics.jsonl` from a background thread and prints a progress line; training losses
   stay on the device between log steps.
   Fine-tunes are short, so there is no mid-run checkpoint: a worker failure (FailureConfig)
@@ -88,6 +90,9 @@ class FinetuneLoopConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     use_gpu: bool = False
     torch_threads: Optional[int] = None  # CPU threads per worker; None = the CPUs it holds, rounded up
+    # A sweep trial: every evaluation is reported to Ray Train (and through it to Tune's early-stopping
+    # scheduler). Off otherwise: a report blocks until the controller's next poll.
+    report_evals: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,7 +103,7 @@ class FinetuneLoopConfig:
                    model=ModelConfig(**d["model"]), data=FinetuneData(**d["data"]),
                    train=TrainConfig(**d["train"]), options=FinetuneOptions(**d["options"]),
                    masking=MaskingConfig(**d["masking"]), use_gpu=d.get("use_gpu", False),
-                   torch_threads=d.get("torch_threads"))
+                   torch_threads=d.get("torch_threads"), report_evals=d.get("report_evals", False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,6 +335,9 @@ def _finetune(cfg: FinetuneLoopConfig, wc: WorkerContext, beat: Heartbeat, log: 
         if vals and (step % tc.eval_every == 0 or stop):
             metrics["step"] = step
             stop |= best.evaluate(step, engine, vals, cfg, rank, device, beat, metrics)
+            if cfg.report_evals and not stop:  # every rank: a report is collective (the last is the result's)
+                ray.train.report({"step": step, "val_score": metrics["val_score"], "best_score": best.score,
+                                  "best_step": best.step})
         if metrics:
             log.write(metrics)
             last_metrics.update(metrics)

@@ -15,10 +15,11 @@ from pipelines.console import train_logging_level, worker_env
 
 def torch_trainer(loop_fn, loop_config: dict, *, run_dir: str | Path, num_workers: int, use_gpu: bool,
                   cpus_per_worker: float, max_failures: int, keep_last: int, datasets: dict,
-                  dataset_config=None):
+                  dataset_config=None, callbacks: Optional[list] = None):
     """The TorchTrainer every training job runs under: one rank per worker (a GPU each with
     `use_gpu`, NCCL; else gloo on CPU), checkpoints in `run_dir` (a local path or a URI: Ray
-    Train writes through pyarrow.fs), worker-group restarts on failure."""
+    Train writes through pyarrow.fs), worker-group restarts on failure; `callbacks` (Ray Train
+    UserCallbacks, e.g. a sweep trial's TuneReportCallback)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -34,7 +35,7 @@ def torch_trainer(loop_fn, loop_config: dict, *, run_dir: str | Path, num_worker
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_last),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             logging_config=ray.train.LoggingConfig(log_level=train_logging_level()),
-            worker_runtime_env=worker_runtime_env(use_gpu)),
+            worker_runtime_env=worker_runtime_env(use_gpu), callbacks=callbacks),
         datasets=datasets,
         **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )

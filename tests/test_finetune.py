@@ -376,3 +376,53 @@ def test_bad_labels_fail_before_training_naming_the_file(zh_init, tmp_path):
     with pytest.raises(ValueError, match=r"bad\.parquet: no column\(s\) \['review'\]; it has \['text', 'label'\]"):
         main(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# Two trials, each a Ray Train fit (~25 s of start-up on 2 cores) under Ray Tune.
+@pytest.mark.timeout(600)
+def test_sweep_exports_the_trial_with_the_better_validation_score(zh_init, tmp_path):
+    """Issue 22, item 4: `sweep={"lr": [3e-3, 1e-6]}` runs two fine-tunes on Ray Tune (ASHA, one
+    rung per evaluation), records both in sweep.json, and exports the finished trial with the best
+    validation score: the learning rate that learns (1e-6 barely moves a fresh head). The second
+    trial trails the first at the rungs, so ASHA usually stops it: its placement group must be
+    released with it (all CPUs free after the sweep), or a trial after it would wait forever."""
+    import hashlib
+    import json
+
+    rows = _reviews(600, seed=1)
+    path = tmp_path / "reviews.parquet"
+    pq.write_table(pa.table({"text": [t for t, _ in rows], "label": [y for _, y in rows]}), path)
+    cfg = _debug_cfg(tmp_path / "run", zh_init, workers=1)
+    cfg.tasks = [TaskData(name="sentiment", kind="classify", paths=[str(path)])]
+    cfg.train.eval_every = 15
+    cfg.sweep = {"lr": [3e-3, 1e-6]}
+    result = main(cfg)
+    from conftest import _cpus_free
+
+    import ray
+
+    assert _cpus_free(ray, timeout_s=20), ray.available_resources()
+
+    record = json.loads((tmp_path / "run" / "sweep.json").read_text())
+    by_lr = {t["params"]["lr"]: t for t in record["trials"]}
+    assert set(by_lr) == {1e-6, 3e-3} and record["scheduler"] == "ASHA"
+    assert all(t["status"] in ("finished", "stopped early") for t in by_lr.values()), record
+    finished = [t for t in by_lr.values() if t["status"] == "finished"]
+    best = max(finished, key=lambda t: t["best_score"])
+    assert record["best_trial"] == best["trial"] == "lr=0.003", record
+    assert result.metrics["sweep"]["params"] == {"lr": 3e-3}
+    assert result.metrics["best_score"] == best["best_score"] > by_lr[1e-6]["best_score"]
+    for t in finished:  # every finished trial's score is its own validation pass's
+        assert t["best_score"] == t["metrics"]["best_score"] and t["metrics"]["val_count_sentiment"] > 0
+
+    def digest(d):
+        return hashlib.sha256((Path(d) / "model.safetensors").read_bytes()).hexdigest()
+
+    assert result.export == str(tmp_path / "run" / "export") and digest(result.export) == digest(best["export"])
+    assert load_tokenizer_vocab(result.export) == load_tokenizer_vocab(zh_init)
+
+
+def load_tokenizer_vocab(path: str) -> dict:
+    from bert_core.tokenizer import load_tokenizer
+
+    return load_tokenizer(path).get_vocab()

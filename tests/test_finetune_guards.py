@@ -209,3 +209,46 @@ def test_split_checks_on_tokenized_rows(tmp_path, minilm_dir, ray_local):
                                          rf"0.1, split_seed 0\) in {re.escape(one)} have only the label 'pos'; a classifier "
                                          rf"needs at least 2 classes"):
         fd.build_task_datasets(single, cfg, str(minilm_dir), {"neg": 0, "pos": 1})
+
+
+def test_malformed_sweeps_are_refused_with_one_error_line_before_ray(tmp_path, minilm_dir, monkeypatch):
+    """Issue 22, item 4: every malformed `--sweep` (and a sweep with no validation rows to choose
+    on) is exit 1 with one `Error:` line naming the problem, no traceback, no Ray started."""
+    from click.testing import CliRunner
+
+    import ray
+
+    from jobs.cli import cli
+    from pipelines.sweep import parse_sweep, trials
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started for a refused sweep")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    data = _write(tmp_path / "train.parquet", text=["e", "f"], label=["neg", "pos"])
+    cases = [(["lr2e-5"], "is not KEY=V1,V2"), (["lr=abc,1e-4"], "'abc' is not a number"),
+             (["momentum=0.9,0.99"], "unknown key 'momentum'"), (["lr=1e-4"], "single trial"),
+             (["lr=-1e-4,1e-4"], "must be > 0"), (["lr=1e-4", "lr=2e-4"], "lr is given twice"),
+             (["lr=1e-4,1e-4"], "repeats a value"), (["seed=0,1.5"], "'1.5' is not an integer"),
+             (["dropout=0.1,1.0"], "must be in [0, 1)"), (["lr=1e-4,"], "'' is not a number")]
+    for i, (specs, want) in enumerate(cases):
+        run_dir = tmp_path / f"run{i}"
+        args = ["finetune", "--data", data, "--tokenizer", str(minilm_dir), "--preset", "debug",
+                "--run-dir", str(run_dir)]
+        res = CliRunner().invoke(cli, args + [x for s in specs for x in ("--sweep", s)])
+        errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+        assert res.exit_code == 1 and len(errors) == 1 and want in errors[0], (specs, res.output)
+        assert "Traceback" not in res.output and not run_dir.exists()
+    res = CliRunner().invoke(cli, ["finetune", "--data", data, "--tokenizer", str(minilm_dir), "--preset", "debug",
+                                   "--run-dir", str(tmp_path / "noval"), "--sweep", "lr=1e-4,2e-4",
+                                   "--config", _write_yaml(tmp_path / "noval.yaml", "data:\n  val_fraction: 0.0\n")])
+    assert res.exit_code == 1 and "chooses its trial on validation rows" in res.output, res.output
+    # The config file's form, and the grid a good sweep makes.
+    grid = parse_sweep({"lr": "1e-4, 2e-4", "seed": [0, 1]})
+    assert grid == {"lr": [1e-4, 2e-4], "seed": [0, 1]} and len(trials(grid)) == 4
+    assert trials(grid)[1] == {"lr": 1e-4, "seed": 1}
+
+
+def _write_yaml(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)

@@ -635,6 +635,17 @@ def build_model(config: BertConfig, head: str = "encoder", **head_kwargs) -> nn.
     return HEADS[head](config, **head_kwargs)
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout of `model` (hidden, attention probabilities, heads) to `p` in place, the
+    config unchanged: pretraining recipes train without dropout (Cramming, Geiping & Goldstein
+    2022), while the saved config keeps the usual value for fine-tuning."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        elif isinstance(module, BertSelfAttention):
+            module.dropout_p = p
+
+
 def mlm_flops_per_token(config: BertConfig, seq_len: int, mask_rate: float = 0.15) -> float:
     """Training FLOPs per input token (forward + backward = 3x forward) of BertForMaskedLM with the
     masked-only head: 6 * (encoder matmul params) + attention scores, + the head on masked tokens."""

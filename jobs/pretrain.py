@@ -126,6 +126,10 @@ def validate(cfg: PretrainConfig) -> None:
         raise ValueError("no training data: pass --data (Parquet, CSV or JSON Lines files, directories or globs)")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ValueError("val_fraction must be in [0, 1)")
+    if not 0 < cfg.data.eval_mlm_probability < 1:
+        raise ValueError(f"data.eval_mlm_probability must be in (0, 1), got {cfg.data.eval_mlm_probability}")
+    if cfg.model.train_dropout is not None and not 0 <= cfg.model.train_dropout < 1:
+        raise ValueError(f"model.train_dropout must be in [0, 1) (or unset), got {cfg.model.train_dropout}")
     t = cfg.train
     for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_every", "save_every", "keep_last"):
         if getattr(t, name) < 1:

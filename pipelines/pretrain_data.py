@@ -53,6 +53,9 @@ class DataConfig:
     num_cpus: float = 0.25  # CPUs per read / tokenize task; fractional so Train workers never starve them
     shuffle_buffer_rows: int = 0  # per-worker local shuffle buffer (rows), seeded by (seed, epoch); 0 = off
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    # Validation masks this share of tokens whatever `masking.mlm_probability` trains with: the
+    # validation loss and MLM accuracy of runs with different masking rates then compare.
+    eval_mlm_probability: float = 0.15
 
 
 @functools.lru_cache(maxsize=4)

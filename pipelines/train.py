@@ -14,7 +14,7 @@ Contract:
 - Metrics (every `log_every` steps): loss, MLM accuracy, lr, tokens/s, MFU and the peak FLOP/s
   it is quoted against (measured on the workers, pipelines.worker.peak_flops, unless
   `peak_flops_per_worker` is set); validation loss and accuracy every `eval_every` steps and at
-  the end. Rank 0 appends them to `<run_dir>/metrics.jsonl` from a background thread (one JSON
+  the end (masking `data.eval_mlm_probability` of tokens, 15%, whatever rate trains). Rank 0 appends them to `<run_dir>/metrics.jsonl` from a background thread (one JSON
   object a line; `"event"` lines mark start/resume, with the world size, nodes and torch threads)
   and prints a progress line. Between log steps the loop never waits on the host: loss and
   accuracy sums stay on the device. `ray.train.report` (which blocks until the controller's next
@@ -51,7 +51,7 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from bert_core.masking import Masker
 from bert_core.masking_config import MaskingConfig
-from bert_core.model import BertConfig, BertForMaskedLM, mlm_flops_per_token
+from bert_core.model import BertConfig, BertForMaskedLM, mlm_flops_per_token, set_dropout
 from pipelines.console import shows_progress
 from pipelines import storage
 from pipelines.pretrain_data import DataConfig
@@ -108,6 +108,8 @@ def build_mlm_model(model: ModelConfig, bert_config: BertConfig) -> BertForMaske
     else:
         m = BertForMaskedLM(bert_config)
     m.bert.encoder.gradient_checkpointing = model.activation_checkpointing
+    if model.train_dropout is not None:
+        set_dropout(m, model.train_dropout)
     return m
 
 
@@ -266,6 +268,8 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
     flops_per_token = mlm_flops_per_token(bert_config, cfg.data.seq_len, cfg.data.masking.mlm_probability)
     tokens_per_step = tc.micro_batch_size * cfg.data.seq_len * tc.grad_accum * world
     train_shard, val_shard = ray.train.get_dataset_shard("train"), _val_shard()
+    val_masker = Masker.from_tokenizer(tokenizer, replace(cfg.data.masking,
+                                                          mlm_probability=cfg.data.eval_mlm_probability))
     window = MetricsWindow(device)
     step = first_step = state["step"]
     last_saved = step if resumed else -1
@@ -293,7 +297,7 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
                 metrics = _window_metrics(window, engine, policy, step, epoch, peak, tokens_per_step,
                                           flops_per_token, rank)
             if val_shard is not None and (step % tc.eval_every == 0 or policy.reached(step)):
-                metrics.update(step=step, **_validate(engine, val_shard, masker, cfg, rank, device, beat, policy))
+                metrics.update(step=step, **_validate(engine, val_shard, val_masker, cfg, rank, device, beat, policy))
             if metrics:
                 log.write(metrics)
             if step % tc.save_every == 0 or stop:

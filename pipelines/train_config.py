@@ -21,6 +21,9 @@ class ModelConfig:
     init_from: Optional[str] = None  # HF checkpoint dir to start from instead of fresh weights
     overrides: dict = field(default_factory=dict)  # BertConfig fields on top of the preset
     activation_checkpointing: bool = False  # recompute each layer in backward: less memory, ~30% more compute
+    # Dropout while pretraining (hidden, attention, head); None = the encoder config's. Exports keep
+    # the config's value, so a fine-tune from them starts with the usual dropout.
+    train_dropout: Optional[float] = None
 
 
 @dataclass

@@ -142,6 +142,9 @@ def validate(cfg: FinetuneConfig) -> list[TaskData]:
         raise ValueError(f"torch_threads must be >= 1 (or unset), got {cfg.scaling.torch_threads}")
     if not (cfg.model.init_from or cfg.tokenizer):
         raise ValueError("no tokenizer: pass --init-from (a pretrained checkpoint) or --tokenizer")
+    if cfg.train.total_time_budget_s is not None:
+        raise ValueError("train.total_time_budget_s plans pretraining runs; a fine-tune is sized by options.epochs "
+                         "(or train.max_steps): drop it from the config")
     if cfg.sweep:
         from pipelines.sweep import parse_sweep
 
@@ -191,7 +194,8 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     run_dir = storage.normalize(cfg.run_dir)
     if has_checkpoints(run_dir) or storage.exists(storage.join(run_dir, "trials")):
         saved = json.loads(storage.read_text(storage.join(run_dir, "config.json")) or "{}")
-        what = "a pretraining run" if "pretrain" in saved else "a fine-tune result"
+        what = ("a pretraining run" if "pretrain" in saved else "a sweep's trials" if saved.get("finetune", {}).get("sweep")
+                else "a fine-tune result")
         hint = f" (--init-from {storage.join(run_dir, 'export')} fine-tunes its weights)" if "pretrain" in saved else ""
         raise FileExistsError(f"{run_dir} already holds {what}; fine-tunes don't resume and never write into "
                               f"another run, use a new --run-dir{hint}")

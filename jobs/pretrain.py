@@ -212,6 +212,9 @@ def check_resume(cfg: PretrainConfig, run_dir: str, tok, bert_config, corpus) ->
         was = _dig(saved, key)
         if was is not None and was != _dig(now, key):
             diffs.append(f"{key} {was} -> {_dig(now, key)}")
+    budget = _dig(saved, "train.total_time_budget_s")
+    if budget is not None and cfg.train.total_time_budget_s is None:  # its LR plan needs the budget
+        diffs.append(f"train.total_time_budget_s {budget:g} -> none (pass --total-time-budget {budget:g})")
     hint = ""
     was_corpus = saved_all.get("corpus")
     if was_corpus is not None and was_corpus["fingerprint"] != corpus.fingerprint:
@@ -324,7 +327,7 @@ def _already_complete(run_dir: str, step: int, train: TrainConfig) -> PretrainRe
     from pipelines.trainer import publish_export
 
     ckpt = registered_checkpoint(run_dir)
-    end = (f"the end of its total time budget ({train.total_time_budget_s:g} s)" if step < train.max_steps
+    end = ("the end of its LR schedule, planned by its total time budget" if step < train.max_steps
            else f"max_steps {train.max_steps:,}")
     print(f"[raybert] {run_dir} is at step {step:,}, {end}: nothing to train", flush=True)
     return PretrainResult(run_dir=run_dir, checkpoint=ckpt, export=publish_export(ckpt, run_dir),

@@ -265,16 +265,16 @@ def latest_step(run_dir: str | Path) -> int:
 def budget_spent(run_dir: str | Path, total_time_budget_s: Optional[float]) -> bool:
     """Whether a budgeted run has nothing left to train: its LR schedule reached its end (final:
     to train on, start a new run dir with --init-from), or it ran out of `total_time_budget_s`
-    (a budget raised before the end extends the plan)."""
+    (a budget raised before the end extends the plan). jobs.pretrain.check_resume refuses to go
+    on with a budgeted run without its budget."""
     from pipelines.run_plan import OVERRUN
 
-    if total_time_budget_s is None:
-        return False
     state = latest_state(run_dir)
     plan, budget = state.get("lr_schedule"), state.get("budget")
     if not plan or not budget:
         return False
-    return state["step"] >= plan["end"] or budget["used_s"] >= OVERRUN * total_time_budget_s
+    return state["step"] >= plan["end"] or (total_time_budget_s is not None
+                                            and budget["used_s"] >= OVERRUN * total_time_budget_s)
 
 
 def new_invocation_id() -> str:

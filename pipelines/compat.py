@@ -127,8 +127,11 @@ def placement_group_recorder(path: str):
         def after_worker_group_start(self, worker_group) -> None:
             from pipelines import storage
 
-            pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
-            storage.write_text(path, pg.id.hex())
+            try:
+                pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+                storage.write_text(path, pg.id.hex())
+            except Exception as e:  # never fail the run for it: only the release after a stop is lost
+                logging.getLogger(__name__).warning("can't record the placement group of %s: %s", path, e)
 
     return RecordPlacementGroup()
 

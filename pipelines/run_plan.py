@@ -13,10 +13,12 @@ Contract:
   is re-planned to end there, so the LR reaches its floor when the budget runs out rather than
   being cut mid-schedule. Time counted: each invocation's training loop, from the model being ready
   to the state of its last checkpoint (Ray and worker start-up are not counted; the final
-  validation pass and checkpoint write are reserved from the plan, as long as the last timed ones). Its state (time used,
-  seconds per step, the last checkpoint write) travels in the checkpoint, so a resumed invocation
-  plans from the rate the previous one measured, not from its own slow first step. A stall the
-  plan can't foresee may carry a run up to `OVERRUN` x the budget before it stops.
+  validation pass and checkpoint write are reserved from the plan, as long as the last timed
+  ones; time trained before a budget was set is not counted). Its state (time used, seconds per
+  step, the last checkpoint write) travels in the checkpoint, so a resumed invocation plans from
+  the rate the previous one measured, not from its own slow first step. A stall the plan can't
+  foresee may carry a run up to `OVERRUN` x the budget before it stops. The warmup must fit well
+  inside the budget: the decay starts only after it.
 - `StopPolicy` is when one invocation ends: a step limit, its time budget or deadline, or the end
   its budgeted schedule has moved to.
 """
@@ -150,8 +152,9 @@ class TimeBudget:
 @dataclass
 class StopPolicy:
     """When this invocation ends: at `end` (max_steps, stop_at, steps_per_run past the resume
-    step, or where a budgeted run's LR schedule now ends), or when out of time (time_budget_s since the loop began, or too close to `deadline` to
-    train until the next check and still write two checkpoints)."""
+    step, or where a budgeted run's LR schedule now ends), or when out of time (time_budget_s
+    since the loop began, or too close to `deadline` to train until the next check and still
+    write two checkpoints)."""
 
     end: int
     limit: Optional[int] = None  # the invocation's own end (`end` before any budget moved it)

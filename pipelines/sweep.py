@@ -11,8 +11,10 @@ Contract:
   own TorchTrainer, fed the same materialized datasets) in `<run_dir>/trials/<trial>/`, reporting
   every evaluation's `val_score` through Ray Train's `TuneReportCallback`. As many trials run at
   once as the cluster's CPUs (or GPUs) fit their workers; a trial's own driver holds no CPU.
-  ASHA (asynchronous successive halving, one rung step per evaluation) stops trials whose
-  validation score trails at a rung.
+  ASHA (asynchronous successive halving; time is counted in evaluations, rungs at the 1st, 2nd,
+  4th, 8th ...) stops trials whose validation score trails at a rung. Trials run off the main
+  thread, so the stall watchdog of single fine-tunes (`train.stall_timeout_s`) doesn't watch
+  them. Ctrl-C ends the sweep with an error, exporting nothing.
 - Selection reads the validation split only: the trial whose best `val_score` (the weights its
   export holds) is highest among the trials that finished. Its export is copied to
   `<run_dir>/export`, and `<run_dir>/sweep.json` records every trial: params, status (finished,
@@ -21,9 +23,11 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
+import os
 from typing import Any, Mapping
 
 from pipelines import storage
@@ -75,10 +79,11 @@ def _values(key: str, values: Any) -> list:
     for raw in items:
         try:
             v = kind(raw.strip() if isinstance(raw, str) else raw)
-            if isinstance(raw, float) and kind is int and raw != int(raw):
+            if (isinstance(raw, float) and kind is int and raw != int(raw)) or not math.isfinite(v):
                 raise ValueError
-        except (TypeError, ValueError):
-            raise ValueError(f"sweep: {key} value {raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+        except (TypeError, ValueError, OverflowError):
+            what = "an integer" if kind is int else "a finite number"
+            raise ValueError(f"sweep: {key} value {raw!r} is not {what}") from None
         if not check(v):
             raise ValueError(f"sweep: {key} value {raw!r} must be {wants}")
         out.append(v)
@@ -95,8 +100,9 @@ def trials(grid: dict[str, list]) -> list[dict]:
 
 
 def trial_name(params: dict) -> str:
-    """A trial's directory name under `<run_dir>/trials/`: its params, e.g. `lr=5e-05,seed=1`."""
-    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    """A trial's directory name under `<run_dir>/trials/`: its params, e.g. `lr=5e-05,seed=1`
+    (repr: distinct values give distinct names)."""
+    return ",".join(f"{k}={v!r}" for k, v in params.items())
 
 
 def trial_loop_config(loop: dict, params: dict, trial_dir: str) -> dict:
@@ -115,7 +121,7 @@ def trial_loop_config(loop: dict, params: dict, trial_dir: str) -> dict:
 def _run_trial(params: dict, *, loop: dict, datasets: dict, plan: dict, run_dir: str) -> None:
     """One trial, in its Tune trial actor: a whole fine-tune. Its final report (through
     TuneReportCallback) carries `checkpoint_path`, the checkpoint whose `hf/` the sweep exports;
-    the trial's placement group id goes to `<trial dir>/placement_group` (`_ReleasePlacementGroups`)."""
+    the trial's placement group id goes to `<trial dir>/placement_group` (`_placement_group_releaser`)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.compat import placement_group_recorder
@@ -157,11 +163,12 @@ def _placement_group_releaser(run_dir: str):
 
 
 def concurrent_trials(plan: dict, cluster: Mapping[str, float], n_trials: int) -> int:
-    """How many trials' workers the cluster holds at once (at least one, at most every trial)."""
+    """How many trials the cluster holds at once (at least one, at most every trial): each needs
+    its workers' CPUs plus the data share the plan kept free, and a GPU per worker on GPU."""
+    per_trial = plan["num_workers"] * plan["cpus_per_worker"] + plan.get("data_cpus", 0)
+    fits = cluster.get("CPU", 0) // per_trial if per_trial > 0 else n_trials
     if plan["use_gpu"]:
-        fits = cluster.get("GPU", 0) // plan["num_workers"]
-    else:
-        fits = cluster.get("CPU", 0) // (plan["num_workers"] * plan["cpus_per_worker"])
+        fits = min(fits, cluster.get("GPU", 0) // plan["num_workers"])
     return int(min(max(1, fits), n_trials))
 
 
@@ -189,7 +196,8 @@ def run_sweep(loop: dict, datasets: dict, plan: dict, run_dir: str, grid: dict[s
             max_concurrent_trials=concurrent_trials(plan, ray.cluster_resources(), len(combos))),
         run_config=tune.RunConfig(name="tune", storage_path=run_dir, verbose=0,
                                   callbacks=[_placement_group_releaser(run_dir)]))
-    results = tuner.fit()
+    with _env("TUNE_DISABLE_SIGINT_HANDLER", "1"):  # Ctrl-C raises: an interrupted sweep exports nothing
+        results = tuner.fit()
     for params in combos:  # whatever a callback missed (a trial that never started has none)
         _release_placement_group(run_dir, params)
     records = [_record(r, run_dir) for r in results]
@@ -198,8 +206,8 @@ def run_sweep(loop: dict, datasets: dict, plan: dict, run_dir: str, grid: dict[s
     summary = {"metric": "val_score (validation split)", "scheduler": "ASHA", "grid": grid,
                "best_trial": best and best["trial"], "trials": records}
     storage.write_text(storage.join(run_dir, "sweep.json"), json.dumps(summary, indent=1, default=str) + "\n")
-    if best is None:
-        raise RuntimeError(f"no sweep trial finished (see {storage.join(run_dir, 'sweep.json')}): "
+    if best is None:  # a ValueError: the CLI prints one line pointing at the record
+        raise ValueError(f"no sweep trial finished (see {storage.join(run_dir, 'sweep.json')}): "
                            + "; ".join(f"{r['trial']}: {r['status']} {r.get('error') or ''}" for r in records))
     export = storage.join(run_dir, "export")
     storage.replace_tree(best["export"], export)  # the best trial's checkpoint's hf/
@@ -217,8 +225,22 @@ def _record(result, run_dir: str) -> dict:
     record = {"trial": trial_name(params), "params": params,
               "trial_dir": storage.join(run_dir, "trials", trial_name(params)),
               "steps": m.get("step"), "best_score": m.get("best_score"), "best_step": m.get("best_step")}
-    if m.get(CHECKPOINT_PATH_KEY):
-        return record | {"status": "finished", "export": storage.join(m[CHECKPOINT_PATH_KEY], "hf"), "metrics": m}
+    if m.get(CHECKPOINT_PATH_KEY):  # Ray's path (no scheme on an object store): rebuilt from the trial dir
+        export = storage.join(record["trial_dir"], storage.basename(m[CHECKPOINT_PATH_KEY]), "hf")
+        return record | {"status": "finished", "export": export, "metrics": m}
     if result.error is not None:
         return record | {"status": "failed", "error": f"{type(result.error).__name__}: {result.error}"}
     return record | {"status": "stopped early"}
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old

@@ -14,8 +14,8 @@ Contract:
 - Metrics (every `log_every` steps): loss, MLM accuracy, lr, tokens/s, MFU and the peak FLOP/s
   it is quoted against (measured on the workers, pipelines.worker.peak_flops, unless
   `peak_flops_per_worker` is set); validation loss and accuracy every `eval_every` steps and at
-  the end (masking `data.eval_mlm_probability` of tokens, 15%, whatever rate trains). Rank 0 appends them to `<run_dir>/metrics.jsonl` from a background thread (one JSON
-  object a line; `"event"` lines mark start/resume, with the world size, nodes and torch threads)
+  the end (masking `data.eval_mlm_probability` of tokens, 15%, whatever rate trains). Rank 0
+  appends them to `<run_dir>/metrics.jsonl` from a background thread (one JSON object a line; `"event"` lines mark start/resume, with the world size, nodes and torch threads)
   and prints a progress line. Between log steps the loop never waits on the host: loss and
   accuracy sums stay on the device. `ray.train.report` (which blocks until the controller's next
   poll, ~2 s) is called only with checkpoints.
@@ -64,7 +64,8 @@ from bert_core.model import BertConfig, BertForMaskedLM, mlm_flops_per_token, se
 from pipelines.console import shows_progress
 from pipelines import storage
 from pipelines.pretrain_data import DataConfig
-from pipelines.engine import build_bert_config, build_engine, evaluating, fresh_lr_schedule, gathered_state_dict, lr_schedule
+from pipelines.engine import (build_bert_config, build_engine, evaluating, fresh_lr_schedule, gathered_state_dict,
+                              lr_schedule)
 from pipelines.run_plan import OVERRUN, StopPolicy
 from pipelines.run_log import MetricsWriter
 from pipelines.train_config import FaultDrill, ModelConfig, TrainConfig
@@ -419,18 +420,23 @@ def _time_to_stop(policy: StopPolicy, step: int, first_step: int, log_now: bool,
         late, *agreed = all_reduce_sum([float(policy.late(now, tc.log_every))] + figures, device)
         stop |= late > 0
         if b is not None:
-            stop |= _follow_budget(policy, lr_schedule(engine), tc, step, *(x / world for x in agreed))
+            stop |= _follow_budget(policy, engine, tc, step, *(x / world for x in agreed))
     return stop
 
 
-def _follow_budget(policy: StopPolicy, schedule, tc: TrainConfig, step: int, used_s: float, step_s: float,
+def _follow_budget(policy: StopPolicy, engine, tc: TrainConfig, step: int, used_s: float, step_s: float,
                    reserve_s: float) -> bool:
     """Re-plan the LR schedule to end when the budget does (the ranks' mean figures, identical on
-    every rank), and this invocation with it. Returns whether the budget is spent."""
+    every rank), and this invocation with it. Returns whether the budget is spent.
+
+    The schedule counts its own steps (LambdaLR's `last_epoch`), which fall behind the loop's when
+    fp16 skips an overflowing step: the plan is made in its units, the stop in the loop's."""
     b = policy.budget
     if step_s > 0:  # 0: no rate yet (a fresh run's first step): the plan waits for the next check
-        schedule.replan(step, min(tc.max_steps, b.planned_end(b.total_s, step, used_s, step_s, reserve_s)))
-        policy.end = min(policy.limit, max(schedule.end, step))
+        schedule, taken = lr_schedule(engine), engine.lr_scheduler.last_epoch
+        left = min(tc.max_steps, b.planned_end(b.total_s, step, used_s, step_s, reserve_s)) - step
+        schedule.replan(taken, taken + left)
+        policy.end = min(policy.limit, step + max(schedule.end - taken, 0))
     return used_s >= OVERRUN * b.total_s or policy.reached(step)
 
 
@@ -445,12 +451,11 @@ def _window_metrics(window: MetricsWindow, engine, policy: StopPolicy, step: int
                "mfu": tps * flops_per_token / peak, "peak_flops": peak,
                "tokens": step * tokens_per_step, "time": time.time()}
     if policy.budget is not None:  # rank 0's clock
-        metrics.update(budget_used_s=policy.budget.used(metrics["time"]), planned_steps=lr_schedule(engine).end)
+        planned = step + lr_schedule(engine).end - engine.lr_scheduler.last_epoch  # in the loop's steps
+        metrics.update(budget_used_s=policy.budget.used(metrics["time"]), planned_steps=planned)
     if rank == 0 and shows_progress():
-        left = (policy.budget.total_s - metrics["budget_used_s"] if policy.budget is not None
-                else (policy.end - step) * seconds / steps)
         print(f"[raybert] step {step}/{policy.end} loss {loss_mean:.4f} {tps:,.0f} tokens/s "
-              f"mfu {metrics['mfu']:.1%} eta {_eta(max(left, 0))}", flush=True)
+              f"mfu {metrics['mfu']:.1%} eta {_eta((policy.end - step) * seconds / steps)}", flush=True)
     return metrics
 
 

@@ -7,6 +7,7 @@ chaos runs only: set through RAYBERT_FAULT_DRILL, never by users), and the fine-
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -37,7 +38,7 @@ class TrainConfig:
     deadline: Optional[float] = None
     # Training seconds of the whole run, across invocations: the LR schedule is re-planned from the
     # measured step time to reach its floor when they run out, and the run ends there (or at
-    # max_steps, if sooner). pipelines/lr_schedule.py says what time counts. None = plan by steps.
+    # max_steps, if sooner). pipelines/run_plan.py says what time counts. None = plan by steps.
     total_time_budget_s: Optional[float] = None
     micro_batch_size: int = 32  # packed rows per worker per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -85,7 +86,7 @@ class TrainConfig:
             raise ValueError("max_steps, micro_batch_size and grad_accum must be >= 1")
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
-        if self.total_time_budget_s is not None and not self.total_time_budget_s > 0:
+        if self.total_time_budget_s is not None and not 0 < self.total_time_budget_s < math.inf:
             raise ValueError(f"total_time_budget_s must be > 0 seconds, got {self.total_time_budget_s}")
 
 

@@ -31,6 +31,35 @@ def test_trainer_runs_without_ray_train_placement_group_cleaner(tmp_path):
     assert ours == [c for c in ray_default if c != "PlacementGroupCleanerCallback"]
 
 
+def test_sweep_trials_record_their_placement_group_through_a_train_callback(tmp_path):
+    """The sweep's trials record their worker group's placement group (released when Tune stops a
+    trial: its controller dies with it and Ray Train 2.60 leaves the group reserved, without the
+    cleaner above). Ray Train must still run a non-UserCallback passed in RunConfig as its own, with
+    the `after_worker_group_start` hook and the state chain the recorder reads; when it stops, this
+    fails (and tests/test_finetune.py's sweep finds the CPUs still held)."""
+    import inspect
+
+    from ray.train.v2._internal.execution.worker_group import WorkerGroup
+    from ray.train.v2._internal.execution.worker_group.state import WorkerGroupState
+
+    from pipelines.compat import placement_group_recorder
+    from pipelines.trainer import torch_trainer
+
+    recorder = placement_group_recorder(str(tmp_path / "pg"))
+    trainer = torch_trainer(print, {}, run_dir=tmp_path / "run", num_workers=1, use_gpu=False, cpus_per_worker=1.0,
+                            max_failures=0, keep_last=1, datasets={}, callbacks=[recorder])
+    assert recorder in trainer._create_default_callbacks()  # run by Ray Train itself, not the user handler
+    assert "placement_group_handle" in inspect.signature(WorkerGroupState).parameters
+    assert callable(WorkerGroup.get_worker_group_state)
+
+    class FakeGroup:  # the recorder never fails the run, whatever the internals look like
+        def get_worker_group_state(self):
+            raise AttributeError("moved")
+
+    recorder.after_worker_group_start(FakeGroup())
+    assert not (tmp_path / "pg").exists()
+
+
 def test_deepspeed_loads_without_importing_mlflow():
     """DeepSpeed 0.19's autotuner imports MLflow when it is installed: most of `import deepspeed`,
     paid by every training worker. import_deepspeed hides MLflow while DeepSpeed loads (the

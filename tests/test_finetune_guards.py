@@ -226,11 +226,12 @@ def test_malformed_sweeps_are_refused_with_one_error_line_before_ray(tmp_path, m
 
     monkeypatch.setattr(ray, "init", no_ray)
     data = _write(tmp_path / "train.parquet", text=["e", "f"], label=["neg", "pos"])
-    cases = [(["lr2e-5"], "is not KEY=V1,V2"), (["lr=abc,1e-4"], "'abc' is not a number"),
+    cases = [(["lr2e-5"], "is not KEY=V1,V2"), (["lr=abc,1e-4"], "'abc' is not a finite number"),
              (["momentum=0.9,0.99"], "unknown key 'momentum'"), (["lr=1e-4"], "single trial"),
              (["lr=-1e-4,1e-4"], "must be > 0"), (["lr=1e-4", "lr=2e-4"], "lr is given twice"),
              (["lr=1e-4,1e-4"], "repeats a value"), (["seed=0,1.5"], "'1.5' is not an integer"),
-             (["dropout=0.1,1.0"], "must be in [0, 1)"), (["lr=1e-4,"], "'' is not a number")]
+             (["dropout=0.1,1.0"], "must be in [0, 1)"), (["lr=1e-4,"], "'' is not a finite number"),
+             (["lr=inf,1e-4"], "'inf' is not a finite number")]
     for i, (specs, want) in enumerate(cases):
         run_dir = tmp_path / f"run{i}"
         args = ["finetune", "--data", data, "--tokenizer", str(minilm_dir), "--preset", "debug",
@@ -252,3 +253,30 @@ def test_malformed_sweeps_are_refused_with_one_error_line_before_ray(tmp_path, m
 def _write_yaml(path, text: str) -> str:
     path.write_text(text)
     return str(path)
+
+
+def test_sweep_names_exports_and_concurrency(tmp_path):
+    """Trial dirs are distinct for distinct values; a finished trial's export is rebuilt under its
+    trial dir from Ray's checkpoint path (which has no scheme on an object store); trials at once
+    fit the cluster's CPUs with each one's data share, and its GPUs."""
+    from types import SimpleNamespace
+
+    from pipelines.sweep import _record, concurrent_trials, trial_name
+
+    assert trial_name({"lr": 1.0000001e-4}) != trial_name({"lr": 1.0000004e-4})
+    assert trial_name({"lr": 3e-3, "seed": 1}) == "lr=0.003,seed=1"
+    done = SimpleNamespace(config={"lr": 3e-3}, error=None, metrics={
+        "checkpoint_path": "bucket/runs/ft/trials/lr=0.003/checkpoint_00000068", "best_score": 0.8, "step": 68,
+        "best_step": 60})
+    rec = _record(done, "s3://bucket/runs/ft")
+    assert rec["status"] == "finished" and rec["best_score"] == 0.8
+    assert rec["export"] == "s3://bucket/runs/ft/trials/lr=0.003/checkpoint_00000068/hf"
+    stopped = _record(SimpleNamespace(config={"lr": 1e-6}, error=None, metrics={"step": 60, "best_score": 0.4}),
+                      str(tmp_path))
+    failed = _record(SimpleNamespace(config={"lr": 1.0}, error=RuntimeError("boom"), metrics={}), str(tmp_path))
+    assert stopped["status"] == "stopped early" and failed["status"] == "failed" and "boom" in failed["error"]
+    cpu = {"num_workers": 1, "cpus_per_worker": 1.5, "data_cpus": 0.5, "use_gpu": False}
+    assert concurrent_trials(cpu, {"CPU": 2}, 4) == 1 and concurrent_trials(cpu, {"CPU": 16}, 4) == 4
+    gpu = {"num_workers": 2, "cpus_per_worker": 1, "data_cpus": 1, "use_gpu": True}
+    assert concurrent_trials(gpu, {"CPU": 64, "GPU": 4}, 8) == 2 and concurrent_trials(gpu, {"CPU": 6, "GPU": 8}, 8) == 2
+

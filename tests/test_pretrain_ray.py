@@ -334,3 +334,8 @@ def test_two_invocations_sharing_a_total_budget_end_with_the_lr_at_its_floor(cor
     third = main(cfg())
     assert third.metrics == {"step": steps[-1]}
     assert [r["status"] for r in read_ledger(run_dir)] == ["ok", "ok", "complete"]
+    # Its plan needs its budget: an invocation without one is refused, naming the flag.
+    lost = cfg()
+    lost.train.total_time_budget_s = None
+    with pytest.raises(ValueError, match="pass --total-time-budget 30"):
+        main(lost)

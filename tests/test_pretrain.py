@@ -127,6 +127,32 @@ def test_model_config_takes_tokenizer_vocab():
     assert cfg.vocab_size == 21128 and cfg.hidden_size == 64 and cfg.hidden_dropout_prob == 0.0
 
 
+def test_train_dropout_trains_without_dropout_and_exports_the_configs(tmp_path):
+    """#22 item 1: `model.train_dropout` sets every dropout of the MLM model (hidden, attention
+    probabilities, head) while pretraining; the config, and so an export, keeps its own value for
+    fine-tuning. Out-of-range values (and a bad validation masking rate) fail the driver's checks."""
+    from bert_core.model import BertSelfAttention
+    from jobs.pretrain import preset_config, validate
+    from pipelines.train import build_mlm_model
+
+    config = build_bert_config(ModelConfig(preset="debug"), 100)
+    model = build_mlm_model(ModelConfig(preset="debug", train_dropout=0.0), config)
+    drops = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    attn = [m.dropout_p for m in model.modules() if isinstance(m, BertSelfAttention)]
+    assert drops and attn and set(drops) == {0.0} and set(attn) == {0.0}
+    assert config.hidden_dropout_prob == 0.1 and config.attention_probs_dropout_prob == 0.1
+    plain = build_mlm_model(ModelConfig(preset="debug"), config)
+    assert {m.p for m in plain.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    for field, value, words in (("model.train_dropout", 1.0, "train_dropout must be in [0, 1)"),
+                                ("data.eval_mlm_probability", 0.0, "eval_mlm_probability must be in (0, 1)")):
+        cfg = preset_config("debug")
+        cfg.run_dir, cfg.data.paths = str(tmp_path / "run"), [str(tmp_path)]
+        section, name = field.split(".")
+        setattr(getattr(cfg, section), name, value)
+        with pytest.raises(ValueError, match=re.escape(words)):
+            validate(cfg)
+
+
 def test_loop_config_round_trips_through_a_dict():
     from pipelines.pretrain_data import DataConfig
 
@@ -148,6 +174,12 @@ def test_presets_yaml_and_flags_layer_in_order(tmp_path):
     assert cfg.data.seq_len == 64 and cfg.data.paths == ["a.parquet"]
     mini = build_config(None, str(REPO / "configs" / "pretrain_mini_zh.yaml"), {})
     assert mini.model.preset == "mini" and mini.train.dtype == "bf16" and mini.train.time_budget_s == 1800
+    # The small-budget recipe (#22): in the CPU config, and in the mini/small presets; base as BERT.
+    assert (mini.model.train_dropout, mini.data.masking.mlm_probability, mini.train.micro_batch_size) == (0.0, 0.3, 16)
+    for name, recipe in (("mini", (0.0, 0.3)), ("small", (0.0, 0.3)), ("base", (None, 0.15)), ("debug", (None, 0.15))):
+        c = build_config(name, None, {})
+        assert (c.model.train_dropout, c.data.masking.mlm_probability) == recipe, name
+        assert c.data.eval_mlm_probability == 0.15
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  max_stepz: 3\n")
     with pytest.raises(ValueError, match="max_stepz"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 import socket
@@ -146,6 +147,8 @@ def validate(cfg: PretrainConfig) -> None:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if not t.lr > 0 or t.warmup_steps < 0:
         raise ValueError(f"train.lr must be > 0 and train.warmup_steps >= 0, got {t.lr} and {t.warmup_steps}")
+    if t.total_time_budget_s is not None and not 0 < t.total_time_budget_s < math.inf:  # flags skip __post_init__
+        raise ValueError(f"total time budget must be a finite number of seconds > 0, got {t.total_time_budget_s:g}")
     if cfg.train.steps_per_run is not None and cfg.train.steps_per_run < 1:
         raise ValueError("max_steps_per_run must be >= 1")
     if cfg.time_budget is not None and cfg.time_budget < MIN_TIME_BUDGET_S:

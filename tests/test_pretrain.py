@@ -144,7 +144,9 @@ def test_train_dropout_trains_without_dropout_and_exports_the_configs(tmp_path):
     plain = build_mlm_model(ModelConfig(preset="debug"), config)
     assert {m.p for m in plain.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
     for field, value, words in (("model.train_dropout", 1.0, "train_dropout must be in [0, 1)"),
-                                ("data.eval_mlm_probability", 0.0, "eval_mlm_probability must be in (0, 1)")):
+                                ("data.eval_mlm_probability", 0.0, "eval_mlm_probability must be in (0, 1)"),
+                                ("train.total_time_budget_s", -5.0, "finite number of seconds > 0, got -5"),
+                                ("train.total_time_budget_s", float("inf"), "finite number of seconds > 0, got inf")):
         cfg = preset_config("debug")
         cfg.run_dir, cfg.data.paths = str(tmp_path / "run"), [str(tmp_path)]
         section, name = field.split(".")

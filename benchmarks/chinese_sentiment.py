@@ -115,12 +115,14 @@ def pretrain_config(work: Path, budget: float):
         "train.total_time_budget_s": budget, "train.time_budget_s": None, "train.max_steps": 10 ** 6})
 
 
-def tapt_config(work: Path, init_from: str, train_path: str, budget: float):
+def tapt_config(work: Path, init_from: str, train_path: str, budget: float, dtype: str = "bf16"):
+    """configs/tapt.yaml on the training pool, in the precision the other BERT arms train in."""
     from jobs.pretrain import build_config
 
     return build_config(None, str(ROOT / "configs" / "tapt.yaml"), {
         "run_dir": str(work / "tapt"), "model.init_from": init_from, "data.paths": [train_path],
-        "train.total_time_budget_s": budget, "train.max_steps": 10 ** 6, "scaling.num_workers": 2})
+        "train.total_time_budget_s": budget, "train.max_steps": 10 ** 6, "scaling.num_workers": 2,
+        "train.dtype": dtype})
 
 
 def finetune_config(work: Path, name: str, seed: int, init_from, tokenizer: str, train_path: str, args):
@@ -199,7 +201,7 @@ def main() -> None:
         cfg = pretrain_config(work, args.pretrain_budget)
         inits["pretrained"], mlm["pretrained"] = pretrained(cfg), mlm_accuracy(cfg.run_dir)
     if "tapt" in arms:
-        cfg = tapt_config(work, inits["pretrained"], splits.train_path, args.tapt_budget)
+        cfg = tapt_config(work, inits["pretrained"], splits.train_path, args.tapt_budget, args.dtype)
         inits["tapt"], mlm["tapt"] = pretrained(cfg), mlm_accuracy(cfg.run_dir)
     exports = {}
     for name in (a for a in arms if a != "tfidf"):

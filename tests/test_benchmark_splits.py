@@ -52,7 +52,7 @@ def test_held_out_reviews_never_reach_training_sweeps_or_early_stopping(tmp_path
     sweep.model.init_from, sweep.tokenizer = None, str(REPO / "configs")  # validate() checks settings only
     assert validate(sweep)[0].paths == [splits.train_path]  # a sweep's trials train and choose on the same split
     tapt = bench.tapt_config(tmp_path, str(tmp_path / "init"), splits.train_path, 60.0)
-    assert tapt.data.paths == [splits.train_path]
+    assert tapt.data.paths == [splits.train_path] and tapt.train.dtype == "bf16"  # the arms' precision
     pretrain = bench.pretrain_config(tmp_path, 60.0)
     assert pretrain.data.paths == [str(tmp_path / "peoples_daily")]
     text = json.dumps([c.__dict__ for c in finetunes + [tapt, pretrain]], default=str)

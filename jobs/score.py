@@ -24,7 +24,7 @@ import click
 from jobs.config import echo_config, print_config_option, stdout_for_the_result, user_errors, verbosity_options
 
 # The job's typed config is the pipeline's: one dataclass, checked once (ScoreConfig.check).
-from pipelines.score_config import POOLINGS, GpuWaitTimeout, ResourceConfig, ScoreConfig
+from pipelines.score_config import POOLINGS, ActorsLost, GpuWaitTimeout, ResourceConfig, ScoreConfig
 
 
 def output_lock(output: str):
@@ -80,7 +80,7 @@ def main(cfg: ScoreConfig):
               help="YAML file of ScoreConfig fields; flags override it.")
 @click.option("--max-tokens", type=int, help="Token budget per forward pass (rows x longest row).")
 @click.option("--batch-size", type=int,
-              help="Rows per Ray Data block (sorted by length within it), not per forward pass: forward-pass "
+              help="Rows per block (sorted by length within it), not per forward pass: forward-pass "
                    "size is set by --max-tokens.")
 @click.option("--num-actors", type=click.IntRange(min=1), help="Predictor actors (default: one per GPU, else one per CPU, memory permitting).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
@@ -104,7 +104,7 @@ def main(cfg: ScoreConfig):
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
 @print_config_option
 @verbosity_options
-@user_errors(GpuWaitTimeout)  # no GPU node in time for --device cuda
+@user_errors(GpuWaitTimeout, ActorsLost)  # no GPU node in time for --device cuda; actors dead for good
 def score(input, output, model, task, config_path, max_tokens, batch_size, num_actors, device, dtype, head,
           text_column, text_pair_column, id_column, max_length, pooling, normalize, overwrite, address,
           print_config):

@@ -169,7 +169,8 @@ ACTOR_BASE_BYTES = 1 << 30
 
 def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Optional[float] = None,
              task_num_cpus: float = 0.25, torch_threads: Optional[int] = None, device: str = "auto",
-             max_gpu_actors: int = 8, gpu_wait_s: float = 900.0, model_bytes: int = 0) -> CpuPlan:
+             max_gpu_actors: int = 8, gpu_wait_s: float = 900.0, model_bytes: int = 0,
+             ray_data: bool = True) -> CpuPlan:
     """Size the predictor pool from the cluster's resources now (`ray.cluster_resources()`).
 
     - device auto: one actor per GPU (num_gpus=1, fixed pool) when the cluster has GPUs now, else CPU.
@@ -183,8 +184,10 @@ def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Op
       pipelines/scoring.py's docstring), but no more actors than half the cluster's memory holds at
       ACTOR_BASE_BYTES + 2 x `model_bytes` each. Measured on 2 cores, single runs: two 1-thread actors ran 1.06x
       (MiniLM) to 1.26x (near-free model) one 2-thread actor, whose OpenMP regions stall whenever
-      either thread is preempted. The actors' logical reservations leave 1 CPU for Ray's checkpoint
-      filter actor plus one task slot."""
+      either thread is preempted. With `ray_data` (the actors are a Ray Data pool) their logical
+      reservations leave 1 CPU for Ray's checkpoint filter actor plus one task slot; without (the
+      CPU scoring actors of pipelines/score_units.py, which do all the work) each reserves 1 CPU,
+      or its share when there are more actors than CPUs."""
     if num_actors is not None and num_actors < 1:
         raise ValueError(f"num_actors must be >= 1 (or unset for the default), got {num_actors}")
     if device not in DEVICES:
@@ -206,7 +209,7 @@ def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Op
             n = max(1, min(n, int(memory / 2 // (ACTOR_BASE_BYTES + 2 * model_bytes))))
     else:
         n = num_actors
-    room = max(cpus - 1.0 - task_num_cpus, 0.1)  # what the actors may reserve in total
+    room = max(cpus - 1.0 - task_num_cpus, 0.1) if ray_data else cpus  # what the actors may reserve in total
     per = actor_num_cpus if actor_num_cpus is not None else min(1.0, room / n)
     threads = torch_threads or max(1, int(min(cpus, os.cpu_count() or 1) // n))
     return CpuPlan(n, per, 0.0, task_num_cpus, threads, "cpu")

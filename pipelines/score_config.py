@@ -33,7 +33,7 @@ class ResourceConfig:
     # minutes to boot; never wait forever on an autoscaler that can't deliver one)
     gpu_wait_s: float = 900.0
     max_restarts: int = 4  # restarts of a killed predictor actor
-    max_task_retries: int = 4  # retries of a block whose actor died
+    max_task_retries: int = 4  # retries of the unit (CPU) or block (GPU) whose actor died
     task_max_retries: int = 4  # retries of a failed read/tokenize/write task
 
 
@@ -104,3 +104,8 @@ class GpuWaitTimeout(TimeoutError):
     before any row is read. Ray Data doesn't shut down a pipeline whose start failed, so the pool's
     pending actors, and the GPU demand an autoscaler sees, last until this driver disconnects from
     Ray (`jobs.score.main` does so at once; a caller that keeps its Ray session should too)."""
+
+
+class ActorsLost(RuntimeError):
+    """CPU predictor actors died more often than `resources.max_restarts` allows (often: out of
+    memory). The units they committed stay; a rerun finishes the output."""

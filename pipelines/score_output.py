@@ -10,20 +10,24 @@ Contract:
   is refused, naming each difference.
 - `data_files`, `output_totals`, `output_dtypes`, `read_output`: what the output holds
   (`OutputCounter`: the same, as it grows, for progress);
-  `repair_duplicates` keeps one row per `row_hash` after overlapping writers.
+  `repair_duplicates` keeps one row per `row_hash` after overlapping writers; `watch_output`: a
+  progress line from what the output holds (the Ray Data program's writes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.console import Progress
 from pipelines.inputs import InputPlan
 from pipelines.predictors import DTYPE_METADATA
 from pipelines.score_config import ScoreConfig
@@ -34,6 +38,8 @@ MANIFEST = "_SUCCESS.json"
 # Written into the output when a run starts, before any row: the proof that the output is ours
 # (all that `overwrite` may delete) and the run's recipe, which a resume must match.
 RUN_RECORD = "_raybert_run.json"
+# In the checkpoint dir of a CPU run (pipelines/score_units.py): its unit plan, and the mark of an unfinished run.
+UNITS_RECORD = "_raybert_units.json"
 
 
 def default_checkpoint_dir(output: str) -> str:
@@ -146,6 +152,39 @@ class OutputCounter:
         return sum(r for r, _ in counted), sum(t for _, t in counted)
 
 
+@contextlib.contextmanager
+def watch_output(output: str, total: int, rows_before: int, tokens_before: int):
+    """While the pipeline runs, one progress line (rows written of `total`, tokens/s, ETA) from what
+    the output holds (a thread polls it: the driver itself waits in Ray Data's write)."""
+    progress = Progress("score", total, start=rows_before)
+    if not progress.enabled:
+        yield
+        return
+    counter, stop = OutputCounter(output), threading.Event()
+
+    def look(draw: bool) -> None:
+        try:
+            rows, tokens = counter.counts()
+        except Exception as e:  # a listing that failed (an object store's hiccup): progress only, the job goes on
+            log.debug("progress: could not list %s: %s", output, e)
+            return
+        progress.update(rows, tokens - tokens_before, draw=draw)
+
+    def poll():
+        while not stop.wait(2.0 if progress.tty else 5.0):
+            look(draw=True)
+
+    thread = threading.Thread(target=poll, name="raybert-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+        look(draw=False)  # the last count, drawn by close()
+    finally:
+        stop.set()
+        thread.join(timeout=30)  # a listing stuck on a remote store must not hold the job
+        progress.close()
+
+
 def uncreatable(path: str) -> Optional[str]:
     """Why local directory `path` can't be created, or None."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -190,8 +229,9 @@ def check_output(output: str, checkpoint_dir: str, inputs: list[str], plan: Inpu
         raise ValueError(f"{output} is not an output of raybert score (no {MANIFEST} or {RUN_RECORD}, and not "
                          f"empty): overwrite deletes only a previous output of this job; choose another output, "
                          f"or remove {output} yourself")
+    # Ray Data writes only <id>[.pending].parquet files; a CPU run only its UNITS_RECORD.
     foreign = [f.path for f in storage.listing(checkpoint_dir) if f.type != pafs.FileType.File
-               or not f.path.endswith(".parquet")]  # Ray Data writes only <id>[.pending].parquet files
+               or not (f.path.endswith(".parquet") or storage.basename(f.path) == UNITS_RECORD)]
     if foreign:
         raise ValueError(f"checkpoint dir {checkpoint_dir} holds files that are not Ray Data checkpoint files "
                          f"(e.g. {foreign[0]}); overwrite would delete them: choose another checkpoint dir, "

@@ -1,4 +1,4 @@
-"""The batch-scoring pipeline on Ray Data: read Parquet -> tokenize -> predict -> write Parquet.
+"""The batch-scoring job: read Parquet -> tokenize -> predict -> write Parquet, on Ray.
 (CSV and JSON Lines inputs are staged as Parquet first: `score_output.stage_inputs`.)
 
 Contract:
@@ -11,7 +11,7 @@ Contract:
   error naming the URI); the output and checkpoint dir are not existing files, can be created, and
   overlap neither each other nor any input (equal, or one inside the other, however spelled:
   `file://`, relative, symlinked). With overwrite, the output must be ours (it holds our manifest
-  or run record, or it is empty) and the checkpoint dir must hold only Ray Data checkpoint files:
+  or run record, or it is empty) and the checkpoint dir must hold only checkpoint files:
   overwrite never deletes anything else. The task has its head in the checkpoint (classify on an
   encoder-only model is refused, naming what it has), and the tokenizer fits the embedding table.
 - One output, one recipe: a run writes `<output>/_raybert_run.json` (RUN_RECORD) before any row,
@@ -21,44 +21,43 @@ Contract:
 - `ScoreConfig` (with `ResourceConfig`) is the run's one typed config; `raybert score` flags and
   YAML keys are its fields. `ScoreConfig.check()` holds its rules and is the only place they are
   checked (`preflight` calls it).
-- `score(cfg)` runs `preflight` again, then, as named steps: `reuse_or_reset` the output,
-  `ray_data_settings` (process-wide Ray Data flags, restored after), `stage_inputs`,
-  `build_dataset`, the write (watched by `watch_output`: the progress line), and `finish` (row
-  conservation, the manifest, the staged inputs deleted). The Ray Data program:
-  `read_parquet(files, only the needed columns, include_row_hash)` -> `repartition` into blocks
-  of `batch_size` rows (streaming) -> [GPU only: `map_batches(tokenize_batch)`, stateless CPU
-  tasks] -> `map_batches(Predictor, compute=ActorPoolStrategy(...))` (`cpu_plan`: a fixed pool,
-  or with device cuda one autoscaling from 1 GPU actor, that raises GpuWaitTimeout before any row
-  is read if no GPU actor starts within resources.gpu_wait_s) -> `write_parquet(output)`.
-  Every input row gives exactly one output row (see predictors.py for the columns).
-- Where tokenization runs: a GPU actor must never wait on the CPU work of tokenizing, so on GPUs
-  it is a stage of its own, on the CPUs beside them. On CPU the model and the tokenizer compete
-  for the same cores anyway, and a separate stage only adds processes, scheduling and an object
-  store round trip of the token ids. Measured on 2 cores (35,000 rows): read + tokenize as
-  0.25-CPU tasks took 15.5 s (each task started a `tokenizers` thread pool of every core), as
-  1-CPU tasks 4.6 s, and tokenizing in one process 2.0 s. So CPU actors tokenize their own blocks
-  (`Predictor(tokenize=...)`), one process per CPU by default, each on one thread (torch and
-  `tokenizers`), and GPU-side tokenize tasks run one `tokenizers` thread each.
-- Resume: Ray Data's job-level checkpointing (`ray.data.checkpoint.CheckpointConfig`, beta in
-  Ray 2.60) keyed on `row_hash`, Ray's deterministic hash of (file path, row index). User ids may
-  repeat, so they can't be the key. Each write task records its row keys as a *pending*
-  checkpoint before writing its data file and commits (renames) it after; a rerun first deletes
-  data files whose checkpoint is still pending (half-written or unacknowledged), then filters
-  out rows whose keys are committed. So after a kill -9 of the driver, rerunning the same
-  command completes the output with exactly one row per input row. The checkpoint lives beside
-  the output (`<output>.checkpoint` by default, which must be shared storage on a cluster). On
-  success we write `<output>/_SUCCESS.json` (the summary; Parquet readers skip `_` files) and
-  delete the checkpoint; a rerun of a finished job reports the manifest and does nothing.
-  Runs must not overlap on one output (jobs.score locks `<output>.lock`); if writers did overlap,
-  the output holds rows twice, and a rerun repairs it (`repair_duplicates`: one row per
-  `row_hash`, after Ray has dropped uncommitted files and before the row count is checked).
-- Fault tolerance: predictor actors restart (`max_restarts`) and their in-flight tasks are
-  retried (`max_task_retries`); tasks retry (`max_retries`).
-- CPU-only clusters: actors hold logical CPUs for their whole life, so on a small machine an
-  actor pool plus Ray's checkpoint-filter actor (1 CPU, fixed by Ray) can leave no CPU for the
-  read/write tasks, and Ray Data then waits forever. We give tasks fractional CPUs and size the
-  predictor actors' reservation to leave room (`cpu_plan`). We use the V1 Parquet reader, whose
-  read tasks honour `num_cpus` (V2 adds a 1-CPU file-listing task that can deadlock there).
+- `score(cfg)` runs `preflight` again, then, as named steps: `reuse_or_reset` the output, the
+  actors started (CPU), the run record, `stage_inputs`, the scoring step, and `finish` (row
+  conservation, the manifest, the staged inputs deleted). Every input row gives exactly one
+  output row (see predictors.py for the columns).
+- On CPU (`score_on_actors`, pipelines/score_units.py): predictor actors, started before the
+  input is staged and planned, each read a unit of rows (part of a row group), tokenize, predict
+  and write the unit's own file, whole or not at all; a resume scores the units whose file is
+  missing. Measured on 2 cores with a free model, Ray Data's program spent about 90% of the job
+  around the predictor (worker processes for read and write tasks, an object-store round trip
+  per block, a checkpoint-filter actor): see score_units.py and BENCHMARKS.md (issue 21).
+- On GPUs (`score_with_ray_data`): the Ray Data program `read_parquet(files, only the needed
+  columns, include_row_hash)` -> `repartition` into blocks of `batch_size` rows (streaming) ->
+  `map_batches(tokenize_batch)` (stateless CPU tasks, one `tokenizers` thread each: a GPU actor
+  must never wait on the CPU work of tokenizing) -> `map_batches(Predictor,
+  compute=ActorPoolStrategy(...))` (`cpu_plan`: with device cuda a pool autoscaling from 1 GPU
+  actor, that raises GpuWaitTimeout before any row is read if no GPU actor starts within
+  resources.gpu_wait_s) -> `write_parquet(output)`, watched by `watch_output` (the progress line).
+  `score_dataset` (your own Dataset, in a notebook) uses the same stages on CPU or GPU.
+- Resume on GPUs: Ray Data's job-level checkpointing (`ray.data.checkpoint.CheckpointConfig`,
+  beta in Ray 2.60) keyed on `row_hash`, Ray's deterministic hash of (file path, row index). User
+  ids may repeat, so they can't be the key. Each write task records its row keys as a *pending*
+  checkpoint before writing its data file and commits it after; a rerun first deletes data files
+  whose checkpoint is still pending, then filters out rows whose keys are committed.
+- Either way, after a kill -9 of the driver, rerunning the same command completes the output
+  with exactly one row per input row. The checkpoint dir lives beside the output
+  (`<output>.checkpoint` by default, shared storage on a cluster) and marks an unfinished run.
+  On success we write `<output>/_SUCCESS.json` (the summary; Parquet readers skip `_` files) and
+  delete the checkpoint; a rerun of a finished job reports the manifest and does nothing. Runs
+  must not overlap on one output (jobs.score locks `<output>.lock`); if writers did overlap, a
+  rerun repairs it (`repair_duplicates`: one row per `row_hash`, before the row count is checked).
+- Fault tolerance: predictor actors restart (`max_restarts`) and their in-flight units or blocks
+  are retried (`max_task_retries`); Ray Data's tasks retry (`task_max_retries`).
+- Ray Data on CPUs (`score_dataset`): actors hold logical CPUs for their whole life, so an actor
+  pool plus Ray's checkpoint-filter actor (1 CPU) could leave no CPU for the read/write tasks, and
+  Ray Data then waits forever. Tasks get fractional CPUs, and `cpu_plan` sizes the actors'
+  reservation to leave room. We use the V1 Parquet reader, whose read tasks honour `num_cpus`
+  (V2 adds a 1-CPU file-listing task that can deadlock there).
 """
 
 from __future__ import annotations
@@ -66,7 +65,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -77,12 +75,12 @@ from pipelines.inputs import InputPlan, plan_inputs
 from pipelines.predictors import STEPS, Predictor
 from pipelines.tokenize import id_name, tokenize_batch
 from pipelines.compat import QuietGpuWait, parquet_reader_v1
-from pipelines.console import Progress
 from pipelines.resources import CpuPlan, actor_pool, cpu_plan, gpu_wait_message
 from pipelines.score_config import GpuWaitTimeout, ScoreConfig
-from pipelines.score_output import (MANIFEST, RUN_RECORD, STAGED, OutputCounter, check_output, check_resume,
-                                    data_files, default_checkpoint_dir, output_dtypes, output_totals, read_json,
-                                    ray_path, repair_duplicates, run_recipe, stage_inputs, write_json)
+from pipelines.score_output import (MANIFEST, RUN_RECORD, STAGED, check_output, check_resume, data_files,
+                                    default_checkpoint_dir, output_dtypes, output_totals, ray_path, read_json,
+                                    repair_duplicates, run_recipe, stage_inputs, watch_output, write_json)
+from pipelines.score_units import choose_unit_rows, drop_partial_writes, score_on_actors, start_actors, stop_actors
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +255,6 @@ def preflight(cfg: ScoreConfig) -> Preflight:
 
 def score(cfg: ScoreConfig) -> ScoreResult:
     """Score `inputs` into `output` on the connected Ray cluster (see the module docstring)."""
-    import ray
-
     pre = preflight(cfg)
     finished = reuse_or_reset(cfg, pre)
     if finished is not None:
@@ -268,63 +264,54 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         raise FileExistsError(f"{cfg.output} already holds Parquet files but has no checkpoint ({pre.checkpoint_dir}) "
                               f"and no {MANIFEST}: it is not a run of this job to resume; choose another output or "
                               f"pass --overwrite (YAML: overwrite: true)")
-    run_record = storage.join(cfg.output, RUN_RECORD)
-    record = (read_json(run_record) or {}) if resumed else {"recipe": pre.recipe, "started": time.time()}
     r = cfg.resources
-    res = plan_actors(cfg, pre.model_bytes)
+    res = plan_actors(cfg, pre.model_bytes, ray_data=False)
     if cfg.dtype == "fp16" and res.device != "cuda":
         raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
-    dtype = record["dtype_used"] = job_dtype(cfg.dtype, res.device, record, res.torch_threads,
-                                             pre.model_config.hidden_size)
-    write_json(run_record, record)  # before any row: the output is now provably ours, with its recipe
-    log.info("scoring %d rows from %d file(s) with %s", pre.plan.rows, len(pre.plan.files), res)
-    rows_before, _, tokens_before = output_totals(cfg.output) if resumed else (0, 0, 0)
-    texts = (cfg.text_column, cfg.text_pair_column, cfg.id_column)  # read as strings from CSV / JSON Lines
-    t0 = time.perf_counter()
-    staged = stage_inputs(cfg.output, pre.plan, texts)
+    on_cpu, t0 = res.device == "cpu", time.perf_counter()
+    # CPU actors start first: their start-up (a process importing torch) overlaps everything below.
+    actors = start_actors(res.num_actors, res.actor_num_cpus, res.torch_threads, r.max_restarts,
+                          r.max_task_retries) if on_cpu else []
+    try:
+        run_record = storage.join(cfg.output, RUN_RECORD)
+        record = (read_json(run_record) or {}) if resumed else {"recipe": pre.recipe, "started": time.time()}
+        dtype = record["dtype_used"] = job_dtype(cfg.dtype, res.device, record, res.torch_threads,
+                                                 pre.model_config.hidden_size)
+        if on_cpu:  # kept by a resume, which must plan the same units
+            record.setdefault("unit_rows", choose_unit_rows(pre.plan.rows, res.num_actors, cfg.batch_size))
+        write_json(run_record, record)  # before any row: the output is now provably ours, with its recipe
+        log.info("scoring %d rows from %d file(s) with %s", pre.plan.rows, len(pre.plan.files), res)
+        before = output_totals(cfg.output) if resumed else (0, 0, 0)
+        texts = (cfg.text_column, cfg.text_pair_column, cfg.id_column)  # read as strings from CSV / JSON Lines
+        staged = stage_inputs(cfg.output, pre.plan, texts)
+        tokenize = tokenize_settings(cfg, pre.max_length, id_column=cfg.id_column, fallback_ids=fallback_ids(pre, staged))
+        if on_cpu:
+            spec = dict(output=storage.normalize(cfg.output), columns=pre.plan.columns, batch_size=cfg.batch_size,
+                        with_path=not pre.plan.has_ids, predictor_args=(cfg.model, cfg.task),
+                        predictor_kwargs=predictor_kwargs(cfg, res, dtype, tokenize))
+            score_on_actors(actors, spec, list(staged), record["unit_rows"], pre.checkpoint_dir, pre.plan.rows,
+                            before[0], before[2])
+        else:
+            score_with_ray_data(cfg, pre, res, dtype, staged, tokenize, before, t0)
+    finally:
+        stop_actors(actors)
+    return finish(cfg, pre, res, resumed, time.perf_counter() - t0, before[2])
+
+
+def score_with_ray_data(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str, staged: dict, tokenize: dict,
+                        before: tuple, t0: float) -> None:
+    """The GPU scoring step: the Ray Data program (`build_dataset`) written to the output."""
+    import ray
+
     with ray_data_settings(pre.checkpoint_dir, res.gpu_wait_s), \
-            watch_output(cfg.output, pre.plan.rows, rows_before, tokens_before):
+            watch_output(cfg.output, pre.plan.rows, before[0], before[2]):
         try:
-            build_dataset(cfg, pre, res, dtype, staged).write_parquet(
-                cfg.output, ray_remote_args={"num_cpus": res.task_num_cpus, "max_retries": r.task_max_retries})
+            build_dataset(cfg, pre, res, dtype, staged, tokenize).write_parquet(
+                cfg.output, ray_remote_args={"num_cpus": res.task_num_cpus, "max_retries": cfg.resources.task_max_retries})
         except ray.exceptions.GetTimeoutError:
             if res.gpu_wait_s is None or time.perf_counter() - t0 < res.gpu_wait_s:
                 raise  # not the wait for the GPU pool to start
             raise GpuWaitTimeout(gpu_wait_message(res, int(ray.cluster_resources().get("GPU", 0)))) from None
-    return finish(cfg, pre, res, resumed, time.perf_counter() - t0, tokens_before)
-
-
-@contextlib.contextmanager
-def watch_output(output: str, total: int, rows_before: int, tokens_before: int):
-    """While the pipeline runs, one progress line (rows written of `total`, tokens/s, ETA) from what
-    the output holds (a thread polls it: the driver itself waits in Ray Data's write)."""
-    progress = Progress("score", total, start=rows_before)
-    if not progress.enabled:
-        yield
-        return
-    counter, stop = OutputCounter(output), threading.Event()
-
-    def look(draw: bool) -> None:
-        try:
-            rows, tokens = counter.counts()
-        except Exception as e:  # a listing that failed (an object store's hiccup): progress only, the job goes on
-            log.debug("progress: could not list %s: %s", output, e)
-            return
-        progress.update(rows, tokens - tokens_before, draw=draw)
-
-    def poll():
-        while not stop.wait(2.0 if progress.tty else 5.0):
-            look(draw=True)
-
-    thread = threading.Thread(target=poll, name="raybert-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-        look(draw=False)  # the last count, drawn by close()
-    finally:
-        stop.set()
-        thread.join(timeout=30)  # a listing stuck on a remote store must not hold the job
-        progress.close()
 
 
 def reuse_or_reset(cfg: ScoreConfig, pre: Preflight) -> Optional[ScoreResult]:
@@ -374,30 +361,36 @@ def ray_data_settings(checkpoint_dir: str, gpu_wait_s: Optional[float]):
         ray_data_log.removeFilter(quiet)
 
 
-def build_dataset(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str, staged: dict):
+def build_dataset(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str, staged: dict, tokenize: dict):
     """The Ray Data program up to the write: read -> blocks of batch_size -> [GPU: tokenize tasks]
     -> the predictor actor pool. `staged`: {file to read: the input it holds} (`stage_inputs`)."""
     import ray.data
 
-    plan = pre.plan
-    ds = ray.data.read_parquet(list(staged), columns=plan.columns, include_paths=not plan.has_ids,
+    ds = ray.data.read_parquet(list(staged), columns=pre.plan.columns, include_paths=not pre.plan.has_ids,
                                include_row_hash=True, num_cpus=res.task_num_cpus)
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    # A staged file's fallback ids name the input it holds, as an input read directly would be named.
-    names = {ray_path(read): id_name(source, plan.roots) for read, source in staged.items() if read != source}
-    tokenize = tokenize_settings(cfg, pre.max_length, id_column=cfg.id_column, fallback_ids=None if plan.has_ids else
-                                 {"path_column": "path", "roots": plan.roots, "names": names})
     # Blocks already hold `batch_size` rows: on CPU each goes to an actor whole, without re-batching.
     return predict_stage(ds, cfg, res, dtype, tokenize, rebatch=False)
 
 
-def plan_actors(cfg: ScoreConfig, model_bytes: int) -> CpuPlan:
-    """The predictor pool for `cfg` on the connected cluster as it is now (`cpu_plan`)."""
+def fallback_ids(pre: Preflight, staged: dict) -> Optional[dict]:
+    """`tokenize_batch`'s fallback_ids for inputs without an id column (None when they have one):
+    a staged file's ids name the input it holds, as that input read directly would be named."""
+    plan = pre.plan
+    if plan.has_ids:
+        return None
+    names = {ray_path(read): id_name(source, plan.roots) for read, source in staged.items() if read != source}
+    return {"path_column": "path", "roots": plan.roots, "names": names}
+
+
+def plan_actors(cfg: ScoreConfig, model_bytes: int, ray_data: bool) -> CpuPlan:
+    """The predictor pool for `cfg` on the connected cluster as it is now (`cpu_plan`); `ray_data`:
+    CPU actors would be a Ray Data pool (`score_dataset`), not our own (`score`)."""
     import ray
 
     r = cfg.resources
     return cpu_plan(ray.cluster_resources(), r.num_actors, r.actor_num_cpus, r.task_num_cpus, r.torch_threads,
-                    r.device, r.max_gpu_actors, r.gpu_wait_s, model_bytes=model_bytes)
+                    r.device, r.max_gpu_actors, r.gpu_wait_s, model_bytes=model_bytes, ray_data=ray_data)
 
 
 def tokenize_settings(cfg: ScoreConfig, max_length: int, **ids) -> dict:
@@ -405,6 +398,13 @@ def tokenize_settings(cfg: ScoreConfig, max_length: int, **ids) -> dict:
     fallback_ids) and the caller's columns to keep (keep_columns)."""
     return dict(tokenizer_path=cfg.tokenizer or cfg.model, text_column=cfg.text_column,
                 text_pair_column=cfg.text_pair_column, max_length=max_length, with_offsets=cfg.task == "tag", **ids)
+
+
+def predictor_kwargs(cfg: ScoreConfig, res: CpuPlan, dtype: str, tokenize: Optional[dict]) -> dict:
+    """`Predictor(cfg.model, cfg.task, **these)`; `tokenize`: the actor tokenizes its blocks (CPU)."""
+    return dict(max_tokens=cfg.max_tokens, max_batch_rows=cfg.max_batch_rows, dtype=dtype, device=res.device,
+                pooling=cfg.pooling, normalize=cfg.normalize, top_k=cfg.top_k, num_threads=res.torch_threads,
+                tokenizer=cfg.tokenizer, head=cfg.head, tokenize=tokenize)
 
 
 def predict_stage(ds, cfg: ScoreConfig, res: CpuPlan, dtype: str, tokenize: dict, rebatch: bool):
@@ -431,10 +431,7 @@ def predict_stage(ds, cfg: ScoreConfig, res: CpuPlan, dtype: str, tokenize: dict
             Predictor, batch_format="pyarrow",
             batch_size=cfg.batch_size if (res.actor_num_gpus or rebatch) else None,
             fn_constructor_args=(cfg.model, cfg.task),
-            fn_constructor_kwargs=dict(max_tokens=cfg.max_tokens, max_batch_rows=cfg.max_batch_rows, dtype=dtype,
-                                       device=res.device, pooling=cfg.pooling, normalize=cfg.normalize,
-                                       top_k=cfg.top_k, num_threads=res.torch_threads, tokenizer=cfg.tokenizer,
-                                       head=cfg.head, tokenize=tokenize if on_cpu else None),
+            fn_constructor_kwargs=predictor_kwargs(cfg, res, dtype, tokenize if on_cpu else None),
             compute=actor_pool(res),
             num_cpus=res.actor_num_cpus, num_gpus=res.actor_num_gpus or None,
             # A killed actor is restarted and its in-flight block retried, on purpose.
@@ -468,7 +465,7 @@ def score_dataset(ds, model: str, task: str = "embed", **settings):
     clash = sorted(set(names) & {"n_tokens", "truncated", "error", *STEPS[cfg.task].names})  # what we add
     if clash:
         raise ValueError(f"the dataset's columns {clash} would be replaced by the scores; rename them first")
-    res = plan_actors(cfg, weight_bytes(local))
+    res = plan_actors(cfg, weight_bytes(local), ray_data=True)
     dtype = job_dtype(cfg.dtype, res.device, {}, res.torch_threads, model_config.hidden_size)
     tokenize = tokenize_settings(cfg, max_length, id_column=None, keep_columns=names)
     return predict_stage(ds, cfg, res, dtype, tokenize, rebatch=True)
@@ -493,4 +490,5 @@ def finish(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, resumed: bool, second
                                                 "model": str(cfg.model), "head": cfg.head, "recipe": pre.recipe})
     storage.delete(pre.checkpoint_dir)
     storage.delete(storage.join(output, STAGED))
+    drop_partial_writes(output)
     return result

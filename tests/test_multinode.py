@@ -8,11 +8,11 @@ observe it rather than assume it:
 
 - head: 1 CPU; each worker node: 3 CPUs. A predictor actor reserves 1.75 CPUs and a Train
   worker 2, so two of either can't share a node and neither fits on the head, while every node
-  keeps a CPU or so free for the fractional (0.25) Ray Data read/tokenize/write tasks and Ray's
-  1-CPU checkpoint-filter actor (without that room Ray Data waits forever: pipelines/resources.py).
-- Scoring: Ray's state API (`ray.util.state`, served by the head's dashboard) lists the actors
-  Ray Data started for the predictor (`MapWorker(MapBatches(Predictor))`) with their node ids,
-  and the tasks they ran with theirs.
+  keeps a CPU or so free for the fractional (0.25) Ray Data read/tokenize tasks of training
+  (without that room Ray Data waits forever: pipelines/resources.py).
+- Scoring: Ray's state API (`ray.util.state`, served by the head's dashboard) lists the
+  predictor actors (`ScoringActor`, pipelines/score_units.py) with their node ids, and the units
+  they scored with theirs.
 - Pretraining: rank 0 writes every rank's Ray node id in the "start" record of metrics.jsonl.
 
 Other engineers' Ray sessions may run on this machine at the same time, so this module never
@@ -34,7 +34,7 @@ import pytest
 HEAD_CPUS, WORKER_CPUS = 1, 3
 ACTOR_CPUS = 1.75  # > WORKER_CPUS / 2 and > HEAD_CPUS: one predictor actor per worker node
 TRAIN_WORKER_CPUS = 2.0  # likewise: one Train worker per worker node
-PREDICTOR = "MapWorker(MapBatches(Predictor))"  # the state API's class name of Ray Data's Predictor actors
+PREDICTOR = "ScoringActor"  # the state API's class name of the CPU predictor actors
 STEPS = 20
 
 
@@ -119,7 +119,7 @@ def test_scoring_actors_run_on_two_nodes(cluster, minilm_dir, tmp_path):
     t0 = time.perf_counter()
     result = main(ScoreConfig(
         input=str(d), output=str(out), model=str(minilm_dir), task="embed", max_length=128,
-        batch_size=20,  # 10 blocks, so both actors get work
+        batch_size=20,  # units of 2 blocks: 10 units, so both actors get work
         address=cluster.address, resources=ResourceConfig(num_actors=2, actor_num_cpus=ACTOR_CPUS)))
     seconds = time.perf_counter() - t0
 
@@ -144,9 +144,9 @@ def test_scoring_actors_run_on_two_nodes(cluster, minilm_dir, tmp_path):
     assert len(actor_nodes) == 2, actors
     assert set(actor_nodes.values()) == workers, (actor_nodes, workers, head)
 
-    # And both did work: the blocks (`submit` tasks) each actor processed, by node (task events
+    # And both did work: the units (`score` calls) each actor scored, by node (task events
     # reach the state API about a second late, hence the polling).
-    def blocks_per_node():
+    def units_per_node():
         try:
             tasks = list_tasks(address=cluster.address, filters=[("type", "=", "ACTOR_TASK")], detail=True,
                                limit=10_000, raise_on_missing_output=False)
@@ -154,15 +154,15 @@ def test_scoring_actors_run_on_two_nodes(cluster, minilm_dir, tmp_path):
             return {}
         per: dict[str, int] = {}
         for t in tasks:
-            if t.actor_id in actor_nodes and t.state == "FINISHED" and t.name.endswith(".submit"):
+            if t.actor_id in actor_nodes and t.state == "FINISHED" and t.name.endswith(".score"):
                 assert t.node_id == actor_nodes[t.actor_id]
                 per[t.node_id] = per.get(t.node_id, 0) + 1
         return per
 
-    per_node = _poll(blocks_per_node, lambda p: set(p) == workers)
+    per_node = _poll(units_per_node, lambda p: set(p) == workers)
     assert set(per_node) == workers, per_node
     print(f"\nscoring: {result.rows} rows in {seconds:.1f} s; predictor actors on nodes "
-          f"{sorted(set(actor_nodes.values()))}; blocks scored per node {per_node}")
+          f"{sorted(set(actor_nodes.values()))}; units scored per node {per_node}")
 
 
 # Over 60 s: a Ray Train fit whose workers start on two other nodes of a 3-node test cluster.

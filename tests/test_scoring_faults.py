@@ -121,7 +121,7 @@ def test_killing_a_predictor_actor_mid_run_loses_no_rows(ray_local, tmp_path, mi
             if len(_data_files(out)) >= 2:
                 for p in me.children(recursive=True):  # only processes of this test's own Ray
                     try:
-                        if "MapBatches(Predictor)" in " ".join(p.cmdline()):
+                        if "ScoringActor" in " ".join(p.cmdline()):  # pipelines/score_units.py
                             p.send_signal(signal.SIGKILL)
                             killed.update(pid=p.pid, files=len(_data_files(out)))
                             return

@@ -1,0 +1,278 @@
+"""Scoring on CPUs without Ray Data: predictor actors that each read a unit of rows, tokenize and
+predict it, and write the unit's own output file.
+
+Why: with a model that costs nothing, Ray Data spent about 90% of a CPU scoring job around the
+predictor (BENCHMARKS.md, issue 21): worker processes started mid-run for the 0.25-CPU read and
+write tasks (each importing Ray Data and pyarrow), an object-store round trip of every block to a
+separate write task, a checkpoint-filter actor holding a CPU, and predictor actors started only
+once the read was planned. On CPUs the reading, tokenizing, model and writing compete for the same
+cores anyway, so here one process does all of a unit, and the only traffic is a unit's
+description out and three numbers back. (GPU actors keep the Ray Data program in
+pipelines/scoring.py: there tokenizing must run beside the GPU, not on its actor.)
+
+Contract:
+- A *unit* is rows [start, stop) of one row group of one (staged) Parquet input, at most
+  `unit_rows` rows (`plan_units`: deterministic from the files' footers, in file order, and
+  `unit_rows`, which the run record keeps so a resume plans the same units). Its output is one
+  file, `<output>/part-<file>-<row group>-<start>.parquet` (`Unit.name`), written whole or not
+  at all (`write_unit`: a hidden temp file renamed into place locally, a single upload on an
+  object store). A unit is committed when its file exists: a rerun scores only the units
+  without one (`pending_units`), so after any number of kills every input row comes out once,
+  and a unit done twice (a retry, an orphaned actor) writes the same name with the same rows.
+- `row_hash` is Ray Data's `include_row_hash` of (file as Ray Data spells it, row position in
+  the file) (`row_hashes`), so the ids of inputs without an id column, and `repair_duplicates`,
+  are those of a plain Ray read (tests/test_scoring_pipeline.py compares them).
+- `start_actors` starts one `ScoringActor` per planned actor before the driver stages and plans
+  the input, so the actors' start-up (a fresh process importing torch) overlaps it. An actor
+  loads its `Predictor` on its first unit, and again after a restart.
+- `run_units` keeps two units in flight per actor. An actor that dies is restarted and its units
+  retried (`max_restarts`, `max_task_retries`); a unit that fails for its data stops the run with
+  an error naming the file; the committed units stay for the rerun. `stop_actors` kills them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.score_config import ActorsLost
+
+IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: an actor never waits on the driver between units
+ACTOR_START_TIMEOUT_S = 300.0  # actors are sized to the cluster: if none starts by then, its CPUs are taken
+
+
+@dataclass(frozen=True)
+class Unit:
+    file: str  # what is read: a local path or a URI
+    path: str  # the file as Ray Data's `path` column spells it (row_hash seed, fallback ids)
+    index: int  # the file's position among the inputs (names the output file)
+    row_group: int
+    start: int  # rows [start, stop) of the row group
+    stop: int
+    first_row: int  # the row group's first row in the file
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}-{self.row_group:05d}-{self.start:09d}.parquet"
+
+
+def row_hashes(path: str, start: int, n: int) -> np.ndarray:
+    """(n,) uint64: Ray Data's `row_hash` of rows start..start+n of file `path` (Ray 2.60,
+    `_compute_row_hashes`: MD5 of the path seeds a position, splitmix64 mixes it)."""
+    seed = np.uint64(int.from_bytes(hashlib.md5(path.encode("utf-8")).digest()[:8], byteorder="little"))
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as it does in Ray's
+        keys = seed + np.arange(start, start + n, dtype=np.uint64)
+        keys ^= keys >> np.uint64(30)
+        keys *= np.uint64(0xBF58476D1CE4E5B9)
+        keys ^= keys >> np.uint64(27)
+        keys *= np.uint64(0x94D049BB133111EB)
+        keys ^= keys >> np.uint64(31)
+    return keys
+
+
+def choose_unit_rows(rows: int, actors: int, batch_size: int) -> int:
+    """Rows per unit: about four units per actor, so the last units finish together, in whole
+    blocks of `batch_size`, between 1 and 16 blocks (a unit is one output file: not too small)."""
+    blocks = math.ceil(rows / max(1, 4 * actors) / batch_size)
+    return batch_size * min(16, max(1, blocks))
+
+
+def plan_units(files: list[str], paths: list[str], unit_rows: int) -> list[Unit]:
+    """Every row of `files` (read as Parquet; `paths`: each as Ray Data spells it) in units of at
+    most `unit_rows` rows, none spanning two row groups."""
+    units = []
+    for index, (name, path) in enumerate(zip(files, paths)):
+        fs, p = storage.filesystem(name)
+        with storage.reachable(name), fs.open_input_file(p) as f:
+            meta = pq.ParquetFile(f).metadata
+        first = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            units += [Unit(name, path, index, g, s, min(n, s + unit_rows), first) for s in range(0, n, unit_rows)]
+            first += n
+    return units
+
+
+def pending_units(units: list[Unit], committed: list[str]) -> list[Unit]:
+    """The units whose output file is not among `committed` (the output's data files)."""
+    done = {storage.basename(f) for f in committed}
+    return [u for u in units if u.name not in done]
+
+
+def write_unit(table: pa.Table, loc: str) -> None:
+    """Write a unit's file whole: readers (and a resume) see all of it or nothing."""
+    if not storage.is_uri(loc):
+        path = storage.normalize(loc)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")  # readers skip "."
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return
+    fs, path = storage.filesystem(loc)
+    with storage.reachable(loc):
+        pq.write_table(table, path, filesystem=fs)  # an object appears only once its upload completes
+
+
+def drop_partial_writes(output: str) -> None:
+    """Delete the temp files of unit writes a kill cut short (local outputs; readers skip them)."""
+    if storage.is_uri(output):
+        return  # an object store holds no partial object
+    for name in storage.list_names(output):
+        if name.startswith(".part-") and name.endswith(".tmp"):
+            os.remove(os.path.join(storage.normalize(output), name))
+
+
+class ScoringActor:
+    """One CPU predictor process: reads, tokenizes, predicts and writes whole units."""
+
+    def __init__(self, threads: int):
+        # Before torch and `tokenizers` load in this fresh process: OpenMP threads that sleep at
+        # barriers instead of spinning (spinning stole the cores another actor needed: 10-20x slower
+        # forwards under contention), and a `tokenizers` pool of this actor's share of the cores.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        import torch  # the bulk of the start-up, paid while the driver plans the input
+
+        torch.set_num_threads(threads)
+        self.predictor = None
+        self.row_group: tuple = (None, None)  # ((file, row group), its table): a row group's units come in order
+
+    def ready(self) -> bool:
+        return True
+
+    def score(self, unit: Unit, spec: dict) -> tuple[int, int, int]:
+        """Score `unit` into `spec["output"]`; returns (rows, error rows, tokens)."""
+        if self.predictor is None:
+            from pipelines.predictors import Predictor
+
+            self.predictor = Predictor(*spec["predictor_args"], **spec["predictor_kwargs"])
+        table = self._read(unit, spec["columns"]).slice(unit.start, unit.rows)
+        table = table.append_column("row_hash", pa.array(row_hashes(unit.path, unit.first_row + unit.start,
+                                                                    unit.rows), pa.uint64()))
+        if spec["with_path"]:  # fallback ids name the file (pipelines/tokenize.py)
+            table = table.append_column("path", pa.array([unit.path] * unit.rows, pa.string()))
+        batch = spec["batch_size"]
+        parts = [self.predictor(table.slice(i, batch)) for i in range(0, unit.rows, batch)]
+        meta = parts[0].schema.metadata  # the precision the rows were scored in
+        out = pa.concat_tables([p.replace_schema_metadata(None) for p in parts]).replace_schema_metadata(meta)
+        write_unit(out, storage.join(spec["output"], unit.name))
+        return out.num_rows, out.num_rows - out["error"].null_count, int(pc.sum(out["n_tokens"]).as_py() or 0)
+
+    def _read(self, unit: Unit, columns: list[str]) -> pa.Table:
+        key = (unit.file, unit.row_group)
+        if self.row_group[0] != key:
+            fs, path = storage.filesystem(unit.file)
+            with storage.reachable(unit.file), fs.open_input_file(path) as f:
+                self.row_group = (key, pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns))
+        return self.row_group[1]
+
+
+def start_actors(n: int, num_cpus: float, threads: int, max_restarts: int, max_task_retries: int) -> list:
+    """`n` ScoringActors, starting now (creation returns at once)."""
+    import ray
+
+    cls = ray.remote(ScoringActor)
+    return [cls.options(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=max_task_retries)
+            .remote(threads) for _ in range(n)]
+
+
+def stop_actors(actors: list) -> None:
+    import ray
+
+    for a in actors:
+        ray.kill(a, no_restart=True)
+
+
+class UnitFailed(ValueError):
+    """A unit's data could not be read or scored (a corrupt or changed file): no retry would help."""
+
+
+def wait_for_an_actor(actors: list, timeout_s: float = ACTOR_START_TIMEOUT_S) -> None:
+    """Return once an actor has started; raise ActorsLost if none can be placed in `timeout_s`
+    (the cluster's CPUs held by other work), rather than wait forever."""
+    import ray
+
+    ready, _ = ray.wait([a.ready.remote() for a in actors], num_returns=1, timeout=timeout_s)
+    if not ready:
+        free, total = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
+        raise ActorsLost(f"no predictor actor started within {timeout_s:g} s: the cluster has {free:g} of {total:g} "
+                         f"CPUs free (other jobs or actors hold the rest); free them, or set --num-actors / "
+                         f"resources.actor_num_cpus lower")
+
+
+def run_units(actors: list, units: list[Unit], spec: dict, on_done: Callable[[int, int, int], None]) -> None:
+    """Score `units` on `actors`, IN_FLIGHT_PER_ACTOR each, calling `on_done(rows, errors, tokens)`
+    as each unit commits."""
+    import ray
+
+    todo, in_flight = deque(units), {}
+    if todo:
+        wait_for_an_actor(actors)
+    spec_ref = ray.put(spec)  # sent to each actor once, not with every unit
+
+    def submit(actor) -> None:
+        if todo:
+            unit = todo.popleft()
+            in_flight[actor.score.remote(unit, spec_ref)] = (actor, unit)
+
+    for actor in actors:
+        for _ in range(IN_FLIGHT_PER_ACTOR):
+            submit(actor)
+    while in_flight:
+        [ref], _ = ray.wait(list(in_flight), num_returns=1)
+        actor, unit = in_flight.pop(ref)
+        try:
+            on_done(*ray.get(ref))
+        except ray.exceptions.RayActorError as e:
+            raise ActorsLost(f"a predictor actor died more often than resources.max_restarts allows, scoring "
+                             f"{unit.file} (row group {unit.row_group}): {str(e).strip().splitlines()[0]}; if it "
+                             f"ran out of memory, use fewer actors (--num-actors) or a smaller --max-length; the "
+                             f"rows scored so far are kept: rerun the same command to finish") from None
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if not isinstance(cause, (OSError, pa.ArrowException, ValueError)):
+                raise  # not the data's fault: a bug, with its traceback
+            raise UnitFailed(f"{unit.file}: rows {unit.first_row + unit.start}-{unit.first_row + unit.stop - 1} "
+                             f"(row group {unit.row_group}) could not be read or scored ({type(cause).__name__}: "
+                             f"{str(cause).strip().splitlines()[0]}); the rows scored so far are kept: replace the "
+                             f"file with a sound copy and rerun the same command") from None
+        submit(actor)
+
+
+def score_on_actors(actors: list, spec: dict, files: list[str], unit_rows: int, checkpoint_dir: str,
+                    total: int, rows_before: int, tokens_before: int) -> None:
+    """The CPU scoring step of `pipelines.scoring.score`: plan the units of `files` (staged
+    Parquet), skip those the output already holds, score the rest; one progress line."""
+    from pipelines.console import Progress
+    from pipelines.score_output import UNITS_RECORD, data_files, ray_path, write_json
+
+    units = plan_units(files, [ray_path(f) for f in files], unit_rows)
+    todo = pending_units(units, data_files(spec["output"]))
+    # Marks the run unfinished until `finish` deletes the checkpoint dir (an object store has no empty dirs).
+    write_json(storage.join(checkpoint_dir, UNITS_RECORD), {"unit_rows": unit_rows, "units": len(units),
+                                                             "pending": len(todo)})
+    progress = Progress("score", total, start=rows_before)
+    counts = [rows_before, tokens_before]
+
+    def done(rows: int, errors: int, tokens: int) -> None:
+        counts[0] += rows
+        counts[1] += tokens
+        progress.update(counts[0], counts[1] - tokens_before)
+
+    try:
+        run_units(actors, todo, spec, done)
+    finally:
+        progress.close()

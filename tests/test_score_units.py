@@ -1,0 +1,155 @@
+"""The CPU scoring path's parts (pipelines/score_units.py): units cover every row once and never
+span a row group, `row_hash` is Ray Data's, a unit's file is written whole and rewriting it is
+idempotent, and a unit whose data can't be read stops the run naming the file, keeping what was
+committed, after which a rerun on a repaired file completes the output exactly once.
+(Kill -9 of the driver and of an actor: tests/test_scoring_faults.py.)"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bert_core.checkpoint import save_pretrained
+from bert_core.model import build_model, preset
+from bert_core.tokenizer import load_tokenizer
+from pipelines.score_units import (ScoringActor, choose_unit_rows, drop_partial_writes, pending_units,
+                                   plan_units, row_hashes)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, minilm_dir):
+    tok = load_tokenizer(minilm_dir)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_pretrained(build_model(preset("debug", vocab_size=len(tok)), "embed"), path, tokenizer=tok)
+    return str(path)
+
+
+def _file(path, rows: int, row_group_size: int, start: int = 0) -> None:
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(start, start + rows)],
+                             "text": [f"row {i} " * (1 + i % 7) for i in range(start, start + rows)]}),
+                   path, row_group_size=row_group_size)
+
+
+def test_units_cover_every_row_once_within_row_groups(tmp_path):
+    _file(tmp_path / "a.parquet", 250, 60)  # row groups of 60, 60, 60, 60, 10
+    _file(tmp_path / "b.parquet", 7, 100)
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}), tmp_path / "e.parquet")
+    files = [str(tmp_path / f) for f in ("a.parquet", "b.parquet", "e.parquet")]
+    units = plan_units(files, files, unit_rows=25)
+    assert plan_units(files, files, unit_rows=25) == units  # deterministic: a resume plans the same units
+    for name, rows in ((files[0], 250), (files[1], 7), (files[2], 0)):
+        mine = [u for u in units if u.file == name]
+        covered = sorted(r for u in mine for r in range(u.first_row + u.start, u.first_row + u.stop))
+        assert covered == list(range(rows))  # every row once
+        assert all(0 < u.rows <= 25 for u in mine)
+    md = pq.ParquetFile(files[0]).metadata
+    assert all(u.stop <= md.row_group(u.row_group).num_rows for u in units if u.file == files[0])  # within its group
+    assert len({u.name for u in units}) == len(units)
+    committed = [str(tmp_path / "out" / units[0].name), str(tmp_path / "out" / units[3].name)]
+    assert pending_units(units, committed) == [u for i, u in enumerate(units) if i not in (0, 3)]
+
+
+def test_unit_rows_are_whole_blocks_about_four_units_per_actor():
+    assert choose_unit_rows(35_000, 2, 1024) == 5 * 1024  # 35,000 / 8 units -> 4,375 rows -> 5 blocks
+    assert choose_unit_rows(10, 2, 1024) == 1024  # at least one block
+    assert choose_unit_rows(10_000_000, 2, 1024) == 16 * 1024  # at most 16 blocks: files of a sane size
+
+
+def test_row_hash_is_ray_datas():
+    """Ray Data's include_row_hash (the same function, read through its reader end to end in
+    tests/test_scoring_pipeline.py::test_ids_from_file_and_row_hash_when_absent)."""
+    from ray.data._internal.datasource_v2.common.synthesized_columns import _compute_row_hashes
+
+    for path, start, n in (("/data/in/x.parquet", 0, 100), ("bucket/key/y.parquet", 12_345, 7)):
+        assert np.array_equal(row_hashes(path, start, n), _compute_row_hashes(path, start, n))
+    assert row_hashes("/a", 0, 5).dtype == np.uint64
+
+
+def test_actor_writes_a_unit_whole_and_a_retry_rewrites_the_same_file(tmp_path, tiny):
+    from pipelines.scoring import tokenize_settings
+    from pipelines.score_config import ScoreConfig
+
+    _file(tmp_path / "a.parquet", 90, 40)
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = ScoreConfig(input=str(tmp_path / "a.parquet"), output=str(out), model=tiny, task="embed")
+    tokenize = tokenize_settings(cfg, 32, id_column="id", fallback_ids=None)
+    spec = dict(output=str(out), columns=["text", "id"], batch_size=16, with_path=False,
+                predictor_args=(tiny, "embed"), predictor_kwargs=dict(dtype="fp32", num_threads=1, tokenize=tokenize))
+    actor = ScoringActor(1)
+    f = str(tmp_path / "a.parquet")
+    [u0, u1] = [u for u in plan_units([f], [f], 25) if u.row_group == 1]  # rows 40..79: units of 25 and 15 rows
+    assert actor.score(u1, spec)[0] == 15
+    rows, errors, tokens = actor.score(u0, spec)
+    first = pq.read_table(out / u0.name)
+    assert (rows, errors) == (25, 0) and tokens == sum(first["n_tokens"].to_pylist())
+    assert first["id"].to_pylist() == [f"r{i}" for i in range(40, 65)]  # input order, its own rows
+    assert first["row_hash"].to_pylist() == row_hashes(f, 40, 25).tolist()
+    actor.score(u0, spec)  # a retry of a committed unit: the same name, the same rows
+    assert pq.read_table(out / u0.name).equals(first)
+    assert sorted(os.listdir(out)) == sorted([u0.name, u1.name])  # no temp file left
+    (out / f".{u0.name}.123.tmp").write_bytes(b"cut short by a kill")
+    drop_partial_writes(str(out))
+    assert sorted(os.listdir(out)) == sorted([u0.name, u1.name])
+
+
+def test_a_corrupt_row_group_stops_the_run_naming_it_and_a_rerun_completes(tmp_path, tiny):
+    """A row group whose pages can't be read (the footer is sound, so the driver's checks pass):
+    one Error line naming the file and rows, exit 1, the other units committed and kept; once the
+    file is replaced, the same command finishes with every row once."""
+    import subprocess
+    import sys
+
+    from pipelines.score_output import MANIFEST, default_checkpoint_dir, read_output
+
+    d = tmp_path / "in"
+    d.mkdir()
+    _file(d / "good.parquet", 200, 100)
+    _file(d / "bad.parquet", 300, 100, start=200)
+    sound = (d / "bad.parquet").read_bytes()
+    col = pq.ParquetFile(d / "bad.parquet").metadata.row_group(1).column(1)
+    broken = bytearray(sound)
+    broken[col.data_page_offset:col.data_page_offset + 16] = b"\xff" * 16  # its first page header
+    (d / "bad.parquet").write_bytes(bytes(broken))
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "jobs.score", str(d), str(out), "--model", tiny, "--batch-size", "50"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=240)
+    text = r.stdout + r.stderr
+    errors = [line for line in text.splitlines() if line.startswith("Error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    assert "bad.parquet: rows 100-" in errors[0] and "row group 1" in errors[0], errors[0]
+    kept = read_output(str(out), ["id"])["id"].to_pylist()
+    assert 0 < len(kept) < 500 and len(set(kept)) == len(kept)
+    assert not any(f"r{i}" in kept for i in range(300, 400))  # nothing of the unreadable rows
+    assert not (out / MANIFEST).exists() and os.path.isdir(default_checkpoint_dir(str(out)))
+    (d / "bad.parquet").write_bytes(sound)
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    ids = read_output(str(out), ["id"])["id"].to_pylist()
+    assert sorted(ids) == sorted(f"r{i}" for i in range(500))  # every row once
+    assert (out / MANIFEST).exists() and not os.path.exists(default_checkpoint_dir(str(out)))
+
+
+def test_actors_that_cannot_be_placed_stop_the_run_instead_of_waiting(ray_local):
+    """Actors are sized to the cluster; when its CPUs are held by other work, the run says so
+    within the timeout instead of waiting forever."""
+    import ray
+
+    from pipelines.score_config import ActorsLost
+    from pipelines.score_units import ScoringActor, stop_actors, wait_for_an_actor
+
+    unplaceable = [ray.remote(ScoringActor).options(num_cpus=64).remote(1)]
+    try:
+        with pytest.raises(ActorsLost, match=r"no predictor actor started within 2 s: the cluster has 2 of 2 CPUs"):
+            wait_for_an_actor(unplaceable, timeout_s=2)
+    finally:
+        stop_actors(unplaceable)

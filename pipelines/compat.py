@@ -21,6 +21,10 @@ unnecessary or stops it from working (tests/test_compat.py), so none outlives it
   with the HTTP status only in its text ("Request failed with status code 404: ...").
 - `QuietGpuWait` (Ray Data 2.60): a pool-start timeout is logged as an internal Ray error, with a
   plea to file a bug and a traceback, before it is raised; we report it in one line.
+- `row_hashes` (Ray Data 2.60): CPU scoring reads Parquet without Ray Data but keys its rows, and
+  names rows without ids, by Ray Data's `include_row_hash` (its private `_compute_row_hashes`,
+  recomputed here), so outputs, fallback ids and resumes agree with the GPU path's and with
+  outputs written before.
 """
 
 from __future__ import annotations
@@ -252,3 +256,21 @@ def pace_idle_data_scheduler() -> bool:
     if backoff not in classes:
         classes.append(backoff)
     return True
+
+
+def row_hashes(path: str, start: int, n: int):
+    """(n,) uint64: Ray Data's `row_hash` of rows start..start+n of file `path` (Ray 2.60,
+    `_compute_row_hashes`: MD5 of the path seeds a position, splitmix64 mixes it)."""
+    import hashlib
+
+    import numpy as np
+
+    seed = np.uint64(int.from_bytes(hashlib.md5(path.encode("utf-8")).digest()[:8], byteorder="little"))
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as it does in Ray's
+        keys = seed + np.arange(start, start + n, dtype=np.uint64)
+        keys ^= keys >> np.uint64(30)
+        keys *= np.uint64(0xBF58476D1CE4E5B9)
+        keys ^= keys >> np.uint64(27)
+        keys *= np.uint64(0x94D049BB133111EB)
+        keys ^= keys >> np.uint64(31)
+    return keys

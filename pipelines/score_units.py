@@ -20,8 +20,9 @@ Contract:
   without one (`pending_units`), so after any number of kills every input row comes out once,
   and a unit done twice (a retry, an orphaned actor) writes the same name with the same rows.
 - `row_hash` is Ray Data's `include_row_hash` of (file as Ray Data spells it, row position in
-  the file) (`row_hashes`), so the ids of inputs without an id column, and `repair_duplicates`,
-  are those of a plain Ray read (tests/test_scoring_pipeline.py compares them).
+  the file) (`compat.row_hashes`), so the ids of inputs without an id column, and
+  `repair_duplicates`, are those of a plain Ray read and of the GPU path
+  (tests/test_scoring_pipeline.py compares them).
 - `start_actors` starts one `ScoringActor` per planned actor before the driver stages and plans
   the input, so the actors' start-up (a fresh process importing torch) overlaps it. An actor
   loads its `Predictor` on its first unit, and again after a restart.
@@ -32,19 +33,19 @@ Contract:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.compat import row_hashes
 from pipelines.score_config import ActorsLost
 
 IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: an actor never waits on the driver between units
@@ -68,20 +69,6 @@ class Unit:
     @property
     def name(self) -> str:
         return f"part-{self.index:05d}-{self.row_group:05d}-{self.start:09d}.parquet"
-
-
-def row_hashes(path: str, start: int, n: int) -> np.ndarray:
-    """(n,) uint64: Ray Data's `row_hash` of rows start..start+n of file `path` (Ray 2.60,
-    `_compute_row_hashes`: MD5 of the path seeds a position, splitmix64 mixes it)."""
-    seed = np.uint64(int.from_bytes(hashlib.md5(path.encode("utf-8")).digest()[:8], byteorder="little"))
-    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as it does in Ray's
-        keys = seed + np.arange(start, start + n, dtype=np.uint64)
-        keys ^= keys >> np.uint64(30)
-        keys *= np.uint64(0xBF58476D1CE4E5B9)
-        keys ^= keys >> np.uint64(27)
-        keys *= np.uint64(0x94D049BB133111EB)
-        keys ^= keys >> np.uint64(31)
-    return keys
 
 
 def choose_unit_rows(rows: int, actors: int, batch_size: int) -> int:
@@ -213,14 +200,15 @@ def wait_for_an_actor(actors: list, timeout_s: float = ACTOR_START_TIMEOUT_S) ->
                          f"resources.actor_num_cpus lower")
 
 
-def run_units(actors: list, units: list[Unit], spec: dict, on_done: Callable[[int, int, int], None]) -> None:
+def run_units(actors: list, units: list[Unit], spec: dict, on_done: Callable[[int, int, int], None]) -> float:
     """Score `units` on `actors`, IN_FLIGHT_PER_ACTOR each, calling `on_done(rows, errors, tokens)`
-    as each unit commits."""
+    as each unit commits. Returns when (`time.perf_counter()`) the first actor was ready."""
     import ray
 
     todo, in_flight = deque(units), {}
     if todo:
         wait_for_an_actor(actors)
+    ready_at = time.perf_counter()
     spec_ref = ray.put(spec)  # sent to each actor once, not with every unit
 
     def submit(actor) -> None:
@@ -250,12 +238,14 @@ def run_units(actors: list, units: list[Unit], spec: dict, on_done: Callable[[in
                              f"{str(cause).strip().splitlines()[0]}); the rows scored so far are kept: replace the "
                              f"file with a sound copy and rerun the same command") from None
         submit(actor)
+    return ready_at
 
 
 def score_on_actors(actors: list, spec: dict, files: list[str], unit_rows: int, checkpoint_dir: str,
-                    total: int, rows_before: int, tokens_before: int) -> None:
+                    total: int, rows_before: int, tokens_before: int) -> float:
     """The CPU scoring step of `pipelines.scoring.score`: plan the units of `files` (staged
-    Parquet), skip those the output already holds, score the rest; one progress line."""
+    Parquet), skip those the output already holds, score the rest; one progress line. Returns
+    when (`time.perf_counter()`) the first actor was ready: the start-up ends there."""
     from pipelines.console import Progress
     from pipelines.score_output import UNITS_RECORD, data_files, ray_path, write_json
 
@@ -273,6 +263,6 @@ def score_on_actors(actors: list, spec: dict, files: list[str], unit_rows: int, 
         progress.update(counts[0], counts[1] - tokens_before)
 
     try:
-        run_units(actors, todo, spec, done)
+        return run_units(actors, todo, spec, done)
     finally:
         progress.close()

@@ -98,6 +98,9 @@ class ScoreResult:
     seconds: float  # wall time of this run's pipeline
     tokens_this_run: int
     input_rows: int
+    # Of `seconds`, the start-up: until the first predictor actor could score (CPU: a fresh process
+    # importing torch). 0.0 where not measured (GPUs: Ray Data's pool).
+    startup_s: float = 0.0
     resumed: bool = False
     already_complete: bool = False
     plan: dict = field(default_factory=dict)
@@ -289,18 +292,19 @@ def score(cfg: ScoreConfig) -> ScoreResult:
             spec = dict(output=storage.normalize(cfg.output), columns=pre.plan.columns, batch_size=cfg.batch_size,
                         with_path=not pre.plan.has_ids, predictor_args=(cfg.model, cfg.task),
                         predictor_kwargs=predictor_kwargs(cfg, res, dtype, tokenize))
-            score_on_actors(actors, spec, list(staged), record["unit_rows"], pre.checkpoint_dir, pre.plan.rows,
-                            before[0], before[2])
+            ready_at = score_on_actors(actors, spec, list(staged), record["unit_rows"], pre.checkpoint_dir,
+                                       pre.plan.rows, before[0], before[2])
         else:
-            score_with_ray_data(cfg, pre, res, dtype, staged, tokenize, before, t0)
+            ready_at = score_with_ray_data(cfg, pre, res, dtype, staged, tokenize, before, t0)
     finally:
         stop_actors(actors)
-    return finish(cfg, pre, res, resumed, time.perf_counter() - t0, before[2])
+    return finish(cfg, pre, res, resumed, time.perf_counter() - t0, before[2], ready_at - t0)
 
 
 def score_with_ray_data(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str, staged: dict, tokenize: dict,
-                        before: tuple, t0: float) -> None:
-    """The GPU scoring step: the Ray Data program (`build_dataset`) written to the output."""
+                        before: tuple, t0: float) -> float:
+    """The GPU scoring step: the Ray Data program (`build_dataset`) written to the output. Returns
+    `t0`: Ray Data's pool start-up is not measured apart."""
     import ray
 
     with ray_data_settings(pre.checkpoint_dir, res.gpu_wait_s), \
@@ -312,6 +316,7 @@ def score_with_ray_data(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: s
             if res.gpu_wait_s is None or time.perf_counter() - t0 < res.gpu_wait_s:
                 raise  # not the wait for the GPU pool to start
             raise GpuWaitTimeout(gpu_wait_message(res, int(ray.cluster_resources().get("GPU", 0)))) from None
+    return t0
 
 
 def reuse_or_reset(cfg: ScoreConfig, pre: Preflight) -> Optional[ScoreResult]:
@@ -472,7 +477,7 @@ def score_dataset(ds, model: str, task: str = "embed", **settings):
 
 
 def finish(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, resumed: bool, seconds: float,
-           tokens_before: int) -> ScoreResult:
+           tokens_before: int, startup_s: float = 0.0) -> ScoreResult:
     """Check row conservation (after repairing duplicates left by overlapping writers), write the
     manifest, delete the checkpoint. The contract: never report success without every row."""
     output, plan = cfg.output, pre.plan
@@ -481,7 +486,7 @@ def finish(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, resumed: bool, second
     if rows != plan.rows and repair_duplicates(output):  # after Ray dropped uncommitted files
         rows, errors, tokens = output_totals(output)
     result = ScoreResult(output=output, rows=rows, error_rows=errors, tokens=tokens, seconds=seconds,
-                         tokens_this_run=tokens_this_run, input_rows=plan.rows, resumed=resumed,
+                         startup_s=round(startup_s, 3), tokens_this_run=tokens_this_run, input_rows=plan.rows, resumed=resumed,
                          plan=asdict(res), dtype=output_dtypes(output))
     if rows != plan.rows:
         raise RuntimeError(f"{output}: {rows} output rows for {plan.rows} input rows; the checkpoint "

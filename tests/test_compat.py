@@ -246,3 +246,17 @@ def test_deepspeed_logs_to_stderr_so_stdout_keeps_a_commands_result():
     import_deepspeed()
     handlers = [h for h in logging.getLogger("DeepSpeed").handlers if isinstance(h, logging.StreamHandler)]
     assert handlers and all(h.stream is not sys.stdout for h in handlers)
+
+
+def test_row_hashes_are_ray_datas():
+    """CPU scoring's row_hash is Ray Data's include_row_hash, computed as Ray 2.60 computes it (and
+    read through its reader end to end in tests/test_scoring_pipeline.py::
+    test_ids_from_file_and_row_hash_when_absent). A Ray that hashes otherwise fails here."""
+    import numpy as np
+    from ray.data._internal.datasource_v2.common.synthesized_columns import _compute_row_hashes
+
+    from pipelines.compat import row_hashes
+
+    for path, start, n in (("/data/in/x.parquet", 0, 100), ("bucket/key/y.parquet", 12_345, 7)):
+        assert np.array_equal(row_hashes(path, start, n), _compute_row_hashes(path, start, n))
+    assert row_hashes("/a", 0, 5).dtype == np.uint64

@@ -1,5 +1,5 @@
 """The CPU scoring path's parts (pipelines/score_units.py): units cover every row once and never
-span a row group, `row_hash` is Ray Data's, a unit's file is written whole and rewriting it is
+span a row group, a unit's file is written whole and rewriting it is
 idempotent, and a unit whose data can't be read stops the run naming the file, keeping what was
 committed, after which a rerun on a repaired file completes the output exactly once.
 (Kill -9 of the driver and of an actor: tests/test_scoring_faults.py.)"""
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,8 +16,8 @@ import torch
 from bert_core.checkpoint import save_pretrained
 from bert_core.model import build_model, preset
 from bert_core.tokenizer import load_tokenizer
-from pipelines.score_units import (ScoringActor, choose_unit_rows, drop_partial_writes, pending_units,
-                                   plan_units, row_hashes)
+from pipelines.compat import row_hashes
+from pipelines.score_units import ScoringActor, choose_unit_rows, drop_partial_writes, pending_units, plan_units
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +58,6 @@ def test_unit_rows_are_whole_blocks_about_four_units_per_actor():
     assert choose_unit_rows(35_000, 2, 1024) == 5 * 1024  # 35,000 / 8 units -> 4,375 rows -> 5 blocks
     assert choose_unit_rows(10, 2, 1024) == 1024  # at least one block
     assert choose_unit_rows(10_000_000, 2, 1024) == 16 * 1024  # at most 16 blocks: files of a sane size
-
-
-def test_row_hash_is_ray_datas():
-    """Ray Data's include_row_hash (the same function, read through its reader end to end in
-    tests/test_scoring_pipeline.py::test_ids_from_file_and_row_hash_when_absent)."""
-    from ray.data._internal.datasource_v2.common.synthesized_columns import _compute_row_hashes
-
-    for path, start, n in (("/data/in/x.parquet", 0, 100), ("bucket/key/y.parquet", 12_345, 7)):
-        assert np.array_equal(row_hashes(path, start, n), _compute_row_hashes(path, start, n))
-    assert row_hashes("/a", 0, 5).dtype == np.uint64
 
 
 def test_actor_writes_a_unit_whole_and_a_retry_rewrites_the_same_file(tmp_path, tiny):

@@ -27,8 +27,11 @@ Contract:
   the input, so the actors' start-up (a fresh process importing torch) overlaps it. An actor
   loads its `Predictor` on its first unit, and again after a restart.
 - `run_units` keeps two units in flight per actor. An actor that dies is restarted and its units
-  retried (`max_restarts`, `max_task_retries`); a unit that fails for its data stops the run with
-  an error naming the file; the committed units stay for the rerun. `stop_actors` kills them.
+  retried (`max_restarts`, `max_task_retries`). A unit that fails where no retry would help stops
+  the run with one error (`UnitFailed`) naming what: its input rows (`NotRead`: a corrupt or
+  vanished file), its output file (`NotWritten`), or the model (`NotLoaded`). Any other exception
+  is a bug and keeps its traceback. The committed units stay for the rerun; `stop_actors` kills
+  the actors.
 """
 
 from __future__ import annotations
@@ -122,6 +125,23 @@ def drop_partial_writes(output: str) -> None:
             os.remove(os.path.join(storage.normalize(output), name))
 
 
+class UnitFailed(ValueError):
+    """A unit could not be scored, for a reason no retry would change: its input could not be read
+    (a corrupt or changed file), its output could not be written, or the model did not load."""
+
+
+class NotRead(UnitFailed):
+    pass
+
+
+class NotWritten(UnitFailed):
+    pass
+
+
+class NotLoaded(UnitFailed):
+    pass
+
+
 class ScoringActor:
     """One CPU predictor process: reads, tokenizes, predicts and writes whole units."""
 
@@ -145,7 +165,11 @@ class ScoringActor:
         if self.predictor is None:
             from pipelines.predictors import Predictor
 
-            self.predictor = Predictor(*spec["predictor_args"], **spec["predictor_kwargs"])
+            try:
+                self.predictor = Predictor(*spec["predictor_args"], **spec["predictor_kwargs"])
+            except Exception as e:  # checked on the driver, so: this node's copy, memory, a library
+                raise NotLoaded(f"{spec['predictor_args'][0]}: the model did not load on a predictor actor "
+                                f"({type(e).__name__}: {e})") from e
         table = self._read(unit, spec["columns"]).slice(unit.start, unit.rows)
         table = table.append_column("row_hash", pa.array(row_hashes(unit.path, unit.first_row + unit.start,
                                                                     unit.rows), pa.uint64()))
@@ -155,15 +179,25 @@ class ScoringActor:
         parts = [self.predictor(table.slice(i, batch)) for i in range(0, unit.rows, batch)]
         meta = parts[0].schema.metadata  # the precision the rows were scored in
         out = pa.concat_tables([p.replace_schema_metadata(None) for p in parts]).replace_schema_metadata(meta)
-        write_unit(out, storage.join(spec["output"], unit.name))
+        target = storage.join(spec["output"], unit.name)
+        try:
+            write_unit(out, target)
+        except (OSError, pa.ArrowException) as e:
+            raise NotWritten(f"{target} could not be written ({type(e).__name__}: {e}); check the space and "
+                             f"permissions there") from e
         return out.num_rows, out.num_rows - out["error"].null_count, int(pc.sum(out["n_tokens"]).as_py() or 0)
 
     def _read(self, unit: Unit, columns: list[str]) -> pa.Table:
         key = (unit.file, unit.row_group)
         if self.row_group[0] != key:
             fs, path = storage.filesystem(unit.file)
-            with storage.reachable(unit.file), fs.open_input_file(path) as f:
-                self.row_group = (key, pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns))
+            try:
+                with storage.reachable(unit.file), fs.open_input_file(path) as f:
+                    self.row_group = (key, pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns))
+            except (OSError, pa.ArrowException, ValueError) as e:
+                raise NotRead(f"{unit.file}: rows {unit.first_row + unit.start}-{unit.first_row + unit.stop - 1} "
+                              f"(row group {unit.row_group}) could not be read ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0]}); replace the file with a sound copy") from e
         return self.row_group[1]
 
 
@@ -181,10 +215,6 @@ def stop_actors(actors: list) -> None:
 
     for a in actors:
         ray.kill(a, no_restart=True)
-
-
-class UnitFailed(ValueError):
-    """A unit's data could not be read or scored (a corrupt or changed file): no retry would help."""
 
 
 def wait_for_an_actor(actors: list, timeout_s: float = ACTOR_START_TIMEOUT_S) -> None:
@@ -231,12 +261,9 @@ def run_units(actors: list, units: list[Unit], spec: dict, on_done: Callable[[in
                              f"rows scored so far are kept: rerun the same command to finish") from None
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
-            if not isinstance(cause, (OSError, pa.ArrowException, ValueError)):
-                raise  # not the data's fault: a bug, with its traceback
-            raise UnitFailed(f"{unit.file}: rows {unit.first_row + unit.start}-{unit.first_row + unit.stop - 1} "
-                             f"(row group {unit.row_group}) could not be read or scored ({type(cause).__name__}: "
-                             f"{str(cause).strip().splitlines()[0]}); the rows scored so far are kept: replace the "
-                             f"file with a sound copy and rerun the same command") from None
+            if not isinstance(cause, UnitFailed):
+                raise  # not the input's, the output's or the model's: a bug, with its traceback
+            raise UnitFailed(f"{cause}; the rows scored so far are kept: rerun the same command to finish") from None
         submit(actor)
     return ready_at
 

@@ -142,3 +142,29 @@ def test_actors_that_cannot_be_placed_stop_the_run_instead_of_waiting(ray_local)
             wait_for_an_actor(unplaceable, timeout_s=2)
     finally:
         stop_actors(unplaceable)
+
+
+def test_an_actor_names_what_failed_input_output_or_model(tmp_path, tiny):
+    """What a unit can fail on, each named for the driver's one-line error (run_units): the input
+    (a missing file), the output (a directory that can't be written), the model (gone from the node)."""
+    from pipelines.score_config import ScoreConfig
+    from pipelines.score_units import NotLoaded, NotRead, NotWritten
+    from pipelines.scoring import tokenize_settings
+
+    f = str(tmp_path / "a.parquet")
+    _file(f, 30, 30)
+    [unit] = plan_units([f], [f], 64)
+    cfg = ScoreConfig(input=f, output=str(tmp_path / "out"), model=tiny, task="embed")
+    kwargs = dict(dtype="fp32", num_threads=1, tokenize=tokenize_settings(cfg, 32, id_column="id", fallback_ids=None))
+    spec = dict(output=str(tmp_path / "out"), columns=["text", "id"], batch_size=16, with_path=False,
+                predictor_args=(tiny, "embed"), predictor_kwargs=kwargs)
+    (tmp_path / "out").write_text("a file where the output directory should be")
+    with pytest.raises(NotWritten, match=r"out/part-00000-00000-000000000\.parquet could not be written"):
+        ScoringActor(1).score(unit, spec)
+    os.remove(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    os.remove(f)
+    with pytest.raises(NotRead, match=r"a\.parquet: rows 0-29 \(row group 0\) could not be read"):
+        ScoringActor(1).score(unit, spec)
+    with pytest.raises(NotLoaded, match="the model did not load on a predictor actor"):
+        ScoringActor(1).score(unit, {**spec, "predictor_args": (str(tmp_path / "gone"), "embed")})

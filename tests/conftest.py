@@ -130,6 +130,22 @@ def minilm_dir():
     return minilm_path()
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, minilm_dir):
+    """A small random BERT (the `debug` preset) with the MiniLM tokenizer: fast to load and to score."""
+    import torch
+
+    from bert_core.checkpoint import save_pretrained
+    from bert_core.model import build_model, preset
+    from bert_core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(minilm_dir)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_pretrained(build_model(preset("debug", vocab_size=len(tok)), "embed"), path, tokenizer=tok)
+    return str(path)
+
+
 def free_port() -> int:
     """A TCP port free on loopback now: for a test cluster's dashboard, whose default (8265) another
     Ray on the machine may hold."""

@@ -26,16 +26,6 @@ from pipelines.score_output import MANIFEST, default_checkpoint_dir, read_output
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, minilm_dir):
-    """A small random BERT with the MiniLM tokenizer (fast to load and to score)."""
-    tok = load_tokenizer(minilm_dir)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    save_pretrained(build_model(preset("debug", vocab_size=len(tok)), "embed"), path, tokenizer=tok)
-    return str(path)
-
-
 def _data(d, files=2, rows=30):
     d.mkdir(parents=True, exist_ok=True)
     for f in range(files):
@@ -227,18 +217,24 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, tiny)
 # ---- 2: one run per output; duplicates left by overlapping writers are repaired ---------------
 
 
-def test_concurrent_run_on_one_output_is_refused(ray_local, tmp_path, tiny):
+def test_concurrent_run_on_one_output_is_refused(ray_local, tmp_path, minilm_dir):
     """A second `raybert score` on an output that a running job holds is refused (exit 75, naming
     the holder) and the first finishes with every row once. The first runs here, on the tests'
     shared Ray; the second, in another process, tries as soon as the first holds the lock."""
     from types import SimpleNamespace
 
-    rows = 200  # per file. Measured at 1,000: the first held the lock 22 s, the second was refused 4 s after it was taken
+    # The first must still hold the lock when the second, which loads the same model to check it,
+    # gets to it: MiniLM on one actor scores these 400 rows in about 5 s (the debug model in under
+    # 2 s since scoring on CPU dropped Ray Data: too close), and the second imports what its checks
+    # need before it waits, so it tries about a second after the lock is taken.
+    rows = 200  # per file
     data = _data(tmp_path / "in", files=2, rows=rows)
     out = tmp_path / "out"
-    args = [str(a) for a in (data, out, "--model", tiny, "--task", "embed", "--num-actors", "1", "--batch-size", "50")]
+    args = [str(a) for a in (data, out, "--model", minilm_dir, "--task", "embed", "--num-actors", "1",
+                             "--batch-size", "50")]
     holder = f"pid {os.getpid()}"
     second = ("import pathlib, sys, time\n"
+              "import torch, tokenizers, pipelines.scoring\n"
               "from jobs.score import score\n"
               f"lock, deadline = pathlib.Path({str(tmp_path / 'out.lock')!r}), time.time() + 120\n"
               f"while {holder!r} not in (lock.read_text() if lock.exists() else ''):\n"
@@ -251,7 +247,7 @@ def test_concurrent_run_on_one_output_is_refused(ray_local, tmp_path, tiny):
     proc = subprocess.Popen([sys.executable, "-c", second], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        result = main(ScoreConfig(input=str(data), output=str(out), model=tiny, task="embed", batch_size=50,
+        result = main(ScoreConfig(input=str(data), output=str(out), model=str(minilm_dir), task="embed", batch_size=50,
                                   resources=ResourceConfig(num_actors=1)))
         log, _ = proc.communicate(timeout=120)
     finally:

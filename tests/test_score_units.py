@@ -1,8 +1,9 @@
 """The CPU scoring path's parts (pipelines/score_units.py): units cover every row once and never
-span a row group, a unit's file is written whole and rewriting it is
-idempotent, and a unit whose data can't be read stops the run naming the file, keeping what was
-committed, after which a rerun on a repaired file completes the output exactly once.
-(Kill -9 of the driver and of an actor: tests/test_scoring_faults.py.)"""
+span a row group; a unit's file is written whole, and rewriting it is idempotent; a unit that
+can't be scored names its input rows, output file or model; a corrupt row group stops the run
+naming it, keeping what was committed, and a rerun on a repaired file completes the output
+exactly once; actors that can't be placed stop the run instead of waiting. (Kill -9 of the
+driver and of an actor: tests/test_scoring_faults.py; row_hash against Ray's: test_compat.py.)"""
 
 from __future__ import annotations
 
@@ -11,22 +12,9 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from bert_core.checkpoint import save_pretrained
-from bert_core.model import build_model, preset
-from bert_core.tokenizer import load_tokenizer
 from pipelines.compat import row_hashes
 from pipelines.score_units import ScoringActor, choose_unit_rows, drop_partial_writes, pending_units, plan_units
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, minilm_dir):
-    tok = load_tokenizer(minilm_dir)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    save_pretrained(build_model(preset("debug", vocab_size=len(tok)), "embed"), path, tokenizer=tok)
-    return str(path)
 
 
 def _file(path, rows: int, row_group_size: int, start: int = 0) -> None:

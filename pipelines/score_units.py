@@ -26,12 +26,18 @@ Contract:
 - `start_actors` starts one `ScoringActor` per planned actor before the driver stages and plans
   the input, so the actors' start-up (a fresh process importing torch) overlaps it. An actor
   loads its `Predictor` on its first unit, and again after a restart.
-- `run_units` keeps two units in flight per actor. An actor that dies is restarted and its units
-  retried (`max_restarts`, `max_task_retries`). A unit that fails where no retry would help stops
+- `run_units` keeps two units in flight per actor, and gives units only to actors that have
+  started (one the cluster can't place holds none). An actor keeps the row group it read, and gets
+  that row group's next unit (`UnitQueue`): each actor holds at most one row group in memory, and a
+  big row group is read about once. An actor that dies is restarted and its units retried
+  (`max_restarts`, `max_task_retries`); a read or write that raises OSError is tried three times
+  (`with_retries`: an object store's hiccup). A unit that fails where no retry would help stops
   the run with one error (`UnitFailed`) naming what: its input rows (`NotRead`: a corrupt or
   vanished file), its output file (`NotWritten`), or the model (`NotLoaded`). Any other exception
   is a bug and keeps its traceback. The committed units stay for the rerun; `stop_actors` kills
   the actors.
+- An unfinished output is resumed only by the path that started it (`same_scorer`, kept in the run
+  record): Ray Data's row checkpoints (GPUs) and these unit files can't finish each other.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -112,8 +118,7 @@ def write_unit(table: pa.Table, loc: str) -> None:
         os.replace(tmp, path)
         return
     fs, path = storage.filesystem(loc)
-    with storage.reachable(loc):
-        pq.write_table(table, path, filesystem=fs)  # an object appears only once its upload completes
+    pq.write_table(table, path, filesystem=fs)  # an object appears only once its upload completes
 
 
 def drop_partial_writes(output: str) -> None:
@@ -123,6 +128,18 @@ def drop_partial_writes(output: str) -> None:
     for name in storage.list_names(output):
         if name.startswith(".part-") and name.endswith(".tmp"):
             os.remove(os.path.join(storage.normalize(output), name))
+
+
+def with_retries(action: Callable, attempts: int = 3):
+    """`action()`, tried again after 1 s and 2 s if it raises OSError: an object store's hiccup (a
+    503, a dropped connection) passes; a corrupt or missing file fails all three."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2 ** attempt)
 
 
 class UnitFailed(ValueError):
@@ -181,7 +198,7 @@ class ScoringActor:
         out = pa.concat_tables([p.replace_schema_metadata(None) for p in parts]).replace_schema_metadata(meta)
         target = storage.join(spec["output"], unit.name)
         try:
-            write_unit(out, target)
+            with_retries(lambda: write_unit(out, target))
         except (OSError, pa.ArrowException) as e:
             raise NotWritten(f"{target} could not be written ({type(e).__name__}: {e}); check the space and "
                              f"permissions there") from e
@@ -191,9 +208,12 @@ class ScoringActor:
         key = (unit.file, unit.row_group)
         if self.row_group[0] != key:
             fs, path = storage.filesystem(unit.file)
+            def read() -> pa.Table:
+                with fs.open_input_file(path) as f:
+                    return pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns)
+
             try:
-                with storage.reachable(unit.file), fs.open_input_file(path) as f:
-                    self.row_group = (key, pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns))
+                self.row_group = (key, with_retries(read))
             except (OSError, pa.ArrowException, ValueError) as e:
                 raise NotRead(f"{unit.file}: rows {unit.first_row + unit.start}-{unit.first_row + unit.stop - 1} "
                               f"(row group {unit.row_group}) could not be read ({type(e).__name__}: "
@@ -201,13 +221,30 @@ class ScoringActor:
         return self.row_group[1]
 
 
-def start_actors(n: int, num_cpus: float, threads: int, max_restarts: int, max_task_retries: int) -> list:
-    """`n` ScoringActors, starting now (creation returns at once)."""
+def start_actors(into: list, n: int, num_cpus: float, threads: int, max_restarts: int, max_task_retries: int) -> None:
+    """Add `n` ScoringActors to `into`, starting now (creation returns at once); one by one, so
+    the caller's `stop_actors(into)` reaches those made before a failure."""
     import ray
 
     cls = ray.remote(ScoringActor)
-    return [cls.options(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=max_task_retries)
-            .remote(threads) for _ in range(n)]
+    for _ in range(n):
+        into.append(cls.options(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=max_task_retries)
+                    .remote(threads))
+
+
+def same_scorer(record: dict, on_cpu: bool, output: str, resumed: bool) -> None:
+    """Keep an unfinished output on the path that started it: CPU actors commit whole files per unit,
+    Ray Data (GPUs, and raybert before CPU actors) commits row checkpoints, and neither can finish
+    the other's half-written state. Records the path in the run record (`record["scorer"]`)."""
+    now = "cpu-actors" if on_cpu else "ray-data"
+    was = record.get("scorer", "ray-data") if resumed else now
+    if was != now:
+        said = {"cpu-actors": "on CPU actors", "ray-data": "by Ray Data (on GPUs, or by a raybert before CPU actors)"}
+        raise FileExistsError(f"{output} is an unfinished run scored {said[was]}, and this run would score "
+                              f"{said[now]}: one can't resume the other; finish it with "
+                              f"{'--device cpu' if was == 'cpu-actors' else '--device cuda on a GPU cluster'}, "
+                              f"or pass --overwrite (YAML: overwrite: true) to start over")
+    record["scorer"] = now
 
 
 def stop_actors(actors: list) -> None:
@@ -217,41 +254,86 @@ def stop_actors(actors: list) -> None:
         ray.kill(a, no_restart=True)
 
 
-def wait_for_an_actor(actors: list, timeout_s: float = ACTOR_START_TIMEOUT_S) -> None:
-    """Return once an actor has started; raise ActorsLost if none can be placed in `timeout_s`
-    (the cluster's CPUs held by other work), rather than wait forever."""
+def wait_for_an_actor(ready: list, timeout_s: float = ACTOR_START_TIMEOUT_S) -> list:
+    """The `ready()` refs of the actors that have started once one has; raise ActorsLost if none can
+    be placed within `timeout_s` (the cluster's CPUs held by other work), rather than wait forever."""
     import ray
 
-    ready, _ = ray.wait([a.ready.remote() for a in actors], num_returns=1, timeout=timeout_s)
-    if not ready:
+    done, _ = ray.wait(ready, num_returns=1, timeout=timeout_s)
+    if not done:
         free, total = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
         raise ActorsLost(f"no predictor actor started within {timeout_s:g} s: the cluster has {free:g} of {total:g} "
                          f"CPUs free (other jobs or actors hold the rest); free them, or set --num-actors / "
                          f"resources.actor_num_cpus lower")
+    return done
+
+
+class UnitQueue:
+    """The units left, handed out by row group: an actor reads and keeps one row group at a time, so
+    it gets the next unit of the row group it holds, and a fresh actor a row group no other holds
+    (a 1M-row row group is read once or a few times, not once per unit)."""
+
+    def __init__(self, units: list[Unit]):
+        self.groups: dict[tuple, deque] = {}
+        for u in units:
+            self.groups.setdefault((u.file, u.row_group), deque()).append(u)
+        self.held: dict[int, tuple] = {}  # actor index -> the row group it last read
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def take(self, actor: int) -> Optional[Unit]:
+        key = self.held.get(actor)
+        if key not in self.groups:
+            others = set(self.held.values())  # held groups sit at the front: the scan is short
+            key = next((k for k in self.groups if k not in others), next(iter(self.groups), None))
+            if key is None:
+                return None
+            self.held[actor] = key
+        group = self.groups[key]
+        unit = group.popleft()
+        if not group:
+            del self.groups[key]
+        return unit
 
 
 def run_units(actors: list, units: list[Unit], spec: dict, on_done: Callable[[int, int, int], None]) -> float:
     """Score `units` on `actors`, IN_FLIGHT_PER_ACTOR each, calling `on_done(rows, errors, tokens)`
-    as each unit commits. Returns when (`time.perf_counter()`) the first actor was ready."""
+    as each unit commits. Units go only to actors that have started, so actors the cluster can't
+    place (CPUs held by other work) hold none. Returns when (`time.perf_counter()`) the first
+    actor was ready."""
     import ray
 
-    todo, in_flight = deque(units), {}
-    if todo:
-        wait_for_an_actor(actors)
+    queue, in_flight = UnitQueue(units), {}
+    if not queue:
+        return time.perf_counter()
+    starting = {a.ready.remote(): i for i, a in enumerate(actors)}
+    first = wait_for_an_actor(list(starting))
     ready_at = time.perf_counter()
     spec_ref = ray.put(spec)  # sent to each actor once, not with every unit
 
-    def submit(actor) -> None:
-        if todo:
-            unit = todo.popleft()
-            in_flight[actor.score.remote(unit, spec_ref)] = (actor, unit)
+    def submit(i: int) -> None:
+        unit = queue.take(i)
+        if unit is not None:
+            in_flight[actors[i].score.remote(unit, spec_ref)] = (i, unit)
 
-    for actor in actors:
+    def started(ref) -> None:
+        i = starting.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            raise ActorsLost(f"a predictor actor could not start: {str(e).strip().splitlines()[0]}") from None
         for _ in range(IN_FLIGHT_PER_ACTOR):
-            submit(actor)
+            submit(i)
+
+    for ref in first:
+        started(ref)
     while in_flight:
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        actor, unit = in_flight.pop(ref)
+        [ref], _ = ray.wait(list(in_flight) + list(starting), num_returns=1)
+        if ref in starting:
+            started(ref)
+            continue
+        i, unit = in_flight.pop(ref)
         try:
             on_done(*ray.get(ref))
         except ray.exceptions.RayActorError as e:
@@ -264,7 +346,7 @@ def run_units(actors: list, units: list[Unit], spec: dict, on_done: Callable[[in
             if not isinstance(cause, UnitFailed):
                 raise  # not the input's, the output's or the model's: a bug, with its traceback
             raise UnitFailed(f"{cause}; the rows scored so far are kept: rerun the same command to finish") from None
-        submit(actor)
+        submit(i)
     return ready_at
 
 

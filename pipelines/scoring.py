@@ -80,7 +80,8 @@ from pipelines.score_config import GpuWaitTimeout, ScoreConfig
 from pipelines.score_output import (MANIFEST, RUN_RECORD, STAGED, check_output, check_resume, data_files,
                                     default_checkpoint_dir, output_dtypes, output_totals, ray_path, read_json,
                                     repair_duplicates, run_recipe, stage_inputs, watch_output, write_json)
-from pipelines.score_units import choose_unit_rows, drop_partial_writes, score_on_actors, start_actors, stop_actors
+from pipelines.score_units import (choose_unit_rows, drop_partial_writes, same_scorer, score_on_actors, start_actors,
+                                   stop_actors)
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,7 @@ class ScoreResult:
     seconds: float  # wall time of this run's pipeline
     tokens_this_run: int
     input_rows: int
-    # Of `seconds`, the start-up: until the first predictor actor could score (CPU: a fresh process
-    # importing torch). 0.0 where not measured (GPUs: Ray Data's pool).
-    startup_s: float = 0.0
+    startup_s: float = 0.0  # of `seconds`, until the first CPU actor could score (0.0: not measured, GPUs)
     resumed: bool = False
     already_complete: bool = False
     plan: dict = field(default_factory=dict)
@@ -271,13 +270,14 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     res = plan_actors(cfg, pre.model_bytes, ray_data=False)
     if cfg.dtype == "fp16" and res.device != "cuda":
         raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
-    on_cpu, t0 = res.device == "cpu", time.perf_counter()
-    # CPU actors start first: their start-up (a process importing torch) overlaps everything below.
-    actors = start_actors(res.num_actors, res.actor_num_cpus, res.torch_threads, r.max_restarts,
-                          r.max_task_retries) if on_cpu else []
+    on_cpu, t0, actors = res.device == "cpu", time.perf_counter(), []
     try:
+        if on_cpu:  # first: their start-up (a process importing torch) overlaps everything below
+            start_actors(actors, res.num_actors, res.actor_num_cpus, res.torch_threads, r.max_restarts,
+                         r.max_task_retries)
         run_record = storage.join(cfg.output, RUN_RECORD)
         record = (read_json(run_record) or {}) if resumed else {"recipe": pre.recipe, "started": time.time()}
+        same_scorer(record, on_cpu, cfg.output, resumed)
         dtype = record["dtype_used"] = job_dtype(cfg.dtype, res.device, record, res.torch_threads,
                                                  pre.model_config.hidden_size)
         if on_cpu:  # kept by a resume, which must plan the same units
@@ -303,8 +303,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
 
 def score_with_ray_data(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str, staged: dict, tokenize: dict,
                         before: tuple, t0: float) -> float:
-    """The GPU scoring step: the Ray Data program (`build_dataset`) written to the output. Returns
-    `t0`: Ray Data's pool start-up is not measured apart."""
+    """The GPU step: the Ray Data program (`build_dataset`) written out; returns `t0` (no start-up apart)."""
     import ray
 
     with ray_data_settings(pre.checkpoint_dir, res.gpu_wait_s), \

@@ -23,6 +23,16 @@ def _file(path, rows: int, row_group_size: int, start: int = 0) -> None:
                    path, row_group_size=row_group_size)
 
 
+def _spec(tmp_path, model) -> dict:
+    from pipelines.score_config import ScoreConfig
+    from pipelines.scoring import tokenize_settings
+
+    cfg = ScoreConfig(input=str(tmp_path), output=str(tmp_path / "out"), model=model, task="embed")
+    tokenize = tokenize_settings(cfg, 32, id_column="id", fallback_ids=None)
+    return dict(output=str(tmp_path / "out"), columns=["text", "id"], batch_size=16, with_path=False,
+                predictor_args=(model, "embed"), predictor_kwargs=dict(dtype="fp32", num_threads=1, tokenize=tokenize))
+
+
 def test_units_cover_every_row_once_within_row_groups(tmp_path):
     _file(tmp_path / "a.parquet", 250, 60)  # row groups of 60, 60, 60, 60, 10
     _file(tmp_path / "b.parquet", 7, 100)
@@ -49,16 +59,10 @@ def test_unit_rows_are_whole_blocks_about_four_units_per_actor():
 
 
 def test_actor_writes_a_unit_whole_and_a_retry_rewrites_the_same_file(tmp_path, tiny):
-    from pipelines.scoring import tokenize_settings
-    from pipelines.score_config import ScoreConfig
-
     _file(tmp_path / "a.parquet", 90, 40)
     out = tmp_path / "out"
     out.mkdir()
-    cfg = ScoreConfig(input=str(tmp_path / "a.parquet"), output=str(out), model=tiny, task="embed")
-    tokenize = tokenize_settings(cfg, 32, id_column="id", fallback_ids=None)
-    spec = dict(output=str(out), columns=["text", "id"], batch_size=16, with_path=False,
-                predictor_args=(tiny, "embed"), predictor_kwargs=dict(dtype="fp32", num_threads=1, tokenize=tokenize))
+    spec = _spec(tmp_path, tiny)
     actor = ScoringActor(1)
     f = str(tmp_path / "a.parquet")
     [u0, u1] = [u for u in plan_units([f], [f], 25) if u.row_group == 1]  # rows 40..79: units of 25 and 15 rows
@@ -134,25 +138,95 @@ def test_actors_that_cannot_be_placed_stop_the_run_instead_of_waiting(ray_local)
     unplaceable = [ray.remote(ScoringActor).options(num_cpus=64).remote(1)]
     try:
         with pytest.raises(ActorsLost, match=r"no predictor actor started within 2 s: the cluster has 2 of 2 CPUs"):
-            wait_for_an_actor(unplaceable, timeout_s=2)
+            wait_for_an_actor([a.ready.remote() for a in unplaceable], timeout_s=2)
     finally:
         stop_actors(unplaceable)
+
+
+def test_units_go_only_to_actors_that_started(ray_local, tmp_path, tiny):
+    """An actor the cluster can't place holds no units: the ones that started score them all (it
+    used to be given its share up front, and the run then waited for it forever)."""
+    import ray
+
+    from pipelines.score_units import ScoringActor, run_units, stop_actors
+
+    f = str(tmp_path / "a.parquet")
+    _file(f, 120, 120)
+    units = plan_units([f], [f], 20)
+    (tmp_path / "out").mkdir()
+    spec = _spec(tmp_path, tiny)
+    actors = [ray.remote(ScoringActor).options(num_cpus=1).remote(1),
+              ray.remote(ScoringActor).options(num_cpus=64).remote(1)]  # never placed on 2 CPUs
+    done = []
+    try:
+        run_units(actors, units, spec, lambda rows, errors, tokens: done.append(rows))
+    finally:
+        stop_actors(actors)
+    assert sum(done) == 120 and sorted(os.listdir(tmp_path / "out")) == sorted(u.name for u in units)
+
+
+def test_actors_keep_to_their_row_group_and_spread_over_others():
+    """An actor reads and keeps one row group: it gets that group's next unit, and another actor a
+    group no one holds, so a big row group is read about once, not once per unit."""
+    from pipelines.score_units import Unit, UnitQueue
+
+    units = [Unit("f", "f", 0, g, s, s + 10, g * 100) for g in range(3) for s in range(0, 40, 10)]
+    q = UnitQueue(units)
+    taken = {0: [q.take(0), q.take(0)], 1: [q.take(1), q.take(1)]}
+    assert {u.row_group for u in taken[0]} == {0} and {u.row_group for u in taken[1]} == {1}
+    rest = [q.take(i % 2) for i in range(8)]
+    assert q.take(0) is None and not q
+    assert sorted((u.row_group, u.start) for u in taken[0] + taken[1] + rest) == \
+        sorted((u.row_group, u.start) for u in units)  # every unit once
+
+
+def test_an_unfinished_output_is_resumed_only_by_the_path_that_started_it():
+    """CPU actors and Ray Data commit differently; neither can finish the other's half-written state."""
+    from pipelines.score_units import same_scorer
+
+    record = {}
+    same_scorer(record, on_cpu=True, output="out", resumed=False)
+    assert record["scorer"] == "cpu-actors"
+    same_scorer(record, on_cpu=True, output="out", resumed=True)  # the same path resumes
+    with pytest.raises(FileExistsError, match="scored on CPU actors, and this run would score by Ray Data.*--device cpu"):
+        same_scorer(dict(record), on_cpu=False, output="out", resumed=True)
+    old = {"recipe": {}}  # written by a raybert that scored on Ray Data everywhere
+    with pytest.raises(FileExistsError, match="by a raybert before CPU actors.*--overwrite"):
+        same_scorer(old, on_cpu=True, output="out", resumed=True)
+
+
+def test_a_store_hiccup_is_retried_and_a_bad_file_is_not_retried_forever():
+    from pipelines.score_units import with_retries
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("503 SlowDown")
+        return "read"
+
+    assert with_retries(flaky) == "read" and len(calls) == 2
+    calls.clear()
+
+    def broken():
+        calls.append(1)
+        raise OSError("Couldn't deserialize thrift")
+
+    with pytest.raises(OSError, match="thrift"):
+        with_retries(broken)
+    assert len(calls) == 3
 
 
 def test_an_actor_names_what_failed_input_output_or_model(tmp_path, tiny):
     """What a unit can fail on, each named for the driver's one-line error (run_units): the input
     (a missing file), the output (a directory that can't be written), the model (gone from the node)."""
-    from pipelines.score_config import ScoreConfig
     from pipelines.score_units import NotLoaded, NotRead, NotWritten
-    from pipelines.scoring import tokenize_settings
 
     f = str(tmp_path / "a.parquet")
     _file(f, 30, 30)
     [unit] = plan_units([f], [f], 64)
-    cfg = ScoreConfig(input=f, output=str(tmp_path / "out"), model=tiny, task="embed")
-    kwargs = dict(dtype="fp32", num_threads=1, tokenize=tokenize_settings(cfg, 32, id_column="id", fallback_ids=None))
-    spec = dict(output=str(tmp_path / "out"), columns=["text", "id"], batch_size=16, with_path=False,
-                predictor_args=(tiny, "embed"), predictor_kwargs=kwargs)
+    spec = _spec(tmp_path, tiny)
     (tmp_path / "out").write_text("a file where the output directory should be")
     with pytest.raises(NotWritten, match=r"out/part-00000-00000-000000000\.parquet could not be written"):
         ScoringActor(1).score(unit, spec)

@@ -373,7 +373,7 @@ def build_dataset(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str, st
     ds = ray.data.read_parquet(list(staged), columns=pre.plan.columns, include_paths=not pre.plan.has_ids,
                                include_row_hash=True, num_cpus=res.task_num_cpus)
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    # Blocks already hold `batch_size` rows: on CPU each goes to an actor whole, without re-batching.
+    # Blocks already hold `batch_size` rows, the batch size GPU actors are given explicitly.
     return predict_stage(ds, cfg, res, dtype, tokenize, rebatch=False)
 
 

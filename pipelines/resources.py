@@ -211,6 +211,9 @@ def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Op
         n = num_actors
     room = max(cpus - 1.0 - task_num_cpus, 0.1) if ray_data else cpus  # what the actors may reserve in total
     per = actor_num_cpus if actor_num_cpus is not None else min(1.0, room / n)
+    if per > cpus:  # no node could place one: the job would wait for actors that never start
+        raise ValueError(f"resources.actor_num_cpus {per:g} is more than the Ray cluster's {cpus:g} CPUs; "
+                         f"set it to at most {cpus:g}, or leave it unset to size it from the cluster")
     threads = torch_threads or max(1, int(min(cpus, os.cpu_count() or 1) // n))
     return CpuPlan(n, per, 0.0, task_num_cpus, threads, "cpu")
 

@@ -107,5 +107,6 @@ class GpuWaitTimeout(TimeoutError):
 
 
 class ActorsLost(RuntimeError):
-    """CPU predictor actors died more often than `resources.max_restarts` allows (often: out of
-    memory). The units they committed stay; a rerun finishes the output."""
+    """CPU predictor actors could not be placed or started, or died more often than
+    `resources.max_restarts` allows (often: out of memory). The units they committed stay; a
+    rerun finishes the output."""

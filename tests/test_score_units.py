@@ -237,3 +237,13 @@ def test_an_actor_names_what_failed_input_output_or_model(tmp_path, tiny):
         ScoringActor(1).score(unit, spec)
     with pytest.raises(NotLoaded, match="the model did not load on a predictor actor"):
         ScoringActor(1).score(unit, {**spec, "predictor_args": (str(tmp_path / "gone"), "embed")})
+
+
+def test_an_actor_larger_than_the_cluster_is_refused_before_anything_starts():
+    """resources.actor_num_cpus above the cluster's CPUs could never be placed: refused in the
+    plan, naming the setting, instead of a five-minute wait for actors that can't start."""
+    from pipelines.resources import cpu_plan
+
+    with pytest.raises(ValueError, match=r"resources.actor_num_cpus 64 is more than the Ray cluster's 2 CPUs"):
+        cpu_plan({"CPU": 2.0}, num_actors=1, actor_num_cpus=64, device="cpu", ray_data=False)
+    assert cpu_plan({"CPU": 2.0}, num_actors=1, actor_num_cpus=2, device="cpu", ray_data=False).actor_num_cpus == 2

@@ -13,18 +13,16 @@ unnecessary or stops it from working (tests/test_compat.py), so none outlives it
   for its CPUs. The trial records its placement group; the sweep removes it when the trial ends.
 - `parquet_reader_v1` / `read_parquet_v1` (Ray Data 2.60): the V2 Parquet reader's file-listing
   task asks for a whole CPU, which CPU training workers may leave no room for (training then waits
-  forever); scoring holds the same setting for its run (pipelines/scoring.py, `ray_data_settings`).
+  forever). Every Parquet read of a training job goes through it (`inputs.read_dataset`).
 - `pace_idle_data_scheduler` (Ray Data 2.60): the streaming executor's scheduling loop spins when no
   task is running, a training dataset's steady state; a callback on Ray Data's internal execution
   hook sleeps 50 ms in such a step.
 - `http_status` (Ray 2.60): the Ray Jobs client raises a bare RuntimeError for a failed request,
   with the HTTP status only in its text ("Request failed with status code 404: ...").
-- `QuietGpuWait` (Ray Data 2.60): a pool-start timeout is logged as an internal Ray error, with a
-  plea to file a bug and a traceback, before it is raised; we report it in one line.
-- `row_hashes` (Ray Data 2.60): CPU scoring reads Parquet without Ray Data but keys its rows, and
+- `row_hashes` (Ray Data 2.60): scoring reads Parquet without Ray Data but keys its rows, and
   names rows without ids, by Ray Data's `include_row_hash` (its private `_compute_row_hashes`,
-  recomputed here), so outputs, fallback ids and resumes agree with the GPU path's and with
-  outputs written before.
+  recomputed here), so outputs and fallback ids agree with a plain Ray read's and with outputs
+  written before.
 """
 
 from __future__ import annotations
@@ -150,20 +148,6 @@ def remove_placement_group_by_id(hex_id: str) -> bool:
         return False
     remove_placement_group(pg)
     return True
-
-
-class QuietGpuWait(logging.Filter):
-    """Set on Ray Data's `ray.data.exceptions` logger while a GPU wait applies. When the pool's start
-    times out, Ray Data logs it as an internal Ray error (a plea to file a bug and a full traceback)
-    before raising; we report it as GpuWaitTimeout, one line, so we drop the records that logger
-    emits while it handles a GetTimeoutError, and nothing else."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        import sys
-
-        import ray.exceptions
-
-        return not isinstance(sys.exc_info()[1], ray.exceptions.GetTimeoutError)
 
 
 @contextlib.contextmanager

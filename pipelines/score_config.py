@@ -32,8 +32,11 @@ class ResourceConfig:
     # device cuda: stop with an error if no GPU actor has started after this many seconds (a GPU node takes
     # minutes to boot; never wait forever on an autoscaler that can't deliver one)
     gpu_wait_s: float = 900.0
+    # CPU actors that read and tokenize units for the predictor actors (pipelines/score_feed.py). Default:
+    # on GPUs one per CPU the GPU actors leave, on CPUs none (each predictor actor tokenizes its own units)
+    tokenizer_actors: Optional[int] = None
     max_restarts: int = 4  # restarts of a killed predictor actor
-    max_task_retries: int = 4  # retries of the unit (CPU) or block (GPU) whose actor died
+    max_task_retries: int = 4  # retries of the unit whose actor died
     task_max_retries: int = 4  # retries of a failed read/tokenize/write task
 
 
@@ -94,6 +97,9 @@ class ScoreConfig:
                              f"per CPU), got {self.resources.num_actors}")
         if self.resources.device not in DEVICES:
             raise ValueError(f"score: resources.device must be one of {DEVICES}, got {self.resources.device!r}")
+        if self.resources.tokenizer_actors is not None and self.resources.tokenizer_actors < 0:
+            raise ValueError(f"score: resources.tokenizer_actors must be >= 0 (0: each predictor actor tokenizes its "
+                             f"own units; unset: the default), got {self.resources.tokenizer_actors}")
         if self.resources.max_gpu_actors < 1 or not self.resources.gpu_wait_s > 0:
             raise ValueError(f"score: resources.max_gpu_actors must be >= 1 and resources.gpu_wait_s > 0, got "
                              f"{self.resources.max_gpu_actors} and {self.resources.gpu_wait_s}")
@@ -101,12 +107,11 @@ class ScoreConfig:
 
 class GpuWaitTimeout(TimeoutError):
     """GPU predictor actors were asked for, and none started within `resources.gpu_wait_s`. Raised
-    before any row is read. Ray Data doesn't shut down a pipeline whose start failed, so the pool's
-    pending actors, and the GPU demand an autoscaler sees, last until this driver disconnects from
-    Ray (`jobs.score.main` does so at once; a caller that keeps its Ray session should too)."""
+    before any row is read; the job kills its actors on the way out, which withdraws the GPU demand
+    an autoscaler sees."""
 
 
 class ActorsLost(RuntimeError):
-    """CPU predictor actors could not be placed or started, or died more often than
+    """Predictor or tokenizing actors could not be placed or started, or died more often than
     `resources.max_restarts` allows (often: out of memory). The units they committed stay; a
     rerun finishes the output."""

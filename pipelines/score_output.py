@@ -8,26 +8,21 @@ Contract:
   spelling), is a file or can't be created; with overwrite, one that isn't provably ours.
 - `run_recipe` / `check_resume`: a resume, or a rerun of a finished output, under another recipe
   is refused, naming each difference.
-- `data_files`, `output_totals`, `output_dtypes`, `read_output`: what the output holds
-  (`OutputCounter`: the same, as it grows, for progress);
-  `repair_duplicates` keeps one row per `row_hash` after overlapping writers; `watch_output`: a
-  progress line from what the output holds (the Ray Data program's writes).
+- `data_files`, `output_totals`, `output_dtypes`, `read_output`: what the output holds;
+  `repair_duplicates` keeps one row per `row_hash` after overlapping writers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import threading
 from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.console import Progress
 from pipelines.inputs import InputPlan
 from pipelines.predictors import DTYPE_METADATA
 from pipelines.score_config import ScoreConfig
@@ -129,60 +124,6 @@ def output_totals(output: str) -> tuple[int, int, int]:
     t = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=["n_tokens", "error"])
     tokens = pc.sum(t["n_tokens"]).as_py() or 0
     return t.num_rows, t.num_rows - t["error"].null_count, int(tokens)
-
-
-class OutputCounter:
-    """Rows and tokens written under an output so far, for progress: each data file is read once
-    (its `n_tokens` column), after it reads whole; a file still being written waits for the next call."""
-
-    def __init__(self, output: str):
-        self.output, self.seen = output, {}
-
-    def counts(self) -> tuple[int, int]:
-        fs, _ = storage.filesystem(self.output)
-        present = data_files(self.output)
-        for f in present:
-            if f not in self.seen:
-                try:
-                    t = pq.read_table(f, columns=["n_tokens"], filesystem=fs)
-                except Exception:  # not whole yet (or gone): counted when it reads
-                    continue
-                self.seen[f] = (t.num_rows, int(t["n_tokens"].to_numpy().sum()))
-        counted = [self.seen[f] for f in present if f in self.seen]
-        return sum(r for r, _ in counted), sum(t for _, t in counted)
-
-
-@contextlib.contextmanager
-def watch_output(output: str, total: int, rows_before: int, tokens_before: int):
-    """While the pipeline runs, one progress line (rows written of `total`, tokens/s, ETA) from what
-    the output holds (a thread polls it: the driver itself waits in Ray Data's write)."""
-    progress = Progress("score", total, start=rows_before)
-    if not progress.enabled:
-        yield
-        return
-    counter, stop = OutputCounter(output), threading.Event()
-
-    def look(draw: bool) -> None:
-        try:
-            rows, tokens = counter.counts()
-        except Exception as e:  # a listing that failed (an object store's hiccup): progress only, the job goes on
-            log.debug("progress: could not list %s: %s", output, e)
-            return
-        progress.update(rows, tokens - tokens_before, draw=draw)
-
-    def poll():
-        while not stop.wait(2.0 if progress.tty else 5.0):
-            look(draw=True)
-
-    thread = threading.Thread(target=poll, name="raybert-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-        look(draw=False)  # the last count, drawn by close()
-    finally:
-        stop.set()
-        thread.join(timeout=30)  # a listing stuck on a remote store must not hold the job
-        progress.close()
 
 
 def uncreatable(path: str) -> Optional[str]:

@@ -1,5 +1,6 @@
-"""Scoring on CPUs without Ray Data: predictor actors that each read a unit of rows, tokenize and
-predict it, and write the unit's own output file.
+"""Scoring without Ray Data: predictor actors that score a unit of rows at a time and write the
+unit's own output file. On CPUs each actor also reads and tokenizes its units (`run_units`); on
+GPUs tokenizing actors do that for them (pipelines/score_feed.py).
 
 Why: with a model that costs nothing, Ray Data spent about 90% of a CPU scoring job around the
 predictor (BENCHMARKS.md, issue 21): worker processes started mid-run for the 0.25-CPU read and
@@ -7,8 +8,7 @@ write tasks (each importing Ray Data and pyarrow), an object-store round trip of
 separate write task, a checkpoint-filter actor holding a CPU, and predictor actors started only
 once the read was planned. On CPUs the reading, tokenizing, model and writing compete for the same
 cores anyway, so here one process does all of a unit, and the only traffic is a unit's
-description out and three numbers back. (GPU actors keep the Ray Data program in
-pipelines/scoring.py: there tokenizing must run beside the GPU, not on its actor.)
+description out and three numbers back.
 
 Contract:
 - A *unit* is rows [start, stop) of one row group of one (staged) Parquet input, at most
@@ -21,8 +21,7 @@ Contract:
   and a unit done twice (a retry, an orphaned actor) writes the same name with the same rows.
 - `row_hash` is Ray Data's `include_row_hash` of (file as Ray Data spells it, row position in
   the file) (`compat.row_hashes`), so the ids of inputs without an id column, and
-  `repair_duplicates`, are those of a plain Ray read and of the GPU path
-  (tests/test_scoring_pipeline.py compares them).
+  `repair_duplicates`, are those of a plain Ray read (tests/test_scoring_pipeline.py compares them).
 - `start_actors` starts one `ScoringActor` per planned actor before the driver stages and plans
   the input, so the actors' start-up (a fresh process importing torch) overlaps it. An actor
   loads its `Predictor` on its first unit, and again after a restart.
@@ -36,8 +35,8 @@ Contract:
   vanished file), its output file (`NotWritten`), or the model (`NotLoaded`). Any other exception
   is a bug and keeps its traceback. The committed units stay for the rerun; `stop_actors` kills
   the actors.
-- An unfinished output is resumed only by the path that started it (`same_scorer`, kept in the run
-  record): Ray Data's row checkpoints (GPUs) and these unit files can't finish each other.
+- An unfinished output of an earlier raybert's Ray Data path (row checkpoints, not unit files) is
+  refused with the fix (`same_scorer`, kept in the run record): they can't finish each other.
 """
 
 from __future__ import annotations
@@ -160,25 +159,29 @@ class NotLoaded(UnitFailed):
 
 
 class ScoringActor:
-    """One CPU predictor process: reads, tokenizes, predicts and writes whole units."""
+    """One predictor process: scores whole units and writes their files. On CPU it reads and
+    tokenizes its units too; a GPU actor is given them tokenized (`TokenizingActor`,
+    pipelines/score_feed.py)."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, load_torch: bool = True):
         # Before torch and `tokenizers` load in this fresh process: OpenMP threads that sleep at
         # barriers instead of spinning (spinning stole the cores another actor needed: 10-20x slower
         # forwards under contention), and a `tokenizers` pool of this actor's share of the cores.
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.environ["RAYON_NUM_THREADS"] = str(threads)
-        import torch  # the bulk of the start-up, paid while the driver plans the input
+        if load_torch:
+            import torch  # the bulk of the start-up, paid while the driver plans the input
 
-        torch.set_num_threads(threads)
+            torch.set_num_threads(threads)
         self.predictor = None
         self.row_group: tuple = (None, None)  # ((file, row group), its table): a row group's units come in order
 
     def ready(self) -> bool:
         return True
 
-    def score(self, unit: Unit, spec: dict) -> tuple[int, int, int]:
-        """Score `unit` into `spec["output"]`; returns (rows, error rows, tokens)."""
+    def score(self, unit: Unit, spec: dict, tokenized: Optional[pa.Table] = None) -> tuple[int, int, int]:
+        """Score `unit` into `spec["output"]` (its rows as `tokenize` made them, when given);
+        returns (rows, error rows, tokens)."""
         if self.predictor is None:
             from pipelines.predictors import Predictor
 
@@ -187,11 +190,7 @@ class ScoringActor:
             except Exception as e:  # checked on the driver, so: this node's copy, memory, a library
                 raise NotLoaded(f"{spec['predictor_args'][0]}: the model did not load on a predictor actor "
                                 f"({type(e).__name__}: {e})") from e
-        table = self._read(unit, spec["columns"]).slice(unit.start, unit.rows)
-        table = table.append_column("row_hash", pa.array(row_hashes(unit.path, unit.first_row + unit.start,
-                                                                    unit.rows), pa.uint64()))
-        if spec["with_path"]:  # fallback ids name the file (pipelines/tokenize.py)
-            table = table.append_column("path", pa.array([unit.path] * unit.rows, pa.string()))
+        table = self.unit_rows(unit, spec) if tokenized is None else tokenized
         batch = spec["batch_size"]
         parts = [self.predictor(table.slice(i, batch)) for i in range(0, unit.rows, batch)]
         meta = parts[0].schema.metadata  # the precision the rows were scored in
@@ -203,6 +202,21 @@ class ScoringActor:
             raise NotWritten(f"{target} could not be written ({type(e).__name__}: {e}); check the space and "
                              f"permissions there") from e
         return out.num_rows, out.num_rows - out["error"].null_count, int(pc.sum(out["n_tokens"]).as_py() or 0)
+
+    def tokenize(self, unit: Unit, spec: dict) -> pa.Table:
+        """`unit`'s rows tokenized (`tokenize_batch` with `spec["tokenize"]`), for a GPU actor's `score`."""
+        from pipelines.tokenize import tokenize_batch
+
+        return tokenize_batch(self.unit_rows(unit, spec), **spec["tokenize"])
+
+    def unit_rows(self, unit: Unit, spec: dict) -> pa.Table:
+        """`unit`'s input rows, with `row_hash` (and `path`, for fallback ids)."""
+        table = self._read(unit, spec["columns"]).slice(unit.start, unit.rows)
+        table = table.append_column("row_hash", pa.array(row_hashes(unit.path, unit.first_row + unit.start,
+                                                                    unit.rows), pa.uint64()))
+        if spec["with_path"]:  # fallback ids name the file (pipelines/tokenize.py)
+            table = table.append_column("path", pa.array([unit.path] * unit.rows, pa.string()))
+        return table
 
     def _read(self, unit: Unit, columns: list[str]) -> pa.Table:
         key = (unit.file, unit.row_group)
@@ -221,30 +235,29 @@ class ScoringActor:
         return self.row_group[1]
 
 
-def start_actors(into: list, n: int, num_cpus: float, threads: int, max_restarts: int, max_task_retries: int) -> None:
-    """Add `n` ScoringActors to `into`, starting now (creation returns at once); one by one, so
+def start_actors(into: list, n: int, num_cpus: float, threads: int, max_restarts: int, max_task_retries: int,
+                 num_gpus: float = 0, cls=ScoringActor, load_torch: bool = True) -> None:
+    """Add `n` actors of `cls` to `into`, starting now (creation returns at once); one by one, so
     the caller's `stop_actors(into)` reaches those made before a failure."""
     import ray
 
-    cls = ray.remote(ScoringActor)
+    remote = ray.remote(cls)
     for _ in range(n):
-        into.append(cls.options(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=max_task_retries)
-                    .remote(threads))
+        into.append(remote.options(num_cpus=num_cpus, num_gpus=num_gpus or None, max_restarts=max_restarts,
+                                   max_task_retries=max_task_retries).remote(threads, load_torch))
 
 
-def same_scorer(record: dict, on_cpu: bool, output: str, resumed: bool) -> None:
-    """Keep an unfinished output on the path that started it: CPU actors commit whole files per unit,
-    Ray Data (GPUs, and raybert before CPU actors) commits row checkpoints, and neither can finish
-    the other's half-written state. Records the path in the run record (`record["scorer"]`)."""
-    now = "cpu-actors" if on_cpu else "ray-data"
-    was = record.get("scorer", "ray-data") if resumed else now
-    if was != now:
-        said = {"cpu-actors": "on CPU actors", "ray-data": "by Ray Data (on GPUs, or by a raybert before CPU actors)"}
-        raise FileExistsError(f"{output} is an unfinished run scored {said[was]}, and this run would score "
-                              f"{said[now]}: one can't resume the other; finish it with "
-                              f"{'--device cpu' if was == 'cpu-actors' else '--device cuda on a GPU cluster'}, "
-                              f"or pass --overwrite (YAML: overwrite: true) to start over")
-    record["scorer"] = now
+def same_scorer(record: dict, output: str, resumed: bool) -> None:
+    """Keep an unfinished output on the path that started it: our actors commit whole files per
+    unit (on CPUs and GPUs alike), Ray Data (raybert's GPU path before it used them) committed row
+    checkpoints, and neither can finish the other's half-written state. Records the path in the run
+    record (`record["scorer"]`)."""
+    was = record.get("scorer", "ray-data") if resumed else "actors"
+    if was == "ray-data":
+        raise FileExistsError(f"{output} is an unfinished run scored by Ray Data (an earlier raybert's GPU path), "
+                              f"which this raybert can't resume; pass --overwrite (YAML: overwrite: true) to "
+                              f"score it again from the start")
+    record["scorer"] = "actors"  # "cpu-actors" (the CPU path before GPUs used units) is the same scheme
 
 
 def stop_actors(actors: list) -> None:
@@ -254,13 +267,17 @@ def stop_actors(actors: list) -> None:
         ray.kill(a, no_restart=True)
 
 
-def wait_for_an_actor(ready: list, timeout_s: float = ACTOR_START_TIMEOUT_S) -> list:
-    """The `ready()` refs of the actors that have started once one has; raise ActorsLost if none can
-    be placed within `timeout_s` (the cluster's CPUs held by other work), rather than wait forever."""
+def wait_for_an_actor(ready: list, timeout_s: float = ACTOR_START_TIMEOUT_S,
+                      lost: Optional[Callable[[], Exception]] = None) -> list:
+    """The `ready()` refs of the actors that have started once one has; if none can be placed
+    within `timeout_s`, raise `lost()` (default: ActorsLost, the cluster's CPUs held by other
+    work) rather than wait forever."""
     import ray
 
     done, _ = ray.wait(ready, num_returns=1, timeout=timeout_s)
     if not done:
+        if lost is not None:
+            raise lost()
         free, total = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
         raise ActorsLost(f"no predictor actor started within {timeout_s:g} s: the cluster has {free:g} of {total:g} "
                          f"CPUs free (other jobs or actors hold the rest); free them, or set --num-actors / "
@@ -297,6 +314,37 @@ class UnitQueue:
         return unit
 
 
+def started_actor(index: int, ready_ref) -> int:
+    """`index`, once its actor's `ready()` came back; ActorsLost if the actor could not start."""
+    import ray
+
+    try:
+        ray.get(ready_ref)
+    except ray.exceptions.RayActorError as e:
+        raise ActorsLost(f"a predictor actor could not start: {str(e).strip().splitlines()[0]}") from None
+    return index
+
+
+def collect(ref, unit: Unit, on_done: Callable[[int, int, int], None]) -> None:
+    """`on_done(rows, errors, tokens)` of a unit's finished `score` task, or the one error that
+    stops the run: an actor dead for good, or a unit that can't be scored (`UnitFailed`). Any other
+    exception is a bug and keeps its traceback."""
+    import ray
+
+    try:
+        on_done(*ray.get(ref))
+    except ray.exceptions.RayActorError as e:
+        raise ActorsLost(f"a predictor actor died more often than resources.max_restarts allows, scoring "
+                         f"{unit.file} (row group {unit.row_group}): {str(e).strip().splitlines()[0]}; if it "
+                         f"ran out of memory, use fewer actors (--num-actors) or a smaller --max-length; the "
+                         f"rows scored so far are kept: rerun the same command to finish") from None
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if not isinstance(cause, UnitFailed):
+            raise  # not the input's, the output's or the model's: a bug, with its traceback
+        raise UnitFailed(f"{cause}; the rows scored so far are kept: rerun the same command to finish") from None
+
+
 def run_units(actors: list, units: list[Unit], spec: dict, on_done: Callable[[int, int, int], None]) -> float:
     """Score `units` on `actors`, IN_FLIGHT_PER_ACTOR each, calling `on_done(rows, errors, tokens)`
     as each unit commits. Units go only to actors that have started, so actors the cluster can't
@@ -318,11 +366,7 @@ def run_units(actors: list, units: list[Unit], spec: dict, on_done: Callable[[in
             in_flight[actors[i].score.remote(unit, spec_ref)] = (i, unit)
 
     def started(ref) -> None:
-        i = starting.pop(ref)
-        try:
-            ray.get(ref)
-        except ray.exceptions.RayActorError as e:
-            raise ActorsLost(f"a predictor actor could not start: {str(e).strip().splitlines()[0]}") from None
+        i = started_actor(starting.pop(ref), ref)
         for _ in range(IN_FLIGHT_PER_ACTOR):
             submit(i)
 
@@ -334,32 +378,22 @@ def run_units(actors: list, units: list[Unit], spec: dict, on_done: Callable[[in
             started(ref)
             continue
         i, unit = in_flight.pop(ref)
-        try:
-            on_done(*ray.get(ref))
-        except ray.exceptions.RayActorError as e:
-            raise ActorsLost(f"a predictor actor died more often than resources.max_restarts allows, scoring "
-                             f"{unit.file} (row group {unit.row_group}): {str(e).strip().splitlines()[0]}; if it "
-                             f"ran out of memory, use fewer actors (--num-actors) or a smaller --max-length; the "
-                             f"rows scored so far are kept: rerun the same command to finish") from None
-        except ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if not isinstance(cause, UnitFailed):
-                raise  # not the input's, the output's or the model's: a bug, with its traceback
-            raise UnitFailed(f"{cause}; the rows scored so far are kept: rerun the same command to finish") from None
+        collect(ref, unit, on_done)
         submit(i)
     return ready_at
 
 
-def score_on_actors(actors: list, spec: dict, files: list[str], unit_rows: int, checkpoint_dir: str,
-                    total: int, rows_before: int, tokens_before: int) -> float:
-    """The CPU scoring step of `pipelines.scoring.score`: plan the units of `files` (staged
-    Parquet), skip those the output already holds, score the rest; one progress line. Returns
-    when (`time.perf_counter()`) the first actor was ready: the start-up ends there."""
+def score_on_actors(run: Callable[[list[Unit], Callable], float], output: str, files: list[str], unit_rows: int,
+                    checkpoint_dir: str, total: int, rows_before: int, tokens_before: int) -> float:
+    """The scoring step of `pipelines.scoring.score`: plan the units of `files` (staged Parquet),
+    skip those `output` already holds, score the rest with `run(units, on_done)` (`run_units`, or
+    `score_feed.run_fed_units`); one progress line. Returns when (`time.perf_counter()`) the first
+    predictor actor was ready: the start-up ends there."""
     from pipelines.console import Progress
     from pipelines.score_output import UNITS_RECORD, data_files, ray_path, write_json
 
     units = plan_units(files, [ray_path(f) for f in files], unit_rows)
-    todo = pending_units(units, data_files(spec["output"]))
+    todo = pending_units(units, data_files(output))
     # Marks the run unfinished until `finish` deletes the checkpoint dir (an object store has no empty dirs).
     write_json(storage.join(checkpoint_dir, UNITS_RECORD), {"unit_rows": unit_rows, "units": len(units),
                                                              "pending": len(todo)})
@@ -372,6 +406,6 @@ def score_on_actors(actors: list, spec: dict, files: list[str], unit_rows: int, 
         progress.update(counts[0], counts[1] - tokens_before)
 
     try:
-        return run_units(actors, todo, spec, done)
+        return run(todo, done)
     finally:
         progress.close()

@@ -22,47 +22,39 @@ Contract:
   YAML keys are its fields. `ScoreConfig.check()` holds its rules and is the only place they are
   checked (`preflight` calls it).
 - `score(cfg)` runs `preflight` again, then, as named steps: `reuse_or_reset` the output, the
-  actors started (CPU), the run record, `stage_inputs`, the scoring step, and `finish` (row
-  conservation, the manifest, the staged inputs deleted). Every input row gives exactly one
-  output row (see predictors.py for the columns).
-- On CPU (`score_on_actors`, pipelines/score_units.py): predictor actors, started before the
-  input is staged and planned, each read a unit of rows (part of a row group), tokenize, predict
-  and write the unit's own file, whole or not at all; a resume scores the units whose file is
-  missing. Measured on 2 cores with a free model, Ray Data's program spent about 90% of the job
-  around the predictor (worker processes for read and write tasks, an object-store round trip
-  per block, a checkpoint-filter actor): see score_units.py and BENCHMARKS.md (issue 21).
-- On GPUs (`score_with_ray_data`): the Ray Data program `read_parquet(files, only the needed
-  columns, include_row_hash)` -> `repartition` into blocks of `batch_size` rows (streaming) ->
-  `map_batches(tokenize_batch)` (stateless CPU tasks, one `tokenizers` thread each: a GPU actor
-  must never wait on the CPU work of tokenizing) -> `map_batches(Predictor,
-  compute=ActorPoolStrategy(...))` (`cpu_plan`: with device cuda a pool autoscaling from 1 GPU
-  actor, that raises GpuWaitTimeout before any row is read if no GPU actor starts within
-  resources.gpu_wait_s) -> `write_parquet(output)`, watched by `watch_output` (the progress line).
-  `score_dataset` (your own Dataset, in a notebook) uses the same stages on CPU or GPU.
-- Resume on GPUs: Ray Data's job-level checkpointing (`ray.data.checkpoint.CheckpointConfig`,
-  beta in Ray 2.60) keyed on `row_hash`, Ray's deterministic hash of (file path, row index). User
-  ids may repeat, so they can't be the key. Each write task records its row keys as a *pending*
-  checkpoint before writing its data file and commits it after; a rerun first deletes data files
-  whose checkpoint is still pending, then filters out rows whose keys are committed.
-- Either way, after a kill -9 of the driver, rerunning the same command completes the output
-  with exactly one row per input row. The checkpoint dir lives beside the output
-  (`<output>.checkpoint` by default, shared storage on a cluster) and marks an unfinished run.
-  On success we write `<output>/_SUCCESS.json` (the summary; Parquet readers skip `_` files) and
-  delete the checkpoint; a rerun of a finished job reports the manifest and does nothing. Runs
-  must not overlap on one output (jobs.score locks `<output>.lock`); if writers did overlap, a
-  rerun repairs it (`repair_duplicates`: one row per `row_hash`, before the row count is checked).
-- Fault tolerance: predictor actors restart (`max_restarts`) and their in-flight units or blocks
-  are retried (`max_task_retries`); Ray Data's tasks retry (`task_max_retries`).
+  actors started (`PredictorPool`, and any tokenizing actors: their start-up overlaps the rest),
+  the run record, `stage_inputs`, the scoring step, and `finish` (row conservation, the manifest, the staged inputs deleted). Every
+  input row gives exactly one output row (see predictors.py for the columns).
+- The scoring step runs on plain actors, not Ray Data (`score_on_actors`, pipelines/score_units.py):
+  the input is cut into *units* (part of a row group each), and each unit's output is one file,
+  written whole or not at all. On CPUs each predictor actor reads, tokenizes and scores its
+  units (`run_units`). On GPUs, CPU actors read and tokenize the units and pass each table by
+  reference to a GPU actor, which scores and writes it (`run_fed_units`, pipelines/score_feed.py;
+  `resources.tokenizer_actors`). Measured on 2 cores with a free model, Ray Data's program spent
+  about 90% of the job around the predictor (worker processes for read and write tasks, an
+  object-store round trip per block, a checkpoint-filter actor): see BENCHMARKS.md (issue 21).
+- Device cuda: a pool autoscaling from 1 GPU actor (`cpu_plan`) that raises GpuWaitTimeout before
+  any row is read if no GPU actor starts within resources.gpu_wait_s.
+- Resume: a unit is committed when its file exists; a rerun scores the units without one, so
+  after a kill -9 of the driver, rerunning the same command completes the output with exactly
+  one row per input row. Row keys (`row_hash`) are Ray Data's hash of (file path, row index). The
+  checkpoint dir lives beside the output (`<output>.checkpoint` by default, shared storage on a
+  cluster) and marks an unfinished run. On success we write `<output>/_SUCCESS.json` (the
+  summary; Parquet readers skip `_` files) and delete the checkpoint; a rerun of a finished job
+  reports the manifest and does nothing. Runs must not overlap on one output (jobs.score locks
+  `<output>.lock`); if writers did overlap, a rerun repairs it (`repair_duplicates`: one row per
+  `row_hash`, before the row count is checked).
+- Fault tolerance: actors restart (`max_restarts`) and their in-flight units are retried
+  (`max_task_retries`).
+- `score_dataset` (your own Dataset, in a notebook) is a Ray Data program: `map_batches(tokenize_batch)`
+  (GPU: stateless CPU tasks) -> `map_batches(Predictor, compute=ActorPoolStrategy(...))`.
 - Ray Data on CPUs (`score_dataset`): actors hold logical CPUs for their whole life, so an actor
-  pool plus Ray's checkpoint-filter actor (1 CPU) could leave no CPU for the read/write tasks, and
-  Ray Data then waits forever. Tasks get fractional CPUs, and `cpu_plan` sizes the actors'
-  reservation to leave room. We use the V1 Parquet reader, whose read tasks honour `num_cpus`
-  (V2 adds a 1-CPU file-listing task that can deadlock there).
+  pool could leave no CPU for the caller's read tasks, and Ray Data then waits forever. Tasks get
+  fractional CPUs, and `cpu_plan` sizes the actors' reservation to leave room.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -74,13 +66,13 @@ from pipelines import storage
 from pipelines.inputs import InputPlan, plan_inputs
 from pipelines.predictors import STEPS, Predictor
 from pipelines.tokenize import id_name, tokenize_batch
-from pipelines.compat import QuietGpuWait, parquet_reader_v1
-from pipelines.resources import CpuPlan, actor_pool, cpu_plan, gpu_wait_message
-from pipelines.score_config import GpuWaitTimeout, ScoreConfig
+from pipelines.resources import CpuPlan, actor_pool, cpu_plan
+from pipelines.score_config import ScoreConfig
+from pipelines.score_feed import PredictorPool, default_tokenizers, run_fed_units, start_tokenizers
 from pipelines.score_output import (MANIFEST, RUN_RECORD, STAGED, check_output, check_resume, data_files,
                                     default_checkpoint_dir, output_dtypes, output_totals, ray_path, read_json,
-                                    repair_duplicates, run_recipe, stage_inputs, watch_output, write_json)
-from pipelines.score_units import (choose_unit_rows, drop_partial_writes, same_scorer, score_on_actors, start_actors,
+                                    repair_duplicates, run_recipe, stage_inputs, write_json)
+from pipelines.score_units import (choose_unit_rows, drop_partial_writes, run_units, same_scorer, score_on_actors,
                                    stop_actors)
 
 log = logging.getLogger(__name__)
@@ -99,7 +91,7 @@ class ScoreResult:
     seconds: float  # wall time of this run's pipeline
     tokens_this_run: int
     input_rows: int
-    startup_s: float = 0.0  # of `seconds`, until the first CPU actor could score (0.0: not measured, GPUs)
+    startup_s: float = 0.0  # of `seconds`, until the first predictor actor could score
     resumed: bool = False
     already_complete: bool = False
     plan: dict = field(default_factory=dict)
@@ -266,56 +258,55 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         raise FileExistsError(f"{cfg.output} already holds Parquet files but has no checkpoint ({pre.checkpoint_dir}) "
                               f"and no {MANIFEST}: it is not a run of this job to resume; choose another output or "
                               f"pass --overwrite (YAML: overwrite: true)")
-    r = cfg.resources
     res = plan_actors(cfg, pre.model_bytes, ray_data=False)
     if cfg.dtype == "fp16" and res.device != "cuda":
         raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
-    on_cpu, t0, actors = res.device == "cpu", time.perf_counter(), []
+    t0, r = time.perf_counter(), cfg.resources
+    pool, tokenizers = PredictorPool(res, r.max_restarts, r.max_task_retries), []
     try:
-        if on_cpu:  # first: their start-up (a process importing torch) overlaps everything below
-            start_actors(actors, res.num_actors, res.actor_num_cpus, res.torch_threads, r.max_restarts,
-                         r.max_task_retries)
+        # First: their start-up (a process importing torch) overlaps everything below.
+        pool.start()
+        start_tokenizers(tokenizers, tokenizer_actors(cfg, res), r.max_restarts, r.max_task_retries)
         run_record = storage.join(cfg.output, RUN_RECORD)
         record = (read_json(run_record) or {}) if resumed else {"recipe": pre.recipe, "started": time.time()}
-        same_scorer(record, on_cpu, cfg.output, resumed)
+        same_scorer(record, cfg.output, resumed)
         dtype = record["dtype_used"] = job_dtype(cfg.dtype, res.device, record, res.torch_threads,
                                                  pre.model_config.hidden_size)
-        if on_cpu:  # kept by a resume, which must plan the same units
-            record.setdefault("unit_rows", choose_unit_rows(pre.plan.rows, res.num_actors, cfg.batch_size))
+        # Kept by a resume, which must plan the same units. Fed units pass two actors: enough of
+        # them that the first and last (one actor busy, the other waiting) are a small share.
+        record.setdefault("unit_rows", choose_unit_rows(pre.plan.rows, res.num_actors + len(tokenizers),
+                                                        cfg.batch_size))
         write_json(run_record, record)  # before any row: the output is now provably ours, with its recipe
-        log.info("scoring %d rows from %d file(s) with %s", pre.plan.rows, len(pre.plan.files), res)
+        log.info("scoring %d rows from %d file(s) with %s and %d tokenizing actors", pre.plan.rows,
+                 len(pre.plan.files), res, len(tokenizers))
         before = output_totals(cfg.output) if resumed else (0, 0, 0)
         texts = (cfg.text_column, cfg.text_pair_column, cfg.id_column)  # read as strings from CSV / JSON Lines
         staged = stage_inputs(cfg.output, pre.plan, texts)
         tokenize = tokenize_settings(cfg, pre.max_length, id_column=cfg.id_column, fallback_ids=fallback_ids(pre, staged))
-        if on_cpu:
-            spec = dict(output=storage.normalize(cfg.output), columns=pre.plan.columns, batch_size=cfg.batch_size,
-                        with_path=not pre.plan.has_ids, predictor_args=(cfg.model, cfg.task),
-                        predictor_kwargs=predictor_kwargs(cfg, res, dtype, tokenize))
-            ready_at = score_on_actors(actors, spec, list(staged), record["unit_rows"], pre.checkpoint_dir,
-                                       pre.plan.rows, before[0], before[2])
+        spec = dict(output=storage.normalize(cfg.output), columns=pre.plan.columns, batch_size=cfg.batch_size,
+                    with_path=not pre.plan.has_ids, predictor_args=(cfg.model, cfg.task), tokenize=tokenize,
+                    predictor_kwargs=predictor_kwargs(cfg, res, dtype, None if tokenizers else tokenize))
+        if tokenizers:
+            def run(units, done):
+                return run_fed_units(pool, tokenizers, units, spec, done)
         else:
-            ready_at = score_with_ray_data(cfg, pre, res, dtype, staged, tokenize, before, t0)
+            def run(units, done):
+                return run_units(pool.actors, units, spec, done)
+        ready_at = score_on_actors(run, cfg.output, list(staged), record["unit_rows"], pre.checkpoint_dir,
+                                   pre.plan.rows, before[0], before[2])
     finally:
-        stop_actors(actors)
+        stop_actors(pool.actors + tokenizers)
     return finish(cfg, pre, res, resumed, time.perf_counter() - t0, before[2], ready_at - t0)
 
 
-def score_with_ray_data(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str, staged: dict, tokenize: dict,
-                        before: tuple, t0: float) -> float:
-    """The GPU step: the Ray Data program (`build_dataset`) written out; returns `t0` (no start-up apart)."""
+def tokenizer_actors(cfg: ScoreConfig, res: CpuPlan) -> int:
+    """`resources.tokenizer_actors`, else the plan's default (`default_tokenizers`)."""
     import ray
 
-    with ray_data_settings(pre.checkpoint_dir, res.gpu_wait_s), \
-            watch_output(cfg.output, pre.plan.rows, before[0], before[2]):
-        try:
-            build_dataset(cfg, pre, res, dtype, staged, tokenize).write_parquet(
-                cfg.output, ray_remote_args={"num_cpus": res.task_num_cpus, "max_retries": cfg.resources.task_max_retries})
-        except ray.exceptions.GetTimeoutError:
-            if res.gpu_wait_s is None or time.perf_counter() - t0 < res.gpu_wait_s:
-                raise  # not the wait for the GPU pool to start
-            raise GpuWaitTimeout(gpu_wait_message(res, int(ray.cluster_resources().get("GPU", 0)))) from None
-    return t0
+    if cfg.resources.tokenizer_actors is not None:
+        return cfg.resources.tokenizer_actors
+    cluster = ray.cluster_resources()
+    return default_tokenizers(res, float(cluster.get("CPU", 0)), int(cluster.get("GPU", 0)))
 
 
 def reuse_or_reset(cfg: ScoreConfig, pre: Preflight) -> Optional[ScoreResult]:
@@ -334,47 +325,6 @@ def reuse_or_reset(cfg: ScoreConfig, pre: Preflight) -> Optional[ScoreResult]:
     log.warning("%s is already complete (%s); pass --overwrite (YAML: overwrite: true) to score again", output, MANIFEST)
     storage.delete(ckpt)  # killed after the manifest, before the checkpoint was deleted
     return ScoreResult(**{**done["result"], "already_complete": True, "plan": done["result"].get("plan", {})})
-
-
-@contextlib.contextmanager
-def ray_data_settings(checkpoint_dir: str, gpu_wait_s: Optional[float]):
-    """Ray Data's process-wide settings for one scoring run, restored after it: job-level
-    checkpointing keyed on `row_hash` (the resume), the V1 Parquet reader (see the module
-    docstring: CPU-only clusters), and with a GPU wait, the pool-start timeout, with Ray Data's
-    internal-error log of that timeout silenced (it is reported as GpuWaitTimeout, one line)."""
-    import ray.data
-    from ray.data.checkpoint import CheckpointConfig
-
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.checkpoint_config, ctx.wait_for_min_actors_s)
-    cc = CheckpointConfig(id_column="row_hash", checkpoint_path=checkpoint_dir, delete_checkpoint_on_success=False)
-    cc.checkpoint_actor_pool_max_size = 1  # each filter actor holds 1 CPU; one is enough
-    ctx.checkpoint_config = cc
-    quiet, ray_data_log = QuietGpuWait(), logging.getLogger("ray.data.exceptions")
-    if gpu_wait_s is not None:
-        # Ray Data then blocks, when the pipeline starts and before any row is read, until each actor
-        # pool's minimum (ours: 1 GPU actor) has started, and raises GetTimeoutError after this long.
-        # Nothing polls while we wait: the pending actors' demand is what an autoscaler acts on.
-        ctx.wait_for_min_actors_s = gpu_wait_s
-        ray_data_log.addFilter(quiet)
-    try:
-        with parquet_reader_v1():
-            yield
-    finally:
-        ctx.checkpoint_config, ctx.wait_for_min_actors_s = saved
-        ray_data_log.removeFilter(quiet)
-
-
-def build_dataset(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, dtype: str, staged: dict, tokenize: dict):
-    """The Ray Data program up to the write: read -> blocks of batch_size -> [GPU: tokenize tasks]
-    -> the predictor actor pool. `staged`: {file to read: the input it holds} (`stage_inputs`)."""
-    import ray.data
-
-    ds = ray.data.read_parquet(list(staged), columns=pre.plan.columns, include_paths=not pre.plan.has_ids,
-                               include_row_hash=True, num_cpus=res.task_num_cpus)
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    # Blocks already hold `batch_size` rows, the batch size GPU actors are given explicitly.
-    return predict_stage(ds, cfg, res, dtype, tokenize, rebatch=False)
 
 
 def fallback_ids(pre: Preflight, staged: dict) -> Optional[dict]:

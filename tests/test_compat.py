@@ -204,31 +204,6 @@ def test_ray_data_v2_parquet_listing_still_asks_for_a_whole_cpu():
     assert ctx.use_datasource_v2 == before
 
 
-def test_quiet_gpu_wait_drops_only_the_records_of_a_pool_start_timeout():
-    """Ray Data 2.60 logs a GetTimeoutError it re-raises as an internal error (a plea to file a bug,
-    then the traceback) on `ray.data.exceptions`; QuietGpuWait drops exactly those records."""
-    import inspect
-    import logging
-
-    import ray.data.exceptions
-    import ray.exceptions
-
-    from pipelines.compat import QuietGpuWait
-
-    assert "logger.exception(" in inspect.getsource(ray.data.exceptions.omit_traceback_stdout)
-    record = logging.LogRecord("ray.data.exceptions", logging.ERROR, __file__, 1, "Full stack trace:", None, None)
-    quiet = QuietGpuWait()
-    try:
-        raise ray.exceptions.GetTimeoutError("pool did not start")
-    except ray.exceptions.GetTimeoutError:
-        assert quiet.filter(record) is False
-    try:
-        raise RuntimeError("a real error")
-    except RuntimeError:
-        assert quiet.filter(record) is True
-    assert quiet.filter(record) is True
-
-
 def test_deepspeed_logs_to_stderr_so_stdout_keeps_a_commands_result():
     """DeepSpeed 0.19 logs through a handler on stdout ("Setting accelerator to CPU" landed ahead of
     `raybert pretrain`'s JSON); after import_deepspeed its log goes to stderr."""

@@ -30,7 +30,7 @@ from pipelines.score_config import ResourceConfig, ScoreConfig
 from pipelines.resources import actor_pool, cpu_plan
 from pipelines.score_output import read_output
 
-PREDICTOR = "MapWorker(MapBatches(Predictor))"  # the state API's class name of Ray Data's Predictor actors
+PREDICTOR = "ScoringActor"  # the state API's class name of the predictor actors (pipelines/score_units.py)
 GPU_WAIT_S = 10.0
 
 

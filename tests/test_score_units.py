@@ -180,19 +180,21 @@ def test_actors_keep_to_their_row_group_and_spread_over_others():
         sorted((u.row_group, u.start) for u in units)  # every unit once
 
 
-def test_an_unfinished_output_is_resumed_only_by_the_path_that_started_it():
-    """CPU actors and Ray Data commit differently; neither can finish the other's half-written state."""
+def test_an_unfinished_ray_data_output_is_refused_with_the_fix():
+    """Unit files and Ray Data's row checkpoints (an earlier raybert's GPU path) can't finish each
+    other's half-written state; runs of the CPU actors before GPUs used units are the same scheme."""
     from pipelines.score_units import same_scorer
 
     record = {}
-    same_scorer(record, on_cpu=True, output="out", resumed=False)
-    assert record["scorer"] == "cpu-actors"
-    same_scorer(record, on_cpu=True, output="out", resumed=True)  # the same path resumes
-    with pytest.raises(FileExistsError, match="scored on CPU actors, and this run would score by Ray Data.*--device cpu"):
-        same_scorer(dict(record), on_cpu=False, output="out", resumed=True)
-    old = {"recipe": {}}  # written by a raybert that scored on Ray Data everywhere
-    with pytest.raises(FileExistsError, match="by a raybert before CPU actors.*--overwrite"):
-        same_scorer(old, on_cpu=True, output="out", resumed=True)
+    same_scorer(record, output="out", resumed=False)
+    assert record["scorer"] == "actors"
+    same_scorer(record, output="out", resumed=True)  # resumes
+    cpu_actors = {"scorer": "cpu-actors"}
+    same_scorer(cpu_actors, output="out", resumed=True)
+    assert cpu_actors["scorer"] == "actors"
+    for old in ({"recipe": {}, "scorer": "ray-data"}, {"recipe": {}}):  # written by Ray Data's path
+        with pytest.raises(FileExistsError, match="scored by Ray Data.*can't resume.*--overwrite"):
+            same_scorer(old, output="out", resumed=True)
 
 
 def test_a_store_hiccup_is_retried_and_a_bad_file_is_not_retried_forever():

@@ -1,0 +1,90 @@
+"""Scoring with the tokenizing apart (pipelines/score_feed.py), the GPU layout, run here with CPU
+actors standing in for the GPU ones: every unit is scored once and exactly as a predictor that
+tokenizes its own units scores it; an autoscaling pool asks for its other actors once one has
+started and scores on those that start; a unit a tokenizing actor can't read stops the run naming
+its rows. (Device cuda on a cluster without GPUs: tests/test_score_autoscale.py.)"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.resources import CpuPlan
+from pipelines.score_feed import PredictorPool, default_tokenizers, run_fed_units, start_tokenizers
+from pipelines.score_units import plan_units, run_units, stop_actors
+from test_score_units import _file, _spec
+
+
+def _fed_spec(tmp_path, model, out) -> dict:
+    spec = _spec(tmp_path, model)
+    tokenize = spec["predictor_kwargs"].pop("tokenize")
+    return dict(spec, output=str(out), tokenize=tokenize, predictor_kwargs=dict(spec["predictor_kwargs"], tokenize=None))
+
+
+def _plan(num_actors: int, cpus: float, min_actors=None) -> CpuPlan:
+    return CpuPlan(num_actors, cpus, 0.0, 0.25, 1, "cpu", min_actors=min_actors)
+
+
+def _run(pool: PredictorPool, n_tokenizers: int, units, spec) -> list:
+    tokenizers, done = [], []
+    try:
+        pool.start()
+        start_tokenizers(tokenizers, n_tokenizers, 1, 1)
+        run_fed_units(pool, tokenizers, units, spec, lambda rows, errors, tokens: done.append(rows))
+    finally:
+        stop_actors(pool.actors + tokenizers)
+    return done
+
+
+def test_tokenized_units_score_once_and_as_a_self_tokenizing_actor_scores_them(ray_local, tmp_path, tiny):
+    f = str(tmp_path / "a.parquet")
+    _file(f, 300, 100)
+    units = plan_units([f], [f], 40)
+    fed, own = tmp_path / "fed", tmp_path / "own"
+    fed.mkdir(), own.mkdir()
+    done = _run(PredictorPool(_plan(1, 1.0), 1, 1), 1, units, _fed_spec(tmp_path, tiny, fed))
+    assert sorted(done) == sorted(u.rows for u in units) and sorted(os.listdir(fed)) == sorted(u.name for u in units)
+
+    pool = PredictorPool(_plan(1, 1.0), 1, 1)
+    pool.start()
+    try:
+        run_units(pool.actors, units, dict(_spec(tmp_path, tiny), output=str(own)), lambda *counts: None)
+    finally:
+        stop_actors(pool.actors)
+    for u in units:
+        assert pq.read_table(fed / u.name).equals(pq.read_table(own / u.name)), u.name
+
+
+def test_an_autoscaling_pool_asks_for_more_once_one_starts_and_uses_those_that_start(ray_local, tmp_path, tiny):
+    f = str(tmp_path / "a.parquet")
+    _file(f, 240, 240)
+    units = plan_units([f], [f], 20)  # 12 units: up to 3 actors at UNITS_PER_ACTOR 4
+    (tmp_path / "out").mkdir()
+    # 3 predictors of 0.75 CPU and a 1-CPU tokenizer on 2 CPUs: at most one predictor is placed.
+    pool = PredictorPool(_plan(3, 0.75, min_actors=1), 1, 1)
+    done = _run(pool, 1, units, _fed_spec(tmp_path, tiny, tmp_path / "out"))
+    assert len(pool.actors) == 3  # asked for: 1 at first, the rest once it had started
+    assert sum(done) == 240 and sorted(os.listdir(tmp_path / "out")) == sorted(u.name for u in units)
+
+
+def test_a_unit_a_tokenizer_cannot_read_stops_the_run_naming_its_rows(ray_local, tmp_path, tiny):
+    from pipelines.score_units import UnitFailed
+
+    f = str(tmp_path / "a.parquet")
+    _file(f, 60, 30)
+    units = plan_units([f], [f], 30)
+    os.remove(f)  # vanished after planning
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UnitFailed, match=r"a.parquet: rows \d+-\d+ \(row group \d\) could not be read.*rerun"):
+        _run(PredictorPool(_plan(1, 1.0), 0, 0), 1, units, _fed_spec(tmp_path, tiny, tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_gpu_plans_tokenize_on_the_cpus_their_actors_leave():
+    gpu = CpuPlan(2, 1.0, 1.0, 0.25, 1, "cuda")
+    assert default_tokenizers(gpu, cluster_cpus=32, cluster_gpus=2) == 30
+    assert default_tokenizers(CpuPlan(8, 1.0, 1.0, 0.25, 1, "cuda", min_actors=1), 16, 0) == 16  # no GPU node yet
+    assert default_tokenizers(gpu, cluster_cpus=2, cluster_gpus=2) == 1  # at least one
+    assert default_tokenizers(CpuPlan(2, 1.0, 0.0, 0.25, 1, "cpu"), 2, 0) == 0  # CPU actors tokenize their own

@@ -32,8 +32,9 @@ class ResourceConfig:
     # device cuda: stop with an error if no GPU actor has started after this many seconds (a GPU node takes
     # minutes to boot; never wait forever on an autoscaler that can't deliver one)
     gpu_wait_s: float = 900.0
-    # CPU actors that read and tokenize units for the predictor actors (pipelines/score_feed.py). Default:
-    # on GPUs one per CPU the GPU actors leave, on CPUs none (each predictor actor tokenizes its own units)
+    # CPU actors (1 CPU each) that read and tokenize units for the predictor actors (pipelines/score_feed.py).
+    # Default: on GPUs one per CPU the GPU actors leave, on CPUs none (each predictor actor tokenizes its own
+    # units; setting it there, leave them room with --num-actors / actor_num_cpus)
     tokenizer_actors: Optional[int] = None
     max_restarts: int = 4  # restarts of a killed predictor actor
     max_task_retries: int = 4  # retries of the unit whose actor died

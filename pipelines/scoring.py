@@ -261,6 +261,9 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     res = plan_actors(cfg, pre.model_bytes, ray_data=False)
     if cfg.dtype == "fp16" and res.device != "cuda":
         raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
+    if res.device == "cuda" and cfg.resources.tokenizer_actors == 0:
+        raise ValueError("resources.tokenizer_actors 0 has each predictor actor tokenize its own units, and a GPU "
+                         "actor must not (its GPU would wait on it); leave it unset, or set it to 1 or more")
     t0, r = time.perf_counter(), cfg.resources
     pool, tokenizers = PredictorPool(res, r.max_restarts, r.max_task_retries), []
     try:

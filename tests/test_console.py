@@ -52,23 +52,37 @@ def test_a_small_score_prints_few_lines_with_progress_and_json_on_stdout(minilm_
     assert read_output(str(tmp_path / "out"))["n_tokens"].to_numpy().max() <= 64
 
 
-# A Ray Train fit in a subprocess with its own Ray (~45 s): the console as a user sees it.
+# A Ray Train fit in a subprocess with its own Ray (~50 s): the console as a user sees it. It is also
+# the `debug` x 4 workers setting on 2 CPUs that used to wait forever before step 1 (4 x 0.5 CPUs
+# left the data none; test_pretrain_guards.py runs the other such setting): one fit serves both.
 @pytest.mark.timeout(300)
 def test_a_small_pretrain_prints_few_lines_and_json_on_stdout(tmp_path):
+    from jobs.pretrain import read_metrics
+    from jobs.schedule import read_ledger
     from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
     from pipelines.pretrain_data import write_corpus
 
     corpus = write_corpus(peoples_daily_sentences()[:300], str(tmp_path / "zh.parquet"))
+    run_dir = tmp_path / "run"
     res = _run(["pretrain", "--preset", "debug", "--data", corpus, "--tokenizer", str(chinese_vocab_path()),
-                "--run-dir", str(tmp_path / "run"), "--max-steps", "10", "--num-workers", "1"])
+                "--run-dir", str(run_dir), "--max-steps", "10", "--num-workers", "4"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(_lines(res)) <= MAX_LINES, "\n".join(_lines(res))
     result = json.loads(res.stdout)
-    assert result["metrics"]["step"] == 10 and result["export"] == str(tmp_path / "run" / "export")
+    assert result["metrics"]["step"] == 10 and result["export"] == str(run_dir / "export")
     assert "[raybert] step 10/10 loss" in res.stderr
     assert res.stderr.count("[raybert] step 5/10") == 1  # once: Ray Train's print patch doubled each line
     for noise in ("Setting accelerator to CPU", "FutureWarning", "Reporting training result", "INFO"):
         assert noise not in res.stderr, res.stderr
+    # The plan that used to hang on the CI machine's 2 CPUs (the embedded Ray takes every core): 4
+    # workers and the data pipeline's share.
+    plan = json.loads((run_dir / "config.json").read_text())["plan"]
+    assert plan["num_workers"] == 4 and plan["data_cpus"] >= 0.5
+    assert plan["cpus_per_worker"] * 4 <= plan["cluster_cpus"] - 0.5
+    start = [r for r in read_metrics(run_dir) if r.get("event") == "start"]
+    assert start and start[0]["world_size"] == 4
+    (record,) = read_ledger(run_dir)
+    assert (record["status"], record["start_step"], record["end_step"]) == ("ok", 0, 10)
 
 
 def test_progress_line_on_a_terminal_and_in_a_log(monkeypatch):

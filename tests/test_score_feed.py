@@ -88,3 +88,17 @@ def test_gpu_plans_tokenize_on_the_cpus_their_actors_leave():
     assert default_tokenizers(CpuPlan(8, 1.0, 1.0, 0.25, 1, "cuda", min_actors=1), 16, 0) == 16  # no GPU node yet
     assert default_tokenizers(gpu, cluster_cpus=2, cluster_gpus=2) == 1  # at least one
     assert default_tokenizers(CpuPlan(2, 1.0, 0.0, 0.25, 1, "cpu"), 2, 0) == 0  # CPU actors tokenize their own
+
+
+def test_gpu_actors_are_never_left_to_tokenize_their_own_units(ray_local, tmp_path, tiny):
+    import pyarrow as pa
+
+    from pipelines.score_config import ResourceConfig, ScoreConfig
+    from pipelines.scoring import score
+
+    pq.write_table(pa.table({"id": ["a"], "text": ["hello"]}), tmp_path / "in.parquet")
+    cfg = ScoreConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=tiny,
+                      resources=ResourceConfig(device="cuda", tokenizer_actors=0))
+    with pytest.raises(ValueError, match="tokenizer_actors 0 .* a GPU actor must not"):
+        score(cfg)
+    assert not (tmp_path / "out").exists()  # refused before the output was touched

@@ -161,8 +161,8 @@ class CpuPlan:
     gpu_wait_s: Optional[float] = None  # fail if none of the pool's GPU actors has started by then
 
 
-# What one CPU predictor actor holds besides its weights: Python with torch, Ray Data and pyarrow
-# loaded, plus activations (measured: 0.93 GiB of RSS for MiniLM, whose weights are 87 MB, after a
+# What one CPU predictor actor holds besides its weights: Python with torch and pyarrow loaded,
+# plus activations (measured: 0.93 GiB of RSS for MiniLM, whose weights are 87 MB, after a
 # block of 256-token rows).
 ACTOR_BASE_BYTES = 1 << 30
 
@@ -184,10 +184,10 @@ def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Op
       pipelines/scoring.py's docstring), but no more actors than half the cluster's memory holds at
       ACTOR_BASE_BYTES + 2 x `model_bytes` each. Measured on 2 cores, single runs: two 1-thread actors ran 1.06x
       (MiniLM) to 1.26x (near-free model) one 2-thread actor, whose OpenMP regions stall whenever
-      either thread is preempted. With `ray_data` (the actors are a Ray Data pool) their logical
-      reservations leave 1 CPU for Ray's checkpoint filter actor plus one task slot; without (the
-      CPU scoring actors of pipelines/score_units.py, which do all the work) each reserves 1 CPU,
-      or its share when there are more actors than CPUs."""
+      either thread is preempted. With `ray_data` (the actors are a Ray Data pool: `score_dataset`)
+      their logical reservations leave 1 CPU plus one task slot to the caller's read and tokenize
+      tasks; without (the CPU scoring actors of pipelines/score_units.py, which do all the work)
+      each reserves 1 CPU, or its share when there are more actors than CPUs."""
     if num_actors is not None and num_actors < 1:
         raise ValueError(f"num_actors must be >= 1 (or unset for the default), got {num_actors}")
     if device not in DEVICES:

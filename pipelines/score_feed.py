@@ -15,9 +15,10 @@ Contract:
   hold their `GPU: 1` demand, which is what an autoscaler turns into GPU nodes. If none starts
   within `CpuPlan.gpu_wait_s` (or ACTOR_START_TIMEOUT_S), the run stops with GpuWaitTimeout (GPU
   plans) or ActorsLost, before any row is read.
-- Tokenizing actors: `tokenizer_actors` of them (`default_tokenizers`: one per CPU the GPU actors
-  leave on the nodes there now), each holding 1 CPU and one `tokenizers` thread, without torch.
-  They start with the predictors, before the input is staged.
+- Tokenizing actors: `tokenizer_actors` of them (`default_tokenizers`: one per free CPU the GPU
+  actors leave when the job starts), each holding 1 CPU and one `tokenizers` thread, without torch.
+  They start with the predictors, before the input is staged. (CPUs that GPU nodes bring later are
+  not used for tokenizing.)
 - `run_fed_units`: each unit is tokenized on the started tokenizing actor with the fewest units
   in flight (at most IN_FLIGHT_PER_ACTOR; it keeps the row group it read, as in `UnitQueue`), and
   the table goes by reference to the started predictor actor with the fewest in flight, which
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipelines.resources import CpuPlan, gpu_wait_message
-from pipelines.score_config import GpuWaitTimeout
+from pipelines.score_config import ActorsLost, GpuWaitTimeout
 from pipelines.score_units import (ACTOR_START_TIMEOUT_S, IN_FLIGHT_PER_ACTOR, ScoringActor, Unit, UnitQueue,
                                    collect, started_actor, start_actors, wait_for_an_actor)
 
@@ -47,13 +48,15 @@ class TokenizingActor(ScoringActor):
     """A CPU actor that reads and tokenizes units for the predictor actors (`tokenize`); no torch."""
 
 
-def default_tokenizers(plan: CpuPlan, cluster_cpus: float, cluster_gpus: int) -> int:
-    """Tokenizing actors for `plan`: GPU plans get one per CPU left by the GPU actors that the GPUs
-    there now can place (at least one); CPU plans none (each actor tokenizes its own units)."""
+def default_tokenizers(plan: CpuPlan, free_cpus: float, free_gpus: int) -> int:
+    """Tokenizing actors for `plan`, from the cluster's free resources before any actor starts: GPU
+    plans get one per free CPU the GPU actors that the free GPUs can place leave (at least one;
+    only what is free, so no tokenizer waits, asking an autoscaler for a node); CPU plans none
+    (each actor tokenizes its own units)."""
     if plan.device != "cuda":
         return 0
-    placed_now = min(plan.num_actors, cluster_gpus)
-    return max(1, int(cluster_cpus - placed_now * plan.actor_num_cpus))
+    placed_now = min(plan.num_actors, free_gpus)
+    return max(1, int(free_cpus - placed_now * plan.actor_num_cpus))
 
 
 @dataclass
@@ -79,19 +82,31 @@ class PredictorPool:
                      self.max_task_retries, num_gpus=p.actor_num_gpus)
 
     def lost(self) -> Exception:
-        """What stops a run none of whose predictors started in time."""
+        """What stops a run none of whose predictors started in time: GpuWaitTimeout for a pool
+        that asked for GPUs before any joined (an autoscaler's wait), else ActorsLost (the
+        cluster's GPUs or CPUs held by other work)."""
         import ray
 
-        if self.plan.actor_num_gpus:
+        if self.plan.actor_num_gpus and self.plan.gpu_wait_s is not None:
             return GpuWaitTimeout(gpu_wait_message(self.plan, int(ray.cluster_resources().get("GPU", 0))))
-        from pipelines.score_config import ActorsLost
-
-        return ActorsLost(f"no predictor actor started within {self.wait_s:g} s: the cluster's CPUs are held by "
-                          f"other work; free them, or set --num-actors / resources.actor_num_cpus lower")
+        kind = "GPU" if self.plan.actor_num_gpus else "CPU"
+        free, total = ray.available_resources().get(kind, 0), ray.cluster_resources().get(kind, 0)
+        return ActorsLost(f"no predictor actor started within {self.wait_s:g} s: the cluster has {free:g} of "
+                          f"{total:g} {kind}s free (other jobs or actors hold the rest); free them, or set "
+                          f"--num-actors{'' if kind == 'GPU' else ' / resources.actor_num_cpus'} lower")
 
     @property
     def wait_s(self) -> float:
         return self.plan.gpu_wait_s or ACTOR_START_TIMEOUT_S
+
+
+def _no_tokenizer() -> Exception:
+    import ray
+
+    free, total = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
+    return ActorsLost(f"no tokenizing actor started within {ACTOR_START_TIMEOUT_S:g} s: the cluster has {free:g} of "
+                      f"{total:g} CPUs free (other jobs or actors hold the rest); free them, or set "
+                      f"resources.tokenizer_actors lower")
 
 
 def start_tokenizers(into: list, n: int, max_restarts: int, max_task_retries: int) -> None:
@@ -137,28 +152,32 @@ def run_fed_units(pool: PredictorPool, tokenizers: list, units: list[Unit], spec
             unit = queue.take(j)
             table = tokenizers[j].tokenize.remote(unit, spec_ref)
             tokenizing[table] = j
-            scoring[pool.actors[i].score.remote(unit, spec_ref, table)] = (i, unit)
+            scoring[pool.actors[i].score.remote(unit, spec_ref, table)] = (i, unit, table)
             busy_s.n[i] += 1
             busy_t.n[j] += 1
 
     for ref in first:
         busy_s.n[started_actor(scorers.pop(ref), ref)] = 0
-    for ref in wait_for_an_actor(list(readers)):
-        busy_t.n[started_actor(readers.pop(ref), ref)] = 0
+    for ref in wait_for_an_actor(list(readers), lost=_no_tokenizer):
+        busy_t.n[started_actor(readers.pop(ref), ref, "tokenizing")] = 0
     fill()
     while scoring:
         # fetch_local=False: a tokenized table goes from its tokenizer to its predictor, never here.
-        [ref], _ = ray.wait(list(scoring) + list(tokenizing) + list(scorers) + list(readers), num_returns=1,
+        [ref], _ = ray.wait(list(tokenizing) + list(scoring) + list(scorers) + list(readers), num_returns=1,
                             fetch_local=False)
         if ref in tokenizing:
             busy_t.n[tokenizing.pop(ref)] -= 1
         elif ref in scorers:
             busy_s.n[started_actor(scorers.pop(ref), ref)] = 0
         elif ref in readers:
-            busy_t.n[started_actor(readers.pop(ref), ref)] = 0
+            busy_t.n[started_actor(readers.pop(ref), ref, "tokenizing")] = 0
         else:
-            i, unit = scoring.pop(ref)
+            i, unit, table = scoring.pop(ref)
             busy_s.n[i] -= 1
+            if table in tokenizing:  # scored before its table's own completion was seen here
+                busy_t.n[tokenizing.pop(table)] -= 1
             collect(ref, unit, on_done)
         fill()
+    if queue:  # cannot happen: every unit left is submitted while any actor has room
+        raise RuntimeError("run_fed_units stopped with units left unscored")
     return ready_at

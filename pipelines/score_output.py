@@ -58,12 +58,11 @@ def data_files(output: str) -> list[str]:
 
 
 def stage_inputs(output: str, plan: InputPlan, text_columns: tuple) -> dict[str, str]:
-    """{file Ray Data reads: the input it holds}. Parquet inputs are read as they are. A CSV or JSON
-    Lines input is first written as Parquet under `<output>/_staged/` (its needed columns, in file
-    order, whole or absent), because resume keys on Ray Data's `row_hash` of (file, row position),
-    which only its Parquet reader gives; a resumed run reuses the staged files (same inputs, same
-    order: the run record's recipe holds them). `finish` deletes them. Keys are as Ray Data's `path`
-    column spells them (absolute local paths; a URI without its scheme)."""
+    """{file the units are planned on: the input it holds}. Parquet inputs are read as they are. A
+    CSV or JSON Lines input is first written as Parquet under `<output>/_staged/` (its needed
+    columns, in file order, whole or absent), because units are slices of Parquet row groups and
+    rows are keyed by (file, row position); a resumed run reuses the staged files (same inputs, same
+    order: the run record's recipe holds them). `finish` deletes them."""
     from pipelines.inputs import TableFile
 
     staged, out = {}, storage.normalize(output)
@@ -144,7 +143,7 @@ def check_output(output: str, checkpoint_dir: str, inputs: list[str], plan: Inpu
     other, is an existing file or can't be created; and with overwrite, an output that holds
     anything but a previous output of this job (ours: it holds our manifest or run record, or it
     is empty; an existing checkpoint dir proves nothing), or a checkpoint dir holding anything but
-    Ray Data checkpoint files."""
+    scoring checkpoint files."""
     import pyarrow.fs as pafs
 
     out, ckpt = storage.canonical(output), storage.canonical(checkpoint_dir)
@@ -170,11 +169,12 @@ def check_output(output: str, checkpoint_dir: str, inputs: list[str], plan: Inpu
         raise ValueError(f"{output} is not an output of raybert score (no {MANIFEST} or {RUN_RECORD}, and not "
                          f"empty): overwrite deletes only a previous output of this job; choose another output, "
                          f"or remove {output} yourself")
-    # Ray Data writes only <id>[.pending].parquet files; a CPU run only its UNITS_RECORD.
+    # A run writes only its UNITS_RECORD there; Ray Data (an earlier raybert's GPU path) wrote only
+    # <id>[.pending].parquet files, which overwrite may delete too.
     foreign = [f.path for f in storage.listing(checkpoint_dir) if f.type != pafs.FileType.File
                or not (f.path.endswith(".parquet") or storage.basename(f.path) == UNITS_RECORD)]
     if foreign:
-        raise ValueError(f"checkpoint dir {checkpoint_dir} holds files that are not Ray Data checkpoint files "
+        raise ValueError(f"checkpoint dir {checkpoint_dir} holds files that are not scoring (or Ray Data) checkpoint files "
                          f"(e.g. {foreign[0]}); overwrite would delete them: choose another checkpoint dir, "
                          f"or remove it yourself")
 

@@ -205,9 +205,15 @@ class ScoringActor:
 
     def tokenize(self, unit: Unit, spec: dict) -> pa.Table:
         """`unit`'s rows tokenized (`tokenize_batch` with `spec["tokenize"]`), for a GPU actor's `score`."""
-        from pipelines.tokenize import tokenize_batch
+        from pipelines.tokenize import encoder, tokenize_batch
 
-        return tokenize_batch(self.unit_rows(unit, spec), **spec["tokenize"])
+        settings = spec["tokenize"]
+        try:
+            encoder(settings["tokenizer_path"], settings["max_length"])  # loaded once per process
+        except Exception as e:  # checked on the driver, so: this node's copy, a library
+            raise NotLoaded(f"{settings['tokenizer_path']}: the tokenizer did not load on a tokenizing actor "
+                            f"({type(e).__name__}: {e})") from e
+        return tokenize_batch(self.unit_rows(unit, spec), **settings)
 
     def unit_rows(self, unit: Unit, spec: dict) -> pa.Table:
         """`unit`'s input rows, with `row_hash` (and `path`, for fallback ids)."""
@@ -314,14 +320,14 @@ class UnitQueue:
         return unit
 
 
-def started_actor(index: int, ready_ref) -> int:
+def started_actor(index: int, ready_ref, kind: str = "predictor") -> int:
     """`index`, once its actor's `ready()` came back; ActorsLost if the actor could not start."""
     import ray
 
     try:
         ray.get(ready_ref)
     except ray.exceptions.RayActorError as e:
-        raise ActorsLost(f"a predictor actor could not start: {str(e).strip().splitlines()[0]}") from None
+        raise ActorsLost(f"a {kind} actor could not start: {str(e).strip().splitlines()[0]}") from None
     return index
 
 
@@ -334,7 +340,7 @@ def collect(ref, unit: Unit, on_done: Callable[[int, int, int], None]) -> None:
     try:
         on_done(*ray.get(ref))
     except ray.exceptions.RayActorError as e:
-        raise ActorsLost(f"a predictor actor died more often than resources.max_restarts allows, scoring "
+        raise ActorsLost(f"a predictor or tokenizing actor died more often than resources.max_restarts allows, scoring "
                          f"{unit.file} (row group {unit.row_group}): {str(e).strip().splitlines()[0]}; if it "
                          f"ran out of memory, use fewer actors (--num-actors) or a smaller --max-length; the "
                          f"rows scored so far are kept: rerun the same command to finish") from None

@@ -265,11 +265,11 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         raise ValueError("resources.tokenizer_actors 0 has each predictor actor tokenize its own units, and a GPU "
                          "actor must not (its GPU would wait on it); leave it unset, or set it to 1 or more")
     t0, r = time.perf_counter(), cfg.resources
-    pool, tokenizers = PredictorPool(res, r.max_restarts, r.max_task_retries), []
+    pool, tokenizers, n_tokenizers = PredictorPool(res, r.max_restarts, r.max_task_retries), [], tokenizer_actors(cfg, res)
     try:
         # First: their start-up (a process importing torch) overlaps everything below.
         pool.start()
-        start_tokenizers(tokenizers, tokenizer_actors(cfg, res), r.max_restarts, r.max_task_retries)
+        start_tokenizers(tokenizers, n_tokenizers, r.max_restarts, r.max_task_retries)
         run_record = storage.join(cfg.output, RUN_RECORD)
         record = (read_json(run_record) or {}) if resumed else {"recipe": pre.recipe, "started": time.time()}
         same_scorer(record, cfg.output, resumed)
@@ -303,13 +303,21 @@ def score(cfg: ScoreConfig) -> ScoreResult:
 
 
 def tokenizer_actors(cfg: ScoreConfig, res: CpuPlan) -> int:
-    """`resources.tokenizer_actors`, else the plan's default (`default_tokenizers`)."""
+    """`resources.tokenizer_actors`, else the plan's default (`default_tokenizers`, from the free
+    resources before any actor starts). On CPUs, tokenizing actors that can't be placed beside the
+    predictors are refused here, rather than waited for."""
     import ray
 
-    if cfg.resources.tokenizer_actors is not None:
-        return cfg.resources.tokenizer_actors
-    cluster = ray.cluster_resources()
-    return default_tokenizers(res, float(cluster.get("CPU", 0)), int(cluster.get("GPU", 0)))
+    n = cfg.resources.tokenizer_actors
+    free = ray.available_resources()
+    if n is None:
+        return default_tokenizers(res, float(free.get("CPU", 0)), int(free.get("GPU", 0)))
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    if n and res.device == "cpu" and res.num_actors * res.actor_num_cpus + n > cpus:
+        raise ValueError(f"resources.tokenizer_actors {n} (1 CPU each) and {res.num_actors} predictor actors of "
+                         f"{res.actor_num_cpus:g} CPU need more than the Ray cluster's {cpus:g} CPUs; set --num-actors "
+                         f"or resources.actor_num_cpus lower, or tokenizer_actors lower")
+    return n
 
 
 def reuse_or_reset(cfg: ScoreConfig, pre: Preflight) -> Optional[ScoreResult]:

@@ -1,5 +1,6 @@
-"""Tokenizing blocks of rows for scoring: the stateless CPU step, run as Ray Data tasks before GPU
-actors, or inside a CPU predictor actor (pipelines/predictors.py, `Predictor(tokenize=...)`).
+"""Tokenizing blocks of rows for scoring: the stateless CPU step, run by the tokenizing actors that
+feed GPU actors (pipelines/score_feed.py), inside a CPU predictor actor (pipelines/predictors.py,
+`Predictor(tokenize=...)`), or as Ray Data tasks (`score_dataset`).
 
 Contract: `tokenize_batch(batch, ...)` takes a block of input rows (`pyarrow.Table` or a dict of
 columns) and returns a `pyarrow.Table` with, per input row and in input order: the id, the internal

@@ -7,6 +7,7 @@ its rows. (Device cuda on a cluster without GPUs: tests/test_score_autoscale.py.
 from __future__ import annotations
 
 import os
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -27,12 +28,17 @@ def _plan(num_actors: int, cpus: float, min_actors=None) -> CpuPlan:
     return CpuPlan(num_actors, cpus, 0.0, 0.25, 1, "cpu", min_actors=min_actors)
 
 
-def _run(pool: PredictorPool, n_tokenizers: int, units, spec) -> list:
+def _run(pool: PredictorPool, n_tokenizers: int, units, spec, slow_driver_s: float = 0.0) -> list:
     tokenizers, done = [], []
+
+    def on_done(rows, errors, tokens):
+        done.append(rows)
+        time.sleep(slow_driver_s)  # a driver busy elsewhere (a slow progress line, a loaded node)
+
     try:
         pool.start()
         start_tokenizers(tokenizers, n_tokenizers, 1, 1)
-        run_fed_units(pool, tokenizers, units, spec, lambda rows, errors, tokens: done.append(rows))
+        run_fed_units(pool, tokenizers, units, spec, on_done)
     finally:
         stop_actors(pool.actors + tokenizers)
     return done
@@ -84,9 +90,9 @@ def test_a_unit_a_tokenizer_cannot_read_stops_the_run_naming_its_rows(ray_local,
 
 def test_gpu_plans_tokenize_on_the_cpus_their_actors_leave():
     gpu = CpuPlan(2, 1.0, 1.0, 0.25, 1, "cuda")
-    assert default_tokenizers(gpu, cluster_cpus=32, cluster_gpus=2) == 30
+    assert default_tokenizers(gpu, free_cpus=32, free_gpus=2) == 30
     assert default_tokenizers(CpuPlan(8, 1.0, 1.0, 0.25, 1, "cuda", min_actors=1), 16, 0) == 16  # no GPU node yet
-    assert default_tokenizers(gpu, cluster_cpus=2, cluster_gpus=2) == 1  # at least one
+    assert default_tokenizers(gpu, free_cpus=2, free_gpus=2) == 1  # at least one
     assert default_tokenizers(CpuPlan(2, 1.0, 0.0, 0.25, 1, "cpu"), 2, 0) == 0  # CPU actors tokenize their own
 
 
@@ -102,3 +108,51 @@ def test_gpu_actors_are_never_left_to_tokenize_their_own_units(ray_local, tmp_pa
     with pytest.raises(ValueError, match="tokenizer_actors 0 .* a GPU actor must not"):
         score(cfg)
     assert not (tmp_path / "out").exists()  # refused before the output was touched
+
+
+def test_a_slow_driver_still_scores_every_unit(ray_local, tmp_path, tiny):
+    """With one tokenizer and one predictor, a driver that handles completions late sees units
+    scored before it saw their tables done: the tokenizer's slots must be freed either way (the run
+    used to end with units never handed out)."""
+    f = str(tmp_path / "a.parquet")
+    _file(f, 160, 160)
+    units = plan_units([f], [f], 20)  # 8 units
+    (tmp_path / "out").mkdir()
+    done = _run(PredictorPool(_plan(1, 1.0), 1, 1), 1, units, _fed_spec(tmp_path, tiny, tmp_path / "out"),
+                slow_driver_s=0.3)
+    assert sum(done) == 160 and sorted(os.listdir(tmp_path / "out")) == sorted(u.name for u in units)
+
+
+def test_a_fixed_gpu_pool_that_cannot_start_says_so_in_one_line(ray_local):
+    from pipelines.score_config import ActorsLost
+
+    fixed = PredictorPool(CpuPlan(2, 1.0, 1.0, 0.25, 1, "cuda"), 1, 1)  # GPUs were there at plan time
+    error = fixed.lost()
+    assert isinstance(error, ActorsLost)
+    assert "no predictor actor started within 300 s: the cluster has 0 of 0 GPUs free" in str(error)
+    assert "--num-actors lower" in str(error)
+
+
+def test_tokenizing_actors_that_cannot_fit_beside_cpu_predictors_are_refused(ray_local, tmp_path, tiny):
+    import pyarrow as pa
+
+    from pipelines.score_config import ResourceConfig, ScoreConfig
+    from pipelines.scoring import score
+
+    pq.write_table(pa.table({"id": ["a"], "text": ["hello"]}), tmp_path / "in.parquet")
+    cfg = ScoreConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=tiny,
+                      resources=ResourceConfig(device="cpu", num_actors=2, tokenizer_actors=1))
+    with pytest.raises(ValueError, match="tokenizer_actors 1 .* 2 predictor actors of 1 CPU need more than the Ray "
+                                         "cluster's 2 CPUs"):
+        score(cfg)
+
+
+def test_a_tokenizer_that_does_not_load_names_it(tmp_path, tiny):
+    from pipelines.score_units import NotLoaded, ScoringActor
+
+    f = str(tmp_path / "a.parquet")
+    _file(f, 10, 10)
+    spec = _fed_spec(tmp_path, tiny, tmp_path / "out")
+    spec["tokenize"] = dict(spec["tokenize"], tokenizer_path=str(tmp_path / "gone"))
+    with pytest.raises(NotLoaded, match="gone: the tokenizer did not load on a tokenizing actor"):
+        ScoringActor(1, load_torch=False).tokenize(plan_units([f], [f], 10)[0], spec)

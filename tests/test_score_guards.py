@@ -97,11 +97,11 @@ def test_overwrite_refuses_overlaps_and_foreign_dirs(tmp_path, tiny):
     with pytest.raises(ValueError, match=f"{foreign} is not an output of raybert score"):
         main(ScoreConfig(input=str(data), output=str(foreign), model=tiny, overwrite=True))
     assert (foreign / "q3.parquet").read_bytes() == b"not ours"
-    # Nor is a checkpoint dir holding anything but Ray Data's checkpoint files.
+    # Nor is a checkpoint dir holding anything but checkpoint files (ours, or Ray Data's of old).
     ours, ckpt = tmp_path / "ours", tmp_path / "notes"
     ckpt.mkdir()
     (ckpt / "todo.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="not Ray Data checkpoint files"):
+    with pytest.raises(ValueError, match=r"not scoring \(or Ray Data\) checkpoint files"):
         main(ScoreConfig(input=str(data), output=str(ours), model=tiny, checkpoint_dir=str(ckpt), overwrite=True))
     assert (ckpt / "todo.txt").read_text() == "keep me" and not ours.exists()
 

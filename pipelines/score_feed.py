@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipelines.resources import CpuPlan, gpu_wait_message
-from pipelines.score_config import ActorsLost, GpuWaitTimeout
+from pipelines.score_config import GpuWaitTimeout
 from pipelines.score_units import (ACTOR_START_TIMEOUT_S, IN_FLIGHT_PER_ACTOR, ScoringActor, Unit, UnitQueue,
-                                   collect, started_actor, start_actors, wait_for_an_actor)
+                                   collect, not_started, started_actor, start_actors, wait_for_an_actor)
 
 UNITS_PER_ACTOR = 4  # an autoscaling pool asks for no more actors than the units keep busy
 
@@ -89,11 +89,9 @@ class PredictorPool:
 
         if self.plan.actor_num_gpus and self.plan.gpu_wait_s is not None:
             return GpuWaitTimeout(gpu_wait_message(self.plan, int(ray.cluster_resources().get("GPU", 0))))
-        kind = "GPU" if self.plan.actor_num_gpus else "CPU"
-        free, total = ray.available_resources().get(kind, 0), ray.cluster_resources().get(kind, 0)
-        return ActorsLost(f"no predictor actor started within {self.wait_s:g} s: the cluster has {free:g} of "
-                          f"{total:g} {kind}s free (other jobs or actors hold the rest); free them, or set "
-                          f"--num-actors{'' if kind == 'GPU' else ' / resources.actor_num_cpus'} lower")
+        if self.plan.actor_num_gpus:
+            return not_started("predictor", self.wait_s, "GPU", "--num-actors")
+        return not_started("predictor", self.wait_s)
 
     @property
     def wait_s(self) -> float:
@@ -101,12 +99,7 @@ class PredictorPool:
 
 
 def _no_tokenizer() -> Exception:
-    import ray
-
-    free, total = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
-    return ActorsLost(f"no tokenizing actor started within {ACTOR_START_TIMEOUT_S:g} s: the cluster has {free:g} of "
-                      f"{total:g} CPUs free (other jobs or actors hold the rest); free them, or set "
-                      f"resources.tokenizer_actors lower")
+    return not_started("tokenizing", ACTOR_START_TIMEOUT_S, settings="resources.tokenizer_actors")
 
 
 def start_tokenizers(into: list, n: int, max_restarts: int, max_task_retries: int) -> None:

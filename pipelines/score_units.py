@@ -282,13 +282,18 @@ def wait_for_an_actor(ready: list, timeout_s: float = ACTOR_START_TIMEOUT_S,
 
     done, _ = ray.wait(ready, num_returns=1, timeout=timeout_s)
     if not done:
-        if lost is not None:
-            raise lost()
-        free, total = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
-        raise ActorsLost(f"no predictor actor started within {timeout_s:g} s: the cluster has {free:g} of {total:g} "
-                         f"CPUs free (other jobs or actors hold the rest); free them, or set --num-actors / "
-                         f"resources.actor_num_cpus lower")
+        raise lost() if lost is not None else not_started("predictor", timeout_s)
     return done
+
+
+def not_started(kind: str, timeout_s: float, resource: str = "CPU",
+                settings: str = "--num-actors / resources.actor_num_cpus") -> ActorsLost:
+    """Why no `kind` actor started within `timeout_s`: the cluster's `resource`s held by other work."""
+    import ray
+
+    free, total = ray.available_resources().get(resource, 0), ray.cluster_resources().get(resource, 0)
+    return ActorsLost(f"no {kind} actor started within {timeout_s:g} s: the cluster has {free:g} of {total:g} "
+                      f"{resource}s free (other jobs or actors hold the rest); free them, or set {settings} lower")
 
 
 class UnitQueue:

@@ -23,8 +23,9 @@ Contract:
   checked (`preflight` calls it).
 - `score(cfg)` runs `preflight` again, then, as named steps: `reuse_or_reset` the output, the
   actors started (`PredictorPool`, and any tokenizing actors: their start-up overlaps the rest),
-  the run record, `stage_inputs`, the scoring step, and `finish` (row conservation, the manifest, the staged inputs deleted). Every
-  input row gives exactly one output row (see predictors.py for the columns).
+  the run record, `stage_inputs`, the scoring step, and `finish` (row conservation, the manifest,
+  the staged inputs deleted). Every input row gives exactly one output row (see predictors.py for
+  the columns).
 - The scoring step runs on plain actors, not Ray Data (`score_on_actors`, pipelines/score_units.py):
   the input is cut into *units* (part of a row group each), and each unit's output is one file,
   written whole or not at all. On CPUs each predictor actor reads, tokenizes and scores its
@@ -261,11 +262,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     res = plan_actors(cfg, pre.model_bytes, ray_data=False)
     if cfg.dtype == "fp16" and res.device != "cuda":
         raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
-    if res.device == "cuda" and cfg.resources.tokenizer_actors == 0:
-        raise ValueError("resources.tokenizer_actors 0 has each predictor actor tokenize its own units, and a GPU "
-                         "actor must not (its GPU would wait on it); leave it unset, or set it to 1 or more")
-    t0, r = time.perf_counter(), cfg.resources
-    pool, tokenizers, n_tokenizers = PredictorPool(res, r.max_restarts, r.max_task_retries), [], tokenizer_actors(cfg, res)
+    n_tokenizers, r = tokenizer_actors(cfg, res), cfg.resources
+    t0, pool, tokenizers = time.perf_counter(), PredictorPool(res, r.max_restarts, r.max_task_retries), []
     try:
         # First: their start-up (a process importing torch) overlaps everything below.
         pool.start()
@@ -304,11 +302,14 @@ def score(cfg: ScoreConfig) -> ScoreResult:
 
 def tokenizer_actors(cfg: ScoreConfig, res: CpuPlan) -> int:
     """`resources.tokenizer_actors`, else the plan's default (`default_tokenizers`, from the free
-    resources before any actor starts). On CPUs, tokenizing actors that can't be placed beside the
-    predictors are refused here, rather than waited for."""
+    resources before any actor starts). Refused here: none for GPU actors, and on CPUs, tokenizing
+    actors that can't be placed beside the predictors (rather than waited for)."""
     import ray
 
     n = cfg.resources.tokenizer_actors
+    if res.device == "cuda" and n == 0:
+        raise ValueError("resources.tokenizer_actors 0 has each predictor actor tokenize its own units, and a GPU "
+                         "actor must not (its GPU would wait on it); leave it unset, or set it to 1 or more")
     free = ray.available_resources()
     if n is None:
         return default_tokenizers(res, float(free.get("CPU", 0)), int(free.get("GPU", 0)))

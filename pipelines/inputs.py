@@ -77,23 +77,36 @@ class InputFile:
     root: Optional[str]  # the directory or glob base it was found under; None for a file named itself
     fs: object  # its pyarrow FileSystem
     path: str  # its path within fs
+    # Its content's identity when it was found (from the listing or stat that found it, no extra
+    # call): a resume compares them to refuse an input rewritten in between.
+    size: int = -1
+    mtime_ns: int = -1
 
     @property
     def format(self) -> str:
         return file_format(self.name)
 
+    @property
+    def fingerprint(self) -> list:
+        """[bytes, modification time in ns]: what identifies this file's content across runs."""
+        return [self.size, self.mtime_ns]
 
-def find_inputs(inputs: str | list[str], what: str = "input") -> list[InputFile]:
+
+def find_inputs(inputs: str | list[str], what: str = "input", exclude: tuple = ()) -> list[InputFile]:
     """The files to read for `inputs`: the one rule every job reads by (see the module
-    docstring). `what` names the inputs in errors ("input", "data")."""
+    docstring). `what` names the inputs in errors ("input", "data"). `exclude`: locations (a job's
+    own output, checkpoint or run dir) whose files a directory or glob never yields, so a job
+    rerun with its own command doesn't read what it wrote; a file named on its own is kept (the
+    overlap checks refuse it)."""
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    skip = [storage.canonical(e) for e in exclude if e]
     found: list[InputFile] = []
     for raw in inputs:
         raw = storage.normalize(raw) if str(raw).startswith("file://") else str(raw)
         if not storage.is_uri(raw) and any(c in raw for c in "*?["):
-            found += _glob(raw, what)
+            found += _glob(raw, what, skip)
         else:
-            found += _expand(raw if storage.is_uri(raw) else os.path.abspath(raw), what)
+            found += _expand(raw if storage.is_uri(raw) else os.path.abspath(raw), what, skip=skip)
     if not found:
         raise ValueError(f"no {what} paths given" + (" (--data)" if what == "data" else ""))
     _refuse_repeats([f.name for f in found])
@@ -119,19 +132,24 @@ def _is_read(relative: str) -> bool:
     return file_format(relative) is not None and not any(p.startswith(("_", ".")) for p in parts)
 
 
-def _glob(pattern: str, what: str) -> list[InputFile]:
+def _excluded(name: str, skip: list) -> bool:
+    """`name` lies inside one of the `skip` locations (canonical spellings)."""
+    return bool(skip) and any(storage.overlaps(storage.canonical(name), s) for s in skip)
+
+
+def _glob(pattern: str, what: str, skip: list = ()) -> list[InputFile]:
     hits = sorted(os.path.abspath(h) for h in glob.glob(pattern, recursive=True))
     if not hits:
         raise FileNotFoundError(f"{what} glob {pattern} matches no files")
     root = os.path.commonpath([os.path.dirname(h) for h in hits])
-    found = [f for h in hits if os.path.isdir(h) or _is_read(os.path.relpath(h, root))
-             for f in _expand(h, what, root)]
+    found = [f for h in hits if not _excluded(h, skip) and (os.path.isdir(h) or _is_read(os.path.relpath(h, root)))
+             for f in _expand(h, what, root, skip)]
     if not found:
         raise FileNotFoundError(f"{what} glob {pattern} matches no input files; raybert reads {SUPPORTED}")
     return found
 
 
-def _expand(name: str, what: str, root: Optional[str] = None) -> list[InputFile]:
+def _expand(name: str, what: str, root: Optional[str] = None, skip: list = ()) -> list[InputFile]:
     """A file given by name (it must have a read format's extension: Ray Data would skip it without
     a word), or every file read under a directory, sorted."""
     import pyarrow.fs as pafs
@@ -147,13 +165,14 @@ def _expand(name: str, what: str, root: Optional[str] = None) -> list[InputFile]
         if file_format(name) is None:
             raise ValueError(f"{name}: raybert reads {SUPPORTED}, by extension; give the file its format's "
                              f"extension (or convert it)")
-        return [InputFile(name, root, fs, path)]
+        return [InputFile(name, root, fs, path, info.size, info.mtime_ns or 0)]
     base = info.path.rstrip("/")
     prefix = name.split("://", 1)[0] + "://" if storage.is_uri(name) else ""
-    found = sorted(i.path for i in listing if i.is_file and _is_read(i.path[len(base):].lstrip("/")))
+    found = sorted((i for i in listing if i.is_file and _is_read(i.path[len(base):].lstrip("/"))
+                    and not _excluded(prefix + i.path, skip)), key=lambda i: i.path)
     if not found:
         raise FileNotFoundError(f"{what} directory {name} has no input files; raybert reads {SUPPORTED}")
-    return [InputFile(prefix + f, root or name, fs, f) for f in found]
+    return [InputFile(prefix + i.path, root or name, fs, i.path, i.size, i.mtime_ns or 0) for i in found]
 
 
 # CSV and JSON Lines have no footer: their row counts, parsed once, are kept for the process (the
@@ -298,9 +317,10 @@ def read_dataset(files: list[InputFile], columns: Optional[list] = None, text_co
 
 
 def plan_inputs(inputs: str | list[str], text_column: str = "text", text_pair_column: Optional[str] = None,
-                id_column: str = "id") -> InputPlan:
-    """Expand and validate the inputs; raise before any work if one can't be scored."""
-    found = find_inputs(inputs)
+                id_column: str = "id", exclude: tuple = ()) -> InputPlan:
+    """Expand and validate the inputs; raise before any work if one can't be scored. `exclude`: the
+    job's own output and checkpoint dir (see `find_inputs`)."""
+    found = find_inputs(inputs, exclude=exclude)
     files = [f.name for f in found]
     roots = {f.name: f.root for f in found if f.root is not None}
     texts = (text_column, text_pair_column, id_column)  # read as strings from CSV / JSON Lines

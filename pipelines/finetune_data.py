@@ -4,12 +4,14 @@ Contract:
 - A task reads its own files (`TaskData.paths`: Parquet, CSV or JSON Lines). By kind:
     classify  `text` (+ optional `text_pair`) and `label`: a label name (string) or an int;
     tag       `tokens` (list of words) and `tags` (list of BIO labels, one per word), CoNLL style;
+              in CSV, which has no lists, both are space-joined strings ("EU rejects German"),
+              split on whitespace (`word_lists`);
     mlm       `text` only: an auxiliary masked-LM task, packed as in pretraining.
 - Labels: `TaskData.labels` fixes the names in id order; otherwise they are discovered on the
   driver from the files' label column alone (pyarrow, a batch at a time, no Ray work) and sorted
   (ints numerically, and then an int label `k` keeps id `k` when the labels are exactly 0..K-1).
-  A row whose label is null or not in the list fails the job with an error that names the file,
-  the label and the fix: nothing is silently dropped.
+  A row whose label is null or blank (a CSV's empty field) or not in the list fails the job with
+  an error that names the file, the row or label and the fix: nothing is silently dropped.
 - A head must be trainable: its training rows need at least 2 classes (one class "trains" a head
   whose validation F1 reads 1.0), and a discovered label that only validation rows have (an
   untrained class) is an error; list `labels` explicitly to allow it. Files whose label columns
@@ -159,7 +161,8 @@ def label_values_by_file(task: TaskData, files: list) -> dict[str, set]:
     text read).
 
     Raises ValueError, naming the files, if the files disagree on the label type (an int column in
-    one, strings in another) or a row has a null label (a tag task: a null tag list or tag).
+    one, strings in another) or a row has a null or blank label (a tag task: no tags, or a null or
+    blank tag), naming the row.
     """
     import pyarrow.compute as pc
 
@@ -167,17 +170,18 @@ def label_values_by_file(task: TaskData, files: list) -> dict[str, set]:
     _check_label_types(task, _read_schemas(files, [col]))
     out = {}
     for f in files:
-        name, values = f.name, set()
+        name, values, row = f.name, set(), 0
         for batch in TableFile(f).iter_batches(batch_size=65_536, columns=[col]):
             arr = batch.column(0)
-            null = arr.null_count > 0
-            if task.kind == "tag" and not null:
-                arr = pc.list_flatten(arr)
-                null = arr.null_count > 0
-            if null:
-                raise ValueError(f"{name}: a row has a null {col!r}; every row needs a label "
-                                 f"(fix the row or drop it from the data)")
+            missing = _first_missing(arr, task.kind)
+            if missing is not None:
+                what = "tag" if task.kind == "tag" else "label"
+                raise ValueError(f"{name}: row {row + missing + 1} has no {what} (column {col!r} is null or empty "
+                                 f"there); every row needs a {what}: fix the row or drop it from the data")
+            if task.kind == "tag":
+                arr = pc.list_flatten(word_lists(arr))
             values.update(pc.unique(arr).to_pylist())
+            row += batch.num_rows
         fractional = sorted(v for v in values if isinstance(v, float) and not v.is_integer())
         if fractional:  # a score or a probability, not a class: 0.5 would become a class of its own
             raise ValueError(f"{name}: {col!r} holds {fractional[0]!r}, which is not a class label: the {task.kind} "
@@ -185,6 +189,33 @@ def label_values_by_file(task: TaskData, files: list) -> dict[str, set]:
                              f"fractional values; map the values to classes first")
         out[name] = values
     return out
+
+
+def word_lists(arr):
+    """A tag task's words or tags as lists: a list column as it is; a string column (CSV, which has
+    no lists) split on whitespace, CoNLL-style ("B-PER I-PER O")."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    t = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pc.utf8_split_whitespace(arr.cast(pa.string()))
+    return arr
+
+
+def _first_missing(arr, kind: str):
+    """The index of the first row without a label, else None: a null, or a blank string (a CSV's
+    empty field reads as "" in a string column, which would have become a class of its own); for a
+    tag task, a row with no tags, or a null or blank tag among them."""
+    def blank(v) -> bool:
+        return v is None or (isinstance(v, str) and not v.strip())
+
+    if kind == "tag":
+        rows = word_lists(arr).to_pylist()
+        return next((i for i, tags in enumerate(rows) if not tags or any(blank(t) for t in tags)), None)
+    return next((i for i, v in enumerate(arr.to_pylist()) if blank(v)), None)
 
 
 def _check_classes(task: TaskData, labels: set, files: list, where: str = "training rows") -> None:
@@ -254,7 +285,9 @@ def tokenize_labeled(batch, *, task: TaskData, tokenizer_path: str, label2id: di
     if task.kind == "classify":
         texts, pairs = cols[task.text_column], cols.get(task.text_pair_column) if task.text_pair_column else None
         keys = [t if pairs is None else f"{t}\t{p}" for t, p in zip(texts, pairs or texts)]
-    else:
+    else:  # words and tags as lists (a CSV's space-joined strings split: `word_lists`)
+        for name in (task.tokens_column, task.label_column):
+            cols[name] = [w.split() if isinstance(w, str) else w for w in cols[name]]
         texts = cols[task.tokens_column]
         keys = [" ".join(w) if isinstance(w, list) else None for w in texts]
     keep = []

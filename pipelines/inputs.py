@@ -16,13 +16,16 @@ Contract:
   chosen columns), whatever its format; an unreadable file is an error naming it. Parquet answers
   from its footer; CSV and JSON Lines have no footer, so their rows are counted by parsing them
   once on the driver (JSON Lines whole, as Ray Data's reader takes it; prefer Parquet for large
-  corpora). Text and id columns of CSV and JSON Lines are read as strings (a column of digits
-  stays text, ids keep leading zeros).
-- `read_dataset(files, columns, ...)`: the Ray Dataset of those files (`read_parquet`, `read_csv`,
-  `read_json`, unioned), only the needed columns, text columns as strings.
+  corpora), with the reader the Ray tasks use (pipelines/text_formats.py): text and id columns
+  are strings of the source text (a column of digits stays text, ids keep leading zeros and every
+  digit), rows up to 256 MiB are read, and a CSV header that names a column twice is refused.
+- `read_dataset(files, columns, ...)`: the Ray Dataset of those files (Parquet: `read_parquet`;
+  CSV and JSON Lines: pipelines/text_datasource.py; unioned), only the needed columns, text
+  columns as strings, every read stage one task of the job's `num_cpus`.
 - `plan_inputs(inputs, text_column, text_pair_column, id_column)` (scoring): `find_inputs`, then
-  every file's schema and rows: an error names the file that is unreadable or lacks a needed
-  column (listing the columns present). It returns the file list, each file's root (what a
+  every file's schema and rows: an error names the file that is unreadable, lacks a needed
+  column (listing the columns present), holds no text in a text column (an int column), or has a
+  needed column twice. It returns the file list, each file's root (what a
   fallback id is relative to), the expected row count and whether ids come from the data.
 - `resolve_paths` / `input_files` (training data): `find_inputs`' names, or its InputFiles for the
   schema and label checks.
@@ -178,13 +181,13 @@ def _expand(name: str, what: str, root: Optional[str] = None, skip: list = ()) -
 # CSV and JSON Lines have no footer: their row counts, parsed once, are kept for the process (the
 # driver plans a run twice, before and under the output lock), keyed by what would change them.
 _ROWS: dict = {}
-_COMPRESSION = {".gz": "gzip", ".br": "brotli", ".zst": "zstd", ".lz4": "lz4"}
 
 
 class TableFile:
     """One input file as the driver's checks read it, whatever its format (see the module
-    docstring). `text_columns` (text, and ids) are read as strings from CSV and JSON Lines: a column
-    of digits stays text, and ids keep their leading zeros."""
+    docstring). `text_columns` (text, and ids) are read as strings of the source text from CSV and
+    JSON Lines (pipelines/text_formats.py): a column of digits stays text, ids keep their leading
+    zeros and every digit."""
 
     def __init__(self, f: InputFile, text_columns: tuple = ()):
         self.file, self.name, self.format = f, f.name, f.format
@@ -192,6 +195,8 @@ class TableFile:
         self._parquet = self._json = None
 
     def _fail(self, e: Exception) -> ValueError:
+        if isinstance(e, ValueError) and str(e).startswith(self.name):  # text_formats named the file and the line
+            return e
         return ValueError(f"{self.name}: not a readable {FORMAT_NAMES[self.format]} file ({type(e).__name__}: {e})")
 
     def _parquet_file(self) -> pq.ParquetFile:
@@ -203,47 +208,44 @@ class TableFile:
         return self._parquet
 
     def _stream(self):
-        # By the lowercased extension: pyarrow's own detection is case-sensitive.
-        low = self.name.lower()
-        codec = next((c for ext, c in _COMPRESSION.items() if low.endswith(ext)), None)
-        return self.file.fs.open_input_stream(self.file.path, compression=codec)
+        from pipelines.text_formats import codec
+
+        return self.file.fs.open_input_stream(self.file.path, compression=codec(self.name))
 
     def _json_table(self):
-        """The whole JSON Lines file, as Ray Data's reader takes it (a field may first appear in any
-        row), text columns cast to strings (a JSON number in a text column becomes its text)."""
+        """The whole JSON Lines file, as Ray Data's read takes it (a field may first appear in any
+        row), text columns as source text."""
         import pyarrow as pa
-        import pyarrow.json as pajson
+
+        from pipelines.text_formats import json_table
 
         if self._json is None:
             try:
-                table = pajson.read_json(self._stream())
-                for c in self.text_columns:
-                    if c in table.column_names and table.schema.field(c).type != pa.string():
-                        table = table.set_column(table.column_names.index(c), c, table[c].cast(pa.string()))
-            except (pa.ArrowException, OSError) as e:
+                with self._stream() as stream:
+                    self._json = json_table(stream.read_buffer(), self.name, self.text_columns)
+            except (pa.ArrowException, OSError, ValueError) as e:
                 raise self._fail(e) from None
-            self._json = table
         return self._json
-
-    def _csv_reader(self, columns: Optional[list]):
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
-
-        strings = {c: pa.string() for c in self.text_columns}
-        return pacsv.open_csv(self._stream(), convert_options=pacsv.ConvertOptions(
-            column_types=strings, include_columns=columns))
 
     @property
     def schema(self):
         import pyarrow as pa
+
+        from pipelines.text_formats import csv_batches, csv_header
 
         if self.format == "parquet":
             return self._parquet_file().schema_arrow
         if self.format == "json":
             return self._json_table().schema
         try:
-            return self._csv_reader(None).schema
-        except (pa.ArrowException, OSError) as e:
+            header = csv_header(self._stream)
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:  # a reader would take the first of them, silently
+                raise ValueError(f"{self.name}: the header names column(s) {repeated} more than once; give each column "
+                                 f"its own name")
+            first = next(csv_batches(self._stream, self.name, self.text_columns), None)
+            return first.schema if first is not None else pa.schema([(c, pa.string()) for c in header])
+        except (pa.ArrowException, OSError, ValueError) as e:
             raise self._fail(e) from None
 
     @property
@@ -268,6 +270,8 @@ class TableFile:
         """RecordBatches of `columns` (None: all), in file order (CSV: streamed, nothing held whole)."""
         import pyarrow as pa
 
+        from pipelines.text_formats import csv_batches
+
         if self.format == "parquet":
             yield from self._parquet_file().iter_batches(batch_size=batch_size, columns=columns)
             return
@@ -276,22 +280,19 @@ class TableFile:
             yield from (table.select(columns) if columns else table).to_batches(max_chunksize=batch_size)
             return
         try:
-            yield from self._csv_reader(columns)
-        except (pa.ArrowException, OSError) as e:  # a bad value past the first block: name the file
+            yield from csv_batches(self._stream, self.name, self.text_columns, columns)
+        except (pa.ArrowException, OSError, ValueError) as e:  # a bad value past the first block: name the file
             raise self._fail(e) from None
 
 
 def read_dataset(files: list[InputFile], columns: Optional[list] = None, text_columns: tuple = (),
                  include_paths: bool = False, num_cpus: Optional[float] = None):
     """The Ray Dataset of `files` (see the module docstring), in their order: Parquet through the V1
-    reader (compat.read_parquet_v1), CSV and JSON Lines through Ray Data's own readers, one read per
-    run of consecutive files of one format."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-    import ray.data
-
+    reader (compat.read_parquet_v1), CSV and JSON Lines through raybert's reader
+    (pipelines/text_datasource.py), one read per run of consecutive files of one format; every
+    stage of a read is one task of `num_cpus`."""
     from pipelines.compat import read_parquet_v1
+    from pipelines.text_datasource import read_text_files
 
     runs: list[tuple[str, list[str]]] = []
     for f in files:
@@ -299,20 +300,12 @@ def read_dataset(files: list[InputFile], columns: Optional[list] = None, text_co
             runs[-1][1].append(f.name)
         else:
             runs.append((f.format, [f.name]))
-    strings = {c: pa.string() for c in text_columns if c}
-    keep = (list(columns) + (["path"] if include_paths else [])) if columns else None
     parts = []
     for fmt, names in runs:
         if fmt == "parquet":
             parts.append(read_parquet_v1(names, columns=columns, include_paths=include_paths, num_cpus=num_cpus))
-        elif fmt == "csv":
-            parts.append(ray.data.read_csv(names, include_paths=include_paths, num_cpus=num_cpus,
-                                           convert_options=pacsv.ConvertOptions(column_types=strings,
-                                                                                include_columns=columns)))
         else:
-            ds = ray.data.read_json(names, include_paths=include_paths, num_cpus=num_cpus, parse_options=pajson.ParseOptions(
-                explicit_schema=pa.schema(strings) if strings else None, unexpected_field_behavior="infer"))
-            parts.append(ds.select_columns(keep) if keep else ds)
+            parts.append(read_text_files(names, fmt, columns, text_columns, include_paths, num_cpus))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
@@ -329,10 +322,17 @@ def plan_inputs(inputs: str | list[str], text_column: str = "text", text_pair_co
     without_id: list[tuple[str, list]] = []
     for f in found:
         table = TableFile(f, texts)
-        present = table.schema.names
+        schema = table.schema
+        present = schema.names
         for col in [text_column] + ([text_pair_column] if text_pair_column else []):
             if col not in present:
                 raise ValueError(f"{f.name}: no column {col!r} (the text to score); columns present: {present}")
+            if not is_text_type(schema.field(col).type, nulls=True):  # every row would be an error row
+                raise ValueError(f"{f.name}: column {col!r} holds {schema.field(col).type}, not text; choose the text "
+                                 f"column with --text-column (columns present: {present})")
+        repeated = sorted({c for c in (text_column, text_pair_column, id_column) if c and present.count(c) > 1})
+        if repeated:
+            raise ValueError(f"{f.name}: column(s) {repeated} appear more than once; give each column its own name")
         if id_column in present:
             with_id.append(f.name)
         else:
@@ -345,6 +345,16 @@ def plan_inputs(inputs: str | list[str], text_column: str = "text", text_pair_co
     columns = [text_column] + ([text_pair_column] if text_pair_column else []) + ([id_column] if has_ids else [])
     return InputPlan(files=files, roots=roots, rows=rows, has_ids=has_ids, columns=columns,
                      formats={f.name: f.format for f in found}, found=found)
+
+
+def is_text_type(t, nulls: bool = False) -> bool:
+    """A string column (plain, large, view or dictionary-encoded); with `nulls`, also an all-null one."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+            or (nulls and pa.types.is_null(t)))
 
 
 def resolve_paths(paths: list[str]) -> list[str]:

@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 from bert_core.masking_config import MaskingConfig
-from pipelines.inputs import TableFile, input_files, names_list, read_dataset
+from pipelines.inputs import TableFile, input_files, is_text_type, names_list, read_dataset
 
 VAL_BUCKETS = 10_000
 
@@ -130,14 +130,6 @@ class CorpusCheck:
         return f"{len(self.fingerprint)} file(s), {sum(r for r, _ in self.fingerprint):,} rows"
 
 
-def _is_text(t) -> bool:
-    import pyarrow as pa
-
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
-
 def open_corpus(paths: list[str], text_column: str = "text") -> list[tuple[str, TableFile]]:
     """The corpus files Ray Data reads, as (name, inputs.TableFile) (Parquet: footers only); raises
     naming the file when one is unreadable or lacks a string `text_column` (listing the columns present)."""
@@ -148,7 +140,7 @@ def open_corpus(paths: list[str], text_column: str = "text") -> list[tuple[str, 
         if text_column not in schema.names:
             raise ValueError(f"{name}: no column {text_column!r} (the documents to train on); columns present: "
                              f"{schema.names}. Set the text column to match (pretrain: data.text_column in --config; vocab: --text-column)")
-        if not _is_text(schema.field(text_column).type):
+        if not is_text_type(schema.field(text_column).type):
             raise ValueError(f"{name}: column {text_column!r} holds {schema.field(text_column).type}, not "
                              f"text; set the text column to a string column (pretrain: data.text_column in --config; vocab: --text-column)")
         out.append((name, pf))

@@ -95,7 +95,7 @@ def test_csv_and_json_lines_are_found_checked_and_read_like_parquet(tmp_path):
                                          r"\['id', 'text', 'label'\]"):
         plan_inputs([str(tmp_path / "in" / "train.csv")], text_column="sentence")
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": unquoted}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl: not a readable JSON Lines file"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2 is not valid JSON"):
         plan_inputs([str(tmp_path / "bad.jsonl")])
     # Before: the advice was to rename a CSV to .parquet (then unreadable).
     (tmp_path / "data.tsv").write_text("text\tlabel\nx\tpos\n")
@@ -127,8 +127,9 @@ def test_finetune_labels_and_pretrain_corpus_checks_read_csv_and_json_lines(tmp_
 def test_what_the_review_found_in_csv_and_json_lines_reading(tmp_path):
     """A JSON Lines file without the text column is refused (not read as all-null text); ids keep
     leading zeros; a bad value past the first block names the file; a field first seen late in a
-    JSON Lines file and JSON numbers in a text column read as Ray Data's reader takes them (mixed
-    kinds in one column: an error naming the file); an upper-case compressed name reads."""
+    JSON Lines file reads, and JSON numbers in a text column read as their text (also beside
+    strings); mixed kinds in another column are an error naming the file and the column; an
+    upper-case compressed name reads."""
     import gzip
     import json
 
@@ -140,7 +141,8 @@ def test_what_the_review_found_in_csv_and_json_lines_reading(tmp_path):
     assert TableFile(found, ("text", "id")).schema.field("id").type == pa.string()
     ids = [i for b in TableFile(found, ("text", "id")).iter_batches(columns=["id"]) for i in b.column(0).to_pylist()]
     assert ids == ["007", "008"]
-    (tmp_path / "late.csv").write_text("n,text\n" + "".join(f"{i},t\n" for i in range(200_000)) + "abc,last\n")
+    # Past the reader's first block (4 MiB): the value that breaks the int column comes late.
+    (tmp_path / "late.csv").write_text("n,text\n" + "".join(f"{i},t\n" for i in range(700_000)) + "abc,last\n")
     (late,) = find_inputs([str(tmp_path / "late.csv")])
     with pytest.raises(ValueError, match=r"late\.csv: not a readable CSV file"):
         TableFile(late, ("text",)).num_rows
@@ -149,9 +151,13 @@ def test_what_the_review_found_in_csv_and_json_lines_reading(tmp_path):
     (lj,) = find_inputs([str(tmp_path / "late.jsonl")])
     table = TableFile(lj, ("text",))
     assert table.num_rows == 6 and [t for b in table.iter_batches(columns=["text"]) for t in b.column(0).to_pylist()][-1] == "12"
-    (tmp_path / "mixed.jsonl").write_text('{"text": "a"}\n{"text": 12}\n')  # pyarrow can't type it: named
-    with pytest.raises(ValueError, match=r"mixed\.jsonl: not a readable JSON Lines file .*changed from string to number"):
-        plan_inputs([str(tmp_path / "mixed.jsonl")])
+    (tmp_path / "mixed.jsonl").write_text('{"text": "a", "n": 1}\n{"text": 12, "n": 2}\n')
+    (mixed,) = find_inputs([str(tmp_path / "mixed.jsonl")])
+    assert [t for b in TableFile(mixed, ("text",)).iter_batches(columns=["text"]) for t in b.column(0).to_pylist()] == ["a", "12"]
+    (tmp_path / "mixed_n.jsonl").write_text('{"text": "a", "n": 1}\n{"text": "b", "n": "x"}\n')
+    (mixed_n,) = find_inputs([str(tmp_path / "mixed_n.jsonl")])
+    with pytest.raises(ValueError, match=r"mixed_n\.jsonl: column 'n' of lines 1-2 can't be one column"):
+        TableFile(mixed_n, ("text",)).schema
     with gzip.open(tmp_path / "UP.JSONL.GZ", "wt") as f:
         f.write('{"text": "x"}\n')
     assert plan_inputs([str(tmp_path / "UP.JSONL.GZ")]).rows == 1

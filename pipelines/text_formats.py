@@ -1,0 +1,206 @@
+"""Reading CSV and JSON Lines as Arrow: one reader for the driver's checks (`inputs.TableFile`) and
+for Ray Data's read tasks (pipelines/text_datasource.py), so what the driver checked is what trains.
+
+Contract:
+- Text columns (the text, a text pair, ids) come out as strings of the source text, never through a
+  number: a CSV field as written; a JSON string as it is, a JSON number by its own digits
+  (`12345678901234567890` stays that, where a float would give `1.2345678901234567e+19`), any
+  other JSON value (true, an object, a list) as its JSON text. The one spelling not kept is a
+  JSON integer written `-0`, which reads as `0`.
+- Other columns keep their JSON / CSV types (a label of ints is an int column). A JSON Lines column
+  that mixes numbers and strings, or a line that is not a JSON object, is an error naming the file
+  and the line.
+- Rows longer than the reader's block are read: the block grows (x4 from 4 MiB) up to
+  `MAX_ROW_BYTES` (256 MiB); a row past it is an error naming the file and the limit.
+- JSON Lines: pyarrow's reader when its types keep the text exact (text columns it reads as strings
+  or int64), else a line-by-line reader that keeps each number's source text (slower, the same
+  rows). A JSON Lines file is read whole, as Ray Data's own reader does; CSV is streamed.
+- `codec(name)`: the compression of a CSV / JSON Lines file, by its lowercased extension.
+
+Imports no Ray at module level (the driver's checks use it before Ray starts).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Callable, Iterator, Optional
+
+import pyarrow as pa
+
+FIRST_BLOCK_BYTES = 4 << 20  # pyarrow's default is 1 MiB; a 4 MiB block reads most corpora in one try
+MAX_ROW_BYTES = 256 << 20  # the longest row (CSV record, JSON line) raybert reads; documented in the README
+JSON_CHUNK_LINES = 65_536  # lines per table the line-by-line reader builds before joining them
+_COMPRESSION = {".gz": "gzip", ".br": "brotli", ".zst": "zstd", ".lz4": "lz4"}
+_STRADDLE = "straddling object straddles two block boundaries"
+
+
+class RowTooLong(ValueError):
+    """A CSV record or JSON line longer than MAX_ROW_BYTES."""
+
+
+def codec(name: str) -> Optional[str]:
+    """pyarrow's compression name for a file, by its lowercased extension (pyarrow's own detection
+    is case-sensitive)."""
+    low = name.lower()
+    return next((c for ext, c in _COMPRESSION.items() if low.endswith(ext)), None)
+
+
+def too_long(name: str) -> RowTooLong:
+    return RowTooLong(f"{name}: a row is longer than {MAX_ROW_BYTES >> 20} MiB, the longest CSV record or JSON "
+                      f"line raybert reads; split that text, or write the file as Parquet")
+
+
+# --------------------------------------------------------------------------------------------
+# CSV
+# --------------------------------------------------------------------------------------------
+
+
+def csv_batches(open_stream: Callable, name: str, text_columns: tuple = (),
+                columns: Optional[list] = None) -> Iterator[pa.RecordBatch]:
+    """The file's rows (`columns` of them; None: all) as RecordBatches, streamed. `open_stream()`
+    opens the file from its start (decompressing); a row longer than the block restarts the read
+    with a larger block, skipping the rows already given, so every row comes once."""
+    import pyarrow.csv as pacsv
+
+    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in text_columns if c},
+                                   include_columns=columns)
+    block, given = FIRST_BLOCK_BYTES, 0
+    while True:
+        skip = given
+        try:
+            reader = pacsv.open_csv(open_stream(), read_options=pacsv.ReadOptions(block_size=block),
+                                    convert_options=convert)
+            for batch in reader:
+                if skip >= batch.num_rows:
+                    skip -= batch.num_rows
+                    continue
+                batch, skip = batch.slice(skip), 0
+                given += batch.num_rows
+                yield batch
+            return
+        except pa.ArrowInvalid as e:
+            if _STRADDLE not in str(e):
+                raise
+            if block >= MAX_ROW_BYTES:
+                raise too_long(name) from None
+            block = min(block * 4, MAX_ROW_BYTES)
+
+
+def csv_header(open_stream: Callable) -> list[str]:
+    """The column names of a CSV file's header, as written (a name may repeat)."""
+    import pyarrow.csv as pacsv
+
+    block = FIRST_BLOCK_BYTES
+    while True:
+        try:
+            return pacsv.open_csv(open_stream(), read_options=pacsv.ReadOptions(block_size=block)).schema.names
+        except pa.ArrowInvalid as e:
+            if _STRADDLE not in str(e) or block >= MAX_ROW_BYTES:
+                raise
+            block = min(block * 4, MAX_ROW_BYTES)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON Lines
+# --------------------------------------------------------------------------------------------
+
+
+def json_table(data, name: str, text_columns: tuple = ()) -> pa.Table:
+    """The whole JSON Lines file `data` (bytes or a pyarrow Buffer, decompressed) as one table, its
+    text columns as source-text strings (see the module docstring)."""
+    text_columns = tuple(c for c in text_columns if c)
+    fast = _pyarrow_json(data, name, text_columns)
+    return fast if fast is not None else _python_json(data, name, text_columns)
+
+
+def _pyarrow_json(data, name: str, text_columns: tuple) -> Optional[pa.Table]:
+    """pyarrow's reader, if it keeps every text column's source text (strings, or int64 whose digits
+    print back the same); None where it can't (a number that became a float, mixed types, a line it
+    refuses: the line reader then reads or names it)."""
+    import pyarrow.json as pajson
+
+    block = FIRST_BLOCK_BYTES
+    while True:
+        try:
+            table = pajson.read_json(pa.BufferReader(data), read_options=pajson.ReadOptions(block_size=block))
+            break
+        except pa.ArrowInvalid as e:
+            if _STRADDLE in str(e) and block < MAX_ROW_BYTES:
+                block = min(block * 4, MAX_ROW_BYTES)
+                continue
+            if _STRADDLE in str(e):
+                raise too_long(name) from None
+            return None
+    for c in text_columns:
+        if c not in table.column_names:
+            continue
+        kind = table.schema.field(c).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+                or pa.types.is_int64(kind)):
+            return None
+        table = table.set_column(table.column_names.index(c), c, table[c].cast(pa.string()))
+    return table
+
+
+class _Number(str):
+    """A JSON number's source text, as the line reader's parser hands it over."""
+
+
+def _as_text(value):
+    if value is None or isinstance(value, str):  # a _Number is its digits
+        return None if value is None else str(value)
+    return json.dumps(_as_plain(value), ensure_ascii=False)  # true, an object, a list: its JSON text
+
+
+def _as_plain(value):
+    if isinstance(value, _Number):
+        return int(value) if value.lstrip("-").isdigit() else float(value)
+    if isinstance(value, list):
+        return [_as_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_plain(v) for k, v in value.items()}
+    return value
+
+
+def _python_json(data, name: str, text_columns: tuple) -> pa.Table:
+    """The line-by-line reader: json.loads keeps each number's text (`_Number`) until the column says
+    what it is. Blank lines are skipped."""
+    chunks, rows, first = [], [], 1
+    for i, line in enumerate(io.BytesIO(memoryview(data)), 1):
+        if not line.strip():
+            continue
+        if len(line) > MAX_ROW_BYTES:
+            raise too_long(name)
+        try:
+            row = json.loads(line, parse_int=_Number, parse_float=_Number)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{name}: line {i} is not valid JSON ({e}); JSON Lines holds one object per line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{name}: line {i} is a JSON {type(row).__name__}, not an object; JSON Lines holds one "
+                             f"object per line")
+        rows.append(row)
+        if len(rows) == JSON_CHUNK_LINES:
+            chunks.append(_rows_table(rows, name, text_columns, first, i))
+            rows, first = [], i + 1
+    if rows or not chunks:
+        chunks.append(_rows_table(rows, name, text_columns, first, first + len(rows) - 1))
+    try:
+        return pa.concat_tables(chunks, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
+        raise ValueError(f"{name}: a column holds values of different types in different lines ({e}); use one "
+                         f"type per column (e.g. every label a string)") from None
+
+
+def _rows_table(rows: list[dict], name: str, text_columns: tuple, first: int, last: int) -> pa.Table:
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # every field, in order of first appearance
+    arrays = {}
+    for k in keys:
+        values = [row.get(k) for row in rows]
+        try:
+            arrays[k] = (pa.array([_as_text(v) for v in values], pa.string()) if k in text_columns
+                         else pa.array([_as_plain(v) for v in values]))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+            raise ValueError(f"{name}: column {k!r} of lines {first}-{last} can't be one column ({type(e).__name__}: "
+                             f"{e}); use one type per column (e.g. every label a string)") from None
+    return pa.table(arrays)

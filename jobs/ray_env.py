@@ -4,7 +4,9 @@ Contract: `ray_session(address)` yields with Ray initialized. With no `address` 
 `RAY_ADDRESS` in the environment it starts a local Ray (the embedded default) and shuts it down on
 exit, even on error; given an address (or RAY_ADDRESS, as under `ray job submit`), it connects and
 leaves the cluster running. A Ray that is already initialized in this process is reused as is.
-Either way, the libraries' console output is first set to the run's verbosity (pipelines/console.py).
+Either way, the libraries' console output is first set to the run's verbosity (pipelines/console.py),
+and below `--verbose` the forwarded lines of Ray's own processes that are not errors of the job are
+dropped (`compat.drop_forwarded_lines`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def _session(address: Optional[str], num_cpus: Optional[int], object_store_memor
         # that `ray start` recorded on this machine (/tmp/ray/ray_current_cluster).
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
                  include_dashboard=False, **ray_init_kwargs())
+    from pipelines.compat import drop_forwarded_lines
+    from pipelines.console import VERBOSE, verbosity
+
+    if verbosity() != VERBOSE:
+        drop_forwarded_lines()  # Ray's own warnings that aren't errors of this job
     try:
         yield
     finally:

@@ -234,10 +234,10 @@ def registered_checkpoint(run_dir: str | Path) -> Optional[str]:
     Ray registered it is not one, whatever its step: the next invocation resumes from the one
     before, and the ledger must say so. Returns its location (a local path, or a URI for a run
     dir on an object store)."""
-    import ray.train
+    from pipelines.compat import read_train_result
 
     try:
-        result = ray.train.Result.from_path(storage.normalize(str(run_dir)))
+        result = read_train_result(storage.normalize(str(run_dir)))
     except RuntimeError:  # not a Ray Train run dir (yet): no checkpoint manager snapshot
         return None
     except Exception as e:  # the snapshot names checkpoints that are gone, or another Ray's format

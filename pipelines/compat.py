@@ -19,6 +19,17 @@ unnecessary or stops it from working (tests/test_compat.py), so none outlives it
   hook sleeps 50 ms in such a step.
 - `http_status` (Ray 2.60): the Ray Jobs client raises a bare RuntimeError for a failed request,
   with the HTTP status only in its text ("Request failed with status code 404: ...").
+- `drop_forwarded_lines` (Ray 2.60): the driver prints what Ray's own processes log on stderr; the
+  C++ warning that Ray Train's PreemptionWatcher actor has "constructor arguments in the object store
+  and max_restarts > 0" came with every fit at the default level, reading as an error of the job,
+  and on a loaded machine Ray Train's "Failed to send resource request ... safe to ignore" warning
+  with a 27-line traceback (what failed the console test under load).
+- `read_train_result` (Ray Train 2.60): `Result.from_path` logs "A run snapshot was found ..." (three
+  lines, at INFO, on the root handler) each time a run dir's checkpoints are looked up, five times per
+  rerun of a finished pretraining run, `--quiet` included.
+- `starved_data_stage` (Ray Data 2.60): which stage of the job's running datasets has produced
+  nothing yet, from Ray Data's stats actor (what the dashboard shows), for the training watchdog's
+  report of a run whose first batch never came.
 - `row_hashes` (Ray Data 2.60): scoring reads Parquet without Ray Data but keys its rows, and
   names rows without ids, by Ray Data's `include_row_hash` (its private `_compute_row_hashes`,
   recomputed here), so outputs and fallback ids agree with a plain Ray read's and with outputs
@@ -240,6 +251,119 @@ def pace_idle_data_scheduler() -> bool:
     if backoff not in classes:
         classes.append(backoff)
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# Ray 2.60: lines of Ray's own processes that are not errors of the user's job
+# --------------------------------------------------------------------------------------------
+
+# Substrings of forwarded lines dropped at the default level (`--verbose` shows them), each with the
+# traceback that follows it:
+# - Ray Train's PreemptionWatcher is created with its arguments in the object store and
+#   max_restarts > 0, and the core worker warns about that at E level in the Train controller's
+#   process (ray-project/ray#53727), once per fit.
+# - Ray Train's controller re-sends its resource request to Ray's autoscaling coordinator every 20 s
+#   with a 5 s timeout; on a loaded machine the call times out and it logs a warning with a
+#   27-line traceback that says itself that it is "safe to ignore" when transient. The fit goes on.
+HARMLESS_FORWARDED = ("has constructor arguments in the object store and max_restarts > 0",
+                      "it's safe to ignore this error")
+_PRINT_HANDLER = "ray_print_logs"  # the name ray.init gives its handler of forwarded worker output
+# A line that continues a traceback: indented, its header, a chaining note, or the exception line.
+_TRACEBACK_LINE = re.compile(r"^(\s|Traceback \(most recent call last\)|During handling of the above|"
+                             r"The above exception|[\w.]+(Error|Exception|Timeout)\b)")
+
+
+def without_harmless(lines: list, parts: tuple, skipping: bool = False) -> tuple[list, bool]:
+    """(`lines` without those containing any of `parts` and the traceback lines right after them,
+    whether a traceback was still being skipped at the end)."""
+    kept = []
+    for line in lines:
+        if any(p in line for p in parts):
+            skipping = True
+        elif not (skipping and (not line.strip() or _TRACEBACK_LINE.match(line))):
+            skipping = False
+            kept.append(line)
+    return kept, skipping
+
+
+def drop_forwarded_lines(parts: tuple = HARMLESS_FORWARDED) -> bool:
+    """Wrap the driver's printer of forwarded worker output (Ray's `ray_print_logs` handler of
+    `global_worker_stdstream_dispatcher`) so lines containing any of `parts`, and the traceback that
+    follows one (in the same or the process's next batch), are not printed; the rest pass through
+    Ray's own printer (prefixes, deduplication). Call after ray.init; returns whether the handler was
+    found (False: nothing changed)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    with dispatcher._lock:
+        for i, (name, handle) in enumerate(dispatcher.handlers):
+            if name != _PRINT_HANDLER:
+                continue
+            if getattr(handle, "raybert_drops", None) == parts:
+                return True  # wrapped already
+            skipping: dict = {}  # (ip, pid) -> inside a dropped traceback at the end of its last batch
+
+            def printer(data, handle=handle, skipping=skipping):
+                source = (data.get("ip"), data.get("pid"))
+                lines, skipping[source] = without_harmless(data.get("lines", []), parts, skipping.get(source, False))
+                if lines:
+                    handle({**data, "lines": lines})
+
+            printer.raybert_drops = parts
+            dispatcher.handlers[i] = (name, printer)
+            return True
+    return False
+
+
+def read_train_result(path: str):
+    """`ray.train.Result.from_path(path)`, without its "A run snapshot was found" INFO note (kept at
+    `--verbose`)."""
+    import ray.train
+
+    from pipelines.console import VERBOSE, verbosity
+
+    log = logging.getLogger("ray.train")
+    saved = log.level
+    if verbosity() != VERBOSE:
+        log.setLevel(logging.WARNING)
+    try:
+        return ray.train.Result.from_path(path)
+    finally:
+        log.setLevel(saved)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Data 2.60: which stage of a dataset holds no data
+# --------------------------------------------------------------------------------------------
+
+
+def starved_data_stage(timeout_s: float = 10.0) -> Optional[str]:
+    """For each running dataset of this job, the first stage that has produced nothing yet, the
+    blocks queued at it, and the cluster's free CPUs, from Ray Data's stats actor (its private
+    `get_datasets`, the dashboard's source); None when Ray Data can't tell."""
+    import ray
+
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+
+        job = ray.get_runtime_context().get_job_id()
+        datasets = ray.get(get_or_create_stats_actor().get_datasets.remote(job), timeout=timeout_s)
+    except Exception:  # a Ray without the actor, or one too busy to answer: the stall is still reported
+        return None
+    notes = []
+    for tag, ds in datasets.items():
+        if ds.get("state") != "RUNNING":
+            continue
+        for op in ds.get("operators", {}).values():
+            if op.get("progress", 0) == 0 and op.get("state") != "FINISHED":
+                queued = op.get("queued_blocks", 0)
+                holds = f"holds {queued} input block(s) and " if queued else ""
+                notes.append(f"Ray Data stage '{op.get('name')}' of dataset '{tag.split('_')[0]}' {holds}has produced "
+                             f"nothing")
+                break
+    if not notes:
+        return None
+    free, total = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
+    return "; ".join(notes) + f" ({free:g} of {total:g} CPUs free)"
 
 
 def row_hashes(path: str, start: int, n: int):

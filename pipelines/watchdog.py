@@ -5,7 +5,11 @@ Contract:
   thread; the loop only assigns fields. Phases: "starting" (model and engine set-up), "data"
   (waiting for the next micro-batch), "step" (forward/backward/optimizer), "eval", "checkpoint".
 - `fit_with_watchdog` runs `trainer.fit()` and ends it with `TrainingStalled` (naming the starved
-  stage and what to do) when the heartbeat stops moving for the stall timeout.
+  stage and what to do) when the heartbeat stops moving for the stall timeout. Before the first
+  step, workers waiting for their first batch ("data") are given `FIRST_BATCH_S` (120 s, or the
+  stall timeout if shorter), and the error then names the Ray Data stage that holds no data
+  (`compat.starved_data_stage`: the first stage of a running dataset that has produced nothing,
+  and the blocks waiting at it) and the cluster's free CPUs.
 """
 
 from __future__ import annotations
@@ -71,6 +75,11 @@ class Heartbeat:
                 pass
 
 
+# Workers waiting this long for their first batch are stalled: a read and a tokenize task take seconds
+# to deliver one even on a loaded 2-core machine, and a stage that can't be scheduled never will.
+FIRST_BATCH_S = 120.0
+
+
 def heartbeat_interval(stall_timeout_s: Optional[float]) -> float:
     return min(5.0, max(0.5, (stall_timeout_s or 60.0) / 6))
 
@@ -110,20 +119,40 @@ def _read_heartbeat(path: str, since: float) -> Optional[dict]:
     return hb if hb.get("time", 0) >= since else None  # ignore a previous invocation's
 
 
-def stall_error(hb: Optional[dict], waited_s: float) -> TrainingStalled:
+def stall_error(hb: Optional[dict], waited_s: float, detail: Optional[str] = None) -> TrainingStalled:
     stage = "workers" if hb is None else hb.get("phase", "step")
     step = None if hb is None else hb.get("step")
     where = "no worker ever started" if hb is None else f"stuck in '{stage}' after step {step}"
+    if hb is not None and stage == "data" and not hb.get("stepped"):
+        where = f"no batch reached the workers (stuck in 'data' before the first step, at step {step})"
     return TrainingStalled(f"training stalled: {where}, no progress for {waited_s:.0f} s; "
-                           f"{_ADVICE.get(stage, _ADVICE['step'])}", stage, step, waited_s)
+                           + (f"{detail}; " if detail else "") + _ADVICE.get(stage, _ADVICE["step"]),
+                           stage, step, waited_s)
+
+
+def first_batch_report() -> Optional[str]:
+    """What Ray Data says of the job's running datasets, for a stall before the first batch (None if
+    it can't be told)."""
+    from pipelines.compat import starved_data_stage
+
+    return starved_data_stage()
+
+
+def _allowed_s(hb: Optional[dict], stall_timeout_s: float, startup_s: float) -> float:
+    if hb is not None and hb.get("stepped"):
+        return stall_timeout_s
+    if hb is not None and hb.get("phase") == "data":  # waiting for the first batch
+        return min(startup_s, stall_timeout_s, FIRST_BATCH_S)
+    return startup_s
 
 
 def fit_with_watchdog(trainer, run_dir: str | Path, stall_timeout_s: Optional[float],
-                      startup_s: Optional[float] = None):
+                      startup_s: Optional[float] = None, report=first_batch_report):
     """`trainer.fit()`, ended with `TrainingStalled` when rank 0's heartbeat shows no progress
     (step, phase or tick unchanged) for `stall_timeout_s`; before the first step of this
     invocation, the allowance is `startup_s`, by default max(2 x timeout, 120 s) (Ray Train
-    start-up, engine set-up, the data pipeline's first blocks).
+    start-up, engine set-up), and at most FIRST_BATCH_S while the workers wait for their first
+    batch, when `report()` says which data stage holds no data.
 
     Stopping: a watchdog thread interrupts the main thread as Ctrl-C would; Ray Train's own SIGINT
     handler (installed by `fit` on the main thread) aborts the controller, which kills the worker
@@ -150,12 +179,13 @@ def fit_with_watchdog(trainer, run_dir: str | Path, stall_timeout_s: Optional[fl
             now = time.monotonic()
             if state != seen:
                 seen, changed = state, now
-            allowed = stall_timeout_s if hb is not None and hb.get("stepped") else startup_s
-            if now - changed > allowed:
+            if now - changed > _allowed_s(hb, stall_timeout_s, startup_s):
+                first_batch = hb is not None and hb.get("phase") == "data" and not hb.get("stepped")
+                detail = report() if first_batch else None
                 with lock:
                     if stop.is_set():
                         return
-                    stalled.append(stall_error(hb, now - changed))
+                    stalled.append(stall_error(hb, now - changed, detail))
                     _thread.interrupt_main()
                 return
 

@@ -72,7 +72,11 @@ def test_a_small_pretrain_prints_few_lines_and_json_on_stdout(tmp_path):
     assert result["metrics"]["step"] == 10 and result["export"] == str(run_dir / "export")
     assert "[raybert] step 10/10 loss" in res.stderr
     assert res.stderr.count("[raybert] step 5/10") == 1  # once: Ray Train's print patch doubled each line
-    for noise in ("Setting accelerator to CPU", "FutureWarning", "Reporting training result", "INFO"):
+    # Ray's own notes that are not errors of the job: the PreemptionWatcher line came with every fit;
+    # "Failed to send resource request ... safe to ignore" and its traceback came on a loaded machine,
+    # and broke the line count under load (issue #34).
+    for noise in ("Setting accelerator to CPU", "FutureWarning", "Reporting training result", "INFO",
+                  "PreemptionWatcher", "safe to ignore", "Traceback", "A run snapshot was found"):
         assert noise not in res.stderr, res.stderr
     # The plan that used to hang on the CI machine's 2 CPUs (the embedded Ray takes every core): 4
     # workers and the data pipeline's share.

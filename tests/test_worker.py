@@ -154,6 +154,28 @@ def test_watchdog_names_the_stage_a_started_run_is_stuck_in(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_watchdog_names_the_data_stage_when_the_first_batch_never_comes(tmp_path):
+    """Issue #34: a JSON Lines corpus sat in phase 'data' before step 0 until killed, and the
+    watchdog's start-up allowance (600 s) said nothing. Waiting for the first batch now gets
+    FIRST_BATCH_S (or the stall timeout if shorter), and the error names the Ray Data stage."""
+    from pipelines.watchdog import FIRST_BATCH_S, _allowed_s
+
+    waiting = {"phase": "data", "step": 0, "stepped": False}
+    assert FIRST_BATCH_S == 120 and _allowed_s(waiting, 300.0, 600.0) == 120  # the defaults: 120 s, not 600
+    assert _allowed_s({"phase": "starting", "stepped": False}, 300.0, 600.0) == 600  # engine set-up keeps its time
+    assert _allowed_s({"phase": "data", "stepped": True}, 300.0, 600.0) == 300  # later batches: the stall timeout
+    stage = "Ray Data stage 'Project' of dataset 'train' holds 3 input block(s) and has produced nothing (0.5 of 2 CPUs free)"
+    trainer = _BlockingTrainer(heartbeat=(tmp_path, dict(step=0, phase="data", stepped=False)))
+    t = time.monotonic()
+    with pytest.raises(TrainingStalled) as e:
+        fit_with_watchdog(trainer, tmp_path, stall_timeout_s=1.5, startup_s=30.0, report=lambda: stage)
+    assert time.monotonic() - t < 15  # the first-batch allowance, not start-up's 30 s
+    msg = str(e.value)
+    assert e.value.stage == "data" and "no batch reached the workers (stuck in 'data' before the first step" in msg
+    assert stage in msg and "Ray Data" in msg
+
+
+@pytest.mark.timeout(60)
 def test_watchdog_lets_a_progressing_or_finished_fit_through(tmp_path):
     assert fit_with_watchdog(_BlockingTrainer(0.1, result="done"), tmp_path, 1.0, startup_s=1.0) == "done"
     assert fit_with_watchdog(_BlockingTrainer(0.1, result="off"), tmp_path, None) == "off"

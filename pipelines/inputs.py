@@ -144,8 +144,11 @@ def _glob(pattern: str, what: str, skip: list = ()) -> list[InputFile]:
     hits = sorted(os.path.abspath(h) for h in glob.glob(pattern, recursive=True))
     if not hits:
         raise FileNotFoundError(f"{what} glob {pattern} matches no files")
-    root = os.path.commonpath([os.path.dirname(h) for h in hits])
-    found = [f for h in hits if not _excluded(h, skip) and (os.path.isdir(h) or _is_read(os.path.relpath(h, root)))
+    # The job's own files left out before the root is taken: the root (what fallback ids are
+    # relative to) must not move when a rerun's glob also matches the output it wrote.
+    hits = [h for h in hits if not _excluded(h, skip)]
+    root = os.path.commonpath([os.path.dirname(h) for h in hits]) if hits else ""
+    found = [f for h in hits if os.path.isdir(h) or _is_read(os.path.relpath(h, root))
              for f in _expand(h, what, root, skip)]
     if not found:
         raise FileNotFoundError(f"{what} glob {pattern} matches no input files; raybert reads {SUPPORTED}")

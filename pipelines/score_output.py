@@ -3,11 +3,21 @@ must match. Driver side; every path question goes through pipelines/storage.py.
 
 Contract:
 - `MANIFEST` (`_SUCCESS.json`, written last: the run's summary) and `RUN_RECORD`
-  (`_raybert_run.json`, written before any row: the proof that the output is ours, and its recipe).
-- `check_output` refuses an output or checkpoint dir that overlaps an input or each other (in any
-  spelling), is a file or can't be created; with overwrite, one that isn't provably ours.
-- `run_recipe` / `check_resume`: a resume, or a rerun of a finished output, under another recipe
-  is refused, naming each difference.
+  (`_raybert_run.json`, written before any row: the proof that the output is ours, its recipe,
+  the layout that wrote it (`scorer`) and its staged copies).
+- What raybert writes is one rule (`LAYOUTS`, `layout`, `is_ours`): the run record, the manifest,
+  `_staged/`, unit files and their temp files (Ray Data's Parquet files for an output its run
+  record says Ray Data wrote); in a checkpoint dir, UNITS_RECORD and Ray Data's row checkpoints.
+  Everything else is the user's: `check_output` refuses, naming it, an output or checkpoint dir
+  that holds any of it (overwrite or not: a run never writes beside it), and `remove_ours`, the
+  only deleter (--overwrite, `finish`, a report), deletes nothing else. A symlink below the output
+  is never ours and never followed; an output that is a symlink to a directory is used through it.
+- `check_output` also refuses an output or checkpoint dir that overlaps an input or each other
+  (in any spelling), is a file, a dangling symlink, or can't be created.
+- `run_recipe` / `check_resume`: a resume, or a rerun of a finished output, under another recipe,
+  or whose input files changed since (size or modification time: `input_fingerprints`), is
+  refused, naming each difference. `stage_inputs` restages a staged copy that doesn't match the
+  run record's entry for it (its source's fingerprint, its own size).
 - `data_files`, `output_totals`, `output_dtypes`, `read_output`: what the output holds;
   `repair_duplicates` keeps one row per `row_hash` after overlapping writers.
 """
@@ -17,13 +27,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.inputs import InputPlan
+from pipelines.inputs import InputPlan, names_list
 from pipelines.predictors import DTYPE_METADATA
 from pipelines.score_config import ScoreConfig
 
@@ -57,24 +68,47 @@ def data_files(output: str) -> list[str]:
             and not any(part.startswith(("_", ".")) for part in f.path[len(base):].lstrip("/").split("/"))]
 
 
-def stage_inputs(output: str, plan: InputPlan, text_columns: tuple) -> dict[str, str]:
+def stage_inputs(output: str, plan: InputPlan, text_columns: tuple, record: dict) -> dict[str, str]:
     """{file the units are planned on: the input it holds}. Parquet inputs are read as they are. A
     CSV or JSON Lines input is first written as Parquet under `<output>/_staged/` (its needed
     columns, in file order, whole or absent), because units are slices of Parquet row groups and
-    rows are keyed by (file, row position); a resumed run reuses the staged files (same inputs, same
-    order: the run record's recipe holds them). `finish` deletes them."""
+    rows are keyed by (file, row position). `record["staged"]` (the run record's; the caller saves
+    it) holds, per staged copy, its source and the source's fingerprint, and the copy's size: a
+    resume reuses a copy that matches its entry, and deletes and stages again one that doesn't (or
+    has none: a kill before the record was saved, an older raybert), so its rows never come from
+    a stale copy. `finish` deletes them."""
     from pipelines.inputs import TableFile
 
-    staged, out = {}, storage.normalize(output)
+    staged, out, entries = {}, storage.normalize(output), record.setdefault("staged", {})
     for i, f in enumerate(plan.found):
         if f.format == "parquet":
             staged[f.name] = f.name
             continue
-        target = storage.join(out, STAGED, f"{i:05d}.parquet")
-        if not storage.exists(target):
+        name = f"{i:05d}.parquet"
+        target, want = storage.join(out, STAGED, name), {"source": f.name, "fingerprint": f.fingerprint}
+        if not _staged_matches(target, entries.get(name), want):
+            storage.remove_file(target)
             _write_staged(TableFile(f, text_columns), plan.columns, target)
+            entries[name] = {**want, "size": _size(target)}
         staged[target] = f.name
     return staged
+
+
+def _size(loc: str) -> Optional[int]:
+    """A file's size in bytes; None when it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(loc)
+    with storage.reachable(loc):
+        info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
+
+
+def _staged_matches(target: str, entry: Optional[dict], want: dict) -> bool:
+    """A staged copy holds its source as it is now: the run record's entry names that source with
+    its current fingerprint, and the copy is there, whole (its recorded size)."""
+    return (entry is not None and {k: entry.get(k) for k in want} == want and entry.get("size") is not None
+            and _size(target) == entry["size"])
 
 
 def ray_path(name: str) -> str:
@@ -137,13 +171,31 @@ def uncreatable(path: str) -> Optional[str]:
     return None
 
 
+def own_locations(inputs: list[str], output: str, checkpoint_dir: str) -> tuple[str, ...]:
+    """The output and checkpoint dir, which finding the inputs skips (`plan_inputs(exclude=)`), so
+    `score "DIR/**/*.parquet" DIR/out` rerun or resumed doesn't read its own files back; but not
+    one that holds (or is) an input named, or a glob's base: `check_output` then refuses the
+    overlap by name, rather than the inputs being found empty."""
+    def base(i: str) -> str:  # a local glob's directory before its first wildcard part
+        parts = storage.normalize(i).split("/")
+        return "/".join(parts[:next((n for n, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))]) or "/"
+
+    roots = [storage.canonical(base(i)) for i in inputs]
+    own = []
+    for loc in (output, checkpoint_dir):
+        c = storage.canonical(loc)
+        if not any(r == c or r.startswith(c.rstrip("/") + "/") for r in roots):
+            own.append(loc)
+    return tuple(own)
+
+
 def check_output(output: str, checkpoint_dir: str, inputs: list[str], plan: InputPlan, overwrite: bool) -> None:
     """Refuse, before anything is created or deleted, an output or checkpoint dir that overlaps an
     input (equal, or one inside the other, in any spelling: `file://`, relative, symlinked) or each
-    other, is an existing file or can't be created; and with overwrite, an output that holds
-    anything but a previous output of this job (ours: it holds our manifest or run record, or it
-    is empty; an existing checkpoint dir proves nothing), or a checkpoint dir holding anything but
-    scoring checkpoint files."""
+    other, is an existing file, a dangling symlink or can't be created; or that holds anything
+    raybert did not write (`check_contents`), with or without overwrite: a run never writes
+    beside, and overwrite never deletes, the user's files. `overwrite` changes nothing here: what
+    it may delete is `remove_ours`' rule, the one this check enforces."""
     import pyarrow.fs as pafs
 
     out, ckpt = storage.canonical(output), storage.canonical(checkpoint_dir)
@@ -160,23 +212,118 @@ def check_output(output: str, checkpoint_dir: str, inputs: list[str], plan: Inpu
         kind = storage.file_type(path)
         if kind == pafs.FileType.File:
             raise ValueError(f"{what} {path} is an existing file; give a directory path (it is created)")
-        if kind == pafs.FileType.NotFound and not storage.is_uri(path) and (why := uncreatable(path)):
+        local = not storage.is_uri(path) and storage.normalize(path)
+        if kind == pafs.FileType.NotFound and local and os.path.islink(local):
+            raise ValueError(f"{what} {path} is a symlink to {os.readlink(local)}, which does not exist; "
+                             f"create that directory, or remove the link")
+        if kind == pafs.FileType.NotFound and local and (why := uncreatable(path)):
             raise ValueError(f"{what} {path} can't be created: {why}; choose another path")
-    if not overwrite:
-        return
-    ours = (storage.exists(storage.join(output, MANIFEST)) or storage.exists(storage.join(output, RUN_RECORD)))
-    if storage.listing(output) and not ours:
-        raise ValueError(f"{output} is not an output of raybert score (no {MANIFEST} or {RUN_RECORD}, and not "
-                         f"empty): overwrite deletes only a previous output of this job; choose another output, "
-                         f"or remove {output} yourself")
-    # A run writes only its UNITS_RECORD there; Ray Data (an earlier raybert's GPU path) wrote only
-    # <id>[.pending].parquet files, which overwrite may delete too.
-    foreign = [f.path for f in storage.listing(checkpoint_dir) if f.type != pafs.FileType.File
-               or not (f.path.endswith(".parquet") or storage.basename(f.path) == UNITS_RECORD)]
-    if foreign:
-        raise ValueError(f"checkpoint dir {checkpoint_dir} holds files that are not scoring (or Ray Data) checkpoint files "
-                         f"(e.g. {foreign[0]}); overwrite would delete them: choose another checkpoint dir, "
-                         f"or remove it yourself")
+    check_contents(output, checkpoint_dir)
+
+
+class NotOurs(FileExistsError, ValueError):
+    """An output or checkpoint dir holds files raybert did not write: a bad setting (ValueError)
+    for a path that exists with others' files in it (FileExistsError)."""
+
+
+def check_contents(output: str, checkpoint_dir: str) -> None:
+    """Refuse an output or checkpoint dir holding anything raybert did not write (`foreign`),
+    naming it: writing beside the user's files, or deleting them on overwrite or when the run
+    ends, would be wrong either way."""
+    rule = layout(output)
+    strange = foreign(output, rule)
+    if strange and rule is None:
+        raise NotOurs(f"output {output} is not an output of raybert score (no {RUN_RECORD} or {MANIFEST}: not a "
+                      f"run of this job to resume) and is not empty: it holds {names_list(strange)}; scoring "
+                      f"writes only into an empty or new directory, or its own output: choose another output, "
+                      f"or remove them")
+    if strange:
+        raise NotOurs(f"output {output} is an output of raybert score but also holds files raybert did not "
+                      f"write: {names_list(strange)}; a run never writes beside them, and --overwrite never "
+                      f"deletes them: move them out of {output}, or choose another output")
+    strange = foreign(checkpoint_dir, CHECKPOINT)
+    if strange:
+        raise NotOurs(f"checkpoint dir {checkpoint_dir} holds files that are not scoring (or Ray Data) checkpoint "
+                      f"files: {names_list(strange)}; a run deletes its checkpoint files when it ends or on "
+                      f"--overwrite, and must not mix them with others: choose another checkpoint dir, or remove them")
+
+
+# ---- What raybert writes --------------------------------------------------------------------
+# The one rule for what in an output or checkpoint dir is raybert's, by path relative to it
+# (`storage.entries`): everything else is the user's, so `check_contents` refuses a run beside it
+# and `remove_ours` (--overwrite, `finish`, a finished output's report) never deletes it. An
+# output's rule follows its run record's `scorer`, the layout that wrote it: our actors name every
+# file they write (`score_units.Unit.name`), but Ray Data (an earlier raybert: "ray-data", or a
+# record without `scorer`) named its Parquet files itself, so in such an output any top-level
+# Parquet file is its. A symlink is never ours (never followed, never deleted); nor is a directory
+# but `_staged/`. `.<pid>.tmp` / `.tmp`: the temp files a kill can leave (storage.write_text,
+# score_units.write_unit, repair_duplicates, _write_staged), ours to delete.
+_RECORDS = rf"(?:{re.escape(RUN_RECORD)}|{re.escape(MANIFEST)})(?:\.\d+\.tmp)?"
+_UNITS = r"part-\d{5}-\d{5}-\d{9}\.parquet|\.part-\d{5}-\d{5}-\d{9}\.parquet(?:\.\d+)?\.tmp"
+_STAGED = rf"{STAGED}/(?:\d{{5}}\.parquet|\.\d{{5}}\.parquet\.tmp)"
+CHECKPOINT = "checkpoint"  # the rule for a checkpoint dir: our UNITS_RECORD, Ray Data's <id>[.pending].parquet rows
+LAYOUTS = {
+    "actors": re.compile(rf"{_RECORDS}|{_UNITS}|{_STAGED}"),
+    "ray-data": re.compile(rf"{_RECORDS}|{_UNITS}|{_STAGED}|[^/_.][^/]*\.parquet|\.[^/]*\.parquet\.tmp"),
+    CHECKPOINT: re.compile(rf"{re.escape(UNITS_RECORD)}(?:\.\d+\.tmp)?|[^/]+\.parquet"),
+}
+_DIRS = {"actors": {STAGED}, "ray-data": {STAGED}, CHECKPOINT: set()}
+
+
+def layout(output: str) -> Optional[str]:
+    """The rule (a LAYOUTS key) for `output`'s files, from its run record's `scorer`: "actors" for
+    our unit files ("cpu-actors" too), else "ray-data" (also for a finished output of an older
+    raybert with a manifest and no run record); None when the output has neither: nothing in it is ours."""
+    try:
+        record = read_json(storage.join(output, RUN_RECORD))
+    except (OSError, ValueError):  # not a JSON file (a directory, garbage): not proof of anything
+        return None
+    if record is None:
+        return "ray-data" if storage.exists(storage.join(output, MANIFEST)) else None
+    return "actors" if record.get("scorer") in ("actors", "cpu-actors") else "ray-data"
+
+
+def is_ours(relative: str, kind: str, rule: Optional[str]) -> bool:
+    """Whether raybert writes the entry at `relative` (a `storage.entries` kind) under `rule`."""
+    if rule is None or kind == "link":
+        return False
+    if kind == "dir":
+        return relative in _DIRS[rule]
+    return LAYOUTS[rule].fullmatch(relative) is not None
+
+
+def foreign(loc: str, rule: Optional[str]) -> list[str]:
+    """What under `loc` raybert did not write (`is_ours`), relative to `loc`: files, symlinks
+    (marked, never followed) and empty directories (a directory with entries is named by them)."""
+    found = storage.entries(loc)
+    parents = {rel.rsplit("/", 1)[0] for rel, _ in found if "/" in rel}
+    return [rel + {"dir": "/", "link": " (a symlink)"}.get(kind, "") for rel, kind in found
+            if not is_ours(rel, kind, rule) and not (kind == "dir" and rel in parents)]
+
+
+def remove_ours(loc: str, rule: Optional[str], under: str = "", drop_dir: bool = False) -> None:
+    """Delete what raybert wrote in `loc` under `rule` (only below `under`, when given): nothing
+    else, never through a symlink, and `loc` itself is kept (a symlinked output stays a link to
+    its directory). The manifest goes first and the run record last, so a kill part-way leaves an
+    output that is neither reported finished nor foreign. `drop_dir`: then `loc` too, if that
+    emptied it and it is not a symlink (a checkpoint dir that exists marks an unfinished run)."""
+    mine = [(rel, kind) for rel, kind in storage.entries(loc) if is_ours(rel, kind, rule)
+            and (not under or rel == under or rel.startswith(under + "/"))]
+    order = {MANIFEST: 0, RUN_RECORD: 2}
+    for rel in sorted((r for r, k in mine if k == "file"), key=lambda r: (order.get(r, 1), r)):
+        storage.remove_file(storage.join(loc, rel))
+    for rel in sorted((r for r, k in mine if k == "dir"), reverse=True):
+        storage.remove_empty_dir(storage.join(loc, rel))
+    if drop_dir:
+        storage.remove_empty_dir(loc)
+
+
+def checkpoint_present(checkpoint_dir: str) -> bool:
+    """Whether the checkpoint dir marks an unfinished run: it exists; a symlink to a directory
+    only once it holds something (finishing a run empties it of our files and keeps the link)."""
+    if not storage.is_uri(checkpoint_dir) and os.path.islink(storage.normalize(checkpoint_dir)):
+        return bool(storage.entries(checkpoint_dir))
+    return storage.exists(checkpoint_dir)
 
 
 def repair_duplicates(output: str) -> int:
@@ -244,18 +391,22 @@ def model_fingerprint(local: str) -> str:
 
 def run_recipe(cfg: ScoreConfig, plan: InputPlan, max_length: int, local_model: str) -> dict:
     """What makes one output's rows comparable: a run resumed, or a finished output reported, under
-    a different recipe would mix two kinds of rows in one output."""
+    a different recipe, or on inputs rewritten since (`input_fingerprints`: size and modification
+    time from the listing that found each file), would mix two kinds of rows in one output."""
     return {"task": cfg.task, "model": storage.canonical(str(cfg.model)), "model_fingerprint": model_fingerprint(local_model),
             "tokenizer": cfg.tokenizer and storage.canonical(str(cfg.tokenizer)), "head": cfg.head, "max_length": max_length,
             "pooling": cfg.pooling, "normalize": cfg.normalize, "top_k": cfg.top_k if cfg.task == "fill-mask" else None,
             "dtype": cfg.dtype, "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
-            "id_column": cfg.id_column, "inputs": plan.files}
+            "id_column": cfg.id_column, "inputs": plan.files,
+            "input_fingerprints": {f.name: f.fingerprint for f in plan.found}}
 
 
 def recipe_differences(saved: dict, now: dict) -> list[str]:
+    """Each setting that differs, for the keys both recipes have (an older run record lacks some);
+    changed input files are `input_changes`."""
     out = []
     for key, value in now.items():
-        if key in saved and saved[key] != value:
+        if key in saved and saved[key] != value and key != "input_fingerprints":
             was = saved[key]
             if key == "inputs":
                 out.append(f"inputs ({len(was)} file(s) -> {len(value)}, other files)")
@@ -264,28 +415,70 @@ def recipe_differences(saved: dict, now: dict) -> list[str]:
     return out
 
 
+def input_changes(saved: dict, now: dict) -> list[str]:
+    """Each input file (in both recipes) whose content changed: what differs of its size and
+    modification time. An older run record without fingerprints has none."""
+    import datetime
+
+    def when(ns: int) -> str:
+        return datetime.datetime.fromtimestamp(ns / 1e9).isoformat(sep=" ", timespec="microseconds")
+
+    was, out = saved.get("input_fingerprints") or {}, []
+    for name, (size, mtime) in (now.get("input_fingerprints") or {}).items():
+        if name not in was or list(was[name]) == [size, mtime]:
+            continue
+        (old_size, old_mtime), what = was[name], []
+        if old_size != size:
+            what.append(f"size {old_size:,} -> {size:,} bytes")
+        if old_mtime != mtime:
+            what.append(f"modified {when(old_mtime)} -> {when(mtime)}")
+        out.append(f"{name} ({', '.join(what)})")
+    return out
+
+
 def check_resume(output: str, checkpoint_dir: str, recipe: dict) -> None:
     """Refuse, on the driver, to resume or report an output under another recipe (task, model,
-    head, lengths, pooling, dtype, inputs...): its rows would be mixed with rows of another kind.
-    A checkpoint dir with no run record in the output is not a run of this job to resume."""
+    head, lengths, pooling, dtype, inputs...), or whose input files changed since it was scored:
+    its rows would be mixed with rows of another kind, or of other text. A checkpoint dir with no
+    run record in the output is not a run of this job to resume."""
     done = read_json(storage.join(output, MANIFEST))
     if done is not None:
         saved = done.get("recipe") or {k: done.get(k) for k in ("task", "model", "head")} | {"inputs": done.get("inputs")}
-        diffs = recipe_differences(saved, recipe)
-        if diffs:
-            raise FileExistsError(f"{output} holds a finished run of another recipe: {'; '.join(diffs)} (saved -> now); "
-                                  f"choose another output, or pass --overwrite (YAML: overwrite: true) to score it again")
+        _refuse_changes(output, "finished", saved, recipe, "choose another output, or pass --overwrite (YAML: "
+                                                             "overwrite: true) to score it again")
         return
-    if not storage.exists(checkpoint_dir):
+    if not checkpoint_present(checkpoint_dir):
         return
     saved = read_json(storage.join(output, RUN_RECORD))
     if saved is None:
         raise FileExistsError(f"checkpoint dir {checkpoint_dir} exists but {output} has no {RUN_RECORD}: it is not a "
                               f"run of this job to resume; choose another output and checkpoint dir, or pass --overwrite (YAML: overwrite: true)")
-    diffs = recipe_differences(saved.get("recipe", {}), recipe)
+    _refuse_changes(output, "unfinished", saved.get("recipe", {}), recipe,
+                    "resume it with its own settings, choose another output, or pass --overwrite (YAML: "
+                    "overwrite: true) to start over")
+
+
+def forget_fingerprint(run_record: str, name: str) -> None:
+    """Let a resume take input `name` rewritten: a unit of it could not be read, and the error
+    (score_units.NotRead) asks for a sound copy of the file (the same rows) and a rerun. The only
+    input a resume accepts changed; the finished output's manifest records the copy's fingerprint."""
+    record = read_json(run_record)
+    if record is not None and name in record.get("recipe", {}).get("input_fingerprints", {}):
+        del record["recipe"]["input_fingerprints"][name]
+        write_json(run_record, record)
+
+
+def _refuse_changes(output: str, state: str, saved: dict, recipe: dict, fix: str) -> None:
+    """FileExistsError naming each recipe difference and each changed input (saved -> now)."""
+    diffs, changed = recipe_differences(saved, recipe), input_changes(saved, recipe)
+    run = f"{'an' if state == 'unfinished' else 'a'} {state} run"
     if diffs:
-        raise FileExistsError(f"{output} holds an unfinished run of another recipe: {'; '.join(diffs)} (saved -> now); "
-                              f"resume it with its own settings, choose another output, or pass --overwrite (YAML: overwrite: true) to start over")
+        raise FileExistsError(f"{output} holds {run} of another recipe: "
+                              f"{'; '.join(diffs + [f'input {c}' for c in changed])} (saved -> now); {fix}")
+    if changed:
+        raise FileExistsError(f"{output} holds {run} of input(s) that changed since: {'; '.join(changed)} (saved -> "
+                              f"now); its rows would mix the old and the new content: restore the file(s) as they "
+                              f"were, or pass --overwrite (YAML: overwrite: true) to score again")
 
 
 def read_output(output: str, columns: Optional[list[str]] = None) -> pa.Table:

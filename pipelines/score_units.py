@@ -32,9 +32,9 @@ Contract:
   (`max_restarts`, `max_task_retries`); a read or write that raises OSError is tried three times
   (`with_retries`: an object store's hiccup). A unit that fails where no retry would help stops
   the run with one error (`UnitFailed`) naming what: its input rows (`NotRead`: a corrupt or
-  vanished file), its output file (`NotWritten`), or the model (`NotLoaded`). Any other exception
-  is a bug and keeps its traceback. The committed units stay for the rerun; `stop_actors` kills
-  the actors.
+  vanished file), its output file (`NotWritten`), or the model (`NotLoaded`), raised on the
+  driver as that kind with the unit's `file`. Any other exception is a bug and keeps its
+  traceback. The committed units stay for the rerun; `stop_actors` kills the actors.
 - An unfinished output of an earlier raybert's Ray Data path (row checkpoints, not unit files) is
   refused with the fix (`same_scorer`, kept in the run record): they can't finish each other.
 """
@@ -144,6 +144,8 @@ def with_retries(action: Callable, attempts: int = 3):
 class UnitFailed(ValueError):
     """A unit could not be scored, for a reason no retry would change: its input could not be read
     (a corrupt or changed file), its output could not be written, or the model did not load."""
+
+    file: Optional[str] = None  # on the driver (`collect`): the file the unit reads
 
 
 class NotRead(UnitFailed):
@@ -353,7 +355,9 @@ def collect(ref, unit: Unit, on_done: Callable[[int, int, int], None]) -> None:
         cause = getattr(e, "cause", None)
         if not isinstance(cause, UnitFailed):
             raise  # not the input's, the output's or the model's: a bug, with its traceback
-        raise UnitFailed(f"{cause}; the rows scored so far are kept: rerun the same command to finish") from None
+        err = type(cause)(f"{cause}; the rows scored so far are kept: rerun the same command to finish")
+        err.file = unit.file  # of its kind (NotRead...), so the driver can tell an input to be replaced
+        raise err from None
 
 
 def run_units(actors: list, units: list[Unit], spec: dict, on_done: Callable[[int, int, int], None]) -> float:

@@ -10,14 +10,22 @@ Contract:
   and its tokenizer load; the inputs (`plan_inputs`; an object store that can't be reached is an
   error naming the URI); the output and checkpoint dir are not existing files, can be created, and
   overlap neither each other nor any input (equal, or one inside the other, however spelled:
-  `file://`, relative, symlinked). With overwrite, the output must be ours (it holds our manifest
-  or run record, or it is empty) and the checkpoint dir must hold only checkpoint files:
-  overwrite never deletes anything else. The task has its head in the checkpoint (classify on an
-  encoder-only model is refused, naming what it has), and the tokenizer fits the embedding table.
+  `file://`, relative, symlinked). The output must be empty, new, or ours and hold only what
+  raybert writes (`score_output.LAYOUTS`: its run record, manifest, staged inputs, unit files),
+  and the checkpoint dir only checkpoint files, overwrite or not: a run never writes beside the
+  user's files, and overwrite (`reuse_or_reset`) deletes only raybert's files, never through a
+  symlink (an output that is a symlink to a directory is scored into, and kept). The inputs are
+  found without the output and checkpoint dir (`own_locations`): a glob or directory over them
+  never reads the job's own files back, so the same command reruns or resumes. The task has its
+  head in the checkpoint (classify on an encoder-only model is refused, naming what it has), and
+  the tokenizer fits the embedding table.
 - One output, one recipe: a run writes `<output>/_raybert_run.json` (RUN_RECORD) before any row,
   holding what makes its rows comparable (`run_recipe`: task, model and its fingerprint, head,
-  lengths, pooling, dtype setting, columns, inputs). A resume, or a rerun of a finished output,
-  under another recipe is refused on the driver, naming each difference (`check_resume`).
+  lengths, pooling, dtype setting, columns, inputs and their fingerprints: size, modification
+  time). A resume, or a rerun of a finished output, under another recipe or on a rewritten input
+  is refused on the driver, naming each difference (`check_resume`); only an input whose rows a
+  unit could not read (its error asks for a sound copy) may be replaced before the resume. Staged
+  copies of CSV and JSON Lines inputs are recorded there too, and staged again if they don't match.
 - `ScoreConfig` (with `ResourceConfig`) is the run's one typed config; `raybert score` flags and
   YAML keys are its fields. `ScoreConfig.check()` holds its rules and is the only place they are
   checked (`preflight` calls it).
@@ -41,8 +49,8 @@ Contract:
   one row per input row. Row keys (`row_hash`) are Ray Data's hash of (file path, row index). The
   checkpoint dir lives beside the output (`<output>.checkpoint` by default, shared storage on a
   cluster) and marks an unfinished run. On success we write `<output>/_SUCCESS.json` (the
-  summary; Parquet readers skip `_` files) and delete the checkpoint; a rerun of a finished job
-  reports the manifest and does nothing. Runs must not overlap on one output (jobs.score locks
+  summary; Parquet readers skip `_` files) and delete the checkpoint's files; a rerun of a
+  finished job reports the manifest and does nothing. Runs must not overlap on one output (jobs.score locks
   `<output>.lock`); if writers did overlap, a rerun repairs it (`repair_duplicates`: one row per
   `row_hash`, before the row count is checked).
 - Fault tolerance: actors restart (`max_restarts`) and their in-flight units are retried
@@ -70,11 +78,12 @@ from pipelines.tokenize import id_name, tokenize_batch
 from pipelines.resources import CpuPlan, actor_pool, cpu_plan
 from pipelines.score_config import ScoreConfig
 from pipelines.score_feed import PredictorPool, default_tokenizers, run_fed_units, start_tokenizers
-from pipelines.score_output import (MANIFEST, RUN_RECORD, STAGED, check_output, check_resume, data_files,
-                                    default_checkpoint_dir, output_dtypes, output_totals, ray_path, read_json,
-                                    repair_duplicates, run_recipe, stage_inputs, write_json)
-from pipelines.score_units import (choose_unit_rows, drop_partial_writes, run_units, same_scorer, score_on_actors,
-                                   stop_actors)
+from pipelines.score_output import (CHECKPOINT, MANIFEST, RUN_RECORD, STAGED, check_output, check_resume,
+                                    checkpoint_present, data_files, default_checkpoint_dir, forget_fingerprint,
+                                    layout, output_dtypes, output_totals, own_locations, ray_path, read_json,
+                                    remove_ours, repair_duplicates, run_recipe, stage_inputs, write_json)
+from pipelines.score_units import (NotRead, choose_unit_rows, drop_partial_writes, run_units, same_scorer,
+                                   score_on_actors, stop_actors)
 
 log = logging.getLogger(__name__)
 
@@ -238,9 +247,11 @@ def preflight(cfg: ScoreConfig) -> Preflight:
     cfg.check()
     model_config, local_model = check_model(cfg.model, cfg.tokenizer)
     check_head(cfg, model_config)
-    plan = plan_inputs(cfg.input, cfg.text_column, cfg.text_pair_column, cfg.id_column)
     ckpt = cfg.checkpoint_dir or default_checkpoint_dir(cfg.output)
-    check_output(cfg.output, ckpt, [cfg.input] if isinstance(cfg.input, str) else list(cfg.input), plan, cfg.overwrite)
+    inputs = [cfg.input] if isinstance(cfg.input, str) else list(cfg.input)
+    plan = plan_inputs(cfg.input, cfg.text_column, cfg.text_pair_column, cfg.id_column,
+                       exclude=own_locations(inputs, cfg.output, ckpt))  # never read back what this job writes
+    check_output(cfg.output, ckpt, inputs, plan, cfg.overwrite)
     max_length = embedding_defaults(cfg, model_config, local_model)
     recipe = run_recipe(cfg, plan, max_length, local_model)
     if not cfg.overwrite:
@@ -254,7 +265,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
     finished = reuse_or_reset(cfg, pre)
     if finished is not None:
         return finished
-    resumed = storage.exists(pre.checkpoint_dir)
+    resumed = checkpoint_present(pre.checkpoint_dir)
     if data_files(cfg.output) and not resumed:
         raise FileExistsError(f"{cfg.output} already holds Parquet files but has no checkpoint ({pre.checkpoint_dir}) "
                               f"and no {MANIFEST}: it is not a run of this job to resume; choose another output or "
@@ -282,7 +293,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
                  len(pre.plan.files), res, len(tokenizers))
         before = output_totals(cfg.output) if resumed else (0, 0, 0)
         texts = (cfg.text_column, cfg.text_pair_column, cfg.id_column)  # read as strings from CSV / JSON Lines
-        staged = stage_inputs(cfg.output, pre.plan, texts)
+        staged = stage_inputs(cfg.output, pre.plan, texts, record)
+        write_json(run_record, record)  # with its staged copies' entries
         tokenize = tokenize_settings(cfg, pre.max_length, id_column=cfg.id_column, fallback_ids=fallback_ids(pre, staged))
         spec = dict(output=storage.normalize(cfg.output), columns=pre.plan.columns, batch_size=cfg.batch_size,
                     with_path=not pre.plan.has_ids, predictor_args=(cfg.model, cfg.task), tokenize=tokenize,
@@ -293,8 +305,12 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         else:
             def run(units, done):
                 return run_units(pool.actors, units, spec, done)
-        ready_at = score_on_actors(run, cfg.output, list(staged), record["unit_rows"], pre.checkpoint_dir,
-                                   pre.plan.rows, before[0], before[2])
+        try:
+            ready_at = score_on_actors(run, cfg.output, list(staged), record["unit_rows"], pre.checkpoint_dir,
+                                       pre.plan.rows, before[0], before[2])
+        except NotRead as e:  # its error asks for a sound copy of the file: the resume must accept it
+            forget_fingerprint(run_record, staged.get(e.file, e.file))
+            raise
     finally:
         stop_actors(pool.actors + tokenizers)
     return finish(cfg, pre, res, resumed, time.perf_counter() - t0, before[2], ready_at - t0)
@@ -322,20 +338,21 @@ def tokenizer_actors(cfg: ScoreConfig, res: CpuPlan) -> int:
 
 
 def reuse_or_reset(cfg: ScoreConfig, pre: Preflight) -> Optional[ScoreResult]:
-    """With overwrite, delete the previous output and checkpoint (preflight proved them ours).
-    Otherwise a finished output (preflight checked its recipe) is reported as it is: its result,
-    marked already complete. None: score."""
+    """With overwrite, delete what the previous run wrote in the output and checkpoint dir
+    (`remove_ours`: preflight refused anything else there; the directories, or the symlinks to
+    them, are kept). Otherwise a finished output (preflight checked its recipe and inputs) is
+    reported as it is: its result, marked already complete. None: score."""
     output, ckpt = cfg.output, pre.checkpoint_dir
     manifest = storage.join(output, MANIFEST)
     if cfg.overwrite:
-        for p in (output, ckpt):
-            storage.delete(p)
+        remove_ours(output, layout(output))
+        remove_ours(ckpt, CHECKPOINT, drop_dir=True)
         return None
     if not storage.exists(manifest):
         return None
     done = read_json(manifest)
     log.warning("%s is already complete (%s); pass --overwrite (YAML: overwrite: true) to score again", output, MANIFEST)
-    storage.delete(ckpt)  # killed after the manifest, before the checkpoint was deleted
+    remove_ours(ckpt, CHECKPOINT, drop_dir=True)  # killed after the manifest, before the checkpoint was deleted
     return ScoreResult(**{**done["result"], "already_complete": True, "plan": done["result"].get("plan", {})})
 
 
@@ -454,7 +471,7 @@ def finish(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, resumed: bool, second
                            f"{pre.checkpoint_dir} is kept, rerun to complete")
     write_json(storage.join(output, MANIFEST), {"result": asdict(result), "inputs": plan.files, "task": cfg.task,
                                                 "model": str(cfg.model), "head": cfg.head, "recipe": pre.recipe})
-    storage.delete(pre.checkpoint_dir)
-    storage.delete(storage.join(output, STAGED))
+    remove_ours(pre.checkpoint_dir, CHECKPOINT, drop_dir=True)
+    remove_ours(output, layout(output), under=STAGED)
     drop_partial_writes(output)
     return result

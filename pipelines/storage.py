@@ -7,10 +7,15 @@ Contract:
 - `normalize(loc)`: a local path made absolute (`file://` stripped); a URI kept, trailing `/` dropped.
   `canonical(loc)` also resolves symlinks: one spelling per location, for comparing paths
   (`overlaps`: the same location, or one inside the other).
-- `exists`, `listing` (recursive), `read_text` (None when absent), `write_text` (atomic: a temp file renamed locally, a
-  single PUT on an object store), `append_line` (O_APPEND locally; read and rewrite on an object
-  store, so callers must hold the run's lock), `list_names`, `upload`, `download_tree`,
-  `replace_tree` (copy a directory over another, deleting what was there).
+- `entries(loc)`: everything under a directory as (relative path, "file" | "dir" | "link"), never
+  following a symlink below `loc` (pyarrow's recursive listing follows them locally);
+  `remove_file` and `remove_empty_dir` delete one entry, never through a symlink: with them, a
+  caller that deletes only what `entries` showed it stays inside `loc`.
+- `exists`, `listing` (recursive, following local symlinks), `read_text` (None when absent),
+  `write_text` (atomic: a temp file renamed locally, a single PUT on an object store),
+  `append_line` (O_APPEND locally; read and rewrite on an object store, so callers must hold the
+  run's lock), `list_names`, `upload`, `download_tree`, `replace_tree` (copy a directory over
+  another, deleting what was there).
 - `cached_copy(loc)`: a model or tokenizer location as a local path, a URI downloaded once per
   node (and per version of its files) into `$RAYBERT_CACHE` (default `~/.cache/raybert`). Every
   process that loads a model or tokenizer (driver checks, training workers, tokenize tasks,
@@ -153,7 +158,8 @@ def overlaps(a: str, b: str) -> bool:
 
 def listing(loc: str) -> list:
     """pyarrow FileInfo of everything under directory `loc`, recursively (empty when it is not a
-    directory)."""
+    directory). Locally pyarrow follows symlinked directories: use `entries` to decide what is
+    inside `loc`."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(loc)
@@ -161,6 +167,57 @@ def listing(loc: str) -> list:
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             return []
         return fs.get_file_info(pafs.FileSelector(path, recursive=True))
+
+
+def entries(loc: str) -> list[tuple[str, str]]:
+    """Everything under directory `loc` (`loc` itself may be a symlink to one), sorted, as (path
+    relative to `loc` with `/` separators, kind): "file", "dir", or "link" for a local symlink, which
+    is reported, never followed: a caller deciding what is in `loc` (or what to delete) sees only
+    what is inside it. Empty when `loc` is not a directory."""
+    import pyarrow.fs as pafs
+
+    if is_uri(loc):  # object stores have no symlinks
+        base = filesystem(loc)[1].rstrip("/")
+        return sorted((i.path[len(base):].lstrip("/"), "dir" if i.type == pafs.FileType.Directory else "file")
+                      for i in listing(loc))
+    root, found, todo = normalize(loc), [], [""]
+    if not os.path.isdir(root):
+        return []
+    while todo:
+        below = todo.pop()
+        with os.scandir(os.path.join(root, below)) as it:
+            for e in it:
+                rel = f"{below}/{e.name}" if below else e.name
+                kind = "link" if e.is_symlink() else "dir" if e.is_dir(follow_symlinks=False) else "file"
+                found.append((rel, kind))
+                if kind == "dir":
+                    todo.append(rel)
+    return sorted(found)
+
+
+def remove_file(loc: str) -> None:
+    """Delete one file (a local symlink: the link, never its target); nothing if absent."""
+    if not is_uri(loc):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(normalize(loc))
+        return
+    fs, path = filesystem(loc)
+    with reachable(loc), contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
+
+
+def remove_empty_dir(loc: str) -> None:
+    """Delete directory `loc` if it holds nothing; a local symlink (even to an empty directory) is
+    left as it is. On an object store this also drops the empty-directory marker pyarrow leaves."""
+    if not is_uri(loc):
+        path = normalize(loc)
+        if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+            os.rmdir(path)
+        return
+    fs, path = filesystem(loc)
+    if is_dir(loc) and not listing(loc):
+        with reachable(loc):
+            fs.delete_dir(path)
 
 
 def list_names(loc: str) -> list[str]:

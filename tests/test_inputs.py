@@ -161,3 +161,21 @@ def test_what_the_review_found_in_csv_and_json_lines_reading(tmp_path):
     with gzip.open(tmp_path / "UP.JSONL.GZ", "wt") as f:
         f.write('{"text": "x"}\n')
     assert plan_inputs([str(tmp_path / "UP.JSONL.GZ")]).rows == 1
+
+
+def test_a_jobs_own_output_is_never_read_back_and_keeps_the_glob_root(tmp_path):
+    """`raybert score "D/**/*.parquet" D/out` globbed its own output on rerun (issue #34). Excluded
+    locations yield nothing through a directory or glob, and the glob's root (what fallback ids are
+    relative to) is taken without them, so it is the same before and after the output exists."""
+    d = tmp_path / "D"
+    (d / "sub").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["a"]}), d / "sub" / "a.parquet")
+    before = find_inputs([str(d / "**" / "*.parquet")], exclude=(str(d / "out"),))
+    (d / "out").mkdir()
+    pq.write_table(pa.table({"text": ["x"]}), d / "out" / "part-00000-00000-000000000.parquet")
+    after = find_inputs([str(d / "**" / "*.parquet")], exclude=(str(d / "out"),))
+    assert [(f.name, f.root) for f in after] == [(f.name, f.root) for f in before] == [(str(d / "sub" / "a.parquet"), str(d / "sub"))]
+    assert [f.name for f in find_inputs([str(d)], exclude=(str(d / "out"),))] == [str(d / "sub" / "a.parquet")]
+    assert len(find_inputs([str(d)])) == 2  # without the exclusion, the output is read as input
+    with pytest.raises(FileNotFoundError, match="matches no input files"):
+        find_inputs([str(d / "out" / "*.parquet")], exclude=(str(d / "out"),))

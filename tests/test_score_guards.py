@@ -276,8 +276,8 @@ def test_rerun_repairs_duplicate_rows(ray_local, tmp_path, tiny):
     os.makedirs(ckpt)
     for f in files:
         pq.write_table(pq.read_table(out / f, columns=["row_hash"]), os.path.join(ckpt, f))
-    for f in files[:3]:
-        shutil.copy(out / f, out / f"dup-{f}")
+    for f in files[:3]:  # as unit files of other unit sizes (files not named as raybert names them are refused)
+        shutil.copy(out / f, out / f"{f[:-17]}{int(f[-17:-8]) + 1:09d}.parquet")
     os.remove(out / MANIFEST)
     assert read_output(str(out)).num_rows > len(expected)
     result = main(cfg)

@@ -149,13 +149,21 @@ def test_bad_inputs_keep_every_row(ray_module, minilm_dir, tmp_path):
     assert not rows["ok"][0]["truncated"]
 
 
-def test_non_string_text_rows_get_errors(ray_module, minilm_dir, tmp_path):
+def test_a_text_column_without_text_is_refused_and_null_rows_get_errors(ray_module, minilm_dir, tmp_path):
+    """An int column as the text (`--text-column label`) is refused before any work, naming the file
+    (issue #34: it used to score every row into an error row); a null text in a text column is one
+    error row, the rest are scored."""
     f = tmp_path / "ints.parquet"
     pq.write_table(pa.table({"id": [1, 2, 3], "text": [10, None, 30]}), f)
-    result = main(_cfg(f, tmp_path / "out", minilm_dir, "embed"))
+    with pytest.raises(ValueError, match=r"ints\.parquet: column 'text' holds int64, not text"):
+        main(_cfg(f, tmp_path / "out", minilm_dir, "embed"))
+    assert not (tmp_path / "out").exists()
+    g = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3], "text": ["ten", None, "thirty"]}), g)
+    result = main(_cfg(g, tmp_path / "out", minilm_dir, "embed"))
     out = read_output(str(tmp_path / "out")).sort_by("id").to_pylist()
-    assert result.rows == 3 and result.error_rows == 3
-    assert [r["error"] for r in out] == ["text is int, not a string", "text is null", "text is int, not a string"]
+    assert result.rows == 3 and result.error_rows == 1
+    assert [r["error"] for r in out] == [None, "text is null", None]
 
 
 def test_missing_column_and_corrupt_file_fail_before_work(ray_module, minilm_dir, tmp_path):

@@ -3,8 +3,10 @@ CLI overrides on top.
 
 Contract: `load_config(Cls, path, overrides)` returns a `Cls` instance. YAML keys must be field
 names of `Cls` (nested dataclasses are nested mappings); an unknown key is an error that names the
-key and the file, so a typo never silently falls back to a default. Overrides whose value is None
-(a CLI flag that was not given) are ignored. `user_errors` gives every command the same one-line
+key and the file, so a typo never silently falls back to a default; a value of the wrong type, or
+out of its range (jobs/checks.py), is an error naming the key, the value and what it must be.
+Overrides whose value is None (a CLI flag that was not given) are ignored; each job's `validate`
+checks the ranges of the final config, flags included. `user_errors` gives every command the same one-line
 errors and exit statuses. `--print-config` (`print_config_option`) shows the
 resolved config as YAML that `--config` accepts, and runs nothing. `as_run_location` and
 `as_model_location` take a local path or an object-store URI (pipelines/storage.py), refusing on
@@ -30,22 +32,28 @@ import yaml
 T = TypeVar("T")
 
 
-def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T:
-    """Build dataclass `cls` from a (possibly nested) mapping, rejecting unknown keys. Values are
-    taken as they are: a user's mapping goes through `read_mapping` first."""
+def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "config", prefix: str = "") -> T:
+    """Build dataclass `cls` from a (possibly nested) mapping, rejecting unknown keys and values
+    out of their range (jobs.checks: the error names `where`, the dotted key from `prefix`, the
+    value and the range, before a dataclass's own checks can say less). Values are taken as they
+    are: a user's mapping goes through `read_mapping` first."""
+    from jobs.checks import check_fields
+
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; known keys: {sorted(names)}")
+        raise ValueError(f"{where}: unknown key(s) {[prefix + k for k in unknown]} for {cls.__name__}; "
+                         f"known keys: {sorted(names)}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
-            value = from_mapping(hint, value, f"{where}.{name}")
+            value = from_mapping(hint, value, where, f"{prefix}{name}.")
         kwargs[name] = value
+    check_fields(cls, kwargs, prefix, where)
     return cls(**kwargs)
 
 

@@ -16,7 +16,10 @@ Contract:
   mixing share of an auxiliary mlm task), and the warmup from `options.warmup_ratio`.
 - The run dir (a local path, or an object-store URI as for pretraining) holds Ray's checkpoint
   of the result, `metrics.jsonl`, `config.json` and `export/`.
-  A fine-tune does not resume: a run dir that already has a result is refused.
+  A fine-tune does not resume: a run dir that already has a result is refused, and so is a
+  directory of files no raybert run wrote (jobs.training.check_run_dir).
+- Before Ray starts, `validate` checks every setting's range (jobs/checks.py), and `main` the
+  row lengths (`data.max_length`, `data.mlm_seq_len`) against the model's position table.
 - `sweep` (`--sweep lr=2e-5,5e-5 --sweep seed=0,1`): one fine-tune per combination on Ray Tune
   with ASHA early stopping, in `<run_dir>/trials/`; the trial with the best validation score is
   exported to `<run_dir>/export`, and `<run_dir>/sweep.json` records every trial
@@ -38,9 +41,10 @@ from typing import Optional
 import click
 
 from bert_core.masking_config import MaskingConfig
+from jobs.checks import check_config, check_seq_len, model_config
 from jobs.config import echo_config, from_preset, stdout_for_the_result
-from jobs.training import (FP16_NEEDS_GPU, ScalingConfig, check_init_from, expects_gpu, has_checkpoints,
-                           training_command)
+from jobs.training import (FP16_NEEDS_GPU, SHARED_FLAGS, ScalingConfig, check_init_from, check_run_dir, expects_gpu,
+                           has_checkpoints, training_command)
 from pipelines.finetune_data import FinetuneData, TaskData
 from pipelines.train_config import FinetuneOptions, ModelConfig, TrainConfig
 
@@ -66,6 +70,10 @@ class FinetuneConfig:
     # A Ray Tune sweep: {key: [values]} (pipelines.sweep.SWEEP_KEYS: lr, weight_decay, seed, dropout,
     # warmup_ratio, layer_lr_decay), one trial per combination, the best on validation exported.
     sweep: dict = field(default_factory=dict)
+
+
+# The settings `raybert finetune` has a flag for: its errors name the flag beside the YAML key.
+FLAGS = {**SHARED_FLAGS, "options.epochs": "--epochs", "train.lr": "--lr"}
 
 
 def _preset(name: str, lr: float, micro_batch_size: int = 32) -> FinetuneConfig:
@@ -110,8 +118,12 @@ def task_list(cfg: FinetuneConfig) -> list[TaskData]:
 
     # read_mapping names an unknown key (a typo) or a value of the wrong type, and its task,
     # instead of a bare TypeError.
-    return [t if isinstance(t, TaskData) else from_mapping(TaskData, read_mapping(TaskData, t, f"tasks[{i}]"))
-            for i, t in enumerate(cfg.tasks)]
+    tasks = [t if isinstance(t, TaskData) else from_mapping(TaskData, read_mapping(TaskData, t, f"tasks[{i}]"),
+                                                             where="", prefix=f"tasks[{i}].")
+             for i, t in enumerate(cfg.tasks)]
+    for i, t in enumerate(tasks):  # a TaskData built in code (or by --data) skipped from_mapping's ranges
+        check_config(t, prefix=f"tasks[{i}].")
+    return tasks
 
 
 def validate(cfg: FinetuneConfig) -> list[TaskData]:
@@ -123,6 +135,7 @@ def validate(cfg: FinetuneConfig) -> list[TaskData]:
     cfg.tokenizer = as_model_location("tokenizer", cfg.tokenizer)
     cfg.model.init_from = as_model_location("init_from", cfg.model.init_from)
     cfg.train.deepspeed = load_deepspeed(cfg.train.deepspeed)
+    check_config(cfg, FLAGS)  # every numeric setting's range, flags included (they skip __post_init__)
     ds_config(cfg.train, cfg.scaling.num_workers)  # a contradicting --deepspeed file fails here
     check_trackers(cfg.train.mlflow, cfg.train.wandb)
     tasks = task_list(cfg)
@@ -138,8 +151,6 @@ def validate(cfg: FinetuneConfig) -> list[TaskData]:
             raise ValueError(f"task {t.name}: no data paths")
     if cfg.train.dtype == "fp16" and expects_gpu(cfg.scaling, cfg.address) is False:
         raise ValueError(FP16_NEEDS_GPU)
-    if cfg.scaling.torch_threads is not None and cfg.scaling.torch_threads < 1:
-        raise ValueError(f"torch_threads must be >= 1 (or unset), got {cfg.scaling.torch_threads}")
     if not (cfg.model.init_from or cfg.tokenizer):
         raise ValueError("no tokenizer: pass --init-from (a pretrained checkpoint) or --tokenizer")
     if cfg.train.total_time_budget_s is not None:
@@ -182,7 +193,9 @@ def plan_steps(cfg: FinetuneConfig, specs: list) -> tuple[int, int]:
             p = mixing_probabilities(specs, cfg.options.mixing)
             share = float(sum(pi for pi, s in zip(p, specs) if s.kind != "mlm"))
         rows_per_step = t.micro_batch_size * t.grad_accum * cfg.scaling.num_workers
-        steps = max(1, math.ceil(cfg.options.epochs * sum(s.train_rows for s in labeled) / rows_per_step / share))
+        if not 0 < cfg.options.epochs < math.inf:  # validate refuses it; never round it up to a step here
+            raise ValueError(f"options.epochs must be > 0 (or unset), got {cfg.options.epochs}")
+        steps = math.ceil(cfg.options.epochs * sum(s.train_rows for s in labeled) / rows_per_step / share)
     warmup = t.warmup_steps if cfg.options.warmup_ratio is None else int(cfg.options.warmup_ratio * steps)
     return steps, warmup
 
@@ -192,6 +205,7 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     from pipelines import storage
 
     run_dir = storage.normalize(cfg.run_dir)
+    check_run_dir(run_dir)
     if has_checkpoints(run_dir) or storage.exists(storage.join(run_dir, "trials")):
         saved = json.loads(storage.read_text(storage.join(run_dir, "config.json")) or "{}")
         what = ("a pretraining run" if "pretrain" in saved else "a sweep's trials" if saved.get("finetune", {}).get("sweep")
@@ -208,6 +222,7 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     tok = load_tokenizer(storage.cached_copy(tokenizer))  # fail here, not on every worker
     if init is not None:
         check_init_from(storage.cached_copy(cfg.model.init_from), init, storage.cached_copy(tokenizer), tok)
+    check_seq_lens(cfg, tasks, len(tok))
     # Labels are read with pyarrow on the driver: a bad label set is refused before Ray starts
     # and before the run dir exists.
     labels = {t.name: _labels(t) for t in tasks}
@@ -246,6 +261,16 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
         raise RuntimeError(f"fine-tune finished without a result checkpoint in {run_dir}")
     return FinetuneResult(run_dir=run_dir, export=export, metrics=metrics,
                           labels={s.name: s.id2label for s in specs if s.id2label}, max_steps=train.max_steps)
+
+
+def check_seq_lens(cfg: FinetuneConfig, tasks: list, vocab_size: int) -> None:
+    """The row lengths the tasks use fit the model's position table (init_from's config, or the
+    preset's, with model.overrides)."""
+    bert_config = model_config(cfg.model, vocab_size)
+    if any(t.kind != "mlm" for t in tasks):
+        check_seq_len("data.max_length", cfg.data.max_length, bert_config, cfg.model)
+    if any(t.kind == "mlm" for t in tasks):
+        check_seq_len("data.mlm_seq_len", cfg.data.mlm_seq_len, bert_config, cfg.model)
 
 
 def _sweep(cfg: FinetuneConfig, loop, datasets: dict, plan, run_dir: str, specs: list) -> tuple[str, dict]:

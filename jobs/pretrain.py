@@ -11,7 +11,12 @@ Contract:
   shared storage mounted at the same path on every node) or an object-store URI (`s3://...`,
   `gs://...`) that every node can reach; pipelines/storage.py says how each file gets there.
 - `resume="auto"` continues from the run dir's latest checkpoint (step, LR schedule, optimizer,
-  data position); `"never"` refuses a run dir that already has checkpoints.
+  data position) under the run's own recipe: any other change than a per-invocation setting is
+  refused, naming each (jobs/resume.py); `"never"` refuses a run dir that already has
+  checkpoints. A run dir of files no raybert run wrote is refused (jobs.training.check_run_dir).
+- Before Ray starts, `validate` checks every setting's range (jobs/checks.py), and `check_inputs`
+  the run dir, tokenizer, `init_from`, `data.seq_len` against the model's position table, the
+  corpus and the resume: a refusal writes nothing.
 - Scheduled runs: each invocation holds an exclusive lock on the run dir (an overlapping one is
   refused: `RunLocked`, CLI exit status 75), may be budgeted (`train.steps_per_run`,
   `time_budget`: seconds of wall time from the invocation's start, checkpoint included), and
@@ -19,7 +24,8 @@ Contract:
 - Config: `PRESETS[name]` (model size plus matching training settings; `debug` runs in seconds),
   then a YAML file (keys = the dataclass fields below, nested), then a few CLI flags.
 - `vocab(...)` trains a WordPiece tokenizer on the corpus (bert_core.train_tokenizer) into a
-  directory that `--tokenizer` accepts.
+  new or empty directory that `--tokenizer` accepts; its settings and `--out` are checked before
+  any text is read.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ from typing import Optional
 
 import click
 
+from jobs.checks import check_config, check_seq_len, model_config
 from jobs.config import echo_config, from_preset, stdout_for_the_result, user_errors
-from jobs.training import (FP16_NEEDS_GPU, TOKENIZER_FILES, ScalingConfig, check_init_from, expects_gpu,
+from jobs.resume import check_resume
+from jobs.training import (FP16_NEEDS_GPU, SHARED_FLAGS, ScalingConfig, check_init_from, check_run_dir, expects_gpu,
                            has_checkpoints, training_command)
 from pipelines.pretrain_data import DataConfig
 from pipelines.train_config import ModelConfig, TrainConfig
@@ -114,6 +122,9 @@ class PretrainResult:
 # 25-35 s to reach its first step on a 2-core CPU node (tens of seconds on GPU clusters too). A
 # shorter budget used to train one step and record `ok` at several times the budget.
 MIN_TIME_BUDGET_S = 30.0
+# The settings `raybert pretrain` has a flag for: its errors name the flag beside the YAML key.
+FLAGS = {**SHARED_FLAGS, "train.max_steps": "--max-steps", "train.steps_per_run": "--max-steps-per-run",
+         "train.total_time_budget_s": "--total-time-budget", "time_budget": "--time-budget"}
 
 def validate(cfg: PretrainConfig) -> None:
     """Fail before starting Ray on settings that can't work (and make local-path settings plain paths)."""
@@ -129,28 +140,14 @@ def validate(cfg: PretrainConfig) -> None:
         raise ValueError(FP16_NEEDS_GPU)
     if cfg.resume not in ("auto", "never"):
         raise ValueError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
-    if cfg.scaling.num_workers < 1:
-        raise ValueError("num_workers must be >= 1")
-    if cfg.scaling.torch_threads is not None and cfg.scaling.torch_threads < 1:
-        raise ValueError(f"torch_threads must be >= 1 (or unset), got {cfg.scaling.torch_threads}")
+    check_config(cfg, FLAGS)  # every numeric setting's range, flags included (they skip __post_init__)
     if not cfg.data.paths:
         raise ValueError("no training data: pass --data (Parquet, CSV or JSON Lines files, directories or globs)")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ValueError("val_fraction must be in [0, 1)")
-    if not 0 < cfg.data.eval_mlm_probability < 1:
-        raise ValueError(f"data.eval_mlm_probability must be in (0, 1), got {cfg.data.eval_mlm_probability}")
-    if cfg.model.train_dropout is not None and not 0 <= cfg.model.train_dropout < 1:
-        raise ValueError(f"model.train_dropout must be in [0, 1) (or unset), got {cfg.model.train_dropout}")
     t = cfg.train
-    for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_every", "save_every", "keep_last"):
-        if getattr(t, name) < 1:
-            raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-    if not t.lr > 0 or t.warmup_steps < 0:
-        raise ValueError(f"train.lr must be > 0 and train.warmup_steps >= 0, got {t.lr} and {t.warmup_steps}")
     if t.total_time_budget_s is not None and not 0 < t.total_time_budget_s < math.inf:  # flags skip __post_init__
         raise ValueError(f"total time budget must be a finite number of seconds > 0, got {t.total_time_budget_s:g}")
-    if cfg.train.steps_per_run is not None and cfg.train.steps_per_run < 1:
-        raise ValueError("max_steps_per_run must be >= 1")
+    if cfg.time_budget is not None and not math.isfinite(cfg.time_budget):
+        raise ValueError(f"time_budget (flag --time-budget) must be a finite number of seconds, got {cfg.time_budget}")
     if cfg.time_budget is not None and cfg.time_budget < MIN_TIME_BUDGET_S:
         raise ValueError(f"time_budget {cfg.time_budget:g} s can't fit one step: an invocation first starts Ray Train "
                          f"and its data pipeline (tens of seconds), then trains, then checkpoints. Give at least "
@@ -169,82 +166,6 @@ def resolve_tokenizer(cfg: PretrainConfig) -> str:
     return tok if storage.is_uri(tok) else str(Path(tok).absolute())
 
 
-# Settings a run keeps for life: its checkpoints (model shape, vocabulary, ZeRO partitions of each
-# rank, precision-specific optimizer files) and exact resume (the data position counts
-# micro-batches of packed rows per worker) depend on them.
-_MODEL_SHAPE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size")
-_RUN_SETTINGS = ("data.seq_len", "data.text_column", "train.micro_batch_size", "train.grad_accum",
-                 "train.zero_stage", "train.dtype", "scaling.num_workers")
-
-
-def _dig(d: dict, dotted: str):
-    for key in dotted.split("."):
-        if not isinstance(d, dict) or key not in d:
-            return None
-        d = d[key]
-    return d
-
-
-def check_resume(cfg: PretrainConfig, run_dir: str, tok, bert_config, corpus) -> None:
-    """Refuse, before anything in the run dir changes, to resume a run under settings its
-    checkpoint can't continue with. The model shape and vocabulary are compared with the
-    checkpoint Ray Train would resume from (its HF export), the run settings and the corpus
-    (`corpus`: pipelines.pretrain_data.CorpusCheck) with the run dir's config.json; every
-    difference is named. A run dir of another job (a fine-tune's) is refused outright."""
-    from bert_core.model import BertConfig
-    from bert_core.tokenizer import load_tokenizer
-    from jobs.schedule import registered_checkpoint
-    from pipelines import storage
-
-    saved_file = storage.join(run_dir, "config.json")
-    saved_all = json.loads(storage.read_text(saved_file) or "{}")
-    others = bool(saved_all) and "pretrain" not in saved_all
-    if others or (not saved_all and has_checkpoints(run_dir)):
-        kind = f"a {next(iter(saved_all))} run" if saved_all else "checkpoints raybert pretraining didn't write"
-        raise ValueError(f"{run_dir} holds {kind} (its config.json has no pretraining settings); "
-                         f"pretraining never writes into another job's run dir. Choose a new --run-dir "
-                         f"(to start from that run's weights, add --init-from {storage.join(run_dir, 'export')})")
-    ckpt = registered_checkpoint(run_dir)
-    if ckpt is None:
-        return
-    diffs = []
-    # Only the export's config and tokenizer: the checkpoint's optimizer state may be gigabytes.
-    with storage.local_copy(storage.join(ckpt, "hf"), files=("config.json",) + TOKENIZER_FILES) as hf:
-        saved_model = BertConfig.from_json(Path(hf, "config.json"))
-        saved_tok = load_tokenizer(hf)
-    for k in _MODEL_SHAPE:
-        if getattr(saved_model, k) != getattr(bert_config, k):
-            diffs.append(f"model {k} {getattr(saved_model, k)} -> {getattr(bert_config, k)}")
-    if saved_tok.get_vocab() != tok.get_vocab():
-        diffs.append(f"tokenizer vocabulary ({len(saved_tok):,} tokens -> {len(tok):,}"
-                     f"{', other tokens' if len(saved_tok) == len(tok) else ''})")
-    saved = saved_all.get("pretrain", {})
-    now = _asdict(cfg)
-    for key in _RUN_SETTINGS:
-        was = _dig(saved, key)
-        if was is not None and was != _dig(now, key):
-            diffs.append(f"{key} {was} -> {_dig(now, key)}")
-    budget = _dig(saved, "train.total_time_budget_s")
-    if budget is not None and cfg.train.total_time_budget_s is None:  # its LR plan needs the budget
-        diffs.append(f"train.total_time_budget_s {budget:g} -> none (pass --total-time-budget {budget:g})")
-    hint = ""
-    was_corpus = saved_all.get("corpus")
-    if was_corpus is not None and was_corpus["fingerprint"] != corpus.fingerprint:
-        from pipelines.pretrain_data import CorpusCheck
-
-        before = CorpusCheck(files=[], rows=0, packed_rows=0, fingerprint=was_corpus["fingerprint"]).describe()
-        diffs.append(f"corpus {before} -> {corpus.describe()}"
-                     f"{', other content' if before == corpus.describe() else ''} (the run's data position "
-                     f"counts batches of the corpus it started on)")
-        hint = (f"; to go on training its weights on this corpus, start a new --run-dir with --init-from "
-                f"{storage.join(run_dir, 'export')}")
-    if diffs:
-        raise ValueError(f"{run_dir} holds a run (checkpoint {storage.basename(ckpt)}) that these settings can't resume: "
-                         f"{'; '.join(diffs)} (saved -> now). Resume it with its own settings (see "
-                         f"{saved_file}), or start a new --run-dir{hint}")
-
-
 def check_inputs(cfg: PretrainConfig, run_dir: str):
     """Every check that needs no Ray, before anything on disk changes: the run dir's resume mode
     and compatibility, the tokenizer, `init_from`, the corpus. Returns the tokenizer path and the
@@ -252,11 +173,11 @@ def check_inputs(cfg: PretrainConfig, run_dir: str):
     from bert_core.checkpoint import check_checkpoint
     from bert_core.tokenizer import load_tokenizer
     from pipelines.pretrain_data import check_corpus
-    from pipelines.engine import build_bert_config
 
     if cfg.resume == "never" and has_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds checkpoints; use --resume auto to continue "
                               f"it, or a new --run-dir")
+    check_run_dir(run_dir)
     from pipelines.storage import cached_copy
 
     init = check_checkpoint(cached_copy(cfg.model.init_from)) if cfg.model.init_from else None
@@ -264,9 +185,12 @@ def check_inputs(cfg: PretrainConfig, run_dir: str):
     tok = load_tokenizer(cached_copy(tokenizer))
     if init is not None:
         check_init_from(cached_copy(cfg.model.init_from), init, cached_copy(tokenizer), tok)
+    bert_config = model_config(cfg.model, len(tok))
+    check_seq_len("data.seq_len", cfg.data.seq_len, bert_config, cfg.model)  # before the corpus is read
     t = cfg.train
-    corpus = check_corpus(cfg.data, tokenizer, rows_needed=cfg.scaling.num_workers * t.micro_batch_size * t.grad_accum)
-    check_resume(cfg, run_dir, tok, build_bert_config(cfg.model, len(tok)), corpus)
+    corpus = check_corpus(cfg.data, tokenizer, rows_needed=cfg.scaling.num_workers * t.micro_batch_size * t.grad_accum,
+                          exclude=(run_dir,))  # a run dir inside the data dir: its own files are never data
+    check_resume(cfg, run_dir, tok, bert_config, corpus)
     return tokenizer, corpus
 
 
@@ -379,7 +303,7 @@ def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str, corpus) -
         exec_opts = ray.data.ExecutionOptions(preserve_order=True)
         ckpt, export, metrics = run_trainer(
             train_loop_per_worker, loop_cfg.to_dict(), run_dir=run_dir, plan=plan, scaling=cfg.scaling,
-            keep_last=cfg.train.keep_last, datasets=build_datasets(cfg.data, tokenizer),
+            keep_last=cfg.train.keep_last, datasets=build_datasets(cfg.data, tokenizer, exclude=(run_dir,)),
             stall_timeout_s=cfg.train.stall_timeout_s, dataset_config=ray.train.DataConfig(execution_options=exec_opts))
     return PretrainResult(run_dir=run_dir, checkpoint=ckpt, export=export, metrics=metrics)
 
@@ -465,6 +389,27 @@ def iter_texts(paths: list[str], text_column: str = "text", limit: Optional[int]
                         return
 
 
+def check_vocab_settings(out: str, vocab_size: int, max_docs: Optional[int]) -> None:
+    """Refuse what `raybert vocab` can't do well, before it reads the corpus: no documents, a vocab
+    the special tokens fill, or an `--out` that is a file or holds files (the tokenizer's files
+    would land among or over them)."""
+    from bert_core.tokenizer import SPECIAL_TOKENS
+
+    if max_docs is not None and max_docs < 1:
+        raise ValueError(f"--max-docs must be >= 1 (or left out: the whole corpus), got {max_docs}")
+    if vocab_size <= len(SPECIAL_TOKENS):  # bert_core.train_tokenizer's words, said before any reading
+        raise ValueError(f"vocab_size {vocab_size:,} is too small: the {len(SPECIAL_TOKENS)} special tokens alone "
+                         f"take {len(SPECIAL_TOKENS)}; BERT vocabs are ~20-30k (Google's Chinese BERT: 21,128)")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a directory (new or empty) for the tokenizer files")
+    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if held:
+        shown = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "")
+        raise FileExistsError(f"--out {out} already holds files ({shown}); the tokenizer's files would be written "
+                              f"among them. Choose a new or empty --out directory")
+
+
 @click.command()
 @click.option("--data", "data", multiple=True, required=True, help="Parquet, CSV or JSON Lines file, directory or glob (repeatable).")
 @click.option("--out", required=True, help="Directory for the tokenizer files.")
@@ -479,6 +424,7 @@ def vocab(data, out, vocab_size, text_column, max_docs, cased):
 
     from bert_core.tokenizer import train_tokenizer
 
+    check_vocab_settings(out, vocab_size, max_docs)  # before any text is read
     texts = iter_texts(list(data), text_column, max_docs)
     first = next(texts, None)  # before anything is written to --out
     if first is None:

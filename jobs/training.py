@@ -3,7 +3,8 @@ before Ray starts, and `run_trainer`, the one path from a Ray session to a finis
 
 Contract:
 - `ScalingConfig`: workers, GPUs and CPUs of a training job (pipelines/resources.py plans them).
-- `expects_gpu`, `has_checkpoints`, `check_init_from`: driver-side checks, no Ray.
+- `expects_gpu`, `has_checkpoints`, `check_run_dir`, `check_init_from`: driver-side checks, no
+  Ray (the ranges of every setting: jobs/checks.py).
 - `plan_workers(scaling, task_cpus, dtype)`, in a Ray session: the workers' resource plan; settings
   the cluster can't run are refused (`jobs.schedule.Refused`) before any worker starts.
 - `training_flags`: the command-line flags every training command shares, handed to the command
@@ -17,6 +18,7 @@ Contract:
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,8 @@ class ScalingConfig:
 # flag's parameter name -> the config key it overrides
 TRAINING_FLAGS = {"num_workers": "scaling.num_workers", "use_gpu": "scaling.use_gpu", "dtype": "train.dtype",
                   "zero_stage": "train.zero_stage", "deepspeed_json": "train.deepspeed", "address": "address"}
+# config key -> the flag that sets it, for errors (jobs.checks) that name both
+SHARED_FLAGS = {"scaling.num_workers": "--num-workers", "train.dtype": "--dtype", "train.zero_stage": "--zero-stage"}
 _TRAINING_OPTIONS = [
     click.option("--num-workers", type=int, help="Ray Train workers."),
     click.option("--use-gpu/--cpu", "use_gpu", default=None,
@@ -100,6 +104,43 @@ def has_checkpoints(run_dir: str | Path) -> bool:
     from pipelines import storage
 
     return any(name.startswith("checkpoint_") for name in storage.list_names(str(run_dir)))
+
+
+def _is_our_run_dir(run_dir: str, names: list[str]) -> bool:
+    """Whether `run_dir` (holding `names`) was written by a raybert training job: a ledger or run
+    lock, a config.json with a job's settings, or a checkpoint with our state or HF export."""
+    from jobs.schedule import LEDGER_NAME, LOCK_NAME, RUNNING_NAME
+    from pipelines import storage
+
+    if {LEDGER_NAME, LOCK_NAME, RUNNING_NAME} & set(names):
+        return True
+    if "config.json" in names:
+        try:
+            saved = json.loads(storage.read_text(storage.join(run_dir, "config.json")) or "null")
+        except ValueError:
+            saved = None
+        if isinstance(saved, dict) and ("pretrain" in saved or "finetune" in saved):
+            return True
+    return any(name.startswith("checkpoint_") and {"raybert_state.json", "hf"} & set(
+        storage.list_names(storage.join(run_dir, name))) for name in names)
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Refuse, before anything is written, a run dir that is a file, or a directory of other files
+    (a data folder, a home directory, another tool's output): a job would write its checkpoints,
+    config.json, logs and export among them (and over a config.json of theirs). An empty or new
+    directory, or a raybert run dir (resumed, or refused by the job's own rules), passes."""
+    from pipelines import storage
+
+    if not storage.is_uri(run_dir) and os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise FileExistsError(f"--run-dir {run_dir} is a file; give a directory (new or empty) for the run")
+    names = storage.list_names(run_dir)
+    if not names or _is_our_run_dir(run_dir, names):
+        return
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    raise FileExistsError(f"--run-dir {run_dir} already holds files that no raybert run wrote ({shown}); a run "
+                          f"writes its checkpoints, config.json, logs and export/ there. Choose a new or empty "
+                          f"--run-dir")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")

@@ -366,9 +366,10 @@ def resolve_paths(paths: list[str]) -> list[str]:
     return [f.name for f in find_inputs(paths, "data")]
 
 
-def input_files(paths: list) -> list[InputFile]:
-    """`find_inputs(paths)` for training data, for the schema and label checks."""
-    return find_inputs(paths, "data")
+def input_files(paths: list, exclude: tuple = ()) -> list[InputFile]:
+    """`find_inputs(paths)` for training data, for the schema and label checks; `exclude`: the
+    job's run dir (see `find_inputs`)."""
+    return find_inputs(paths, "data", exclude)
 
 
 def names_list(names: list, limit: int = 3) -> str:

@@ -24,6 +24,8 @@ Contract:
   value null or empty), or too little text for one step (the training split packs into fewer
   rows than `rows_needed`). It reads the footers (CSV / JSON Lines: counts their rows), then streams the text column through
   `tokenize_and_pack` only until `rows_needed` rows are packed, so a big corpus costs little.
+- `exclude` (both): the run dir, whose files (metrics.jsonl, the export's JSON files) a directory or
+  glob over it would otherwise read as data when the run resumes.
 """
 
 from __future__ import annotations
@@ -93,12 +95,13 @@ def tokenize_and_pack(batch: dict, *, tokenizer_path: str, text_column: str, seq
     return {"input_ids": rows}
 
 
-def build_datasets(cfg: DataConfig, tokenizer_path: str) -> dict:
-    """Lazy train / val datasets of packed rows (see the module docstring)."""
+def build_datasets(cfg: DataConfig, tokenizer_path: str, exclude: tuple = ()) -> dict:
+    """Lazy train / val datasets of packed rows (see the module docstring); `exclude`: the run dir,
+    never read as data (`check_corpus`' rule)."""
     from pipelines.compat import pace_idle_data_scheduler
 
     pace_idle_data_scheduler()
-    files = input_files(cfg.paths)
+    files = input_files(cfg.paths, exclude)
     # One read plan serves both splits (each split's execution reads the files itself): planning a
     # Parquet read samples its files in Ray tasks, ~2 s of a 2-core node's start-up per plan.
     # Only the text column is read (pushed down into the Parquet read).
@@ -130,11 +133,11 @@ class CorpusCheck:
         return f"{len(self.fingerprint)} file(s), {sum(r for r, _ in self.fingerprint):,} rows"
 
 
-def open_corpus(paths: list[str], text_column: str = "text") -> list[tuple[str, TableFile]]:
+def open_corpus(paths: list[str], text_column: str = "text", exclude: tuple = ()) -> list[tuple[str, TableFile]]:
     """The corpus files Ray Data reads, as (name, inputs.TableFile) (Parquet: footers only); raises
     naming the file when one is unreadable or lacks a string `text_column` (listing the columns present)."""
     out = []
-    for f in input_files(paths):
+    for f in input_files(paths, exclude):
         name, pf = f.name, TableFile(f, (text_column,))
         schema = pf.schema
         if text_column not in schema.names:
@@ -147,10 +150,10 @@ def open_corpus(paths: list[str], text_column: str = "text") -> list[tuple[str, 
     return out
 
 
-def check_corpus(cfg: DataConfig, tokenizer_path: str, rows_needed: int) -> CorpusCheck:
+def check_corpus(cfg: DataConfig, tokenizer_path: str, rows_needed: int, exclude: tuple = ()) -> CorpusCheck:
     """Refuse a corpus that can't give one training step (see the module docstring)."""
     col = cfg.text_column
-    opened = open_corpus(cfg.paths, col)
+    opened = open_corpus(cfg.paths, col, exclude)
     files = [name for name, _ in opened]
     rows = sum(pf.num_rows for _, pf in opened)
     fingerprint = [[pf.num_rows, pf.byte_size] for _, pf in opened]

@@ -370,7 +370,7 @@ def test_bad_labels_fail_before_training_naming_the_file(zh_init, tmp_path):
     null = tmp_path / "null.parquet"
     pq.write_table(pa.table({"text": ["好", "差"], "label": ["pos", None]}), null)
     cfg.tasks = [TaskData(name="sentiment", kind="classify", paths=[str(null)])]
-    with pytest.raises(ValueError, match=r"null\.parquet: a row has a null 'label'"):
+    with pytest.raises(ValueError, match=r"null\.parquet: row 2 has no label \(column 'label' is null or empty there\)"):
         main(cfg)
     cfg.tasks = [TaskData(name="sentiment", kind="classify", paths=[str(bad)], text_column="review")]
     with pytest.raises(ValueError, match=r"bad\.parquet: no column\(s\) \['review'\]; it has \['text', 'label'\]"):

@@ -1,0 +1,373 @@
+"""Issue 34: every setting of `raybert pretrain | finetune | vocab` is checked on the driver before
+Ray starts, by flag and by YAML alike, and a pretraining resume refuses any change of its recipe.
+
+Each refusal is one `Error:` line (exit status 1, no traceback) naming the setting, its value and
+what it must be, within seconds, with nothing written and no Ray session opened. Before: `finetune
+--lr 0` trained 35 steps at LR 0 and exported, `--lr -1` ended a minute later in a worker's
+traceback leaving a config.json, `--epochs 0` trained a step, `data.seq_len: 1024` on a 512-position
+model failed in every worker after 93 s, a resume with another `train.lr` was accepted silently,
+and `raybert vocab --max-docs 0` trained on one document.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import typing
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from jobs.cli import cli
+from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
+
+VOCAB = str(chinese_vocab_path())
+
+
+def _refused(args: list[str], *needles: str, within: float = 20.0) -> str:
+    """Run the CLI; assert exit 1 and one `Error:` line holding every needle, no traceback, in time."""
+    t0 = time.time()
+    res = CliRunner().invoke(cli, args)
+    elapsed = time.time() - t0
+    out = res.output
+    assert res.exit_code == 1, (repr(res.exception), out[-3000:])
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, out[-3000:]
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    assert elapsed < within, elapsed
+    return errors[0]
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """A refused config never opens a Ray session (an initialized one, or a new one)."""
+    import jobs.ray_env
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Ray session was opened for a config that should have been refused")
+
+    monkeypatch.setattr(jobs.ray_env, "ray_session", refuse)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("inputs")
+    labeled, corpus = d / "labeled.parquet", d / "corpus.parquet"
+    pq.write_table(pa.table({"text": ["好", "坏"] * 20, "label": [1, 0] * 20}), labeled)
+    pq.write_table(pa.table({"text": peoples_daily_sentences()[:400]}), corpus)
+    return {"labeled": str(labeled), "corpus": str(corpus), "dir": str(d)}
+
+
+def _yaml(tmp_path: Path, data: dict) -> str:
+    path = tmp_path / f"c{len(list(tmp_path.glob('c*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _base(job: str, files: dict, run_dir: Path) -> list[str]:
+    data = files["corpus"] if job == "pretrain" else files["labeled"]
+    return [job, "--preset", "debug", "--data", data, "--tokenizer", VOCAB, "--run-dir", str(run_dir)]
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Ranges, by flag and by YAML
+# --------------------------------------------------------------------------------------------
+
+# (job, extra arguments or a YAML mapping, what the Error line says)
+CASES = [
+    ("finetune", ["--lr", "0"], ["train.lr must be > 0, got 0.0", "--lr"]),
+    ("finetune", ["--lr", "-1"], ["train.lr must be > 0, got -1.0", "--lr"]),
+    ("finetune", {"train": {"lr": 0}}, ["train.lr must be > 0, got 0"]),
+    ("finetune", {"train": {"lr": -0.001}}, ["train.lr must be > 0, got -0.001"]),
+    ("finetune", ["--epochs", "0"], ["options.epochs must be > 0 (or unset), got 0.0", "--epochs"]),
+    ("finetune", {"options": {"epochs": -3}}, ["options.epochs must be > 0 (or unset), got -3"]),
+    ("finetune", {"options": {"warmup_ratio": 1.0}}, ["options.warmup_ratio must be in [0, 1) (or unset), got 1.0"]),
+    ("finetune", {"options": {"layer_lr_decay": 0}}, ["options.layer_lr_decay must be in (0, 1]", "got 0"]),
+    ("finetune", {"options": {"dropout": 1.0}}, ["options.dropout must be in [0, 1)"]),
+    ("finetune", {"options": {"classifier_dropout": -0.1}}, ["options.classifier_dropout must be in [0, 1)"]),
+    ("finetune", {"options": {"patience": -1}}, ["options.patience must be >= 0", "got -1"]),
+    ("finetune", {"options": {"min_delta": -0.01}}, ["options.min_delta must be >= 0, got -0.01"]),
+    ("finetune", {"data": {"max_length": 2}}, ["data.max_length must be >= 3", "got 2"]),
+    ("finetune", {"data": {"mlm_seq_len": 0}}, ["data.mlm_seq_len must be >= 3", "got 0"]),
+    ("finetune", {"data": {"val_fraction": 1.0}}, ["data.val_fraction must be in [0, 1), got 1.0"]),
+    ("finetune", {"data": {"tokenize_batch_rows": 0}}, ["data.tokenize_batch_rows must be >= 1, got 0"]),
+    ("finetune", {"data": {"num_cpus": 0}}, ["data.num_cpus must be > 0, got 0"]),
+    ("finetune", {"masking": {"mlm_probability": 1.0}}, ["masking.mlm_probability must be in (0, 1), got 1.0"]),
+    ("finetune", ["--num-workers", "0"], ["scaling.num_workers must be >= 1, got 0", "--num-workers"]),
+    ("finetune", {"scaling": {"cpus_per_worker": 0}}, ["scaling.cpus_per_worker must be > 0 (or unset), got 0"]),
+    ("finetune", {"scaling": {"max_failures": -1}}, ["scaling.max_failures must be >= 0, got -1"]),
+    ("finetune", {"tasks": [{"name": "t", "paths": ["x.parquet"], "weight": 0}]}, ["tasks[0].weight must be > 0, got 0"]),
+    ("pretrain", {"train": {"warmup_steps": -1}}, ["train.warmup_steps must be >= 0, got -1"]),
+    ("pretrain", {"train": {"weight_decay": -0.1}}, ["train.weight_decay must be >= 0, got -0.1"]),
+    ("pretrain", {"train": {"betas": [0.9, 1.0]}}, ["train.betas must be 2 numbers, each in [0, 1), got [0.9, 1.0]"]),
+    ("pretrain", {"train": {"eps": 0}}, ["train.eps must be > 0, got 0"]),
+    ("pretrain", {"train": {"grad_clip": -1}}, ["train.grad_clip must be >= 0", "got -1"]),
+    ("pretrain", {"train": {"min_lr_ratio": 1.5}}, ["train.min_lr_ratio must be in [0, 1], got 1.5"]),
+    ("pretrain", {"train": {"lr": float("nan")}}, ["train.lr must be a finite number > 0, got nan"]),
+    ("pretrain", {"train": {"stall_timeout_s": -5}}, ["train.stall_timeout_s must be >= 0", "got -5"]),
+    ("pretrain", {"train": {"eval_every": 0}}, ["train.eval_every must be >= 1, got 0"]),
+    ("pretrain", {"train": {"keep_last": 0}}, ["train.keep_last must be >= 1, got 0"]),
+    ("pretrain", {"model": {"train_dropout": 1.0}}, ["model.train_dropout must be in [0, 1) (or unset), got 1.0"]),
+    ("pretrain", {"data": {"seq_len": 2}}, ["data.seq_len must be >= 3 ([CLS], one token and [SEP]), got 2"]),
+    ("pretrain", {"data": {"shuffle_buffer_rows": -1}}, ["data.shuffle_buffer_rows must be >= 0", "got -1"]),
+    ("pretrain", {"data": {"num_cpus": -0.25}}, ["data.num_cpus must be > 0, got -0.25"]),
+    ("pretrain", {"data": {"masking": {"random_replace_prob": 0.3}}},
+     ["data.masking.mask_replace_prob + data.masking.random_replace_prob must be <= 1", "0.8 + 0.3"]),
+    ("pretrain", {"scaling": {"torch_threads": 0}}, ["scaling.torch_threads must be >= 1 (or unset), got 0"]),
+    ("pretrain", ["--max-steps-per-run", "0"], ["train.steps_per_run must be >= 1 (or unset), got 0",
+                                                "--max-steps-per-run"]),
+]
+
+
+@pytest.mark.parametrize("job,given,needles", CASES, ids=[f"{j}-{i}" for i, (j, _, _) in enumerate(CASES)])
+def test_a_setting_out_of_range_is_one_error_before_ray(files, tmp_path, no_ray, job, given, needles):
+    run_dir = tmp_path / "run"
+    base = _base(job, files, run_dir)
+    if isinstance(given, dict) and "tasks" in given:  # --data would replace the file's tasks
+        base = [a for a in base if a not in ("--data", files["labeled"])]
+    extra = given if isinstance(given, list) else ["--config", _yaml(tmp_path, given)]
+    line = _refused(base + extra, *needles)
+    if isinstance(given, dict) and "tasks" not in given:  # (a task's keys are read after the file)
+        assert "c0.yaml: " in line  # a value from a file names the file
+    assert not run_dir.exists()
+
+
+def test_main_checks_fields_set_in_code_as_flags_set_them(files, tmp_path, no_ray):
+    """`apply_overrides` (flags) and a caller of main(cfg) set fields without __post_init__: validate
+    checks the final config."""
+    from jobs import finetune, pretrain
+    from pipelines.finetune_data import TaskData
+
+    cfg = pretrain.preset_config("debug")
+    cfg.run_dir, cfg.data.paths, cfg.data.tokenizer = str(tmp_path / "p"), [files["corpus"]], VOCAB
+    cfg.train.micro_batch_size = 0
+    with pytest.raises(ValueError, match=r"train.micro_batch_size must be >= 1, got 0"):
+        pretrain.main(cfg)
+    ft = finetune.preset_config("debug")
+    ft.run_dir, ft.tokenizer = str(tmp_path / "f"), VOCAB
+    ft.tasks = [TaskData(paths=[files["labeled"]])]
+    ft.tasks[0].weight = -1.0
+    with pytest.raises(ValueError, match=r"tasks\[0\].weight must be > 0, got -1.0"):
+        finetune.main(ft)
+    ft.tasks[0].weight, ft.train.decay = 1.0, "step"
+    with pytest.raises(ValueError, match=r"train.decay must be one of linear, cosine, constant, got 'step'"):
+        finetune.main(ft)
+    assert not any(tmp_path.iterdir())
+
+
+def test_plan_steps_never_turns_a_non_positive_epoch_count_into_a_step():
+    from jobs.finetune import plan_steps, preset_config
+    from pipelines.finetune import TaskSpec
+
+    cfg = preset_config("debug")
+    specs = [TaskSpec("t", "classify", {0: "a", 1: "b"}, 1.0, 320, False)]
+    cfg.options.epochs = 1.0
+    assert plan_steps(cfg, specs)[0] == 20  # 320 rows / 16 a step
+    for epochs in (0.0, -3.0):
+        cfg.options.epochs = epochs
+        with pytest.raises(ValueError, match="options.epochs must be > 0"):
+            plan_steps(cfg, specs)
+
+
+def test_every_numeric_setting_has_a_range():
+    """A numeric field added to a training config later gets a rule in jobs.checks (or says where
+    it is checked), or this fails."""
+    from jobs.checks import CHECKED_ELSEWHERE, RANGES
+
+    numeric = {int, float}
+    missing = []
+    for cls in RANGES:
+        for name, hint in typing.get_type_hints(cls).items():
+            kinds = {a for a in typing.get_args(hint) if a is not type(None)} or {hint}
+            if kinds & numeric and name not in RANGES[cls] and (cls, name) not in CHECKED_ELSEWHERE:
+                missing.append(f"{cls.__name__}.{name}")
+    assert not missing
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Sequence lengths within the model
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_ckpt(tmp_path_factory) -> str:
+    """A debug-size BERT of the Chinese vocab with 128 positions, no tokenizer files."""
+    import torch
+
+    from bert_core.checkpoint import save_pretrained
+    from bert_core.model import BertForMaskedLM, preset
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "short"
+    save_pretrained(BertForMaskedLM(preset("debug", vocab_size=21_128, max_position_embeddings=128)), path)
+    return str(path)
+
+
+def test_sequence_lengths_past_the_position_table_are_refused(files, tmp_path, no_ray, short_ckpt):
+    run_dir = tmp_path / "run"
+    pre, fine = _base("pretrain", files, run_dir), _base("finetune", files, run_dir)
+    _refused(pre + ["--config", _yaml(tmp_path, {"data": {"seq_len": 1024}})],
+             "data.seq_len 1024", "max_position_embeddings 512", "preset 'debug'", "data.seq_len <= 512")
+    _refused(pre + ["--config", _yaml(tmp_path, {"model": {"overrides": {"max_position_embeddings": 32}}})],
+             "data.seq_len 64", "max_position_embeddings 32", "model.overrides.max_position_embeddings")
+    _refused(pre + ["--init-from", short_ckpt, "--config", _yaml(tmp_path, {"data": {"seq_len": 256}})],
+             "data.seq_len 256", "max_position_embeddings 128", f"--init-from checkpoint {short_ckpt}")
+    _refused(fine + ["--config", _yaml(tmp_path, {"data": {"max_length": 1024}})],
+             "data.max_length 1024", "max_position_embeddings 512")
+    _refused(fine + ["--init-from", short_ckpt, "--config", _yaml(tmp_path, {"data": {"max_length": 256}})],
+             "data.max_length 256", "max_position_embeddings 128")
+    tasks = [{"name": "sentiment", "paths": [files["labeled"]]},
+             {"name": "lm", "kind": "mlm", "paths": [files["corpus"]]}]
+    _refused(["finetune", "--preset", "debug", "--tokenizer", VOCAB, "--run-dir", str(run_dir),
+              "--config", _yaml(tmp_path, {"tasks": tasks, "data": {"mlm_seq_len": 600}})],
+             "data.mlm_seq_len 600", "max_position_embeddings 512")
+    assert not run_dir.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 4. raybert vocab
+# --------------------------------------------------------------------------------------------
+
+
+def test_vocab_refuses_bad_settings_and_outputs_before_reading(files, tmp_path):
+    """A --data that doesn't exist: each refusal comes before the corpus is opened."""
+    nowhere = str(tmp_path / "no-such-corpus.parquet")
+    out = tmp_path / "tok"
+    for n in ("0", "-2"):
+        _refused(["vocab", "--data", files["corpus"], "--out", str(out), "--max-docs", n],
+                 f"--max-docs must be >= 1", f"got {n}")
+    _refused(["vocab", "--data", nowhere, "--out", str(out), "--vocab-size", "3"], "vocab_size 3 is too small",
+             "special tokens alone")
+    assert not out.exists()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    _refused(["vocab", "--data", nowhere, "--out", str(a_file)], f"--out {a_file} is a file")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "vocab.txt").write_text("[PAD]\n")
+    (full / "notes.txt").write_text("mine")
+    _refused(["vocab", "--data", nowhere, "--out", str(full)], f"--out {full} already holds files",
+             "notes.txt, vocab.txt")
+    assert a_file.read_text() == "mine" and sorted(p.name for p in full.iterdir()) == ["notes.txt", "vocab.txt"]
+
+
+# --------------------------------------------------------------------------------------------
+# 5. A run dir of other files
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("job", ["pretrain", "finetune"])
+def test_a_run_dir_of_other_files_is_refused_naming_them(files, tmp_path, no_ray, job):
+    foreign = tmp_path / "mine"
+    (foreign / "photos").mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    (foreign / "config.json").write_text(json.dumps({"learning_rate": 1}))  # not ours: a job would overwrite it
+    before = sorted(p.relative_to(foreign) for p in foreign.rglob("*"))
+    _refused(_base(job, files, foreign), f"--run-dir {foreign} already holds files that no raybert run wrote",
+             "config.json, notes.txt, photos", "new or empty --run-dir")
+    assert sorted(p.relative_to(foreign) for p in foreign.rglob("*")) == before
+    a_file = tmp_path / "run.txt"
+    a_file.write_text("mine")
+    _refused(_base(job, files, a_file), f"--run-dir {a_file} is a file")
+    # What raybert leaves passes this check (the jobs' own rules decide): a refused invocation's
+    # lock and ledger, a job's config.json, a checkpoint with our state; and an empty directory.
+    from jobs.training import check_run_dir
+
+    for name, content in ((".raybert.lock", ""), ("runs.jsonl", "{}\n"), ("config.json", '{"finetune": {}}')):
+        ours = tmp_path / f"ours-{name}"
+        ours.mkdir()
+        (ours / name).write_text(content)
+        check_run_dir(str(ours))
+    (tmp_path / "ckpt" / "checkpoint_00000002" / "hf").mkdir(parents=True)
+    check_run_dir(str(tmp_path / "ckpt"))
+    (tmp_path / "empty").mkdir()
+    check_run_dir(str(tmp_path / "empty"))
+
+
+# --------------------------------------------------------------------------------------------
+# 3. A resume keeps its recipe
+# --------------------------------------------------------------------------------------------
+
+
+def test_recipe_changes_compare_json_values_and_skip_per_invocation_settings():
+    from jobs.pretrain import preset_config
+    from jobs.resume import recipe_changes
+
+    cfg = preset_config("debug")
+    cfg.train.lr, cfg.train.betas, cfg.train.grad_clip = 1e-3, (0.9, 0.999), 1.0
+    saved = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    now = preset_config("debug")
+    now.train.lr, now.train.betas, now.train.grad_clip = 0.001, [0.9, 0.999], 1  # the same, written otherwise
+    now.train.max_steps, now.train.log_every, now.scaling.max_failures, now.time_budget = 500, 1, 0, 60.0
+    now.data.paths, now.model.activation_checkpointing, now.train.stall_timeout_s = ["other"], True, None
+    assert recipe_changes(saved, now) == []
+    now.train.lr, now.train.seed, now.data.masking.mlm_probability = 2e-3, 1, 0.3
+    now.model.overrides = {"hidden_dropout_prob": 0.0}
+    assert recipe_changes(saved, now) == ["model.overrides {} -> {\"hidden_dropout_prob\": 0.0}",
+                                          "data.masking.mlm_probability 0.15 -> 0.3",
+                                          "train.lr 0.001 -> 0.002", "train.seed 0 -> 1"]
+    del saved["train"]["seed"]  # a run dir older than a field: nothing to compare it with
+    assert "train.seed 0 -> 1" not in recipe_changes(saved, now)
+    saved["model"]["activation_checkpointing"], saved["data"]["text_column"] = True, "body"
+    assert "data.text_column \"body\" -> \"text\"" in recipe_changes(saved, now)
+
+
+RECIPE = {"data": {"val_fraction": 0.0}, "scaling": {"max_failures": 0},
+          "train": {"log_every": 1, "eval_every": 1000, "save_every": 1000}}
+
+
+@pytest.fixture(scope="module")
+def two_step_run(files, tmp_path_factory):
+    """One real fit: debug preset, 2 steps, 1 worker, CPU."""
+    from conftest import fast_train_settings, local_ray
+
+    d = tmp_path_factory.mktemp("resume")
+    run_dir = d / "run"
+    recipe = d / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    args = ["pretrain", "--preset", "debug", "--data", files["corpus"], "--tokenizer", VOCAB, "--run-dir", str(run_dir),
+            "--max-steps", "2", "--num-workers", "1", "--cpu"]
+    with fast_train_settings(), local_ray():
+        res = CliRunner().invoke(cli, args + ["--config", str(recipe)])
+    assert res.exit_code == 0, res.output[-3000:]
+    return args, run_dir
+
+
+def _with(**sections) -> dict:
+    out = json.loads(json.dumps(RECIPE))
+    for section, values in sections.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_a_resume_refuses_any_change_of_its_recipe(two_step_run, tmp_path):
+    from jobs.schedule import read_ledger
+
+    args, run_dir = two_step_run
+
+    def snapshot() -> dict:
+        return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.read_bytes())
+                for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    line = _refused(args + ["--config", _yaml(tmp_path, _with(train={"lr": 1e-3}))],
+                    "can't resume", "train.lr 0.002 -> 0.001", "(saved -> now)", "new --run-dir")
+    assert line.count(" -> ") == 2  # the LR alone (and the "saved -> now" legend)
+    _refused(args + ["--config", _yaml(tmp_path, _with(train={"seed": 7}, data={"masking": {"mlm_probability": 0.3}}))],
+             "data.masking.mlm_probability 0.15 -> 0.3", "train.seed 0 -> 7")
+    assert snapshot() == before
+    # Per-invocation settings may change, and the recipe may be written otherwise (1 for 1.0, the
+    # default betas spelled out): the run is at its max_steps, so this resume trains nothing.
+    same = _with(train={"log_every": 5, "keep_last": 3, "grad_clip": 1, "betas": [0.9, 0.999], "lr": 2.0e-3},
+                 scaling={"max_failures": 1})
+    res = CliRunner().invoke(cli, args + ["--config", _yaml(tmp_path, same), "--time-budget", "60"])
+    assert res.exit_code == 0, res.output[-3000:]
+    assert [r["status"] for r in read_ledger(run_dir)] == ["ok", "complete"]

@@ -10,6 +10,7 @@ Contract:
 - Other columns keep their JSON / CSV types (a label of ints is an int column). A JSON Lines column
   that mixes numbers and strings, or a line that is not a JSON object, is an error naming the file
   and the line.
+- CSV values may hold newlines (quoted), at any size of file.
 - Rows longer than the reader's block are read: the block grows (x4 from 4 MiB) up to
   `MAX_ROW_BYTES` (256 MiB); a row past it is an error naming the file and the limit.
 - JSON Lines: pyarrow's reader when its types keep the text exact (text columns it reads as strings
@@ -56,6 +57,14 @@ def too_long(name: str) -> RowTooLong:
 # --------------------------------------------------------------------------------------------
 
 
+def _parse_options():
+    import pyarrow.csv as pacsv
+
+    # A quoted value may hold newlines (a paragraph of text): without this, a block boundary that
+    # falls inside one fails the read ("parser got out of sync with chunker") on large files only.
+    return pacsv.ParseOptions(newlines_in_values=True)
+
+
 def csv_batches(open_stream: Callable, name: str, text_columns: tuple = (),
                 columns: Optional[list] = None) -> Iterator[pa.RecordBatch]:
     """The file's rows (`columns` of them; None: all) as RecordBatches, streamed. `open_stream()`
@@ -63,6 +72,7 @@ def csv_batches(open_stream: Callable, name: str, text_columns: tuple = (),
     with a larger block, skipping the rows already given, so every row comes once."""
     import pyarrow.csv as pacsv
 
+    parse = _parse_options()
     convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in text_columns if c},
                                    include_columns=columns)
     block, given = FIRST_BLOCK_BYTES, 0
@@ -70,7 +80,7 @@ def csv_batches(open_stream: Callable, name: str, text_columns: tuple = (),
         skip = given
         try:
             reader = pacsv.open_csv(open_stream(), read_options=pacsv.ReadOptions(block_size=block),
-                                    convert_options=convert)
+                                    parse_options=parse, convert_options=convert)
             for batch in reader:
                 if skip >= batch.num_rows:
                     skip -= batch.num_rows
@@ -91,10 +101,11 @@ def csv_header(open_stream: Callable) -> list[str]:
     """The column names of a CSV file's header, as written (a name may repeat)."""
     import pyarrow.csv as pacsv
 
-    block = FIRST_BLOCK_BYTES
+    parse, block = _parse_options(), FIRST_BLOCK_BYTES
     while True:
         try:
-            return pacsv.open_csv(open_stream(), read_options=pacsv.ReadOptions(block_size=block)).schema.names
+            return pacsv.open_csv(open_stream(), read_options=pacsv.ReadOptions(block_size=block),
+                                  parse_options=parse).schema.names
         except pa.ArrowInvalid as e:
             if _STRADDLE not in str(e) or block >= MAX_ROW_BYTES:
                 raise

@@ -6,7 +6,7 @@ Contract:
   (waiting for the next micro-batch), "step" (forward/backward/optimizer), "eval", "checkpoint".
 - `fit_with_watchdog` runs `trainer.fit()` and ends it with `TrainingStalled` (naming the starved
   stage and what to do) when the heartbeat stops moving for the stall timeout. Before the first
-  step, workers waiting for their first batch ("data") are given `FIRST_BATCH_S` (120 s, or the
+  step, workers waiting for their first batch ("data") are given `FIRST_BATCH_S` (90 s, or the
   stall timeout if shorter), and the error then names the Ray Data stage that holds no data
   (`compat.starved_data_stage`: the first stage of a running dataset that has produced nothing,
   and the blocks waiting at it) and the cluster's free CPUs.
@@ -75,9 +75,10 @@ class Heartbeat:
                 pass
 
 
-# Workers waiting this long for their first batch are stalled: a read and a tokenize task take seconds
+# Workers waiting this long for their first batch are stalled (with start-up, the report comes about
+# 110 s into the invocation): a read and a tokenize task take seconds
 # to deliver one even on a loaded 2-core machine, and a stage that can't be scheduled never will.
-FIRST_BATCH_S = 120.0
+FIRST_BATCH_S = 90.0
 
 
 def heartbeat_interval(stall_timeout_s: Optional[float]) -> float:

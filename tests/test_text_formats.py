@@ -61,6 +61,15 @@ def test_rows_longer_than_the_reader_block_are_read_once_each(tmp_path, fmt):
     assert plan_inputs([str(path)]).rows == len(texts)
 
 
+def test_csv_values_holding_newlines_read_at_any_file_size(tmp_path):
+    """A quoted paragraph with a line break read in small files only: past the reader's first block,
+    pyarrow's chunker "got out of sync" (the file was unreadable)."""
+    rows = 400_000  # ~12 MB: several blocks
+    (tmp_path / "nl.csv").write_text("id,text\n" + "".join(f'{i},"first line {i}\nsecond line"\n' for i in range(rows)))
+    got = _column(tmp_path / "nl.csv", "text")
+    assert len(got) == rows and got[-1] == f"first line {rows - 1}\nsecond line"
+
+
 def test_a_row_past_the_limit_is_one_error_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(text_formats, "MAX_ROW_BYTES", 8 << 20)
     for fmt in ("csv", "jsonl"):

@@ -161,7 +161,7 @@ def test_watchdog_names_the_data_stage_when_the_first_batch_never_comes(tmp_path
     from pipelines.watchdog import FIRST_BATCH_S, _allowed_s
 
     waiting = {"phase": "data", "step": 0, "stepped": False}
-    assert FIRST_BATCH_S == 120 and _allowed_s(waiting, 300.0, 600.0) == 120  # the defaults: 120 s, not 600
+    assert FIRST_BATCH_S == 90 and _allowed_s(waiting, 300.0, 600.0) == 90  # the defaults: 90 s, not 600
     assert _allowed_s({"phase": "starting", "stepped": False}, 300.0, 600.0) == 600  # engine set-up keeps its time
     assert _allowed_s({"phase": "data", "stepped": True}, 300.0, 600.0) == 300  # later batches: the stall timeout
     stage = "Ray Data stage 'Project' of dataset 'train' holds 3 input block(s) and has produced nothing (0.5 of 2 CPUs free)"

@@ -1,5 +1,6 @@
 """Pretraining on Ray Train + DeepSpeed, end to end through `jobs.pretrain.main(cfg)`: 2 CPU
-workers, the `debug` model, People's Daily text with Google's Chinese vocab.
+workers, the `debug` model, People's Daily text (one file each of Parquet, CSV and JSON Lines) with
+Google's Chinese vocab.
 
 The jobs run on the tests' shared local Ray (conftest.local_ray, which replaces it if a failure
 left actors holding the CPUs). Cost is dominated by Ray Train start-up (~30 s a fit on a quiet
@@ -17,6 +18,8 @@ import re
 import sys
 from pathlib import Path
 
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -41,9 +44,18 @@ def corpus(tmp_path_factory) -> str:
     # 420 sentences: one epoch is 30 steps of 2 x 8 rows of 64 tokens (after the 5% val split), so a
     # 50-step run crosses an epoch boundary: the resume at 25 must carry the data position across
     # it, and the restart at 40 must find its place in the second epoch.
-    d = tmp_path_factory.mktemp("corpus")
+    # One file of each format (Parquet, CSV, JSON Lines), so every run below also proves that a
+    # mixed corpus trains and resumes exactly (a JSON Lines corpus once never reached step 0).
+    d = tmp_path_factory.mktemp("corpus") / "zh"
     texts = peoples_daily_sentences()[:420]
-    return write_corpus(texts, str(d / "zh"), rows_per_file=140)  # a directory of 3 files
+    write_corpus(texts, str(d), rows_per_file=140)  # a directory of 3 files
+    table = pq.read_table(d / "part-00001.parquet")
+    pacsv.write_csv(table, d / "part-00001.csv")
+    (d / "part-00002.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                                for t in pq.read_table(d / "part-00002.parquet")["text"].to_pylist()))
+    for i in (1, 2):
+        (d / f"part-0000{i}.parquet").unlink()
+    return str(d)
 
 
 def _cfg(run_dir: Path, corpus: str, **train):

@@ -30,6 +30,13 @@ unnecessary or stops it from working (tests/test_compat.py), so none outlives it
 - `starved_data_stage` (Ray Data 2.60): which stage of the job's running datasets has produced
   nothing yet, from Ray Data's stats actor (what the dashboard shows), for the training watchdog's
   report of a run whose first batch never came.
+- `read_text_files` (Ray Data 2.60): CSV and JSON Lines read in Ray tasks through raybert's own
+  reader (pipelines/text_formats.py), by subclassing Ray Data's `FileBasedDatasource` (its
+  documented extension point is the private `_read_stream`; a long CSV row re-opens the file with
+  its `_open_input_source` and `_filesystem`). Ray's `read_json` + `select_columns` gave a
+  projection task asking for a whole CPU (a JSON Lines training corpus never reached step 0
+  beside CPU training workers), read numbers in text columns through a float, and gave up on
+  rows longer than its block.
 - `row_hashes` (Ray Data 2.60): scoring reads Parquet without Ray Data but keys its rows, and
   names rows without ids, by Ray Data's `include_row_hash` (its private `_compute_row_hashes`,
   recomputed here), so outputs and fallback ids agree with a plain Ray read's and with outputs
@@ -329,6 +336,54 @@ def read_train_result(path: str):
         return ray.train.Result.from_path(path)
     finally:
         log.setLevel(saved)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Data 2.60: CSV and JSON Lines through raybert's reader
+# --------------------------------------------------------------------------------------------
+
+
+def read_text_files(names: list[str], fmt: str, columns: Optional[list], text_columns: tuple,
+                    include_paths: bool, num_cpus: Optional[float]):
+    """A Ray Dataset of CSV (`fmt` "csv") or JSON Lines ("json") files read in Ray tasks of
+    `num_cpus` CPUs: Ray Data's file datasource (file order, compression by extension, the `path`
+    column, retried I/O) parsing with `text_formats` (text columns as source text, long rows), only
+    `columns` of each file, chosen inside the read task (no separate projection stage)."""
+    import ray.data
+
+    datasource = _text_files_datasource()(names, fmt=fmt, columns=columns, text_columns=text_columns,
+                                          include_paths=include_paths)
+    return ray.data.read_datasource(datasource, num_cpus=num_cpus)
+
+
+@functools.cache
+def _text_files_datasource():
+    """The FileBasedDatasource subclass, made on first use (importing this module imports no Ray)."""
+    import pyarrow as pa
+    from ray.data.datasource import FileBasedDatasource
+
+    from pipelines.text_formats import csv_batches, json_table
+
+    class TextFilesDatasource(FileBasedDatasource):  # Ray names its read stage "ReadTextFiles"
+        def __init__(self, paths, *, fmt: str, columns: Optional[list], text_columns: tuple, **kwargs):
+            super().__init__(paths, **kwargs)
+            self.fmt, self.columns = fmt, columns
+            self.text_columns = tuple(c for c in text_columns if c)
+
+        def _read_stream(self, f, path: str):
+            if self.fmt == "json":
+                table = json_table(f.read_buffer(), path, self.text_columns)
+                yield table.select(self.columns) if self.columns else table
+                return
+            given = [f]
+
+            def open_stream():  # first the stream Ray opened; a row longer than the block re-opens the file
+                return given.pop() if given else self._open_input_source(self._filesystem, path)
+
+            for batch in csv_batches(open_stream, path, self.text_columns, self.columns):
+                yield pa.Table.from_batches([batch])  # Ray Data's blocks are tables
+
+    return TextFilesDatasource
 
 
 # --------------------------------------------------------------------------------------------

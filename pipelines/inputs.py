@@ -20,7 +20,7 @@ Contract:
   are strings of the source text (a column of digits stays text, ids keep leading zeros and every
   digit), rows up to 256 MiB are read, and a CSV header that names a column twice is refused.
 - `read_dataset(files, columns, ...)`: the Ray Dataset of those files (Parquet: `read_parquet`;
-  CSV and JSON Lines: pipelines/text_datasource.py; unioned), only the needed columns, text
+  CSV and JSON Lines: `compat.read_text_files`, raybert's reader in Ray tasks; unioned), only the needed columns, text
   columns as strings, every read stage one task of the job's `num_cpus`.
 - `plan_inputs(inputs, text_column, text_pair_column, id_column)` (scoring): `find_inputs`, then
   every file's schema and rows: an error names the file that is unreadable, lacks a needed
@@ -292,10 +292,9 @@ def read_dataset(files: list[InputFile], columns: Optional[list] = None, text_co
                  include_paths: bool = False, num_cpus: Optional[float] = None):
     """The Ray Dataset of `files` (see the module docstring), in their order: Parquet through the V1
     reader (compat.read_parquet_v1), CSV and JSON Lines through raybert's reader
-    (pipelines/text_datasource.py), one read per run of consecutive files of one format; every
+    (compat.read_text_files), one read per run of consecutive files of one format; every
     stage of a read is one task of `num_cpus`."""
-    from pipelines.compat import read_parquet_v1
-    from pipelines.text_datasource import read_text_files
+    from pipelines.compat import read_parquet_v1, read_text_files
 
     runs: list[tuple[str, list[str]]] = []
     for f in files:

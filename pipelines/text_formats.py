@@ -1,5 +1,5 @@
 """Reading CSV and JSON Lines as Arrow: one reader for the driver's checks (`inputs.TableFile`) and
-for Ray Data's read tasks (pipelines/text_datasource.py), so what the driver checked is what trains.
+for Ray Data's read tasks (`compat.read_text_files`), so what the driver checked is what trains.
 
 Contract:
 - Text columns (the text, a text pair, ids) come out as strings of the source text, never through a

@@ -308,3 +308,19 @@ def test_starved_data_stage_names_the_stage_that_has_produced_nothing():
     report = reports[-1]
     assert report is not None and "Ray Data stage 'MapBatches(slow)' of dataset " in report, reports
     assert "has produced nothing" in report and "CPUs free" in report
+
+
+def test_text_files_read_through_ray_datas_file_datasource_hooks():
+    """compat.read_text_files subclasses FileBasedDatasource: `_read_stream(f, path)` is still the
+    hook a read task calls per file, and `_open_input_source(filesystem, path)` with `_filesystem`
+    still re-opens one (a CSV row longer than the block restarts its read). The behaviour it
+    replaces is still Ray's: `select_columns` plans a separate projection stage of one CPU."""
+    import inspect
+
+    import ray.data
+    from ray.data.datasource import FileBasedDatasource
+
+    assert list(inspect.signature(FileBasedDatasource._read_stream).parameters) == ["self", "f", "path"]
+    assert list(inspect.signature(FileBasedDatasource._open_input_source).parameters)[:3] == ["self", "filesystem", "path"]
+    assert "self._filesystem" in inspect.getsource(FileBasedDatasource.__init__)
+    assert inspect.signature(ray.data.Dataset.select_columns).parameters["num_cpus"].default is None

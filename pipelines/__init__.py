@@ -1,8 +1,9 @@
 """pipelines: the Ray programs behind every raybert job, on top of the pure-PyTorch `bert_core`.
 
-- Scoring: `scoring` (Ray Data: read Parquet (CSV and JSON Lines staged as Parquet), tokenize, predict on an actor pool, write one output
-  row per input row, resumable, as named steps), `score_config` (its torch-free config),
-  `score_output` (what an output holds, what may be deleted, what a resume must match),
+- Scoring: `scoring` (read Parquet (CSV and JSON Lines staged as Parquet) in units, tokenize and
+  predict on actors, write one output row per input row, resumable, as named steps; Ray Data
+  serves `score_dataset` on a caller's Dataset), `score_config` (its torch-free config),
+  `score_output` (what an output holds, what raybert writes and may delete, what a resume must match),
   `tokenize` (the stateless CPU step) and `predictors` (the model step, one class per task; plain
   classes usable without Ray).
 - Pretraining: `pretrain_data` (text files -> tokenized, packed rows) and `train` (the
@@ -14,7 +15,7 @@
   inside a worker), `run_log` (metrics.jsonl, TensorBoard), `tracking` (MLflow, W&B), `watchdog`
   (heartbeat and stall detection) and `trainer` (the TorchTrainer, on the driver).
 - Shared by every job: `inputs` (finding, checking and reading input files: Parquet, CSV, JSON
-  Lines), `console` (what a job shows: verbosity, progress), `storage` (every filesystem
+  Lines), `text_formats` (the one CSV / JSON Lines reader), `console` (what a job shows: verbosity, progress), `storage` (every filesystem
   question, local or object store), `resources` (CPU/GPU reservations planned on the driver),
   `compat` (every workaround for a Ray or DeepSpeed behaviour, each tested) and `corpora` (real
   text from installed PyPI packages, for demos, tests and benchmarks).

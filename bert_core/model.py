@@ -75,6 +75,7 @@ class BertConfig:
     extra: dict = field(default_factory=dict)  # any other config.json keys, kept verbatim
 
     def __post_init__(self):
+        self.check()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of "
@@ -88,6 +89,27 @@ class BertConfig:
             self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
             if self.id2label is None:
                 self.id2label = {v: k for k, v in self.label2id.items()}
+
+    def check(self) -> None:
+        """Refuse values no model can be built from (a 0-wide layer, a dropout of 1.5, an activation
+        we don't have), naming the field: said when the config is made, not by every worker that
+        builds the model. A 0-layer encoder is allowed (embeddings and pooling only)."""
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"BertConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (isinstance(self.num_hidden_layers, int) and self.num_hidden_layers >= 0):
+            raise ValueError(f"BertConfig.num_hidden_layers must be an integer >= 0, got {self.num_hidden_layers!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {value!r}")
+        if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
+            raise ValueError(f"BertConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if not (isinstance(self.initializer_range, (int, float)) and self.initializer_range >= 0):
+            raise ValueError(f"BertConfig.initializer_range must be >= 0, got {self.initializer_range!r}")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"BertConfig.hidden_act {self.hidden_act!r} is not supported; choose one of {sorted(ACT2FN)}")
 
     def set_labels(self, id2label: dict) -> None:
         """Replace the label names (id2label and its inverse label2id)."""

@@ -178,7 +178,8 @@ def check_config(cfg: Any, flags: Optional[Mapping[str, str]] = None, prefix: st
 
 def model_config(model: ModelConfig, vocab_size: int):
     """The encoder config the workers will build (pipelines.engine.build_bert_config), here on the
-    driver; a `model.overrides` key BertConfig doesn't have is a ValueError naming it."""
+    driver; a `model.overrides` key BertConfig doesn't have, or a value it refuses (a 0-wide
+    layer, a dropout of 1.5, an activation it lacks: `BertConfig.check`), is a ValueError naming it."""
     from pipelines.engine import build_bert_config
 
     try:
@@ -186,6 +187,9 @@ def model_config(model: ModelConfig, vocab_size: int):
     except TypeError as e:  # BertConfig(**overrides) with an unknown key
         raise ValueError(f"model.overrides {sorted(model.overrides)}: {e}; use BertConfig's field names "
                          f"(hidden_size, max_position_embeddings, ...)") from None
+    except ValueError as e:  # a value no model can be built from (BertConfig.check): every worker would fail
+        source = "model.overrides" if model.overrides else f"preset {model.preset!r}"
+        raise ValueError(f"{source}: {e}") from None
 
 
 def check_seq_len(key: str, value: int, bert_config, model: ModelConfig) -> None:

@@ -5,7 +5,8 @@ Contract: `load_config(Cls, path, overrides)` returns a `Cls` instance. YAML key
 names of `Cls` (nested dataclasses are nested mappings); an unknown key is an error that names the
 key and the file, so a typo never silently falls back to a default; a value of the wrong type, or
 out of its range (jobs/checks.py), is an error naming the key, the value and what it must be.
-Overrides whose value is None (a CLI flag that was not given) are ignored; each job's `validate`
+A string value `~` or `~/...` is the home directory (`home_expanded`), as a shell would make it
+of a flag. Overrides whose value is None (a CLI flag that was not given) are ignored; each job's `validate`
 checks the ranges of the final config, flags included. `user_errors` gives every command the same one-line
 errors and exit statuses. `--print-config` (`print_config_option`) shows the
 resolved config as YAML that `--config` accepts, and runs nothing. `as_run_location` and
@@ -183,8 +184,20 @@ def read_mapping(cls, data: Mapping, where: str, prefix: str = "") -> dict:
         if dataclasses.is_dataclass(hint):
             out[name] = read_mapping(hint, value, where, key + ".")
         else:
-            out[name] = typed_value(value, hint, f"{where}: {key}")
+            out[name] = home_expanded(typed_value(value, hint, f"{where}: {key}"))
     return out
+
+
+def home_expanded(value: Any) -> Any:
+    """`~/...` in a config file's path settings is the home directory, as a shell makes it of a
+    flag: left as it is, `output: ~/emb` wrote to a directory named `~` under the working dir."""
+    import os
+
+    if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+        return os.path.expanduser(value)
+    if isinstance(value, list):
+        return [home_expanded(v) for v in value]
+    return value
 
 
 def _merge(base: dict, update: Mapping) -> dict:

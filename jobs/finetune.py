@@ -205,7 +205,7 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     from pipelines import storage
 
     run_dir = storage.normalize(cfg.run_dir)
-    check_run_dir(run_dir)
+    check_run_dir(run_dir, [p for t in tasks for p in t.paths + t.val_paths])
     if has_checkpoints(run_dir) or storage.exists(storage.join(run_dir, "trials")):
         saved = json.loads(storage.read_text(storage.join(run_dir, "config.json")) or "{}")
         what = ("a pretraining run" if "pretrain" in saved else "a sweep's trials" if saved.get("finetune", {}).get("sweep")

@@ -47,8 +47,8 @@ import click
 from jobs.checks import check_config, check_seq_len, model_config
 from jobs.config import echo_config, from_preset, stdout_for_the_result, user_errors
 from jobs.resume import check_resume
-from jobs.training import (FP16_NEEDS_GPU, SHARED_FLAGS, ScalingConfig, check_init_from, check_run_dir, expects_gpu,
-                           has_checkpoints, training_command)
+from jobs.training import (FP16_NEEDS_GPU, SHARED_FLAGS, ScalingConfig, check_init_from, check_outside_data,
+                           check_run_dir, expects_gpu, has_checkpoints, training_command)
 from pipelines.pretrain_data import DataConfig
 from pipelines.train_config import ModelConfig, TrainConfig
 
@@ -177,7 +177,7 @@ def check_inputs(cfg: PretrainConfig, run_dir: str):
     if cfg.resume == "never" and has_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds checkpoints; use --resume auto to continue "
                               f"it, or a new --run-dir")
-    check_run_dir(run_dir)
+    check_run_dir(run_dir, cfg.data.paths)
     from pipelines.storage import cached_copy
 
     init = check_checkpoint(cached_copy(cfg.model.init_from)) if cfg.model.init_from else None
@@ -188,8 +188,7 @@ def check_inputs(cfg: PretrainConfig, run_dir: str):
     bert_config = model_config(cfg.model, len(tok))
     check_seq_len("data.seq_len", cfg.data.seq_len, bert_config, cfg.model)  # before the corpus is read
     t = cfg.train
-    corpus = check_corpus(cfg.data, tokenizer, rows_needed=cfg.scaling.num_workers * t.micro_batch_size * t.grad_accum,
-                          exclude=(run_dir,))  # a run dir inside the data dir: its own files are never data
+    corpus = check_corpus(cfg.data, tokenizer, rows_needed=cfg.scaling.num_workers * t.micro_batch_size * t.grad_accum)
     check_resume(cfg, run_dir, tok, bert_config, corpus)
     return tokenizer, corpus
 
@@ -303,7 +302,7 @@ def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str, corpus) -
         exec_opts = ray.data.ExecutionOptions(preserve_order=True)
         ckpt, export, metrics = run_trainer(
             train_loop_per_worker, loop_cfg.to_dict(), run_dir=run_dir, plan=plan, scaling=cfg.scaling,
-            keep_last=cfg.train.keep_last, datasets=build_datasets(cfg.data, tokenizer, exclude=(run_dir,)),
+            keep_last=cfg.train.keep_last, datasets=build_datasets(cfg.data, tokenizer),
             stall_timeout_s=cfg.train.stall_timeout_s, dataset_config=ray.train.DataConfig(execution_options=exec_opts))
     return PretrainResult(run_dir=run_dir, checkpoint=ckpt, export=export, metrics=metrics)
 
@@ -425,6 +424,7 @@ def vocab(data, out, vocab_size, text_column, max_docs, cased):
     from bert_core.tokenizer import train_tokenizer
 
     check_vocab_settings(out, vocab_size, max_docs)  # before any text is read
+    check_outside_data(out, "--out", list(data))
     texts = iter_texts(list(data), text_column, max_docs)
     first = next(texts, None)  # before anything is written to --out
     if first is None:

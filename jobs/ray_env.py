@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Iterator, Optional
 
 import ray
@@ -34,6 +35,8 @@ def _session(address: Optional[str], num_cpus: Optional[int], object_store_memor
     if ray.is_initialized():
         yield
         return
+    if not sys.stderr.isatty():  # a log file: Ray's colour codes around forwarded lines' prefixes are noise there
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True, **ray_init_kwargs())

@@ -125,13 +125,29 @@ def _is_our_run_dir(run_dir: str, names: list[str]) -> bool:
         storage.list_names(storage.join(run_dir, name))) for name in names)
 
 
-def check_run_dir(run_dir: str) -> None:
+def check_outside_data(loc: str, what: str, data: list) -> None:
+    """Refuse a location a job writes (a run dir, `vocab --out`) inside a data directory or glob base
+    it reads: the files it writes there (config.json, metrics.jsonl, tokenizer.json: JSON Lines by
+    extension) would be found as data by the next job that reads that directory, its own resume
+    included."""
+    from pipelines.inputs import inside_inputs
+
+    holder = inside_inputs(loc, data)
+    if holder is not None:
+        raise ValueError(f"{what} {loc} lies inside the data {holder}: its files (config.json, metrics.jsonl, "
+                         f"tokenizer files) would be read as data by every later job on {holder}; choose a "
+                         f"{what} outside the data")
+
+
+def check_run_dir(run_dir: str, data: list = ()) -> None:
     """Refuse, before anything is written, a run dir that is a file, or a directory of other files
     (a data folder, a home directory, another tool's output): a job would write its checkpoints,
-    config.json, logs and export among them (and over a config.json of theirs). An empty or new
-    directory, or a raybert run dir (resumed, or refused by the job's own rules), passes."""
+    config.json, logs and export among them (and over a config.json of theirs); or one inside the
+    `data` it reads (`check_outside_data`). An empty or new directory, or a raybert run dir
+    (resumed, or refused by the job's own rules), passes."""
     from pipelines import storage
 
+    check_outside_data(run_dir, "--run-dir", list(data))
     if not storage.is_uri(run_dir) and os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise FileExistsError(f"--run-dir {run_dir} is a file; give a directory (new or empty) for the run")
     names = storage.list_names(run_dir)

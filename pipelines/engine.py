@@ -35,6 +35,7 @@ def build_bert_config(model: ModelConfig, vocab_size: int) -> BertConfig:
         cfg = BertConfig.from_json(Path(storage.cached_copy(model.init_from)) / "config.json")
         for k, v in model.overrides.items():
             setattr(cfg, k, v)
+        cfg.__post_init__()  # the overridden values checked as a fresh config's are
     else:
         cfg = preset(model.preset, **model.overrides)
     if cfg.vocab_size < vocab_size:  # the embedding must cover every tokenizer id

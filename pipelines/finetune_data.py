@@ -42,7 +42,7 @@ from typing import Optional
 
 import numpy as np
 
-from pipelines.inputs import TableFile, input_files, names_list, read_dataset
+from pipelines.inputs import FORMATS, TableFile, input_files, names_list, read_dataset, refuse_repeats
 from pipelines.pretrain_data import cached_tokenizer
 
 KINDS = ("classify", "tag", "mlm")
@@ -115,6 +115,7 @@ def _read_schemas(files: list, columns: list, text_columns: tuple = ()) -> dict:
     schemas = {}
     for f in files:
         name, schema = f.name, TableFile(f, text_columns).schema
+        refuse_repeats(name, schema.names, columns)
         missing = [c for c in columns if c not in schema.names]
         if missing:
             raise ValueError(f"{name}: no column(s) {missing}; it has {schema.names}. Set the task's "
@@ -150,37 +151,38 @@ def _check_label_types(task: TaskData, schemas: dict) -> None:
             by_kind.setdefault(kind, []).append(name)
     if len(by_kind) > 1:
         listed = "; ".join(f"{kind} in {names_list(files, 3)}" for kind, files in by_kind.items())
+        csv = any(n.lower().endswith(FORMATS["csv"]) for files in by_kind.values() for n in files)
+        fix = (f"a CSV has no types: its {col!r} column of digits reads as ints, so write the other files' labels "
+               f"as ints too (or the CSV's as words)" if csv else f"e.g. write every {col!r} as a string")
         raise ValueError(f"task {task.name!r}: the {col!r} column has different types across files ({listed}); "
                          f"an int label and a string label are different labels, so use one type in "
-                         f"every file (e.g. write every {col!r} as a string)")
+                         f"every file ({fix})")
 
 
 def label_values_by_file(task: TaskData, files: list) -> dict[str, set]:
     """{file name: its distinct label values} of a classify / tag task's `files` (input_files'
-    entries), read on the driver from the label column alone, a batch at a time (no Ray work, no
-    text read).
+    entries), read on the driver from the label column (and a tag task's words) alone, a batch at a
+    time (no Ray work, no text read).
 
     Raises ValueError, naming the files, if the files disagree on the label type (an int column in
-    one, strings in another) or a row has a null or blank label (a tag task: no tags, or a null or
-    blank tag), naming the row.
+    one, strings in another), and naming the row if a row has a null or blank label, a label with
+    spaces around it (it would be a class of its own beside the bare one), or (tag) no tags, a
+    blank tag, or another number of tags than words.
     """
-    import pyarrow.compute as pc
-
     col = task.label_column
-    _check_label_types(task, _read_schemas(files, [col]))
+    columns = [col] + ([task.tokens_column] if task.kind == "tag" else [])
+    _check_label_types(task, _read_schemas(files, columns))
     out = {}
     for f in files:
         name, values, row = f.name, set(), 0
-        for batch in TableFile(f).iter_batches(batch_size=65_536, columns=[col]):
-            arr = batch.column(0)
-            missing = _first_missing(arr, task.kind)
-            if missing is not None:
-                what = "tag" if task.kind == "tag" else "label"
-                raise ValueError(f"{name}: row {row + missing + 1} has no {what} (column {col!r} is null or empty "
-                                 f"there); every row needs a {what}: fix the row or drop it from the data")
-            if task.kind == "tag":
-                arr = pc.list_flatten(word_lists(arr))
-            values.update(pc.unique(arr).to_pylist())
+        for batch in TableFile(f).iter_batches(batch_size=65_536, columns=columns):
+            labels = word_lists(batch.column(0)) if task.kind == "tag" else batch.column(0)
+            words = word_lists(batch.column(1)).to_pylist() if task.kind == "tag" else None
+            for i, value in enumerate(labels.to_pylist()):
+                problem = _label_problem(value, task.kind, words[i] if words is not None else None, col)
+                if problem:
+                    raise ValueError(f"{name}: row {row + i + 1} {problem}: fix the row or drop it from the data")
+                values.update(value if task.kind == "tag" else [value])
             row += batch.num_rows
         fractional = sorted(v for v in values if isinstance(v, float) and not v.is_integer())
         if fractional:  # a score or a probability, not a class: 0.5 would become a class of its own
@@ -191,31 +193,35 @@ def label_values_by_file(task: TaskData, files: list) -> dict[str, set]:
     return out
 
 
+def _label_problem(value, kind: str, words: Optional[list], col: str) -> Optional[str]:
+    """What is wrong with one row's label (a tag task: its tags, beside its words), or None."""
+    what = "tag" if kind == "tag" else "label"
+    items = value if kind == "tag" else [value]
+    # A CSV's empty field reads as "": it would be a class of its own.
+    if not items or any(v is None or (isinstance(v, str) and not v.strip()) for v in items):
+        none = "no tags, or a blank tag" if kind == "tag" else "no label"
+        return f"has {none} (column {col!r} is null or empty there); every row needs a {what}"
+    spaced = next((v for v in items if isinstance(v, str) and v != v.strip()), None)
+    if spaced is not None:  # "pos " beside "pos": two classes
+        return (f"has the {what} {spaced!r} (column {col!r}), with spaces around it: a {what} of its own beside "
+                f"{spaced.strip()!r}; write it without them")
+    if kind == "tag" and isinstance(words, list) and len(words) != len(value):
+        return f"has {len(value)} tags for {len(words)} words (column {col!r}); give one tag per word"
+    return None
+
+
 def word_lists(arr):
     """A tag task's words or tags as lists: a list column as it is; a string column (CSV, which has
-    no lists) split on whitespace, CoNLL-style ("B-PER I-PER O")."""
+    no lists) split on whitespace, CoNLL-style ("B-PER I-PER O"), as `str.split()` splits (spaces
+    at either end make no empty tag)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     t = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return pc.utf8_split_whitespace(arr.cast(pa.string()))
+        return pa.array([v.split() if isinstance(v, str) else v for v in arr.to_pylist()], pa.list_(pa.string()))
     return arr
-
-
-def _first_missing(arr, kind: str):
-    """The index of the first row without a label, else None: a null, or a blank string (a CSV's
-    empty field reads as "" in a string column, which would have become a class of its own); for a
-    tag task, a row with no tags, or a null or blank tag among them."""
-    def blank(v) -> bool:
-        return v is None or (isinstance(v, str) and not v.strip())
-
-    if kind == "tag":
-        rows = word_lists(arr).to_pylist()
-        return next((i for i, tags in enumerate(rows) if not tags or any(blank(t) for t in tags)), None)
-    return next((i for i, v in enumerate(arr.to_pylist()) if blank(v)), None)
 
 
 def _check_classes(task: TaskData, labels: set, files: list, where: str = "training rows") -> None:

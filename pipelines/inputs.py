@@ -54,6 +54,7 @@ class InputPlan:
     columns: list[str]  # columns to read
     formats: dict = field(default_factory=dict)  # file -> "parquet" | "csv" | "json"
     found: list = field(default_factory=list, repr=False)  # the InputFiles, in files' order
+    fingerprints: dict = field(default_factory=dict)  # file -> TableFile.fingerprint(): [bytes, content digest]
 
 
 # Ray Data's readers' own extensions (csv_datasource, json_datasource in Ray 2.60).
@@ -80,19 +81,11 @@ class InputFile:
     root: Optional[str]  # the directory or glob base it was found under; None for a file named itself
     fs: object  # its pyarrow FileSystem
     path: str  # its path within fs
-    # Its content's identity when it was found (from the listing or stat that found it, no extra
-    # call): a resume compares them to refuse an input rewritten in between.
-    size: int = -1
-    mtime_ns: int = -1
+    size: int = -1  # bytes, from the listing or stat that found it (no extra call)
 
     @property
     def format(self) -> str:
         return file_format(self.name)
-
-    @property
-    def fingerprint(self) -> list:
-        """[bytes, modification time in ns]: what identifies this file's content across runs."""
-        return [self.size, self.mtime_ns]
 
 
 def find_inputs(inputs: str | list[str], what: str = "input", exclude: tuple = ()) -> list[InputFile]:
@@ -171,14 +164,14 @@ def _expand(name: str, what: str, root: Optional[str] = None, skip: list = ()) -
         if file_format(name) is None:
             raise ValueError(f"{name}: raybert reads {SUPPORTED}, by extension; give the file its format's "
                              f"extension (or convert it)")
-        return [InputFile(name, root, fs, path, info.size, info.mtime_ns or 0)]
+        return [InputFile(name, root, fs, path, info.size)]
     base = info.path.rstrip("/")
     prefix = name.split("://", 1)[0] + "://" if storage.is_uri(name) else ""
     found = sorted((i for i in listing if i.is_file and _is_read(i.path[len(base):].lstrip("/"))
                     and not _excluded(prefix + i.path, skip)), key=lambda i: i.path)
     if not found:
         raise FileNotFoundError(f"{what} directory {name} has no input files; raybert reads {SUPPORTED}")
-    return [InputFile(prefix + i.path, root or name, fs, i.path, i.size, i.mtime_ns or 0) for i in found]
+    return [InputFile(prefix + i.path, root or name, fs, i.path, i.size) for i in found]
 
 
 # CSV and JSON Lines have no footer: their row counts, parsed once, are kept for the process (the
@@ -213,6 +206,9 @@ class TableFile:
     def _stream(self):
         from pipelines.text_formats import codec
 
+        if self.file.size == 0:  # no header, no rows: say so, not "no column 'text'; columns present: []"
+            raise ValueError(f"{self.name}: the file is empty (no header, no rows); remove it from the input, or "
+                             f"give it rows")
         return self.file.fs.open_input_stream(self.file.path, compression=codec(self.name))
 
     def _json_table(self):
@@ -260,6 +256,24 @@ class TableFile:
         if key not in _ROWS:  # no footer: parse it once
             _ROWS[key] = sum(b.num_rows for b in self.iter_batches())
         return _ROWS[key]
+
+    def fingerprint(self) -> list:
+        """[bytes, digest] identifying the file's content, so a resume can refuse an input rewritten
+        in between (its modification time alone would refuse a `touch`, and miss a copy that kept
+        it). Parquet: a digest of its footer, already read (row groups, column chunk sizes and
+        offsets, statistics): no data is read again. CSV and JSON Lines: a digest of their bytes,
+        read once more (the driver parses them whole anyway)."""
+        import hashlib
+        import json
+
+        h = hashlib.sha256()
+        if self.format == "parquet":
+            h.update(json.dumps(self._parquet_file().metadata.to_dict(), sort_keys=True, default=str).encode())
+        else:
+            with self.file.fs.open_input_stream(self.file.path) as f:  # the raw (compressed) bytes
+                while chunk := f.read(8 << 20):
+                    h.update(chunk)
+        return [self.file.fs.get_file_info(self.file.path).size, h.hexdigest()[:32]]
 
     @property
     def byte_size(self) -> int:
@@ -322,31 +336,55 @@ def plan_inputs(inputs: str | list[str], text_column: str = "text", text_pair_co
     rows = 0
     with_id: list[str] = []
     without_id: list[tuple[str, list]] = []
+    fingerprints = {}
     for f in found:
         table = TableFile(f, texts)
         schema = table.schema
         present = schema.names
-        for col in [text_column] + ([text_pair_column] if text_pair_column else []):
-            if col not in present:
-                raise ValueError(f"{f.name}: no column {col!r} (the text to score); columns present: {present}")
-            if not is_text_type(schema.field(col).type, nulls=True):  # every row would be an error row
-                raise ValueError(f"{f.name}: column {col!r} holds {schema.field(col).type}, not text; choose the text "
-                                 f"column with --text-column (columns present: {present})")
-        repeated = sorted({c for c in (text_column, text_pair_column, id_column) if c and present.count(c) > 1})
-        if repeated:
-            raise ValueError(f"{f.name}: column(s) {repeated} appear more than once; give each column its own name")
+        check_columns(f.name, schema, [text_column] + ([text_pair_column] if text_pair_column else []),
+                      "the text to score", "--text-column")
+        refuse_repeats(f.name, present, [id_column])
         if id_column in present:
             with_id.append(f.name)
         else:
             without_id.append((f.name, present))
         rows += table.num_rows
+        fingerprints[f.name] = table.fingerprint()
     if with_id and without_id:
         raise ValueError(f"{without_id[0][0]}: no id column {id_column!r}, but other inputs (e.g. {with_id[0]}) "
                          f"have one; columns present: {without_id[0][1]}")
+    if without_id and id_column != DEFAULT_ID_COLUMN:  # named by the user: a missing one is a mistake, not "no ids"
+        raise ValueError(f"{without_id[0][0]}: no id column {id_column!r} (--id-column); columns present: "
+                         f"{without_id[0][1]}")
     has_ids = bool(with_id)
     columns = [text_column] + ([text_pair_column] if text_pair_column else []) + ([id_column] if has_ids else [])
     return InputPlan(files=files, roots=roots, rows=rows, has_ids=has_ids, columns=columns,
-                     formats={f.name: f.format for f in found}, found=found)
+                     formats={f.name: f.format for f in found}, found=found, fingerprints=fingerprints)
+
+
+DEFAULT_ID_COLUMN = "id"  # ScoreConfig's default: without that column, ids are `<file>#<row hash>`
+
+
+def refuse_repeats(name: str, present: list, columns: list) -> None:
+    """A needed column that appears twice in a file's schema (a reader would take one of them,
+    silently): refused, naming it."""
+    repeated = sorted({c for c in columns if c and present.count(c) > 1})
+    if repeated:
+        raise ValueError(f"{name}: column(s) {repeated} appear more than once; give each column its own name")
+
+
+def check_columns(name: str, schema, columns: list, what: str, setting: str) -> None:
+    """Each of `columns` is in the file once and holds text (a string column; an all-null or int
+    column would make every row an error row): else one error naming the file, the column, what it
+    holds and the columns present."""
+    present = schema.names
+    refuse_repeats(name, present, columns)
+    for col in columns:
+        if col not in present:
+            raise ValueError(f"{name}: no column {col!r} ({what}); columns present: {present}")
+        if not is_text_type(schema.field(col).type):
+            raise ValueError(f"{name}: column {col!r} holds {schema.field(col).type}, not text; choose the text "
+                             f"column with {setting} (columns present: {present})")
 
 
 def is_text_type(t, nulls: bool = False) -> bool:
@@ -359,16 +397,34 @@ def is_text_type(t, nulls: bool = False) -> bool:
             or (nulls and pa.types.is_null(t)))
 
 
+def input_root(raw: str) -> str:
+    """Where an input lies: itself (a file or directory), or a glob's directory before its first
+    wildcard part; canonical (symlinks resolved)."""
+    parts = storage.normalize(raw).split("/")
+    cut = next((n for n, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))
+    return storage.canonical("/".join(parts[:cut]) or "/")
+
+
+def inside_inputs(loc: str, inputs: list) -> Optional[str]:
+    """The input (as given) that `loc` lies inside, or is: a directory or a glob's base that would
+    find what a job writes at `loc` as input; None if none."""
+    here = storage.canonical(loc)
+    for raw in inputs:
+        root = input_root(str(raw))
+        if here == root or here.startswith(root.rstrip("/") + "/"):
+            return str(raw)
+    return None
+
+
 def resolve_paths(paths: list[str]) -> list[str]:
     """The names of the files to read for training data `paths` (`find_inputs`): Ray Data is
     given these files, never a directory to list by its own rules."""
     return [f.name for f in find_inputs(paths, "data")]
 
 
-def input_files(paths: list, exclude: tuple = ()) -> list[InputFile]:
-    """`find_inputs(paths)` for training data, for the schema and label checks; `exclude`: the
-    job's run dir (see `find_inputs`)."""
-    return find_inputs(paths, "data", exclude)
+def input_files(paths: list) -> list[InputFile]:
+    """`find_inputs(paths)` for training data, for the schema and label checks."""
+    return find_inputs(paths, "data")
 
 
 def names_list(names: list, limit: int = 3) -> str:

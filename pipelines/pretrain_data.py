@@ -24,8 +24,6 @@ Contract:
   value null or empty), or too little text for one step (the training split packs into fewer
   rows than `rows_needed`). It reads the footers (CSV / JSON Lines: counts their rows), then streams the text column through
   `tokenize_and_pack` only until `rows_needed` rows are packed, so a big corpus costs little.
-- `exclude` (both): the run dir, whose files (metrics.jsonl, the export's JSON files) a directory or
-  glob over it would otherwise read as data when the run resumes.
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 from bert_core.masking_config import MaskingConfig
-from pipelines.inputs import TableFile, input_files, is_text_type, names_list, read_dataset
+from pipelines.inputs import TableFile, input_files, is_text_type, names_list, read_dataset, refuse_repeats
 
 VAL_BUCKETS = 10_000
 
@@ -95,13 +93,12 @@ def tokenize_and_pack(batch: dict, *, tokenizer_path: str, text_column: str, seq
     return {"input_ids": rows}
 
 
-def build_datasets(cfg: DataConfig, tokenizer_path: str, exclude: tuple = ()) -> dict:
-    """Lazy train / val datasets of packed rows (see the module docstring); `exclude`: the run dir,
-    never read as data (`check_corpus`' rule)."""
+def build_datasets(cfg: DataConfig, tokenizer_path: str) -> dict:
+    """Lazy train / val datasets of packed rows (see the module docstring)."""
     from pipelines.compat import pace_idle_data_scheduler
 
     pace_idle_data_scheduler()
-    files = input_files(cfg.paths, exclude)
+    files = input_files(cfg.paths)
     # One read plan serves both splits (each split's execution reads the files itself): planning a
     # Parquet read samples its files in Ray tasks, ~2 s of a 2-core node's start-up per plan.
     # Only the text column is read (pushed down into the Parquet read).
@@ -133,13 +130,14 @@ class CorpusCheck:
         return f"{len(self.fingerprint)} file(s), {sum(r for r, _ in self.fingerprint):,} rows"
 
 
-def open_corpus(paths: list[str], text_column: str = "text", exclude: tuple = ()) -> list[tuple[str, TableFile]]:
+def open_corpus(paths: list[str], text_column: str = "text") -> list[tuple[str, TableFile]]:
     """The corpus files Ray Data reads, as (name, inputs.TableFile) (Parquet: footers only); raises
     naming the file when one is unreadable or lacks a string `text_column` (listing the columns present)."""
     out = []
-    for f in input_files(paths, exclude):
+    for f in input_files(paths):
         name, pf = f.name, TableFile(f, (text_column,))
         schema = pf.schema
+        refuse_repeats(name, schema.names, [text_column])
         if text_column not in schema.names:
             raise ValueError(f"{name}: no column {text_column!r} (the documents to train on); columns present: "
                              f"{schema.names}. Set the text column to match (pretrain: data.text_column in --config; vocab: --text-column)")
@@ -150,10 +148,10 @@ def open_corpus(paths: list[str], text_column: str = "text", exclude: tuple = ()
     return out
 
 
-def check_corpus(cfg: DataConfig, tokenizer_path: str, rows_needed: int, exclude: tuple = ()) -> CorpusCheck:
+def check_corpus(cfg: DataConfig, tokenizer_path: str, rows_needed: int) -> CorpusCheck:
     """Refuse a corpus that can't give one training step (see the module docstring)."""
     col = cfg.text_column
-    opened = open_corpus(cfg.paths, col, exclude)
+    opened = open_corpus(cfg.paths, col)
     files = [name for name, _ in opened]
     rows = sum(pf.num_rows for _, pf in opened)
     fingerprint = [[pf.num_rows, pf.byte_size] for _, pf in opened]

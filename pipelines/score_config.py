@@ -52,7 +52,7 @@ class ScoreConfig:
     text_column: str = "text"
     text_pair_column: Optional[str] = None  # second text for sentence pairs
     id_column: str = "id"  # if absent from the data, ids are "<file>#<row_hash hex>"
-    # tokens per row (longer rows are truncated and flagged); capped by the model's position table.
+    # tokens per row (longer rows are truncated and flagged); at most the model's position table (more is refused).
     # None: the model's own, i.e. a sentence-transformers export's max_seq_length for embed (as
     # `SentenceTransformer.encode` truncates), else the position table.
     max_length: Optional[int] = None

@@ -14,10 +14,9 @@ Contract:
   is never ours and never followed; an output that is a symlink to a directory is used through it.
 - `check_output` also refuses an output or checkpoint dir that overlaps an input or each other
   (in any spelling), is a file, a dangling symlink, or can't be created.
-- `run_recipe` / `check_resume`: a resume, or a rerun of a finished output, under another recipe,
-  or whose input files changed since (size or modification time: `input_fingerprints`), is
-  refused, naming each difference. `stage_inputs` restages a staged copy that doesn't match the
-  run record's entry for it (its source's fingerprint, its own size).
+- What a resume must match (the recipe, the inputs' content): pipelines/score_resume.py.
+  `stage_inputs` restages a staged copy that doesn't match the run record's entry for it (its
+  source's fingerprint, its own size).
 - `data_files`, `output_totals`, `output_dtypes`, `read_output`: what the output holds;
   `repair_duplicates` keeps one row per `row_hash` after overlapping writers.
 """
@@ -36,7 +35,6 @@ import pyarrow.parquet as pq
 from pipelines import storage
 from pipelines.inputs import InputPlan, names_list
 from pipelines.predictors import DTYPE_METADATA
-from pipelines.score_config import ScoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +83,7 @@ def stage_inputs(output: str, plan: InputPlan, text_columns: tuple, record: dict
             staged[f.name] = f.name
             continue
         name = f"{i:05d}.parquet"
-        target, want = storage.join(out, STAGED, name), {"source": f.name, "fingerprint": f.fingerprint}
+        target, want = storage.join(out, STAGED, name), {"source": f.name, "fingerprint": plan.fingerprints[f.name]}
         if not _staged_matches(target, entries.get(name), want):
             storage.remove_file(target)
             _write_staged(TableFile(f, text_columns), plan.columns, target)
@@ -176,11 +174,9 @@ def own_locations(inputs: list[str], output: str, checkpoint_dir: str) -> tuple[
     `score "DIR/**/*.parquet" DIR/out` rerun or resumed doesn't read its own files back; but not
     one that holds (or is) an input named, or a glob's base: `check_output` then refuses the
     overlap by name, rather than the inputs being found empty."""
-    def base(i: str) -> str:  # a local glob's directory before its first wildcard part
-        parts = storage.normalize(i).split("/")
-        return "/".join(parts[:next((n for n, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))]) or "/"
+    from pipelines.inputs import input_root
 
-    roots = [storage.canonical(base(i)) for i in inputs]
+    roots = [input_root(i) for i in inputs]
     own = []
     for loc in (output, checkpoint_dir):
         c = storage.canonical(loc)
@@ -373,112 +369,6 @@ def read_json(path: str) -> Optional[dict]:
 
 def write_json(path: str, body: dict) -> None:
     storage.write_text(path, json.dumps(body, indent=2, default=str))  # whole or absent
-
-
-def model_fingerprint(local: str) -> str:
-    """Identifies a checkpoint's contents: its config.json and the names and sizes of its weight
-    files (retraining into the same directory changes it; reading gigabytes of weights is not needed)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(os.path.join(local, "config.json"), "rb") as f:
-        h.update(f.read())
-    for name in sorted(os.listdir(local)):
-        if name.endswith((".safetensors", ".bin", ".pt")):
-            h.update(f"{name}:{os.path.getsize(os.path.join(local, name))}".encode())
-    return h.hexdigest()[:16]
-
-
-def run_recipe(cfg: ScoreConfig, plan: InputPlan, max_length: int, local_model: str) -> dict:
-    """What makes one output's rows comparable: a run resumed, or a finished output reported, under
-    a different recipe, or on inputs rewritten since (`input_fingerprints`: size and modification
-    time from the listing that found each file), would mix two kinds of rows in one output."""
-    return {"task": cfg.task, "model": storage.canonical(str(cfg.model)), "model_fingerprint": model_fingerprint(local_model),
-            "tokenizer": cfg.tokenizer and storage.canonical(str(cfg.tokenizer)), "head": cfg.head, "max_length": max_length,
-            "pooling": cfg.pooling, "normalize": cfg.normalize, "top_k": cfg.top_k if cfg.task == "fill-mask" else None,
-            "dtype": cfg.dtype, "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
-            "id_column": cfg.id_column, "inputs": plan.files,
-            "input_fingerprints": {f.name: f.fingerprint for f in plan.found}}
-
-
-def recipe_differences(saved: dict, now: dict) -> list[str]:
-    """Each setting that differs, for the keys both recipes have (an older run record lacks some);
-    changed input files are `input_changes`."""
-    out = []
-    for key, value in now.items():
-        if key in saved and saved[key] != value and key != "input_fingerprints":
-            was = saved[key]
-            if key == "inputs":
-                out.append(f"inputs ({len(was)} file(s) -> {len(value)}, other files)")
-            else:
-                out.append(f"{key} {was} -> {value}")
-    return out
-
-
-def input_changes(saved: dict, now: dict) -> list[str]:
-    """Each input file (in both recipes) whose content changed: what differs of its size and
-    modification time. An older run record without fingerprints has none."""
-    import datetime
-
-    def when(ns: int) -> str:
-        return datetime.datetime.fromtimestamp(ns / 1e9).isoformat(sep=" ", timespec="microseconds")
-
-    was, out = saved.get("input_fingerprints") or {}, []
-    for name, (size, mtime) in (now.get("input_fingerprints") or {}).items():
-        if name not in was or list(was[name]) == [size, mtime]:
-            continue
-        (old_size, old_mtime), what = was[name], []
-        if old_size != size:
-            what.append(f"size {old_size:,} -> {size:,} bytes")
-        if old_mtime != mtime:
-            what.append(f"modified {when(old_mtime)} -> {when(mtime)}")
-        out.append(f"{name} ({', '.join(what)})")
-    return out
-
-
-def check_resume(output: str, checkpoint_dir: str, recipe: dict) -> None:
-    """Refuse, on the driver, to resume or report an output under another recipe (task, model,
-    head, lengths, pooling, dtype, inputs...), or whose input files changed since it was scored:
-    its rows would be mixed with rows of another kind, or of other text. A checkpoint dir with no
-    run record in the output is not a run of this job to resume."""
-    done = read_json(storage.join(output, MANIFEST))
-    if done is not None:
-        saved = done.get("recipe") or {k: done.get(k) for k in ("task", "model", "head")} | {"inputs": done.get("inputs")}
-        _refuse_changes(output, "finished", saved, recipe, "choose another output, or pass --overwrite (YAML: "
-                                                             "overwrite: true) to score it again")
-        return
-    if not checkpoint_present(checkpoint_dir):
-        return
-    saved = read_json(storage.join(output, RUN_RECORD))
-    if saved is None:
-        raise FileExistsError(f"checkpoint dir {checkpoint_dir} exists but {output} has no {RUN_RECORD}: it is not a "
-                              f"run of this job to resume; choose another output and checkpoint dir, or pass --overwrite (YAML: overwrite: true)")
-    _refuse_changes(output, "unfinished", saved.get("recipe", {}), recipe,
-                    "resume it with its own settings, choose another output, or pass --overwrite (YAML: "
-                    "overwrite: true) to start over")
-
-
-def forget_fingerprint(run_record: str, name: str) -> None:
-    """Let a resume take input `name` rewritten: a unit of it could not be read, and the error
-    (score_units.NotRead) asks for a sound copy of the file (the same rows) and a rerun. The only
-    input a resume accepts changed; the finished output's manifest records the copy's fingerprint."""
-    record = read_json(run_record)
-    if record is not None and name in record.get("recipe", {}).get("input_fingerprints", {}):
-        del record["recipe"]["input_fingerprints"][name]
-        write_json(run_record, record)
-
-
-def _refuse_changes(output: str, state: str, saved: dict, recipe: dict, fix: str) -> None:
-    """FileExistsError naming each recipe difference and each changed input (saved -> now)."""
-    diffs, changed = recipe_differences(saved, recipe), input_changes(saved, recipe)
-    run = f"{'an' if state == 'unfinished' else 'a'} {state} run"
-    if diffs:
-        raise FileExistsError(f"{output} holds {run} of another recipe: "
-                              f"{'; '.join(diffs + [f'input {c}' for c in changed])} (saved -> now); {fix}")
-    if changed:
-        raise FileExistsError(f"{output} holds {run} of input(s) that changed since: {'; '.join(changed)} (saved -> "
-                              f"now); its rows would mix the old and the new content: restore the file(s) as they "
-                              f"were, or pass --overwrite (YAML: overwrite: true) to score again")
 
 
 def read_output(output: str, columns: Optional[list[str]] = None) -> pa.Table:

@@ -3,8 +3,9 @@
 
 Contract:
 - Beside it: the config (`score_config.py`), finding and checking the inputs (`inputs.py`:
-  `plan_inputs`), the output, its run record, manifest and resume checks (`score_output.py`), the
-  actor pool's size (`resources.py`: `cpu_plan`), the predictors (`predictors.py`).
+  `plan_inputs`), the output, its run record and manifest (`score_output.py`), what a resume must
+  match (`score_resume.py`), the actor pool's size (`resources.py`: `cpu_plan`), the predictors
+  (`predictors.py`).
 - `preflight(cfg)` runs every check that needs no cluster, reading only, so a refused invocation
   changes nothing on disk: the model (`bert_core.check_checkpoint`: BERT config, weights open)
   and its tokenizer load; the inputs (`plan_inputs`; an object store that can't be reached is an
@@ -21,8 +22,8 @@ Contract:
   the tokenizer fits the embedding table.
 - One output, one recipe: a run writes `<output>/_raybert_run.json` (RUN_RECORD) before any row,
   holding what makes its rows comparable (`run_recipe`: task, model and its fingerprint, head,
-  lengths, pooling, dtype setting, columns, inputs and their fingerprints: size, modification
-  time). A resume, or a rerun of a finished output, under another recipe or on a rewritten input
+  lengths, pooling, dtype setting, columns, inputs and their fingerprints: size and a content
+  digest, `TableFile.fingerprint`). A resume, or a rerun of a finished output, under another recipe or on a rewritten input
   is refused on the driver, naming each difference (`check_resume`); only an input whose rows a
   unit could not read (its error asks for a sound copy) may be replaced before the resume. Staged
   copies of CSV and JSON Lines inputs are recorded there too, and staged again if they don't match.
@@ -78,10 +79,11 @@ from pipelines.tokenize import id_name, tokenize_batch
 from pipelines.resources import CpuPlan, actor_pool, cpu_plan
 from pipelines.score_config import ScoreConfig
 from pipelines.score_feed import PredictorPool, default_tokenizers, run_fed_units, start_tokenizers
-from pipelines.score_output import (CHECKPOINT, MANIFEST, RUN_RECORD, STAGED, check_output, check_resume,
-                                    checkpoint_present, data_files, default_checkpoint_dir, forget_fingerprint,
-                                    layout, output_dtypes, output_totals, own_locations, ray_path, read_json,
-                                    remove_ours, repair_duplicates, run_recipe, stage_inputs, write_json)
+from pipelines.score_output import (CHECKPOINT, MANIFEST, RUN_RECORD, STAGED, check_output, checkpoint_present,
+                                    data_files, default_checkpoint_dir, layout, output_dtypes, output_totals,
+                                    own_locations, ray_path, read_json, remove_ours, repair_duplicates, stage_inputs,
+                                    write_json)
+from pipelines.score_resume import check_resume, forget_fingerprint, output_file_names, run_recipe
 from pipelines.score_units import (NotRead, choose_unit_rows, drop_partial_writes, run_units, same_scorer,
                                    score_on_actors, stop_actors)
 
@@ -226,11 +228,15 @@ class Preflight:
 
 
 def embedding_defaults(cfg: ScoreConfig, model_config, local_model: str) -> int:
-    """The run's max length; for embed, also refuse a sentence-transformers pooling we can't
-    reproduce (unless the run names its own), here on the driver rather than in every actor."""
+    """The run's max length (one past the model's positions is refused); for embed, also refuse a
+    sentence-transformers pooling we can't reproduce (unless the run names its own), here on the
+    driver rather than in every actor."""
     from bert_core.checkpoint import sentence_transformers_settings
 
     limit = model_config.max_position_embeddings
+    if cfg.max_length is not None and cfg.max_length > limit:  # asked for, it would be cut without a word
+        raise ValueError(f"max_length {cfg.max_length} (--max-length) is longer than the model's "
+                         f"max_position_embeddings {limit}; give at most {limit}, or leave it unset for the model's own")
     if cfg.task != "embed":
         return min(cfg.max_length or limit, limit)
     st = sentence_transformers_settings(local_model)
@@ -353,7 +359,8 @@ def reuse_or_reset(cfg: ScoreConfig, pre: Preflight) -> Optional[ScoreResult]:
     done = read_json(manifest)
     log.warning("%s is already complete (%s); pass --overwrite (YAML: overwrite: true) to score again", output, MANIFEST)
     remove_ours(ckpt, CHECKPOINT, drop_dir=True)  # killed after the manifest, before the checkpoint was deleted
-    return ScoreResult(**{**done["result"], "already_complete": True, "plan": done["result"].get("plan", {})})
+    return ScoreResult(**{**done["result"], "output": output, "already_complete": True,
+                          "plan": done["result"].get("plan", {})})
 
 
 def fallback_ids(pre: Preflight, staged: dict) -> Optional[dict]:
@@ -470,7 +477,8 @@ def finish(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, resumed: bool, second
         raise RuntimeError(f"{output}: {rows} output rows for {plan.rows} input rows; the checkpoint "
                            f"{pre.checkpoint_dir} is kept, rerun to complete")
     write_json(storage.join(output, MANIFEST), {"result": asdict(result), "inputs": plan.files, "task": cfg.task,
-                                                "model": str(cfg.model), "head": cfg.head, "recipe": pre.recipe})
+                                                "model": str(cfg.model), "head": cfg.head, "recipe": pre.recipe,
+                                                "files": output_file_names(output)})
     remove_ours(pre.checkpoint_dir, CHECKPOINT, drop_dir=True)
     remove_ours(output, layout(output), under=STAGED)
     drop_partial_writes(output)

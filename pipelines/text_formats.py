@@ -4,9 +4,9 @@ for Ray Data's read tasks (`compat.read_text_files`), so what the driver checked
 Contract:
 - Text columns (the text, a text pair, ids) come out as strings of the source text, never through a
   number: a CSV field as written; a JSON string as it is, a JSON number by its own digits
-  (`12345678901234567890` stays that, where a float would give `1.2345678901234567e+19`), any
-  other JSON value (true, an object, a list) as its JSON text. The one spelling not kept is a
-  JSON integer written `-0`, which reads as `0`.
+  (`12345678901234567890` stays that, where a float would give `1.2345678901234567e+19`). Any
+  other JSON value in a text column (true, an object, a list) is an error naming the line: scored,
+  it would be its JSON text. The one spelling not kept is a JSON integer written `-0` (read `0`).
 - Other columns keep their JSON / CSV types (a label of ints is an int column). A JSON Lines column
   that mixes numbers and strings, or a line that is not a JSON object, is an error naming the file
   and the line.
@@ -158,10 +158,16 @@ class _Number(str):
     """A JSON number's source text, as the line reader's parser hands it over."""
 
 
-def _as_text(value):
+_JSON_KINDS = {bool: "boolean", dict: "object", list: "list"}
+
+
+def _as_text(value, name: str, column: str, line: int):
+    """A text column's value: a string as it is, a number by its source text; a boolean, object or
+    list is no text (it would be scored as its JSON): an error naming the line."""
     if value is None or isinstance(value, str):  # a _Number is its digits
         return None if value is None else str(value)
-    return json.dumps(_as_plain(value), ensure_ascii=False)  # true, an object, a list: its JSON text
+    raise ValueError(f"{name}: line {line}: column {column!r} holds a JSON {_JSON_KINDS.get(type(value), type(value).__name__)}, "
+                     f"not text; give it a string (or a number), or null")
 
 
 def _as_plain(value):
@@ -177,7 +183,7 @@ def _as_plain(value):
 def _python_json(data, name: str, text_columns: tuple) -> pa.Table:
     """The line-by-line reader: json.loads keeps each number's text (`_Number`) until the column says
     what it is. Blank lines are skipped."""
-    chunks, rows, first = [], [], 1
+    chunks, rows = [], []
     for i, line in enumerate(io.BytesIO(memoryview(data)), 1):
         if not line.strip():
             continue
@@ -190,12 +196,12 @@ def _python_json(data, name: str, text_columns: tuple) -> pa.Table:
         if not isinstance(row, dict):
             raise ValueError(f"{name}: line {i} is a JSON {type(row).__name__}, not an object; JSON Lines holds one "
                              f"object per line")
-        rows.append(row)
+        rows.append((i, row))
         if len(rows) == JSON_CHUNK_LINES:
-            chunks.append(_rows_table(rows, name, text_columns, first, i))
-            rows, first = [], i + 1
+            chunks.append(_rows_table(rows, name, text_columns))
+            rows = []
     if rows or not chunks:
-        chunks.append(_rows_table(rows, name, text_columns, first, first + len(rows) - 1))
+        chunks.append(_rows_table(rows, name, text_columns))
     try:
         return pa.concat_tables(chunks, promote_options="permissive")
     except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
@@ -203,15 +209,28 @@ def _python_json(data, name: str, text_columns: tuple) -> pa.Table:
                          f"type per column (e.g. every label a string)") from None
 
 
-def _rows_table(rows: list[dict], name: str, text_columns: tuple, first: int, last: int) -> pa.Table:
-    keys = list(dict.fromkeys(k for row in rows for k in row))  # every field, in order of first appearance
+def _kind(value) -> str:
+    return "number" if isinstance(value, (_Number, int, float)) and not isinstance(value, bool) else \
+        _JSON_KINDS.get(type(value), "string" if isinstance(value, str) else type(value).__name__)
+
+
+def _rows_table(rows: list[tuple[int, dict]], name: str, text_columns: tuple) -> pa.Table:
+    """(line, object) pairs as one table; a column whose values can't be one Arrow type is an error
+    naming the first line whose value's kind differs from the column's first."""
+    keys = list(dict.fromkeys(k for _, row in rows for k in row))  # every field, in order of first appearance
     arrays = {}
     for k in keys:
-        values = [row.get(k) for row in rows]
+        values = [(line, row.get(k)) for line, row in rows]
+        if k in text_columns:
+            arrays[k] = pa.array([_as_text(v, name, k, line) for line, v in values], pa.string())
+            continue
         try:
-            arrays[k] = (pa.array([_as_text(v) for v in values], pa.string()) if k in text_columns
-                         else pa.array([_as_plain(v) for v in values]))
+            arrays[k] = pa.array([_as_plain(v) for _, v in values])
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
-            raise ValueError(f"{name}: column {k!r} of lines {first}-{last} can't be one column ({type(e).__name__}: "
-                             f"{e}); use one type per column (e.g. every label a string)") from None
+            present = [(line, v) for line, v in values if v is not None]
+            first = _kind(present[0][1]) if present else "null"
+            line, v = next(((line, v) for line, v in present if _kind(v) != first), present[-1] if present else (0, None))
+            raise ValueError(f"{name}: line {line}: column {k!r} holds a {_kind(v)} where earlier lines hold "
+                             f"{first}s ({type(e).__name__}: {e}); use one type per column (e.g. every label a "
+                             f"string)") from None
     return pa.table(arrays)

@@ -16,7 +16,7 @@ from pipelines import text_formats
 from pipelines.inputs import TableFile, find_inputs, plan_inputs
 
 BIG_IDS = ['{"id": 12345678901234567890, "text": "a"}', '{"id": 9007199254740993, "text": "b"}',
-           '{"id": 2.5, "text": 5}', '{"id": "x7", "text": true}', '{"id": 1e3, "text": "c"}']
+           '{"id": 2.5, "text": 5}', '{"id": "x7", "text": "d"}', '{"id": 1e3, "text": "c"}']
 BIG_IDS_TEXT = ["12345678901234567890", "9007199254740993", "2.5", "x7", "1e3"]
 
 
@@ -30,7 +30,11 @@ def test_json_lines_ids_and_text_keep_their_source_text(tmp_path):
     a 2.5 as "9.007199254740992e+15" (both through a float)."""
     (tmp_path / "ids.jsonl").write_text("\n".join(BIG_IDS) + "\n\n")  # a blank last line too
     assert _column(tmp_path / "ids.jsonl", "id") == BIG_IDS_TEXT
-    assert _column(tmp_path / "ids.jsonl", "text") == ["a", "b", "5", "true", "c"]
+    assert _column(tmp_path / "ids.jsonl", "text") == ["a", "b", "5", "d", "c"]
+    # A boolean, object or list is no text (scored, it would be its JSON): refused, naming the line.
+    (tmp_path / "kinds.jsonl").write_text('{"id": 1, "text": "a"}\n\n{"id": 2, "text": {"x": "y"}}\n')
+    with pytest.raises(ValueError, match=r"kinds\.jsonl: line 3: column 'text' holds a JSON object, not text"):
+        plan_inputs([str(tmp_path / "kinds.jsonl")])
     # Integer ids alone take pyarrow's fast path, and keep every digit there too.
     (tmp_path / "ints.jsonl").write_text('{"id": 9007199254740993, "text": "a"}\n{"id": -7, "text": "b"}\n')
     assert _column(tmp_path / "ints.jsonl", "id") == ["9007199254740993", "-7"]
@@ -80,8 +84,9 @@ def test_a_row_past_the_limit_is_one_error_naming_the_file(tmp_path, monkeypatch
 
 
 def test_a_repeated_column_or_a_text_column_without_text_is_refused_before_work(tmp_path):
-    """Before: a CSV header `id,text,text` scored the first `text` column without a word, and
-    `--text-column label` on an int64 column wrote an error row for every row."""
+    """Before: a CSV header `id,text,text` scored the first `text` column without a word (a Parquet
+    one gave a 38-line KeyError), `--text-column label` on an int64 column wrote an error row for
+    every row, and `--id-column doc_id` that isn't there fell back to hash ids."""
     (tmp_path / "dup.csv").write_text("id,text,text\n1,a,b\n")
     with pytest.raises(ValueError, match=r"dup\.csv: the header names column\(s\) \['text'\] more than once"):
         plan_inputs([str(tmp_path / "dup.csv")])
@@ -89,6 +94,23 @@ def test_a_repeated_column_or_a_text_column_without_text_is_refused_before_work(
     with pytest.raises(ValueError, match=r"l\.parquet: column 'label' holds int64, not text; choose the text column "
                                          r"with --text-column"):
         plan_inputs([str(tmp_path / "l.parquet")], text_column="label")
+    # The same in Parquet, where a schema may name a column twice (pyarrow writes what it is given).
+    t = pa.Table.from_arrays([pa.array([1]), pa.array(["a"]), pa.array(["b"])], names=["id", "text", "text"])
+    pq.write_table(t, tmp_path / "dup.parquet")
+    with pytest.raises(ValueError, match=r"dup\.parquet: column\(s\) \['text'\] appear more than once"):
+        plan_inputs([str(tmp_path / "dup.parquet")])
+    # An all-null column (Parquet type null) holds no text either; an empty CSV or JSON Lines file says so.
+    pq.write_table(pa.table({"id": [1, 2], "text": pa.nulls(2)}), tmp_path / "nulls.parquet")
+    with pytest.raises(ValueError, match=r"nulls\.parquet: column 'text' holds null, not text"):
+        plan_inputs([str(tmp_path / "nulls.parquet")])
+    for empty in ("e.csv", "e.jsonl"):
+        (tmp_path / empty).write_text("")
+        with pytest.raises(ValueError, match=rf"{empty}: the file is empty \(no header, no rows\)"):
+            plan_inputs([str(tmp_path / empty)])
+    # An id column named by the user (--id-column) must be there: no silent fallback to hash ids.
+    with pytest.raises(ValueError, match=r"l\.parquet: no id column 'doc_id' \(--id-column\); columns present"):
+        plan_inputs([str(tmp_path / "l.parquet")], id_column="doc_id")
+    assert plan_inputs([str(tmp_path / "l.parquet")], id_column="id").has_ids
     # A CSV column of digits is text as written (CSV has no types): scored, not refused.
     (tmp_path / "digits.csv").write_text("id,label\n1,007\n")
     assert plan_inputs([str(tmp_path / "digits.csv")], text_column="label").rows == 1
@@ -109,14 +131,26 @@ def test_tag_data_in_csv_and_empty_labels(tmp_path, minilm_dir):
     assert sorted(v for v in out["labels"][0].tolist() if v != -100) == [0, 1, 2, 2]  # one label per word
     (tmp_path / "gap.csv").write_text("tokens,tags\nJohn lives,B-PER O\nParis,\n")
     gap = TaskData(name="ner", kind="tag", paths=[str(tmp_path / "gap.csv")])
-    with pytest.raises(ValueError, match=r"gap\.csv: row 2 has no tag \(column 'tags' is null or empty there\)"):
+    with pytest.raises(ValueError, match=r"gap\.csv: row 2 has no tags, or a blank tag \(column 'tags' is null or empty "):
         discover_labels(gap)
+    # Spaces at either end of a CSV's tags make no empty tag (as the training path splits them);
+    # another number of tags than words is refused on the driver, naming the row.
+    (tmp_path / "ends.csv").write_text("tokens,tags\nJohn lives, B-PER O \nParis,B-LOC\n")
+    assert discover_labels(TaskData(name="ner", kind="tag", paths=[str(tmp_path / "ends.csv")])) == ["B-LOC", "B-PER", "O"]
+    (tmp_path / "count.csv").write_text("tokens,tags\nJohn lives,B-PER O\nParis,B-LOC O\n")
+    with pytest.raises(ValueError, match=r"count\.csv: row 2 has 2 tags for 1 words \(column 'tags'\)"):
+        discover_labels(TaskData(name="ner", kind="tag", paths=[str(tmp_path / "count.csv")]))
 
     (tmp_path / "cls.csv").write_text("text,label\na,pos\nb,neg\nc,\nd,pos\n")
     cls = TaskData(name="s", paths=[str(tmp_path / "cls.csv")])
     with pytest.raises(ValueError, match=r"cls\.csv: row 3 has no label \(column 'label' is null or empty there\); "
                                          r"every row needs a label"):
         discover_labels(cls)
+    # A label with spaces around it would be a class of its own beside the bare one.
+    (tmp_path / "spaced.csv").write_text("text,label\na,pos\nb,neg\nc,pos \n")
+    with pytest.raises(ValueError, match=r"spaced\.csv: row 3 has the label 'pos ' \(column 'label'\), with spaces "
+                                         r"around it: a label of its own beside 'pos'"):
+        discover_labels(TaskData(name="s", paths=[str(tmp_path / "spaced.csv")]))
     (tmp_path / "ints.csv").write_text("text,label\na,0\nb,1\nc,\n")  # an int column: the empty field is null
     with pytest.raises(ValueError, match=r"ints\.csv: row 3 has no label"):
         discover_labels(TaskData(name="s", paths=[str(tmp_path / "ints.csv")]))

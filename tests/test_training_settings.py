@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 import typing
 from pathlib import Path
@@ -371,3 +372,69 @@ def test_a_resume_refuses_any_change_of_its_recipe(two_step_run, tmp_path):
     res = CliRunner().invoke(cli, args + ["--config", _yaml(tmp_path, same), "--time-budget", "60"])
     assert res.exit_code == 0, res.output[-3000:]
     assert [r["status"] for r in read_ledger(run_dir)] == ["ok", "complete"]
+
+
+@pytest.mark.parametrize("override, said", [("hidden_act: foo", "hidden_act 'foo' is not supported"),
+                                            ("hidden_size: 0", "hidden_size must be an integer >= 1"),
+                                            ("hidden_dropout_prob: 1.5", "hidden_dropout_prob must be in \\[0, 1\\)")])
+def test_model_overrides_no_model_can_be_built_from_are_refused_before_ray(tmp_path, override, said):
+    """Held out from issue #34: `model.overrides: {hidden_act: foo}` took 30-40 s, ~200 lines, four
+    worker attempts and a raw WorkerGroupError, and left config.json and a `failed` ledger line."""
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+    from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
+    from pipelines.pretrain_data import write_corpus
+
+    corpus = write_corpus(peoples_daily_sentences()[:200], str(tmp_path / "zh.parquet"))
+    (tmp_path / "ov.yaml").write_text(f"model:\n  overrides: {{{override}}}\n")
+    t = time.monotonic()
+    res = CliRunner().invoke(cli, ["pretrain", "--preset", "debug", "--config", str(tmp_path / "ov.yaml"), "--data",
+                                   corpus, "--tokenizer", str(chinese_vocab_path()), "--run-dir", str(tmp_path / "run")])
+    assert res.exit_code == 1 and time.monotonic() - t < 20
+    assert re.search(rf"^Error: model\.overrides: BertConfig\.{said}", res.output), res.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_or_vocab_out_inside_the_data_is_refused(tmp_path):
+    """Held out from issue #34: `pretrain --data D --run-dir D/run` (and finetune's, and `vocab --out
+    D/tok`) worked once; then every job reading D (the run's own resume included) found the run's
+    config.json, metrics.jsonl and tokenizer.json as JSON Lines data, and failed."""
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+    from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
+    from pipelines.pretrain_data import write_corpus
+
+    d = tmp_path / "D"
+    write_corpus(peoples_daily_sentences()[:200], str(d / "zh.parquet"))
+    (tmp_path / "cls.csv").write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(40)))
+    vocab = str(chinese_vocab_path())
+    for args, where in (
+            (["pretrain", "--preset", "debug", "--data", str(d), "--tokenizer", vocab, "--run-dir", str(d / "run")], d / "run"),
+            (["pretrain", "--preset", "debug", "--data", f"{d}/*.parquet", "--tokenizer", vocab, "--run-dir", str(d / "r2")],
+             d / "r2"),
+            (["finetune", "--preset", "debug", "--data", str(tmp_path / "cls.csv"), "--val-data", str(d), "--tokenizer",
+              vocab, "--run-dir", str(d / "ft")], d / "ft"),
+            (["vocab", "--data", str(d), "--out", str(d / "tok")], d / "tok")):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 1, res.output
+        assert re.search(rf"^Error: --(run-dir|out) {where} lies inside the data {d}", res.output), res.output
+        assert not where.exists()
+
+
+def test_a_home_path_in_a_config_file_is_the_home_directory(tmp_path, monkeypatch):
+    """Held out from issue #34: `output: ~/emb` in a YAML config scored into a directory literally
+    named `~` under the working dir (a later `rm -rf ~` of it is a hazard)."""
+    from jobs.config import load_config
+    from jobs.pretrain import PretrainConfig
+    from pipelines.score_config import ScoreConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "s.yaml").write_text("input: ~/in.parquet\noutput: ~/emb\nmodel: '~/m'\ntext_column: '~x'\n")
+    cfg = load_config(ScoreConfig, tmp_path / "s.yaml")
+    assert (cfg.input, cfg.output, cfg.model, cfg.text_column) == (
+        str(tmp_path / "home" / "in.parquet"), str(tmp_path / "home" / "emb"), str(tmp_path / "home" / "m"), "~x")
+    (tmp_path / "p.yaml").write_text("data:\n  paths: [~/corpus, /abs]\nrun_dir: ~/runs/zh\n")
+    p = load_config(PretrainConfig, tmp_path / "p.yaml")
+    assert p.data.paths == [str(tmp_path / "home" / "corpus"), "/abs"] and p.run_dir == str(tmp_path / "home" / "runs" / "zh")

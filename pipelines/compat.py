@@ -372,7 +372,7 @@ def _text_files_datasource():
 
         def _read_stream(self, f, path: str):
             if self.fmt == "json":
-                table = json_table(f.read_buffer(), path, self.text_columns)
+                table = json_table(f.read_buffer(), path, self.text_columns, keep=self.columns)
                 yield table.select(self.columns) if self.columns else table
                 return
             given = [f]

@@ -114,7 +114,7 @@ def _read_schemas(files: list, columns: list, text_columns: tuple = ()) -> dict:
     or lacks a column fails, naming the file, the column and what it has."""
     schemas = {}
     for f in files:
-        name, schema = f.name, TableFile(f, text_columns).schema
+        name, schema = f.name, TableFile(f, text_columns, tuple(columns)).schema
         refuse_repeats(name, schema.names, columns)
         missing = [c for c in columns if c not in schema.names]
         if missing:
@@ -171,11 +171,12 @@ def label_values_by_file(task: TaskData, files: list) -> dict[str, set]:
     """
     col = task.label_column
     columns = [col] + ([task.tokens_column] if task.kind == "tag" else [])
-    _check_label_types(task, _read_schemas(files, columns))
+    texts = (task.text_column, task.text_pair_column) if task.kind == "classify" else ()
+    _check_label_types(task, _read_schemas(files, columns, texts))
     out = {}
     for f in files:
         name, values, row = f.name, set(), 0
-        for batch in TableFile(f).iter_batches(batch_size=65_536, columns=columns):
+        for batch in TableFile(f, texts, tuple(columns)).iter_batches(batch_size=65_536, columns=columns):
             labels = word_lists(batch.column(0)) if task.kind == "tag" else batch.column(0)
             words = word_lists(batch.column(1)).to_pylist() if task.kind == "tag" else None
             for i, value in enumerate(labels.to_pylist()):

@@ -183,11 +183,14 @@ class TableFile:
     """One input file as the driver's checks read it, whatever its format (see the module
     docstring). `text_columns` (text, and ids) are read as strings of the source text from CSV and
     JSON Lines (pipelines/text_formats.py): a column of digits stays text, ids keep their leading
-    zeros and every digit."""
+    zeros and every digit. `columns`: the other columns the job reads (a label); with either given,
+    a JSON Lines column no job reads can't make the file unreadable (text_formats.json_table's `keep`)."""
 
-    def __init__(self, f: InputFile, text_columns: tuple = ()):
+    def __init__(self, f: InputFile, text_columns: tuple = (), columns: tuple = ()):
         self.file, self.name, self.format = f, f.name, f.format
         self.text_columns = tuple(c for c in text_columns if c)
+        # The columns the job reads (with the text columns); none given: every column matters.
+        self.needed = (self.text_columns + tuple(c for c in columns if c)) or None
         self._parquet = self._json = None
 
     def _fail(self, e: Exception) -> ValueError:
@@ -221,7 +224,7 @@ class TableFile:
         if self._json is None:
             try:
                 with self._stream() as stream:
-                    self._json = json_table(stream.read_buffer(), self.name, self.text_columns)
+                    self._json = json_table(stream.read_buffer(), self.name, self.text_columns, self.needed)
             except (pa.ArrowException, OSError, ValueError) as e:
                 raise self._fail(e) from None
         return self._json

@@ -117,12 +117,16 @@ def csv_header(open_stream: Callable) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def json_table(data, name: str, text_columns: tuple = ()) -> pa.Table:
+def json_table(data, name: str, text_columns: tuple = (), keep: Optional[tuple] = None) -> pa.Table:
     """The whole JSON Lines file `data` (bytes or a pyarrow Buffer, decompressed) as one table, its
-    text columns as source-text strings (see the module docstring)."""
+    text columns as source-text strings (see the module docstring). `keep`: the columns a job reads
+    (None: all); where the line reader is needed, the others are kept by name only (all null), so a
+    column no job reads can't make the file unreadable."""
     text_columns = tuple(c for c in text_columns if c)
     fast = _pyarrow_json(data, name, text_columns)
-    return fast if fast is not None else _python_json(data, name, text_columns)
+    if fast is not None:
+        return fast
+    return _python_json(data, name, text_columns, None if keep is None else set(keep) | set(text_columns))
 
 
 def _pyarrow_json(data, name: str, text_columns: tuple) -> Optional[pa.Table]:
@@ -180,7 +184,7 @@ def _as_plain(value):
     return value
 
 
-def _python_json(data, name: str, text_columns: tuple) -> pa.Table:
+def _python_json(data, name: str, text_columns: tuple, keep: Optional[set] = None) -> pa.Table:
     """The line-by-line reader: json.loads keeps each number's text (`_Number`) until the column says
     what it is. Blank lines are skipped."""
     chunks, rows = [], []
@@ -198,10 +202,10 @@ def _python_json(data, name: str, text_columns: tuple) -> pa.Table:
                              f"object per line")
         rows.append((i, row))
         if len(rows) == JSON_CHUNK_LINES:
-            chunks.append(_rows_table(rows, name, text_columns))
+            chunks.append(_rows_table(rows, name, text_columns, keep))
             rows = []
     if rows or not chunks:
-        chunks.append(_rows_table(rows, name, text_columns))
+        chunks.append(_rows_table(rows, name, text_columns, keep))
     try:
         return pa.concat_tables(chunks, promote_options="permissive")
     except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
@@ -214,13 +218,17 @@ def _kind(value) -> str:
         _JSON_KINDS.get(type(value), "string" if isinstance(value, str) else type(value).__name__)
 
 
-def _rows_table(rows: list[tuple[int, dict]], name: str, text_columns: tuple) -> pa.Table:
+def _rows_table(rows: list[tuple[int, dict]], name: str, text_columns: tuple, keep: Optional[set]) -> pa.Table:
     """(line, object) pairs as one table; a column whose values can't be one Arrow type is an error
-    naming the first line whose value's kind differs from the column's first."""
+    naming the first line whose value's kind differs from the column's first. Columns not in
+    `keep` (when given) are nulls, there for their names."""
     keys = list(dict.fromkeys(k for _, row in rows for k in row))  # every field, in order of first appearance
     arrays = {}
     for k in keys:
         values = [(line, row.get(k)) for line, row in rows]
+        if keep is not None and k not in keep:
+            arrays[k] = pa.nulls(len(rows))
+            continue
         if k in text_columns:
             arrays[k] = pa.array([_as_text(v, name, k, line) for line, v in values], pa.string())
             continue

@@ -157,7 +157,7 @@ def test_what_the_review_found_in_csv_and_json_lines_reading(tmp_path):
     (tmp_path / "mixed_n.jsonl").write_text('{"text": "a", "n": 1}\n{"text": "b", "n": "x"}\n')
     (mixed_n,) = find_inputs([str(tmp_path / "mixed_n.jsonl")])
     with pytest.raises(ValueError, match=r"mixed_n\.jsonl: line 2: column 'n' holds a string where earlier lines hold numbers"):
-        TableFile(mixed_n, ("text",)).schema
+        TableFile(mixed_n, ("text",), ("n",)).schema  # a column the job reads (a column none reads is left alone)
     with gzip.open(tmp_path / "UP.JSONL.GZ", "wt") as f:
         f.write('{"text": "x"}\n')
     assert plan_inputs([str(tmp_path / "UP.JSONL.GZ")]).rows == 1

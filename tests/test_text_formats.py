@@ -38,10 +38,17 @@ def test_json_lines_ids_and_text_keep_their_source_text(tmp_path):
     # Integer ids alone take pyarrow's fast path, and keep every digit there too.
     (tmp_path / "ints.jsonl").write_text('{"id": 9007199254740993, "text": "a"}\n{"id": -7, "text": "b"}\n')
     assert _column(tmp_path / "ints.jsonl", "id") == ["9007199254740993", "-7"]
+    # A column no job reads can't make the file unreadable: mixed kinds there are left alone.
+    (tmp_path / "meta.jsonl").write_text('{"id": 1, "text": 12.5, "meta": 1}\n{"id": 2, "text": "b", "meta": "x"}\n')
+    assert plan_inputs([str(tmp_path / "meta.jsonl")]).rows == 2
+    from pipelines.finetune_data import TaskData, discover_labels
+
+    (tmp_path / "lab.jsonl").write_text('{"text": 12.5, "label": 1, "meta": 1}\n{"text": "b", "label": 0, "meta": "x"}\n')
+    assert discover_labels(TaskData(name="t", paths=[str(tmp_path / "lab.jsonl")])) == [0, 1]
     # Columns that aren't text keep their JSON types (a label of ints stays ints).
     (tmp_path / "labels.jsonl").write_text('{"text": 1, "label": 3}\n{"text": "x", "label": 4}\n')
     (f,) = find_inputs([str(tmp_path / "labels.jsonl")])
-    assert TableFile(f, ("text",)).schema.field("label").type == pa.int64()
+    assert TableFile(f, ("text",), ("label",)).schema.field("label").type == pa.int64()
 
 
 def _long_rows(tmp_path, fmt: str, long_at: int, big: int) -> list[str]:

@@ -265,7 +265,10 @@ def _already_complete(run_dir: str, step: int, train: TrainConfig) -> PretrainRe
     ckpt = registered_checkpoint(run_dir)
     end = ("the end of its LR schedule, planned by its total time budget" if step < train.max_steps
            else f"max_steps {train.max_steps:,}")
-    print(f"[raybert] {run_dir} is at step {step:,}, {end}: nothing to train", flush=True)
+    from pipelines.console import shows_progress
+
+    if shows_progress():  # --quiet: errors and the result only
+        print(f"[raybert] {run_dir} is at step {step:,}, {end}: nothing to train", flush=True)
     return PretrainResult(run_dir=run_dir, checkpoint=ckpt, export=publish_export(ckpt, run_dir),
                           metrics={"step": step})
 

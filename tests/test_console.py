@@ -89,6 +89,12 @@ def test_a_small_pretrain_prints_few_lines_and_json_on_stdout(tmp_path):
     assert start and start[0]["world_size"] == 4
     (record,) = read_ledger(run_dir)
     assert (record["status"], record["start_step"], record["end_step"]) == ("ok", 0, 10)
+    # The same command again, --quiet: the run is finished, so no Ray starts; stderr says nothing
+    # (it printed Ray Train's 3-line "A run snapshot was found" note five times, issue #34).
+    again = _run(["pretrain", "--preset", "debug", "--data", corpus, "--tokenizer", str(chinese_vocab_path()),
+                  "--run-dir", str(run_dir), "--max-steps", "10", "--num-workers", "4", "--cpu", "--quiet"])
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    assert json.loads(again.stdout)["metrics"] == {"step": 10}
 
 
 def test_progress_line_on_a_terminal_and_in_a_log(monkeypatch):

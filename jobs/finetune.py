@@ -205,14 +205,7 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     from pipelines import storage
 
     run_dir = storage.normalize(cfg.run_dir)
-    check_run_dir(run_dir, [p for t in tasks for p in t.paths + t.val_paths])
-    if has_checkpoints(run_dir) or storage.exists(storage.join(run_dir, "trials")):
-        saved = json.loads(storage.read_text(storage.join(run_dir, "config.json")) or "{}")
-        what = ("a pretraining run" if "pretrain" in saved else "a sweep's trials" if saved.get("finetune", {}).get("sweep")
-                else "a fine-tune result")
-        hint = f" (--init-from {storage.join(run_dir, 'export')} fine-tunes its weights)" if "pretrain" in saved else ""
-        raise FileExistsError(f"{run_dir} already holds {what}; fine-tunes don't resume and never write into "
-                              f"another run, use a new --run-dir{hint}")
+    check_new_run_dir(run_dir, tasks)
     tokenizer = cfg.tokenizer or cfg.model.init_from
     tokenizer = tokenizer if storage.is_uri(tokenizer) else str(Path(tokenizer).absolute())
     from bert_core.checkpoint import check_checkpoint
@@ -261,6 +254,21 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
         raise RuntimeError(f"fine-tune finished without a result checkpoint in {run_dir}")
     return FinetuneResult(run_dir=run_dir, export=export, metrics=metrics,
                           labels={s.name: s.id2label for s in specs if s.id2label}, max_steps=train.max_steps)
+
+
+def check_new_run_dir(run_dir: str, tasks: list) -> None:
+    """A fine-tune's run dir: new, empty, or a raybert run dir without a result (fine-tunes don't
+    resume), and outside every task's data (jobs.training.check_run_dir)."""
+    from pipelines import storage
+
+    check_run_dir(run_dir, [p for t in tasks for p in t.paths + t.val_paths])
+    if has_checkpoints(run_dir) or storage.exists(storage.join(run_dir, "trials")):
+        saved = json.loads(storage.read_text(storage.join(run_dir, "config.json")) or "{}")
+        what = ("a pretraining run" if "pretrain" in saved else "a sweep's trials" if saved.get("finetune", {}).get("sweep")
+                else "a fine-tune result")
+        hint = f" (--init-from {storage.join(run_dir, 'export')} fine-tunes its weights)" if "pretrain" in saved else ""
+        raise FileExistsError(f"{run_dir} already holds {what}; fine-tunes don't resume and never write into "
+                              f"another run, use a new --run-dir{hint}")
 
 
 def check_seq_lens(cfg: FinetuneConfig, tasks: list, vocab_size: int) -> None:

@@ -278,6 +278,11 @@ def _lookup(label2id: dict, value, path: str, task: TaskData) -> int:
     return label2id[key]
 
 
+def _split(values: list) -> list:
+    """Space-joined words or tags (a CSV's) as lists; lists as they are."""
+    return [v.split() if isinstance(v, str) else v for v in values]
+
+
 def tokenize_labeled(batch, *, task: TaskData, tokenizer_path: str, label2id: dict, max_length: int,
                      val_fraction: float, split_seed: int, split: Optional[str]) -> dict:
     """A block of labeled rows -> model inputs and labels (see the module docstring).
@@ -292,10 +297,9 @@ def tokenize_labeled(batch, *, task: TaskData, tokenizer_path: str, label2id: di
     if task.kind == "classify":
         texts, pairs = cols[task.text_column], cols.get(task.text_pair_column) if task.text_pair_column else None
         keys = [t if pairs is None else f"{t}\t{p}" for t, p in zip(texts, pairs or texts)]
-    else:  # words and tags as lists (a CSV's space-joined strings split: `word_lists`)
-        for name in (task.tokens_column, task.label_column):
-            cols[name] = [w.split() if isinstance(w, str) else w for w in cols[name]]
-        texts = cols[task.tokens_column]
+    else:  # words and tags as lists (a CSV's space-joined strings split, as `word_lists` does)
+        texts = cols[task.tokens_column] = _split(cols[task.tokens_column])
+        cols[task.label_column] = _split(cols[task.label_column])
         keys = [" ".join(w) if isinstance(w, list) else None for w in texts]
     keep = []
     for i, (key, path) in enumerate(zip(keys, paths)):

@@ -224,7 +224,8 @@ def test_missing_data_and_tokenizer_are_clear_errors(tmp_path):
     cfg.run_dir = str(tmp_path / "run")
     with pytest.raises(ValueError, match="--data"):
         main(cfg)
-    cfg.data.paths = [str(tmp_path)]
+    (tmp_path / "data").mkdir()
+    cfg.data.paths = [str(tmp_path / "data")]
     with pytest.raises(ValueError, match="raybert vocab"):
         main(cfg)
     with pytest.raises(FileNotFoundError):

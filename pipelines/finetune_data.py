@@ -42,7 +42,8 @@ from typing import Optional
 
 import numpy as np
 
-from pipelines.inputs import FORMATS, TableFile, input_files, names_list, read_dataset, refuse_repeats
+from pipelines.inputs import (FORMATS, TableFile, input_files, names_list, read_dataset,
+                              refuse_repeated_columns)
 from pipelines.pretrain_data import cached_tokenizer
 
 KINDS = ("classify", "tag", "mlm")
@@ -115,7 +116,7 @@ def _read_schemas(files: list, columns: list, text_columns: tuple = ()) -> dict:
     schemas = {}
     for f in files:
         name, schema = f.name, TableFile(f, text_columns, tuple(columns)).schema
-        refuse_repeats(name, schema.names, columns)
+        refuse_repeated_columns(name, schema.names, columns)
         missing = [c for c in columns if c not in schema.names]
         if missing:
             raise ValueError(f"{name}: no column(s) {missing}; it has {schema.names}. Set the task's "

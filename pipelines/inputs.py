@@ -233,20 +233,19 @@ class TableFile:
     def schema(self):
         import pyarrow as pa
 
-        from pipelines.text_formats import csv_batches, csv_header
+        from pipelines.text_formats import csv_schema
 
         if self.format == "parquet":
             return self._parquet_file().schema_arrow
         if self.format == "json":
             return self._json_table().schema
         try:
-            header = csv_header(self._stream)
-            repeated = sorted({c for c in header if header.count(c) > 1})
+            schema = csv_schema(self._stream, self.text_columns)
+            repeated = sorted({c for c in schema.names if schema.names.count(c) > 1})
             if repeated:  # a reader would take the first of them, silently
                 raise ValueError(f"{self.name}: the header names column(s) {repeated} more than once; give each column "
                                  f"its own name")
-            first = next(csv_batches(self._stream, self.name, self.text_columns), None)
-            return first.schema if first is not None else pa.schema([(c, pa.string()) for c in header])
+            return schema
         except (pa.ArrowException, OSError, ValueError) as e:
             raise self._fail(e) from None
 
@@ -276,7 +275,7 @@ class TableFile:
             with self.file.fs.open_input_stream(self.file.path) as f:  # the raw (compressed) bytes
                 while chunk := f.read(8 << 20):
                     h.update(chunk)
-        return [self.file.fs.get_file_info(self.file.path).size, h.hexdigest()[:32]]
+        return [self.file.size, h.hexdigest()[:32]]  # the size from the listing that found it: no more calls
 
     @property
     def byte_size(self) -> int:
@@ -346,7 +345,7 @@ def plan_inputs(inputs: str | list[str], text_column: str = "text", text_pair_co
         present = schema.names
         check_columns(f.name, schema, [text_column] + ([text_pair_column] if text_pair_column else []),
                       "the text to score", "--text-column")
-        refuse_repeats(f.name, present, [id_column])
+        refuse_repeated_columns(f.name, present, [id_column])
         if id_column in present:
             with_id.append(f.name)
         else:
@@ -368,7 +367,7 @@ def plan_inputs(inputs: str | list[str], text_column: str = "text", text_pair_co
 DEFAULT_ID_COLUMN = "id"  # ScoreConfig's default: without that column, ids are `<file>#<row hash>`
 
 
-def refuse_repeats(name: str, present: list, columns: list) -> None:
+def refuse_repeated_columns(name: str, present: list, columns: list) -> None:
     """A needed column that appears twice in a file's schema (a reader would take one of them,
     silently): refused, naming it."""
     repeated = sorted({c for c in columns if c and present.count(c) > 1})
@@ -381,23 +380,23 @@ def check_columns(name: str, schema, columns: list, what: str, setting: str) -> 
     column would make every row an error row): else one error naming the file, the column, what it
     holds and the columns present."""
     present = schema.names
-    refuse_repeats(name, present, columns)
+    refuse_repeated_columns(name, present, columns)
     for col in columns:
         if col not in present:
-            raise ValueError(f"{name}: no column {col!r} ({what}); columns present: {present}")
+            raise ValueError(f"{name}: no column {col!r} ({what}); columns present: {present}. Set {setting} to "
+                             f"match")
         if not is_text_type(schema.field(col).type):
             raise ValueError(f"{name}: column {col!r} holds {schema.field(col).type}, not text; choose the text "
                              f"column with {setting} (columns present: {present})")
 
 
-def is_text_type(t, nulls: bool = False) -> bool:
-    """A string column (plain, large, view or dictionary-encoded); with `nulls`, also an all-null one."""
+def is_text_type(t) -> bool:
+    """A string column (plain, large, view or dictionary-encoded)."""
     import pyarrow as pa
 
     if pa.types.is_dictionary(t):
         t = t.value_type
-    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-            or (nulls and pa.types.is_null(t)))
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def input_root(raw: str) -> str:

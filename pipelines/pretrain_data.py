@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 from bert_core.masking_config import MaskingConfig
-from pipelines.inputs import TableFile, input_files, is_text_type, names_list, read_dataset, refuse_repeats
+from pipelines.inputs import TableFile, check_columns, input_files, names_list, read_dataset
 
 VAL_BUCKETS = 10_000
 
@@ -136,14 +136,8 @@ def open_corpus(paths: list[str], text_column: str = "text") -> list[tuple[str, 
     out = []
     for f in input_files(paths):
         name, pf = f.name, TableFile(f, (text_column,))
-        schema = pf.schema
-        refuse_repeats(name, schema.names, [text_column])
-        if text_column not in schema.names:
-            raise ValueError(f"{name}: no column {text_column!r} (the documents to train on); columns present: "
-                             f"{schema.names}. Set the text column to match (pretrain: data.text_column in --config; vocab: --text-column)")
-        if not is_text_type(schema.field(text_column).type):
-            raise ValueError(f"{name}: column {text_column!r} holds {schema.field(text_column).type}, not "
-                             f"text; set the text column to a string column (pretrain: data.text_column in --config; vocab: --text-column)")
+        check_columns(name, pf.schema, [text_column], "the documents to train on",
+                      "the text column (pretrain: data.text_column in --config; vocab: --text-column)")
         out.append((name, pf))
     return out
 

@@ -185,13 +185,13 @@ def own_locations(inputs: list[str], output: str, checkpoint_dir: str) -> tuple[
     return tuple(own)
 
 
-def check_output(output: str, checkpoint_dir: str, inputs: list[str], plan: InputPlan, overwrite: bool) -> None:
+def check_output(output: str, checkpoint_dir: str, inputs: list[str], plan: InputPlan) -> None:
     """Refuse, before anything is created or deleted, an output or checkpoint dir that overlaps an
     input (equal, or one inside the other, in any spelling: `file://`, relative, symlinked) or each
     other, is an existing file, a dangling symlink or can't be created; or that holds anything
     raybert did not write (`check_contents`), with or without overwrite: a run never writes
-    beside, and overwrite never deletes, the user's files. `overwrite` changes nothing here: what
-    it may delete is `remove_ours`' rule, the one this check enforces."""
+    beside, and overwrite never deletes, the user's files (what overwrite may delete is
+    `remove_ours`' rule, the one this check enforces)."""
     import pyarrow.fs as pafs
 
     out, ckpt = storage.canonical(output), storage.canonical(checkpoint_dir)

@@ -257,7 +257,7 @@ def preflight(cfg: ScoreConfig) -> Preflight:
     inputs = [cfg.input] if isinstance(cfg.input, str) else list(cfg.input)
     plan = plan_inputs(cfg.input, cfg.text_column, cfg.text_pair_column, cfg.id_column,
                        exclude=own_locations(inputs, cfg.output, ckpt))  # never read back what this job writes
-    check_output(cfg.output, ckpt, inputs, plan, cfg.overwrite)
+    check_output(cfg.output, ckpt, inputs, plan)
     max_length = embedding_defaults(cfg, model_config, local_model)
     recipe = run_recipe(cfg, plan, max_length, local_model)
     if not cfg.overwrite:

@@ -97,15 +97,17 @@ def csv_batches(open_stream: Callable, name: str, text_columns: tuple = (),
             block = min(block * 4, MAX_ROW_BYTES)
 
 
-def csv_header(open_stream: Callable) -> list[str]:
-    """The column names of a CSV file's header, as written (a name may repeat)."""
+def csv_schema(open_stream: Callable, text_columns: tuple = ()) -> pa.Schema:
+    """A CSV file's schema as `csv_batches` reads it (text columns as strings, the rest typed from
+    the first block), its header's names as written (a name may repeat)."""
     import pyarrow.csv as pacsv
 
     parse, block = _parse_options(), FIRST_BLOCK_BYTES
+    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in text_columns if c})
     while True:
         try:
             return pacsv.open_csv(open_stream(), read_options=pacsv.ReadOptions(block_size=block),
-                                  parse_options=parse).schema.names
+                                  parse_options=parse, convert_options=convert).schema
         except pa.ArrowInvalid as e:
             if _STRADDLE not in str(e) or block >= MAX_ROW_BYTES:
                 raise

@@ -124,7 +124,7 @@ def stall_error(hb: Optional[dict], waited_s: float, detail: Optional[str] = Non
     stage = "workers" if hb is None else hb.get("phase", "step")
     step = None if hb is None else hb.get("step")
     where = "no worker ever started" if hb is None else f"stuck in '{stage}' after step {step}"
-    if hb is not None and stage == "data" and not hb.get("stepped"):
+    if awaiting_first_batch(hb):
         where = f"no batch reached the workers (stuck in 'data' before the first step, at step {step})"
     return TrainingStalled(f"training stalled: {where}, no progress for {waited_s:.0f} s; "
                            + (f"{detail}; " if detail else "") + _ADVICE.get(stage, _ADVICE["step"]),
@@ -139,10 +139,15 @@ def first_batch_report() -> Optional[str]:
     return starved_data_stage()
 
 
+def awaiting_first_batch(hb: Optional[dict]) -> bool:
+    """The workers are set up and wait for the data pipeline's first batch."""
+    return hb is not None and hb.get("phase") == "data" and not hb.get("stepped")
+
+
 def _allowed_s(hb: Optional[dict], stall_timeout_s: float, startup_s: float) -> float:
     if hb is not None and hb.get("stepped"):
         return stall_timeout_s
-    if hb is not None and hb.get("phase") == "data":  # waiting for the first batch
+    if awaiting_first_batch(hb):
         return min(startup_s, stall_timeout_s, FIRST_BATCH_S)
     return startup_s
 
@@ -181,8 +186,7 @@ def fit_with_watchdog(trainer, run_dir: str | Path, stall_timeout_s: Optional[fl
             if state != seen:
                 seen, changed = state, now
             if now - changed > _allowed_s(hb, stall_timeout_s, startup_s):
-                first_batch = hb is not None and hb.get("phase") == "data" and not hb.get("stepped")
-                detail = report() if first_batch else None
+                detail = report() if awaiting_first_batch(hb) else None
                 with lock:
                     if stop.is_set():
                         return

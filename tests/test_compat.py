@@ -5,6 +5,7 @@ the behaviour, the first assertion of its test fails and says the workaround can
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -281,9 +282,10 @@ def test_a_harmless_ray_warning_goes_with_its_traceback_and_nothing_else():
     assert without_harmless(logged[4:], HARMLESS_FORWARDED, skipping)[0] == logged[6:]
 
 
-def test_starved_data_stage_names_the_stage_that_has_produced_nothing():
+def test_starved_data_stage_names_the_stage_that_has_produced_nothing(tmp_path):
     """The first-batch watchdog's report: Ray Data's stats actor still says, per running dataset,
-    which stage has produced no block yet (here a map whose tasks are all still running)."""
+    which stage has produced no block yet (here a map whose tasks wait on a gate the test opens
+    once it has read the report: nothing depends on how fast the machine is)."""
     import threading
 
     import ray.data
@@ -291,8 +293,12 @@ def test_starved_data_stage_names_the_stage_that_has_produced_nothing():
     from conftest import local_ray
     from pipelines.compat import starved_data_stage
 
+    gate = str(tmp_path / "open")
+
     def slow(batch):
-        time.sleep(6)
+        end = time.monotonic() + 120
+        while not os.path.exists(gate) and time.monotonic() < end:
+            time.sleep(0.1)
         return batch
 
     with local_ray():
@@ -300,10 +306,11 @@ def test_starved_data_stage_names_the_stage_that_has_produced_nothing():
         done = threading.Thread(target=lambda: ds.take_all(), daemon=True)
         done.start()
         reports = []
-        deadline = time.monotonic() + 5  # the read is done in ~1 s; each map task takes 6 s
+        deadline = time.monotonic() + 90  # the read and the map tasks' start, however slow the machine
         while not any("slow" in (r or "") for r in reports) and time.monotonic() < deadline:
             time.sleep(0.5)
             reports.append(starved_data_stage())
+        open(gate, "w").close()
         done.join(60)
     report = reports[-1]
     assert report is not None and "Ray Data stage 'MapBatches(slow)' of dataset " in report, reports

@@ -24,7 +24,7 @@ from bert_core.masking_config import MaskingConfig
 from jobs.training import ScalingConfig
 from pipelines.finetune_data import FinetuneData, TaskData
 from pipelines.pretrain_data import DataConfig
-from pipelines.train_config import DTYPES, METRICS, MIXING, FinetuneOptions, ModelConfig, TrainConfig
+from pipelines.train_config import DTYPES, INITS, METRICS, MIXING, FinetuneOptions, ModelConfig, TrainConfig
 
 
 def _num(x: float) -> str:
@@ -112,7 +112,7 @@ RANGES: dict[type, dict[str, Any]] = {
         "save_every": AT_LEAST_1, "keep_last": AT_LEAST_1, "peak_flops_per_worker": POSITIVE.or_unset(),
         "stall_timeout_s": Range(lo=0, unset=True, why="0 = never"),
     },
-    ModelConfig: {"train_dropout": FRACTION.or_unset()},
+    ModelConfig: {"train_dropout": FRACTION.or_unset(), "init": Choice(INITS)},
     ScalingConfig: {"num_workers": AT_LEAST_1, "cpus_per_worker": POSITIVE.or_unset(),
                     "torch_threads": AT_LEAST_1.or_unset(), "max_failures": COUNT},
     DataConfig: {"seq_len": SEQ_LEN, "val_fraction": FRACTION, "tokenize_batch_rows": AT_LEAST_1,

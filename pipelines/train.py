@@ -59,6 +59,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from bert_core.init import neighbour_init
 from bert_core.masking import Masker
 from bert_core.masking_config import MaskingConfig
 from bert_core.model import BertConfig, BertForMaskedLM, mlm_flops_per_token, set_dropout
@@ -109,6 +110,8 @@ def build_mlm_model(model: ModelConfig, bert_config: BertConfig) -> BertForMaske
         m.train()
     else:
         m = BertForMaskedLM(bert_config)
+        if model.init == "neighbour":
+            neighbour_init(m)
     m.bert.encoder.gradient_checkpointing = model.activation_checkpointing
     if model.train_dropout is not None:
         set_dropout(m, model.train_dropout)

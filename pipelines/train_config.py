@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 DTYPES = ("fp32", "bf16", "fp16")
+INITS = ("bert", "neighbour")  # ModelConfig.init
 FAULT_DRILL_ENV = "RAYBERT_FAULT_DRILL"
 
 
@@ -25,6 +26,10 @@ class ModelConfig:
     # Dropout while pretraining (hidden, attention, head); None = the encoder config's. Exports keep
     # the config's value, so a fine-tune from them starts with the usual dropout.
     train_dropout: Optional[float] = None
+    # Fresh weights: "bert" (BERT's normal init) or "neighbour" (bert_core/init.py: sinusoidal
+    # position starts and first-layer heads that attend to the next and previous tokens; the
+    # architecture and the export are BERT's). Ignored with init_from.
+    init: str = "bert"
 
 
 @dataclass

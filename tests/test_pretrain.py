@@ -176,11 +176,13 @@ def test_presets_yaml_and_flags_layer_in_order(tmp_path):
     assert cfg.data.seq_len == 64 and cfg.data.paths == ["a.parquet"]
     mini = build_config(None, str(REPO / "configs" / "pretrain_mini_zh.yaml"), {})
     assert mini.model.preset == "mini" and mini.train.dtype == "bf16" and mini.train.time_budget_s == 1800
-    # The small-budget recipe (#22): in the CPU config, and in the mini/small presets; base as BERT.
-    assert (mini.model.train_dropout, mini.data.masking.mlm_probability, mini.train.micro_batch_size) == (0.0, 0.3, 16)
-    for name, recipe in (("mini", (0.0, 0.3)), ("small", (0.0, 0.3)), ("base", (None, 0.15)), ("debug", (None, 0.15))):
+    # The small-budget recipe (#22, #35): in the CPU config, and in the mini/small presets; base as BERT.
+    assert (mini.model.init, mini.model.train_dropout, mini.data.masking.mlm_probability,
+            mini.train.micro_batch_size, mini.scaling.num_workers) == ("neighbour", 0.0, 0.3, 32, 1)
+    for name, recipe in (("mini", ("neighbour", 0.0, 0.3)), ("small", ("neighbour", 0.0, 0.3)),
+                         ("base", ("bert", None, 0.15)), ("debug", ("bert", None, 0.15))):
         c = build_config(name, None, {})
-        assert (c.model.train_dropout, c.data.masking.mlm_probability) == recipe, name
+        assert (c.model.init, c.model.train_dropout, c.data.masking.mlm_probability) == recipe, name
         assert c.data.eval_mlm_probability == 0.15
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  max_stepz: 3\n")

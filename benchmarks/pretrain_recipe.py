@@ -163,11 +163,11 @@ def run_raybert(name: str, work: Path, data: str, budget: float, quick: bool, gp
     result = main(cfg)
     records = read_metrics(run_dir)
     train = [r for r in records if "loss" in r]
+    steady = train[1:] or train  # the log windows after the first (start-up), or the one there is
     evals = [{"s": round(r.get("budget_used_s", 0.0), 1), "step": r["step"], "val_loss": r["val_loss"],
               "val_acc": r["val_acc"]} for r in records if "val_loss" in r]
     return {"arm": name, "overrides": VARIANTS[name], "steps": train[-1]["step"], "export": result.export,
-            # the mean of the log windows after the first (start-up), or the one window there is
-            "tokens_per_s": sum(r["tokens_per_s"] for r in train[1:] or train) / max(1, len(train[1:] or train)),
+            "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
             "lr_log": [(r["step"], r["lr"]) for r in train], "curve": evals, "wall_s": round(time.time() - t0, 1),
             "cfg": cfg}
 

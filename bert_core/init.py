@@ -1,6 +1,6 @@
 """Starting weights that let a fresh BERT read its neighbours from step 0 ("neighbour init").
 
-Contract: `neighbour_init(model, config, layers)` rewrites, in place and without touching the
+Contract: `neighbour_init(model, layers)` rewrites, in place and without touching the
 architecture, two sets of a freshly initialized BERT's weights (bert_core's or `transformers`'
 BertForMaskedLM / BertModel: the parameter names are the same):
 - the position embeddings become sinusoids (each pair of hidden dims one frequency), at an amplitude
@@ -82,20 +82,28 @@ def neighbour_qk(hidden: int, num_heads: int) -> tuple[torch.Tensor, torch.Tenso
     return q, k
 
 
+def check_neighbour_init(config, layers: tuple[int, ...] = (0,)) -> None:
+    """Refuse a config neighbour init can't apply to (an odd head size: the sinusoids come in
+    pairs; a layer the model doesn't have), so a caller can say so before building anything."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    if head_dim % 2:
+        raise ValueError(f"neighbour init needs an even head size (hidden_size / num_attention_heads), got {head_dim}")
+    for i in layers:
+        if not 0 <= i < config.num_hidden_layers:
+            raise ValueError(f"neighbour init: layer {i} is not in this {config.num_hidden_layers}-layer model")
+
+
 @torch.no_grad()
 def neighbour_init(model: nn.Module, layers: tuple[int, ...] = (0,)) -> None:
     """Apply neighbour init to a freshly initialized BERT (see the module docstring)."""
     bert = model.bert if hasattr(model, "bert") else model
     config = bert.config
+    check_neighbour_init(config, layers)
     hidden, heads = config.hidden_size, config.num_attention_heads
-    if (hidden // heads) % 2:
-        raise ValueError(f"neighbour init needs an even head size, got {hidden // heads}")
     pos = bert.embeddings.position_embeddings.weight  # (P, H)
     pos.copy_(sinusoid_positions(pos.shape[0], hidden, POSITION_AMPLITUDE * config.initializer_range))
     q, k = neighbour_qk(hidden, heads)
     for i in layers:
-        if not 0 <= i < config.num_hidden_layers:
-            raise ValueError(f"neighbour init: layer {i} is not in this {config.num_hidden_layers}-layer model")
         attention = bert.encoder.layer[i].attention.self
         attention.query.weight.copy_(q)
         attention.key.weight.copy_(k)

@@ -179,17 +179,25 @@ def check_config(cfg: Any, flags: Optional[Mapping[str, str]] = None, prefix: st
 def model_config(model: ModelConfig, vocab_size: int):
     """The encoder config the workers will build (pipelines.engine.build_bert_config), here on the
     driver; a `model.overrides` key BertConfig doesn't have, or a value it refuses (a 0-wide
-    layer, a dropout of 1.5, an activation it lacks: `BertConfig.check`), is a ValueError naming it."""
+    layer, a dropout of 1.5, an activation it lacks: `BertConfig.check`), or neighbour init on a
+    model it can't apply to, is a ValueError naming it."""
+    from bert_core.init import check_neighbour_init
     from pipelines.engine import build_bert_config
 
     try:
-        return build_bert_config(model, vocab_size)
+        config = build_bert_config(model, vocab_size)
     except TypeError as e:  # BertConfig(**overrides) with an unknown key
         raise ValueError(f"model.overrides {sorted(model.overrides)}: {e}; use BertConfig's field names "
                          f"(hidden_size, max_position_embeddings, ...)") from None
     except ValueError as e:  # a value no model can be built from (BertConfig.check): every worker would fail
         source = "model.overrides" if model.overrides else f"preset {model.preset!r}"
         raise ValueError(f"{source}: {e}") from None
+    if model.init == "neighbour" and not model.init_from:  # fresh weights: every worker would fail
+        try:
+            check_neighbour_init(config)
+        except ValueError as e:
+            raise ValueError(f"model.init 'neighbour': {e}; use model.init 'bert' for this model") from None
+    return config
 
 
 def check_seq_len(key: str, value: int, bert_config, model: ModelConfig) -> None:

@@ -139,3 +139,16 @@ def test_on_text_where_each_token_follows_from_its_neighbour_neighbour_init_lear
 
     neighbour, bert = train("neighbour"), train("bert")
     assert neighbour > 0.8 and bert < 0.3, (neighbour, bert)  # measured: 0.9 and 0.11
+
+
+def test_a_model_neighbour_init_cannot_apply_to_is_refused_on_the_driver():
+    """An odd head size or a 0-layer encoder: said before Ray starts, naming model.init, instead of
+    every worker failing as it builds the model. With init_from the init doesn't apply: accepted."""
+    from jobs.checks import model_config
+    from pipelines.train_config import ModelConfig
+
+    for overrides, why in (({"hidden_size": 258, "num_attention_heads": 2}, "even head size"),
+                           ({"num_hidden_layers": 0}, "layer 0 is not in this 0-layer model")):
+        with pytest.raises(ValueError, match=f"model.init 'neighbour': .*{why}"):
+            model_config(ModelConfig(preset="mini", init="neighbour", overrides=overrides), 100)
+        assert model_config(ModelConfig(preset="mini", init="bert", overrides=overrides), 100).vocab_size == 100

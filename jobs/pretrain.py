@@ -277,14 +277,11 @@ def _already_complete(run_dir: str, step: int, train: TrainConfig) -> PretrainRe
 
 
 def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str, corpus) -> PretrainResult:
-    import ray.data
-    import ray.train
-
     from jobs.ray_env import ray_session
     from jobs.training import plan_workers, run_trainer
     from pipelines import storage
     from pipelines.compat import disable_deepspeed_jit
-    from pipelines.pretrain_data import build_datasets
+    from pipelines.pretrain_data import ensure_val_set
     from pipelines.train import LoopConfig, train_loop_per_worker
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -298,18 +295,21 @@ def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str, corpus) -
         if model.init_from and not storage.is_uri(model.init_from):  # workers may run in another directory
             model.init_from = str(Path(model.init_from).absolute())
         loop_cfg = LoopConfig(run_dir=run_dir, tokenizer=tokenizer, model=model, data=copy.deepcopy(cfg.data),
-                              train=train, use_gpu=plan.use_gpu, torch_threads=plan.torch_threads)
+                              train=train, use_gpu=plan.use_gpu, torch_threads=plan.torch_threads,
+                              pieces=corpus.pieces)
         # Written only now, with every check passed: a refused invocation leaves the run dir as it was.
         storage.write_text(storage.join(run_dir, "config.json"), json.dumps(
             {"pretrain": _asdict(cfg), "tokenizer": tokenizer, "plan": plan.to_dict(),
              "corpus": {"files": corpus.files, "fingerprint": corpus.fingerprint}}, indent=1, default=str) + "\n")
-        # Deterministic order end to end: the same rows reach the same worker in the same order
-        # on every run, which is what lets a resume skip exactly the batches already trained on.
-        exec_opts = ray.data.ExecutionOptions(preserve_order=True)
+        # Built at the run's first start and read by every evaluation after: never the corpus again.
+        if ensure_val_set(cfg.data, tokenizer, run_dir) == 0 and cfg.data.val_fraction > 0:
+            print(f"[raybert] no validation rows: none of the corpus's documents held out by "
+                  f"data.val_fraction {cfg.data.val_fraction} packs into a row of {cfg.data.seq_len} tokens; "
+                  f"training goes on without validation metrics", flush=True)
+        # The loop plans each epoch's read itself (pipelines.pretrain_data.epoch_split): no datasets= here.
         ckpt, export, metrics = run_trainer(
             train_loop_per_worker, loop_cfg.to_dict(), run_dir=run_dir, plan=plan, scaling=cfg.scaling,
-            keep_last=cfg.train.keep_last, datasets=build_datasets(cfg.data, tokenizer),
-            stall_timeout_s=cfg.train.stall_timeout_s, dataset_config=ray.train.DataConfig(execution_options=exec_opts))
+            keep_last=cfg.train.keep_last, datasets={}, stall_timeout_s=cfg.train.stall_timeout_s)
     return PretrainResult(run_dir=run_dir, checkpoint=ckpt, export=export, metrics=metrics)
 
 

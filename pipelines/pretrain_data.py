@@ -1,22 +1,31 @@
 """The pretraining data pipeline: text (Parquet, CSV or JSON Lines) -> tokenized, packed rows, on Ray Data.
 
 Contract:
-- `build_datasets(cfg, tokenizer_path)` returns `{"train": ds, "val": ds}`, two lazy Ray
-  Datasets of rows `{"input_ids": int64[seq_len]}`. Nothing is read in the driver: the plan is
+- `build_datasets(cfg, tokenizer_path, seed, epoch)` returns `{"train": ds}`, a lazy Ray Dataset of
+  one epoch's rows `{"input_ids": int64[seq_len]}`. No text is read where it is planned: the plan is
   `inputs.read_dataset(text column only) -> map_batches(tokenize_and_pack)` (CPU tasks), executed as
-  Ray Train streams it to the workers (`TorchTrainer(datasets=...)` and
-  `get_dataset_shard(...).iter_torch_batches()` in pipelines/train.py).
+  the workers iterate their split (`epoch_split`, one per epoch, from pipelines/train.py).
+- The validation set is built once per run (`ensure_val_set`, on the driver, at the run's first
+  start): the held-out documents in read order, tokenized and packed, the first
+  `val_max_rows` rows, written to `<run_dir>/val.parquet`. Every evaluation of every invocation
+  reads that file (`read_val_rows`), never the corpus: an evaluation costs the same on a corpus of
+  any size. The corpus (fingerprint) and the settings that shape the file are part of the run's
+  recipe, so a resume can't pair a run with another corpus's validation set.
 - Packing: documents are tokenized without special tokens and concatenated into rows of exactly
   `seq_len` tokens, `[CLS] doc [SEP] doc [SEP] ...`, by `bert_core.padding.SequencePacker`. Rows
   have no padding, so no compute goes to it and there is no attention mask. The tail of each
   batch (under one row) is dropped: at most `seq_len - 1` tokens per `tokenize_batch_rows`
   documents.
-- Validation split: by document, `crc32(text) % 10_000 < val_fraction * 10_000`, decided in the
-  same map stage. It is deterministic (no state, no driver pass over the data), never puts one
-  document in both splits, and survives a restart unchanged.
-- Order: with `ExecutionOptions(preserve_order=True)` (set by pipelines/train.py through Ray
-  Train's DataConfig), the same corpus yields the same rows in the same order, and Ray Data's
-  OutputSplitter then deals the same rows to the same worker. Exact resume relies on this.
+- Validation split: by document, `crc32(text) % 10_000 < val_fraction * 10_000`: the train
+  stage drops those documents, the validation set is built from them (only the first
+  `val_max_rows` packed rows are kept; training skips every held-out document all the same).
+  It is deterministic, never puts one document in both splits, and survives a restart unchanged.
+- Order: each epoch reads the corpus's files in its own permutation, drawn from (seed, epoch)
+  (`epoch_order`; `shuffle_files: false` keeps the listed order), then each worker mixes rows in a
+  local buffer seeded by (seed, epoch) (`shuffle_buffer_rows`). `epoch_split` plans each epoch's
+  read on rank 0 with `ExecutionOptions(preserve_order=True)`, so the same corpus yields the same
+  rows in the same order, and Ray Data's OutputSplitter deals the same rows to the same worker.
+  Exact resume relies on this: a resumed run re-plans its epoch and skips what was consumed.
 - Masking is not done here: it is dynamic, per batch, on the worker.
 - `check_corpus(cfg, tokenizer_path, rows_needed)` runs on the driver before any Ray work and
   refuses, naming the file and what to do, a corpus that can't train: an unreadable file, a
@@ -29,6 +38,7 @@ Contract:
 from __future__ import annotations
 
 import functools
+import math
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -49,9 +59,17 @@ class DataConfig:
     tokenizer: Optional[str] = None  # checkpoint dir or vocab.txt (see `raybert vocab`); else init_from's
     seq_len: int = 128  # packed row length, [CLS] included
     val_fraction: float = 0.01  # share of documents held out for validation (by hash of the text)
+    # At most this many packed rows of held-out text are evaluated (<run_dir>/val.parquet, built
+    # once at the run's start): an evaluation's cost stays fixed however large the corpus grows.
+    val_max_rows: int = 2048
     tokenize_batch_rows: int = 1024  # documents per tokenize+pack task batch
     num_cpus: float = 0.25  # CPUs per read / tokenize task; fractional so Train workers never starve them
-    shuffle_buffer_rows: int = 0  # per-worker local shuffle buffer (rows), seeded by (seed, epoch); 0 = off
+    # Each epoch reads the files in its own order, drawn from (train.seed, epoch): a corpus
+    # written by date or by source doesn't train on one topic at a time. Split a corpus held in
+    # one big file into many (`write_corpus(rows_per_file=...)`) for this to mix it.
+    shuffle_files: bool = True
+    # Then rows are mixed within a per-worker buffer, seeded by (seed, epoch); 0 = off.
+    shuffle_buffer_rows: int = 2048
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     # Validation masks this share of tokens whatever `masking.mlm_probability` trains with: the
     # validation loss and MLM accuracy of runs with different masking rates then compare.
@@ -86,35 +104,166 @@ def tokenize_and_pack(batch: dict, *, tokenizer_path: str, text_column: str, seq
              if isinstance(t, str) and t and is_val(t, val_fraction) == want_val]
     if not texts:
         return {"input_ids": np.zeros((0, seq_len), dtype=np.int64)}
+    # verbose=False: documents longer than the model's positions are expected (packing cuts them
+    # into rows); transformers would otherwise warn once per process that they "will index errors".
     ids = tok(texts, add_special_tokens=False, return_attention_mask=False,
-              return_token_type_ids=False)["input_ids"]
+              return_token_type_ids=False, verbose=False)["input_ids"]
     packer = SequencePacker(seq_len, tok.cls_token_id, tok.sep_token_id)
     rows = packer.add(ids)  # (R, seq_len); the tail under one row stays in the packer, dropped
     return {"input_ids": rows}
 
 
-def build_datasets(cfg: DataConfig, tokenizer_path: str) -> dict:
-    """Lazy train / val datasets of packed rows (see the module docstring)."""
+def epoch_order(n_files: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """The order the corpus's files are read in during `epoch`: a permutation drawn from
+    (seed, epoch), so every epoch has its own and a resumed run draws the straight run's."""
+    if not shuffle:
+        return list(range(n_files))
+    return np.random.default_rng([seed, 13, epoch]).permutation(n_files).tolist()
+
+
+def build_datasets(cfg: DataConfig, tokenizer_path: str, pieces: list, seed: int = 0, epoch: int = 0) -> dict:
+    """The lazy train dataset of packed rows of `epoch`: the corpus's `pieces` (see `corpus_pieces`)
+    in `epoch_order`, read and packed by Ray Data tasks of `num_cpus` (see the module docstring)."""
+    import ray.data
+
     from pipelines.compat import pace_idle_data_scheduler
 
     pace_idle_data_scheduler()
-    files = input_files(cfg.paths)
-    # One read plan serves both splits (each split's execution reads the files itself): planning a
-    # Parquet read samples its files in Ray tasks, ~2 s of a 2-core node's start-up per plan.
-    # Only the text column is read (pushed down into the Parquet read).
-    read = read_dataset(files, [cfg.text_column], text_columns=(cfg.text_column,), num_cpus=cfg.num_cpus)
-    out = {}
-    for split in ("train", "val"):
-        if split == "val" and cfg.val_fraction <= 0:
-            continue
-        ds = read.map_batches(
-            tokenize_and_pack, batch_size=cfg.tokenize_batch_rows, batch_format="numpy",
-            num_cpus=cfg.num_cpus,
-            fn_kwargs=dict(tokenizer_path=tokenizer_path, text_column=cfg.text_column,
-                           seq_len=cfg.seq_len, val_fraction=cfg.val_fraction, split=split),
-        )
-        out[split] = ds
+    ordered = [pieces[i] for i in epoch_order(len(pieces), seed, epoch, cfg.shuffle_files)]
+    # Consecutive pieces share a task up to ~PIECE_TASK_ROWS documents: thousands of small files
+    # don't cost a task each. `from_items` plans in this process, no Ray task: a read planned
+    # by Ray's file readers asks for whole CPUs the training workers hold, and would wait forever.
+    tasks = max(1, min(len(ordered), math.ceil(sum(p[2] for p in ordered) / PIECE_TASK_ROWS)))
+    items = ray.data.from_items([{"file": p[0], "row_group": p[1]} for p in ordered], override_num_blocks=tasks)
+    train = items.map_batches(
+        read_and_pack, batch_size=None, batch_format="pyarrow", num_cpus=cfg.num_cpus,
+        fn_kwargs=dict(tokenizer_path=tokenizer_path, text_column=cfg.text_column, seq_len=cfg.seq_len,
+                       val_fraction=cfg.val_fraction, batch_rows=cfg.tokenize_batch_rows))
+    return {"train": train}
+
+
+PIECE_TASK_ROWS = 16_384
+
+
+def corpus_pieces(opened: list) -> list[list]:
+    """[file, row group, rows] for each Parquet row group and [file, -1, rows] for each CSV / JSON
+    Lines file (read whole), in corpus order: the units whose order each epoch permutes."""
+    out = []
+    for name, pf in opened:
+        if pf.format == "parquet":
+            out += [[name, g, rows] for g, rows in enumerate(pf.row_group_rows())]
+        else:
+            out.append([name, -1, pf.num_rows])
     return out
+
+
+def read_and_pack(block, *, tokenizer_path: str, text_column: str, seq_len: int, val_fraction: float,
+                  batch_rows: int):
+    """Ray Data task: a block of pieces ({file, row_group}) -> their training rows, packed
+    (`tokenize_and_pack`, `batch_rows` documents at a time), piece by piece in the block's order."""
+    for name, group in zip(block.column("file").to_pylist(), block.column("row_group").to_pylist()):
+        table = TableFile(input_files([name])[0], (text_column,))
+        for batch in table.iter_batches(batch_size=batch_rows, columns=[text_column],
+                                        row_groups=None if group < 0 else [group]):
+            out = tokenize_and_pack({text_column: batch.column(0).to_pylist()}, tokenizer_path=tokenizer_path,
+                                    text_column=text_column, seq_len=seq_len, val_fraction=val_fraction, split="train")
+            if len(out["input_ids"]):
+                yield out
+
+
+def epoch_split(cfg: DataConfig, tokenizer_path: str, pieces: list, seed: int, epoch: int, rank: int, world: int):
+    """This worker's stream of `epoch`'s training rows (a Ray DataIterator). Rank 0 plans the
+    epoch's read (`build_datasets`) and splits it into `world` equal streams with Ray Train's own
+    `DataConfig.configure` (order preserved, locality hints from each rank's node); the other
+    ranks receive theirs over the process group. A collective: every rank calls it at the start
+    of every epoch. Ray Train's `datasets=` can't do this: it plans a dataset once per fit, so every
+    epoch of a fit would read the files in one order."""
+    import ray
+    import ray.data
+    import ray.train
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and world > 1
+    nodes = [None] * world
+    node = ray.get_runtime_context().get_node_id()
+    if distributed:
+        dist.all_gather_object(nodes, node)
+    else:
+        nodes = [node]
+    splits = [None] * world
+    if rank == 0:
+        ds = build_datasets(cfg, tokenizer_path, pieces, seed, epoch)["train"]
+        # Deterministic order end to end: the same rows reach the same worker in the same order on
+        # every run, which is what lets a resume skip exactly the batches already trained on.
+        config = ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True))
+        per_rank = config.configure({"train": ds}, world_size=world, worker_handles=None, worker_node_ids=nodes)
+        splits = [r["train"] for r in per_rank]
+    if distributed:
+        dist.broadcast_object_list(splits, src=0)
+    return splits[rank]
+
+
+VAL_FILE = "val.parquet"
+
+
+def build_val_rows(cfg: DataConfig, tokenizer_path: str) -> np.ndarray:
+    """The validation rows, (N, seq_len) int64 with N <= val_max_rows: the corpus's held-out
+    documents in read order, packed as training packs. Reads the text column only, and stops at
+    the cap, so on a big corpus it reads about val_max_rows * seq_len / val_fraction tokens."""
+    from bert_core.padding import SequencePacker
+
+    tok = cached_tokenizer(tokenizer_path)
+    packer = SequencePacker(cfg.seq_len, tok.cls_token_id, tok.sep_token_id)
+    parts, n = [], 0
+    for _, pf in open_corpus(cfg.paths, cfg.text_column):
+        for batch in pf.iter_batches(batch_size=cfg.tokenize_batch_rows, columns=[cfg.text_column]):
+            docs = [t for t in batch.column(0).to_pylist() if isinstance(t, str) and t and is_val(t, cfg.val_fraction)]
+            if not docs:
+                continue
+            parts.append(packer.add(tok(docs, add_special_tokens=False, return_attention_mask=False,
+                                        return_token_type_ids=False, verbose=False)["input_ids"]))
+            n += len(parts[-1])
+            if n >= cfg.val_max_rows:
+                return np.concatenate(parts)[:cfg.val_max_rows]
+    return np.concatenate(parts) if parts else np.zeros((0, cfg.seq_len), dtype=np.int64)
+
+
+def ensure_val_set(cfg: DataConfig, tokenizer_path: str, run_dir: str) -> int:
+    """`<run_dir>/val.parquet`, built now unless the run has it (see the module docstring); its
+    row count. 0 (and no file) when the run holds out nothing (`val_fraction` 0)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import storage
+
+    if cfg.val_fraction <= 0 or cfg.val_max_rows <= 0:
+        return 0
+    path = storage.join(run_dir, VAL_FILE)
+    if storage.exists(path):
+        return pq.ParquetFile(pa.BufferReader(storage.read_bytes(path))).metadata.num_rows
+    rows = build_val_rows(cfg, tokenizer_path)
+    sink = pa.BufferOutputStream()
+    # int32 on disk (vocabularies are far below 2**31): half the bytes of the int64 the loop feeds.
+    pq.write_table(pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(
+        pa.array(rows.reshape(-1).astype(np.int32)), cfg.seq_len)}), sink)
+    storage.write_bytes(path, sink.getvalue().to_pybytes())
+    return len(rows)
+
+
+def read_val_rows(run_dir: str, rank: int = 0, world: int = 1) -> Optional[np.ndarray]:
+    """This rank's share of `<run_dir>/val.parquet` (rows rank, rank + world, ...), (N, seq_len)
+    int64; None when the run has no validation file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import storage
+
+    data = storage.read_bytes(storage.join(run_dir, VAL_FILE))
+    if data is None:
+        return None
+    col = pq.read_table(pa.BufferReader(data)).column("input_ids").combine_chunks()
+    rows = col.flatten().to_numpy().astype(np.int64).reshape(len(col), col.type.list_size)
+    return rows[rank::world]
 
 
 @dataclass
@@ -125,6 +274,7 @@ class CorpusCheck:
     # What a resume's data position means something for: (rows, bytes) of each file in read order,
     # from the footers. File names are left out, so a corpus moved to another mount still matches.
     fingerprint: list = field(default_factory=list)
+    pieces: list = field(default_factory=list)  # corpus_pieces: what each epoch's order permutes
 
     def describe(self) -> str:
         return f"{len(self.fingerprint)} file(s), {sum(r for r, _ in self.fingerprint):,} rows"
@@ -164,7 +314,8 @@ def check_corpus(cfg: DataConfig, tokenizer_path: str, rows_needed: int) -> Corp
                                     seq_len=cfg.seq_len, val_fraction=cfg.val_fraction, split="train")
             packed += len(out["input_ids"])
             if packed >= rows_needed:
-                return CorpusCheck(files=files, rows=rows, packed_rows=packed, fingerprint=fingerprint)
+                return CorpusCheck(files=files, rows=rows, packed_rows=packed, fingerprint=fingerprint,
+                                   pieces=corpus_pieces(opened))
     if texts == 0:
         raise ValueError(f"the corpus has no text: its {rows} rows in {names_list(files)} have column {col!r} "
                          f"null or empty everywhere; check --data and data.text_column")

@@ -12,7 +12,8 @@ Contract:
   `remove_file` and `remove_empty_dir` delete one entry, never through a symlink: with them, a
   caller that deletes only what `entries` showed it stays inside `loc`.
 - `exists`, `listing` (recursive, following local symlinks), `read_text` (None when absent),
-  `write_text` (atomic: a temp file renamed locally, a single PUT on an object store),
+  `write_text` / `write_bytes` (atomic: a temp file renamed locally, a single PUT on an object store),
+  `read_bytes`,
   `append_line` (O_APPEND locally; read and rewrite on an object store, so callers must hold the
   run's lock), `list_names`, `upload`, `download_tree`, `replace_tree` (copy a directory over
   another, deleting what was there).
@@ -233,9 +234,35 @@ def list_names(loc: str) -> list[str]:
 
 def read_text(loc: str) -> Optional[str]:
     """The file's text, or None when it does not exist."""
+    data = read_bytes(loc)
+    return None if data is None else data.decode()
+
+
+def write_text(loc: str, text: str) -> None:
+    """Replace the file whole: readers see the old text or the new, never a part."""
+    write_bytes(loc, text.encode())
+
+
+def write_bytes(loc: str, data: bytes) -> None:
+    """Replace the file whole (a temp file renamed locally, one PUT on an object store)."""
+    if not is_uri(loc):
+        path = normalize(loc)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    fs, path = filesystem(loc)
+    with reachable(loc), fs.open_output_stream(path) as f:  # one PUT: atomic on object stores
+        f.write(data)
+
+
+def read_bytes(loc: str) -> Optional[bytes]:
+    """The file's bytes, or None when it does not exist."""
     if not is_uri(loc):
         try:
-            with open(normalize(loc)) as f:
+            with open(normalize(loc), "rb") as f:
                 return f.read()
         except FileNotFoundError:
             return None
@@ -243,24 +270,9 @@ def read_text(loc: str) -> Optional[str]:
     with reachable(loc):
         try:
             with fs.open_input_stream(path) as f:
-                return f.read().decode()
+                return f.read()
         except FileNotFoundError:
             return None
-
-
-def write_text(loc: str, text: str) -> None:
-    """Replace the file whole: readers see the old text or the new, never a part."""
-    if not is_uri(loc):
-        path = normalize(loc)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-        return
-    fs, path = filesystem(loc)
-    with reachable(loc), fs.open_output_stream(path) as f:  # one PUT: atomic on object stores
-        f.write(text.encode())
 
 
 def append_line(loc: str, line: str) -> None:

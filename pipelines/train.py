@@ -3,8 +3,10 @@
 Contract:
 - `train_loop_per_worker(config)` reads only its argument, a plain dict
   (`LoopConfig(...).to_dict()`), so it pickles to any worker and never captures driver state.
-  It runs under `ray.train.torch.TorchTrainer` with `datasets={"train": ..., "val": ...}` from
-  pipelines/pretrain_data.py and `TorchConfig(backend="gloo"|"nccl")`.
+  It runs under `ray.train.torch.TorchTrainer` with `TorchConfig(backend="gloo"|"nccl")` and no
+  `datasets=`: each epoch's training stream is planned in the loop, its files in that epoch's
+  order (pipelines.pretrain_data.epoch_split); the validation set is the run dir's `val.parquet`
+  (built once by the driver), each worker evaluating its share.
 - Distribution is applied in one place: `pipelines.engine.build_engine` calls `deepspeed.initialize` once
   (ZeRO stage 0-3, fp32 / bf16 / fp16, torch AdamW with a warmup + linear/cosine decay schedule,
   gradient accumulation, clipping). The model is plain `bert_core.BertForMaskedLM`.
@@ -13,7 +15,7 @@ Contract:
 - A "step" is one optimizer step (`grad_accum` micro-batches on every worker).
 - Metrics (every `log_every` steps): loss, MLM accuracy, lr, tokens/s, MFU and the peak FLOP/s
   it is quoted against (measured on the workers, pipelines.worker.peak_flops, unless
-  `peak_flops_per_worker` is set); validation loss and accuracy every `eval_every` steps and at
+  `peak_flops_per_worker` is set); validation loss, accuracy and seconds every `eval_every` steps and at
   the end (masking `data.eval_mlm_probability` of tokens, 15%, whatever rate trains). Rank 0
   appends them to `<run_dir>/metrics.jsonl` from a background thread (one JSON object a line;
   `"event"` lines mark start/resume, with the world size, nodes and torch threads) and prints a
@@ -38,7 +40,7 @@ Contract:
 - Resume is exact. On start (a new `fit` on the same run dir, or a Ray Train restart after a
   worker failure) the loop loads `ray.train.get_checkpoint()`, re-opens the data stream of the
   saved epoch and skips the micro-batches already consumed. The data order is deterministic
-  (`preserve_order`, a local shuffle seeded by (seed, epoch)), and every random draw (masking,
+  (files permuted and a local shuffle, both seeded by (seed, epoch); `preserve_order`), and every random draw (masking,
   dropout) is seeded from (seed, rank, epoch, micro-batch index): a function of the data
   position, so no RNG state needs saving and a resumed run draws what the straight run drew.
 """
@@ -65,7 +67,7 @@ from bert_core.masking_config import MaskingConfig
 from bert_core.model import BertConfig, BertForMaskedLM, mlm_flops_per_token, set_dropout
 from pipelines.console import shows_progress
 from pipelines import storage
-from pipelines.pretrain_data import DataConfig
+from pipelines.pretrain_data import DataConfig, epoch_split, read_val_rows
 from pipelines.engine import (build_bert_config, build_engine, evaluating, fresh_lr_schedule, gathered_state_dict,
                               lr_schedule)
 from pipelines.run_plan import OVERRUN, StopPolicy
@@ -88,6 +90,7 @@ class LoopConfig:
     use_gpu: bool = False
     torch_threads: Optional[int] = None  # CPU threads per worker; None = the CPUs it holds, rounded up
     fault: FaultDrill = field(default_factory=FaultDrill.from_env)  # tests and chaos runs only
+    pieces: list = field(default_factory=list)  # the corpus's [file, row group, rows] (pretrain_data.corpus_pieces)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,7 +101,8 @@ class LoopConfig:
         data["masking"] = MaskingConfig(**data["masking"])
         return cls(run_dir=d["run_dir"], tokenizer=d["tokenizer"], use_gpu=d.get("use_gpu", False),
                    model=ModelConfig(**d["model"]), data=DataConfig(**data), train=TrainConfig(**d["train"]),
-                   torch_threads=d.get("torch_threads"), fault=FaultDrill(**d.get("fault", {})))
+                   torch_threads=d.get("torch_threads"), fault=FaultDrill(**d.get("fault", {})),
+                   pieces=d.get("pieces", []))
 
 
 def build_mlm_model(model: ModelConfig, bert_config: BertConfig) -> BertForMaskedLM:
@@ -182,21 +186,20 @@ def forward_mlm(engine, masker: Masker, input_ids: torch.Tensor, seed: int, devi
     return loss, correct, labels.numel()
 
 
-def evaluate(engine, shard, masker: Masker, cfg: LoopConfig, rank: int, device,
+def evaluate(engine, val_rows: torch.Tensor, masker: Masker, cfg: LoopConfig, rank: int, device,
              beat: Optional[Heartbeat] = None) -> dict:
-    """Validation loss / accuracy over this worker's whole val shard, summed over workers.
+    """Validation loss / accuracy over this worker's share of the run's validation set (`val_rows`,
+    (N, seq_len) int64 from pipelines.pretrain_data.read_val_rows), summed over workers.
 
     Masking is seeded by (seed, rank, batch index), identical at every evaluation, so successive
     val numbers differ only by the weights.
     """
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x masked, correct, masked
     with evaluating(engine):
-        for i, batch in enumerate(shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size,
-                                                           dtypes=torch.int64, device="cpu")):
+        for i, batch in enumerate(val_rows.split(cfg.train.micro_batch_size)):  # (<=B, T) each
             if beat is not None:
                 beat.beat("eval")
-            loss, c, m = forward_mlm(engine, masker, batch["input_ids"], derive_seed(cfg.train.seed, 7, rank, i),
-                                     device)
+            loss, c, m = forward_mlm(engine, masker, batch, derive_seed(cfg.train.seed, 7, rank, i), device)
             sums[0] += loss.double() * m
             sums[1] += c
             sums[2] += m
@@ -265,14 +268,12 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWriter) -> None:
-    import ray.train
-
     tc, rank, world, device = cfg.train, wc.rank, wc.world, wc.device
     tokenizer, masker, bert_config, engine, state, resumed, peak = _open_run(cfg, wc, beat, log)
     policy = StopPolicy.for_invocation(tc, state["step"], state.get("budget"))
     flops_per_token = mlm_flops_per_token(bert_config, cfg.data.seq_len, cfg.data.masking.mlm_probability)
     tokens_per_step = tc.micro_batch_size * cfg.data.seq_len * tc.grad_accum * world
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), _val_shard()
+    val_rows = _val_rows(cfg.run_dir, rank, world)
     val_masker = Masker.from_tokenizer(tokenizer, replace(cfg.data.masking,
                                                           mlm_probability=cfg.data.eval_mlm_probability))
     window = MetricsWindow(device)
@@ -283,7 +284,8 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
     while not done:
         epoch = state["epoch"]
         beat.beat("data")
-        for i, batch in epoch_batches(train_shard, cfg, epoch, state["consumed"]):
+        shard = epoch_split(cfg.data, cfg.tokenizer, cfg.pieces, tc.seed, epoch, rank, world)  # this epoch's order
+        for i, batch in epoch_batches(shard, cfg, epoch, state["consumed"]):
             beat.beat("step")
             boundary = _micro_step(engine, masker, batch["input_ids"], derive_seed(tc.seed, rank, epoch, i),
                                    device, window)
@@ -301,8 +303,8 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
             if log_now or stop:
                 metrics = _window_metrics(window, engine, policy, step, epoch, peak, tokens_per_step,
                                           flops_per_token, rank)
-            if val_shard is not None and (step % tc.eval_every == 0 or policy.reached(step)):
-                metrics.update(step=step, **_validate(engine, val_shard, val_masker, cfg, rank, device, beat, policy))
+            if val_rows is not None and (step % tc.eval_every == 0 or policy.reached(step)):
+                metrics.update(step=step, **_validate(engine, val_rows, val_masker, cfg, rank, device, beat, policy))
             if metrics:
                 log.write(metrics)
             if step % tc.save_every == 0 or stop:
@@ -326,24 +328,22 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
     gc.collect()
 
 
-def _validate(engine, val_shard, masker: Masker, cfg: LoopConfig, rank: int, device, beat: Heartbeat,
+def _validate(engine, val_rows: torch.Tensor, masker: Masker, cfg: LoopConfig, rank: int, device, beat: Heartbeat,
               policy: StopPolicy) -> dict:
     """`evaluate`, timed for a budgeted run's reserve (the pass at the end is planned for)."""
     t0 = time.time()
-    out = evaluate(engine, val_shard, masker, cfg, rank, device, beat)
+    out = evaluate(engine, val_rows, masker, cfg, rank, device, beat)
+    seconds = time.time() - t0
     if policy.budget is not None:
-        policy.budget.eval_s = time.time() - t0
-    return out
+        policy.budget.eval_s = seconds
+    return out | {"val_seconds": round(seconds, 3)}
 
 
-def _val_shard():
-    """This worker's validation shard, or None when the run has no validation split."""
-    import ray.train
-
-    try:
-        return ray.train.get_dataset_shard("val")
-    except KeyError:
-        return None
+def _val_rows(run_dir: str, rank: int, world: int) -> Optional[torch.Tensor]:
+    """This worker's share of the run's validation set, read once per invocation; None when the run
+    has none (val_fraction 0, or no held-out document packed into a row)."""
+    rows = read_val_rows(run_dir, rank, world)
+    return None if rows is None or len(rows) == 0 else torch.from_numpy(rows)
 
 
 def _micro_step(engine, masker: Masker, input_ids: torch.Tensor, seed: int, device, window: MetricsWindow) -> bool:

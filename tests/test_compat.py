@@ -165,7 +165,7 @@ def test_training_datasets_carry_the_idle_scheduler_backoff(ray_local, tmp_path)
     import ray.data
 
     from pipelines.corpora import chinese_vocab_path
-    from pipelines.pretrain_data import DataConfig, build_datasets, write_corpus
+    from pipelines.pretrain_data import DataConfig, build_datasets, check_corpus, write_corpus
 
     backoff = idle_scheduler_backoff()
     ctx = ray.data.DataContext.get_current()
@@ -173,7 +173,8 @@ def test_training_datasets_carry_the_idle_scheduler_backoff(ray_local, tmp_path)
     try:
         ctx.custom_execution_callback_classes[:] = []
         corpus = write_corpus(["一二三四五六七八九十"] * 20, str(tmp_path / "c.parquet"))
-        ds = build_datasets(DataConfig(paths=[corpus], val_fraction=0.0), str(chinese_vocab_path()))["train"]
+        data, vocab = DataConfig(paths=[corpus], val_fraction=0.0), str(chinese_vocab_path())
+        ds = build_datasets(data, vocab, check_corpus(data, vocab, rows_needed=1).pieces)["train"]
         assert backoff in ds.context.custom_execution_callback_classes
         assert ds.context.execution_callback_classes.count(backoff) == 1
         pace_idle_data_scheduler()  # idempotent

@@ -46,8 +46,10 @@ def corpus(tmp_path_factory) -> str:
     # it, and the restart at 40 must find its place in the second epoch.
     # One file of each format (Parquet, CSV, JSON Lines), so every run below also proves that a
     # mixed corpus trains and resumes exactly (a JSON Lines corpus once never reached step 0).
+    # Sorted, so each file holds its own stretch of the alphabet (a corpus written by topic): the
+    # runs read the files in each epoch's own order, and resume must re-read that order exactly.
     d = tmp_path_factory.mktemp("corpus") / "zh"
-    texts = peoples_daily_sentences()[:420]
+    texts = sorted(peoples_daily_sentences()[:420])
     write_corpus(texts, str(d), rows_per_file=140)  # a directory of 3 files
     table = pq.read_table(d / "part-00001.parquet")
     pacsv.write_csv(table, d / "part-00001.csv")
@@ -225,6 +227,91 @@ def test_resume_is_exact_across_invocations_and_a_killed_worker(straight, corpus
     for s in range(5, STEPS + 1, 5):
         assert abs(a[s] - b[s]) < 1e-6, (s, a[s], b[s])
     assert abs(_val(straight_dir)[STEPS] - _val(run_dir)[STEPS]) < 1e-6
+
+
+# Ten "topics", each written with its own characters (all in the vocab: no [UNK] shared between
+# them), so a packed row tells which file it came from.
+TOPICS = ["天地玄黄宇宙洪荒", "日月盈辰宿列张", "寒来暑往秋收冬藏", "闰余成岁律吕调阳", "云腾致雨露结为霜",
+          "金生丽水玉出昆冈", "剑号巨阙珠称夜光", "果珍李菜重芥姜", "海咸河淡鳞潜羽翔", "龙师火帝鸟官人皇"]
+
+
+def _topic_rows(tmp_path, epoch: int, **data) -> list[int]:
+    """The topic of each of the first 100 rows one worker trains on in `epoch`, from a corpus of
+    ten Parquet files written in topic order (file k: 200 documents of topic k)."""
+    import random
+
+    from pipelines.pretrain_data import DataConfig, cached_tokenizer, check_corpus, epoch_split
+    from pipelines.train import LoopConfig, epoch_batches
+    from pipelines.train_config import TrainConfig
+
+    d = tmp_path / "topics"
+    if not d.is_dir():
+        rng = random.Random(0)
+        texts = ["".join(rng.choice(t) for _ in range(rng.randint(20, 40))) for t in TOPICS for _ in range(200)]
+        write_corpus(texts, str(d), rows_per_file=200)
+    vocab = str(chinese_vocab_path())
+    cfg = DataConfig(paths=[str(d)], tokenizer=vocab, seq_len=64, val_fraction=0.0, **data)
+    pieces = check_corpus(cfg, vocab, rows_needed=1).pieces
+    loop = LoopConfig(run_dir=str(tmp_path / "run"), tokenizer=vocab, data=cfg,
+                      train=TrainConfig(micro_batch_size=10, seed=0), pieces=pieces)
+    topic_of = {i: k for k, t in enumerate(TOPICS) for i in cached_tokenizer(vocab)(t, add_special_tokens=False)["input_ids"]}
+    rows = []
+    for _, batch in epoch_batches(epoch_split(cfg, vocab, pieces, 0, epoch, rank=0, world=1), loop, epoch, 0):
+        rows += [next(topic_of[t] for t in r.tolist() if t in topic_of) for r in batch["input_ids"]]
+        if len(rows) >= 100:
+            return rows[:100]
+    raise AssertionError(f"the corpus gave {len(rows)} rows")
+
+
+@pytest.mark.timeout(300)
+def test_a_corpus_sorted_by_topic_trains_in_shuffled_order(tmp_path):
+    """#36: ten files, one topic each, in topic order. By default (files permuted per epoch from
+    (seed, epoch), then the local buffer) the first 100 rows a worker trains on come from at least
+    5 topics; read in corpus order they come from 2. With the buffer off, the file order alone is
+    each epoch's own, and the same (seed, epoch) gives the same rows (what exact resume re-reads)."""
+    shuffled = _topic_rows(tmp_path, 0)
+    assert len(set(shuffled)) >= 5, shuffled
+    in_order = _topic_rows(tmp_path, 0, shuffle_files=False, shuffle_buffer_rows=0)
+    assert len(set(in_order)) <= 2 and in_order[0] == 0, in_order
+    epoch0, epoch1 = (_topic_rows(tmp_path, e, shuffle_buffer_rows=0) for e in (0, 1))
+    assert epoch0 != in_order and epoch1 != epoch0, (epoch0, epoch1)
+    assert _topic_rows(tmp_path, 1, shuffle_buffer_rows=0) == epoch1
+    assert _topic_rows(tmp_path, 0) == shuffled
+
+
+@pytest.mark.timeout(120)
+def test_evaluations_read_the_run_dirs_validation_file_not_the_corpus(straight, corpus):
+    """#36: the validation set is packed once, at the run's start, into <run_dir>/val.parquet, and
+    every evaluation evaluates exactly its rows: the masked-token count each evaluation reports
+    equals that of masking the file's rows as the loop does (each rank its share, seeded by
+    (seed, 7, rank, batch))."""
+    from dataclasses import replace
+
+    from bert_core.masking import Masker
+    from pipelines.pretrain_data import VAL_FILE, build_val_rows, cached_tokenizer, is_val, read_val_rows
+    from pipelines.worker import derive_seed, mlm_step_inputs
+
+    run_dir, _ = straight
+    cfg = _cfg(run_dir, corpus)
+    tokenizer = str(chinese_vocab_path())
+    rows = read_val_rows(str(run_dir))
+    assert (run_dir / VAL_FILE).is_file() and 0 < len(rows) <= cfg.data.val_max_rows
+    assert rows.shape[1] == cfg.data.seq_len and (rows == build_val_rows(cfg.data, tokenizer)).all()
+    held_out = [t for t in sorted(peoples_daily_sentences()[:420]) if is_val(t, cfg.data.val_fraction)]
+    tok = cached_tokenizer(tokenizer)
+    assert (rows[:, 0] == tok.cls_token_id).all()
+    first = tok(held_out[0], add_special_tokens=False)["input_ids"][:cfg.data.seq_len - 1]
+    assert rows[0, 1:1 + len(first)].tolist() == first  # the first held-out document opens the set
+
+    masker = Masker.from_tokenizer(tok, replace(cfg.data.masking, mlm_probability=cfg.data.eval_mlm_probability))
+    world, b = cfg.scaling.num_workers, cfg.train.micro_batch_size
+    expected = sum(mlm_step_inputs(masker, batch, derive_seed(cfg.train.seed, 7, rank, i)).masked_labels.numel()
+                   for rank in range(world)
+                   for i, batch in enumerate(torch.from_numpy(read_val_rows(str(run_dir), rank, world)).split(b)))
+    evals = [m for m in read_metrics(run_dir) if "val_tokens" in m]
+    assert [m["step"] for m in evals] == [25, STEPS]
+    assert all(m["val_tokens"] == expected for m in evals), (expected, evals)
+    assert all(m["val_seconds"] > 0 for m in evals)
 
 
 @pytest.mark.timeout(120)

@@ -58,6 +58,7 @@ from pipelines.score_config import ActorsLost
 
 IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: an actor never waits on the driver between units
 ACTOR_START_TIMEOUT_S = 300.0  # actors are sized to the cluster: if none starts by then, its CPUs are taken
+UNIT_RETRIES = 3  # times one unit may be given to another actor after its actor was lost mid-unit
 
 
 @dataclass(frozen=True)
@@ -86,17 +87,20 @@ def choose_unit_rows(rows: int, actors: int, batch_size: int) -> int:
     return batch_size * min(16, max(1, blocks))
 
 
-def plan_units(files: list[str], paths: list[str], unit_rows: int) -> list[Unit]:
+def plan_units(files: list[str], paths: list[str], unit_rows: int, row_groups: Optional[dict] = None) -> list[Unit]:
     """Every row of `files` (read as Parquet; `paths`: each as Ray Data spells it) in units of at
-    most `unit_rows` rows, none spanning two row groups."""
+    most `unit_rows` rows, none spanning two row groups. `row_groups`: file -> rows of each row
+    group, where the input plan read them already; other files' footers are read here."""
     units = []
     for index, (name, path) in enumerate(zip(files, paths)):
-        fs, p = storage.filesystem(name)
-        with storage.reachable(name), fs.open_input_file(p) as f:
-            meta = pq.ParquetFile(f).metadata
+        sizes = (row_groups or {}).get(name)
+        if sizes is None:
+            fs, p = storage.filesystem(name)
+            with storage.reachable(name), fs.open_input_file(p) as f:
+                meta = pq.ParquetFile(f).metadata
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         first = 0
-        for g in range(meta.num_row_groups):
-            n = meta.row_group(g).num_rows
+        for g, n in enumerate(sizes):
             units += [Unit(name, path, index, g, s, min(n, s + unit_rows), first) for s in range(0, n, unit_rows)]
             first += n
     return units
@@ -312,6 +316,13 @@ class UnitQueue:
     def __bool__(self) -> bool:
         return bool(self.groups)
 
+    def put_back(self, unit: Unit) -> None:
+        """A unit whose actor was lost: first in line for the next actor that asks."""
+        key = (unit.file, unit.row_group)
+        self.groups[key] = self.groups.pop(key, deque())
+        self.groups[key].appendleft(unit)
+        self.groups = {key: self.groups.pop(key), **self.groups}
+
     def take(self, actor: int) -> Optional[Unit]:
         key = self.held.get(actor)
         if key not in self.groups:
@@ -327,25 +338,38 @@ class UnitQueue:
         return unit
 
 
-def started_actor(index: int, ready_ref, kind: str = "predictor") -> int:
-    """`index`, once its actor's `ready()` came back; ActorsLost if the actor could not start."""
+def started_actor(index: int, ready_ref, kind: str = "predictor", restarting: bool = False) -> Optional[int]:
+    """`index`, once its actor's `ready()` came back; ActorsLost if the actor could not start. With
+    `restarting` (an actor whose node was lost), None while it is still unreachable."""
     import ray
 
     try:
         ray.get(ready_ref)
+    except ray.exceptions.ActorUnavailableError:
+        if restarting:
+            return None
+        raise ActorsLost(f"a {kind} actor could not start: it is unreachable") from None
     except ray.exceptions.RayActorError as e:
         raise ActorsLost(f"a {kind} actor could not start: {str(e).strip().splitlines()[0]}") from None
     return index
 
 
-def collect(ref, unit: Unit, on_done: Callable[[int, int, int], None]) -> None:
-    """`on_done(rows, errors, tokens)` of a unit's finished `score` task, or the one error that
-    stops the run: an actor dead for good, or a unit that can't be scored (`UnitFailed`). Any other
-    exception is a bug and keeps its traceback."""
+def collect(ref, unit: Unit, on_done: Callable[[int, int, int], None], retry_unavailable: bool = False) -> bool:
+    """`on_done(rows, errors, tokens)` of a unit's finished `score` task (True), or the one error
+    that stops the run: an actor dead for good, or a unit that can't be scored (`UnitFailed`). Any
+    other exception is a bug and keeps its traceback. With `retry_unavailable`, an actor that went
+    away mid-unit and is restarting (its node lost: `ActorUnavailableError`) returns False: the
+    caller gives the unit to another actor (a unit's file is written whole, so scoring it again
+    writes the same rows once)."""
     import ray
 
     try:
         on_done(*ray.get(ref))
+        return True
+    except ray.exceptions.ActorUnavailableError:
+        if retry_unavailable:
+            return False
+        raise
     except ray.exceptions.RayActorError as e:
         raise ActorsLost(f"a predictor or tokenizing actor died more often than resources.max_restarts allows, scoring "
                          f"{unit.file} (row group {unit.row_group}): {str(e).strip().splitlines()[0]}; if it "
@@ -363,51 +387,100 @@ def collect(ref, unit: Unit, on_done: Callable[[int, int, int], None]) -> None:
 def run_units(actors: list, units: list[Unit], spec: dict, on_done: Callable[[int, int, int], None]) -> float:
     """Score `units` on `actors`, IN_FLIGHT_PER_ACTOR each, calling `on_done(rows, errors, tokens)`
     as each unit commits. Units go only to actors that have started, so actors the cluster can't
-    place (CPUs held by other work) hold none. Returns when (`time.perf_counter()`) the first
-    actor was ready."""
-    import ray
+    place (CPUs held by other work) hold none; a unit whose actor is lost mid-unit (its node gone)
+    goes to another, and the actor gets units again once Ray has restarted it elsewhere. Returns
+    when (`time.perf_counter()`) the first actor was ready."""
+    return _UnitRunner(actors, units, spec, on_done).run()
 
-    queue, in_flight = UnitQueue(units), {}
-    if not queue:
-        return time.perf_counter()
-    starting = {a.ready.remote(): i for i, a in enumerate(actors)}
-    first = wait_for_an_actor(list(starting))
-    ready_at = time.perf_counter()
-    spec_ref = ray.put(spec)  # sent to each actor once, not with every unit
 
-    def submit(i: int) -> None:
-        unit = queue.take(i)
+class _UnitRunner:
+    def __init__(self, actors: list, units: list[Unit], spec: dict, on_done: Callable[[int, int, int], None]):
+        self.actors, self.queue, self.spec, self.on_done = actors, UnitQueue(units), spec, on_done
+        self.in_flight: dict = {}  # score ref -> (actor index, unit)
+        self.starting: dict = {}  # ready ref -> actor index
+        self.up: set = set()  # actors taking units
+        self.down: dict = {}  # actor index -> when it was lost (monotonic)
+        self.retries: dict = {}  # unit name -> times handed out again
+
+    def run(self) -> float:
+        import ray
+
+        if not self.queue:
+            return time.perf_counter()
+        self.starting = {a.ready.remote(): i for i, a in enumerate(self.actors)}
+        first = wait_for_an_actor(list(self.starting))
+        ready_at = time.perf_counter()
+        self.spec_ref = ray.put(self.spec)  # sent to each actor once, not with every unit
+        for ref in first:
+            self.started(ref)
+        while self.in_flight or (self.queue and self.starting):  # nothing in flight: wait for a restart as for a start
+            ready, _ = ray.wait(list(self.in_flight) + list(self.starting), num_returns=1,
+                                timeout=None if self.in_flight else ACTOR_START_TIMEOUT_S)
+            if not ready:
+                raise not_started("predictor", ACTOR_START_TIMEOUT_S)
+            if ready[0] in self.starting:
+                self.started(ready[0])
+                continue
+            i, unit = self.in_flight.pop(ready[0])
+            if collect(ready[0], unit, self.on_done, retry_unavailable=True):
+                if i in self.up:
+                    self.submit(i)
+            else:
+                self.lost(i, unit)
+        if self.queue:
+            raise ActorsLost("scoring stopped with units left and no predictor actor to score them; the rows "
+                             "scored so far are kept: rerun the same command to finish")
+        return ready_at
+
+    def submit(self, i: int) -> None:
+        unit = self.queue.take(i)
         if unit is not None:
-            in_flight[actors[i].score.remote(unit, spec_ref)] = (i, unit)
+            self.in_flight[self.actors[i].score.remote(unit, self.spec_ref)] = (i, unit)
 
-    def started(ref) -> None:
-        i = started_actor(starting.pop(ref), ref)
-        for _ in range(IN_FLIGHT_PER_ACTOR):
-            submit(i)
+    def load(self, i: int) -> int:
+        return sum(j == i for j, _ in self.in_flight.values())
 
-    for ref in first:
-        started(ref)
-    while in_flight:
-        [ref], _ = ray.wait(list(in_flight) + list(starting), num_returns=1)
-        if ref in starting:
-            started(ref)
-            continue
-        i, unit = in_flight.pop(ref)
-        collect(ref, unit, on_done)
-        submit(i)
-    return ready_at
+    def started(self, ref) -> None:
+        i = self.starting.pop(ref)
+        if started_actor(i, ref, restarting=i in self.down) is None:  # its node is gone; Ray is restarting it
+            if time.monotonic() - self.down[i] > ACTOR_START_TIMEOUT_S:
+                raise not_started("predictor", ACTOR_START_TIMEOUT_S)
+            self.starting[self.actors[i].ready.remote()] = i
+            return
+        self.down.pop(i, None)
+        self.up.add(i)
+        for _ in range(IN_FLIGHT_PER_ACTOR - self.load(i)):
+            self.submit(i)
+
+    def lost(self, i: int, unit: Unit) -> None:
+        """Actor `i` went away mid-unit: the unit goes back to the queue, first in line, and to a
+        working actor with room; `i` is asked for `ready()` until Ray has restarted it."""
+        n = self.retries[unit.name] = self.retries.get(unit.name, 0) + 1
+        if n > UNIT_RETRIES:
+            raise ActorsLost(f"{unit.file} (row group {unit.row_group}): its actor was lost {n} times while scoring "
+                             f"it; check the cluster's nodes; the rows scored so far are kept: rerun the same "
+                             f"command to finish")
+        self.queue.put_back(unit)
+        self.up.discard(i)
+        self.down.setdefault(i, time.monotonic())
+        if i not in self.starting.values():
+            self.starting[self.actors[i].ready.remote()] = i
+        for j in self.up:
+            if self.load(j) < IN_FLIGHT_PER_ACTOR:
+                self.submit(j)
 
 
 def score_on_actors(run: Callable[[list[Unit], Callable], float], output: str, files: list[str], unit_rows: int,
-                    checkpoint_dir: str, total: int, rows_before: int, tokens_before: int) -> float:
+                    checkpoint_dir: str, total: int, rows_before: int, tokens_before: int,
+                    row_groups: Optional[dict] = None) -> float:
     """The scoring step of `pipelines.scoring.score`: plan the units of `files` (staged Parquet),
     skip those `output` already holds, score the rest with `run(units, on_done)` (`run_units`, or
     `score_feed.run_fed_units`); one progress line. Returns when (`time.perf_counter()`) the first
-    predictor actor was ready: the start-up ends there."""
+    predictor actor was ready: the start-up ends there. `row_groups`: see `plan_units`."""
     from pipelines.console import Progress
     from pipelines.score_output import UNITS_RECORD, data_files, ray_path, write_json
 
-    units = plan_units(files, [ray_path(f) for f in files], unit_rows)
+    units = plan_units(files, [ray_path(f) for f in files], unit_rows, row_groups)
     todo = pending_units(units, data_files(output))
     # Marks the run unfinished until `finish` deletes the checkpoint dir (an object store has no empty dirs).
     write_json(storage.join(checkpoint_dir, UNITS_RECORD), {"unit_rows": unit_rows, "units": len(units),

@@ -313,7 +313,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
                 return run_units(pool.actors, units, spec, done)
         try:
             ready_at = score_on_actors(run, cfg.output, list(staged), record["unit_rows"], pre.checkpoint_dir,
-                                       pre.plan.rows, before[0], before[2])
+                                       pre.plan.rows, before[0], before[2], pre.plan.row_groups)
         except NotRead as e:  # its error asks for a sound copy of the file: the resume must accept it
             forget_fingerprint(run_record, staged.get(e.file, e.file))
             raise

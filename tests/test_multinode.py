@@ -1,6 +1,7 @@
 """Multi-node runs on a local multi-node Ray cluster (`ray.cluster_utils.Cluster`: a head and 2
 worker nodes, all on this machine): batch scoring whose predictor actors run on more than one
-node, and a 2-worker pretraining run whose ranks sit on two different nodes.
+node, scoring that loses a node mid-run while another joins, and a 2-worker pretraining run whose
+ranks sit on two different nodes.
 
 The jobs connect the way they would to a real cluster (`address=cluster.address`; jobs/ray_env.py
 connects and leaves the cluster up). The resource layout forces the spread, and the tests then
@@ -163,6 +164,69 @@ def test_scoring_actors_run_on_two_nodes(cluster, minilm_dir, tmp_path):
     assert set(per_node) == workers, per_node
     print(f"\nscoring: {result.rows} rows in {seconds:.1f} s; predictor actors on nodes "
           f"{sorted(set(actor_nodes.values()))}; units scored per node {per_node}")
+
+
+@pytest.mark.timeout(420)
+def test_scoring_survives_a_lost_node_and_puts_a_new_one_to_work(cluster, minilm_dir, tmp_path):
+    """#36: nodes come and go under a scoring run. It asks for three predictor actors where the two
+    worker nodes hold two (the third waits for room, as on an autoscaling cluster). Once the first
+    units are written, one worker node is killed outright (its actor and the units it was scoring
+    go with it) and a fresh node joins. The run finishes with every row exactly once (the lost
+    units are scored again), and the node that joined scored units."""
+    import threading
+
+    from ray.util.state import list_tasks
+
+    from jobs.score import ResourceConfig, ScoreConfig, main
+    from pipelines.score_output import read_output
+
+    head, workers = _node_ids(cluster)
+    d, out = tmp_path / "in", tmp_path / "out"
+    d.mkdir()
+    # Long enough (about 40 s on 2 cores) for the joining node's actor to start and take units.
+    texts = _generated(8_000, seed=1)
+    ids = [f"n{i}" for i in range(len(texts))]
+    for k in range(4):  # four files of 2,000 rows
+        pq.write_table(pa.table({"id": ids[k * 2000:(k + 1) * 2000], "text": texts[k * 2000:(k + 1) * 2000]}),
+                       d / f"part-{k}.parquet")
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = main(ScoreConfig(
+                input=str(d), output=str(out), model=str(minilm_dir), task="embed", max_length=128,
+                batch_size=20,  # units of 16 blocks of 20 rows (choose_unit_rows): 25 units
+                address=cluster.address, resources=ResourceConfig(num_actors=3, actor_num_cpus=ACTOR_CPUS)))
+        except BaseException as e:  # re-raised below, in the test's thread
+            box["error"] = e
+
+    job = threading.Thread(target=run, daemon=True)
+    job.start()
+    units = lambda: list(out.rglob("*.parquet")) if out.is_dir() else []  # noqa: E731
+    _poll(units, lambda u: len(u) >= 2 or not job.is_alive(), timeout=240, every=0.2)
+    assert job.is_alive() and len(units()) < 25, "the run ended before a node could be lost"
+    lost = next(n for n in cluster.worker_nodes if n.node_id in workers)
+    cluster.remove_node(lost, allow_graceful=False)
+    new = cluster.add_node(num_cpus=WORKER_CPUS, object_store_memory=256 << 20)
+    job.join(timeout=300)
+    assert not job.is_alive(), "scoring hung after losing a node"
+    if "error" in box:
+        raise box["error"]
+    result = box["result"]
+
+    table = read_output(str(out))
+    assert result.rows == result.input_rows == table.num_rows == len(ids) and result.error_rows == 0
+    assert sorted(table["id"].to_pylist()) == sorted(ids)  # every row once: none lost, none twice
+
+    def units_on_new_node():
+        try:
+            tasks = list_tasks(address=cluster.address, filters=[("type", "=", "ACTOR_TASK")], detail=True,
+                               limit=10_000, raise_on_missing_output=False)
+        except Exception:
+            return 0
+        return sum(t.node_id == new.node_id and t.state == "FINISHED" and t.name.endswith(".score") for t in tasks)
+
+    assert _poll(units_on_new_node, lambda n: n > 0) > 0, "the node that joined mid-run scored nothing"
 
 
 # Over 60 s: a Ray Train fit whose workers start on two other nodes of a 3-node test cluster.

@@ -40,6 +40,12 @@ def test_units_cover_every_row_once_within_row_groups(tmp_path):
     files = [str(tmp_path / f) for f in ("a.parquet", "b.parquet", "e.parquet")]
     units = plan_units(files, files, unit_rows=25)
     assert plan_units(files, files, unit_rows=25) == units  # deterministic: a resume plans the same units
+    # From the row-group sizes the input plan read (its footers, read once), the same units.
+    from pipelines.inputs import plan_inputs
+
+    known = plan_inputs(files).row_groups
+    assert known[files[0]] == [60, 60, 60, 60, 10] and sum(known[files[2]]) == 0
+    assert plan_units(files, files, unit_rows=25, row_groups=known) == units
     for name, rows in ((files[0], 250), (files[1], 7), (files[2], 0)):
         mine = [u for u in units if u.file == name]
         covered = sorted(r for u in mine for r in range(u.first_row + u.start, u.first_row + u.stop))

@@ -121,7 +121,7 @@ def tapt_config(work: Path, init_from: str, train_path: str, budget: float, dtyp
 
     return build_config(None, str(ROOT / "configs" / "tapt.yaml"), {
         "run_dir": str(work / "tapt"), "model.init_from": init_from, "data.paths": [train_path],
-        "train.total_time_budget_s": budget, "train.max_steps": 10 ** 6, "scaling.num_workers": 2,
+        "train.total_time_budget_s": budget, "train.max_steps": 10 ** 6, "scaling.num_workers": 1,
         "train.dtype": dtype})
 
 

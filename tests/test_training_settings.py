@@ -118,6 +118,7 @@ CASES = [
     ("pretrain", {"model": {"train_dropout": 1.0}}, ["model.train_dropout must be in [0, 1) (or unset), got 1.0"]),
     ("pretrain", {"data": {"seq_len": 2}}, ["data.seq_len must be >= 3 ([CLS], one token and [SEP]), got 2"]),
     ("pretrain", {"data": {"shuffle_buffer_rows": -1}}, ["data.shuffle_buffer_rows must be >= 0", "got -1"]),
+    ("pretrain", {"data": {"val_max_rows": 0}}, ["data.val_max_rows must be >= 1, got 0"]),
     ("pretrain", {"data": {"num_cpus": -0.25}}, ["data.num_cpus must be > 0, got -0.25"]),
     ("pretrain", {"data": {"masking": {"random_replace_prob": 0.3}}},
      ["data.masking.mask_replace_prob + data.masking.random_replace_prob must be <= 1", "0.8 + 0.3"]),
@@ -318,6 +319,9 @@ def test_recipe_changes_compare_json_values_and_skip_per_invocation_settings():
     assert "train.seed 0 -> 1" not in recipe_changes(saved, now)
     saved["model"]["activation_checkpointing"], saved["data"]["text_column"] = True, "body"
     assert "data.text_column \"body\" -> \"text\"" in recipe_changes(saved, now)
+    # What shapes the run's val.parquet (built once, #36) and its files' order: a resume keeps them.
+    now.data.val_max_rows, now.data.shuffle_files = 512, False
+    assert {"data.val_max_rows 2048 -> 512", "data.shuffle_files true -> false"} <= set(recipe_changes(saved, now))
 
 
 RECIPE = {"data": {"val_fraction": 0.0}, "scaling": {"max_failures": 0},

@@ -121,14 +121,18 @@ def epoch_order(n_files: int, seed: int, epoch: int, shuffle: bool = True) -> li
     return np.random.default_rng([seed, 13, epoch]).permutation(n_files).tolist()
 
 
-def build_datasets(cfg: DataConfig, tokenizer_path: str, pieces: list, seed: int = 0, epoch: int = 0) -> dict:
-    """The lazy train dataset of packed rows of `epoch`: the corpus's `pieces` (see `corpus_pieces`)
-    in `epoch_order`, read and packed by Ray Data tasks of `num_cpus` (see the module docstring)."""
+def build_datasets(cfg: DataConfig, tokenizer_path: str, pieces: Optional[list] = None, seed: int = 0,
+                   epoch: int = 0) -> dict:
+    """The lazy train dataset of packed rows of `epoch`: the corpus's `pieces` (see `corpus_pieces`;
+    None: read from the corpus's footers now) in `epoch_order`, read and packed by Ray Data tasks of
+    `num_cpus` (see the module docstring)."""
     import ray.data
 
     from pipelines.compat import pace_idle_data_scheduler
 
     pace_idle_data_scheduler()
+    if pieces is None:
+        pieces = corpus_pieces(open_corpus(cfg.paths, cfg.text_column))
     ordered = [pieces[i] for i in epoch_order(len(pieces), seed, epoch, cfg.shuffle_files)]
     # Consecutive pieces share a task up to ~PIECE_TASK_ROWS documents: thousands of small files
     # don't cost a task each. `from_items` plans in this process, no Ray task: a read planned

@@ -6,8 +6,9 @@
   `score_output` (what an output holds, what raybert writes and may delete, what a resume must match),
   `tokenize` (the stateless CPU step) and `predictors` (the model step, one class per task; plain
   classes usable without Ray).
-- Pretraining: `pretrain_data` (text files -> tokenized, packed rows) and `train` (the
-  per-worker MLM loop: Ray Train + DeepSpeed ZeRO, checkpoints with an HF-format export).
+- Pretraining: `pretrain_data` (text files -> tokenized, packed rows, each epoch's files in its own
+  order; the validation set packed once into the run dir) and `train` (the per-worker MLM loop:
+  Ray Train + DeepSpeed ZeRO, checkpoints with an HF-format export).
 - Fine-tuning: `finetune_data` (labeled files -> tokenized, label-encoded rows) and `finetune`
   (the per-worker multi-task loop and its metrics).
 - Shared by both training loops: `train_config` (torch-free configs), `engine` (the one place a

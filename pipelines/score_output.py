@@ -117,18 +117,15 @@ def ray_path(name: str) -> str:
 def _write_staged(table, columns: list, target: str) -> None:
     import pyarrow as pa
 
-    fs, path = storage.filesystem(target)
-    fs.create_dir(os.path.dirname(path), recursive=True)
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")  # listings skip "." files
-    writer = None
-    for batch in table.iter_batches(columns=columns):
-        writer = writer or pq.ParquetWriter(tmp, batch.schema, filesystem=fs)
-        writer.write_batch(batch)
-    if writer is None:  # no rows: an empty file of the columns
-        pq.write_table(pa.table({c: pa.array([], pa.string()) for c in columns}), tmp, filesystem=fs)
-    else:
-        writer.close()
-    fs.move(tmp, path)  # whole or absent
+    with storage.replacing(target) as (fs, path):  # whole or absent
+        writer = None
+        for batch in table.iter_batches(columns=columns):
+            writer = writer or pq.ParquetWriter(path, batch.schema, filesystem=fs)
+            writer.write_batch(batch)
+        if writer is None:  # no rows: an empty file of the columns
+            pq.write_table(pa.table({c: pa.array([], pa.string()) for c in columns}), path, filesystem=fs)
+        else:
+            writer.close()
 
 
 def output_dtypes(output: str) -> str:
@@ -252,16 +249,30 @@ def check_contents(output: str, checkpoint_dir: str) -> None:
 # file they write (`score_units.Unit.name`), but Ray Data (an earlier raybert: "ray-data", or a
 # record without `scorer`) named its Parquet files itself, so in such an output any top-level
 # Parquet file is its. A symlink is never ours (never followed, never deleted); nor is a directory
-# but `_staged/`. `.<pid>.tmp` / `.tmp`: the temp files a kill can leave (storage.write_text,
-# score_units.write_unit, repair_duplicates, _write_staged), ours to delete.
-_RECORDS = rf"(?:{re.escape(RUN_RECORD)}|{re.escape(MANIFEST)})(?:\.\d+\.tmp)?"
-_UNITS = r"part-\d{5}-\d{5}-\d{9}\.parquet|\.part-\d{5}-\d{5}-\d{9}\.parquet(?:\.\d+)?\.tmp"
-_STAGED = rf"{STAGED}/(?:\d{{5}}\.parquet|\.\d{{5}}\.parquet\.tmp)"
+# but `_staged/`. Temp files a kill can leave, ours to delete: `.<name>.<pid>.tmp` of any of
+# these names (storage.replacing, every writer's one atomic write), and the spellings of earlier
+# raybert versions (`<record>.<pid>.tmp`, `.<name>.tmp`).
+_TMP = r"(?:\.\d+)?\.tmp"
+
+
+def _names(*names: str) -> str:
+    """A rule for `names` (regexes of a file name, with any directory) and their temp files."""
+    out = []
+    for n in names:
+        head, _, base = n.rpartition("/")
+        d = head + "/" if head else ""
+        out += [n, rf"{d}\.{base}{_TMP}"]
+    return "|".join(out)
+
+
+_RECORDS = rf"{_names(re.escape(RUN_RECORD), re.escape(MANIFEST))}|(?:{re.escape(RUN_RECORD)}|{re.escape(MANIFEST)})\.\d+\.tmp"
+_UNITS = _names(r"part-\d{5}-\d{5}-\d{9}\.parquet")
+_STAGED = _names(rf"{STAGED}/\d{{5}}\.parquet")
 CHECKPOINT = "checkpoint"  # the rule for a checkpoint dir: our UNITS_RECORD, Ray Data's <id>[.pending].parquet rows
 LAYOUTS = {
     "actors": re.compile(rf"{_RECORDS}|{_UNITS}|{_STAGED}"),
-    "ray-data": re.compile(rf"{_RECORDS}|{_UNITS}|{_STAGED}|[^/_.][^/]*\.parquet|\.[^/]*\.parquet\.tmp"),
-    CHECKPOINT: re.compile(rf"{re.escape(UNITS_RECORD)}(?:\.\d+\.tmp)?|[^/]+\.parquet"),
+    "ray-data": re.compile(rf"{_RECORDS}|{_UNITS}|{_STAGED}|[^/_.][^/]*\.parquet|\.[^/]*\.parquet{_TMP}"),
+    CHECKPOINT: re.compile(rf"{_names(re.escape(UNITS_RECORD))}|{re.escape(UNITS_RECORD)}\.\d+\.tmp|[^/]+\.parquet"),
 }
 _DIRS = {"actors": {STAGED}, "ray-data": {STAGED}, CHECKPOINT: set()}
 
@@ -295,6 +306,12 @@ def foreign(loc: str, rule: Optional[str]) -> list[str]:
     parents = {rel.rsplit("/", 1)[0] for rel, _ in found if "/" in rel}
     return [rel + {"dir": "/", "link": " (a symlink)"}.get(kind, "") for rel, kind in found
             if not is_ours(rel, kind, rule) and not (kind == "dir" and rel in parents)]
+
+
+def remove_temp_files(loc: str, rule: Optional[str]) -> list[str]:
+    """Delete the temp files killed writers left in `loc` (local) that `rule` says are raybert's
+    (`storage.remove_temp_files`): a user's own hidden `.tmp` file is kept. Returns them."""
+    return storage.remove_temp_files(loc, lambda rel: is_ours(rel, "file", rule))
 
 
 def remove_ours(loc: str, rule: Optional[str], under: str = "", drop_dir: bool = False) -> None:
@@ -354,9 +371,8 @@ def repair_duplicates(output: str) -> int:
             fs.delete_file(f)
             continue
         table = pq.read_table(f, filesystem=fs).filter(pa.array(mask))
-        tmp = os.path.join(os.path.dirname(f), "." + os.path.basename(f) + ".tmp")  # readers skip "." files
-        pq.write_table(table, tmp, filesystem=fs)
-        fs.move(tmp, f)  # atomic on a filesystem: a file is old or repaired, never half
+        with storage.replacing(f) as (out_fs, path):  # a file is old or repaired, never half
+            pq.write_table(table, path, filesystem=out_fs)
     dropped = int(len(flat) - keep.sum())
     log.warning("%s: dropped %d duplicate row(s) (repeated row_hash) left by overlapping writers", output, dropped)
     return dropped

@@ -114,23 +114,8 @@ def pending_units(units: list[Unit], committed: list[str]) -> list[Unit]:
 
 def write_unit(table: pa.Table, loc: str) -> None:
     """Write a unit's file whole: readers (and a resume) see all of it or nothing."""
-    if not storage.is_uri(loc):
-        path = storage.normalize(loc)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")  # readers skip "."
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-        return
-    fs, path = storage.filesystem(loc)
-    pq.write_table(table, path, filesystem=fs)  # an object appears only once its upload completes
-
-
-def drop_partial_writes(output: str) -> None:
-    """Delete the temp files of unit writes a kill cut short (local outputs; readers skip them)."""
-    if storage.is_uri(output):
-        return  # an object store holds no partial object
-    for name in storage.list_names(output):
-        if name.startswith(".part-") and name.endswith(".tmp"):
-            os.remove(os.path.join(storage.normalize(output), name))
+    with storage.replacing(loc) as (fs, path):
+        pq.write_table(table, path, filesystem=fs)
 
 
 def with_retries(action: Callable, attempts: int = 3):

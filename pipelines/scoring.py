@@ -81,10 +81,10 @@ from pipelines.score_config import ScoreConfig
 from pipelines.score_feed import PredictorPool, default_tokenizers, run_fed_units, start_tokenizers
 from pipelines.score_output import (CHECKPOINT, MANIFEST, RUN_RECORD, STAGED, check_output, checkpoint_present,
                                     data_files, default_checkpoint_dir, layout, output_dtypes, output_totals,
-                                    own_locations, ray_path, read_json, remove_ours, repair_duplicates, stage_inputs,
-                                    write_json)
+                                    own_locations, ray_path, read_json, remove_ours, remove_temp_files,
+                                    repair_duplicates, stage_inputs, write_json)
 from pipelines.score_resume import check_resume, forget_fingerprint, output_file_names, run_recipe
-from pipelines.score_units import (NotRead, choose_unit_rows, drop_partial_writes, run_units, same_scorer,
+from pipelines.score_units import (NotRead, choose_unit_rows, run_units, same_scorer,
                                    score_on_actors, stop_actors)
 
 log = logging.getLogger(__name__)
@@ -481,5 +481,5 @@ def finish(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, resumed: bool, second
                                                 "files": output_file_names(output)})
     remove_ours(pre.checkpoint_dir, CHECKPOINT, drop_dir=True)
     remove_ours(output, layout(output), under=STAGED)
-    drop_partial_writes(output)
+    remove_temp_files(output, layout(output))  # of writes a kill cut short, in this run or an earlier one
     return result

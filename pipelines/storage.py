@@ -11,9 +11,10 @@ Contract:
   following a symlink below `loc` (pyarrow's recursive listing follows them locally);
   `remove_file` and `remove_empty_dir` delete one entry, never through a symlink: with them, a
   caller that deletes only what `entries` showed it stays inside `loc`.
-- `exists`, `listing` (recursive, following local symlinks), `read_text` (None when absent),
-  `write_text` / `write_bytes` (atomic: a temp file renamed locally, a single PUT on an object store),
-  `read_bytes`,
+- `exists`, `listing` (recursive, following local symlinks), `read_text` / `read_bytes` (None when
+  absent), `write_text` / `write_bytes`, and `replacing(loc)`, the one atomic write every writer
+  goes through (a hidden `temp_name` renamed locally, the object itself on a store);
+  `remove_temp_files` (a resumed job's own leftovers),
   `append_line` (O_APPEND locally; read and rewrite on an object store, so callers must hold the
   run's lock), `list_names`, `upload`, `download_tree`, `replace_tree` (copy a directory over
   another, deleting what was there).
@@ -34,7 +35,7 @@ import contextlib
 import os
 import re
 import tempfile
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -244,18 +245,52 @@ def write_text(loc: str, text: str) -> None:
 
 
 def write_bytes(loc: str, data: bytes) -> None:
-    """Replace the file whole (a temp file renamed locally, one PUT on an object store)."""
-    if not is_uri(loc):
-        path = normalize(loc)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        return
-    fs, path = filesystem(loc)
-    with reachable(loc), fs.open_output_stream(path) as f:  # one PUT: atomic on object stores
+    """Replace the file whole (see `replacing`)."""
+    with replacing(loc) as (fs, path), fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def temp_name(path: str) -> str:
+    """The one temp-file name raybert writes through locally: a hidden sibling, `.<name>.<pid>.tmp`
+    (listings and readers skip "." files; the pid keeps two writers apart)."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def replacing(loc: str) -> Iterator[tuple]:
+    """The one atomic write: yields (filesystem, path) to write `loc`'s new content to, whole.
+    Locally the path is `temp_name(loc)`, renamed over `loc` when the block ends (removed if it
+    raises): readers see the old file or the new, never a part. On an object store it is `loc`
+    itself: an object appears only when its upload completes (no temp object, no copy-and-delete
+    move). A kill can leave a local temp file: `remove_temp_files` clears a job's own on resume."""
+    fs, path = filesystem(loc)
+    if is_uri(loc):
+        with reachable(loc):
+            yield fs, path
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        yield fs, tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def remove_temp_files(directory: str, owned: Callable[[str], bool]) -> list[str]:
+    """Delete the temp files (`*.tmp`) a killed writer left under a local `directory` whose path
+    relative to it `owned` says is the job's own; returns them. Nothing on an object store, which
+    holds no partial object."""
+    if is_uri(directory):
+        return []
+    gone = []
+    for rel, kind in entries(directory):
+        if kind == "file" and rel.endswith(".tmp") and owned(rel):
+            remove_file(join(directory, rel))
+            gone.append(rel)
+    return gone
 
 
 def read_bytes(loc: str) -> Optional[bytes]:

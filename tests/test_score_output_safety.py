@@ -367,3 +367,25 @@ def test_a_finished_output_whose_files_changed_is_not_reported_complete(ray_loca
     unit.unlink()
     with pytest.raises(FileExistsError, match=rf"gone since: {unit.name}"):
         preflight(_cfg(data, out, tiny))
+
+
+def test_the_one_atomic_write_replaces_whole_or_leaves_the_old_file(tmp_path):
+    """#37: every writer goes through storage.replacing: a hidden `.<name>.<pid>.tmp` renamed over
+    the file; a write that raises leaves the old content and no temp file behind."""
+    import os
+
+    import pytest
+
+    from pipelines import storage
+
+    target = tmp_path / "d" / "record.json"
+    storage.write_text(str(target), "old")
+    with pytest.raises(RuntimeError):
+        with storage.replacing(str(target)) as (fs, path):
+            assert os.path.basename(path) == f".record.json.{os.getpid()}.tmp"
+            with fs.open_output_stream(path) as f:
+                f.write(b"half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and os.listdir(target.parent) == ["record.json"]
+    storage.write_bytes(str(target), b"new")
+    assert target.read_text() == "new" and os.listdir(target.parent) == ["record.json"]

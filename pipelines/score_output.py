@@ -347,7 +347,7 @@ def repair_duplicates(output: str) -> int:
     import numpy as np
 
     files = sorted(data_files(output))
-    fs, _ = storage.filesystem(output)
+    fs, base = storage.filesystem(output)
     keys = []
     for f in files:
         cols = pq.read_schema(f, filesystem=fs).names
@@ -371,7 +371,8 @@ def repair_duplicates(output: str) -> int:
             fs.delete_file(f)
             continue
         table = pq.read_table(f, filesystem=fs).filter(pa.array(mask))
-        with storage.replacing(f) as (out_fs, path):  # a file is old or repaired, never half
+        loc = storage.join(output, f[len(base.rstrip("/")):].lstrip("/"))  # data_files are paths within fs
+        with storage.replacing(loc) as (out_fs, path):  # a file is old or repaired, never half
             pq.write_table(table, path, filesystem=out_fs)
     dropped = int(len(flat) - keep.sum())
     log.warning("%s: dropped %d duplicate row(s) (repeated row_hash) left by overlapping writers", output, dropped)

@@ -247,3 +247,30 @@ def test_cached_copy_fetches_once_per_version(s3):
     second = cached_copy(uri)
     assert second != first and Path(second, "config.json").read_text() == '{"v": 22}'
     assert cached_copy("relative/dir") == os.path.abspath("relative/dir") and cached_copy(None) is None
+
+
+def _two_files_repeating_a_key(write, prefix: str) -> None:
+    write(f"{prefix}/part-00000-00000-000000000.parquet", pa.table({"row_hash": [1, 2, 3], "id": ["a", "b", "c"]}))
+    write(f"{prefix}/part-00001-00000-000000000.parquet", pa.table({"row_hash": [3, 4], "id": ["c", "d"]}))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_duplicate_repair_rewrites_in_place_through_the_one_atomic_write(s3, tmp_path, where):
+    """#37: `repair_duplicates` writes each repaired file through storage.replacing: on an object
+    store the object itself (no temp object moved by copy and delete), locally a renamed temp file;
+    either way each key is kept once, the files keep their names and no temp file is left."""
+    from pipelines.score_output import data_files, read_output, repair_duplicates
+
+    if where == "s3":
+        output, prefix = f"s3://{BUCKET}/repair", f"{BUCKET}/repair"
+        _two_files_repeating_a_key(lambda p, t: pq.write_table(t, p, filesystem=s3), prefix)
+        listed = lambda: _keys(s3, prefix)  # noqa: E731
+    else:
+        output = prefix = str(tmp_path / "repair")
+        os.makedirs(output)
+        _two_files_repeating_a_key(lambda p, t: pq.write_table(t, p), prefix)
+        listed = lambda: sorted(os.listdir(output))  # noqa: E731
+    before = listed()
+    assert repair_duplicates(output) == 1
+    assert listed() == before and len(data_files(output)) == 2
+    assert sorted(read_output(output, columns=["row_hash"])["row_hash"].to_pylist()) == [1, 2, 3, 4]

@@ -182,6 +182,11 @@ def _expand(name: str, what: str, root: Optional[str] = None, skip: list = ()) -
 _ROWS: dict = {}
 
 
+def row_group_sizes(metadata) -> list[int]:
+    """The rows of each row group of a Parquet file, from its footer (`pyarrow` FileMetaData)."""
+    return [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+
+
 class TableFile:
     """One input file as the driver's checks read it, whatever its format (see the module
     docstring). `text_columns` (text, and ids) are read as strings of the source text from CSV and
@@ -290,10 +295,7 @@ class TableFile:
 
     def row_group_rows(self) -> list[int]:
         """Parquet: the rows of each row group (from the footer, already read); other formats: []."""
-        if self.format != "parquet":
-            return []
-        meta = self._parquet_file().metadata
-        return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        return row_group_sizes(self._parquet_file().metadata) if self.format == "parquet" else []
 
     def iter_batches(self, batch_size: int = 65_536, columns: Optional[list] = None,
                      row_groups: Optional[list] = None):

@@ -1,10 +1,11 @@
 """The pretraining data pipeline: text (Parquet, CSV or JSON Lines) -> tokenized, packed rows, on Ray Data.
 
 Contract:
-- `build_datasets(cfg, tokenizer_path, seed, epoch)` returns `{"train": ds}`, a lazy Ray Dataset of
-  one epoch's rows `{"input_ids": int64[seq_len]}`. No text is read where it is planned: the plan is
-  `inputs.read_dataset(text column only) -> map_batches(tokenize_and_pack)` (CPU tasks), executed as
-  the workers iterate their split (`epoch_split`, one per epoch, from pipelines/train.py).
+- `build_datasets(cfg, tokenizer_path, pieces, seed, epoch)` returns `{"train": ds}`, a lazy Ray
+  Dataset of one epoch's rows `{"input_ids": int64[seq_len]}`. No text is read where it is planned:
+  the plan is `from_items(the corpus's pieces, in the epoch's order) -> map_batches(read_and_pack)`
+  (CPU tasks reading the text column and packing it), executed as the workers iterate their split
+  (`epoch_split`, one per epoch, from pipelines/train.py).
 - The validation set is built once per run (`ensure_val_set`, on the driver, at the run's first
   start): the held-out documents in read order, tokenized and packed, the first
   `val_max_rows` rows, written to `<run_dir>/val.parquet`. Every evaluation of every invocation
@@ -47,7 +48,7 @@ from typing import Optional
 import numpy as np
 
 from bert_core.masking_config import MaskingConfig
-from pipelines.inputs import TableFile, check_columns, input_files, names_list, read_dataset
+from pipelines.inputs import TableFile, check_columns, input_files, names_list
 
 VAL_BUCKETS = 10_000
 
@@ -104,13 +105,17 @@ def tokenize_and_pack(batch: dict, *, tokenizer_path: str, text_column: str, seq
              if isinstance(t, str) and t and is_val(t, val_fraction) == want_val]
     if not texts:
         return {"input_ids": np.zeros((0, seq_len), dtype=np.int64)}
+    packer = SequencePacker(seq_len, tok.cls_token_id, tok.sep_token_id)
+    rows = packer.add(token_ids(tok, texts))  # (R, seq_len); the tail under one row stays in the packer, dropped
+    return {"input_ids": rows}
+
+
+def token_ids(tok, texts: list[str]) -> list[list[int]]:
+    """Each document's token ids, without special tokens (packing adds [CLS] and [SEP])."""
     # verbose=False: documents longer than the model's positions are expected (packing cuts them
     # into rows); transformers would otherwise warn once per process that they "will index errors".
-    ids = tok(texts, add_special_tokens=False, return_attention_mask=False,
-              return_token_type_ids=False, verbose=False)["input_ids"]
-    packer = SequencePacker(seq_len, tok.cls_token_id, tok.sep_token_id)
-    rows = packer.add(ids)  # (R, seq_len); the tail under one row stays in the packer, dropped
-    return {"input_ids": rows}
+    return tok(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
+               verbose=False)["input_ids"]
 
 
 def epoch_order(n_files: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
@@ -224,8 +229,7 @@ def build_val_rows(cfg: DataConfig, tokenizer_path: str) -> np.ndarray:
             docs = [t for t in batch.column(0).to_pylist() if isinstance(t, str) and t and is_val(t, cfg.val_fraction)]
             if not docs:
                 continue
-            parts.append(packer.add(tok(docs, add_special_tokens=False, return_attention_mask=False,
-                                        return_token_type_ids=False, verbose=False)["input_ids"]))
+            parts.append(packer.add(token_ids(tok, docs)))
             n += len(parts[-1])
             if n >= cfg.val_max_rows:
                 return np.concatenate(parts)[:cfg.val_max_rows]
@@ -240,7 +244,7 @@ def ensure_val_set(cfg: DataConfig, tokenizer_path: str, run_dir: str) -> int:
 
     from pipelines import storage
 
-    if cfg.val_fraction <= 0 or cfg.val_max_rows <= 0:
+    if cfg.val_fraction <= 0:
         return 0
     path = storage.join(run_dir, VAL_FILE)
     if storage.exists(path):

@@ -53,6 +53,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.inputs import row_group_sizes
 from pipelines.compat import row_hashes
 from pipelines.score_config import ActorsLost
 
@@ -97,8 +98,7 @@ def plan_units(files: list[str], paths: list[str], unit_rows: int, row_groups: O
         if sizes is None:
             fs, p = storage.filesystem(name)
             with storage.reachable(name), fs.open_input_file(p) as f:
-                meta = pq.ParquetFile(f).metadata
-            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+                sizes = row_group_sizes(pq.ParquetFile(f).metadata)
         first = 0
         for g, n in enumerate(sizes):
             units += [Unit(name, path, index, g, s, min(n, s + unit_rows), first) for s in range(0, n, unit_rows)]
@@ -304,9 +304,9 @@ class UnitQueue:
     def put_back(self, unit: Unit) -> None:
         """A unit whose actor was lost: first in line for the next actor that asks."""
         key = (unit.file, unit.row_group)
-        self.groups[key] = self.groups.pop(key, deque())
-        self.groups[key].appendleft(unit)
-        self.groups = {key: self.groups.pop(key), **self.groups}
+        group = self.groups.pop(key, deque())
+        group.appendleft(unit)
+        self.groups = {key: group, **self.groups}
 
     def take(self, actor: int) -> Optional[Unit]:
         key = self.held.get(actor)

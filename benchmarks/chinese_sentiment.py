@@ -57,7 +57,7 @@ def write_splits(work: Path) -> Splits:
     import pyarrow.parquet as pq
 
     from pipelines.corpora import sentiment_reviews
-    from pipelines.finetune_data import is_val
+    from pipelines.training.finetune_data import is_val
 
     rows = [(t, "pos" if y else "neg") for t, y in sentiment_reviews()]
     test = [r for r in rows if is_val(r[0], 0.1, TEST_SEED)]
@@ -72,7 +72,7 @@ def validation_split(train_path: str) -> tuple[list, list]:
     """(train, val) rows of the pool exactly as fine-tuning splits it (data.val_fraction 0.1, seed 0)."""
     import pyarrow.parquet as pq
 
-    from pipelines.finetune_data import is_val
+    from pipelines.training.finetune_data import is_val
 
     table = pq.read_table(train_path).to_pylist()
     rows = [(r["text"], r["label"]) for r in table]
@@ -105,7 +105,7 @@ def tfidf_arm(train_path: str, test: list) -> dict:
 def pretrain_config(work: Path, budget: float):
     from jobs.pretrain import build_config
     from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
-    from pipelines.pretrain_data import write_corpus
+    from pipelines.training.pretrain_data import write_corpus
 
     corpus = work / "peoples_daily"
     if not corpus.is_dir():
@@ -127,8 +127,8 @@ def tapt_config(work: Path, init_from: str, train_path: str, budget: float, dtyp
 
 def finetune_config(work: Path, name: str, seed: int, init_from, tokenizer: str, train_path: str, args):
     from jobs.finetune import FinetuneConfig
-    from pipelines.finetune_data import TaskData
-    from pipelines.train_config import ModelConfig
+    from pipelines.training.finetune_data import TaskData
+    from pipelines.training.config import ModelConfig
 
     cfg = FinetuneConfig(run_dir=str(work / f"ft_{name}_s{seed}"), model=ModelConfig(preset="mini", init_from=init_from),
                          tokenizer=tokenizer, tasks=[TaskData(name="sentiment", kind="classify", paths=[train_path])])
@@ -164,7 +164,7 @@ def score_accuracy(export: str, test: list, work: Path, name: str) -> float:
     import pyarrow.parquet as pq
 
     from jobs.score import ScoreConfig, main
-    from pipelines.score_output import read_output
+    from pipelines.scoring.output import read_output
 
     test_path = work / "test.parquet"  # texts and ids only, written once every model is trained
     if not test_path.is_file():

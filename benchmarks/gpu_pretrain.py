@@ -152,7 +152,7 @@ def main() -> None:
     device = torch.device("cpu" if args.tiny else "cuda")
 
     from pipelines.corpora import peoples_daily_sentences
-    from pipelines.pretrain_data import write_corpus
+    from pipelines.training.pretrain_data import write_corpus
 
     t0 = time.perf_counter()
     work = tempfile.mkdtemp(prefix="raybert-gpu-pretrain-")

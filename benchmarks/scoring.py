@@ -198,8 +198,8 @@ def bare_bert_core(texts, max_length, device, dtype, max_tokens=4096) -> float:
 def predictor_forward(texts, max_length, device, dtype: str, max_tokens=4096, model=None) -> tuple[float, str]:
     """(c'): the job's own predictor on pre-tokenized blocks of 1,024 rows, no Ray, torch on every
     core. Returns (seconds, the dtype it resolved to)."""
-    from pipelines.predictors import Predictor
-    from pipelines.tokenize import tokenize_batch
+    from pipelines.scoring.predictors import Predictor
+    from pipelines.scoring.tokenize import tokenize_batch
 
     model = model or minilm()
     table = pa.table({"id": list(range(len(texts))), "text": texts})
@@ -245,7 +245,7 @@ import os, sys, time
 os.environ["RAYON_NUM_THREADS"] = "1"
 import pyarrow as pa, pyarrow.parquet as pq
 sys.path.insert(0, {ROOT!r})
-from pipelines.predictors import Predictor
+from pipelines.scoring.predictors import Predictor
 t = pq.read_table(sys.argv[2], columns=["text"])
 t = t.append_column("id", pa.array([str(i) for i in range(len(t))]))
 tok = dict(tokenizer_path=sys.argv[1], text_column="text", text_pair_column=None, id_column="id",
@@ -376,7 +376,7 @@ def raybert(inp: str, out: str, max_length: int, dtype: str, device: str, num_ac
 
 
 def cosines(out_a: str, out_b: str) -> np.ndarray:
-    from pipelines.score_output import read_output
+    from pipelines.scoring.output import read_output
 
     a = read_output(out_a, ["id", "embedding"]).sort_by("id")
     b = read_output(out_b, ["id", "embedding"]).sort_by("id")

@@ -69,7 +69,7 @@ class UnitScorer:
 
     def __init__(self, model: str, max_length: int):
         os.environ["RAYON_NUM_THREADS"] = "1"
-        from pipelines.predictors import Predictor
+        from pipelines.scoring.predictors import Predictor
 
         tok = dict(tokenizer_path=model, text_column="text", text_pair_column=None, id_column="id",
                    max_length=max_length, with_offsets=False, fallback_ids=None)

@@ -3,7 +3,7 @@ before it is built.
 
 The GPU layout today is Ray Data's program (read -> repartition -> tokenize tasks -> GPU actor ->
 write tasks), which fed 8.9-16% of the bare tokenizer per core (BENCHMARKS.md, issue 21). The CPU
-path no longer uses Ray Data (pipelines/score_units.py). This script runs the same cut for a GPU
+path no longer uses Ray Data (pipelines/scoring/units.py). This script runs the same cut for a GPU
 node, with plain Ray and nothing else: the driver plans units (`plan_units`); CPU tasks
 (`feed`: one per core less the actor's share, one `tokenizers` thread each) read a unit and
 tokenize it; their token tables go by reference to one predictor actor (the free 0-layer model,
@@ -40,7 +40,7 @@ def feed(unit, tokenize: dict):
     import pyarrow.parquet as pq
 
     from pipelines.compat import row_hashes
-    from pipelines.tokenize import tokenize_batch
+    from pipelines.scoring.tokenize import tokenize_batch
 
     table = pq.ParquetFile(unit.file).read_row_group(unit.row_group, columns=["id", "text"]).slice(unit.start, unit.rows)
     table = table.append_column("row_hash", pa.array(row_hashes(unit.path, unit.first_row + unit.start, unit.rows),
@@ -53,7 +53,7 @@ class Scorer:
 
     def __init__(self, model: str):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        from pipelines.predictors import Predictor
+        from pipelines.scoring.predictors import Predictor
 
         self.predictor = Predictor(model, "embed", dtype="fp32", device="cpu", num_threads=1)
 
@@ -64,7 +64,7 @@ class Scorer:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        from pipelines.score_units import write_unit
+        from pipelines.scoring.units import write_unit
 
         parts = [self.predictor(table.slice(i, 1024)) for i in range(0, table.num_rows, 1024)]
         result = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
@@ -75,7 +75,7 @@ class Scorer:
 def job(model: str, inp: str, out: str, max_length: int, unit_rows: int) -> dict:
     import ray
 
-    from pipelines.score_units import plan_units
+    from pipelines.scoring.units import plan_units
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:

@@ -7,7 +7,7 @@ texts, with the free (0-layer) model on `device=cpu` standing in for the GPU:
 - the job: `raybert score` (the CLI, Parquet in and out) in the GPU layout, `resources:
   {num_actors: 1, actor_num_cpus: 1, tokenizer_actors: 1}`: one tokenizing actor (what a node of 2
   CPUs and 1 GPU gets by default: the CPUs the GPU actor leaves) feeding one predictor actor
-  (pipelines/score_feed.py);
+  (pipelines/scoring/feed.py);
 - the baseline: the Ray Data program the GPU path ran before (read -> 1,024-row blocks -> tokenize
   tasks -> one `Predictor` actor -> write Parquet), as `gpu_layout` below;
 
@@ -47,9 +47,9 @@ def gpu_layout(model: str, inp: str, out: str, max_length: int, task_cpus: float
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from pipelines.predictors import Predictor
-    from pipelines.score_output import read_output
-    from pipelines.tokenize import tokenize_batch
+    from pipelines.scoring.predictors import Predictor
+    from pipelines.scoring.output import read_output
+    from pipelines.scoring.tokenize import tokenize_batch
 
     files = sorted(os.path.join(inp, f) for f in os.listdir(inp) if f.endswith(".parquet"))
     tokenize = dict(tokenizer_path=model, text_column="text", text_pair_column=None, id_column="id",

@@ -22,9 +22,9 @@ from typing import Any, Callable, Mapping, Optional
 
 from bert_core.masking_config import MaskingConfig
 from jobs.training import ScalingConfig
-from pipelines.finetune_data import FinetuneData, TaskData
-from pipelines.pretrain_data import DataConfig
-from pipelines.train_config import DTYPES, INITS, METRICS, MIXING, FinetuneOptions, ModelConfig, TrainConfig
+from pipelines.training.finetune_data import FinetuneData, TaskData
+from pipelines.training.pretrain_data import DataConfig
+from pipelines.training.config import DTYPES, INITS, METRICS, MIXING, FinetuneOptions, ModelConfig, TrainConfig
 
 
 def _num(x: float) -> str:
@@ -177,12 +177,12 @@ def check_config(cfg: Any, flags: Optional[Mapping[str, str]] = None, prefix: st
 
 
 def model_config(model: ModelConfig, vocab_size: int):
-    """The encoder config the workers will build (pipelines.engine.build_bert_config), here on the
+    """The encoder config the workers will build (pipelines.training.engine.build_bert_config), here on the
     driver; a `model.overrides` key BertConfig doesn't have, or a value it refuses (a 0-wide
     layer, a dropout of 1.5, an activation it lacks: `BertConfig.check`), or neighbour init on a
     model it can't apply to, is a ValueError naming it."""
     from bert_core.init import check_neighbour_init
-    from pipelines.engine import build_bert_config
+    from pipelines.training.engine import build_bert_config
 
     try:
         config = build_bert_config(model, vocab_size)

@@ -33,7 +33,7 @@ def build_corpus(directory: str, rows: int, files: int = 4) -> int:
 def run(rows: int, out: str) -> None:
     from jobs.score import ScoreConfig, main
     from pipelines.corpora import minilm_path
-    from pipelines.score_output import read_output
+    from pipelines.scoring.output import read_output
 
     corpus, output = os.path.join(out, "corpus"), os.path.join(out, "scores")
     n = build_corpus(corpus, rows)

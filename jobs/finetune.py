@@ -4,14 +4,14 @@ Ray Train + DeepSpeed.
 Contract:
 - `main(cfg: FinetuneConfig) -> FinetuneResult` fine-tunes `model.init_from` (an HF BERT
   directory, e.g. a `raybert pretrain` export; or fresh weights of `model.preset`) on labeled
-  Parquet, CSV or JSON Lines, one head per task (pipelines/finetune_data.py for the formats), and writes
+  Parquet, CSV or JSON Lines, one head per task (pipelines/training/finetune_data.py for the formats), and writes
   `<run_dir>/export`: an HF directory whose primary task loads in
   `transformers.BertFor{Sequence,Token}Classification`, with `id2label`, and which
   `raybert score --task classify|tag [--head TASK]` serves. Without `address` / RAY_ADDRESS it
   starts an embedded local Ray.
 - Labels are discovered with Ray Data unless a task lists them; each task's rows are tokenized and
   materialized in the object store, then streamed to `scaling.num_workers` workers running
-  pipelines/finetune.py (`train_<task>` / `val_<task>` datasets).
+  pipelines/training/finetune.py (`train_<task>` / `val_<task>` datasets).
 - The step count comes from `options.epochs` (over the labeled training rows, accounting for the
   mixing share of an auxiliary mlm task), and the warmup from `options.warmup_ratio`.
 - The run dir (a local path, or an object-store URI as for pretraining) holds Ray's checkpoint
@@ -23,7 +23,7 @@ Contract:
 - `sweep` (`--sweep lr=2e-5,5e-5 --sweep seed=0,1`): one fine-tune per combination on Ray Tune
   with ASHA early stopping, in `<run_dir>/trials/`; the trial with the best validation score is
   exported to `<run_dir>/export`, and `<run_dir>/sweep.json` records every trial
-  (pipelines/sweep.py). A malformed sweep is refused before Ray starts.
+  (pipelines/training/sweep.py). A malformed sweep is refused before Ray starts.
 - Config: `PRESETS[name]` (model size plus matching settings; `debug` runs in seconds), then a YAML
   file (FinetuneConfig fields; `tasks` is a list of TaskData mappings), then a few CLI flags.
 """
@@ -45,8 +45,8 @@ from jobs.checks import check_config, check_seq_len, model_config
 from jobs.config import echo_config, from_preset, stdout_for_the_result
 from jobs.training import (FP16_NEEDS_GPU, SHARED_FLAGS, ScalingConfig, check_init_from, check_run_dir, expects_gpu,
                            has_checkpoints, training_command)
-from pipelines.finetune_data import FinetuneData, TaskData
-from pipelines.train_config import FinetuneOptions, ModelConfig, TrainConfig
+from pipelines.training.finetune_data import FinetuneData, TaskData
+from pipelines.training.config import FinetuneOptions, ModelConfig, TrainConfig
 
 
 def _train_defaults() -> TrainConfig:
@@ -67,7 +67,7 @@ class FinetuneConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)  # mlm tasks
     scaling: ScalingConfig = field(default_factory=lambda: ScalingConfig(num_workers=1))
     address: Optional[str] = None  # Ray cluster address; None = RAY_ADDRESS or embedded local Ray
-    # A Ray Tune sweep: {key: [values]} (pipelines.sweep.SWEEP_KEYS: lr, weight_decay, seed, dropout,
+    # A Ray Tune sweep: {key: [values]} (pipelines.training.sweep.SWEEP_KEYS: lr, weight_decay, seed, dropout,
     # warmup_ratio, layer_lr_decay), one trial per combination, the best on validation exported.
     sweep: dict = field(default_factory=dict)
 
@@ -128,8 +128,8 @@ def task_list(cfg: FinetuneConfig) -> list[TaskData]:
 
 def validate(cfg: FinetuneConfig) -> list[TaskData]:
     from jobs.config import as_model_location, as_run_location, load_deepspeed
-    from pipelines.tracking import check_trackers
-    from pipelines.engine import ds_config
+    from pipelines.training.tracking import check_trackers
+    from pipelines.training.engine import ds_config
 
     cfg.run_dir = as_run_location(cfg.run_dir)
     cfg.tokenizer = as_model_location("tokenizer", cfg.tokenizer)
@@ -157,7 +157,7 @@ def validate(cfg: FinetuneConfig) -> list[TaskData]:
         raise ValueError("train.total_time_budget_s plans pretraining runs; a fine-tune is sized by options.epochs "
                          "(or train.max_steps): drop it from the config")
     if cfg.sweep:
-        from pipelines.sweep import parse_sweep
+        from pipelines.training.sweep import parse_sweep
 
         cfg.sweep = parse_sweep(cfg.sweep)
         if cfg.data.val_fraction <= 0 and not any(t.val_paths for t in tasks):
@@ -167,7 +167,7 @@ def validate(cfg: FinetuneConfig) -> list[TaskData]:
 
 
 def _labels(task: TaskData) -> tuple[dict, dict]:
-    from pipelines.finetune_data import label_key, discover_labels, encode_labels
+    from pipelines.training.finetune_data import label_key, discover_labels, encode_labels
 
     if task.kind == "mlm":
         return {}, {}
@@ -180,7 +180,7 @@ def _labels(task: TaskData) -> tuple[dict, dict]:
 
 def plan_steps(cfg: FinetuneConfig, specs: list) -> tuple[int, int]:
     """(max_steps, warmup_steps) from epochs over the labeled rows and the warmup ratio."""
-    from pipelines.finetune import mixing_probabilities
+    from pipelines.training.finetune import mixing_probabilities
 
     t = cfg.train
     steps = t.max_steps
@@ -224,7 +224,7 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     from jobs.ray_env import ray_session
     from jobs.training import plan_workers, run_trainer
     from pipelines.compat import disable_deepspeed_jit
-    from pipelines.finetune import FinetuneLoopConfig, finetune_loop_per_worker
+    from pipelines.training.finetune import FinetuneLoopConfig, finetune_loop_per_worker
 
     disable_deepspeed_jit()
     with ray_session(cfg.address):
@@ -282,7 +282,7 @@ def check_seq_lens(cfg: FinetuneConfig, tasks: list, vocab_size: int) -> None:
 
 
 def _sweep(cfg: FinetuneConfig, loop, datasets: dict, plan, run_dir: str, specs: list) -> tuple[str, dict]:
-    from pipelines.sweep import run_sweep
+    from pipelines.training.sweep import run_sweep
 
     if not any(s.has_val for s in specs):
         raise ValueError("a sweep chooses its trial on validation rows, and no task has any (the hashed "
@@ -293,8 +293,8 @@ def _sweep(cfg: FinetuneConfig, loop, datasets: dict, plan, run_dir: str, specs:
 def task_datasets(cfg: FinetuneConfig, tasks: list, labels: dict, tokenizer: str) -> tuple[dict, list]:
     """In a Ray session: each task's tokenized train (and val) datasets, keyed `train_<task>` /
     `val_<task>`, and its TaskSpec; a task with fewer training rows than one step is refused."""
-    from pipelines.finetune import TaskSpec
-    from pipelines.finetune_data import build_task_datasets
+    from pipelines.training.finetune import TaskSpec
+    from pipelines.training.finetune_data import build_task_datasets
 
     datasets, specs = {}, []
     need = cfg.train.micro_batch_size * cfg.scaling.num_workers
@@ -351,7 +351,7 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 def finetune(data, val_data, kind, name, text_column, label_column, run_dir, config_path, preset, init_from,
              tokenizer, epochs, lr, sweep, training, print_config):
     """Fine-tune a pretrained BERT into a classifier or tagger (or several heads, from --config)."""
-    from pipelines.sweep import parse_sweep
+    from pipelines.training.sweep import parse_sweep
 
     overrides = {"run_dir": run_dir, "model.init_from": init_from, "tokenizer": tokenizer,
                  "options.epochs": epochs, "train.lr": lr, "sweep": parse_sweep(sweep) or None, **training}

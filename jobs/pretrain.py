@@ -3,8 +3,8 @@
 Contract:
 - `main(cfg: PretrainConfig) -> PretrainResult` pretrains BERT on a text corpus (Parquet, CSV or JSON Lines) and
   returns where the last checkpoint and its HF export are. The corpus is read and tokenized by
-  Ray Data (pipelines/pretrain_data.py) and streamed to `scaling.num_workers` Ray Train workers
-  running pipelines/train.py. Without `address` / RAY_ADDRESS it starts an embedded local Ray.
+  Ray Data (pipelines/training/pretrain_data.py) and streamed to `scaling.num_workers` Ray Train workers
+  running pipelines/training/loop.py. Without `address` / RAY_ADDRESS it starts an embedded local Ray.
 - The run directory holds Ray Train's checkpoints (`checkpoint_<step>/{deepspeed,hf,
   raybert_state.json}`, the last `train.keep_last` kept), `metrics.jsonl`, `tensorboard/`,
   `runs.jsonl` and `export/`: a copy of the final HF export. It is a local path (on a cluster,
@@ -49,8 +49,8 @@ from jobs.config import echo_config, from_preset, stdout_for_the_result, user_er
 from jobs.resume import check_resume
 from jobs.training import (FP16_NEEDS_GPU, SHARED_FLAGS, ScalingConfig, check_init_from, check_outside_data,
                            check_run_dir, expects_gpu, has_checkpoints, training_command)
-from pipelines.pretrain_data import DataConfig
-from pipelines.train_config import ModelConfig, TrainConfig
+from pipelines.training.pretrain_data import DataConfig
+from pipelines.training.config import ModelConfig, TrainConfig
 
 
 @dataclass
@@ -132,8 +132,8 @@ FLAGS = {**SHARED_FLAGS, "train.max_steps": "--max-steps", "train.steps_per_run"
 def validate(cfg: PretrainConfig) -> None:
     """Fail before starting Ray on settings that can't work (and make local-path settings plain paths)."""
     from jobs.config import as_model_location, as_run_location, load_deepspeed
-    from pipelines.tracking import check_trackers
-    from pipelines.engine import ds_config
+    from pipelines.training.tracking import check_trackers
+    from pipelines.training.engine import ds_config
 
     cfg.run_dir = as_run_location(cfg.run_dir)
     cfg.data.tokenizer = as_model_location("tokenizer", cfg.data.tokenizer)
@@ -172,10 +172,10 @@ def resolve_tokenizer(cfg: PretrainConfig) -> str:
 def check_inputs(cfg: PretrainConfig, run_dir: str):
     """Every check that needs no Ray, before anything on disk changes: the run dir's resume mode
     and compatibility, the tokenizer, `init_from`, the corpus. Returns the tokenizer path and the
-    corpus check (pipelines.pretrain_data.CorpusCheck)."""
+    corpus check (pipelines.training.pretrain_data.CorpusCheck)."""
     from bert_core.checkpoint import check_checkpoint
     from bert_core.tokenizer import load_tokenizer
-    from pipelines.pretrain_data import check_corpus
+    from pipelines.training.pretrain_data import check_corpus
 
     if cfg.resume == "never" and has_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds checkpoints; use --resume auto to continue "
@@ -263,7 +263,7 @@ def _already_complete(run_dir: str, step: int, train: TrainConfig) -> PretrainRe
     scheduled invocation on a finished run costs seconds, not a Ray Train start-up). The result is
     the registered latest checkpoint and its export, as the fit that reached it returned them."""
     from jobs.schedule import registered_checkpoint
-    from pipelines.trainer import publish_export
+    from pipelines.training.trainer import publish_export
 
     ckpt = registered_checkpoint(run_dir)
     end = ("the end of its LR schedule, planned by its total time budget" if step < train.max_steps
@@ -281,8 +281,8 @@ def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str, corpus) -
     from jobs.training import plan_workers, run_trainer
     from pipelines import storage
     from pipelines.compat import disable_deepspeed_jit
-    from pipelines.pretrain_data import ensure_val_set
-    from pipelines.train import LoopConfig, train_loop_per_worker
+    from pipelines.training.pretrain_data import ensure_val_set
+    from pipelines.training.loop import LoopConfig, train_loop_per_worker
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     disable_deepspeed_jit()
@@ -306,7 +306,7 @@ def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str, corpus) -
             print(f"[raybert] no validation rows: none of the corpus's documents held out by "
                   f"data.val_fraction {cfg.data.val_fraction} packs into a row of {cfg.data.seq_len} tokens; "
                   f"training goes on without validation metrics", flush=True)
-        # The loop plans each epoch's read itself (pipelines.pretrain_data.epoch_split): no datasets= here.
+        # The loop plans each epoch's read itself (pipelines.training.pretrain_data.epoch_split): no datasets= here.
         ckpt, export, metrics = run_trainer(
             train_loop_per_worker, loop_cfg.to_dict(), run_dir=run_dir, plan=plan, scaling=cfg.scaling,
             keep_last=cfg.train.keep_last, datasets={}, stall_timeout_s=cfg.train.stall_timeout_s)
@@ -381,7 +381,7 @@ def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps
 def iter_texts(paths: list[str], text_column: str = "text", limit: Optional[int] = None):
     """Stream the non-empty texts of a corpus (Parquet, CSV, JSON Lines) batch by batch (nothing held whole); the
     files are checked first (readable, a string `text_column`), naming the one that isn't."""
-    from pipelines.pretrain_data import open_corpus
+    from pipelines.training.pretrain_data import open_corpus
 
     n = 0
     for _, pf in open_corpus(paths, text_column):

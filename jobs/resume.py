@@ -94,7 +94,7 @@ def recipe_changes(saved: dict, cfg) -> list[str]:
 
 def check_resume(cfg, run_dir: str, tok, bert_config, corpus) -> None:
     """Refuse (see the module doc) to resume `run_dir` under `cfg` (a PretrainConfig), `tok`, the
-    encoder config `bert_config` and `corpus` (pipelines.pretrain_data.CorpusCheck)."""
+    encoder config `bert_config` and `corpus` (pipelines.training.pretrain_data.CorpusCheck)."""
     from bert_core.model import BertConfig
     from bert_core.tokenizer import load_tokenizer
     from jobs.schedule import registered_checkpoint
@@ -126,7 +126,7 @@ def check_resume(cfg, run_dir: str, tok, bert_config, corpus) -> None:
     hint = ""
     was_corpus = saved_all.get("corpus")
     if was_corpus is not None and was_corpus["fingerprint"] != corpus.fingerprint:
-        from pipelines.pretrain_data import CorpusCheck
+        from pipelines.training.pretrain_data import CorpusCheck
 
         before = CorpusCheck(files=[], rows=0, packed_rows=0, fingerprint=was_corpus["fingerprint"]).describe()
         diffs.append(f"corpus {before} -> {corpus.describe()}"

@@ -267,7 +267,7 @@ def budget_spent(run_dir: str | Path, total_time_budget_s: Optional[float]) -> b
     to train on, start a new run dir with --init-from), or it ran out of `total_time_budget_s`
     (a budget raised before the end extends the plan). jobs.pretrain.check_resume refuses to go
     on with a budgeted run without its budget."""
-    from pipelines.run_plan import OVERRUN
+    from pipelines.training.run_plan import OVERRUN
 
     state = latest_state(run_dir)
     plan, budget = state.get("lr_schedule"), state.get("budget")

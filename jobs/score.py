@@ -1,11 +1,11 @@
 """`raybert score`: batch scoring, Parquet (or CSV, JSON Lines) in, Parquet out, every row accounted for.
 
 Contract: `main(cfg: ScoreConfig) -> ScoreResult` connects to Ray (`--address`/`RAY_ADDRESS`, or
-an embedded local Ray that it shuts down after), runs pipelines.scoring.score, prints the summary
+an embedded local Ray that it shuts down after), runs pipelines.scoring.job.score, prints the summary
 line (rows, error rows, tokens, tokens/s, output path) on stderr and returns it; `raybert score`
 then prints the result as one JSON line on stdout (pipelines/console.py: what the console shows). Rerunning the same
 command after a crash resumes; after success it reports the finished run (`overwrite: true` to
-redo). Before the lock or Ray, `pipelines.scoring.preflight` checks the model, tokenizer, inputs
+redo). Before the lock or Ray, `pipelines.scoring.job.preflight` checks the model, tokenizer, inputs
 and output, creating nothing if it refuses. A run holds `output_lock` for its whole life: a second
 run on the same output is refused with `RunLocked` (CLI exit status 75, EX_TEMPFAIL). With
 `--device cuda` on a cluster, a run whose GPU actors don't start within `resources.gpu_wait_s`
@@ -24,7 +24,7 @@ import click
 from jobs.config import echo_config, print_config_option, stdout_for_the_result, user_errors, verbosity_options
 
 # The job's typed config is the pipeline's: one dataclass, checked once (ScoreConfig.check).
-from pipelines.score_config import POOLINGS, ActorsLost, GpuWaitTimeout, ResourceConfig, ScoreConfig
+from pipelines.scoring.config import POOLINGS, ActorsLost, GpuWaitTimeout, ResourceConfig, ScoreConfig
 
 
 def output_lock(output: str):
@@ -42,7 +42,7 @@ def output_lock(output: str):
 
 
 def main(cfg: ScoreConfig):
-    """Run the scoring job; returns pipelines.scoring.ScoreResult and prints its summary line (on
+    """Run the scoring job; returns pipelines.scoring.job.ScoreResult and prints its summary line (on
     stderr; `raybert score` prints the result as JSON on stdout)."""
     import os
     import sys
@@ -52,7 +52,7 @@ def main(cfg: ScoreConfig):
 
     from jobs.ray_env import ray_session
     from pipelines.console import shows_progress
-    from pipelines.scoring import preflight, score
+    from pipelines.scoring.job import preflight, score
 
     # Bad config or inputs are refused here, before the lock file or Ray exist; score() checks
     # again under the lock, since the output may have changed in between.

@@ -260,7 +260,7 @@ def check_config(job: str, path: Path) -> None:
     from jobs.config import load_config
 
     if job == "score":
-        from pipelines.score_config import ScoreConfig
+        from pipelines.scoring.config import ScoreConfig
 
         load_config(ScoreConfig, path).check()
     elif job == "pretrain":

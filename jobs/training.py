@@ -10,7 +10,7 @@ Contract:
 - `training_flags`: the command-line flags every training command shares, handed to the command
   as one `training` dict of config overrides; `training_command(presets)`: those, `--config` and
   `--preset`, `--print-config` and the CLI's error handling, as one decorator.
-- `run_trainer(...)`: the TorchTrainer (pipelines/trainer.py) under the stall watchdog, then the
+- `run_trainer(...)`: the TorchTrainer (pipelines/training/trainer.py) under the stall watchdog, then the
   latest checkpoint's HF export published to `<run_dir>/export`; returns (checkpoint, export,
   last metrics).
 """
@@ -26,7 +26,7 @@ from typing import Optional
 
 import click
 
-from pipelines.train_config import DTYPES
+from pipelines.training.config import DTYPES
 
 
 @dataclass
@@ -63,7 +63,7 @@ def training_command(presets: dict):
     `--preset` (config_path, preset), the training flags (training), `--print-config`
     (print_config), `--quiet`/`--verbose`, and one `Error:` line for a user's error (a stalled run included)."""
     from jobs.config import config_flags, print_config_option, user_errors, verbosity_options
-    from pipelines.watchdog import TrainingStalled
+    from pipelines.training.watchdog import TrainingStalled
 
     def wrap(command):
         return config_flags(presets)(training_flags(print_config_option(
@@ -209,8 +209,8 @@ def run_trainer(loop_fn, loop_config: dict, *, run_dir: str, plan, scaling: Scal
     """Fit `loop_fn` on `plan`'s workers under the stall watchdog; returns (latest checkpoint,
     its published export, the last reported metrics)."""
     from pipelines import storage
-    from pipelines.trainer import publish_export, torch_trainer
-    from pipelines.watchdog import fit_with_watchdog
+    from pipelines.training.trainer import publish_export, torch_trainer
+    from pipelines.training.watchdog import fit_with_watchdog
 
     trainer = torch_trainer(loop_fn, loop_config, run_dir=run_dir, num_workers=plan.num_workers,
                             use_gpu=plan.use_gpu, cpus_per_worker=plan.cpus_per_worker,

@@ -35,7 +35,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from pipelines.score_config import DEVICES
+from pipelines.scoring.config import DEVICES
 
 GPU_WORKER_CPUS = 4.0  # most CPUs a GPU worker reserves when sized automatically
 _GRID = 0.05  # automatic sizes step down in these CPU increments until they fit the nodes
@@ -181,12 +181,12 @@ def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Op
       GpuWaitTimeout) instead of waiting forever. With GPUs present and num_actors given, the pool
       is a fixed num_actors, as with auto.
     - CPU: by default one actor per CPU, each on one torch thread (it also tokenizes its blocks; see
-      pipelines/scoring.py's docstring), but no more actors than half the cluster's memory holds at
+      pipelines/scoring/job.py's docstring), but no more actors than half the cluster's memory holds at
       ACTOR_BASE_BYTES + 2 x `model_bytes` each. Measured on 2 cores, single runs: two 1-thread actors ran 1.06x
       (MiniLM) to 1.26x (near-free model) one 2-thread actor, whose OpenMP regions stall whenever
       either thread is preempted. With `ray_data` (the actors are a Ray Data pool: `score_dataset`)
       their logical reservations leave 1 CPU plus one task slot to the caller's read and tokenize
-      tasks; without (the CPU scoring actors of pipelines/score_units.py, which do all the work)
+      tasks; without (the CPU scoring actors of pipelines/scoring/units.py, which do all the work)
       each reserves 1 CPU, or its share when there are more actors than CPUs."""
     if num_actors is not None and num_actors < 1:
         raise ValueError(f"num_actors must be >= 1 (or unset for the default), got {num_actors}")

@@ -24,7 +24,7 @@ def _bench():
 
 def test_held_out_reviews_never_reach_training_sweeps_or_early_stopping(tmp_path):
     from jobs.finetune import validate
-    from pipelines.finetune_data import is_val
+    from pipelines.training.finetune_data import is_val
 
     bench = _bench()
     splits = bench.write_splits(tmp_path)

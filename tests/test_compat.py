@@ -22,7 +22,7 @@ def test_trainer_runs_without_ray_train_placement_group_cleaner(tmp_path):
     leaves it out and keeps every other default callback."""
     from ray.train.torch import TorchTrainer
 
-    from pipelines.trainer import torch_trainer
+    from pipelines.training.trainer import torch_trainer
 
     trainer = torch_trainer(print, {}, run_dir=tmp_path / "run", num_workers=1, use_gpu=False, cpus_per_worker=1.0,
                             max_failures=0, keep_last=1, datasets={})
@@ -44,7 +44,7 @@ def test_sweep_trials_record_their_placement_group_through_a_train_callback(tmp_
     from ray.train.v2._internal.execution.worker_group.state import WorkerGroupState
 
     from pipelines.compat import placement_group_recorder
-    from pipelines.trainer import torch_trainer
+    from pipelines.training.trainer import torch_trainer
 
     recorder = placement_group_recorder(str(tmp_path / "pg"))
     trainer = torch_trainer(print, {}, run_dir=tmp_path / "run", num_workers=1, use_gpu=False, cpus_per_worker=1.0,
@@ -165,7 +165,7 @@ def test_training_datasets_carry_the_idle_scheduler_backoff(ray_local, tmp_path)
     import ray.data
 
     from pipelines.corpora import chinese_vocab_path
-    from pipelines.pretrain_data import DataConfig, build_datasets, check_corpus, write_corpus
+    from pipelines.training.pretrain_data import DataConfig, build_datasets, check_corpus, write_corpus
 
     backoff = idle_scheduler_backoff()
     ctx = ray.data.DataContext.get_current()

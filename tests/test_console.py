@@ -35,7 +35,7 @@ def _lines(res: subprocess.CompletedProcess) -> list[str]:
 # A private Ray in a subprocess (~20 s): what a user's console shows includes Ray's start-up.
 @pytest.mark.timeout(300)
 def test_a_small_score_prints_few_lines_with_progress_and_json_on_stdout(minilm_dir, tmp_path):
-    from pipelines.score_output import read_output
+    from pipelines.scoring.output import read_output
 
     texts = [f"line {i}: " + "the quick brown fox jumps over the lazy dog " * (i % 7 + 1) for i in range(300)]
     f = tmp_path / "in.parquet"
@@ -60,7 +60,7 @@ def test_a_small_pretrain_prints_few_lines_and_json_on_stdout(tmp_path):
     from jobs.pretrain import read_metrics
     from jobs.schedule import read_ledger
     from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
-    from pipelines.pretrain_data import write_corpus
+    from pipelines.training.pretrain_data import write_corpus
 
     corpus = write_corpus(peoples_daily_sentences()[:300], str(tmp_path / "zh.parquet"))
     run_dir = tmp_path / "run"

@@ -20,8 +20,8 @@ import torch
 
 from jobs.finetune import main, preset_config
 from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences, sentiment_reviews
-from pipelines.finetune import bio_spans
-from pipelines.finetune_data import TaskData, is_val
+from pipelines.training.finetune import bio_spans
+from pipelines.training.finetune_data import TaskData, is_val
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,7 +93,7 @@ def _debug_cfg(run_dir: Path, init: str, workers: int = 2):
 def _score(inp: str, out: Path, model: str, task: str, head=None):
     from jobs.score import ScoreConfig
     from jobs.score import main as score_main
-    from pipelines.score_output import read_output
+    from pipelines.scoring.output import read_output
 
     res = score_main(ScoreConfig(input=inp, output=str(out), model=model, task=task, head=head, max_length=64))
     assert res.error_rows == 0
@@ -176,7 +176,7 @@ def test_other_runs_refuse_the_fine_tune_run_dir(classifier, tmp_path):
     from click.testing import CliRunner
 
     from jobs.cli import cli
-    from pipelines.pretrain_data import write_corpus
+    from pipelines.training.pretrain_data import write_corpus
 
     cfg, result = classifier
     run_dir = Path(result.run_dir)

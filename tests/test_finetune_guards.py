@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipelines.finetune_data as fd
-from pipelines.finetune_data import FinetuneData, TaskData, discover_labels, encode_labels, is_val
+import pipelines.training.finetune_data as fd
+from pipelines.training.finetune_data import FinetuneData, TaskData, discover_labels, encode_labels, is_val
 
 
 def _write(path, **columns) -> str:
@@ -219,7 +219,7 @@ def test_malformed_sweeps_are_refused_with_one_error_line_before_ray(tmp_path, m
     import ray
 
     from jobs.cli import cli
-    from pipelines.sweep import parse_sweep, trials
+    from pipelines.training.sweep import parse_sweep, trials
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started for a refused sweep")
@@ -261,7 +261,7 @@ def test_sweep_names_exports_and_concurrency(tmp_path):
     fit the cluster's CPUs with each one's data share, and its GPUs."""
     from types import SimpleNamespace
 
-    from pipelines.sweep import _record, concurrent_trials, trial_name
+    from pipelines.training.sweep import _record, concurrent_trials, trial_name
 
     assert trial_name({"lr": 1.0000001e-4}) != trial_name({"lr": 1.0000004e-4})
     assert trial_name({"lr": 3e-3, "seed": 1}) == "lr=0.003,seed=1"

@@ -9,9 +9,9 @@ import torch
 
 from bert_core.checkpoint import load_multitask, load_pretrained, save_pretrained, task_names
 from bert_core.model import BertMultiTask, TaskHead, preset
-from pipelines.finetune import (TaskSpec, bio_spans, classify_metrics, layerwise_param_groups,
+from pipelines.training.finetune import (TaskSpec, bio_spans, classify_metrics, layerwise_param_groups,
                                 mixing_probabilities, task_of_step)
-from pipelines.finetune_data import IGNORE, TaskData, encode_labels, tokenize_labeled
+from pipelines.training.finetune_data import IGNORE, TaskData, encode_labels, tokenize_labeled
 
 SENT = {0: "neg", 1: "pos"}
 NER = {0: "O", 1: "B-PER", 2: "I-PER"}
@@ -173,9 +173,9 @@ def test_multitask_engine_steps_one_head_at_a_time_under_zero(zero_stage):
     """build_engine without Ray (world size 1, gloo): each step trains one head (the others get no
     gradient at all), the tied MLM decoder included, under ZeRO-3's partitioned parameters."""
     from bert_core.masking import Masker
-    from pipelines.finetune import task_loss
-    from pipelines.engine import build_engine
-    from pipelines.train_config import TrainConfig
+    from pipelines.training.finetune import task_loss
+    from pipelines.training.engine import build_engine
+    from pipelines.training.config import TrainConfig
 
     from conftest import one_process_group
 

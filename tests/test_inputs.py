@@ -109,8 +109,8 @@ def test_finetune_labels_and_pretrain_corpus_checks_read_csv_and_json_lines(tmp_
     from click.testing import CliRunner
 
     from jobs.cli import cli
-    from pipelines.finetune_data import TaskData, discover_labels
-    from pipelines.pretrain_data import open_corpus
+    from pipelines.training.finetune_data import TaskData, discover_labels
+    from pipelines.training.pretrain_data import open_corpus
 
     rows = _csv_and_jsonl(tmp_path / "in")
     task = TaskData(name="t", paths=[str(tmp_path / "in" / "train.csv")], val_paths=[str(tmp_path / "in" / "more.jsonl.gz")])

@@ -12,7 +12,7 @@ observe it rather than assume it:
   keeps a CPU or so free for the fractional (0.25) Ray Data read/tokenize tasks of training
   (without that room Ray Data waits forever: pipelines/resources.py).
 - Scoring: Ray's state API (`ray.util.state`, served by the head's dashboard) lists the
-  predictor actors (`ScoringActor`, pipelines/score_units.py) with their node ids, and the units
+  predictor actors (`ScoringActor`, pipelines/scoring/units.py) with their node ids, and the units
   they scored with theirs.
 - Pretraining: rank 0 writes every rank's Ray node id in the "start" record of metrics.jsonl.
 
@@ -106,7 +106,7 @@ def test_scoring_actors_run_on_two_nodes(cluster, minilm_dir, tmp_path):
     from ray.util.state import list_actors, list_tasks
 
     from jobs.score import ResourceConfig, ScoreConfig, main
-    from pipelines.score_output import read_output
+    from pipelines.scoring.output import read_output
 
     head, workers = _node_ids(cluster)
     d = tmp_path / "in"
@@ -178,7 +178,7 @@ def test_scoring_survives_a_lost_node_and_puts_a_new_one_to_work(cluster, minilm
     from ray.util.state import list_tasks
 
     from jobs.score import ResourceConfig, ScoreConfig, main
-    from pipelines.score_output import read_output
+    from pipelines.scoring.output import read_output
 
     head, workers = _node_ids(cluster)
     d, out = tmp_path / "in", tmp_path / "out"
@@ -234,7 +234,7 @@ def test_scoring_survives_a_lost_node_and_puts_a_new_one_to_work(cluster, minilm
 def test_pretraining_ranks_on_two_nodes(cluster, tmp_path):
     from jobs.pretrain import main, preset_config, read_metrics
     from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
-    from pipelines.pretrain_data import write_corpus
+    from pipelines.training.pretrain_data import write_corpus
 
     head, workers = _node_ids(cluster)
     corpus = write_corpus(peoples_daily_sentences()[:400], str(tmp_path / "zh"), rows_per_file=200)

@@ -76,8 +76,8 @@ def test_neighbour_init_exports_a_bert_transformers_loads_with_the_same_outputs(
 
 def test_pretraining_applies_it_to_fresh_weights_only(tmp_path):
     from bert_core.checkpoint import save_pretrained
-    from pipelines.train import build_mlm_model
-    from pipelines.train_config import ModelConfig
+    from pipelines.training.loop import build_mlm_model
+    from pipelines.training.config import ModelConfig
 
     torch.manual_seed(0)
     config = preset("debug", vocab_size=500)
@@ -94,7 +94,7 @@ def test_pretraining_applies_it_to_fresh_weights_only(tmp_path):
 
 def test_an_unknown_init_is_refused_naming_the_key():
     from jobs.checks import check_config
-    from pipelines.train_config import ModelConfig
+    from pipelines.training.config import ModelConfig
 
     with pytest.raises(ValueError, match="init"):
         check_config(ModelConfig(init="sinusoid"))
@@ -145,7 +145,7 @@ def test_a_model_neighbour_init_cannot_apply_to_is_refused_on_the_driver():
     """An odd head size or a 0-layer encoder: said before Ray starts, naming model.init, instead of
     every worker failing as it builds the model. With init_from the init doesn't apply: accepted."""
     from jobs.checks import model_config
-    from pipelines.train_config import ModelConfig
+    from pipelines.training.config import ModelConfig
 
     for overrides, why in (({"hidden_size": 258, "num_attention_heads": 2}, "even head size"),
                            ({"num_hidden_layers": 0}, "layer 0 is not in this 0-layer model")):

@@ -12,8 +12,8 @@ import torch
 from bert_core.checkpoint import load_pretrained, save_pretrained
 from bert_core.model import build_model, preset
 from bert_core.tokenizer import load_tokenizer
-from pipelines.predictors import Predictor
-from pipelines.tokenize import tokenize_batch
+from pipelines.scoring.predictors import Predictor
+from pipelines.scoring.tokenize import tokenize_batch
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world", "A", "",
          "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "

@@ -15,11 +15,11 @@ from bert_core.masking import Masker, MaskingConfig
 from bert_core.tokenizer import load_tokenizer
 from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
 from pipelines.inputs import resolve_paths
-from pipelines.pretrain_data import is_val, tokenize_and_pack, write_corpus
-from pipelines.train import LoopConfig
-from pipelines.engine import build_bert_config, ds_config
-from pipelines.run_plan import lr_factor
-from pipelines.train_config import FaultDrill, ModelConfig, TrainConfig
+from pipelines.training.pretrain_data import is_val, tokenize_and_pack, write_corpus
+from pipelines.training.loop import LoopConfig
+from pipelines.training.engine import build_bert_config, ds_config
+from pipelines.training.run_plan import lr_factor
+from pipelines.training.config import FaultDrill, ModelConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def test_train_dropout_trains_without_dropout_and_exports_the_configs(tmp_path):
     fine-tuning. Out-of-range values (and a bad validation masking rate) fail the driver's checks."""
     from bert_core.model import BertSelfAttention
     from jobs.pretrain import preset_config, validate
-    from pipelines.train import build_mlm_model
+    from pipelines.training.loop import build_mlm_model
 
     config = build_bert_config(ModelConfig(preset="debug"), 100)
     model = build_mlm_model(ModelConfig(preset="debug", train_dropout=0.0), config)
@@ -156,7 +156,7 @@ def test_train_dropout_trains_without_dropout_and_exports_the_configs(tmp_path):
 
 
 def test_loop_config_round_trips_through_a_dict():
-    from pipelines.pretrain_data import DataConfig
+    from pipelines.training.pretrain_data import DataConfig
 
     cfg = LoopConfig(run_dir="/r", tokenizer="/t", data=DataConfig(paths=["/x"], masking=MaskingConfig(whole_word=True)),
                      train=TrainConfig(zero_stage=2, stall_timeout_s=30.0), torch_threads=3,
@@ -290,8 +290,8 @@ def test_engine_in_one_process_accumulates_clips_and_checkpoints_activations():
     """build_engine without Ray (world size 1, gloo): ZeRO-0, grad accumulation 2 (one optimizer
     step per 2 micro-batches, the LR schedule stepping with it), activation checkpointing on."""
     from bert_core.model import preset
-    from pipelines.train import build_mlm_model
-    from pipelines.engine import build_engine
+    from pipelines.training.loop import build_mlm_model
+    from pipelines.training.engine import build_engine
 
     from conftest import one_process_group
 

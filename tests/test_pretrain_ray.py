@@ -26,7 +26,7 @@ import torch
 from conftest import assert_export_matches_zero_state
 from jobs.pretrain import main, preset_config, read_metrics
 from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
-from pipelines.pretrain_data import write_corpus
+from pipelines.training.pretrain_data import write_corpus
 
 STEPS = 50
 
@@ -188,7 +188,7 @@ def test_resume_is_exact_across_invocations_and_a_killed_worker(straight, corpus
     is bit-identical in practice; any lost state (a skipped or repeated batch, a reset Adam moment,
     a restarted schedule, other masks) moves the loss by 1e-3 or more.
     """
-    from pipelines.train_config import FAULT_DRILL_ENV
+    from pipelines.training.config import FAULT_DRILL_ENV
 
     straight_dir, _ = straight
     run_dir = tmp_path / "run"
@@ -240,9 +240,9 @@ def _topic_rows(tmp_path, epoch: int, **data) -> list[int]:
     ten Parquet files written in topic order (file k: 200 documents of topic k)."""
     import random
 
-    from pipelines.pretrain_data import DataConfig, cached_tokenizer, check_corpus, epoch_split
-    from pipelines.train import LoopConfig, epoch_batches
-    from pipelines.train_config import TrainConfig
+    from pipelines.training.pretrain_data import DataConfig, cached_tokenizer, check_corpus, epoch_split
+    from pipelines.training.loop import LoopConfig, epoch_batches
+    from pipelines.training.config import TrainConfig
 
     d = tmp_path / "topics"
     if not d.is_dir():
@@ -288,8 +288,8 @@ def test_evaluations_read_the_run_dirs_validation_file_not_the_corpus(straight, 
     from dataclasses import replace
 
     from bert_core.masking import Masker
-    from pipelines.pretrain_data import VAL_FILE, build_val_rows, cached_tokenizer, is_val, read_val_rows
-    from pipelines.worker import derive_seed, mlm_step_inputs
+    from pipelines.training.pretrain_data import VAL_FILE, build_val_rows, cached_tokenizer, is_val, read_val_rows
+    from pipelines.training.worker import derive_seed, mlm_step_inputs
 
     run_dir, _ = straight
     cfg = _cfg(run_dir, corpus)

@@ -82,7 +82,7 @@ def test_pretrain_run_dir_on_s3_checkpoints_resumes_and_exports(s3, tmp_path, mo
     from jobs.schedule import latest_step, read_ledger
     from pipelines import storage
     from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
-    from pipelines.pretrain_data import write_corpus
+    from pipelines.training.pretrain_data import write_corpus
 
     corpus = write_corpus(peoples_daily_sentences()[:1500], str(tmp_path / "corpus"), rows_per_file=1000)
     vocab = f"s3://{BUCKET}/vocab/vocab.txt"  # the tokenizer is in the bucket too
@@ -145,7 +145,7 @@ def test_scoring_reads_and_writes_the_bucket_with_every_row_once(s3, tmp_path, m
     from bert_core.model import build_model, preset
     from bert_core.tokenizer import load_tokenizer
     from jobs.score import ResourceConfig, ScoreConfig, main
-    from pipelines.score_output import MANIFEST
+    from pipelines.scoring.output import MANIFEST
 
     tok = load_tokenizer(minilm_dir)
     torch.manual_seed(0)
@@ -259,7 +259,7 @@ def test_duplicate_repair_rewrites_in_place_through_the_one_atomic_write(s3, tmp
     """#37: `repair_duplicates` writes each repaired file through storage.replacing: on an object
     store the object itself (no temp object moved by copy and delete), locally a renamed temp file;
     either way each key is kept once, the files keep their names and no temp file is left."""
-    from pipelines.score_output import data_files, read_output, repair_duplicates
+    from pipelines.scoring.output import data_files, read_output, repair_duplicates
 
     if where == "s3":
         output, prefix = f"s3://{BUCKET}/repair", f"{BUCKET}/repair"

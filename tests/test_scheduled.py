@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from jobs.pretrain import build_config, main, pretrain, read_metrics
 from jobs.schedule import EXIT_LOCKED, LOCK_NAME, RUNNING_NAME, RunLock, RunLocked, latest_step, read_ledger
 from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
-from pipelines.pretrain_data import write_corpus
+from pipelines.training.pretrain_data import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,11 +26,11 @@ import torch
 from bert_core.checkpoint import save_pretrained
 from bert_core.model import build_model, preset
 from bert_core.tokenizer import load_tokenizer
-from pipelines.score_config import ResourceConfig, ScoreConfig
+from pipelines.scoring.config import ResourceConfig, ScoreConfig
 from pipelines.resources import actor_pool, cpu_plan
-from pipelines.score_output import read_output
+from pipelines.scoring.output import read_output
 
-PREDICTOR = "ScoringActor"  # the state API's class name of the predictor actors (pipelines/score_units.py)
+PREDICTOR = "ScoringActor"  # the state API's class name of the predictor actors (pipelines/scoring/units.py)
 GPU_WAIT_S = 10.0
 
 

@@ -1,4 +1,4 @@
-"""Scoring with the tokenizing apart (pipelines/score_feed.py), the GPU layout, run here with CPU
+"""Scoring with the tokenizing apart (pipelines/scoring/feed.py), the GPU layout, run here with CPU
 actors standing in for the GPU ones: every unit is scored once and exactly as a predictor that
 tokenizes its own units scores it; an autoscaling pool asks for its other actors once one has
 started and scores on those that start; a unit a tokenizing actor can't read stops the run naming
@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.resources import CpuPlan
-from pipelines.score_feed import PredictorPool, default_tokenizers, run_fed_units, start_tokenizers
-from pipelines.score_units import plan_units, run_units, stop_actors
+from pipelines.scoring.feed import PredictorPool, default_tokenizers, run_fed_units, start_tokenizers
+from pipelines.scoring.units import plan_units, run_units, stop_actors
 from test_score_units import _file, _spec
 
 
@@ -76,7 +76,7 @@ def test_an_autoscaling_pool_asks_for_more_once_one_starts_and_uses_those_that_s
 
 
 def test_a_unit_a_tokenizer_cannot_read_stops_the_run_naming_its_rows(ray_local, tmp_path, tiny):
-    from pipelines.score_units import UnitFailed
+    from pipelines.scoring.units import UnitFailed
 
     f = str(tmp_path / "a.parquet")
     _file(f, 60, 30)
@@ -99,8 +99,8 @@ def test_gpu_plans_tokenize_on_the_cpus_their_actors_leave():
 def test_gpu_actors_are_never_left_to_tokenize_their_own_units(ray_local, tmp_path, tiny):
     import pyarrow as pa
 
-    from pipelines.score_config import ResourceConfig, ScoreConfig
-    from pipelines.scoring import score
+    from pipelines.scoring.config import ResourceConfig, ScoreConfig
+    from pipelines.scoring.job import score
 
     pq.write_table(pa.table({"id": ["a"], "text": ["hello"]}), tmp_path / "in.parquet")
     cfg = ScoreConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=tiny,
@@ -124,7 +124,7 @@ def test_a_slow_driver_still_scores_every_unit(ray_local, tmp_path, tiny):
 
 
 def test_a_fixed_gpu_pool_that_cannot_start_says_so_in_one_line(ray_local):
-    from pipelines.score_config import ActorsLost
+    from pipelines.scoring.config import ActorsLost
 
     fixed = PredictorPool(CpuPlan(2, 1.0, 1.0, 0.25, 1, "cuda"), 1, 1)  # GPUs were there at plan time
     error = fixed.lost()
@@ -136,8 +136,8 @@ def test_a_fixed_gpu_pool_that_cannot_start_says_so_in_one_line(ray_local):
 def test_tokenizing_actors_that_cannot_fit_beside_cpu_predictors_are_refused(ray_local, tmp_path, tiny):
     import pyarrow as pa
 
-    from pipelines.score_config import ResourceConfig, ScoreConfig
-    from pipelines.scoring import score
+    from pipelines.scoring.config import ResourceConfig, ScoreConfig
+    from pipelines.scoring.job import score
 
     pq.write_table(pa.table({"id": ["a"], "text": ["hello"]}), tmp_path / "in.parquet")
     cfg = ScoreConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=tiny,
@@ -148,7 +148,7 @@ def test_tokenizing_actors_that_cannot_fit_beside_cpu_predictors_are_refused(ray
 
 
 def test_a_tokenizer_that_does_not_load_names_it(tmp_path, tiny):
-    from pipelines.score_units import NotLoaded, ScoringActor
+    from pipelines.scoring.units import NotLoaded, ScoringActor
 
     f = str(tmp_path / "a.parquet")
     _file(f, 10, 10)

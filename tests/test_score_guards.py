@@ -21,7 +21,7 @@ from bert_core.checkpoint import save_pretrained
 from bert_core.model import build_model, preset
 from bert_core.tokenizer import load_tokenizer
 from jobs.score import ResourceConfig, ScoreConfig, main
-from pipelines.score_output import MANIFEST, default_checkpoint_dir, read_output
+from pipelines.scoring.output import MANIFEST, default_checkpoint_dir, read_output
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -234,7 +234,7 @@ def test_concurrent_run_on_one_output_is_refused(ray_local, tmp_path, minilm_dir
                              "--batch-size", "50")]
     holder = f"pid {os.getpid()}"
     second = ("import pathlib, sys, time\n"
-              "import torch, tokenizers, pipelines.scoring\n"
+              "import torch, tokenizers, pipelines.scoring.job\n"
               "from jobs.score import score\n"
               f"lock, deadline = pathlib.Path({str(tmp_path / 'out.lock')!r}), time.time() + 120\n"
               f"while {holder!r} not in (lock.read_text() if lock.exists() else ''):\n"
@@ -344,8 +344,8 @@ def test_a_resume_or_finished_output_under_another_recipe_is_refused(tmp_path, t
     """An output's run record holds its recipe; a run that would add rows of another task, model,
     length or inputs to it is refused on the driver, naming each difference, and changes nothing.
     (test_scoring_faults.py does this after a real kill -9.)"""
-    from pipelines.score_output import RUN_RECORD
-    from pipelines.scoring import preflight
+    from pipelines.scoring.output import RUN_RECORD
+    from pipelines.scoring.job import preflight
 
     data = _data(tmp_path / "in", files=2, rows=5)
     out = tmp_path / "out"
@@ -382,7 +382,7 @@ def test_a_task_the_checkpoint_has_no_head_for_is_refused(tmp_path, tiny):
     """classify / fill-mask on an encoder (all-MiniLM-L6-v2 style) and tag on a classifier would
     score with a freshly initialized head: refused, naming what the checkpoint has, unless asked
     for on purpose (allow_untrained_head)."""
-    from pipelines.scoring import preflight
+    from pipelines.scoring.job import preflight
 
     data = _data(tmp_path / "in", files=1, rows=5)
     t0 = time.perf_counter()
@@ -474,8 +474,8 @@ def test_auto_precision_is_one_per_job_on_gpus_too(monkeypatch):
     """On GPUs each actor resolved `auto` itself (bf16 where supported, else fp16), so GPUs of two
     generations could mix precisions in one output; now the driver fixes it (bf16 on any GPU) and
     a resume keeps the recorded choice. CPU `auto` is the driver's one probe."""
-    import pipelines.scoring as scoring
-    from pipelines.scoring import job_dtype
+    import pipelines.scoring.job as scoring
+    from pipelines.scoring.job import job_dtype
 
     probes = []
     monkeypatch.setattr(scoring, "choose_cpu_dtype", lambda threads, hidden: probes.append((threads, hidden)) or "fp32")
@@ -489,8 +489,8 @@ def test_auto_precision_is_chosen_once_per_output_and_kept_by_a_resume(ray_local
     """`--dtype auto` on CPU is decided once per job on the driver and recorded in the run record;
     a resume scores its remaining rows in that precision even where a new probe would choose
     otherwise, so one output never mixes bf16 and fp32 rows (each actor used to probe for itself)."""
-    import pipelines.scoring as scoring
-    from pipelines.score_output import RUN_RECORD, output_dtypes
+    import pipelines.scoring.job as scoring
+    from pipelines.scoring.output import RUN_RECORD, output_dtypes
 
     data = _data(tmp_path / "in", files=4, rows=20)
     out = tmp_path / "out"
@@ -521,12 +521,12 @@ def test_the_settings_everyone_sets_are_flags_and_errors_name_them_as_flags(tmp_
     from click.testing import CliRunner
 
     import bert_core.model
-    import pipelines.score_config
+    import pipelines.scoring.config
     from jobs.score import score
-    from pipelines.score_output import RUN_RECORD
-    from pipelines.scoring import preflight
+    from pipelines.scoring.output import RUN_RECORD
+    from pipelines.scoring.job import preflight
 
-    assert pipelines.score_config.POOLINGS == bert_core.model.POOLINGS  # the CLI's choices are the model's
+    assert pipelines.scoring.config.POOLINGS == bert_core.model.POOLINGS  # the CLI's choices are the model's
     args = ["in.parquet", str(tmp_path / "out"), "--model", tiny, "--text-column", "sentence", "--text-pair-column",
             "sentence2", "--id-column", "key", "--max-length", "64", "--pooling", "cls", "--no-normalize",
             "--overwrite", "--print-config"]

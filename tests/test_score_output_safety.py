@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.score import ResourceConfig, ScoreConfig, main
-from pipelines.score_output import (MANIFEST, RUN_RECORD, UNITS_RECORD, default_checkpoint_dir, read_json,
+from pipelines.scoring.output import (MANIFEST, RUN_RECORD, UNITS_RECORD, default_checkpoint_dir, read_json,
                                     read_output)
-from pipelines.scoring import preflight
+from pipelines.scoring.job import preflight
 
 
 def _data(d, files=2, rows=20):
@@ -114,8 +114,8 @@ def test_an_output_of_ours_holding_other_files_is_refused_with_or_without_overwr
 
 
 def test_what_raybert_writes_is_one_rule_for_the_check_and_the_delete(tmp_path):
-    from pipelines.score_output import CHECKPOINT, foreign, layout, remove_ours
-    from pipelines.score_units import plan_units
+    from pipelines.scoring.output import CHECKPOINT, foreign, layout, remove_ours
+    from pipelines.scoring.units import plan_units
 
     f = tmp_path / "a.parquet"
     pq.write_table(pa.table({"text": ["x"] * 30}), f, row_group_size=20)
@@ -265,7 +265,7 @@ def test_a_same_size_rewrite_with_its_time_restored_is_refused(tmp_path, tiny):
 
 def test_a_staged_copy_is_reused_only_while_it_matches_its_record(tmp_path):
     from pipelines.inputs import plan_inputs
-    from pipelines.score_output import STAGED, stage_inputs
+    from pipelines.scoring.output import STAGED, stage_inputs
 
     d = tmp_path / "in"
     d.mkdir()

@@ -1,4 +1,4 @@
-"""The CPU scoring path's parts (pipelines/score_units.py): units cover every row once and never
+"""The CPU scoring path's parts (pipelines/scoring/units.py): units cover every row once and never
 span a row group; a unit's file is written whole, and rewriting it is idempotent; a unit that
 can't be scored names its input rows, output file or model; a corrupt row group stops the run
 naming it, keeping what was committed, and a rerun on a repaired file completes the output
@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.compat import row_hashes
-from pipelines.score_units import ScoringActor, choose_unit_rows, pending_units, plan_units
+from pipelines.scoring.units import ScoringActor, choose_unit_rows, pending_units, plan_units
 
 
 def _file(path, rows: int, row_group_size: int, start: int = 0) -> None:
@@ -24,8 +24,8 @@ def _file(path, rows: int, row_group_size: int, start: int = 0) -> None:
 
 
 def _spec(tmp_path, model) -> dict:
-    from pipelines.score_config import ScoreConfig
-    from pipelines.scoring import tokenize_settings
+    from pipelines.scoring.config import ScoreConfig
+    from pipelines.scoring.job import tokenize_settings
 
     cfg = ScoreConfig(input=str(tmp_path), output=str(tmp_path / "out"), model=model, task="embed")
     tokenize = tokenize_settings(cfg, 32, id_column="id", fallback_ids=None)
@@ -83,7 +83,7 @@ def test_actor_writes_a_unit_whole_and_a_retry_rewrites_the_same_file(tmp_path, 
     assert sorted(os.listdir(out)) == sorted([u0.name, u1.name])  # no temp file left
     # What kills leave, now and from earlier raybert versions, goes on resume; a user's own hidden
     # temp file, and a temp of a file we don't write, stay (#37: one atomic write, one temp scheme).
-    from pipelines.score_output import RUN_RECORD, remove_temp_files
+    from pipelines.scoring.output import RUN_RECORD, remove_temp_files
 
     ours = [f".{u0.name}.123.tmp", f".{u1.name}.tmp", f".{RUN_RECORD}.77.tmp", f"{RUN_RECORD}.77.tmp"]
     theirs = [".notes.txt.5.tmp", ".mine.tmp"]
@@ -100,7 +100,7 @@ def test_a_corrupt_row_group_stops_the_run_naming_it_and_a_rerun_completes(tmp_p
     import subprocess
     import sys
 
-    from pipelines.score_output import MANIFEST, default_checkpoint_dir, read_output
+    from pipelines.scoring.output import MANIFEST, default_checkpoint_dir, read_output
 
     d = tmp_path / "in"
     d.mkdir()
@@ -145,8 +145,8 @@ def test_actors_that_cannot_be_placed_stop_the_run_instead_of_waiting(ray_local)
     within the timeout instead of waiting forever."""
     import ray
 
-    from pipelines.score_config import ActorsLost
-    from pipelines.score_units import ScoringActor, stop_actors, wait_for_an_actor
+    from pipelines.scoring.config import ActorsLost
+    from pipelines.scoring.units import ScoringActor, stop_actors, wait_for_an_actor
 
     unplaceable = [ray.remote(ScoringActor).options(num_cpus=64).remote(1)]
     try:
@@ -161,7 +161,7 @@ def test_units_go_only_to_actors_that_started(ray_local, tmp_path, tiny):
     used to be given its share up front, and the run then waited for it forever)."""
     import ray
 
-    from pipelines.score_units import ScoringActor, run_units, stop_actors
+    from pipelines.scoring.units import ScoringActor, run_units, stop_actors
 
     f = str(tmp_path / "a.parquet")
     _file(f, 120, 120)
@@ -181,7 +181,7 @@ def test_units_go_only_to_actors_that_started(ray_local, tmp_path, tiny):
 def test_actors_keep_to_their_row_group_and_spread_over_others():
     """An actor reads and keeps one row group: it gets that group's next unit, and another actor a
     group no one holds, so a big row group is read about once, not once per unit."""
-    from pipelines.score_units import Unit, UnitQueue
+    from pipelines.scoring.units import Unit, UnitQueue
 
     units = [Unit("f", "f", 0, g, s, s + 10, g * 100) for g in range(3) for s in range(0, 40, 10)]
     q = UnitQueue(units)
@@ -196,7 +196,7 @@ def test_actors_keep_to_their_row_group_and_spread_over_others():
 def test_an_unfinished_ray_data_output_is_refused_with_the_fix():
     """Unit files and Ray Data's row checkpoints (an earlier raybert's GPU path) can't finish each
     other's half-written state; runs of the CPU actors before GPUs used units are the same scheme."""
-    from pipelines.score_units import same_scorer
+    from pipelines.scoring.units import same_scorer
 
     record = {}
     same_scorer(record, output="out", resumed=False)
@@ -211,7 +211,7 @@ def test_an_unfinished_ray_data_output_is_refused_with_the_fix():
 
 
 def test_a_store_hiccup_is_retried_and_a_bad_file_is_not_retried_forever():
-    from pipelines.score_units import with_retries
+    from pipelines.scoring.units import with_retries
 
     calls = []
 
@@ -236,7 +236,7 @@ def test_a_store_hiccup_is_retried_and_a_bad_file_is_not_retried_forever():
 def test_an_actor_names_what_failed_input_output_or_model(tmp_path, tiny):
     """What a unit can fail on, each named for the driver's one-line error (run_units): the input
     (a missing file), the output (a directory that can't be written), the model (gone from the node)."""
-    from pipelines.score_units import NotLoaded, NotRead, NotWritten
+    from pipelines.scoring.units import NotLoaded, NotRead, NotWritten
 
     f = str(tmp_path / "a.parquet")
     _file(f, 30, 30)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from jobs.score import ResourceConfig, ScoreConfig, main
 from pipelines.corpora import shakespeare_paragraphs
-from pipelines.score_output import MANIFEST, default_checkpoint_dir, read_output
+from pipelines.scoring.output import MANIFEST, default_checkpoint_dir, read_output
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,7 +121,7 @@ def test_killing_a_predictor_actor_mid_run_loses_no_rows(ray_local, tmp_path, mi
             if len(_data_files(out)) >= 2:
                 for p in me.children(recursive=True):  # only processes of this test's own Ray
                     try:
-                        if "ScoringActor" in " ".join(p.cmdline()):  # pipelines/score_units.py
+                        if "ScoringActor" in " ".join(p.cmdline()):  # pipelines/scoring/units.py
                             p.send_signal(signal.SIGKILL)
                             killed.update(pid=p.pid, files=len(_data_files(out)))
                             return

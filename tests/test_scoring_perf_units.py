@@ -10,13 +10,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-import pipelines.predictors as predictors
-import pipelines.tokenize as tokenize
+import pipelines.scoring.predictors as predictors
+import pipelines.scoring.tokenize as tokenize
 from bert_core.padding import pad_batch, token_budget_batches
 from bert_core.tokenizer import load_tokenizer
 from pipelines.corpora import shakespeare_paragraphs
-from pipelines.predictors import DTYPE_METADATA, Predictor, resolve_dtype
-from pipelines.tokenize import tokenize_batch
+from pipelines.scoring.predictors import DTYPE_METADATA, Predictor, resolve_dtype
+from pipelines.scoring.tokenize import tokenize_batch
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world", "A", "",
          "Héllo WORLD café naïve 中文", "Another somewhat longer sentence about token budgets, " * 5]

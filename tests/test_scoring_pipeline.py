@@ -19,9 +19,9 @@ from bert_core.model import build_model, preset
 from bert_core.tokenizer import load_tokenizer
 from jobs.score import ResourceConfig, ScoreConfig, main
 from pipelines.corpora import shakespeare_paragraphs
-from pipelines.predictors import Predictor
-from pipelines.tokenize import tokenize_batch
-from pipelines.score_output import MANIFEST, read_output
+from pipelines.scoring.predictors import Predictor
+from pipelines.scoring.tokenize import tokenize_batch
+from pipelines.scoring.output import MANIFEST, read_output
 
 
 def _tiny_ckpt(tmp, minilm_dir, head, id2label=None):
@@ -238,7 +238,7 @@ def test_score_dataset_keeps_the_callers_columns_and_needs_no_id(ray_module, min
     import pandas as pd
     import ray
 
-    from pipelines.scoring import score_dataset
+    from pipelines.scoring.job import score_dataset
 
     texts = shakespeare_paragraphs()[:60] + [""]
     frame = pd.DataFrame({"sentence": texts, "doc": list(range(len(texts))), "lang": ["en"] * len(texts)})

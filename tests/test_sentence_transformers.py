@@ -15,7 +15,7 @@ from bert_core.checkpoint import load_pretrained, sentence_transformers_settings
 from bert_core.tokenizer import load_tokenizer
 from jobs.score import ResourceConfig, ScoreConfig, main
 from pipelines.corpora import shakespeare_paragraphs
-from pipelines.score_output import read_output
+from pipelines.scoring.output import read_output
 
 st = pytest.importorskip("sentence_transformers")
 

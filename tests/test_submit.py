@@ -73,7 +73,7 @@ def test_upload_is_small_and_holds_the_packages(tmp_path):
     zpath = tmp_path / "pkg.zip"
     create_package(str(ROOT), zpath, include_gitignore=True, excludes=list(EXCLUDES))
     names = zipfile.ZipFile(zpath).namelist()
-    assert {"jobs/submit.py", "jobs/score.py", "pipelines/scoring.py", "bert_core/model.py"} <= set(names)
+    assert {"jobs/submit.py", "jobs/score.py", "pipelines/scoring/job.py", "bert_core/model.py"} <= set(names)
     assert not [n for n in names if n.split("/")[0] in {".venv", ".git", "runs", "data", "out"}]
     assert zpath.stat().st_size < 5 << 20, sorted(names)
 
@@ -343,7 +343,7 @@ def _corpus(path: Path, n: int = 50) -> list[str]:
 @pytest.mark.timeout(360, method="signal")
 @pytest.mark.filterwarnings("ignore:ssl=None is deprecated")  # inside Ray's tail_job_logs
 def test_submit_scores_on_a_real_head_refuses_duplicates_and_accepts_a_key(tmp_path, minilm_dir, monkeypatch):
-    from pipelines.score_output import read_output
+    from pipelines.scoring.output import read_output
 
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(var, raising=False)

@@ -41,7 +41,7 @@ def test_json_lines_ids_and_text_keep_their_source_text(tmp_path):
     # A column no job reads can't make the file unreadable: mixed kinds there are left alone.
     (tmp_path / "meta.jsonl").write_text('{"id": 1, "text": 12.5, "meta": 1}\n{"id": 2, "text": "b", "meta": "x"}\n')
     assert plan_inputs([str(tmp_path / "meta.jsonl")]).rows == 2
-    from pipelines.finetune_data import TaskData, discover_labels
+    from pipelines.training.finetune_data import TaskData, discover_labels
 
     (tmp_path / "lab.jsonl").write_text('{"text": 12.5, "label": 1, "meta": 1}\n{"text": "b", "label": 0, "meta": "x"}\n')
     assert discover_labels(TaskData(name="t", paths=[str(tmp_path / "lab.jsonl")])) == [0, 1]
@@ -126,7 +126,7 @@ def test_a_repeated_column_or_a_text_column_without_text_is_refused_before_work(
 def test_tag_data_in_csv_and_empty_labels(tmp_path, minilm_dir):
     """Before: a tag fine-tune on CSV (space-joined tokens and tags) crashed with a 53-line
     traceback (`list_flatten` on strings), and an empty CSV label became a third class ""."""
-    from pipelines.finetune_data import TaskData, discover_labels, tokenize_labeled
+    from pipelines.training.finetune_data import TaskData, discover_labels, tokenize_labeled
     from pipelines.inputs import input_files
 
     (tmp_path / "tag.csv").write_text("tokens,tags\nJohn lives in Paris,B-PER O O B-LOC\nMary  sleeps,B-PER O\n")

@@ -1,4 +1,4 @@
-"""Opt-in trackers (pipelines/tracking.py) without a server: W&B through a stand-in `wandb` module
+"""Opt-in trackers (pipelines/training/tracking.py) without a server: W&B through a stand-in `wandb` module
 that records what raybert calls (the real one needs an account or writes a binary log), and the
 driver-side refusals. MLflow end to end, through a real pretraining run: tests/test_pretrain_ray.py."""
 
@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from pipelines.tracking import Trackers, check_trackers
+from pipelines.training.tracking import Trackers, check_trackers
 
 
 class _WandbRun:
@@ -34,7 +34,7 @@ def fake_wandb(monkeypatch):
 
     mod.init = init
     monkeypatch.setitem(sys.modules, "wandb", mod)
-    monkeypatch.setattr("pipelines.tracking._installed", lambda m: True)
+    monkeypatch.setattr("pipelines.training.tracking._installed", lambda m: True)
     return calls
 
 
@@ -71,7 +71,7 @@ def test_trackers_refused_on_the_driver(monkeypatch):
         check_trackers({"trackin_uri": "http://x"}, None)
     with pytest.raises(ValueError, match="must be a mapping"):
         check_trackers("http://mlflow:5000", None)
-    monkeypatch.setattr("pipelines.tracking._installed", lambda m: m != "wandb")
+    monkeypatch.setattr("pipelines.training.tracking._installed", lambda m: m != "wandb")
     with pytest.raises(ValueError, match="train.wandb is set but wandb is not installed; pip install wandb"):
         check_trackers(None, {"project": "p"})
     check_trackers(None, None)  # off: nothing checked

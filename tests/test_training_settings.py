@@ -145,7 +145,7 @@ def test_main_checks_fields_set_in_code_as_flags_set_them(files, tmp_path, no_ra
     """`apply_overrides` (flags) and a caller of main(cfg) set fields without __post_init__: validate
     checks the final config."""
     from jobs import finetune, pretrain
-    from pipelines.finetune_data import TaskData
+    from pipelines.training.finetune_data import TaskData
 
     cfg = pretrain.preset_config("debug")
     cfg.run_dir, cfg.data.paths, cfg.data.tokenizer = str(tmp_path / "p"), [files["corpus"]], VOCAB
@@ -166,7 +166,7 @@ def test_main_checks_fields_set_in_code_as_flags_set_them(files, tmp_path, no_ra
 
 def test_plan_steps_never_turns_a_non_positive_epoch_count_into_a_step():
     from jobs.finetune import plan_steps, preset_config
-    from pipelines.finetune import TaskSpec
+    from pipelines.training.finetune import TaskSpec
 
     cfg = preset_config("debug")
     specs = [TaskSpec("t", "classify", {0: "a", 1: "b"}, 1.0, 320, False)]
@@ -388,7 +388,7 @@ def test_model_overrides_no_model_can_be_built_from_are_refused_before_ray(tmp_p
 
     from jobs.cli import cli
     from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
-    from pipelines.pretrain_data import write_corpus
+    from pipelines.training.pretrain_data import write_corpus
 
     corpus = write_corpus(peoples_daily_sentences()[:200], str(tmp_path / "zh.parquet"))
     (tmp_path / "ov.yaml").write_text(f"model:\n  overrides: {{{override}}}\n")
@@ -408,7 +408,7 @@ def test_a_run_dir_or_vocab_out_inside_the_data_is_refused(tmp_path):
 
     from jobs.cli import cli
     from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
-    from pipelines.pretrain_data import write_corpus
+    from pipelines.training.pretrain_data import write_corpus
 
     d = tmp_path / "D"
     write_corpus(peoples_daily_sentences()[:200], str(d / "zh.parquet"))
@@ -432,7 +432,7 @@ def test_a_home_path_in_a_config_file_is_the_home_directory(tmp_path, monkeypatc
     named `~` under the working dir (a later `rm -rf ~` of it is a hazard)."""
     from jobs.config import load_config
     from jobs.pretrain import PretrainConfig
-    from pipelines.score_config import ScoreConfig
+    from pipelines.scoring.config import ScoreConfig
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "s.yaml").write_text("input: ~/in.parquet\noutput: ~/emb\nmodel: '~/m'\ntext_column: '~x'\n")

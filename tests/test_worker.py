@@ -1,4 +1,4 @@
-"""The worker toolkit (pipelines/worker.py, run_log.py, watchdog.py, trainer.py) and the pretraining loop's parts: threads from held
+"""The worker toolkit (pipelines/training/worker.py, run_log.py, watchdog.py, trainer.py) and the pretraining loop's parts: threads from held
 CPUs, the background metrics writer, the heartbeat and the driver's stall watchdog, the measured
 MFU peak, the stop policy and the on-device metrics window. Two tests read one real job on a
 2-CPU Ray: one worker holding 1.5 CPUs trains on 2 threads with an honest MFU, then its stalled
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.run_plan import LRSchedule, StopPolicy, TimeBudget, lr_factor
-from pipelines.train import MetricsWindow
-from pipelines.run_log import MetricsWriter
-from pipelines.train_config import FAULT_DRILL_ENV, FaultDrill, TrainConfig
-from pipelines.watchdog import Heartbeat, TrainingStalled, fit_with_watchdog
-from pipelines.worker import peak_flops, torch_threads_for
+from pipelines.training.run_plan import LRSchedule, StopPolicy, TimeBudget, lr_factor
+from pipelines.training.loop import MetricsWindow
+from pipelines.training.run_log import MetricsWriter
+from pipelines.training.config import FAULT_DRILL_ENV, FaultDrill, TrainConfig
+from pipelines.training.watchdog import Heartbeat, TrainingStalled, fit_with_watchdog
+from pipelines.training.worker import peak_flops, torch_threads_for
 
 
 def test_threads_follow_the_cpus_held_rounded_up():
@@ -158,7 +158,7 @@ def test_watchdog_names_the_data_stage_when_the_first_batch_never_comes(tmp_path
     """Issue #34: a JSON Lines corpus sat in phase 'data' before step 0 until killed, and the
     watchdog's start-up allowance (600 s) said nothing. Waiting for the first batch now gets
     FIRST_BATCH_S (or the stall timeout if shorter), and the error names the Ray Data stage."""
-    from pipelines.watchdog import FIRST_BATCH_S, _allowed_s
+    from pipelines.training.watchdog import FIRST_BATCH_S, _allowed_s
 
     waiting = {"phase": "data", "step": 0, "stepped": False}
     assert FIRST_BATCH_S == 90 and _allowed_s(waiting, 300.0, 600.0) == 90  # the defaults: 90 s, not 600
@@ -199,7 +199,7 @@ def test_fault_drill_comes_from_the_environment_only(monkeypatch):
 
 
 def test_peak_flops_is_measured_once_then_read_from_the_run_dir(tmp_path, monkeypatch):
-    import pipelines.worker as w
+    import pipelines.training.worker as w
 
     peak = peak_flops(tmp_path, torch.device("cpu"), "fp32", torch.get_num_threads())
     assert 1e9 < peak < 1e14  # a CPU: between 1 GFLOP/s and 100 TFLOP/s
@@ -277,7 +277,7 @@ def test_metrics_window_sums_on_the_device_and_resets():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     from pipelines.corpora import peoples_daily_sentences
-    from pipelines.pretrain_data import write_corpus
+    from pipelines.training.pretrain_data import write_corpus
 
     return write_corpus(peoples_daily_sentences()[:420], str(tmp_path_factory.mktemp("corpus") / "zh"),
                         rows_per_file=140)

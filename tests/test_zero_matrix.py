@@ -30,10 +30,10 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     from bert_core.masking import Masker, MaskingConfig
     from bert_core.tokenizer import load_tokenizer
     from pipelines.corpora import chinese_vocab_path
-    from pipelines.train import build_mlm_model, forward_mlm, load_checkpoint, write_checkpoint
-    from pipelines.engine import build_bert_config, build_engine, evaluating, gathered_state_dict
-    from pipelines.train_config import ModelConfig, TrainConfig
-    from pipelines.worker import all_reduce_sum
+    from pipelines.training.loop import build_mlm_model, forward_mlm, load_checkpoint, write_checkpoint
+    from pipelines.training.engine import build_bert_config, build_engine, evaluating, gathered_state_dict
+    from pipelines.training.config import ModelConfig, TrainConfig
+    from pipelines.training.worker import all_reduce_sum
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK="0")
@@ -62,7 +62,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
             trained.backward(loss)
             trained.step()
             losses.append(float(loss))
-        with evaluating(trained):  # what pipelines.train.evaluate runs on each validation batch
+        with evaluating(trained):  # what pipelines.training.loop.evaluate runs on each validation batch
             ids = torch.randint(1000, len(tok), (4, 32), generator=g)
             val_loss, _, _ = forward_mlm(trained, masker, ids, seed=STEPS, device=torch.device("cpu"))
         val_loss = all_reduce_sum([float(val_loss)], torch.device("cpu"))[0] / world

@@ -35,11 +35,11 @@ Contract:
   the run record, `stage_inputs`, the scoring step, and `finish` (row conservation, the manifest,
   the staged inputs deleted). Every input row gives exactly one output row (see predictors.py for
   the columns).
-- The scoring step runs on plain actors, not Ray Data (`score_on_actors`, pipelines/score_units.py):
+- The scoring step runs on plain actors, not Ray Data (`score_on_actors`, pipelines/scoring/units.py):
   the input is cut into *units* (part of a row group each), and each unit's output is one file,
   written whole or not at all. On CPUs each predictor actor reads, tokenizes and scores its
   units (`run_units`). On GPUs, CPU actors read and tokenize the units and pass each table by
-  reference to a GPU actor, which scores and writes it (`run_fed_units`, pipelines/score_feed.py;
+  reference to a GPU actor, which scores and writes it (`run_fed_units`, pipelines/scoring/feed.py;
   `resources.tokenizer_actors`). Measured on 2 cores with a free model, Ray Data's program spent
   about 90% of the job around the predictor (worker processes for read and write tasks, an
   object-store round trip per block, a checkpoint-filter actor): see BENCHMARKS.md (issue 21).
@@ -74,17 +74,17 @@ from typing import Optional
 
 from pipelines import storage
 from pipelines.inputs import InputPlan, plan_inputs
-from pipelines.predictors import STEPS, Predictor
-from pipelines.tokenize import id_name, tokenize_batch
+from pipelines.scoring.predictors import STEPS, Predictor
+from pipelines.scoring.tokenize import id_name, tokenize_batch
 from pipelines.resources import CpuPlan, actor_pool, cpu_plan
-from pipelines.score_config import ScoreConfig
-from pipelines.score_feed import PredictorPool, default_tokenizers, run_fed_units, start_tokenizers
-from pipelines.score_output import (CHECKPOINT, MANIFEST, RUN_RECORD, STAGED, check_output, checkpoint_present,
+from pipelines.scoring.config import ScoreConfig
+from pipelines.scoring.feed import PredictorPool, default_tokenizers, run_fed_units, start_tokenizers
+from pipelines.scoring.output import (CHECKPOINT, MANIFEST, RUN_RECORD, STAGED, check_output, checkpoint_present,
                                     data_files, default_checkpoint_dir, layout, output_dtypes, output_totals,
                                     own_locations, ray_path, read_json, remove_ours, remove_temp_files,
                                     repair_duplicates, stage_inputs, write_json)
-from pipelines.score_resume import check_resume, forget_fingerprint, output_file_names, run_recipe
-from pipelines.score_units import (NotRead, choose_unit_rows, run_units, same_scorer,
+from pipelines.scoring.resume import check_resume, forget_fingerprint, output_file_names, run_recipe
+from pipelines.scoring.units import (NotRead, choose_unit_rows, run_units, same_scorer,
                                    score_on_actors, stop_actors)
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def check_head(cfg: "ScoreConfig", model_config) -> None:
     head of another kind (tag on a classifier), naming the heads it has."""
     from bert_core.checkpoint import HEAD_OF_ARCHITECTURE
 
-    from pipelines.score_config import HEAD_OF_TASK
+    from pipelines.scoring.config import HEAD_OF_TASK
 
     need = HEAD_OF_TASK[cfg.task]
     if need == "embed":
@@ -207,7 +207,7 @@ def choose_cpu_dtype(threads: int, hidden: int) -> str:
     actors' thread count."""
     import torch
 
-    from pipelines.predictors import resolve_dtype
+    from pipelines.scoring.predictors import resolve_dtype
 
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))

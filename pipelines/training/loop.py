@@ -5,16 +5,16 @@ Contract:
   (`LoopConfig(...).to_dict()`), so it pickles to any worker and never captures driver state.
   It runs under `ray.train.torch.TorchTrainer` with `TorchConfig(backend="gloo"|"nccl")` and no
   `datasets=`: each epoch's training stream is planned in the loop, its files in that epoch's
-  order (pipelines.pretrain_data.epoch_split); the validation set is the run dir's `val.parquet`
+  order (pipelines.training.pretrain_data.epoch_split); the validation set is the run dir's `val.parquet`
   (built once by the driver), each worker evaluating its share.
-- Distribution is applied in one place: `pipelines.engine.build_engine` calls `deepspeed.initialize` once
+- Distribution is applied in one place: `pipelines.training.engine.build_engine` calls `deepspeed.initialize` once
   (ZeRO stage 0-3, fp32 / bf16 / fp16, torch AdamW with a warmup + linear/cosine decay schedule,
   gradient accumulation, clipping). The model is plain `bert_core.BertForMaskedLM`.
 - Loss: cross-entropy at masked positions only. The model gathers the masked rows before the
   (H x V) vocab projection (`masked_index`), so the largest matmul runs on ~15% of tokens.
 - A "step" is one optimizer step (`grad_accum` micro-batches on every worker).
 - Metrics (every `log_every` steps): loss, MLM accuracy, lr, tokens/s, MFU and the peak FLOP/s
-  it is quoted against (measured on the workers, pipelines.worker.peak_flops, unless
+  it is quoted against (measured on the workers, pipelines.training.worker.peak_flops, unless
   `peak_flops_per_worker` is set); validation loss, accuracy and seconds every `eval_every` steps and at
   the end (masking `data.eval_mlm_probability` of tokens, 15%, whatever rate trains). Rank 0
   appends them to `<run_dir>/metrics.jsonl` from a background thread (one JSON object a line;
@@ -24,7 +24,7 @@ Contract:
   poll, ~2 s) is called only with checkpoints.
 - Each worker computes with as many torch threads as the CPUs it holds, rounded up
   (`LoopConfig.torch_threads` overrides). Rank 0 keeps `<run_dir>/heartbeat.json` current (step
-  and phase) for the driver's stall watchdog (pipelines.watchdog.fit_with_watchdog).
+  and phase) for the driver's stall watchdog (pipelines.training.watchdog.fit_with_watchdog).
 - Checkpoints (every `save_every` steps and at the end; Ray keeps the last `keep_last`), one Ray
   checkpoint directory holding:
     deepspeed/   the engine state: module, optimizer (ZeRO partitions of every rank), LR
@@ -67,14 +67,14 @@ from bert_core.masking_config import MaskingConfig
 from bert_core.model import BertConfig, BertForMaskedLM, mlm_flops_per_token, set_dropout
 from pipelines.console import shows_progress
 from pipelines import storage
-from pipelines.pretrain_data import DataConfig, epoch_split, read_val_rows
-from pipelines.engine import (build_bert_config, build_engine, evaluating, fresh_lr_schedule, gathered_state_dict,
+from pipelines.training.pretrain_data import DataConfig, epoch_split, read_val_rows
+from pipelines.training.engine import (build_bert_config, build_engine, evaluating, fresh_lr_schedule, gathered_state_dict,
                               lr_schedule)
-from pipelines.run_plan import OVERRUN, StopPolicy
-from pipelines.run_log import MetricsWriter
-from pipelines.train_config import FaultDrill, ModelConfig, TrainConfig
-from pipelines.watchdog import Heartbeat
-from pipelines.worker import (WorkerContext, all_reduce_sum, derive_seed, device_name, mlm_step_inputs, peak_flops,
+from pipelines.training.run_plan import OVERRUN, StopPolicy
+from pipelines.training.run_log import MetricsWriter
+from pipelines.training.config import FaultDrill, ModelConfig, TrainConfig
+from pipelines.training.watchdog import Heartbeat
+from pipelines.training.worker import (WorkerContext, all_reduce_sum, derive_seed, device_name, mlm_step_inputs, peak_flops,
                               run_in_session, worker_nodes)
 
 
@@ -189,7 +189,7 @@ def forward_mlm(engine, masker: Masker, input_ids: torch.Tensor, seed: int, devi
 def evaluate(engine, val_rows: torch.Tensor, masker: Masker, cfg: LoopConfig, rank: int, device,
              beat: Optional[Heartbeat] = None) -> dict:
     """Validation loss / accuracy over this worker's share of the run's validation set (`val_rows`,
-    (N, seq_len) int64 from pipelines.pretrain_data.read_val_rows), summed over workers.
+    (N, seq_len) int64 from pipelines.training.pretrain_data.read_val_rows), summed over workers.
 
     Masking is seeded by (seed, rank, batch index), identical at every evaluation, so successive
     val numbers differ only by the weights.

@@ -43,7 +43,7 @@ class TrainConfig:
     deadline: Optional[float] = None
     # Training seconds of the whole run, across invocations: the LR schedule is re-planned from the
     # measured step time to reach its floor when they run out, and the run ends there (or at
-    # max_steps, if sooner). pipelines/run_plan.py says what time counts. None = plan by steps.
+    # max_steps, if sooner). pipelines/training/run_plan.py says what time counts. None = plan by steps.
     total_time_budget_s: Optional[float] = None
     micro_batch_size: int = 32  # packed rows per worker per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -74,7 +74,7 @@ class TrainConfig:
     # ZeRO stage, precision) may repeat our values but not contradict them, and `optimizer` /
     # `scheduler` are refused: raybert brings its own (see `ds_config`).
     deepspeed: Optional[dict] = None
-    # Opt-in experiment trackers (pipelines/tracking.py), rank 0 only: settings for Ray's
+    # Opt-in experiment trackers (pipelines/training/tracking.py), rank 0 only: settings for Ray's
     # setup_mlflow (tracking_uri, experiment_name, ...) / for wandb.init (project, entity, mode,
     # ...); {} = defaults, None = off. metrics.jsonl and TensorBoard events are always written.
     mlflow: Optional[dict] = None

@@ -44,7 +44,7 @@ import numpy as np
 
 from pipelines.inputs import (FORMATS, TableFile, input_files, names_list, read_dataset,
                               refuse_repeated_columns)
-from pipelines.pretrain_data import cached_tokenizer
+from pipelines.training.pretrain_data import cached_tokenizer
 
 KINDS = ("classify", "tag", "mlm")
 IGNORE = -100  # label of positions that carry no loss
@@ -413,7 +413,7 @@ def build_task_datasets(task: TaskData, cfg: FinetuneData, tokenizer_path: str, 
 
     pace_idle_data_scheduler()
     if task.kind == "mlm":
-        from pipelines.pretrain_data import DataConfig, build_datasets
+        from pipelines.training.pretrain_data import DataConfig, build_datasets
 
         data = DataConfig(paths=task.paths, text_column=task.text_column, seq_len=cfg.mlm_seq_len,
                           val_fraction=0.0, num_cpus=cfg.num_cpus, tokenize_batch_rows=cfg.tokenize_batch_rows)

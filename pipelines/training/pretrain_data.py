@@ -5,7 +5,7 @@ Contract:
   Dataset of one epoch's rows `{"input_ids": int64[seq_len]}`. No text is read where it is planned:
   the plan is `from_items(the corpus's pieces, in the epoch's order) -> map_batches(read_and_pack)`
   (CPU tasks reading the text column and packing it), executed as the workers iterate their split
-  (`epoch_split`, one per epoch, from pipelines/train.py).
+  (`epoch_split`, one per epoch, from pipelines/training/loop.py).
 - The validation set is built once per run (`ensure_val_set`, on the driver, at the run's first
   start): the held-out documents in read order, tokenized and packed, the first
   `val_max_rows` rows, written to `<run_dir>/val.parquet`. Every evaluation of every invocation

@@ -3,7 +3,7 @@
 Contract:
 - `build_bert_config` resolves the encoder config (`init_from`'s or the preset's, plus overrides,
   covering the tokenizer). The LR schedule (linear warmup, then linear, cosine or constant decay
-  to a floor, re-plannable by a time budget) is pipelines/run_plan.py's `LRSchedule`;
+  to a floor, re-plannable by a time budget) is pipelines/training/run_plan.py's `LRSchedule`;
   `lr_schedule(engine)` returns a built engine's, `fresh_lr_schedule` replaces it.
 - `ds_config` builds a run's DeepSpeed config from `TrainConfig`, merging the user's `deepspeed`
   section over it (a contradiction of a key we derive, or an optimizer/scheduler, is refused; the
@@ -25,8 +25,8 @@ import torch
 from bert_core.model import BertConfig, preset
 from pipelines import storage
 from pipelines.compat import disable_deepspeed_jit, import_deepspeed
-from pipelines.run_plan import LRSchedule
-from pipelines.train_config import ModelConfig, TrainConfig
+from pipelines.training.run_plan import LRSchedule
+from pipelines.training.config import ModelConfig, TrainConfig
 
 
 def build_bert_config(model: ModelConfig, vocab_size: int) -> BertConfig:

@@ -20,8 +20,8 @@ import os
 
 from pipelines import storage
 from pipelines.inputs import InputPlan, names_list
-from pipelines.score_config import ScoreConfig
-from pipelines.score_output import MANIFEST, RUN_RECORD, checkpoint_present, data_files, read_json, write_json
+from pipelines.scoring.config import ScoreConfig
+from pipelines.scoring.output import MANIFEST, RUN_RECORD, checkpoint_present, data_files, read_json, write_json
 
 
 def model_fingerprint(local: str) -> str:

@@ -1,10 +1,10 @@
-"""The worker toolkit shared by the pretraining loop (pipelines/train.py) and the fine-tuning loop
-(pipelines/finetune.py).
+"""The worker toolkit shared by the pretraining loop (pipelines/training/loop.py) and the fine-tuning loop
+(pipelines/training/finetune.py).
 
 Contract:
 - `worker_session` opens what every loop starts with: `worker_context` (rank, world, device;
   torch's CPU threads set from the CPUs the worker holds), rank 0's `Heartbeat`
-  (pipelines/watchdog.py) and `MetricsWriter` (pipelines/run_log.py).
+  (pipelines/training/watchdog.py) and `MetricsWriter` (pipelines/training/run_log.py).
 - `all_reduce_sum` sums metrics over ranks (one host sync); `worker_nodes` names each rank's node.
 - `derive_seed` makes every random draw a function of the data position; `mlm_step_inputs` masks
   a micro-batch with such a seed.
@@ -30,9 +30,9 @@ import torch
 from bert_core.masking import Masker
 from pipelines import storage
 from pipelines.console import quiet_worker
-from pipelines.run_log import MetricsWriter
-from pipelines.train_config import TrainConfig
-from pipelines.watchdog import Heartbeat, heartbeat_interval
+from pipelines.training.run_log import MetricsWriter
+from pipelines.training.config import TrainConfig
+from pipelines.training.watchdog import Heartbeat, heartbeat_interval
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def worker_session(run_dir: str, use_gpu: bool, torch_threads: Optional[int], st
     `run_dir` may be a URI (s3://...): the heartbeat is then written to the store directly (one
     small PUT every few seconds), while metrics and TensorBoard events are written to a local
     staging dir (seeded with the run's metrics so far) and mirrored to the store. `train.mlflow` /
-    `train.wandb` open those trackers on rank 0 (pipelines/tracking.py), with `params` as the run's
+    `train.wandb` open those trackers on rank 0 (pipelines/training/tracking.py), with `params` as the run's
     logged config."""
     wc = worker_context(use_gpu, torch_threads)
     lead = wc.rank == 0
@@ -144,7 +144,7 @@ def worker_session(run_dir: str, use_gpu: bool, torch_threads: Optional[int], st
     if lead and train is not None and (train.mlflow is not None or train.wandb is not None):
         from functools import partial
 
-        from pipelines.tracking import Trackers
+        from pipelines.training.tracking import Trackers
 
         trackers = partial(Trackers, train.mlflow, train.wandb, str(run_dir), params or {})
     staging = None

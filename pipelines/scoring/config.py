@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from pipelines.train_config import DTYPES
+from pipelines.training.config import DTYPES
 
 TASKS = ("embed", "classify", "tag", "fill-mask")
 HEAD_OF_TASK = {"embed": "embed", "classify": "classify", "tag": "tag", "fill-mask": "mlm"}
-DTYPE_CHOICES = ("auto",) + DTYPES  # auto: chosen once per job (pipelines.scoring.job_dtype)
+DTYPE_CHOICES = ("auto",) + DTYPES  # auto: chosen once per job (pipelines.scoring.job.job_dtype)
 POOLINGS = ("mean", "cls", "max")  # embed pooling: bert_core.model.POOLINGS (a test keeps them equal)
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -32,7 +32,7 @@ class ResourceConfig:
     # device cuda: stop with an error if no GPU actor has started after this many seconds (a GPU node takes
     # minutes to boot; never wait forever on an autoscaler that can't deliver one)
     gpu_wait_s: float = 900.0
-    # CPU actors (1 CPU each) that read and tokenize units for the predictor actors (pipelines/score_feed.py).
+    # CPU actors (1 CPU each) that read and tokenize units for the predictor actors (pipelines/scoring/feed.py).
     # Default: on GPUs one per CPU the GPU actors leave, on CPUs none (each predictor actor tokenizes its own
     # units; setting it there, leave them room with --num-actors / actor_num_cpus)
     tokenizer_actors: Optional[int] = None

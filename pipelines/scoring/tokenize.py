@@ -1,5 +1,5 @@
 """Tokenizing blocks of rows for scoring: the stateless CPU step, run by the tokenizing actors that
-feed GPU actors (pipelines/score_feed.py), inside a CPU predictor actor (pipelines/predictors.py,
+feed GPU actors (pipelines/scoring/feed.py), inside a CPU predictor actor (pipelines/scoring/predictors.py,
 `Predictor(tokenize=...)`), or as Ray Data tasks (`score_dataset`).
 
 Contract: `tokenize_batch(batch, ...)` takes a block of input rows (`pyarrow.Table` or a dict of
@@ -9,7 +9,7 @@ pairs, and `text`/`offsets`/`word_ids` for tagging). It never drops a row: null 
 gives a row with `error` set and no tokens. An empty string is valid text: it scores as
 `[CLS] [SEP]` (n_tokens 2). Text longer than `max_length` tokens is truncated and flagged. Inputs
 without an id column get `<file>#<row_hash hex>` ids, stable across runs. With `keep_columns`
-(the Python API, `pipelines.scoring.score_dataset`), those input columns travel along unchanged as
+(the Python API, `pipelines.scoring.job.score_dataset`), those input columns travel along unchanged as
 `keep:<name>` (the predictor restores their names), and `id_column=None` means the rows need no id.
 """
 

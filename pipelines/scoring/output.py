@@ -14,7 +14,7 @@ Contract:
   is never ours and never followed; an output that is a symlink to a directory is used through it.
 - `check_output` also refuses an output or checkpoint dir that overlaps an input or each other
   (in any spelling), is a file, a dangling symlink, or can't be created.
-- What a resume must match (the recipe, the inputs' content): pipelines/score_resume.py.
+- What a resume must match (the recipe, the inputs' content): pipelines/scoring/resume.py.
   `stage_inputs` restages a staged copy that doesn't match the run record's entry for it (its
   source's fingerprint, its own size).
 - `data_files`, `output_totals`, `output_dtypes`, `read_output`: what the output holds;
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.inputs import InputPlan, names_list
-from pipelines.predictors import DTYPE_METADATA
+from pipelines.scoring.predictors import DTYPE_METADATA
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ MANIFEST = "_SUCCESS.json"
 # Written into the output when a run starts, before any row: the proof that the output is ours
 # (all that `overwrite` may delete) and the run's recipe, which a resume must match.
 RUN_RECORD = "_raybert_run.json"
-# In the checkpoint dir of a CPU run (pipelines/score_units.py): its unit plan, and the mark of an unfinished run.
+# In the checkpoint dir of a CPU run (pipelines/scoring/units.py): its unit plan, and the mark of an unfinished run.
 UNITS_RECORD = "_raybert_units.json"
 
 

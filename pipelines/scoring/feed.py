@@ -5,7 +5,7 @@ Why: a GPU actor must not spend its host thread tokenizing, and one GPU consumes
 several cores tokenize it, so the tokenizing runs on every CPU the GPU actors leave, wherever it is
 in the cluster. Ray Data's program for this (read -> repartition -> tokenize tasks -> GPU actor ->
 write tasks) fed 8.9-16% of the bare tokenizer per core on 2 cores; the same units as CPU scoring
-(pipelines/score_units.py), with the tokenizing moved to actors of its own, is measured in
+(pipelines/scoring/units.py), with the tokenizing moved to actors of its own, is measured in
 BENCHMARKS.md (issue 21).
 
 Contract:
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipelines.resources import CpuPlan, gpu_wait_message
-from pipelines.score_config import GpuWaitTimeout
-from pipelines.score_units import (ACTOR_START_TIMEOUT_S, IN_FLIGHT_PER_ACTOR, ScoringActor, Unit, UnitQueue,
+from pipelines.scoring.config import GpuWaitTimeout
+from pipelines.scoring.units import (ACTOR_START_TIMEOUT_S, IN_FLIGHT_PER_ACTOR, ScoringActor, Unit, UnitQueue,
                                    collect, not_started, started_actor, start_actors, wait_for_an_actor)
 
 UNITS_PER_ACTOR = 4  # an autoscaling pool asks for no more actors than the units keep busy

@@ -1,6 +1,6 @@
 """Scoring without Ray Data: predictor actors that score a unit of rows at a time and write the
 unit's own output file. On CPUs each actor also reads and tokenizes its units (`run_units`); on
-GPUs tokenizing actors do that for them (pipelines/score_feed.py).
+GPUs tokenizing actors do that for them (pipelines/scoring/feed.py).
 
 Why: with a model that costs nothing, Ray Data spent about 90% of a CPU scoring job around the
 predictor (BENCHMARKS.md, issue 21): worker processes started mid-run for the 0.25-CPU read and
@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 from pipelines import storage
 from pipelines.inputs import row_group_sizes
 from pipelines.compat import row_hashes
-from pipelines.score_config import ActorsLost
+from pipelines.scoring.config import ActorsLost
 
 IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: an actor never waits on the driver between units
 ACTOR_START_TIMEOUT_S = 300.0  # actors are sized to the cluster: if none starts by then, its CPUs are taken
@@ -152,7 +152,7 @@ class NotLoaded(UnitFailed):
 class ScoringActor:
     """One predictor process: scores whole units and writes their files. On CPU it reads and
     tokenizes its units too; a GPU actor is given them tokenized (`TokenizingActor`,
-    pipelines/score_feed.py)."""
+    pipelines/scoring/feed.py)."""
 
     def __init__(self, threads: int, load_torch: bool = True):
         # Before torch and `tokenizers` load in this fresh process: OpenMP threads that sleep at
@@ -174,7 +174,7 @@ class ScoringActor:
         """Score `unit` into `spec["output"]` (its rows as `tokenize` made them, when given);
         returns (rows, error rows, tokens)."""
         if self.predictor is None:
-            from pipelines.predictors import Predictor
+            from pipelines.scoring.predictors import Predictor
 
             try:
                 self.predictor = Predictor(*spec["predictor_args"], **spec["predictor_kwargs"])
@@ -196,7 +196,7 @@ class ScoringActor:
 
     def tokenize(self, unit: Unit, spec: dict) -> pa.Table:
         """`unit`'s rows tokenized (`tokenize_batch` with `spec["tokenize"]`), for a GPU actor's `score`."""
-        from pipelines.tokenize import encoder, tokenize_batch
+        from pipelines.scoring.tokenize import encoder, tokenize_batch
 
         settings = spec["tokenize"]
         try:
@@ -211,7 +211,7 @@ class ScoringActor:
         table = self._read(unit, spec["columns"]).slice(unit.start, unit.rows)
         table = table.append_column("row_hash", pa.array(row_hashes(unit.path, unit.first_row + unit.start,
                                                                     unit.rows), pa.uint64()))
-        if spec["with_path"]:  # fallback ids name the file (pipelines/tokenize.py)
+        if spec["with_path"]:  # fallback ids name the file (pipelines/scoring/tokenize.py)
             table = table.append_column("path", pa.array([unit.path] * unit.rows, pa.string()))
         return table
 
@@ -458,12 +458,12 @@ class _UnitRunner:
 def score_on_actors(run: Callable[[list[Unit], Callable], float], output: str, files: list[str], unit_rows: int,
                     checkpoint_dir: str, total: int, rows_before: int, tokens_before: int,
                     row_groups: Optional[dict] = None) -> float:
-    """The scoring step of `pipelines.scoring.score`: plan the units of `files` (staged Parquet),
+    """The scoring step of `pipelines.scoring.job.score`: plan the units of `files` (staged Parquet),
     skip those `output` already holds, score the rest with `run(units, on_done)` (`run_units`, or
     `score_feed.run_fed_units`); one progress line. Returns when (`time.perf_counter()`) the first
     predictor actor was ready: the start-up ends there. `row_groups`: see `plan_units`."""
     from pipelines.console import Progress
-    from pipelines.score_output import UNITS_RECORD, data_files, ray_path, write_json
+    from pipelines.scoring.output import UNITS_RECORD, data_files, ray_path, write_json
 
     units = plan_units(files, [ray_path(f) for f in files], unit_rows, row_groups)
     todo = pending_units(units, data_files(output))

@@ -31,7 +31,7 @@ class MetricsWriter:
     def __init__(self, path: Optional[Path], tensorboard_dir: Optional[Path] = None,
                  mirror: Optional[Mirror] = None, mirror_every_s: float = 30.0, trackers=None):
         self.path, self.tensorboard_dir = path, tensorboard_dir
-        # Opt-in MLflow / W&B (pipelines/tracking.py): a factory, called in the metrics thread so
+        # Opt-in MLflow / W&B (pipelines/training/tracking.py): a factory, called in the metrics thread so
         # the trackers are opened, fed and closed by one thread and never by the step.
         self.trackers = trackers
         # A remote run dir: the files are written to a local staging dir, and `mirror` uploads

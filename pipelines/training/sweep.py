@@ -125,8 +125,8 @@ def _run_trial(params: dict, *, loop: dict, datasets: dict, plan: dict, run_dir:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.compat import placement_group_recorder
-    from pipelines.finetune import finetune_loop_per_worker
-    from pipelines.trainer import torch_trainer
+    from pipelines.training.finetune import finetune_loop_per_worker
+    from pipelines.training.trainer import torch_trainer
 
     trial_dir = storage.join(run_dir, "trials", trial_name(params))
     # max_failures 0: a worker failure fails the trial (recorded), and a trial Tune stops can't

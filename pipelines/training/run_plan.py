@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipelines.train_config import TrainConfig
+from pipelines.training.config import TrainConfig
 
 DECAYS = ("linear", "cosine", "constant")
 # A budgeted run ends where its plan does, which is re-aimed at the budget at every check; only a
@@ -61,7 +61,7 @@ class LRSchedule:
 
     A callable object, not a function, so LambdaLR's state_dict (in DeepSpeed's checkpoint) keeps
     its attributes too; the pretraining loop still builds a fresh one from the config on resume
-    (pipelines.engine.fresh_lr_schedule) and loads only a budgeted run's plan onto it
+    (pipelines.training.engine.fresh_lr_schedule) and loads only a budgeted run's plan onto it
     (raybert_state.json), so a changed max_steps or warmup reaches a run as it always has.
     """
 

@@ -4,12 +4,12 @@ Train + DeepSpeed path as pretraining.
 Contract:
 - `finetune_loop_per_worker(config)` reads only its argument (`FinetuneLoopConfig(...).to_dict()`).
   It runs under `TorchTrainer` with datasets `train_<task>` (and `val_<task>` for classify/tag
-  tasks that have validation rows) from pipelines/finetune_data.py.
+  tasks that have validation rows) from pipelines/training/finetune_data.py.
 - Model: `bert_core.BertMultiTask` with a head per task, the encoder (and an mlm task's head)
   loaded from `model.init_from` or fresh from `model.preset`. DeepSpeed is applied by
-  pipelines.engine.build_engine, the one place shared with pretraining (ZeRO 0-3, fp32/bf16/fp16,
+  pipelines.training.engine.build_engine, the one place shared with pretraining (ZeRO 0-3, fp32/bf16/fp16,
   AdamW, warmup + decay, accumulation, clipping); threads and the all-reduce come from
-  pipelines.worker, metrics writing from pipelines.run_log, the heartbeat from pipelines.watchdog.
+  pipelines.training.worker, metrics writing from pipelines.training.run_log, the heartbeat from pipelines.training.watchdog.
 - Knobs (FinetuneOptions): epochs (which set the step count), warmup ratio, weight decay (in
   TrainConfig), dropout, layer-wise LR decay (layer l of L trains at lr * decay^(L + 1 - l), the
   embeddings at lr * decay^(L + 1), the pooler and heads at lr), and early stopping on the
@@ -27,7 +27,7 @@ Contract:
   id2label per head, the primary task under HF's keys); outside a sweep that is the loop's only
   `ray.train.report` (it blocks until the controller polls). A sweep trial (`report_evals`) also
   reports each evaluation's `val_score` and `best_score`, without a checkpoint, for Tune's
-  early-stopping scheduler (pipelines/sweep.py). Rank 0 logs to
+  early-stopping scheduler (pipelines/training/sweep.py). Rank 0 logs to
   `<run_dir>/metrics.jsonl` from a background thread and prints a progress line; training losses
   stay on the device between log steps.
   Fine-tunes are short, so there is no mid-run checkpoint: a worker failure (FailureConfig)
@@ -53,12 +53,12 @@ from bert_core.masking_config import MaskingConfig
 from bert_core.model import BertConfig, BertMultiTask, TaskHead
 from pipelines.console import shows_progress
 from pipelines import storage
-from pipelines.finetune_data import IGNORE, FinetuneData
-from pipelines.engine import build_bert_config, build_engine, evaluating, gathered_state_dict
-from pipelines.run_log import MetricsWriter
-from pipelines.train_config import FinetuneOptions, ModelConfig, TrainConfig
-from pipelines.watchdog import Heartbeat
-from pipelines.worker import WorkerContext, all_reduce_sum, derive_seed, mlm_step_inputs, run_in_session, worker_nodes
+from pipelines.training.finetune_data import IGNORE, FinetuneData
+from pipelines.training.engine import build_bert_config, build_engine, evaluating, gathered_state_dict
+from pipelines.training.run_log import MetricsWriter
+from pipelines.training.config import FinetuneOptions, ModelConfig, TrainConfig
+from pipelines.training.watchdog import Heartbeat
+from pipelines.training.worker import WorkerContext, all_reduce_sum, derive_seed, mlm_step_inputs, run_in_session, worker_nodes
 
 
 

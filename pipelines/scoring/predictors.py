@@ -1,12 +1,12 @@
 """The model step of batch scoring, as plain Python that runs with or without Ray.
 
 Contract:
-- `tokenize_batch` (pipelines/tokenize.py) is the stateless CPU step before it.
+- `tokenize_batch` (pipelines/scoring/tokenize.py) is the stateless CPU step before it.
 - `Predictor` is the stateful model step (one per Ray actor): `__init__` loads the model once,
   `__call__(batch) -> pyarrow.Table` runs it under `torch.inference_mode()`. It takes
   `tokenize_batch`'s output, or, built with `tokenize=` (that function's keyword arguments), the
   input rows themselves, which it tokenizes first: on CPU the scoring pipeline runs both steps in
-  one actor (see pipelines/scoring.py for why). Inside each block it sorts rows by length and cuts
+  one actor (see pipelines/scoring/job.py for why). Inside each block it sorts rows by length and cuts
   batches with `bert_core.padding.token_budget_batches`, so rows x longest stays under
   `max_tokens`; results are scattered back to input order. Rows with an error pass through with
   null outputs.
@@ -37,8 +37,8 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from pipelines.score_config import DTYPE_CHOICES, DTYPES, HEAD_OF_TASK, TASKS
-from pipelines.tokenize import KEEP, as_table, encoder, tokenize_batch
+from pipelines.scoring.config import DTYPE_CHOICES, DTYPES, HEAD_OF_TASK, TASKS
+from pipelines.scoring.tokenize import KEEP, as_table, encoder, tokenize_batch
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The scoring job: see pipelines/__init__.py for what each module holds."""

@@ -1,24 +1,22 @@
-"""Config loading shared by every job: a typed dataclass, filled from a YAML file, then a few
-CLI overrides on top.
+"""Config loading shared by every job: one typed config tree per job, from its sources in order.
 
-Contract: `load_config(Cls, path, overrides)` returns a `Cls` instance. YAML keys must be field
-names of `Cls` (nested dataclasses are nested mappings); an unknown key is an error that names the
-key and the file, so a typo never silently falls back to a default; a value of the wrong type, or
-out of its range (jobs/checks.py), is an error naming the key, the value and what it must be.
-A string value `~` or `~/...` is the home directory (`home_expanded`), as a shell would make it
-of a flag. Overrides whose value is None (a CLI flag that was not given) are ignored; each job's `validate`
-checks the ranges of the final config, flags included. `user_errors` gives every command the same one-line
-errors and exit statuses. `--print-config` (`print_config_option`) shows the
-resolved config as YAML that `--config` accepts, and runs nothing. `as_run_location` and
-`as_model_location` take a local path or an object-store URI (pipelines/storage.py), refusing on
-the driver, before anything is written, a URI that can't work (unknown scheme, no bucket, no such
-model), naming it.
+Contract: `load_config(Cls, path, overrides, base, sets)` returns a `Cls` built from, lowest
+first, the defaults or a preset (`base`), the YAML file at `path`, the flags (`overrides`: dotted
+key -> value, None = not given) and each `--set section.key=value` (`sets`, repeatable, reaching
+every key). The merged whole is checked once by the one walker (pipelines.settings.decode): an
+unknown key, a value of the wrong type or out of its rule is one error naming the source (the
+file, the flag, the `--set`), the key, the value and what it must be, so a flag and the same YAML
+key are refused or accepted alike. A string value `~` or `~/...` is the home directory.
+`user_errors` gives every command the same one-line errors and exit statuses. `--print-config`
+(`print_config_option`) shows the resolved config as YAML that `--config` accepts, and runs
+nothing. `as_run_location` and `as_model_location` take a local path or an object-store URI
+(pipelines/storage.py), refusing on the driver, before anything is written, a URI that can't work
+(unknown scheme, no bucket, no such model), naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import re
@@ -31,125 +29,107 @@ import click
 import yaml
 
 T = TypeVar("T")
+DEFAULTS = "defaults"
 
 
-def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "config", prefix: str = "") -> T:
-    """Build dataclass `cls` from a (possibly nested) mapping, rejecting unknown keys and values
-    out of their range (jobs.checks: the error names `where`, the dotted key from `prefix`, the
-    value and the range, before a dataclass's own checks can say less). Values are taken as they
-    are: a user's mapping goes through `read_mapping` first."""
-    from jobs.checks import check_fields
+class Layers:
+    """The sources of one config, lowest first (defaults < preset < file < flags < --set), each
+    key remembered with the source that set it last, so an error names where the value came from."""
 
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{cls!r} is not a dataclass")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {[prefix + k for k in unknown]} for {cls.__name__}; "
-                         f"known keys: {sorted(names)}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
-            value = from_mapping(hint, value, where, f"{prefix}{name}.")
-        kwargs[name] = value
-    check_fields(cls, kwargs, prefix, where)
-    return cls(**kwargs)
+    def __init__(self, base: Any, source: str = DEFAULTS):
+        self.data: dict = dataclasses.asdict(base)
+        self.origin: dict[str, str] = {}
+        self.base_source = source
 
+    def add(self, source: str, values: Mapping[str, Any]) -> "Layers":
+        """Put `values` (nested, or with dotted keys: `{"train.lr": 0.1}`) over what is there."""
+        nested: dict = {}
+        for key, value in values.items():
+            *parents, leaf = key.split(".")
+            target = nested
+            for part in parents:
+                target = target.setdefault(part, {})
+            target[leaf] = value
+        self.data = _merge(self.data, nested)
+        for key in _leaves(nested):
+            self.origin[key] = source
+        return self
 
-_BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+    def source_of(self, key: str) -> str:
+        """The source of `key` (or of the value that holds it, or of its last-set part)."""
+        parts = re.split(r"\.|(?=\[)", key)
+        for n in range(len(parts), 0, -1):
+            k = ".".join(parts[:n]).replace(".[", "[")
+            if k in self.origin:
+                return self.origin[k]
+            if n == len(parts):
+                inside = [s for o, s in self.origin.items() if o.startswith(k + ".")]
+                if inside:
+                    return inside[-1]
+        return self.base_source
 
+    def build(self, cls: type[T]) -> T:
+        from pipelines.settings import decode
 
-def _type_name(hint) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping"}.get(typing.get_origin(hint) or hint, str(hint))
-
-
-def typed_value(value: Any, hint: Any, where: str) -> Any:
-    """`value` (from YAML) as the type the field's `hint` wants, or a ValueError naming the key,
-    the value and the type. A quoted boolean or number ("false", "4096") and a YAML 1.1 float that
-    PyYAML reads as a string ("1e-4") are read as the field's type; anything else of the wrong type
-    is refused, never silently reinterpreted ("false" is not true). A single string is accepted
-    where a list is wanted (one path)."""
-    if typing.get_origin(hint) is typing.Union:
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None and len(options) < len(typing.get_args(hint)):
-            return None
-        if len(options) == 1:
-            return typed_value(value, options[0], where)
-        for option in options:  # Union[str, list]: a value of one of them, as it is
-            if isinstance(value, typing.get_origin(option) or option):
-                return value
-        raise ValueError(f"{where}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
-    text = value.strip() if isinstance(value, str) else None
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if text is not None and text.lower() in _BOOLEAN_WORDS:
-            return _BOOLEAN_WORDS[text.lower()]
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if text is not None and re.fullmatch(r"[+-]?[0-9][0-9_]*", text):
-            return int(text)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value  # an int is a number too (and prints back as written)
-        if text is not None:
-            try:
-                return float(text)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif hint is list or typing.get_origin(hint) is list:
-        if isinstance(value, str):
-            value = [value]
-        item = (typing.get_args(hint) or (Any,))[0]
-        if isinstance(value, list) and (item is Any or all(isinstance(v, item) for v in value)):
-            return value
-    elif hint is dict:
-        if isinstance(value, Mapping):
-            return value
-    else:
-        return value
-    raise ValueError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+        return decode(cls, self.data, self.source_of)
 
 
-def to_mapping(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
+def _leaves(tree: Mapping, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, Mapping) and v else [prefix + k]
+    return out
 
 
-def apply_overrides(obj: T, overrides: Mapping[str, Any]) -> T:
-    """Set dotted fields (`"train.max_steps": 10`) on a copy of `obj`; None values are skipped."""
-    obj = copy.deepcopy(obj)
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        target = obj
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            target = getattr(target, p)
-        if leaf not in {f.name for f in dataclasses.fields(target)}:
-            raise ValueError(f"override {dotted!r}: {type(target).__name__} has no field {leaf!r}")
-        setattr(target, leaf, value)
-    return obj
+def _merge(base: dict, update: Mapping) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def flag_name(key: str, flags: Optional[Mapping[str, str]] = None) -> str:
+    """The command-line flag that sets config `key`: `flags[key]`, else `--<leaf-with-dashes>`."""
+    return (flags or {}).get(key) or "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def parse_sets(sets: typing.Iterable[str]) -> list[tuple[str, dict]]:
+    """`--set section.key=value` (repeatable) as layers; the value is read as YAML (`1e-4`, `[0.9, 0.98]`,
+    `null`), then as the field's type."""
+    layers = []
+    for text in sets or ():
+        key, eq, value = text.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
+            raise ValueError(f"--set {text!r}: write --set section.key=value (e.g. --set train.lr=1e-4)")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        layers.append((f"--set {text}", {key.strip(): parsed}))
+    return layers
 
 
 def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Optional[Mapping[str, Any]] = None,
-                base: Optional[T] = None) -> T:
-    """`base` (or `cls()`), updated by the YAML file at `path`, then by `overrides`."""
-    cfg = base if base is not None else cls()
+                base: Optional[T] = None, sets: typing.Iterable[str] = (), flags: Optional[Mapping[str, str]] = None,
+                base_source: str = DEFAULTS) -> T:
+    """`base` (or `cls()`), then the YAML file at `path`, then `overrides` (flags: dotted key ->
+    value; None = not given), then each `--set`, checked as a whole by the one walker
+    (pipelines.settings.decode), any error naming the source of the key."""
+    layers = Layers(base if base is not None else cls(), base_source)
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} does not exist")
-        data = read_yaml(p.read_text(), str(p))
-        merged = _merge(to_mapping(cfg), read_mapping(cls, data, str(p)))
-        cfg = from_mapping(cls, merged, str(p))
-    return apply_overrides(cfg, overrides or {})
+        layers.add(str(p), read_yaml(p.read_text(), str(p)))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            layers.add(flag_name(key, flags), {key: value})
+    for source, values in parse_sets(sets):
+        layers.add(source, values)
+    return layers.build(cls)
 
 
 def read_yaml(text: str, where: str) -> dict:
@@ -167,49 +147,6 @@ def read_yaml(text: str, where: str) -> dict:
     return dict(data)
 
 
-def read_mapping(cls, data: Mapping, where: str, prefix: str = "") -> dict:
-    """A user's mapping for dataclass `cls` (a config file's own keys, before the defaults they
-    update fill in the rest), checked (unknown keys, wrong types) and read as its fields' types."""
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: {prefix.rstrip('.') or 'the file'}: expected a mapping of {cls.__name__} keys "
-                         f"({', '.join(f.name for f in dataclasses.fields(cls))}), got {data!r}")
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {[prefix + k for k in unknown]} for {cls.__name__}; "
-                         f"known keys: {sorted(hints)}")
-    out = {}
-    for name, value in data.items():
-        hint, key = hints[name], prefix + name
-        if dataclasses.is_dataclass(hint):
-            out[name] = read_mapping(hint, value, where, key + ".")
-        else:
-            out[name] = home_expanded(typed_value(value, hint, f"{where}: {key}"))
-    return out
-
-
-def home_expanded(value: Any) -> Any:
-    """`~/...` in a config file's path settings is the home directory, as a shell makes it of a
-    flag: left as it is, `output: ~/emb` wrote to a directory named `~` under the working dir."""
-    import os
-
-    if isinstance(value, str) and (value == "~" or value.startswith("~/")):
-        return os.path.expanduser(value)
-    if isinstance(value, list):
-        return [home_expanded(v) for v in value]
-    return value
-
-
-def _merge(base: dict, update: Mapping) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def dump_config(cfg: Any) -> str:
     """The config as YAML that `--config` reads back into the same config."""
     plain = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))  # tuples, Paths -> YAML-safe
@@ -222,9 +159,18 @@ def config_flags(presets: dict):
     def add(command):
         command = click.option("--preset", type=click.Choice(sorted(presets)),
                                help="Model size and the training settings that suit it (see --print-config).")(command)
+        command = set_option(command)
         return click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-                            help="YAML config (defaults < preset < this file < flags).")(command)
+                            help="YAML config (defaults < preset < this file < flags < --set).")(command)
     return add
+
+
+def set_option(command):
+    """`--set section.key=value` (repeatable) for a job's click command: it receives `sets`, a tuple
+    of those strings for `load_config`; any key of the config, over the file and the flags."""
+    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                        help="Any config key, e.g. --set train.warmup_steps=50 (repeatable; over --config and "
+                             "the flags; see --print-config for the keys).")(command)
 
 
 def print_config_option(command):

@@ -41,10 +41,11 @@ from typing import Optional
 import click
 
 from bert_core.masking_config import MaskingConfig
-from jobs.checks import check_config, check_seq_len, model_config
+from jobs.checks import check_seq_len, model_config
 from jobs.config import echo_config, from_preset, stdout_for_the_result
 from jobs.training import (FP16_NEEDS_GPU, SHARED_FLAGS, ScalingConfig, check_init_from, check_run_dir, expects_gpu,
-                           has_checkpoints, training_command)
+                           training_command)
+from pipelines.settings import check
 from pipelines.training.finetune_data import FinetuneData, TaskData
 from pipelines.training.config import FinetuneOptions, ModelConfig, TrainConfig
 
@@ -58,7 +59,7 @@ def _train_defaults() -> TrainConfig:
 @dataclass
 class FinetuneConfig:
     run_dir: str = "runs/finetune"  # made absolute (Ray needs an absolute storage path)
-    tasks: list = field(default_factory=list)  # TaskData (or mappings of its fields, from YAML)
+    tasks: list[TaskData] = field(default_factory=list)  # one head each (YAML: a list of TaskData mappings)
     model: ModelConfig = field(default_factory=ModelConfig)  # init_from: the pretrained checkpoint
     tokenizer: Optional[str] = None  # default: model.init_from's tokenizer
     data: FinetuneData = field(default_factory=FinetuneData)
@@ -72,8 +73,8 @@ class FinetuneConfig:
     sweep: dict = field(default_factory=dict)
 
 
-# The settings `raybert finetune` has a flag for: its errors name the flag beside the YAML key.
-FLAGS = {**SHARED_FLAGS, "options.epochs": "--epochs", "train.lr": "--lr"}
+# The flags of `raybert finetune` not named --<field> (errors name the flag that gave a value).
+FLAGS = {**SHARED_FLAGS, "tasks": "--data"}
 
 
 def _preset(name: str, lr: float, micro_batch_size: int = 32) -> FinetuneConfig:
@@ -113,19 +114,6 @@ class FinetuneResult:
     max_steps: int
 
 
-def task_list(cfg: FinetuneConfig) -> list[TaskData]:
-    from jobs.config import from_mapping, read_mapping
-
-    # read_mapping names an unknown key (a typo) or a value of the wrong type, and its task,
-    # instead of a bare TypeError.
-    tasks = [t if isinstance(t, TaskData) else from_mapping(TaskData, read_mapping(TaskData, t, f"tasks[{i}]"),
-                                                             where="", prefix=f"tasks[{i}].")
-             for i, t in enumerate(cfg.tasks)]
-    for i, t in enumerate(tasks):  # a TaskData built in code (or by --data) skipped from_mapping's ranges
-        check_config(t, prefix=f"tasks[{i}].")
-    return tasks
-
-
 def validate(cfg: FinetuneConfig) -> list[TaskData]:
     from jobs.config import as_model_location, as_run_location, load_deepspeed
     from pipelines.training.tracking import check_trackers
@@ -135,10 +123,10 @@ def validate(cfg: FinetuneConfig) -> list[TaskData]:
     cfg.tokenizer = as_model_location("tokenizer", cfg.tokenizer)
     cfg.model.init_from = as_model_location("init_from", cfg.model.init_from)
     cfg.train.deepspeed = load_deepspeed(cfg.train.deepspeed)
-    check_config(cfg, FLAGS)  # every numeric setting's range, flags included (they skip __post_init__)
+    check(cfg)  # every setting's type and rule, for a config built or changed in code (the CLI checked its sources)
     ds_config(cfg.train, cfg.scaling.num_workers)  # a contradicting --deepspeed file fails here
     check_trackers(cfg.train.mlflow, cfg.train.wandb)
-    tasks = task_list(cfg)
+    tasks = list(cfg.tasks)
     if not tasks:
         raise ValueError("no task: pass --data (labeled Parquet, CSV or JSON Lines) or list `tasks` in the --config file")
     names = [t.name for t in tasks]
@@ -247,9 +235,9 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
         if cfg.sweep:
             export, metrics = _sweep(cfg, loop, datasets, plan, run_dir, specs)
         else:
-            _, export, metrics = run_trainer(finetune_loop_per_worker, loop.to_dict(), run_dir=run_dir, plan=plan,
-                                             scaling=cfg.scaling, keep_last=1, datasets=datasets,
-                                             stall_timeout_s=cfg.train.stall_timeout_s)
+            fit = run_trainer(finetune_loop_per_worker, loop.to_dict(), run_dir=run_dir, plan=plan, scaling=cfg.scaling,
+                              keep_last=1, datasets=datasets, stall_timeout_s=cfg.train.stall_timeout_s)
+            export, metrics = fit.export, fit.metrics
     if export is None:
         raise RuntimeError(f"fine-tune finished without a result checkpoint in {run_dir}")
     return FinetuneResult(run_dir=run_dir, export=export, metrics=metrics,
@@ -260,13 +248,14 @@ def check_new_run_dir(run_dir: str, tasks: list) -> None:
     """A fine-tune's run dir: new, empty, or a raybert run dir without a result (fine-tunes don't
     resume), and outside every task's data (jobs.training.check_run_dir)."""
     from pipelines import storage
+    from pipelines.training.run_dir import export_dir, has_checkpoints
 
     check_run_dir(run_dir, [p for t in tasks for p in t.paths + t.val_paths])
     if has_checkpoints(run_dir) or storage.exists(storage.join(run_dir, "trials")):
         saved = json.loads(storage.read_text(storage.join(run_dir, "config.json")) or "{}")
         what = ("a pretraining run" if "pretrain" in saved else "a sweep's trials" if saved.get("finetune", {}).get("sweep")
                 else "a fine-tune result")
-        hint = f" (--init-from {storage.join(run_dir, 'export')} fine-tunes its weights)" if "pretrain" in saved else ""
+        hint = f" (--init-from {export_dir(run_dir)} fine-tunes its weights)" if "pretrain" in saved else ""
         raise FileExistsError(f"{run_dir} already holds {what}; fine-tunes don't resume and never write into "
                               f"another run, use a new --run-dir{hint}")
 
@@ -319,16 +308,16 @@ def task_datasets(cfg: FinetuneConfig, tasks: list, labels: dict, tokenizer: str
 
 
 def build_config(preset: Optional[str], config_path: Optional[str], overrides: dict,
-                 task: Optional[dict] = None) -> FinetuneConfig:
+                 task: Optional[dict] = None, sets=()) -> FinetuneConfig:
+    """Defaults < preset (--preset, else the file's model.preset) < --config < flags < --set; --data
+    makes one task of the flags, replacing the config's tasks."""
     from jobs.config import chosen_preset, load_config
 
     name = chosen_preset(preset, config_path)
-    cfg = load_config(FinetuneConfig, config_path, overrides, base=preset_config(name) if name else None)
-    if preset:
-        cfg.model.preset = preset  # the flag over the file's model.preset: flags > file
-    if task is not None:  # --data on the command line: one task, replacing the config's tasks
-        cfg.tasks = [TaskData(**{k: v for k, v in task.items() if v is not None})]
-    return cfg
+    tasks = [{k: v for k, v in task.items() if v is not None}] if task is not None else None
+    return load_config(FinetuneConfig, config_path, {"model.preset": preset, "tasks": tasks, **overrides}, sets=sets,
+                       flags=FLAGS, base=preset_config(name) if name else None,
+                       base_source=f"preset {name}" if name else "defaults")
 
 
 @click.command()
@@ -343,24 +332,26 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--init-from", help="Pretrained HF BERT directory to start from.")
 @click.option("--tokenizer", help="Tokenizer (default: --init-from's).")
 @click.option("--epochs", type=float, help="Passes over the labeled training rows.")
-@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--max-length", type=int, help="Tokens per row before truncation (data.max_length).")
+@click.option("--patience", type=int, help="Stop after this many evaluations without improvement (0: never early).")
 @click.option("--sweep", multiple=True, metavar="KEY=V1,V2,...",
               help="Ray Tune sweep (repeatable): lr, weight_decay, seed, dropout, warmup_ratio or layer_lr_decay; "
                    "one trial per combination, ASHA early stopping, the best on validation exported.")
 @training_command(PRESETS)
-def finetune(data, val_data, kind, name, text_column, label_column, run_dir, config_path, preset, init_from,
-             tokenizer, epochs, lr, sweep, training, print_config):
+def finetune(data, val_data, kind, name, text_column, label_column, run_dir, config_path, preset, sets, init_from,
+             tokenizer, epochs, max_length, patience, sweep, training, print_config):
     """Fine-tune a pretrained BERT into a classifier or tagger (or several heads, from --config)."""
     from pipelines.training.sweep import parse_sweep
 
     overrides = {"run_dir": run_dir, "model.init_from": init_from, "tokenizer": tokenizer,
-                 "options.epochs": epochs, "train.lr": lr, "sweep": parse_sweep(sweep) or None, **training}
+                 "options.epochs": epochs, "data.max_length": max_length, "options.patience": patience,
+                 "sweep": parse_sweep(sweep) or None, **training}
     if not data and (text_column or label_column):
         raise click.UsageError("--text-column and --label-column go with --data (a --config's tasks name their "
                                "own columns: tasks[i].text_column, tasks[i].label_column)")
     task = dict(name=name, kind=kind, paths=list(data), val_paths=list(val_data), text_column=text_column,
                 label_column=label_column) if data else None
-    cfg = build_config(preset, config_path, overrides, task)
+    cfg = build_config(preset, config_path, overrides, task, sets)
     if print_config:
         return echo_config(cfg)
     with stdout_for_the_result():

@@ -5,9 +5,10 @@ Contract:
   returns where the last checkpoint and its HF export are. The corpus is read and tokenized by
   Ray Data (pipelines/training/pretrain_data.py) and streamed to `scaling.num_workers` Ray Train workers
   running pipelines/training/loop.py. Without `address` / RAY_ADDRESS it starts an embedded local Ray.
-- The run directory holds Ray Train's checkpoints (`checkpoint_<step>/{deepspeed,hf,
-  raybert_state.json}`, the last `train.keep_last` kept), `metrics.jsonl`, `tensorboard/`,
-  `runs.jsonl` and `export/`: a copy of the final HF export. It is a local path (on a cluster,
+- The run directory holds Ray Train's checkpoints (the last `train.keep_last` kept; each the
+  DeepSpeed state, an HF export and the step and data position: pipelines/training/run_dir.py
+  lays them out), `metrics.jsonl`, `tensorboard/`, `runs.jsonl` and `export/`: a copy of the
+  final HF export. It is a local path (on a cluster,
   shared storage mounted at the same path on every node) or an object-store URI (`s3://...`,
   `gs://...`) that every node can reach; pipelines/storage.py says how each file gets there.
 - `resume="auto"` continues from the run dir's latest checkpoint (step, LR schedule, optimizer,
@@ -33,24 +34,30 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import shutil
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import click
 
-from jobs.checks import check_config, check_seq_len, model_config
+from jobs.checks import check_seq_len, model_config
 from jobs.config import echo_config, from_preset, stdout_for_the_result, user_errors
 from jobs.resume import check_resume
 from jobs.training import (FP16_NEEDS_GPU, SHARED_FLAGS, ScalingConfig, check_init_from, check_outside_data,
-                           check_run_dir, expects_gpu, has_checkpoints, training_command)
+                           check_run_dir, expects_gpu, training_command)
+from pipelines.settings import Choice, Range, check
 from pipelines.training.pretrain_data import DataConfig
 from pipelines.training.config import ModelConfig, TrainConfig
+
+
+# The least --time-budget that can fit start-up, one step and a checkpoint: a Ray Train fit takes
+# 25-35 s to reach its first step on a 2-core CPU node (tens of seconds on GPU clusters too). A
+# shorter budget used to train one step and record `ok` at several times the budget.
+MIN_TIME_BUDGET_S = 30.0
 
 
 @dataclass
@@ -63,6 +70,14 @@ class PretrainConfig:
     resume: str = "auto"  # auto | never
     time_budget: Optional[float] = None  # seconds this invocation may take; it checkpoints before
     address: Optional[str] = None  # Ray cluster address; None = RAY_ADDRESS or embedded local Ray
+
+    # The rules of these fields (pipelines/settings.py holds those of the sections).
+    RULES: ClassVar[dict] = {
+        "resume": Choice(("auto", "never")),
+        "time_budget": Range(lo=MIN_TIME_BUDGET_S, unset=True,
+                             why="seconds: an invocation first starts Ray Train and its data pipeline, then trains, "
+                                 "then checkpoints; or bound it by steps with --max-steps-per-run"),
+    }
 
 
 def _preset(name: str, **train) -> PretrainConfig:
@@ -121,13 +136,10 @@ class PretrainResult:
     metrics: dict  # the last reported metrics
 
 
-# The least --time-budget that can fit start-up, one step and a checkpoint: a Ray Train fit takes
-# 25-35 s to reach its first step on a 2-core CPU node (tens of seconds on GPU clusters too). A
-# shorter budget used to train one step and record `ok` at several times the budget.
-MIN_TIME_BUDGET_S = 30.0
-# The settings `raybert pretrain` has a flag for: its errors name the flag beside the YAML key.
-FLAGS = {**SHARED_FLAGS, "train.max_steps": "--max-steps", "train.steps_per_run": "--max-steps-per-run",
-         "train.total_time_budget_s": "--total-time-budget", "time_budget": "--time-budget"}
+# The flags of `raybert pretrain` not named --<field> (errors name the flag that gave a value).
+FLAGS = {**SHARED_FLAGS, "train.steps_per_run": "--max-steps-per-run", "train.total_time_budget_s": "--total-time-budget",
+         "data.paths": "--data"}
+
 
 def validate(cfg: PretrainConfig) -> None:
     """Fail before starting Ray on settings that can't work (and make local-path settings plain paths)."""
@@ -139,22 +151,11 @@ def validate(cfg: PretrainConfig) -> None:
     cfg.data.tokenizer = as_model_location("tokenizer", cfg.data.tokenizer)
     cfg.model.init_from = as_model_location("init_from", cfg.model.init_from)
     cfg.train.deepspeed = load_deepspeed(cfg.train.deepspeed)
+    check(cfg)  # every setting's type and rule, for a config built or changed in code (the CLI checked its sources)
     if cfg.train.dtype == "fp16" and expects_gpu(cfg.scaling, cfg.address) is False:
         raise ValueError(FP16_NEEDS_GPU)
-    if cfg.resume not in ("auto", "never"):
-        raise ValueError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
-    check_config(cfg, FLAGS)  # every numeric setting's range, flags included (they skip __post_init__)
     if not cfg.data.paths:
         raise ValueError("no training data: pass --data (Parquet, CSV or JSON Lines files, directories or globs)")
-    t = cfg.train
-    if t.total_time_budget_s is not None and not 0 < t.total_time_budget_s < math.inf:  # flags skip __post_init__
-        raise ValueError(f"total time budget must be a finite number of seconds > 0, got {t.total_time_budget_s:g}")
-    if cfg.time_budget is not None and not math.isfinite(cfg.time_budget):
-        raise ValueError(f"time_budget (flag --time-budget) must be a finite number of seconds, got {cfg.time_budget}")
-    if cfg.time_budget is not None and cfg.time_budget < MIN_TIME_BUDGET_S:
-        raise ValueError(f"time_budget {cfg.time_budget:g} s can't fit one step: an invocation first starts Ray Train "
-                         f"and its data pipeline (tens of seconds), then trains, then checkpoints. Give at least "
-                         f"{MIN_TIME_BUDGET_S:.0f} s, or bound the invocation by steps with --max-steps-per-run")
     ds_config(cfg.train, cfg.scaling.num_workers)  # a contradicting --deepspeed file fails here
     check_trackers(cfg.train.mlflow, cfg.train.wandb)
 
@@ -176,6 +177,7 @@ def check_inputs(cfg: PretrainConfig, run_dir: str):
     from bert_core.checkpoint import check_checkpoint
     from bert_core.tokenizer import load_tokenizer
     from pipelines.training.pretrain_data import check_corpus
+    from pipelines.training.run_dir import has_checkpoints
 
     if cfg.resume == "never" and has_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds checkpoints; use --resume auto to continue "
@@ -223,8 +225,8 @@ def main(cfg: PretrainConfig) -> PretrainResult:
 
 def _locked(cfg: PretrainConfig, run_dir: str, t0: float, record: dict, tokenizer: str, corpus) -> PretrainResult:
     """The invocation under the run lock, recorded in the ledger whatever its outcome."""
-    from jobs.schedule import (Refused, RunLock, RunLocked, append_record, begin_invocation, budget_spent,
-                               end_invocation, latest_step, now_iso)
+    from jobs.schedule import Refused, RunLock, RunLocked, append_record, begin_invocation, end_invocation, now_iso
+    from pipelines.training.run_dir import budget_spent, latest_state, latest_step
 
     with contextlib.ExitStack() as held:
         try:
@@ -237,7 +239,7 @@ def _locked(cfg: PretrainConfig, run_dir: str, t0: float, record: dict, tokenize
             # Where Ray Train resumes (not the newest dir); a killed predecessor's record is written first.
             record["start_step"] = begin_invocation(run_dir, record)
             complete = (record["start_step"] >= cfg.train.max_steps
-                        or budget_spent(run_dir, cfg.train.total_time_budget_s))
+                        or budget_spent(latest_state(run_dir), cfg.train.total_time_budget_s))
             if complete:
                 result = _already_complete(run_dir, record["start_step"], cfg.train)
             else:
@@ -262,8 +264,7 @@ def _already_complete(run_dir: str, step: int, train: TrainConfig) -> PretrainRe
     """A run that has reached its max_steps or spent its total time budget: nothing to train, so no cluster is started (a
     scheduled invocation on a finished run costs seconds, not a Ray Train start-up). The result is
     the registered latest checkpoint and its export, as the fit that reached it returned them."""
-    from jobs.schedule import registered_checkpoint
-    from pipelines.training.trainer import publish_export
+    from pipelines.training.run_dir import publish_export, registered_checkpoint
 
     ckpt = registered_checkpoint(run_dir)
     end = ("the end of its LR schedule, planned by its total time budget" if step < train.max_steps
@@ -307,10 +308,10 @@ def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str, corpus) -
                   f"data.val_fraction {cfg.data.val_fraction} packs into a row of {cfg.data.seq_len} tokens; "
                   f"training goes on without validation metrics", flush=True)
         # The loop plans each epoch's read itself (pipelines.training.pretrain_data.epoch_split): no datasets= here.
-        ckpt, export, metrics = run_trainer(
+        fit = run_trainer(
             train_loop_per_worker, loop_cfg.to_dict(), run_dir=run_dir, plan=plan, scaling=cfg.scaling,
             keep_last=cfg.train.keep_last, datasets={}, stall_timeout_s=cfg.train.stall_timeout_s)
-    return PretrainResult(run_dir=run_dir, checkpoint=ckpt, export=export, metrics=metrics)
+    return PretrainResult(run_dir=run_dir, checkpoint=fit.checkpoint, export=fit.export, metrics=fit.metrics)
 
 
 def _asdict(cfg) -> dict:
@@ -332,16 +333,13 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def build_config(preset: Optional[str], config_path: Optional[str], overrides: dict) -> PretrainConfig:
+def build_config(preset: Optional[str], config_path: Optional[str], overrides: dict, sets=()) -> PretrainConfig:
+    """Defaults < preset (--preset, else the file's model.preset) < --config < flags < --set."""
     from jobs.config import chosen_preset, load_config
 
     name = chosen_preset(preset, config_path)
-    cfg = load_config(PretrainConfig, config_path, overrides, base=preset_config(name) if name else None)
-    if preset:
-        cfg.model.preset = preset  # the flag over the file's model.preset: flags > file
-    if isinstance(cfg.data.paths, str):
-        cfg.data.paths = [cfg.data.paths]
-    return cfg
+    return load_config(PretrainConfig, config_path, {"model.preset": preset, **overrides}, sets=sets, flags=FLAGS,
+                       base=preset_config(name) if name else None, base_source=f"preset {name}" if name else "defaults")
 
 
 @click.command()
@@ -353,11 +351,12 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
 @click.option("--resume", type=click.Choice(["auto", "never"]), help="Continue the run dir's latest checkpoint.")
 @click.option("--max-steps-per-run", type=int, help="Scheduled runs: train at most this many steps, then checkpoint and exit.")
 @click.option("--time-budget", type=float, help="Scheduled runs: seconds this invocation may take; it checkpoints before.")
+@click.option("--seq-len", type=int, help="Tokens per packed row, [CLS] included (data.seq_len).")
 @click.option("--total-time-budget", type=float,
               help="Training seconds of the whole run, across invocations: the LR schedule ends (at its floor) when they do.")
 @training_command(PRESETS)
-def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps, resume, max_steps_per_run,
-             time_budget, total_time_budget, training, print_config):
+def pretrain(data, run_dir, config_path, preset, sets, tokenizer, init_from, max_steps, resume, max_steps_per_run,
+             time_budget, seq_len, total_time_budget, training, print_config):
     """MLM-pretrain BERT on a text corpus (Parquet, CSV, JSON Lines) with Ray Train + DeepSpeed.
 
     Run it on a schedule with `--resume auto` and a budget: each invocation continues the run
@@ -367,9 +366,10 @@ def pretrain(data, run_dir, config_path, preset, tokenizer, init_from, max_steps
         "train.steps_per_run": max_steps_per_run, "time_budget": time_budget,
         "train.total_time_budget_s": total_time_budget,
         "run_dir": run_dir, "data.paths": list(data) or None, "data.tokenizer": tokenizer,
-        "model.init_from": init_from, "train.max_steps": max_steps, "resume": resume, **training,
+        "model.init_from": init_from, "train.max_steps": max_steps, "resume": resume, "data.seq_len": seq_len,
+        **training,
     }
-    cfg = build_config(preset, config_path, overrides)
+    cfg = build_config(preset, config_path, overrides, sets)
     if print_config:
         return echo_config(cfg)
     with stdout_for_the_result():

@@ -22,7 +22,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from jobs.training import TOKENIZER_FILES, has_checkpoints
+from jobs.training import TOKENIZER_FILES
 
 MODEL_SHAPE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "max_position_embeddings", "type_vocab_size")
@@ -97,8 +97,8 @@ def check_resume(cfg, run_dir: str, tok, bert_config, corpus) -> None:
     encoder config `bert_config` and `corpus` (pipelines.training.pretrain_data.CorpusCheck)."""
     from bert_core.model import BertConfig
     from bert_core.tokenizer import load_tokenizer
-    from jobs.schedule import registered_checkpoint
     from pipelines import storage
+    from pipelines.training.run_dir import export_dir, has_checkpoints, hf_dir, registered_checkpoint
 
     saved_file = storage.join(run_dir, "config.json")
     saved_all = json.loads(storage.read_text(saved_file) or "{}")
@@ -107,13 +107,13 @@ def check_resume(cfg, run_dir: str, tok, bert_config, corpus) -> None:
         kind = f"a {next(iter(saved_all))} run" if saved_all else "checkpoints raybert pretraining didn't write"
         raise ValueError(f"{run_dir} holds {kind} (its config.json has no pretraining settings); "
                          f"pretraining never writes into another job's run dir. Choose a new --run-dir "
-                         f"(to start from that run's weights, add --init-from {storage.join(run_dir, 'export')})")
+                         f"(to start from that run's weights, add --init-from {export_dir(run_dir)})")
     ckpt = registered_checkpoint(run_dir)
     if ckpt is None:
         return
     diffs = []
     # Only the export's config and tokenizer: the checkpoint's optimizer state may be gigabytes.
-    with storage.local_copy(storage.join(ckpt, "hf"), files=("config.json",) + TOKENIZER_FILES) as hf:
+    with storage.local_copy(hf_dir(ckpt), files=("config.json",) + TOKENIZER_FILES) as hf:
         saved_model = BertConfig.from_json(Path(hf, "config.json"))
         saved_tok = load_tokenizer(hf)
     for k in MODEL_SHAPE:
@@ -133,7 +133,7 @@ def check_resume(cfg, run_dir: str, tok, bert_config, corpus) -> None:
                      f"{', other content' if before == corpus.describe() else ''} (the run's data position "
                      f"counts batches of the corpus it started on)")
         hint = (f"; to go on training its weights on this corpus, start a new --run-dir with --init-from "
-                f"{storage.join(run_dir, 'export')}")
+                f"{export_dir(run_dir)}")
     if diffs:
         raise ValueError(f"{run_dir} holds a run (checkpoint {storage.basename(ckpt)}) that these settings can't resume: "
                          f"{'; '.join(diffs)} (saved -> now). Resume it with its own settings (see "

@@ -13,15 +13,16 @@ Contract:
   second could both pass; keep the scheduler from overlapping runs as well (e.g.
   `concurrencyPolicy: Forbid` on a CronJob).
 - `<run_dir>/runs.jsonl` gets one JSON line per invocation: invocation id, start and end (UTC ISO
-  8601), start and end step (those of the checkpoints Ray Train registered, `latest_step`: where
-  the invocation really resumed and where it left the run), steps trained, the checkpoint it
-  left, status (`ok`, `complete`: the run had already reached max_steps, `failed`, `refused`:
-  the run dir was locked or the cluster can't run the settings, or `killed`) and the error if any. A killed invocation can't write its
-  line: the next invocation writes it for it, from the running record each invocation leaves in
-  `<run_dir>/.raybert.invocation.json` until its own line is written (`begin_invocation`). Lines are appended with O_APPEND, whole or not at
-  all. On an object store, which can't append, the ledger is read and rewritten whole; a refused
-  invocation's record, written without the lock, can then race the holder's and one of the two
-  may be lost (the run's checkpoints are unaffected).
+  8601), start and end step (those of the checkpoints Ray Train registered,
+  pipelines.training.run_dir.latest_step: where the invocation really resumed and where it left
+  the run), steps trained, the checkpoint it left, status (`ok`, `complete`: the run had already
+  reached max_steps, `failed`, `refused`: the run dir was locked or the cluster can't run the
+  settings, or `killed`) and the error if any. A killed invocation can't write its line: the next
+  invocation writes it for it, from the running record each invocation leaves in
+  `<run_dir>/.raybert.invocation.json` until its own line is written (`begin_invocation`). Lines
+  are appended with O_APPEND, whole or not at all. On an object store, which can't append, the
+  ledger is read and rewritten whole; a refused invocation's record, written without the lock, can
+  then race the holder's and one of the two may be lost (the run's checkpoints are unaffected).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipelines import storage
+from pipelines.training.run_dir import latest_step
 
 LOCK_NAME = ".raybert.lock"
 LEDGER_NAME = "runs.jsonl"
@@ -226,55 +228,6 @@ def _last_logged_step(run_dir: str | Path) -> Optional[int]:
 def read_ledger(run_dir: str | Path) -> list[dict]:
     text = storage.read_text(storage.join(str(run_dir), LEDGER_NAME)) or ""
     return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def registered_checkpoint(run_dir: str | Path) -> Optional[str]:
-    """The checkpoint Ray Train resumes `run_dir` from: the latest one its checkpoint manager
-    registered (None if none). A checkpoint directory that a killed invocation left on disk before
-    Ray registered it is not one, whatever its step: the next invocation resumes from the one
-    before, and the ledger must say so. Returns its location (a local path, or a URI for a run
-    dir on an object store)."""
-    from pipelines.compat import read_train_result
-
-    try:
-        result = read_train_result(storage.normalize(str(run_dir)))
-    except RuntimeError:  # not a Ray Train run dir (yet): no checkpoint manager snapshot
-        return None
-    except Exception as e:  # the snapshot names checkpoints that are gone, or another Ray's format
-        raise ValueError(f"{run_dir}: Ray Train's checkpoint record can't be read ({type(e).__name__}: {e}); "
-                         f"restore the run dir's checkpoints, or start a new --run-dir") from None
-    if result.checkpoint is None:
-        return None
-    return storage.join(storage.normalize(str(run_dir)), storage.basename(result.checkpoint.path))
-
-
-def latest_state(run_dir: str | Path) -> dict:
-    """The registered latest checkpoint's raybert_state.json (step, data position, and a budgeted
-    run's LR plan and budget use); {"step": 0} if there is none."""
-    ckpt = registered_checkpoint(run_dir)
-    if ckpt is None:
-        return {"step": 0}
-    return json.loads(storage.read_text(storage.join(ckpt, "raybert_state.json")))
-
-
-def latest_step(run_dir: str | Path) -> int:
-    """The step of the registered latest checkpoint (0 if none)."""
-    return int(latest_state(run_dir)["step"])
-
-
-def budget_spent(run_dir: str | Path, total_time_budget_s: Optional[float]) -> bool:
-    """Whether a budgeted run has nothing left to train: its LR schedule reached its end (final:
-    to train on, start a new run dir with --init-from), or it ran out of `total_time_budget_s`
-    (a budget raised before the end extends the plan). jobs.pretrain.check_resume refuses to go
-    on with a budgeted run without its budget."""
-    from pipelines.training.run_plan import OVERRUN
-
-    state = latest_state(run_dir)
-    plan, budget = state.get("lr_schedule"), state.get("budget")
-    if not plan or not budget:
-        return False
-    return state["step"] >= plan["end"] or (total_time_budget_s is not None
-                                            and budget["used_s"] >= OVERRUN * total_time_budget_s)
 
 
 def new_invocation_id() -> str:

@@ -264,13 +264,13 @@ def check_config(job: str, path: Path) -> None:
 
         load_config(ScoreConfig, path).check()
     elif job == "pretrain":
-        from jobs.pretrain import PretrainConfig
+        from jobs.pretrain import build_config
 
-        load_config(PretrainConfig, path)
+        build_config(None, str(path), {})  # the file over its preset, as the job reads it
     else:
-        from jobs.finetune import FinetuneConfig, task_list
+        from jobs.finetune import build_config
 
-        task_list(load_config(FinetuneConfig, path))  # each task's keys and types too
+        build_config(None, str(path), {})  # each task's keys and types too
 
 
 def main(cfg: SubmitConfig) -> SubmitResult:

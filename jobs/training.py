@@ -3,16 +3,16 @@ before Ray starts, and `run_trainer`, the one path from a Ray session to a finis
 
 Contract:
 - `ScalingConfig`: workers, GPUs and CPUs of a training job (pipelines/resources.py plans them).
-- `expects_gpu`, `has_checkpoints`, `check_run_dir`, `check_init_from`: driver-side checks, no
-  Ray (the ranges of every setting: jobs/checks.py).
+- `expects_gpu`, `check_run_dir`, `check_init_from`: driver-side checks, no Ray (the ranges of
+  every setting: jobs/checks.py; what a run dir holds: pipelines/training/run_dir.py).
 - `plan_workers(scaling, task_cpus, dtype)`, in a Ray session: the workers' resource plan; settings
   the cluster can't run are refused (`jobs.schedule.Refused`) before any worker starts.
 - `training_flags`: the command-line flags every training command shares, handed to the command
   as one `training` dict of config overrides; `training_command(presets)`: those, `--config` and
   `--preset`, `--print-config` and the CLI's error handling, as one decorator.
-- `run_trainer(...)`: the TorchTrainer (pipelines/training/trainer.py) under the stall watchdog, then the
-  latest checkpoint's HF export published to `<run_dir>/export`; returns (checkpoint, export,
-  last metrics).
+- `run_trainer(...)`: the TorchTrainer (pipelines/training/trainer.py) under the stall watchdog,
+  then the latest checkpoint's HF export published to the run dir's export; returns a
+  `TrainerResult` (checkpoint, export, last metrics).
 """
 
 from __future__ import annotations
@@ -20,41 +20,33 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import click
 
-from pipelines.training.config import DTYPES
-
-
-@dataclass
-class ScalingConfig:
-    num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
-    # GPUs: None = one per worker when the cluster has GPUs (NCCL), True = require them,
-    # False = train on CPUs (gloo).
-    use_gpu: Optional[bool] = None
-    # CPUs each worker reserves; None = sized from the cluster, always leaving the Ray Data tasks a
-    # budget (pipelines/resources.py). An explicit value that leaves them none is refused.
-    cpus_per_worker: Optional[float] = None
-    torch_threads: Optional[int] = None  # CPU threads per worker; None = the CPUs it holds, rounded up
-    max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before giving up
+from pipelines.training.config import DTYPES, ScalingConfig  # noqa: F401 (jobs import it from here)
 
 
 # flag's parameter name -> the config key it overrides
 TRAINING_FLAGS = {"num_workers": "scaling.num_workers", "use_gpu": "scaling.use_gpu", "dtype": "train.dtype",
-                  "zero_stage": "train.zero_stage", "deepspeed_json": "train.deepspeed", "address": "address"}
-# config key -> the flag that sets it, for errors (jobs.checks) that name both
-SHARED_FLAGS = {"scaling.num_workers": "--num-workers", "train.dtype": "--dtype", "train.zero_stage": "--zero-stage"}
+                  "zero_stage": "train.zero_stage", "deepspeed_json": "train.deepspeed", "address": "address",
+                  "lr": "train.lr", "warmup_steps": "train.warmup_steps", "micro_batch_size": "train.micro_batch_size",
+                  "seed": "train.seed"}
+# config key -> the flag that sets it where it isn't --<field-with-dashes>, for errors that name the source
+SHARED_FLAGS = {"scaling.use_gpu": "--use-gpu/--cpu", "train.deepspeed": "--deepspeed"}
 _TRAINING_OPTIONS = [
     click.option("--num-workers", type=int, help="Ray Train workers."),
     click.option("--use-gpu/--cpu", "use_gpu", default=None,
                  help="One GPU per worker, or CPUs only. Default: GPUs when the cluster has them."),
     click.option("--dtype", type=click.Choice(list(DTYPES)), help="Training precision (fp16: GPU only)."),
-    click.option("--zero-stage", type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage."),
+    click.option("--zero-stage", type=int, help="DeepSpeed ZeRO stage (0-3)."),
     click.option("--deepspeed", "deepspeed_json", help="DeepSpeed JSON merged over raybert's (ZeRO tuning, offload)."),
     click.option("--address", help="Ray address; default RAY_ADDRESS or an embedded local Ray."),
+    click.option("--lr", type=float, help="Peak learning rate (train.lr)."),
+    click.option("--warmup-steps", type=int, help="Linear warmup steps (train.warmup_steps)."),
+    click.option("--micro-batch-size", type=int, help="Rows per worker per micro-batch (train.micro_batch_size)."),
+    click.option("--seed", type=int, help="Seed of the weights, masking and data order (train.seed)."),
 ]
 
 
@@ -100,17 +92,12 @@ def expects_gpu(scaling: ScalingConfig, address: Optional[str]) -> Optional[bool
     return torch.cuda.is_available()
 
 
-def has_checkpoints(run_dir: str | Path) -> bool:
-    from pipelines import storage
-
-    return any(name.startswith("checkpoint_") for name in storage.list_names(str(run_dir)))
-
-
 def _is_our_run_dir(run_dir: str, names: list[str]) -> bool:
     """Whether `run_dir` (holding `names`) was written by a raybert training job: a ledger or run
     lock, a config.json with a job's settings, or a checkpoint with our state or HF export."""
     from jobs.schedule import LEDGER_NAME, LOCK_NAME, RUNNING_NAME
     from pipelines import storage
+    from pipelines.training.run_dir import holds_our_checkpoint
 
     if {LEDGER_NAME, LOCK_NAME, RUNNING_NAME} & set(names):
         return True
@@ -121,8 +108,7 @@ def _is_our_run_dir(run_dir: str, names: list[str]) -> bool:
             saved = None
         if isinstance(saved, dict) and ("pretrain" in saved or "finetune" in saved):
             return True
-    return any(name.startswith("checkpoint_") and {"raybert_state.json", "hf"} & set(
-        storage.list_names(storage.join(run_dir, name))) for name in names)
+    return holds_our_checkpoint(run_dir, names)
 
 
 def check_outside_data(loc: str, what: str, data: list) -> None:
@@ -204,12 +190,19 @@ def plan_workers(scaling: ScalingConfig, task_cpus: float, dtype: str):
     return plan
 
 
+class TrainerResult(NamedTuple):
+    """A finished fit (`run_trainer`)."""
+
+    checkpoint: Optional[str]  # the latest checkpoint Ray Train registered (None if none)
+    export: Optional[str]  # its HF export, published to the run dir's export/
+    metrics: dict  # the last reported metrics
+
+
 def run_trainer(loop_fn, loop_config: dict, *, run_dir: str, plan, scaling: ScalingConfig, keep_last: int,
-                datasets: dict, stall_timeout_s: Optional[float], dataset_config=None):
-    """Fit `loop_fn` on `plan`'s workers under the stall watchdog; returns (latest checkpoint,
-    its published export, the last reported metrics)."""
-    from pipelines import storage
-    from pipelines.training.trainer import publish_export, torch_trainer
+                datasets: dict, stall_timeout_s: Optional[float], dataset_config=None) -> TrainerResult:
+    """Fit `loop_fn` on `plan`'s workers under the stall watchdog."""
+    from pipelines.training.run_dir import checkpoint_location, publish_export
+    from pipelines.training.trainer import torch_trainer
     from pipelines.training.watchdog import fit_with_watchdog
 
     trainer = torch_trainer(loop_fn, loop_config, run_dir=run_dir, num_workers=plan.num_workers,
@@ -217,5 +210,5 @@ def run_trainer(loop_fn, loop_config: dict, *, run_dir: str, plan, scaling: Scal
                             max_failures=scaling.max_failures, keep_last=keep_last, datasets=datasets,
                             dataset_config=dataset_config)
     result = fit_with_watchdog(trainer, run_dir, stall_timeout_s)
-    ckpt = storage.join(run_dir, storage.basename(result.checkpoint.path)) if result.checkpoint is not None else None
-    return ckpt, publish_export(ckpt, run_dir), dict(result.metrics or {})
+    ckpt = checkpoint_location(run_dir, result.checkpoint.path) if result.checkpoint is not None else None
+    return TrainerResult(checkpoint=ckpt, export=publish_export(ckpt, run_dir), metrics=dict(result.metrics or {}))

@@ -93,11 +93,11 @@ def test_pretraining_applies_it_to_fresh_weights_only(tmp_path):
 
 
 def test_an_unknown_init_is_refused_naming_the_key():
-    from jobs.checks import check_config
+    from pipelines.settings import check
     from pipelines.training.config import ModelConfig
 
-    with pytest.raises(ValueError, match="init"):
-        check_config(ModelConfig(init="sinusoid"))
+    with pytest.raises(ValueError, match="model: init must be one of bert, neighbour, got 'sinusoid'"):
+        check(ModelConfig(init="sinusoid"), "model")
 
 
 def test_on_text_where_each_token_follows_from_its_neighbour_neighbour_init_learns_it_and_bert_init_has_not_yet():

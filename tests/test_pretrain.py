@@ -98,10 +98,12 @@ def test_deepspeed_config_from_train_config():
     assert c["train_batch_size"] == 64 and c["gradient_accumulation_steps"] == 4
     assert c["zero_optimization"]["stage"] == 3 and c["bf16"]["enabled"] and c["gradient_clipping"] == 0.5
     assert "fp16" not in c and "optimizer" not in c  # client torch AdamW: nothing to JIT-compile
-    with pytest.raises(ValueError, match="dtype"):
-        TrainConfig(dtype="fp8")
-    with pytest.raises(ValueError, match="zero_stage"):
-        TrainConfig(zero_stage=4)
+    from pipelines.settings import check
+
+    with pytest.raises(ValueError, match="train: dtype must be one of fp32, bf16, fp16, got 'fp8'"):
+        check(TrainConfig(dtype="fp8"), "train")
+    with pytest.raises(ValueError, match="train: zero_stage must be one of 0, 1, 2, 3, got 4"):
+        check(TrainConfig(zero_stage=4), "train")
 
 
 def test_deepspeed_json_merges_over_ours_and_may_not_contradict_it():
@@ -145,8 +147,8 @@ def test_train_dropout_trains_without_dropout_and_exports_the_configs(tmp_path):
     assert {m.p for m in plain.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
     for field, value, words in (("model.train_dropout", 1.0, "train_dropout must be in [0, 1)"),
                                 ("data.eval_mlm_probability", 0.0, "eval_mlm_probability must be in (0, 1)"),
-                                ("train.total_time_budget_s", -5.0, "finite number of seconds > 0, got -5"),
-                                ("train.total_time_budget_s", float("inf"), "finite number of seconds > 0, got inf")):
+                                ("train.total_time_budget_s", -5.0, "config: train.total_time_budget_s must be > 0 (seconds) (or unset), got -5"),
+                                ("train.total_time_budget_s", float("inf"), "must be a finite number > 0 (seconds) (or unset), got inf")):
         cfg = preset_config("debug")
         cfg.run_dir, cfg.data.paths = str(tmp_path / "run"), [str(tmp_path)]
         section, name = field.split(".")

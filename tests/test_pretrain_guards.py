@@ -310,8 +310,8 @@ def test_settings_that_cannot_train_are_refused_before_anything_is_made(corpora,
     for steps in ("0", "-5"):
         _refused(base + ["--max-steps", steps], f"train.max_steps must be >= 1, got {steps}")
     # A budget that can't fit start-up and one step trained one step and recorded `ok`.
-    _refused(base + ["--time-budget", "1"], "time_budget 1 s can't fit one step", "at least 30 s",
-             "--max-steps-per-run")
+    _refused(base + ["--time-budget", "1"], "--time-budget: time_budget must be >= 30", "starts Ray Train",
+             "--max-steps-per-run", "got 1.0")
     for text, needles in [("train:\n  micro_batch_size: [8]\n", ["train.micro_batch_size", "an integer"]),
                           ("train: 5\n", ["train", "a mapping of TrainConfig keys"]),
                           ("train:\n  lr: -1e-4\n", ["train.lr must be > 0"]),

@@ -389,7 +389,8 @@ def test_two_invocations_sharing_a_total_budget_end_with_the_lr_at_its_floor(cor
     until the plan ends: the LR is at its floor at the last step, the training time used is within
     10% of the budget, the LR never rises after warmup and doesn't jump at the resume, and a third
     invocation finds nothing to train (no Ray Train start)."""
-    from jobs.schedule import latest_state, read_ledger
+    from jobs.schedule import read_ledger
+    from pipelines.training.run_dir import latest_state
 
     budget, peak, floor = 24.0, 3e-3, 0.1
     run_dir = tmp_path / "run"

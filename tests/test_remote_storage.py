@@ -79,7 +79,8 @@ def _keys(fs, prefix: str) -> list[str]:
 @pytest.mark.timeout(600)
 def test_pretrain_run_dir_on_s3_checkpoints_resumes_and_exports(s3, tmp_path, monkeypatch):
     from jobs.pretrain import main, preset_config, read_metrics
-    from jobs.schedule import latest_step, read_ledger
+    from jobs.schedule import read_ledger
+    from pipelines.training.run_dir import latest_step
     from pipelines import storage
     from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
     from pipelines.training.pretrain_data import write_corpus

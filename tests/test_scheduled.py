@@ -14,9 +14,10 @@ import yaml
 from click.testing import CliRunner
 
 from jobs.pretrain import build_config, main, pretrain, read_metrics
-from jobs.schedule import EXIT_LOCKED, LOCK_NAME, RUNNING_NAME, RunLock, RunLocked, latest_step, read_ledger
+from jobs.schedule import EXIT_LOCKED, LOCK_NAME, RUNNING_NAME, RunLock, RunLocked, read_ledger
 from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
 from pipelines.training.pretrain_data import write_corpus
+from pipelines.training.run_dir import latest_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

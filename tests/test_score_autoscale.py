@@ -52,8 +52,8 @@ def test_cuda_asks_for_gpu_actors_before_any_gpu_joins():
     # GPUs there now and num_actors given: the fixed pool, as before.
     p = cpu_plan(two_gpus, num_actors=4, device="cuda")
     assert (p.device, p.actor_num_gpus, p.min_actors, p.num_actors, p.gpu_wait_s) == ("cuda", 1.0, None, 4, None)
-    pool = actor_pool(p)
-    assert (pool.min_size, pool.max_size) == (4, 4)
+    pool = actor_pool(p)  # score_dataset's Ray Data pool grows from one actor to the plan's
+    assert (pool.min_size, pool.max_size) == (1, 4)
     # auto is unchanged: GPU actors only if the cluster has GPUs now (a fixed pool), else CPU.
     p = cpu_plan(two_gpus, device="auto")
     assert (p.device, p.actor_num_gpus, p.min_actors, p.num_actors, p.gpu_wait_s) == ("cuda", 1.0, None, 2, None)
@@ -82,7 +82,7 @@ def test_cpu_pool_is_one_single_thread_actor_per_cpu_within_memory():
 def test_config_refuses_bad_device_settings():
     base = dict(input="in.parquet", output="out", model="m")
     for resources, words in ((ResourceConfig(device="gpu"), "resources.device must be one of"),
-                             (ResourceConfig(device="cuda", gpu_wait_s=0), "resources.gpu_wait_s > 0"),
+                             (ResourceConfig(device="cuda", gpu_wait_s=0), "resources.gpu_wait_s must be > 0"),
                              (ResourceConfig(device="cuda", max_gpu_actors=0), "max_gpu_actors must be >= 1")):
         with pytest.raises(ValueError, match=words):
             ScoreConfig(**base, resources=resources).check()

@@ -178,18 +178,24 @@ def test_plan_steps_never_turns_a_non_positive_epoch_count_into_a_step():
             plan_steps(cfg, specs)
 
 
-def test_every_numeric_setting_has_a_range():
-    """A numeric field added to a training config later gets a rule in jobs.checks (or says where
-    it is checked), or this fails."""
-    from jobs.checks import CHECKED_ELSEWHERE, RANGES
-
+def _numeric_fields(cls):
     numeric = {int, float}
-    missing = []
-    for cls in RANGES:
-        for name, hint in typing.get_type_hints(cls).items():
-            kinds = {a for a in typing.get_args(hint) if a is not type(None)} or {hint}
-            if kinds & numeric and name not in RANGES[cls] and (cls, name) not in CHECKED_ELSEWHERE:
-                missing.append(f"{cls.__name__}.{name}")
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        kinds = {a for a in typing.get_args(hint) if a is not type(None)} or {hint}
+        if kinds & numeric:
+            yield f.name
+
+
+def test_every_numeric_setting_has_a_rule():
+    """A numeric field added to a job's config later gets a rule in pipelines.settings (or its
+    class's RULES), or this fails."""
+    from jobs.finetune import FinetuneConfig
+    from jobs.pretrain import PretrainConfig
+    from pipelines.settings import RULES, rules_of
+
+    missing = [f"{cls.__name__}.{name}" for cls in [*RULES, PretrainConfig, FinetuneConfig]
+               for name in _numeric_fields(cls) if name not in rules_of(cls)]
     assert not missing
 
 
@@ -442,3 +448,124 @@ def test_a_home_path_in_a_config_file_is_the_home_directory(tmp_path, monkeypatc
     (tmp_path / "p.yaml").write_text("data:\n  paths: [~/corpus, /abs]\nrun_dir: ~/runs/zh\n")
     p = load_config(PretrainConfig, tmp_path / "p.yaml")
     assert p.data.paths == [str(tmp_path / "home" / "corpus"), "/abs"] and p.run_dir == str(tmp_path / "home" / "runs" / "zh")
+
+
+# --------------------------------------------------------------------------------------------
+# One config system: a flag, --set and the YAML key are refused (and accepted) alike
+# --------------------------------------------------------------------------------------------
+
+def _sections(job: str) -> dict:
+    from bert_core.masking_config import MaskingConfig
+    from pipelines.training.config import FinetuneOptions, ModelConfig, ScalingConfig, TrainConfig
+    from pipelines.training.finetune_data import FinetuneData
+    from pipelines.training.pretrain_data import DataConfig
+
+    if job == "pretrain":
+        return {"train": TrainConfig, "model": ModelConfig, "scaling": ScalingConfig, "data": DataConfig,
+                "data.masking": MaskingConfig}
+    return {"train": TrainConfig, "model": ModelConfig, "scaling": ScalingConfig, "data": FinetuneData,
+            "options": FinetuneOptions, "masking": MaskingConfig}
+
+
+# The settings each command has a flag for (a flag of its own, or a shared training flag).
+SETTING_FLAGS = {
+    "pretrain": {"train.max_steps": "--max-steps", "train.steps_per_run": "--max-steps-per-run",
+                 "train.total_time_budget_s": "--total-time-budget", "time_budget": "--time-budget",
+                 "data.seq_len": "--seq-len"},
+    "finetune": {"options.epochs": "--epochs", "data.max_length": "--max-length", "options.patience": "--patience"},
+}
+for _job in SETTING_FLAGS:
+    SETTING_FLAGS[_job].update({"scaling.num_workers": "--num-workers", "train.zero_stage": "--zero-stage",
+                                "train.lr": "--lr", "train.warmup_steps": "--warmup-steps",
+                                "train.micro_batch_size": "--micro-batch-size", "train.seed": "--seed"})
+
+
+def _bad_value(rule):
+    """A value the rule refuses, written the same by YAML, --set and a flag (-1, not -1.0)."""
+    from pipelines.settings import Choice, Range
+
+    if isinstance(rule, Choice):
+        return max(o for o in rule.options if isinstance(o, int)) + 1
+    assert isinstance(rule, Range)
+    if rule.lo is None:
+        return 1.5 if rule.integer else float("nan")
+    return int(rule.lo) - 1 if rule.integer else rule.lo - 1.5
+
+
+def _numeric_settings():
+    from jobs.finetune import FinetuneConfig
+    from jobs.pretrain import PretrainConfig
+    from pipelines.settings import rules_of
+
+    out = []
+    for job, top in (("pretrain", PretrainConfig), ("finetune", FinetuneConfig)):
+        for prefix, cls in [("", top), *_sections(job).items()]:
+            for name in _numeric_fields(cls):
+                out.append((job, f"{prefix}.{name}" if prefix else name, rules_of(cls)[name]))
+    return out
+
+
+NUMERIC = _numeric_settings()
+
+
+@pytest.mark.parametrize("job,key,rule", NUMERIC, ids=[f"{j}-{k}" for j, k, _ in NUMERIC])
+def test_every_numeric_training_setting_is_refused_alike_by_flag_set_and_yaml(files, tmp_path, no_ray, job, key, rule):
+    """The same `Error:` line, but for the source it names, before Ray starts, nothing written."""
+    run_dir = tmp_path / "run"
+    base = _base(job, files, run_dir)
+    bad = _bad_value(rule)
+    nested: dict = {}
+    target = nested
+    *parents, leaf = key.split(".")
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[leaf] = bad
+    text = "nan" if bad != bad else str(bad)
+    lines = {"yaml": _refused(base + ["--config", _yaml(tmp_path, nested)], f"{key} must be "),
+             "set": _refused(base + ["--set", f"{key}={text}"], f"{key} must be ")}
+    flag = SETTING_FLAGS[job].get(key)
+    if flag:
+        lines["flag"] = _refused(base + [flag, text], f"{key} must be ")
+    sources = {"yaml": r"Error: \S+\.yaml: ", "set": re.escape(f"Error: --set {key}={text}: "),
+               "flag": re.escape(f"Error: {flag}: ")}
+    said = {how: re.sub("^" + sources[how], "", line) for how, line in lines.items()}
+    assert all(re.match(sources[how], line) for how, line in lines.items()), lines
+    assert len(set(said.values())) == 1, said
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("job", ["pretrain", "finetune"])
+def test_a_flag_set_and_yaml_give_the_same_config(tmp_path, job):
+    """Accepted alike too: every flagged setting, given a valid value by flag, by --set or by the
+    file, builds the same config."""
+    from jobs import finetune, pretrain
+
+    module = pretrain if job == "pretrain" else finetune
+    values = {"train.lr": 0.003, "train.warmup_steps": 7, "train.micro_batch_size": 4, "train.seed": 11,
+              "scaling.num_workers": 1, "train.zero_stage": 2}
+    values.update({"train.max_steps": 50, "data.seq_len": 96, "time_budget": 120.0}
+                  if job == "pretrain" else {"options.epochs": 1.5, "data.max_length": 48, "options.patience": 3})
+    nested: dict = {}
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        target = nested
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    by_flag = module.build_config("debug", None, values)
+    by_set = module.build_config("debug", None, {}, sets=[f"{k}={v}" for k, v in values.items()])
+    by_yaml = module.build_config("debug", _yaml(tmp_path, nested), {})
+    assert dataclasses.asdict(by_flag) == dataclasses.asdict(by_set) == dataclasses.asdict(by_yaml)
+    assert by_flag.train.lr == 0.003 and by_flag.train.warmup_steps == 7
+
+
+def test_set_reaches_any_key_and_is_refused_when_malformed(files, tmp_path, no_ray):
+    from jobs.pretrain import build_config
+
+    cfg = build_config("debug", None, {"train.lr": 0.5}, sets=["train.lr=0.25", "data.masking.mlm_probability=0.2",
+                                                                "train.betas=[0.9, 0.98]", "model.overrides.hidden_size=32"])
+    assert cfg.train.lr == 0.25 and cfg.data.masking.mlm_probability == 0.2 and cfg.train.betas == [0.9, 0.98]
+    assert cfg.model.overrides == {"hidden_size": 32}
+    base = _base("pretrain", files, tmp_path / "run")
+    _refused(base + ["--set", "train.lr"], "--set 'train.lr': write --set section.key=value")
+    _refused(base + ["--set", "train.lrr=1"], "--set train.lrr=1: unknown key(s) ['train.lrr']")

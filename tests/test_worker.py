@@ -349,7 +349,7 @@ def test_one_worker_holding_1_5_cpus_trains_on_2_threads_with_an_honest_mfu(stal
 def test_watchdog_ends_a_stalled_run_keeping_its_checkpoint(stalled_run):
     """Rank 0 hangs after step 12 (and its checkpoint): the job ends with TrainingStalled at stage
     "step" within the timeout plus a few polls, checkpoint 12 is on disk, and the ledger says failed."""
-    from jobs.schedule import latest_step
+    from pipelines.training.run_dir import latest_step
 
     run_dir, _, stalled, _ = stalled_run
     assert stalled.stage == "step" and stalled.step == 12

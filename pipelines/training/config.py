@@ -1,16 +1,16 @@
 """The configs every training job shares, torch-free (the CLI and the driver import them without
 loading torch): `ModelConfig` (which encoder), `TrainConfig` (optimizer, schedule, precision, ZeRO,
-logging and checkpoint cadence, the stall timeout) and `FaultDrill` (fault injection for tests and
-chaos runs only: set through RAYBERT_FAULT_DRILL, never by users), and the fine-tuning options
-`FinetuneOptions`."""
+logging and checkpoint cadence, the stall timeout), `ScalingConfig` (workers, GPUs, CPUs),
+`FaultDrill` (fault injection for tests and chaos runs only: set through RAYBERT_FAULT_DRILL, never
+by users), and the fine-tuning options `FinetuneOptions`. Their rules (ranges, choices) are in
+pipelines/settings.py, checked with every source applied."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 DTYPES = ("fp32", "bf16", "fp16")
 INITS = ("bert", "neighbour")  # ModelConfig.init
@@ -73,26 +73,26 @@ class TrainConfig:
     # and activation settings. The keys raybert derives from this config (batch sizes, clipping,
     # ZeRO stage, precision) may repeat our values but not contradict them, and `optimizer` /
     # `scheduler` are refused: raybert brings its own (see `ds_config`).
-    deepspeed: Optional[dict] = None
+    # A mapping, or the path of a DeepSpeed JSON file (`--deepspeed FILE`), read on the driver.
+    deepspeed: Union[dict, str, None] = None
     # Opt-in experiment trackers (pipelines/training/tracking.py), rank 0 only: settings for Ray's
     # setup_mlflow (tracking_uri, experiment_name, ...) / for wandb.init (project, entity, mode,
     # ...); {} = defaults, None = off. metrics.jsonl and TensorBoard events are always written.
     mlflow: Optional[dict] = None
     wandb: Optional[dict] = None
 
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.decay not in ("linear", "cosine", "constant"):
-            raise ValueError(f"decay must be linear, cosine or constant, got {self.decay!r}")
-        if self.max_steps < 1 or self.micro_batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("max_steps, micro_batch_size and grad_accum must be >= 1")
-        if self.log_every < 1:
-            raise ValueError("log_every must be >= 1")
-        if self.total_time_budget_s is not None and not 0 < self.total_time_budget_s < math.inf:
-            raise ValueError(f"total_time_budget_s must be > 0 seconds, got {self.total_time_budget_s}")
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
+    # GPUs: None = one per worker when the cluster has GPUs (NCCL), True = require them,
+    # False = train on CPUs (gloo).
+    use_gpu: Optional[bool] = None
+    # CPUs each worker reserves; None = sized from the cluster, always leaving the Ray Data tasks a
+    # budget (pipelines/resources.py). An explicit value that leaves them none is refused.
+    cpus_per_worker: Optional[float] = None
+    torch_threads: Optional[int] = None  # CPU threads per worker; None = the CPUs it holds, rounded up
+    max_failures: int = 3  # worker-group restarts (from the latest checkpoint) before giving up
 
 
 @dataclass
@@ -128,11 +128,3 @@ class FinetuneOptions:
     metric: str = "auto"  # early-stopping score: auto | accuracy | macro_f1 | entity_f1
     patience: int = 0  # stop after this many evaluations without improvement; 0 = never early
     min_delta: float = 0.0  # an improvement must beat the best by more than this
-
-    def __post_init__(self):
-        if self.mixing not in MIXING:
-            raise ValueError(f"mixing must be one of {MIXING}, got {self.mixing!r}")
-        if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
-        if not 0 < self.layer_lr_decay <= 1:
-            raise ValueError("layer_lr_decay must be in (0, 1]")

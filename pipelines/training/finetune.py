@@ -36,12 +36,10 @@ Contract:
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -55,6 +53,7 @@ from pipelines.console import shows_progress
 from pipelines import storage
 from pipelines.training.finetune_data import IGNORE, FinetuneData
 from pipelines.training.engine import build_bert_config, build_engine, evaluating, gathered_state_dict
+from pipelines.training.run_dir import checkpoint_name, hf_dir, write_result
 from pipelines.training.run_log import MetricsWriter
 from pipelines.training.config import FinetuneOptions, ModelConfig, TrainConfig
 from pipelines.training.watchdog import Heartbeat
@@ -305,7 +304,8 @@ def _finetune(cfg: FinetuneLoopConfig, wc: WorkerContext, beat: Heartbeat, log: 
 
     tc, opts = cfg.train, cfg.options
     rank, world, device = wc.rank, wc.world, wc.device
-    tokenizer, heads, bert_config, engine, masker = _open_finetune(cfg, wc)
+    run = _open_finetune(cfg, wc)
+    engine = run.engine
     log.write({"event": "start", "step": 0, "world_size": world, "nodes": worker_nodes(), "threads": wc.threads,
                "tasks": [t.name for t in cfg.tasks], "max_steps": tc.max_steps, "time": time.time()})
     streams = {t.name: _Stream(ray.train.get_dataset_shard(f"train_{t.name}"), tc.micro_batch_size,
@@ -322,7 +322,7 @@ def _finetune(cfg: FinetuneLoopConfig, wc: WorkerContext, beat: Heartbeat, log: 
             beat.beat("step")
             seed = derive_seed(tc.seed, rank, step, micro)
             torch.manual_seed(derive_seed(seed, 1))  # dropout
-            loss = task_loss(engine, task, batch, masker, seed, device)
+            loss = task_loss(engine, task, batch, run.masker, seed, device)
             engine.backward(loss)
             engine.step()
             window.add(task, loss, batch)
@@ -348,14 +348,24 @@ def _finetune(cfg: FinetuneLoopConfig, wc: WorkerContext, beat: Heartbeat, log: 
     final = {**last_metrics, "step": step, "best_step": best.step, "best_score": best.score if vals else None}
     log.write({"event": "end", **final, "time": time.time()})
     beat.beat("checkpoint")
-    _report_result(final, step, best.state_dict, bert_config, heads, tokenizer, rank)
+    _report_result(final, step, best.state_dict, run, rank)
     engine.destroy()
 
 
-def _open_finetune(cfg: FinetuneLoopConfig, wc: WorkerContext):
-    """(tokenizer, heads, bert_config, engine, masker): the multi-task model from `init_from` with
-    fresh heads seeded alike on every rank, layer-wise LR groups, one DeepSpeed engine; a masker
-    only when a task is MLM."""
+@dataclass
+class OpenedFinetune:
+    """What a fine-tune's loop starts from (`_open_finetune`)."""
+
+    tokenizer: object  # bert_core.tokenizer.load_tokenizer's
+    heads: list  # of bert_core.model.TaskHead, one per task
+    bert_config: BertConfig  # the shared encoder's
+    engine: object  # the DeepSpeed engine
+    masker: Optional[Masker]  # only when a task is MLM
+
+
+def _open_finetune(cfg: FinetuneLoopConfig, wc: WorkerContext) -> OpenedFinetune:
+    """The multi-task model from `init_from` with fresh heads seeded alike on every rank,
+    layer-wise LR groups, one DeepSpeed engine; a masker only when a task is MLM."""
     from bert_core.tokenizer import load_tokenizer
 
     tc, opts = cfg.train, cfg.options
@@ -367,7 +377,7 @@ def _open_finetune(cfg: FinetuneLoopConfig, wc: WorkerContext):
     groups = layerwise_param_groups(model, tc.lr, tc.weight_decay, opts.layer_lr_decay)
     engine = build_engine(model, tc, wc.world, param_groups=groups)
     masker = (Masker.from_tokenizer(tokenizer, cfg.masking) if any(t.kind == "mlm" for t in cfg.tasks) else None)
-    return tokenizer, heads, bert_config, engine, masker
+    return OpenedFinetune(tokenizer=tokenizer, heads=heads, bert_config=bert_config, engine=engine, masker=masker)
 
 
 class _LossWindow:
@@ -432,9 +442,9 @@ class _BestSoFar:
         return stop
 
 
-def _report_result(final: dict, step: int, best_sd: Optional[dict], bert_config: BertConfig, heads: list,
-                   tokenizer, rank: int) -> None:
-    """Rank 0 saves the best weights as an HF checkpoint; every rank reports it to Ray Train."""
+def _report_result(final: dict, step: int, best_sd: Optional[dict], run: OpenedFinetune, rank: int) -> None:
+    """Rank 0 saves the best weights as an HF checkpoint (with the result's metrics); every rank
+    reports it to Ray Train."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="raybert-ft-") as tmp:
@@ -442,9 +452,9 @@ def _report_result(final: dict, step: int, best_sd: Optional[dict], bert_config:
         if rank == 0:
             from bert_core.checkpoint import save_pretrained
 
-            out = BertMultiTask(bert_config, heads)
+            out = BertMultiTask(run.bert_config, run.heads)
             out.load_state_dict(best_sd)
-            save_pretrained(out, Path(tmp, "hf"), tokenizer=tokenizer)
-            Path(tmp, "finetune_result.json").write_text(json.dumps(final, indent=1, default=str) + "\n")
+            save_pretrained(out, hf_dir(tmp), tokenizer=run.tokenizer)
+            write_result(tmp, final)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
+        ray.train.report(final, checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(step))

@@ -26,13 +26,11 @@ Contract:
   (`LoopConfig.torch_threads` overrides). Rank 0 keeps `<run_dir>/heartbeat.json` current (step
   and phase) for the driver's stall watchdog (pipelines.training.watchdog.fit_with_watchdog).
 - Checkpoints (every `save_every` steps and at the end; Ray keeps the last `keep_last`), one Ray
-  checkpoint directory holding:
-    deepspeed/   the engine state: module, optimizer (ZeRO partitions of every rank), LR
-                 scheduler, global step (DeepSpeed's own format, `engine.load_checkpoint`);
-    hf/          an HF export (config.json, model.safetensors, tokenizer files) for
-                 `transformers.BertForMaskedLM.from_pretrained` and `raybert score`;
-    raybert_state.json   the step and the data position: epoch, and micro-batches of that
-                 epoch already consumed by each worker.
+  checkpoint directory each, laid out as pipelines.training.run_dir says: the DeepSpeed engine
+  state (module, optimizer with every rank's ZeRO partition, LR scheduler, global step; read back
+  by `engine.load_checkpoint`), an HF export for `transformers.BertForMaskedLM.from_pretrained`
+  and `raybert score`, and the state file: the step and the data position (epoch, and
+  micro-batches of that epoch already consumed by each worker).
 - An invocation may end before `max_steps` (always with a checkpoint): at `stop_at`, after
   `steps_per_run` steps past where it resumed, after `time_budget_s` of training, or early enough
   before `deadline` to write its checkpoint in time (`StopPolicy`; the clock is checked after the
@@ -48,15 +46,11 @@ Contract:
 from __future__ import annotations
 
 import gc
-import json
 import os
-import signal
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +64,13 @@ from pipelines import storage
 from pipelines.training.pretrain_data import DataConfig, epoch_split, read_val_rows
 from pipelines.training.engine import (build_bert_config, build_engine, evaluating, fresh_lr_schedule, gathered_state_dict,
                               lr_schedule)
-from pipelines.training.run_plan import OVERRUN, StopPolicy
+from pipelines.training.run_dir import checkpoint_name, deepspeed_dir, hf_dir, read_state, write_state
+from pipelines.training.run_plan import StopPolicy, out_of_budget
 from pipelines.training.run_log import MetricsWriter
 from pipelines.training.config import FaultDrill, ModelConfig, TrainConfig
 from pipelines.training.watchdog import Heartbeat
-from pipelines.training.worker import (WorkerContext, all_reduce_sum, derive_seed, device_name, mlm_step_inputs, peak_flops,
-                              run_in_session, worker_nodes)
+from pipelines.training.worker import (WorkerContext, all_reduce_sum, derive_seed, device_name, fault_drill,
+                                       mlm_step_inputs, peak_flops, run_in_session, worker_nodes)
 
 
 @dataclass
@@ -141,12 +136,12 @@ def export_hf(engine, bert_config: BertConfig, path: str, tokenizer, rank: int, 
 
 def write_checkpoint(engine, path: str, state: dict, bert_config: BertConfig, tokenizer, rank: int,
                      zero_stage: int) -> None:
-    """Write this rank's part of a checkpoint directory (every rank calls it): `deepspeed/` (the
-    engine state, this rank's ZeRO partition), `hf/` and `raybert_state.json` (rank 0)."""
-    engine.save_checkpoint(os.path.join(path, "deepspeed"), tag="state", client_state={"raybert": state})
-    export_hf(engine, bert_config, os.path.join(path, "hf"), tokenizer, rank, zero_stage)
+    """Write this rank's part of a checkpoint directory (every rank calls it): the engine state
+    (this rank's ZeRO partition), the HF export and the state file (rank 0)."""
+    engine.save_checkpoint(deepspeed_dir(path), tag="state", client_state={"raybert": state})
+    export_hf(engine, bert_config, hf_dir(path), tokenizer, rank, zero_stage)
     if rank == 0:
-        Path(path, "raybert_state.json").write_text(json.dumps(state, indent=1) + "\n")
+        write_state(path, state)
 
 
 def save_checkpoint(engine, state: dict, metrics: dict, bert_config: BertConfig, tokenizer, rank: int,
@@ -157,14 +152,14 @@ def save_checkpoint(engine, state: dict, metrics: dict, bert_config: BertConfig,
         write_checkpoint(engine, tmp, state, bert_config, tokenizer, rank, zero_stage)
         # Ray merges every rank's files (each holds its own ZeRO partition) into one directory.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+                         checkpoint_dir_name=checkpoint_name(state["step"]))
 
 
 def load_checkpoint(engine, ckpt_dir: str) -> dict:
-    state = json.loads(Path(ckpt_dir, "raybert_state.json").read_text())
-    path, _ = engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag="state")
+    state = read_state(ckpt_dir)
+    path, _ = engine.load_checkpoint(deepspeed_dir(ckpt_dir), tag="state")
     if path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint in {ckpt_dir}/deepspeed")
+        raise RuntimeError(f"DeepSpeed found no checkpoint in {deepspeed_dir(ckpt_dir)}")
     if engine.global_steps != state["step"]:
         raise RuntimeError(f"checkpoint step mismatch: engine {engine.global_steps}, state {state['step']}")
     return state
@@ -175,15 +170,21 @@ def load_checkpoint(engine, ckpt_dir: str) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def forward_mlm(engine, masker: Masker, input_ids: torch.Tensor, seed: int, device) -> tuple:
-    """Loss (mean over masked tokens, a device tensor), number correct (a device tensor), number
-    masked (an int: masking runs on the CPU, so reading it costs no device sync)."""
+class MLMOutput(NamedTuple):
+    """One micro-batch's masked-LM figures (`forward_mlm`)."""
+
+    loss: torch.Tensor  # mean over masked tokens, on the device
+    correct: torch.Tensor  # masked tokens predicted right, on the device
+    masked: int  # masked tokens: masking runs on the CPU, so reading it costs no device sync
+
+
+def forward_mlm(engine, masker: Masker, input_ids: torch.Tensor, seed: int, device) -> MLMOutput:
+    """One micro-batch through the MLM model, masked with `seed` (no backward)."""
     mb = mlm_step_inputs(masker, input_ids, seed)
     logits = engine(mb.input_ids.to(device), masked_index=mb.masked_index.to(device))  # (M, V)
     labels = mb.masked_labels.to(device)  # (M,)
     loss = F.cross_entropy(logits.float(), labels)
-    correct = (logits.argmax(-1) == labels).sum()
-    return loss, correct, labels.numel()
+    return MLMOutput(loss=loss, correct=(logits.argmax(-1) == labels).sum(), masked=labels.numel())
 
 
 def evaluate(engine, val_rows: torch.Tensor, masker: Masker, cfg: LoopConfig, rank: int, device,
@@ -199,10 +200,10 @@ def evaluate(engine, val_rows: torch.Tensor, masker: Masker, cfg: LoopConfig, ra
         for i, batch in enumerate(val_rows.split(cfg.train.micro_batch_size)):  # (<=B, T) each
             if beat is not None:
                 beat.beat("eval")
-            loss, c, m = forward_mlm(engine, masker, batch, derive_seed(cfg.train.seed, 7, rank, i), device)
-            sums[0] += loss.double() * m
-            sums[1] += c
-            sums[2] += m
+            out = forward_mlm(engine, masker, batch, derive_seed(cfg.train.seed, 7, rank, i), device)
+            sums[0] += out.loss.double() * out.masked
+            sums[1] += out.correct
+            sums[2] += out.masked
     loss_sum, correct, n = all_reduce_sum(sums, device)
     return {"val_loss": loss_sum / max(n, 1), "val_acc": correct / max(n, 1), "val_tokens": int(n)}
 
@@ -210,6 +211,15 @@ def evaluate(engine, val_rows: torch.Tensor, masker: Masker, cfg: LoopConfig, ra
 # --------------------------------------------------------------------------------------------
 # The loop's parts: when to stop, what to log, where to resume
 # --------------------------------------------------------------------------------------------
+
+
+class WindowStats(NamedTuple):
+    """A metrics window over every rank (`MetricsWindow.reduce`)."""
+
+    loss: float  # mean over the masked tokens
+    accuracy: float  # masked tokens predicted right
+    seconds: float  # wall time of the window
+    steps: int  # optimizer steps in it
 
 
 class MetricsWindow:
@@ -226,13 +236,13 @@ class MetricsWindow:
         self.sums[1] += correct
         self.sums[2] += masked
 
-    def reduce(self) -> tuple[float, float, float, int]:
-        """(mean loss, accuracy, seconds, steps) of the window over every rank; starts a new one."""
+    def reduce(self) -> WindowStats:
+        """The window over every rank; starts a new one."""
         s, c, n = all_reduce_sum(self.sums, self.device)
         seconds, steps = time.time() - self.t0, self.steps
         self.sums.zero_()
         self.steps, self.t0 = 0, time.time()
-        return s / max(n, 1), c / max(n, 1), max(seconds, 1e-9), steps
+        return WindowStats(loss=s / max(n, 1), accuracy=c / max(n, 1), seconds=max(seconds, 1e-9), steps=steps)
 
 
 def epoch_batches(shard, cfg: LoopConfig, epoch: int, skip: int):
@@ -269,16 +279,17 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWriter) -> None:
     tc, rank, world, device = cfg.train, wc.rank, wc.world, wc.device
-    tokenizer, masker, bert_config, engine, state, resumed, peak = _open_run(cfg, wc, beat, log)
+    run = _open_run(cfg, wc, beat, log)
+    engine, state, bert_config = run.engine, run.state, run.bert_config
     policy = StopPolicy.for_invocation(tc, state["step"], state.get("budget"))
     flops_per_token = mlm_flops_per_token(bert_config, cfg.data.seq_len, cfg.data.masking.mlm_probability)
     tokens_per_step = tc.micro_batch_size * cfg.data.seq_len * tc.grad_accum * world
     val_rows = _val_rows(cfg.run_dir, rank, world)
-    val_masker = Masker.from_tokenizer(tokenizer, replace(cfg.data.masking,
-                                                          mlm_probability=cfg.data.eval_mlm_probability))
+    val_masker = Masker.from_tokenizer(run.tokenizer, replace(cfg.data.masking,
+                                                              mlm_probability=cfg.data.eval_mlm_probability))
     window = MetricsWindow(device)
     step = first_step = state["step"]
-    last_saved = step if resumed else -1
+    last_saved = step if run.resumed else -1
     engine.train()
     done = policy.reached(step)
     while not done:
@@ -287,7 +298,7 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
         shard = epoch_split(cfg.data, cfg.tokenizer, cfg.pieces, tc.seed, epoch, rank, world)  # this epoch's order
         for i, batch in epoch_batches(shard, cfg, epoch, state["consumed"]):
             beat.beat("step")
-            boundary = _micro_step(engine, masker, batch["input_ids"], derive_seed(tc.seed, rank, epoch, i),
+            boundary = _micro_step(engine, run.masker, batch["input_ids"], derive_seed(tc.seed, rank, epoch, i),
                                    device, window)
             state["consumed"] = i + 1
             if not boundary:
@@ -301,16 +312,16 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
             stop = _time_to_stop(policy, step, first_step, log_now, tc, device, engine, world)
             metrics = {}
             if log_now or stop:
-                metrics = _window_metrics(window, engine, policy, step, epoch, peak, tokens_per_step,
+                metrics = _window_metrics(window, engine, policy, step, epoch, run.peak, tokens_per_step,
                                           flops_per_token, rank)
             if val_rows is not None and (step % tc.eval_every == 0 or policy.reached(step)):
                 metrics.update(step=step, **_validate(engine, val_rows, val_masker, cfg, rank, device, beat, policy))
             if metrics:
                 log.write(metrics)
             if step % tc.save_every == 0 or stop:
-                _save(engine, state, metrics, bert_config, tokenizer, rank, tc, policy, beat, log)
+                _save(engine, state, metrics, bert_config, run.tokenizer, rank, tc, policy, beat, log)
                 last_saved = step
-            _fault_drill(cfg.fault, rank, step, cfg.run_dir, beat)
+            fault_drill(cfg.fault, rank, step, cfg.run_dir, beat)
             if stop:
                 done = True
                 break
@@ -320,7 +331,7 @@ def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWrit
             log.write({"event": "epoch_end", "epoch": epoch, "step": step})
     if last_saved != step:  # nothing to run (already at the end): still leave a checkpoint
         beat.beat("checkpoint")
-        save_checkpoint(engine, dict(state), {"step": step}, bert_config, tokenizer, rank, tc.zero_stage)
+        save_checkpoint(engine, dict(state), {"step": step}, bert_config, run.tokenizer, rank, tc.zero_stage)
     log.write({"event": "end", "step": step, "time": time.time()})
     # ZeRO-3 with gloo can abort in destroy_process_group at exit unless the engine lets go first.
     engine.destroy()
@@ -351,11 +362,11 @@ def _micro_step(engine, masker: Masker, input_ids: torch.Tensor, seed: int, devi
     boundary (DeepSpeed's `step` decides); masking and dropout seeded from the data position.
     Returns whether this was the boundary (a whole optimizer step)."""
     torch.manual_seed(derive_seed(seed, 1))  # dropout
-    loss, correct, masked = forward_mlm(engine, masker, input_ids, seed, device)
+    out = forward_mlm(engine, masker, input_ids, seed, device)
     boundary = engine.is_gradient_accumulation_boundary()
-    engine.backward(loss)
+    engine.backward(out.loss)
     engine.step()
-    window.add(loss, correct, masked)
+    window.add(out.loss, out.correct, out.masked)
     return boundary
 
 
@@ -375,10 +386,23 @@ def _save(engine, state: dict, metrics: dict, bert_config: BertConfig, tokenizer
         policy.budget.save_s = max(policy.budget.save_s or 0.0, time.time() - t_save)
 
 
-def _open_run(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWriter):
+@dataclass
+class OpenedRun:
+    """What an invocation's loop starts from (`_open_run`)."""
+
+    tokenizer: object  # bert_core.tokenizer.load_tokenizer's
+    masker: Masker  # the training masking
+    bert_config: BertConfig
+    engine: object  # the DeepSpeed engine
+    state: dict  # where the run is: step, epoch, consumed (and a budgeted run's LR plan and budget use)
+    resumed: bool  # from a checkpoint: a new fit on the run dir, or a Ray Train restart
+    peak: float  # the workers' summed peak FLOP/s, which MFU is quoted against
+
+
+def _open_run(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWriter) -> OpenedRun:
     """This invocation's model and engine: fresh weights (seeded alike on every rank) or the
     checkpoint Ray Train resumes from, and the summed peak FLOP/s MFU is quoted against; logs the
-    start (or resume) event. Returns (tokenizer, masker, bert_config, engine, state, resumed, peak)."""
+    start (or resume) event."""
     import ray.train
 
     from bert_core.tokenizer import load_tokenizer
@@ -406,7 +430,8 @@ def _open_run(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsW
                "nodes": worker_nodes(), "threads": wc.threads, "device": device_name(device),
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                "peak_flops": peak, "time": time.time()})
-    return tokenizer, masker, bert_config, engine, state, ckpt is not None, peak
+    return OpenedRun(tokenizer=tokenizer, masker=masker, bert_config=bert_config, engine=engine, state=state,
+                     resumed=ckpt is not None, peak=peak)
 
 
 def _time_to_stop(policy: StopPolicy, step: int, first_step: int, log_now: bool, tc: TrainConfig, device,
@@ -441,16 +466,16 @@ def _follow_budget(policy: StopPolicy, engine, tc: TrainConfig, step: int, used_
         left = min(tc.max_steps, b.planned_end(b.total_s, step, used_s, step_s, reserve_s)) - step
         schedule.replan(taken, taken + left)
         policy.end = min(policy.limit, step + max(schedule.end - taken, 0))
-    return used_s >= OVERRUN * b.total_s or policy.reached(step)
+    return out_of_budget(used_s, b.total_s) or policy.reached(step)
 
 
 def _window_metrics(window: MetricsWindow, engine, policy: StopPolicy, step: int, epoch: int, peak: float,
                     tokens_per_step: int, flops_per_token: float, rank: int) -> dict:
     """The metrics line of a log step (one sync over all ranks); rank 0 prints the progress line."""
-    loss_mean, acc, seconds, steps = window.reduce()
-    policy.step_s = max(policy.step_s, seconds / steps)
-    tps = tokens_per_step * steps / seconds
-    metrics = {"step": step, "epoch": epoch, "loss": loss_mean, "mlm_acc": acc,
+    w = window.reduce()
+    policy.step_s = max(policy.step_s, w.seconds / w.steps)
+    tps = tokens_per_step * w.steps / w.seconds
+    metrics = {"step": step, "epoch": epoch, "loss": w.loss, "mlm_acc": w.accuracy,
                "lr": engine.get_lr()[0], "tokens_per_s": tps,
                "mfu": tps * flops_per_token / peak, "peak_flops": peak,
                "tokens": step * tokens_per_step, "time": time.time()}
@@ -458,28 +483,6 @@ def _window_metrics(window: MetricsWindow, engine, policy: StopPolicy, step: int
         planned = step + lr_schedule(engine).end - engine.lr_scheduler.last_epoch  # in the loop's steps
         metrics.update(budget_used_s=policy.budget.used(metrics["time"]), planned_steps=planned)
     if rank == 0 and shows_progress():
-        print(f"[raybert] step {step}/{policy.end} loss {loss_mean:.4f} {tps:,.0f} tokens/s "
-              f"mfu {metrics['mfu']:.1%} eta {_eta((policy.end - step) * seconds / steps)}", flush=True)
+        print(f"[raybert] step {step}/{policy.end} loss {w.loss:.4f} {tps:,.0f} tokens/s "
+              f"mfu {metrics['mfu']:.1%} eta {_eta((policy.end - step) * w.seconds / w.steps)}", flush=True)
     return metrics
-
-
-def _fault_drill(fault: FaultDrill, rank: int, step: int, run_dir: str, beat: Heartbeat) -> None:
-    """Once per run dir (a marker file records it): SIGKILL rank `kill_rank` after `kill_at_step`,
-    or hang rank 0 after `stall_at_step` (showing phase "step" to the watchdog)."""
-    if fault.kill_at_step == step and rank == (fault.kill_rank or 0):
-        marker = storage.join(run_dir, f"fault_drill_rank{rank}_step{step}.done")
-        if not storage.exists(marker):
-            storage.write_text(marker, f"killed at step {step}, pid {os.getpid()}, time {time.time()}\n")
-            # Ray Train registers a checkpoint only once the controller has polled every rank's
-            # report of it (one poll per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A rank that dies before
-            # that poll takes the other ranks' unpolled reports with it, and the restart falls back
-            # to the checkpoint before. The drill waits out two polls so that "latest checkpoint" is
-            # well defined.
-            time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1)
-            os.kill(os.getpid(), signal.SIGKILL)
-    if fault.stall_at_step == step and rank == 0:
-        marker = storage.join(run_dir, f"fault_drill_stall_step{step}.done")
-        if not storage.exists(marker):
-            storage.write_text(marker, f"stalled at step {step}, pid {os.getpid()}, time {time.time()}\n")
-            beat.beat("step")
-            threading.Event().wait()  # forever: only the watchdog ends this

@@ -17,8 +17,8 @@ Contract:
   ones; time trained before a budget was set is not counted). Its state (time used, seconds per
   step, the last checkpoint write) travels in the checkpoint, so a resumed invocation plans from
   the rate the previous one measured, not from its own slow first step. A stall the plan can't
-  foresee may carry a run up to `OVERRUN` x the budget before it stops. The warmup must fit well
-  inside the budget: the decay starts only after it.
+  foresee may carry a run up to `OVERRUN` x the budget before it stops (`out_of_budget`). The
+  warmup must fit well inside the budget: the decay starts only after it.
 - `StopPolicy` is when one invocation ends: a step limit, its time budget or deadline, or the end
   its budgeted schedule has moved to.
 """
@@ -38,6 +38,12 @@ DECAYS = ("linear", "cosine", "constant")
 # it past. It may then run this far over the budget to end with its LR at the floor, rather than
 # be cut mid-schedule; past it, it stops.
 OVERRUN = 1.05
+
+
+def out_of_budget(used_s: float, total_s: float) -> bool:
+    """Whether `used_s` of training has spent a budget of `total_s` (`OVERRUN` allowed): the loop
+    stops on it, and a scheduled invocation finds its run complete by it (run_dir.budget_spent)."""
+    return used_s >= OVERRUN * total_s
 
 
 def decay_factor(decay: str, progress: float, min_ratio: float) -> float:
@@ -62,7 +68,8 @@ class LRSchedule:
     A callable object, not a function, so LambdaLR's state_dict (in DeepSpeed's checkpoint) keeps
     its attributes too; the pretraining loop still builds a fresh one from the config on resume
     (pipelines.training.engine.fresh_lr_schedule) and loads only a budgeted run's plan onto it
-    (raybert_state.json), so a changed max_steps or warmup reaches a run as it always has.
+    (the checkpoint's state file, pipelines.training.run_dir), so a changed max_steps or warmup
+    reaches a run as it always has.
     """
 
     def __init__(self, warmup: int, end: int, decay: str, min_ratio: float):

@@ -31,6 +31,7 @@ import os
 from typing import Any, Mapping
 
 from pipelines import storage
+from pipelines.training.run_dir import checkpoint_location, export_dir, hf_dir
 
 # key -> (section of the loop config, field, type, check, what the check asks)
 SWEEP_KEYS = {
@@ -120,7 +121,7 @@ def trial_loop_config(loop: dict, params: dict, trial_dir: str) -> dict:
 
 def _run_trial(params: dict, *, loop: dict, datasets: dict, plan: dict, run_dir: str) -> None:
     """One trial, in its Tune trial actor: a whole fine-tune. Its final report (through
-    TuneReportCallback) carries `checkpoint_path`, the checkpoint whose `hf/` the sweep exports;
+    TuneReportCallback) carries `checkpoint_path`, the checkpoint whose HF export the sweep exports;
     the trial's placement group id goes to `<trial dir>/placement_group` (`_placement_group_releaser`)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -209,8 +210,8 @@ def run_sweep(loop: dict, datasets: dict, plan: dict, run_dir: str, grid: dict[s
     if best is None:  # a ValueError: the CLI prints one line pointing at the record
         raise ValueError(f"no sweep trial finished (see {storage.join(run_dir, 'sweep.json')}): "
                            + "; ".join(f"{r['trial']}: {r['status']} {r.get('error') or ''}" for r in records))
-    export = storage.join(run_dir, "export")
-    storage.replace_tree(best["export"], export)  # the best trial's checkpoint's hf/
+    export = export_dir(run_dir)
+    storage.replace_tree(best["export"], export)  # the best trial's checkpoint's HF export
     return export, {**best["metrics"], "sweep": {k: summary[k] for k in ("best_trial", "grid")}
                     | {"params": best["params"], "record": storage.join(run_dir, "sweep.json")}}
 
@@ -225,8 +226,8 @@ def _record(result, run_dir: str) -> dict:
     record = {"trial": trial_name(params), "params": params,
               "trial_dir": storage.join(run_dir, "trials", trial_name(params)),
               "steps": m.get("step"), "best_score": m.get("best_score"), "best_step": m.get("best_step")}
-    if m.get(CHECKPOINT_PATH_KEY):  # Ray's path (no scheme on an object store): rebuilt from the trial dir
-        export = storage.join(record["trial_dir"], storage.basename(m[CHECKPOINT_PATH_KEY]), "hf")
+    if m.get(CHECKPOINT_PATH_KEY):
+        export = hf_dir(checkpoint_location(record["trial_dir"], m[CHECKPOINT_PATH_KEY]))
         return record | {"status": "finished", "export": export, "metrics": m}
     if result.error is not None:
         return record | {"status": "failed", "error": f"{type(result.error).__name__}: {result.error}"}

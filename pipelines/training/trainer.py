@@ -1,6 +1,6 @@
 """Driver side of every training job: `torch_trainer` builds the TorchTrainer it runs under (one
-rank per worker, gloo on CPU or NCCL on GPU, checkpoints in the run dir, worker-group restarts), and
-`publish_export` copies a checkpoint's HF export to `<run_dir>/export`."""
+rank per worker, gloo on CPU or NCCL on GPU, checkpoints in the run dir, worker-group restarts).
+What the run dir holds, and publishing a checkpoint's export, is pipelines/training/run_dir.py's."""
 
 from __future__ import annotations
 
@@ -62,13 +62,3 @@ def cpu_worker_runtime_env() -> dict:
     loop. A value the user exported on the driver wins.
     """
     return {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
-
-
-def publish_export(checkpoint: Optional[str], run_dir: str | Path) -> Optional[str]:
-    """Copy a checkpoint's `hf/` export to `run_dir/export`, replacing the previous one whole
-    (either may be a URI). Returns the export's location."""
-    if checkpoint is None or not storage.is_dir(storage.join(str(checkpoint), "hf")):
-        return None
-    export = storage.join(str(run_dir), "export")
-    storage.replace_tree(storage.join(str(checkpoint), "hf"), export)
-    return export

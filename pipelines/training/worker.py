@@ -8,6 +8,7 @@ Contract:
 - `all_reduce_sum` sums metrics over ranks (one host sync); `worker_nodes` names each rank's node.
 - `derive_seed` makes every random draw a function of the data position; `mlm_step_inputs` masks
   a micro-batch with such a seed.
+- `fault_drill` kills or hangs a rank at a step, once per run dir (tests and chaos runs).
 - `peak_flops` measures (and caches in the run dir) the dense matmul peak MFU is quoted against.
 """
 
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +35,7 @@ from bert_core.masking import Masker
 from pipelines import storage
 from pipelines.console import quiet_worker
 from pipelines.training.run_log import MetricsWriter
-from pipelines.training.config import TrainConfig
+from pipelines.training.config import FaultDrill, TrainConfig
 from pipelines.training.watchdog import Heartbeat, heartbeat_interval
 
 
@@ -175,6 +179,33 @@ def run_in_session(loop, cfg) -> None:
     with worker_session(cfg.run_dir, cfg.use_gpu, cfg.torch_threads, cfg.train.stall_timeout_s,
                         train=cfg.train, params=cfg.to_dict()) as session:
         loop(cfg, *session)
+
+
+# --------------------------------------------------------------------------------------------
+# Fault drills (tests and chaos runs: pipelines.training.config.FaultDrill)
+# --------------------------------------------------------------------------------------------
+
+
+def fault_drill(fault: FaultDrill, rank: int, step: int, run_dir: str, beat: Heartbeat) -> None:
+    """Once per run dir (a marker file records it): SIGKILL rank `kill_rank` after `kill_at_step`,
+    or hang rank 0 after `stall_at_step` (showing phase "step" to the watchdog)."""
+    if fault.kill_at_step == step and rank == (fault.kill_rank or 0):
+        marker = storage.join(run_dir, f"fault_drill_rank{rank}_step{step}.done")
+        if not storage.exists(marker):
+            storage.write_text(marker, f"killed at step {step}, pid {os.getpid()}, time {time.time()}\n")
+            # Ray Train registers a checkpoint only once the controller has polled every rank's
+            # report of it (one poll per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A rank that dies before
+            # that poll takes the other ranks' unpolled reports with it, and the restart falls back
+            # to the checkpoint before. The drill waits out two polls so that "latest checkpoint" is
+            # well defined.
+            time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1)
+            os.kill(os.getpid(), signal.SIGKILL)
+    if fault.stall_at_step == step and rank == 0:
+        marker = storage.join(run_dir, f"fault_drill_stall_step{step}.done")
+        if not storage.exists(marker):
+            storage.write_text(marker, f"stalled at step {step}, pid {os.getpid()}, time {time.time()}\n")
+            beat.beat("step")
+            threading.Event().wait()  # forever: only the watchdog ends this
 
 
 # --------------------------------------------------------------------------------------------

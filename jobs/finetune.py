@@ -213,6 +213,7 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     from jobs.training import plan_workers, run_trainer
     from pipelines.compat import disable_deepspeed_jit
     from pipelines.training.finetune import FinetuneLoopConfig, finetune_loop_per_worker
+    from pipelines.training.loop import as_loop_config
 
     disable_deepspeed_jit()
     with ray_session(cfg.address):
@@ -235,7 +236,7 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
         if cfg.sweep:
             export, metrics = _sweep(cfg, loop, datasets, plan, run_dir, specs)
         else:
-            fit = run_trainer(finetune_loop_per_worker, loop.to_dict(), run_dir=run_dir, plan=plan, scaling=cfg.scaling,
+            fit = run_trainer(finetune_loop_per_worker, as_loop_config(loop), run_dir=run_dir, plan=plan, scaling=cfg.scaling,
                               keep_last=1, datasets=datasets, stall_timeout_s=cfg.train.stall_timeout_s)
             export, metrics = fit.export, fit.metrics
     if export is None:
@@ -276,7 +277,7 @@ def _sweep(cfg: FinetuneConfig, loop, datasets: dict, plan, run_dir: str, specs:
     if not any(s.has_val for s in specs):
         raise ValueError("a sweep chooses its trial on validation rows, and no task has any (the hashed "
                          "data.val_fraction split left none): give --val-data, or a larger val_fraction")
-    return run_sweep(loop.to_dict(), datasets, plan.to_dict(), run_dir, cfg.sweep)
+    return run_sweep(loop, datasets, plan.to_dict(), run_dir, cfg.sweep)
 
 
 def task_datasets(cfg: FinetuneConfig, tasks: list, labels: dict, tokenizer: str) -> tuple[dict, list]:

@@ -283,7 +283,7 @@ def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str, corpus) -
     from pipelines import storage
     from pipelines.compat import disable_deepspeed_jit
     from pipelines.training.pretrain_data import ensure_val_set
-    from pipelines.training.loop import LoopConfig, train_loop_per_worker
+    from pipelines.training.loop import LoopConfig, as_loop_config, train_loop_per_worker
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     disable_deepspeed_jit()
@@ -309,7 +309,7 @@ def _run(cfg: PretrainConfig, run_dir: str, t0: float, tokenizer: str, corpus) -
                   f"training goes on without validation metrics", flush=True)
         # The loop plans each epoch's read itself (pipelines.training.pretrain_data.epoch_split): no datasets= here.
         fit = run_trainer(
-            train_loop_per_worker, loop_cfg.to_dict(), run_dir=run_dir, plan=plan, scaling=cfg.scaling,
+            train_loop_per_worker, as_loop_config(loop_cfg), run_dir=run_dir, plan=plan, scaling=cfg.scaling,
             keep_last=cfg.train.keep_last, datasets={}, stall_timeout_s=cfg.train.stall_timeout_s)
     return PretrainResult(run_dir=run_dir, checkpoint=fit.checkpoint, export=fit.export, metrics=fit.metrics)
 

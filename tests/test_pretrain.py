@@ -157,14 +157,20 @@ def test_train_dropout_trains_without_dropout_and_exports_the_configs(tmp_path):
             validate(cfg)
 
 
-def test_loop_config_round_trips_through_a_dict():
+def test_a_worker_gets_the_typed_loop_config_itself():
+    """Ray Train's train_loop_config holds the LoopConfig object (pickled as it is), never a dict a
+    worker decodes again; its record for config.json is plain data."""
+    import cloudpickle
+
+    from pipelines.training.loop import as_loop_config
     from pipelines.training.pretrain_data import DataConfig
 
     cfg = LoopConfig(run_dir="/r", tokenizer="/t", data=DataConfig(paths=["/x"], masking=MaskingConfig(whole_word=True)),
                      train=TrainConfig(zero_stage=2, stall_timeout_s=30.0), torch_threads=3,
                      fault=FaultDrill(kill_rank=1, kill_at_step=5))
-    again = LoopConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
-    assert again == cfg and again.fault.kill_at_step == 5 and again.torch_threads == 3
+    again = cloudpickle.loads(cloudpickle.dumps(as_loop_config(cfg)))["loop"]
+    assert again == cfg and isinstance(again.data.masking, MaskingConfig) and again.fault.kill_at_step == 5
+    assert json.loads(json.dumps(cfg.to_dict()))["data"]["masking"]["whole_word"] is True
 
 
 def test_presets_yaml_and_flags_layer_in_order(tmp_path):

@@ -2,7 +2,8 @@
 Train + DeepSpeed path as pretraining.
 
 Contract:
-- `finetune_loop_per_worker(config)` reads only its argument (`FinetuneLoopConfig(...).to_dict()`).
+- `finetune_loop_per_worker(config)` reads only its argument (`{"loop": FinetuneLoopConfig}`, see
+  pipelines.training.loop.as_loop_config).
   It runs under `TorchTrainer` with datasets `train_<task>` (and `val_<task>` for classify/tag
   tasks that have validation rows) from pipelines/training/finetune_data.py.
 - Model: `bert_core.BertMultiTask` with a head per task, the encoder (and an mlm task's head)
@@ -94,15 +95,8 @@ class FinetuneLoopConfig:
     report_evals: bool = False
 
     def to_dict(self) -> dict:
+        """As plain data, for the run's config.json record (workers get the object itself)."""
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FinetuneLoopConfig":
-        return cls(run_dir=d["run_dir"], tokenizer=d["tokenizer"], tasks=[TaskSpec(**t) for t in d["tasks"]],
-                   model=ModelConfig(**d["model"]), data=FinetuneData(**d["data"]),
-                   train=TrainConfig(**d["train"]), options=FinetuneOptions(**d["options"]),
-                   masking=MaskingConfig(**d["masking"]), use_gpu=d.get("use_gpu", False),
-                   torch_threads=d.get("torch_threads"), report_evals=d.get("report_evals", False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +290,7 @@ def task_loss(engine, task: TaskSpec, batch: dict, masker: Optional[Masker], see
 
 
 def finetune_loop_per_worker(config: dict) -> None:
-    run_in_session(_finetune, FinetuneLoopConfig.from_dict(config))
+    run_in_session(_finetune, config["loop"])
 
 
 def _finetune(cfg: FinetuneLoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWriter) -> None:

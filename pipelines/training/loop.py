@@ -1,8 +1,8 @@
 """The per-worker MLM pretraining loop: Ray Train + DeepSpeed around single-device bert_core code.
 
 Contract:
-- `train_loop_per_worker(config)` reads only its argument, a plain dict
-  (`LoopConfig(...).to_dict()`), so it pickles to any worker and never captures driver state.
+- `train_loop_per_worker(config)` reads only its argument, `{"loop": LoopConfig}` (`as_loop_config`),
+  the typed config itself, so it pickles to any worker and never captures driver state.
   It runs under `ray.train.torch.TorchTrainer` with `TorchConfig(backend="gloo"|"nccl")` and no
   `datasets=`: each epoch's training stream is planned in the loop, its files in that epoch's
   order (pipelines.training.pretrain_data.epoch_split); the validation set is the run dir's `val.parquet`
@@ -57,7 +57,6 @@ import torch.nn.functional as F
 
 from bert_core.init import neighbour_init
 from bert_core.masking import Masker
-from bert_core.masking_config import MaskingConfig
 from bert_core.model import BertConfig, BertForMaskedLM, mlm_flops_per_token, set_dropout
 from pipelines.console import shows_progress
 from pipelines import storage
@@ -88,16 +87,8 @@ class LoopConfig:
     pieces: list = field(default_factory=list)  # the corpus's [file, row group, rows] (pretrain_data.corpus_pieces)
 
     def to_dict(self) -> dict:
+        """As plain data, for the run's config.json record (workers get the object itself)."""
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoopConfig":
-        data = dict(d["data"])
-        data["masking"] = MaskingConfig(**data["masking"])
-        return cls(run_dir=d["run_dir"], tokenizer=d["tokenizer"], use_gpu=d.get("use_gpu", False),
-                   model=ModelConfig(**d["model"]), data=DataConfig(**data), train=TrainConfig(**d["train"]),
-                   torch_threads=d.get("torch_threads"), fault=FaultDrill(**d.get("fault", {})),
-                   pieces=d.get("pieces", []))
 
 
 def build_mlm_model(model: ModelConfig, bert_config: BertConfig) -> BertForMaskedLM:
@@ -273,8 +264,14 @@ def _eta(seconds: float) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def as_loop_config(loop) -> dict:
+    """Ray Train's `train_loop_config` for a loop config: the typed object under one key (Ray Train
+    takes a dict), so no worker re-decodes it."""
+    return {"loop": loop}
+
+
 def train_loop_per_worker(config: dict) -> None:
-    run_in_session(_train, LoopConfig.from_dict(config))
+    run_in_session(_train, config["loop"])
 
 
 def _train(cfg: LoopConfig, wc: WorkerContext, beat: Heartbeat, log: MetricsWriter) -> None:

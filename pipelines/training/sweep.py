@@ -24,6 +24,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import math
@@ -106,20 +107,21 @@ def trial_name(params: dict) -> str:
     return ",".join(f"{k}={v!r}" for k, v in params.items())
 
 
-def trial_loop_config(loop: dict, params: dict, trial_dir: str) -> dict:
-    """The fine-tune loop config of one trial: `params` over the sweep's base (a warmup ratio sets
-    the warmup steps of the planned step count), its own run dir, evaluations reported."""
-    cfg = json.loads(json.dumps(loop))  # a deep copy of plain data
+def trial_loop_config(loop, params: dict, trial_dir: str):
+    """The fine-tune loop config (pipelines.training.finetune.FinetuneLoopConfig) of one trial:
+    `params` over the sweep's base (a warmup ratio sets the warmup steps of the planned step
+    count), its own run dir, evaluations reported."""
+    cfg = copy.deepcopy(loop)
     for key, value in params.items():
         section, name = SWEEP_KEYS[key][:2]
-        cfg[section][name] = value
+        setattr(getattr(cfg, section), name, value)
     if "warmup_ratio" in params:
-        cfg["train"]["warmup_steps"] = int(params["warmup_ratio"] * cfg["train"]["max_steps"])
-    cfg.update(run_dir=trial_dir, report_evals=True)
+        cfg.train.warmup_steps = int(params["warmup_ratio"] * cfg.train.max_steps)
+    cfg.run_dir, cfg.report_evals = trial_dir, True
     return cfg
 
 
-def _run_trial(params: dict, *, loop: dict, datasets: dict, plan: dict, run_dir: str) -> None:
+def _run_trial(params: dict, *, loop, datasets: dict, plan: dict, run_dir: str) -> None:
     """One trial, in its Tune trial actor: a whole fine-tune. Its final report (through
     TuneReportCallback) carries `checkpoint_path`, the checkpoint whose HF export the sweep exports;
     the trial's placement group id goes to `<trial dir>/placement_group` (`_placement_group_releaser`)."""
@@ -127,12 +129,14 @@ def _run_trial(params: dict, *, loop: dict, datasets: dict, plan: dict, run_dir:
 
     from pipelines.compat import placement_group_recorder
     from pipelines.training.finetune import finetune_loop_per_worker
+    from pipelines.training.loop import as_loop_config
     from pipelines.training.trainer import torch_trainer
 
     trial_dir = storage.join(run_dir, "trials", trial_name(params))
     # max_failures 0: a worker failure fails the trial (recorded), and a trial Tune stops can't
     # start a new worker group while it goes.
-    trainer = torch_trainer(finetune_loop_per_worker, trial_loop_config(loop, params, trial_dir), run_dir=trial_dir,
+    trainer = torch_trainer(finetune_loop_per_worker, as_loop_config(trial_loop_config(loop, params, trial_dir)),
+                            run_dir=trial_dir,
                             num_workers=plan["num_workers"], use_gpu=plan["use_gpu"],
                             cpus_per_worker=plan["cpus_per_worker"], max_failures=0, keep_last=1,
                             datasets=datasets, callbacks=[TuneReportCallback(), placement_group_recorder(
@@ -173,17 +177,17 @@ def concurrent_trials(plan: dict, cluster: Mapping[str, float], n_trials: int) -
     return int(min(max(1, fits), n_trials))
 
 
-def run_sweep(loop: dict, datasets: dict, plan: dict, run_dir: str, grid: dict[str, list]) -> tuple[str, dict]:
+def run_sweep(loop, datasets: dict, plan: dict, run_dir: str, grid: dict[str, list]) -> tuple[str, dict]:
     """Run the sweep (see the module doc) in a Ray session; returns (the best trial's export
-    copied to `<run_dir>/export`, its metrics with a `sweep` summary)."""
+    copied to `<run_dir>/export`, its metrics with a `sweep` summary). `loop` is the sweep's base
+    FinetuneLoopConfig."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    tc = loop["train"]
     # One report per evaluation, the last one with the result. ASHA stops a trial at max_t, which
     # would race the final report's checkpoint: one more than a trial reports never comes.
-    evaluations = math.ceil(tc["max_steps"] / tc["eval_every"]) + 1
+    evaluations = math.ceil(loop.train.max_steps / loop.train.eval_every) + 1
     fn = tune.with_parameters(_run_trial, loop=loop, datasets=datasets, plan=plan, run_dir=run_dir)
     combos = trials(grid)
     tuner = tune.Tuner(

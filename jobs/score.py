@@ -21,10 +21,12 @@ import json
 
 import click
 
-from jobs.config import echo_config, print_config_option, stdout_for_the_result, user_errors, verbosity_options
+from jobs.config import (echo_config, print_config_option, set_option, stdout_for_the_result, user_errors,
+                         verbosity_options)
 
+from pipelines import UserError
 # The job's typed config is the pipeline's: one dataclass, checked once (ScoreConfig.check).
-from pipelines.scoring.config import POOLINGS, ActorsLost, GpuWaitTimeout, ResourceConfig, ScoreConfig
+from pipelines.scoring.config import POOLINGS, ActorsLost, GpuWaitTimeout, ResourceConfig, ScoreConfig, UnitFailed
 
 
 def output_lock(output: str):
@@ -61,7 +63,7 @@ def main(cfg: ScoreConfig):
     if embedded and cfg.resources.device == "cuda" and not torch.cuda.is_available():
         # On a cluster, device cuda waits (resources.gpu_wait_s) for the autoscaler to add a GPU
         # node; the embedded local Ray runs on this machine alone, so waiting would only delay this.
-        raise ValueError("device cuda asked for, but this machine has no GPU for the local Ray (and no "
+        raise UserError("device cuda asked for, but this machine has no GPU for the local Ray (and no "
                          "autoscaler to add one); pass --address of a cluster with GPU workers, or "
                          "--device auto or cpu")
     with output_lock(cfg.output), ray_session(cfg.address):
@@ -82,32 +84,36 @@ def main(cfg: ScoreConfig):
 @click.option("--batch-size", type=int,
               help="Rows per block (sorted by length within it), not per forward pass: forward-pass "
                    "size is set by --max-tokens.")
-@click.option("--num-actors", type=click.IntRange(min=1), help="Predictor actors (default: one per GPU, else one per CPU, memory permitting).")
+@click.option("--num-actors", type=int, help="Predictor actors (default: one per GPU, else one per CPU, memory permitting).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
               help="auto (default): GPU actors if the cluster has GPUs now, else CPU. cuda: GPU actors even before "
                    "a GPU node has joined, so an autoscaling cluster starts them (pool of 1 to N; fails after "
                    "resources.gpu_wait_s if none starts).")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-              help="Default auto: bf16 on a GPU that has it, else fp16; on CPU bf16 only where measured faster. "
-                   "fp16 needs a GPU.")
+              help="Default auto: bf16 on a GPU that has it, else fp16; on CPU bf16 with AMX, else as measured "
+                   "once per machine (cached). fp16 needs a GPU.")
 @click.option("--head", help="Task head of a multi-task checkpoint (default: its primary task).")
 @click.option("--text-column", help="The text to score (default: text).")
 @click.option("--text-pair-column", help="A second text: rows are sentence pairs (classify).")
 @click.option("--id-column", help="Row ids (default: id; without one, ids are <file>#<row hash>).")
-@click.option("--max-length", type=click.IntRange(min=3),
+@click.option("--max-length", type=int,
               help="Tokens per row before truncation (default: the model's limit, or a sentence-transformers "
                    "export's max_seq_length).")
 @click.option("--pooling", type=click.Choice(list(POOLINGS)), help="embed: pooling (default: the checkpoint's).")
+@click.option("--top-k", type=int, help="fill-mask: candidates per [MASK] (default 5).")
 @click.option("--normalize/--no-normalize", default=None, help="embed: L2-normalize (default: the checkpoint's).")
 @click.option("--overwrite/--no-overwrite", default=None,
               help="Delete this job's earlier output and checkpoint and score again (never anything else).")
 @click.option("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
+@set_option
 @print_config_option
 @verbosity_options
-@user_errors(GpuWaitTimeout, ActorsLost)  # no GPU node in time for --device cuda; actors dead for good
+# No GPU node in time for --device cuda; actors dead for good; a unit that can't be scored (its
+# error names the input file and what failed: a corrupt or changed file, an unwritable output).
+@user_errors(GpuWaitTimeout, ActorsLost, UnitFailed)
 def score(input, output, model, task, config_path, max_tokens, batch_size, num_actors, device, dtype, head,
-          text_column, text_pair_column, id_column, max_length, pooling, normalize, overwrite, address,
-          print_config):
+          text_column, text_pair_column, id_column, max_length, pooling, top_k, normalize, overwrite, address,
+          sets, print_config):
     """Score INPUT (Parquet, CSV or JSON Lines: file, directory or glob) into Parquet OUTPUT, one row per input row.
 
     INPUT and OUTPUT may instead come from the --config file (as under `ray job submit ... --
@@ -118,8 +124,9 @@ def score(input, output, model, task, config_path, max_tokens, batch_size, num_a
         "input": input, "output": output, "model": model, "task": task, "max_tokens": max_tokens,
         "batch_size": batch_size, "resources.num_actors": num_actors, "resources.device": device,
         "dtype": dtype, "head": head, "text_column": text_column, "text_pair_column": text_pair_column,
-        "id_column": id_column, "max_length": max_length, "pooling": pooling, "normalize": normalize,
-        "overwrite": overwrite, "address": address})
+        "id_column": id_column, "max_length": max_length, "pooling": pooling, "top_k": top_k, "normalize": normalize,
+        "overwrite": overwrite, "address": address}, sets=sets, flags={"resources.num_actors": "--num-actors",
+                                                                       "resources.device": "--device"})
     if print_config:
         return echo_config(cfg)
     with stdout_for_the_result():  # Ray forwards its workers' prints to this process's stdout

@@ -37,6 +37,11 @@ unnecessary or stops it from working (tests/test_compat.py), so none outlives it
   projection task asking for a whole CPU (a JSON Lines training corpus never reached step 0
   beside CPU training workers), read numbers in text columns through a float, and gave up on
   rows longer than its block.
+- `quiet_dataset` (Ray Data 2.60): the Python API's lazy Dataset runs when the caller consumes it,
+  outside any context of ours, and Ray Data has no per-dataset log level: the Dataset gets a
+  DataContext of its own (`Dataset.copy`'s private `_deep_copy`) without progress bars or start
+  lines, and an execution callback (Ray Data's internal hook, as `pace_idle_data_scheduler`) that
+  turns Ray Data's INFO lines off while it runs.
 - `row_hashes` (Ray Data 2.60): scoring reads Parquet without Ray Data but keys its rows, and
   names rows without ids, by Ray Data's `include_row_hash` (its private `_compute_row_hashes`,
   recomputed here), so outputs and fallback ids agree with a plain Ray read's and with outputs
@@ -419,6 +424,51 @@ def starved_data_stage(timeout_s: float = 10.0) -> Optional[str]:
         return None
     free, total = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
     return "; ".join(notes) + f" ({free:g} of {total:g} CPUs free)"
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Data 2.60: one Dataset's runs, quiet
+# --------------------------------------------------------------------------------------------
+
+
+def quiet_dataset(ds):
+    """`ds` with a DataContext of its own (a copy: the caller's other datasets keep theirs) that draws
+    no progress bars and logs no "Starting execution" lines, each of whose runs has Ray Data's INFO
+    lines off (`console.data_run_started` / `data_run_ended`, from the execution hooks; on a Ray
+    without them, only the context's settings apply). Ray Data's note that the bars are off is
+    dropped (`console.drop_data_notes`)."""
+    from pipelines.console import drop_data_notes
+
+    own = type(ds).copy(ds, _deep_copy=True)  # a shallow copy of the plan, bound to a copy of the context
+    ctx = own.context
+    ctx.enable_progress_bars = ctx.print_on_execution_start = False
+    quiet = _quiet_runs()
+    if quiet is not None and quiet not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes = [*ctx.custom_execution_callback_classes, quiet]
+    drop_data_notes()
+    return own
+
+
+@functools.cache
+def _quiet_runs():
+    """The callback class for `quiet_dataset`; None on a Ray without the hook. Built on first use."""
+    try:
+        from ray.data._internal.execution.execution_callback import ExecutionCallback
+    except ImportError:  # pragma: no cover - a Ray without the hook
+        return None
+    from pipelines.console import data_run_ended, data_run_started
+
+    class QuietRuns(ExecutionCallback):
+        def before_execution_starts(self, executor) -> None:
+            data_run_started()
+
+        def after_execution_succeeds(self, executor) -> None:
+            data_run_ended()
+
+        def after_execution_fails(self, executor, error) -> None:
+            data_run_ended()
+
+    return QuietRuns
 
 
 def row_hashes(path: str, start: int, n: int):

@@ -13,6 +13,11 @@ Contract:
 - `quiet_libraries()` (a context, one job long) sets the driver's side, before Ray starts
   (`ray_init_kwargs()` adds ray.init's own level); `quiet_worker()` runs first thing in a training worker;
   `train_logging_level()` is Ray Train's console level (RunConfig.logging_config).
+- The Python API (`pipelines.scoring.job.score_dataset`) runs in the caller's process, on the caller's
+  Ray, and returns a lazy Dataset that runs when the caller consumes it: that Dataset carries its
+  own quiet settings (`compat.quiet_dataset`: no progress bars or start lines; Ray Data's INFO lines
+  off while it runs, `data_run_started` / `data_run_ended`). Nothing else of the caller's changes,
+  but for Ray Data's note that its bars are off, dropped from then on (`drop_data_notes`).
 - `Progress`: one progress line (done / total, tokens/s, ETA) redrawn in place on a terminal, and
   a plain line every so often in a log (15 s for the first two minutes, then every minute).
 
@@ -25,6 +30,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 from typing import Optional, TextIO
@@ -126,6 +132,38 @@ def quiet_libraries():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# Ray Data runs of raybert's own datasets in a caller's process (`score_dataset`): its INFO lines are
+# off while any of them runs; compat.quiet_dataset calls these from Ray Data's execution hooks.
+_data_runs = {"n": 0, "level": logging.NOTSET}
+_data_runs_lock = threading.Lock()
+
+
+def drop_data_notes() -> None:
+    """From now on, drop Ray Data's notes that don't apply (`_PROGRESS_BARS_OFF`) from its console."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if _PROGRESS_BARS_OFF not in handler.filters:
+            handler.addFilter(_PROGRESS_BARS_OFF)
+
+
+def data_run_started() -> None:
+    """A quiet Ray Data run began: Ray Data's INFO lines are off until the last such run ends."""
+    log = logging.getLogger("ray.data")
+    with _data_runs_lock:
+        if _data_runs["n"] == 0:
+            _data_runs["level"] = log.level
+            log.setLevel(logging.WARNING)
+        _data_runs["n"] += 1
+
+
+def data_run_ended() -> None:
+    with _data_runs_lock:
+        if _data_runs["n"] == 0:
+            return
+        _data_runs["n"] -= 1
+        if _data_runs["n"] == 0:
+            logging.getLogger("ray.data").setLevel(_data_runs["level"])
 
 
 def quiet_worker() -> None:

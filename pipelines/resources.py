@@ -35,6 +35,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from pipelines import UserError
 from pipelines.scoring.config import DEVICES
 
 GPU_WORKER_CPUS = 4.0  # most CPUs a GPU worker reserves when sized automatically
@@ -92,16 +93,16 @@ def plan_training(nodes: list[dict], num_workers: int, cpus_per_worker: Optional
     cpus = sum(float(r.get("CPU", 0)) for r in nodes)
     gpus = int(sum(float(r.get("GPU", 0)) for r in nodes) + 1e-9)
     if n < 1:
-        raise ValueError(f"num_workers must be >= 1, got {n}")
+        raise UserError(f"num_workers must be >= 1, got {n}")
     if cpus_per_worker is not None and cpus_per_worker <= 0:
-        raise ValueError(f"cpus_per_worker must be > 0 (or unset, to size it from the cluster), "
+        raise UserError(f"cpus_per_worker must be > 0 (or unset, to size it from the cluster), "
                          f"got {cpus_per_worker}")
     if use_gpu is True and gpus == 0:
-        raise ValueError("GPUs were asked for (--use-gpu / scaling.use_gpu), but the Ray cluster has "
+        raise UserError("GPUs were asked for (--use-gpu / scaling.use_gpu), but the Ray cluster has "
                          "none; drop --use-gpu (or pass --cpu) to train on CPUs")
     gpu = gpus > 0 if use_gpu is None else bool(use_gpu)
     if gpu and gpus < n:
-        raise ValueError(f"{n} workers need one GPU each, but the Ray cluster has {gpus}; use "
+        raise UserError(f"{n} workers need one GPU each, but the Ray cluster has {gpus}; use "
                          f"--num-workers {gpus}, or --cpu to train on CPUs")
     min_data = 2 * task_cpus
     what = f"{n} worker{'s' if n > 1 else ''}"
@@ -110,14 +111,14 @@ def plan_training(nodes: list[dict], num_workers: int, cpus_per_worker: Optional
         left = _place(nodes, n, cpus_per_worker, gpu, task_cpus)
         if left is None:
             biggest = max((float(r.get("CPU", 0)) for r in nodes), default=0.0)
-            raise ValueError(
+            raise UserError(
                 f"{what} x {_fmt(cpus_per_worker)} CPU each don't fit the Ray cluster "
                 f"({_fmt(cpus)} CPUs in all, at most {_fmt(biggest)} on one node"
                 + (f", {gpus} GPUs" if gpu else "") + "): lower scaling.cpus_per_worker or use fewer "
                 "workers (leave cpus_per_worker unset to size it from the cluster)")
         if left < min_data:
             room = max(0.0, (cpus - min_data) / n)
-            raise ValueError(
+            raise UserError(
                 f"{what} x {_fmt(cpus_per_worker)} CPU each = {_fmt(n * cpus_per_worker)} of the Ray "
                 f"cluster's {_fmt(cpus)} CPUs leave {_fmt(round(left, 4))} to the data pipeline, which "
                 f"needs at least {_fmt(min_data)} (else training waits forever for data): set "
@@ -140,7 +141,7 @@ def plan_training(nodes: list[dict], num_workers: int, cpus_per_worker: Optional
         left = _place(nodes, n, per, gpu, task_cpus)
         if left is not None and left >= min_data:
             return TrainPlan(n, per, gpu, round(cpus - n * per, 4), cpus, gpus, torch_threads)
-    raise ValueError(f"the Ray cluster ({_fmt(cpus)} CPUs) has no room for {what} and the data pipeline's "
+    raise UserError(f"the Ray cluster ({_fmt(cpus)} CPUs) has no room for {what} and the data pipeline's "
                      f"{_fmt(min_data)} CPUs; use fewer workers or a bigger cluster")
 
 
@@ -154,7 +155,7 @@ class CpuPlan:
     num_actors: int  # a fixed pool's size, or an autoscaling pool's maximum
     actor_num_cpus: float  # logical CPUs each predictor actor reserves
     actor_num_gpus: float
-    task_num_cpus: float  # read / tokenize / write tasks
+    task_num_cpus: float  # Ray Data tasks beside a `score_dataset` pool (its tokenize tasks on GPU plans)
     torch_threads: int  # intra-op threads of each actor
     device: str
     min_actors: Optional[int] = None  # an autoscaling pool's minimum; None: a fixed pool of num_actors
@@ -189,9 +190,9 @@ def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Op
       tasks; without (the CPU scoring actors of pipelines/scoring/units.py, which do all the work)
       each reserves 1 CPU, or its share when there are more actors than CPUs."""
     if num_actors is not None and num_actors < 1:
-        raise ValueError(f"num_actors must be >= 1 (or unset for the default), got {num_actors}")
+        raise UserError(f"num_actors must be >= 1 (or unset for the default), got {num_actors}")
     if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        raise UserError(f"device must be one of {DEVICES}, got {device!r}")
     cpus = float(cluster.get("CPU", 1))
     gpus = int(cluster.get("GPU", 0))
     per_gpu_actor = actor_num_cpus if actor_num_cpus is not None else 1.0
@@ -212,19 +213,20 @@ def cpu_plan(cluster: dict, num_actors: Optional[int] = None, actor_num_cpus: Op
     room = max(cpus - 1.0 - task_num_cpus, 0.1) if ray_data else cpus  # what the actors may reserve in total
     per = actor_num_cpus if actor_num_cpus is not None else min(1.0, room / n)
     if per > cpus:  # no node could place one: the job would wait for actors that never start
-        raise ValueError(f"resources.actor_num_cpus {per:g} is more than the Ray cluster's {cpus:g} CPUs; "
+        raise UserError(f"resources.actor_num_cpus {per:g} is more than the Ray cluster's {cpus:g} CPUs; "
                          f"set it to at most {cpus:g}, or leave it unset to size it from the cluster")
     threads = torch_threads or max(1, int(min(cpus, os.cpu_count() or 1) // n))
     return CpuPlan(n, per, 0.0, task_num_cpus, threads, "cpu")
 
 
 def actor_pool(plan: CpuPlan):
-    """The Ray Data compute strategy of `plan`: a fixed pool, or one autoscaling from min_actors."""
+    """The Ray Data compute strategy of `plan` for `score_dataset`: a pool autoscaling from one actor
+    (`min_actors`) up to `num_actors`. A caller's dataset may be a block or two: a fixed pool loaded
+    the model in actors that got nothing to score (and Ray Data warned that it "won't fully utilize
+    the available concurrency"); Ray Data adds actors while blocks wait."""
     import ray.data
 
-    if plan.min_actors is None:
-        return ray.data.ActorPoolStrategy(size=plan.num_actors)
-    return ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.num_actors)
+    return ray.data.ActorPoolStrategy(min_size=plan.min_actors or 1, max_size=plan.num_actors)
 
 
 def gpu_wait_message(plan: CpuPlan, gpus_now: int) -> str:

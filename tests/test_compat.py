@@ -332,3 +332,35 @@ def test_text_files_read_through_ray_datas_file_datasource_hooks():
     assert list(inspect.signature(FileBasedDatasource._open_input_source).parameters)[:3] == ["self", "filesystem", "path"]
     assert "self._filesystem" in inspect.getsource(FileBasedDatasource.__init__)
     assert inspect.signature(ray.data.Dataset.select_columns).parameters["num_cpus"].default is None
+
+
+def test_a_quiet_dataset_has_its_own_context_and_quiets_only_its_own_runs(ray_local):
+    """compat.quiet_dataset (score_dataset's console): Ray Data 2.60 binds a Dataset to its parent's
+    context and runs it when the caller consumes it. The copy `Dataset.copy(_deep_copy=True)` makes
+    has a context of its own, without bars or start lines, whose execution hooks turn Ray Data's
+    INFO lines off while it runs and back on after; the caller's dataset keeps its context."""
+    import logging
+
+    import ray.data
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+    from pipelines.compat import quiet_dataset
+
+    data_log = logging.getLogger("ray.data")
+    theirs = ray.data.range(8, override_num_blocks=2).map_batches(lambda b: b)
+    ours = quiet_dataset(theirs)
+    assert ours.context is not theirs.context
+    assert theirs.context.enable_progress_bars and theirs.context.print_on_execution_start
+    assert not (ours.context.enable_progress_bars or ours.context.print_on_execution_start)
+    assert [c.__name__ for c in ours.context.custom_execution_callback_classes].count("QuietRuns") == 1
+    assert "QuietRuns" not in [c.__name__ for c in theirs.context.custom_execution_callback_classes]
+    levels = []
+
+    class Spy(ExecutionCallback):
+        def on_execution_step(self, executor) -> None:
+            levels.append(data_log.level)
+
+    ours.context.custom_execution_callback_classes.append(Spy)
+    assert sorted(r["id"] for r in ours.take_all()) == list(range(8))
+    assert levels and set(levels) == {logging.WARNING}  # while it ran
+    assert data_log.getEffectiveLevel() <= logging.INFO  # and after

@@ -132,14 +132,14 @@ def test_quiet_and_verbose_flags(tmp_path, monkeypatch):
 
     import jobs.score as js
     from jobs.cli import cli
-    from pipelines import console
+    from pipelines import UserError, console
 
     monkeypatch.setenv(console.ENV, console.NORMAL)  # restored after: the flags set it process-wide
     seen = []
 
     def main(cfg):
         seen.append(console.verbosity())
-        raise ValueError("stop here")
+        raise UserError("stop here")
 
     monkeypatch.setattr(js, "main", main)
     args = ["score", "in.parquet", str(tmp_path / "o"), "--model", "m"]

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.resources import CpuPlan
 from pipelines.scoring.feed import PredictorPool, default_tokenizers, run_fed_units, start_tokenizers
-from pipelines.scoring.units import plan_units, run_units, stop_actors
+from pipelines.scoring.unit_plan import UnitSpec, plan_units
+from pipelines.scoring.units import run_units, stop_actors
 from test_score_units import _file, _spec
 
 
-def _fed_spec(tmp_path, model, out) -> dict:
+def _fed_spec(tmp_path, model, out) -> UnitSpec:
     spec = _spec(tmp_path, model)
-    tokenize = spec["predictor_kwargs"].pop("tokenize")
-    return dict(spec, output=str(out), tokenize=tokenize, predictor_kwargs=dict(spec["predictor_kwargs"], tokenize=None))
+    return replace(spec, output=str(out), predictor_kwargs=dict(spec.predictor_kwargs, tokenize=None))
 
 
 def _plan(num_actors: int, cpus: float, min_actors=None) -> CpuPlan:
@@ -56,7 +57,7 @@ def test_tokenized_units_score_once_and_as_a_self_tokenizing_actor_scores_them(r
     pool = PredictorPool(_plan(1, 1.0), 1, 1)
     pool.start()
     try:
-        run_units(pool.actors, units, dict(_spec(tmp_path, tiny), output=str(own)), lambda *counts: None)
+        run_units(pool.actors, units, replace(_spec(tmp_path, tiny), output=str(own)), lambda *counts: None)
     finally:
         stop_actors(pool.actors)
     for u in units:
@@ -153,6 +154,6 @@ def test_a_tokenizer_that_does_not_load_names_it(tmp_path, tiny):
     f = str(tmp_path / "a.parquet")
     _file(f, 10, 10)
     spec = _fed_spec(tmp_path, tiny, tmp_path / "out")
-    spec["tokenize"] = dict(spec["tokenize"], tokenizer_path=str(tmp_path / "gone"))
+    spec = replace(spec, tokenize=dict(spec.tokenize, tokenizer_path=str(tmp_path / "gone")))
     with pytest.raises(NotLoaded, match="gone: the tokenizer did not load on a tokenizing actor"):
         ScoringActor(1, load_torch=False).tokenize(plan_units([f], [f], 10)[0], spec)

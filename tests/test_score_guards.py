@@ -178,19 +178,22 @@ def test_unknown_config_key_and_unreachable_store_are_one_line(tmp_path, tiny):
     _nothing_created(tmp_path / "out")
 
 
-def test_num_actors_below_one_is_a_usage_error(tmp_path, tiny):
+def test_num_actors_below_one_is_refused_alike_by_flag_set_and_yaml(tmp_path, tiny):
     from click.testing import CliRunner
 
     from jobs.score import score
 
     data = _data(tmp_path / "in", files=1, rows=5)
-    for n in ("-1", "0"):
-        r = CliRunner().invoke(score, [str(data), str(tmp_path / "out"), "--model", tiny, "--num-actors", n])
-        assert r.exit_code == 2 and "--num-actors" in r.output and f"{n} is not in the range x>=1" in r.output, r.output
     (tmp_path / "zero.yaml").write_text("resources:\n  num_actors: 0\n")
-    r = CliRunner().invoke(score, [str(data), str(tmp_path / "out"), "--model", tiny, "--config",
-                                   str(tmp_path / "zero.yaml")])
-    assert r.exit_code == 1 and "Error: score: resources.num_actors must be >= 1" in r.output, r.output
+    said = []
+    for args, source in ((["--num-actors", "0"], "--num-actors"), (["--set", "resources.num_actors=0"],
+                         "--set resources.num_actors=0"), (["--config", str(tmp_path / "zero.yaml")], "zero.yaml")):
+        r = CliRunner().invoke(score, [str(data), str(tmp_path / "out"), "--model", tiny, *args])
+        assert r.exit_code == 1 and "resources.num_actors must be >= 1" in r.output and "Traceback" not in r.output, r.output
+        line = [ln for ln in r.output.splitlines() if ln.startswith("Error: ")]
+        assert len(line) == 1 and source in line[0], r.output
+        said.append(line[0].split(": ", 2)[2])
+    assert len(set(said)) == 1, said
     _nothing_created(tmp_path / "out")
 
 
@@ -473,29 +476,32 @@ def test_model_tokenizer_and_input_mismatches_are_refused_up_front(tmp_path, tin
 def test_auto_precision_is_one_per_job_on_gpus_too(monkeypatch):
     """On GPUs each actor resolved `auto` itself (bf16 where supported, else fp16), so GPUs of two
     generations could mix precisions in one output; now the driver fixes it (bf16 on any GPU) and
-    a resume keeps the recorded choice. CPU `auto` is the driver's one probe."""
-    import pipelines.scoring.job as scoring
-    from pipelines.scoring.job import job_dtype
+    a resume keeps the recorded choice. CPU `auto` is the driver's one decision (`cpu_choice`)."""
+    import pipelines.scoring.precision as precision
+    from pipelines.scoring.precision import DtypeChoice, job_dtype
 
     probes = []
-    monkeypatch.setattr(scoring, "choose_cpu_dtype", lambda threads, hidden: probes.append((threads, hidden)) or "fp32")
-    assert job_dtype("auto", "cuda", {}, 1, 384) == "bf16" and probes == []
-    assert job_dtype("auto", "cuda", {"dtype_used": "fp16"}, 1, 384) == "fp16"  # a resume keeps its precision
-    assert job_dtype("auto", "cpu", {}, 2, 384) == "fp32" and probes == [(2, 384)]
-    assert job_dtype("fp16", "cuda", {"dtype_used": "bf16"}, 1, 384) == "fp16"  # explicit: as given (the recipe check refuses a change)
+    monkeypatch.setattr(precision, "cpu_choice", lambda hidden: probes.append(hidden) or DtypeChoice("fp32", "stub"))
+    assert job_dtype("auto", "cuda", {}, 384).dtype == "bf16" and probes == []
+    assert job_dtype("auto", "cuda", {"dtype_used": "fp16"}, 384).dtype == "fp16"  # a resume keeps its precision
+    assert job_dtype("auto", "cpu", None, 384).dtype == "fp32" and probes == [384]
+    # explicit: as given (the recipe check refuses a change)
+    assert job_dtype("fp16", "cuda", {"dtype_used": "bf16"}, 384) == DtypeChoice("fp16", "as set")
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):  # score_dataset's check, as the CLI's
+        job_dtype("fp16", "cpu", None, 384)
 
 
 def test_auto_precision_is_chosen_once_per_output_and_kept_by_a_resume(ray_local, tmp_path, tiny, monkeypatch):
     """`--dtype auto` on CPU is decided once per job on the driver and recorded in the run record;
     a resume scores its remaining rows in that precision even where a new probe would choose
     otherwise, so one output never mixes bf16 and fp32 rows (each actor used to probe for itself)."""
-    import pipelines.scoring.job as scoring
+    import pipelines.scoring.precision as precision
     from pipelines.scoring.output import RUN_RECORD, output_dtypes
 
     data = _data(tmp_path / "in", files=4, rows=20)
     out = tmp_path / "out"
     cfg = ScoreConfig(input=str(data), output=str(out), model=tiny, batch_size=10, resources=ResourceConfig(num_actors=1))
-    monkeypatch.setattr(scoring, "choose_cpu_dtype", lambda threads, hidden: "bf16")
+    monkeypatch.setattr(precision, "cpu_choice", lambda hidden: precision.DtypeChoice("bf16", "stub"))
     first = main(cfg)
     assert first.dtype == "bf16" and json.loads((out / RUN_RECORD).read_text())["dtype_used"] == "bf16"
     # A killed run's state: half the files written and committed, no manifest.
@@ -507,10 +513,48 @@ def test_auto_precision_is_chosen_once_per_output_and_kept_by_a_resume(ray_local
     for f in files[len(files) // 2:]:
         os.remove(out / f)
     os.remove(out / MANIFEST)
-    monkeypatch.setattr(scoring, "choose_cpu_dtype", lambda threads, hidden: "fp32")  # a probe that now disagrees
+    monkeypatch.setattr(precision, "cpu_choice", lambda hidden: precision.DtypeChoice("fp32", "stub"))  # now otherwise
     resumed = main(cfg)
     assert resumed.resumed and resumed.rows == 80
     assert output_dtypes(str(out)) == "bf16" and resumed.dtype == "bf16"
+
+
+def test_auto_precision_is_one_decision_per_machine_from_the_cli_and_from_python(ray_local, tmp_path, tiny,
+                                                                                  monkeypatch, capsys):
+    """#37: `dtype auto` on a CPU chose fp32 from Python and bf16 from the CLI minutes apart (a timing
+    probe each time). On a CPU without AMX it is now measured once and kept per machine and model
+    shape: ten decisions, the CLI's and score_dataset's agree although every later timing would say
+    otherwise; a CPU with AMX is bf16 unmeasured. The timing is a stub: no speed is measured."""
+    import pandas as pd
+
+    import pipelines.scoring.precision as precision
+    from bert_core.checkpoint import check_checkpoint
+    from pipelines.scoring.job import score_dataset
+
+    monkeypatch.setenv("RAYBERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "_DECIDED", {})  # as in a fresh process
+    monkeypatch.setattr(precision, "this_cpu", lambda: precision.Cpu("CPU without AMX", frozenset({"avx2", "avx512f"})))
+    timings, calls = iter([1.9] + [0.5] * 20), []  # the first says bf16, any later one fp32
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda hidden, tokens=2048: calls.append(hidden) or next(timings))
+    hidden = check_checkpoint(tiny).hidden_size
+    choices = [precision.job_dtype("auto", "cpu", None, hidden) for _ in range(10)]
+    assert {c.dtype for c in choices} == {"bf16"} and calls == [hidden] and "1.9x fp32" in choices[0].why
+    saved = json.loads((tmp_path / "cache" / "cpu_dtype.json").read_text())
+    assert list(saved.values()) == [{"dtype": "bf16", "bf16_speedup": 1.9}] and "CPU without AMX" in next(iter(saved))
+    monkeypatch.setattr(precision, "_DECIDED", {})  # another process: it reads the file
+    assert precision.job_dtype("auto", "cpu", None, hidden).dtype == "bf16" and calls == [hidden]
+    data = _data(tmp_path / "in", files=1, rows=12)
+    cli = main(ScoreConfig(input=str(data), output=str(tmp_path / "out"), model=tiny, batch_size=8,
+                           resources=ResourceConfig(num_actors=1)))
+    assert cli.dtype == "bf16" and "dtype=bf16" in cli.line()  # the run says which it chose
+    capsys.readouterr()
+    score_dataset(pd.DataFrame({"text": ["one", "two"]}), tiny, resources=ResourceConfig(num_actors=1))  # lazy
+    said = capsys.readouterr().err
+    assert said.count("[raybert] score_dataset:") == 1 and " in bf16 (auto: bf16 ran 1.9x fp32" in said, said
+    assert calls == [hidden]  # measured once in all
+    monkeypatch.setattr(precision, "this_cpu", lambda: precision.Cpu("CPU with AMX", frozenset({"amx_bf16", "avx2"})))
+    assert precision.job_dtype("auto", "cpu", None, hidden) == precision.DtypeChoice(
+        "bf16", "auto: this CPU has AMX bf16 units") and calls == [hidden]
 
 
 def test_the_settings_everyone_sets_are_flags_and_errors_name_them_as_flags(tmp_path, tiny):

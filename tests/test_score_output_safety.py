@@ -19,6 +19,7 @@ from jobs.score import ResourceConfig, ScoreConfig, main
 from pipelines.scoring.output import (MANIFEST, RUN_RECORD, UNITS_RECORD, default_checkpoint_dir, read_json,
                                     read_output)
 from pipelines.scoring.job import preflight
+from tests.test_remote_storage import BUCKET, s3  # noqa: F401 (the loopback S3 server, a module fixture)
 
 
 def _data(d, files=2, rows=20):
@@ -389,3 +390,66 @@ def test_the_one_atomic_write_replaces_whole_or_leaves_the_old_file(tmp_path):
     assert target.read_text() == "old" and os.listdir(target.parent) == ["record.json"]
     storage.write_bytes(str(target), b"new")
     assert target.read_text() == "new" and os.listdir(target.parent) == ["record.json"]
+
+
+# ---- #37 item 2: a writer killed inside the one atomic write ----------------------------------
+
+# What a scoring actor does for a unit's file (units.write_unit), held mid-write: a row group of
+# 24 MB through the stream (on an object store, past pyarrow's first multipart part), no footer yet.
+_KILLED_WRITER = """
+import os, sys, time
+import pyarrow as pa, pyarrow.parquet as pq
+from pipelines import storage
+
+table = pa.table({"blob": [os.urandom(1 << 20) for _ in range(24)]})
+with storage.replacing(sys.argv[1]) as (fs, path):
+    writer = pq.ParquetWriter(path, table.schema, filesystem=fs)
+    writer.write_table(table)
+    print("inside", flush=True)
+    time.sleep(600)  # SIGKILLed here
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_writer_killed_mid_write_leaves_no_partial_file_and_a_resume_no_temp_file(where, request, tmp_path, tiny):
+    """Every writer goes through storage.replacing. A process SIGKILLed inside it, writing a unit's
+    file, leaves no file of that name (locally only its hidden temp file; on the loopback S3 server
+    nothing, the object appears only when its upload completes); the rerun of the same command
+    resumes: it scores that unit again, every row comes out once, and no temp file is left."""
+    import signal
+    import subprocess
+    import sys
+
+    from pipelines import storage
+
+    if where == "s3":  # the loopback S3 server of tests/test_remote_storage.py, before Ray starts
+        request.getfixturevalue("s3")
+        out = f"s3://{BUCKET}/killed-writer"
+    else:
+        out = str(tmp_path / "out")
+    request.getfixturevalue("ray_local")
+    data = _data(tmp_path / "in", files=2, rows=20)
+    cfg = _cfg(data, out, tiny)
+    assert main(cfg).rows == 40
+    units = sorted(rel for rel, _ in storage.entries(out) if rel.startswith("part-"))
+    victim, left = units[0], [rel for rel, _ in storage.entries(out) if rel != units[0]]
+    # A killed run's state (no manifest, the checkpoint dir there), the victim's unit not yet written.
+    storage.remove_file(storage.join(out, MANIFEST))
+    storage.write_text(storage.join(default_checkpoint_dir(out), UNITS_RECORD), "{}")
+    storage.remove_file(storage.join(out, victim))
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, storage.join(out, victim)],
+                              cwd=os.path.dirname(os.path.dirname(__file__)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "inside"  # in the with-block, its row group written
+        temp = [f".{victim}.{writer.pid}.tmp"] if where == "local" else []  # an object store holds no temp object
+        assert sorted(rel for rel, _ in storage.entries(out)) == sorted([r for r in left if r != MANIFEST] + temp)
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert victim not in [rel for rel, _ in storage.entries(out)]  # no partial output file
+    resumed = main(cfg)
+    ids = read_output(out, ["id"])["id"].to_pylist()
+    assert resumed.resumed and resumed.rows == len(ids) == len(set(ids)) == 40
+    final = [rel for rel, _ in storage.entries(out)]
+    assert victim in final and not [rel for rel in final if rel.endswith(".tmp")], final
+    assert not storage.exists(default_checkpoint_dir(out))

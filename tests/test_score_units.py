@@ -8,13 +8,15 @@ driver and of an actor: tests/test_scoring_faults.py; row_hash against Ray's: te
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.compat import row_hashes
-from pipelines.scoring.units import ScoringActor, choose_unit_rows, pending_units, plan_units
+from pipelines.scoring.unit_plan import UnitSpec, choose_unit_rows, pending_units, plan_units
+from pipelines.scoring.units import ScoringActor
 
 
 def _file(path, rows: int, row_group_size: int, start: int = 0) -> None:
@@ -23,14 +25,15 @@ def _file(path, rows: int, row_group_size: int, start: int = 0) -> None:
                    path, row_group_size=row_group_size)
 
 
-def _spec(tmp_path, model) -> dict:
+def _spec(tmp_path, model) -> UnitSpec:
     from pipelines.scoring.config import ScoreConfig
     from pipelines.scoring.job import tokenize_settings
 
     cfg = ScoreConfig(input=str(tmp_path), output=str(tmp_path / "out"), model=model, task="embed")
     tokenize = tokenize_settings(cfg, 32, id_column="id", fallback_ids=None)
-    return dict(output=str(tmp_path / "out"), columns=["text", "id"], batch_size=16, with_path=False,
-                predictor_args=(model, "embed"), predictor_kwargs=dict(dtype="fp32", num_threads=1, tokenize=tokenize))
+    return UnitSpec(output=str(tmp_path / "out"), columns=["text", "id"], batch_size=16, with_path=False,
+                    predictor_args=(model, "embed"), tokenize=tokenize,
+                    predictor_kwargs=dict(dtype="fp32", num_threads=1, tokenize=tokenize))
 
 
 def test_units_cover_every_row_once_within_row_groups(tmp_path):
@@ -72,7 +75,7 @@ def test_actor_writes_a_unit_whole_and_a_retry_rewrites_the_same_file(tmp_path, 
     actor = ScoringActor(1)
     f = str(tmp_path / "a.parquet")
     [u0, u1] = [u for u in plan_units([f], [f], 25) if u.row_group == 1]  # rows 40..79: units of 25 and 15 rows
-    assert actor.score(u1, spec)[0] == 15
+    assert actor.score(u1, spec).rows == 15
     rows, errors, tokens = actor.score(u0, spec)
     first = pq.read_table(out / u0.name)
     assert (rows, errors) == (25, 0) and tokens == sum(first["n_tokens"].to_pylist())
@@ -251,7 +254,7 @@ def test_an_actor_names_what_failed_input_output_or_model(tmp_path, tiny):
     with pytest.raises(NotRead, match=r"a\.parquet: rows 0-29 \(row group 0\) could not be read"):
         ScoringActor(1).score(unit, spec)
     with pytest.raises(NotLoaded, match="the model did not load on a predictor actor"):
-        ScoringActor(1).score(unit, {**spec, "predictor_args": (str(tmp_path / "gone"), "embed")})
+        ScoringActor(1).score(unit, replace(spec, predictor_args=(str(tmp_path / "gone"), "embed")))
 
 
 def test_an_actor_larger_than_the_cluster_is_refused_before_anything_starts():

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-import pipelines.scoring.predictors as predictors
 import pipelines.scoring.tokenize as tokenize
 from bert_core.padding import pad_batch, token_budget_batches
 from bert_core.tokenizer import load_tokenizer
@@ -75,14 +74,22 @@ def test_gpu_shape_policy_on_cpu_gives_the_same_embeddings(minilm_dir):
     assert out["embedding"].to_pylist()[-1] is None and out.schema == ref.schema
 
 
-def test_dtype_auto_follows_the_cpu_probe(minilm_dir, monkeypatch):
-    speed = predictors.cpu_bf16_speedup(64, 256)
+def test_dtype_auto_follows_the_cpu_probe_once_per_model_shape(minilm_dir, monkeypatch, tmp_path):
+    """On a CPU without AMX, `auto` is the probe's answer, measured once per model shape and kept
+    (pipelines/scoring/precision.py); a lone Predictor decides the same way."""
+    import pipelines.scoring.precision as precision
+
+    speed = precision.cpu_bf16_speedup(64, 256)
     assert speed > 0  # the real probe runs and gives a ratio
-    monkeypatch.setattr(predictors, "cpu_bf16_speedup", lambda *a: 2.0)
-    assert resolve_dtype("auto", "cpu") == "bf16"
-    monkeypatch.setattr(predictors, "cpu_bf16_speedup", lambda *a: 1.0)
-    assert resolve_dtype("auto", "cpu") == "fp32"
-    p = Predictor(str(minilm_dir), "embed", dtype="auto")  # the job's default
+    monkeypatch.setenv("RAYBERT_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "_DECIDED", {})
+    monkeypatch.setattr(precision, "this_cpu", lambda: precision.Cpu("CPU without AMX", frozenset()))
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda *a: 1.0)
+    assert resolve_dtype("auto", "cpu", 384) == "fp32"
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda *a: 2.0)
+    assert resolve_dtype("auto", "cpu", 384) == "fp32"  # decided for this shape: kept
+    assert resolve_dtype("auto", "cpu", 64) == "bf16"  # another shape: measured
+    p = Predictor(str(minilm_dir), "embed", dtype="auto")  # MiniLM: hidden 384
     assert p.dtype == "fp32" and p.autocast_dtype is None
     out = p(_tok(minilm_dir, TEXTS))
     assert out.schema.metadata[DTYPE_METADATA.encode()] == b"fp32"

@@ -263,6 +263,45 @@ def test_score_dataset_keeps_the_callers_columns_and_needs_no_id(ray_module, min
         score_dataset(frame, str(minilm_dir), task="classify", text_column="sentence")
 
 
+# A fresh Python with a local Ray of its own (~20 s): the console a notebook user sees.
+@pytest.mark.timeout(300)
+def test_score_dataset_from_a_fresh_process_prints_at_most_five_lines(minilm_dir):
+    """#37: score_dataset on 300 rows printed Ray Data's INFO and progress lines and a UserWarning
+    (a fixed pool of 2 actors fed one block): ~37 lines at the default level, against the CLI's
+    quiet console. Now: its dtype line, Ray's own start line and the core worker's once-per-process
+    note about actor restarts (ray-project/ray#53727, printed by Ray's C++ logger in the driver);
+    no Ray Data line, no warning; and the caller's settings for its own datasets are untouched."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import logging
+        import pandas as pd
+        import ray
+        from pipelines.scoring.job import score_dataset
+
+        ray.init(num_cpus=2, include_dashboard=False)
+        frame = pd.DataFrame({{"text": [f"line {{i}}: the quick brown fox " * (1 + i % 7) for i in range(300)],
+                               "doc": range(300)}})
+        out = score_dataset(frame, {str(minilm_dir)!r}).to_pandas()
+        assert len(out) == 300 and sorted(out["doc"]) == list(range(300)) and out["error"].isna().all()
+        assert ray.data.DataContext.get_current().enable_progress_bars  # the caller's own datasets: as they were
+        assert logging.getLogger("ray.data").getEffectiveLevel() <= logging.INFO
+        ray.shutdown()
+    """)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAYBERT_VERBOSITY", None)
+    res = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
+                         capture_output=True, text=True, timeout=280)
+    lines = res.stdout.splitlines() + res.stderr.splitlines()
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(lines) <= 5, "\n".join(lines)
+    assert sum(line.startswith("[raybert] score_dataset: embed with ") for line in lines) == 1, lines
+    assert not any(w in res.stderr for w in ("Warning", "streaming_executor", "Running Dataset", "ray.data")), lines
+
+
 def test_csv_and_json_lines_inputs_score_with_ids_naming_them(ray_module, minilm_dir, tmp_path):
     """Issue #23, item 2: a CSV and a gzipped JSON Lines file (no id column) score like Parquet: one
     row per input row, fallback ids naming the input file (not the Parquet copy scoring reads:

@@ -8,11 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from pipelines import UserError
 from pipelines.training.config import DTYPES
 
 TASKS = ("embed", "classify", "tag", "fill-mask")
 HEAD_OF_TASK = {"embed": "embed", "classify": "classify", "tag": "tag", "fill-mask": "mlm"}
-DTYPE_CHOICES = ("auto",) + DTYPES  # auto: chosen once per job (pipelines.scoring.job.job_dtype)
+DTYPE_CHOICES = ("auto",) + DTYPES  # auto: chosen once per job (pipelines.scoring.precision.job_dtype)
 POOLINGS = ("mean", "cls", "max")  # embed pooling: bert_core.model.POOLINGS (a test keeps them equal)
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -23,7 +24,7 @@ class ResourceConfig:
 
     num_actors: Optional[int] = None  # predictor actors; default one per GPU, else one per CPU (memory permitting)
     actor_num_cpus: Optional[float] = None  # logical CPUs each actor reserves (CPU clusters: auto)
-    task_num_cpus: float = 0.25  # read/tokenize/write tasks; fractional so actors can't starve them
+    task_num_cpus: float = 0.25  # score_dataset's Ray Data tasks (tokenizing, on GPUs); fractional: never starved
     torch_threads: Optional[int] = None  # intra-op threads per actor (default: its share of the CPUs; 1 on CPU)
     # auto: GPU actors if the cluster has GPUs now, else CPU | cpu | cuda: GPU actors even if no GPU node has
     # joined yet (their pending demand makes an autoscaler start GPU nodes; see cpu_plan)
@@ -38,7 +39,7 @@ class ResourceConfig:
     tokenizer_actors: Optional[int] = None
     max_restarts: int = 4  # restarts of a killed predictor actor
     max_task_retries: int = 4  # retries of the unit whose actor died
-    task_max_retries: int = 4  # retries of a failed read/tokenize/write task
+    task_max_retries: int = 4  # retries of a failed score_dataset tokenize task (on GPUs)
 
 
 @dataclass
@@ -59,7 +60,8 @@ class ScoreConfig:
     max_tokens: int = 4096  # token budget per forward pass: rows x longest row
     batch_size: int = 1024  # rows per block; the token-budget batcher sorts by length within it
     max_batch_rows: Optional[int] = None  # optional cap on rows per forward pass
-    dtype: str = "auto"  # auto (GPU: bf16, else fp16; CPU: bf16 only where measured faster) | fp32 | bf16 | fp16 (GPU)
+    # auto (GPU: bf16; CPU: bf16 with AMX, else as measured once per machine) | fp32 | bf16 | fp16 (GPU)
+    dtype: str = "auto"
     # embed: mean | cls | max, and L2-normalize or not. Default: the checkpoint's saved choice, else
     # its sentence-transformers files (1_Pooling/config.json, a Normalize module), else mean + True.
     pooling: Optional[str] = None
@@ -76,34 +78,15 @@ class ScoreConfig:
     resources: ResourceConfig = field(default_factory=ResourceConfig)
 
     def check(self) -> None:
-        """The config's own rules, checked once, on the driver, before anything touches disk or Ray
-        (preflight then checks the model, inputs and output against it)."""
+        """Ready to run: every setting's type and rule (pipelines.settings, the walker the CLI ran
+        over its sources), and the settings a run can't do without; on the driver, before anything
+        touches disk or Ray (preflight then checks the model, inputs and output against it)."""
+        from pipelines.settings import check
+
+        check(self, "score")
         for name in ("input", "output", "model"):
             if not getattr(self, name):
-                raise ValueError(f"score: {name} is required")
-        if self.task not in TASKS:
-            raise ValueError(f"score: task must be one of {TASKS}, got {self.task!r}")
-        if self.task == "tag" and self.text_pair_column:
-            raise ValueError("task tag scores single texts; text_pair_column is not supported with it")
-        if self.dtype not in DTYPE_CHOICES:
-            raise ValueError(f"score: dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
-        if self.max_tokens < 1 or self.batch_size < 1 or (self.max_length is not None and self.max_length < 3):
-            raise ValueError("score: max_tokens and batch_size must be >= 1, max_length >= 3")
-        if self.top_k < 1:
-            raise ValueError(f"score: top_k must be >= 1 (candidates per [MASK]), got {self.top_k}")
-        if self.pooling is not None and self.pooling not in POOLINGS:
-            raise ValueError(f"score: pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if self.resources.num_actors is not None and self.resources.num_actors < 1:
-            raise ValueError(f"score: resources.num_actors must be >= 1 (leave it unset for one per GPU, else one "
-                             f"per CPU), got {self.resources.num_actors}")
-        if self.resources.device not in DEVICES:
-            raise ValueError(f"score: resources.device must be one of {DEVICES}, got {self.resources.device!r}")
-        if self.resources.tokenizer_actors is not None and self.resources.tokenizer_actors < 0:
-            raise ValueError(f"score: resources.tokenizer_actors must be >= 0 (0: each predictor actor tokenizes its "
-                             f"own units; unset: the default), got {self.resources.tokenizer_actors}")
-        if self.resources.max_gpu_actors < 1 or not self.resources.gpu_wait_s > 0:
-            raise ValueError(f"score: resources.max_gpu_actors must be >= 1 and resources.gpu_wait_s > 0, got "
-                             f"{self.resources.max_gpu_actors} and {self.resources.gpu_wait_s}")
+                raise UserError(f"score: {name} is required")
 
 
 class GpuWaitTimeout(TimeoutError):
@@ -116,3 +99,23 @@ class ActorsLost(RuntimeError):
     """Predictor or tokenizing actors could not be placed or started, or died more often than
     `resources.max_restarts` allows (often: out of memory). The units they committed stay; a
     rerun finishes the output."""
+
+
+class UnitFailed(RuntimeError):
+    """A unit could not be scored, for a reason no retry would change: its input could not be read
+    (a corrupt or changed file), its output could not be written, or the model did not load. Its
+    message names the file and the cause; the CLI shows it as one line (jobs/score.py)."""
+
+    file: Optional[str] = None  # on the driver (`collect`): the file the unit reads
+
+
+class NotRead(UnitFailed):
+    pass
+
+
+class NotWritten(UnitFailed):
+    pass
+
+
+class NotLoaded(UnitFailed):
+    pass

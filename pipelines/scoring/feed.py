@@ -38,7 +38,8 @@ from typing import Callable
 
 from pipelines.resources import CpuPlan, gpu_wait_message
 from pipelines.scoring.config import GpuWaitTimeout
-from pipelines.scoring.units import (ACTOR_START_TIMEOUT_S, IN_FLIGHT_PER_ACTOR, ScoringActor, Unit, UnitQueue,
+from pipelines.scoring.unit_plan import Unit, UnitSpec
+from pipelines.scoring.units import (ACTOR_START_TIMEOUT_S, IN_FLIGHT_PER_ACTOR, ScoringActor, UnitQueue,
                                    collect, not_started, started_actor, start_actors, wait_for_an_actor)
 
 UNITS_PER_ACTOR = 4  # an autoscaling pool asks for no more actors than the units keep busy
@@ -116,7 +117,7 @@ class _Loads:
         return min(self.n, key=self.n.get, default=None)
 
 
-def run_fed_units(pool: PredictorPool, tokenizers: list, units: list[Unit], spec: dict,
+def run_fed_units(pool: PredictorPool, tokenizers: list, units: list[Unit], spec: UnitSpec,
                   on_done: Callable[[int, int, int], None]) -> float:
     """Score `units`: tokenized on `tokenizers`, scored on `pool`'s actors (see the module
     docstring); `on_done(rows, errors, tokens)` as each unit commits. Returns when

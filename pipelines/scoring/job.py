@@ -1,18 +1,20 @@
-"""The batch-scoring job: read Parquet -> tokenize -> predict -> write Parquet, on Ray.
-(CSV and JSON Lines inputs are staged as Parquet first: `score_output.stage_inputs`.)
+"""The batch-scoring job: read Parquet -> tokenize -> predict -> write Parquet, on Ray actors; and
+`score_dataset`, the Python API: the predictor as a Ray Data stage over a caller's Dataset.
+(CSV and JSON Lines inputs are staged as Parquet first: `output.stage_inputs`.)
 
 Contract:
-- Beside it: the config (`score_config.py`), finding and checking the inputs (`inputs.py`:
-  `plan_inputs`), the output, its run record and manifest (`score_output.py`), what a resume must
-  match (`score_resume.py`), the actor pool's size (`resources.py`: `cpu_plan`), the predictors
-  (`predictors.py`).
+- Beside it, in pipelines/scoring/: the config (`config.py`), the output, its run record and
+  manifest (`output.py`), what a resume must match (`resume.py`), the units and the actors that
+  score them (`unit_plan.py`, `units.py`, `feed.py`), the predictors (`predictors.py`) and their
+  precision (`precision.py`); in pipelines/: finding and checking the inputs (`inputs.py`:
+  `plan_inputs`), the actor pool's size (`resources.py`: `cpu_plan`).
 - `preflight(cfg)` runs every check that needs no cluster, reading only, so a refused invocation
   changes nothing on disk: the model (`bert_core.check_checkpoint`: BERT config, weights open)
   and its tokenizer load; the inputs (`plan_inputs`; an object store that can't be reached is an
   error naming the URI); the output and checkpoint dir are not existing files, can be created, and
   overlap neither each other nor any input (equal, or one inside the other, however spelled:
   `file://`, relative, symlinked). The output must be empty, new, or ours and hold only what
-  raybert writes (`score_output.LAYOUTS`: its run record, manifest, staged inputs, unit files),
+  raybert writes (`output.LAYOUTS`: its run record, manifest, staged inputs, unit files),
   and the checkpoint dir only checkpoint files, overwrite or not: a run never writes beside the
   user's files, and overwrite (`reuse_or_reset`) deletes only raybert's files, never through a
   symlink (an output that is a symlink to a directory is scored into, and kept). The inputs are
@@ -56,8 +58,15 @@ Contract:
   `row_hash`, before the row count is checked).
 - Fault tolerance: actors restart (`max_restarts`) and their in-flight units are retried
   (`max_task_retries`).
-- `score_dataset` (your own Dataset, in a notebook) is a Ray Data program: `map_batches(tokenize_batch)`
-  (GPU: stateless CPU tasks) -> `map_batches(Predictor, compute=ActorPoolStrategy(...))`.
+- Precision: `dtype` auto is decided once per job on the driver (`precision.job_dtype`: the same
+  answer for one machine every time, from the CLI and from Python), recorded in the run record
+  (`dtype_used`, kept by a resume) and reported in the result (`ScoreResult.dtype`).
+- `score_dataset` (your own Dataset, in a notebook) stays a Ray Data program, lazy as the caller's
+  Dataset is: `map_batches(tokenize_batch)` (GPU: stateless CPU tasks) -> `map_batches(Predictor,
+  compute=actor_pool(...))`, a pool autoscaling from one actor. Units are cut from Parquet footers
+  and written as files; a caller's Dataset has neither, and its rows go back to the caller. Its
+  checks and dtype decision are the CLI's, and so is its console (`compat.quiet_dataset`: one line
+  at the default level, the dtype and why, plus what Ray itself prints).
 - Ray Data on CPUs (`score_dataset`): actors hold logical CPUs for their whole life, so an actor
   pool could leave no CPU for the caller's read tasks, and Ray Data then waits forever. Tasks get
   fractional CPUs, and `cpu_plan` sizes the actors' reservation to leave room.
@@ -70,22 +79,24 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
+from pipelines import PathInTheWay, UserError, as_user_error
 from pipelines import storage
 from pipelines.inputs import InputPlan, plan_inputs
+from pipelines.scoring.precision import FP16_NEEDS_GPU, job_dtype
 from pipelines.scoring.predictors import STEPS, Predictor
 from pipelines.scoring.tokenize import id_name, tokenize_batch
 from pipelines.resources import CpuPlan, actor_pool, cpu_plan
 from pipelines.scoring.config import ScoreConfig
 from pipelines.scoring.feed import PredictorPool, default_tokenizers, run_fed_units, start_tokenizers
-from pipelines.scoring.output import (CHECKPOINT, MANIFEST, RUN_RECORD, STAGED, check_output, checkpoint_present,
-                                    data_files, default_checkpoint_dir, layout, output_dtypes, output_totals,
-                                    own_locations, ray_path, read_json, remove_ours, remove_temp_files,
+from pipelines.scoring.output import (CHECKPOINT, MANIFEST, RUN_RECORD, STAGED, RowCounts, check_output,
+                                    checkpoint_present, data_files, default_checkpoint_dir, layout, output_dtypes,
+                                    output_totals, own_locations, ray_path, read_json, remove_ours, remove_temp_files,
                                     repair_duplicates, stage_inputs, write_json)
 from pipelines.scoring.resume import check_resume, forget_fingerprint, output_file_names, run_recipe
-from pipelines.scoring.units import (NotRead, choose_unit_rows, run_units, same_scorer,
-                                   score_on_actors, stop_actors)
+from pipelines.scoring.unit_plan import UnitSpec, choose_unit_rows
+from pipelines.scoring.units import NotRead, run_units, same_scorer, score_on_actors, stop_actors
 
 log = logging.getLogger(__name__)
 
@@ -128,27 +139,33 @@ class ScoreResult:
 # --------------------------------------------------------------------------------------------
 
 
-def check_model(model: str, tokenizer: Optional[str] = None):
-    """(the model's BertConfig, this node's copy of the checkpoint), once the checkpoint (config,
-    weights) and its tokenizer are known to load; otherwise an error naming the path (what the
-    actors would hit, minutes later)."""
+class CheckedModel(NamedTuple):
+    config: object  # bert_core.BertConfig of the model
+    local: str  # this node's copy of the checkpoint
+
+
+def check_model(model: str, tokenizer: Optional[str] = None) -> CheckedModel:
+    """The model's config and this node's copy of it, once the checkpoint (config, weights) and its
+    tokenizer are known to load; otherwise an error naming the path (what the actors would hit,
+    minutes later)."""
     from bert_core.checkpoint import check_checkpoint
     from bert_core.tokenizer import load_tokenizer
 
     from pipelines.storage import cached_copy
 
     local = cached_copy(model)  # a URI: this node's copy, fetched once (each call lists the URI)
-    config = check_checkpoint(local)
+    with as_user_error("model"):  # bert_core's words about the checkpoint, as the user's error
+        config = check_checkpoint(local)
     tok_path = tokenizer or model
     try:
         tok = load_tokenizer(cached_copy(tokenizer) if tokenizer else local)
     except Exception as e:  # transformers/tokenizers raise many kinds: say which path
-        raise ValueError(f"{tok_path}: the tokenizer does not load ({type(e).__name__}: {e}); give a checkpoint "
+        raise UserError(f"{tok_path}: the tokenizer does not load ({type(e).__name__}: {e}); give a checkpoint "
                          f"directory with its tokenizer files, or a tokenizer") from None
     if len(tok) > config.vocab_size:  # its top ids have no embedding: those rows would fail with IndexError
-        raise ValueError(f"{tok_path}: the tokenizer has {len(tok):,} tokens but the model {model} embeds only "
+        raise UserError(f"{tok_path}: the tokenizer has {len(tok):,} tokens but the model {model} embeds only "
                          f"{config.vocab_size:,}; use the tokenizer the model was trained with")
-    return config, local
+    return CheckedModel(config, local)
 
 
 def weight_bytes(local: str) -> int:
@@ -172,49 +189,21 @@ def check_head(cfg: "ScoreConfig", model_config) -> None:
         kinds = {t["name"]: t["kind"] for t in tasks}
         name = cfg.head or tasks[0]["name"]
         if name not in kinds:
-            raise ValueError(f"{cfg.model} has no task head {name!r}; its heads: "
+            raise UserError(f"{cfg.model} has no task head {name!r}; its heads: "
                              f"{', '.join(f'{n} ({k})' for n, k in kinds.items())}")
         has, what = kinds[name], f"its head {name!r} is a {kinds[name]} head"
     else:
         if cfg.head is not None:
-            raise ValueError(f"--head {cfg.head}: {cfg.model} is not a multi-task checkpoint (it has one head); "
+            raise UserError(f"--head {cfg.head}: {cfg.model} is not a multi-task checkpoint (it has one head); "
                              f"drop --head")
         arch = (model_config.architectures or ["BertModel"])[0]
         has = model_config.extra.get("raybert", {}).get("head") or HEAD_OF_ARCHITECTURE.get(arch, "encoder")
         what = f"it is a {arch} ({has} head)"
     if has != need and not cfg.allow_untrained_head:
         hint = {"mlm": "pretrain one (raybert pretrain)"}.get(need, "fine-tune one (raybert finetune)")
-        raise ValueError(f"task {cfg.task} needs a {need} head, but {what}: the task's outputs would come from an "
+        raise UserError(f"task {cfg.task} needs a {need} head, but {what}: the task's outputs would come from an "
                          f"untrained head; {hint}, or choose the task its head serves (allow_untrained_head: true "
                          f"scores with a fresh head on purpose)")
-
-
-def job_dtype(setting: str, device: str, record: dict, threads: int, hidden: int) -> str:
-    """The one precision every row of an output is scored in. Actors that resolved `auto` for
-    themselves, started at once on shared cores, disagreed (an output held bf16 and fp32 rows), and
-    GPUs of two generations could too. So `auto` is chosen once, here: on CPU by the predictors'
-    probe at the actors' thread count; on GPU bf16 (native since Ampere, emulated before: the same
-    numbers on every GPU). A resume keeps the run record's choice whatever a new probe says."""
-    if setting != "auto":
-        return setting
-    if record.get("dtype_used"):
-        return record["dtype_used"]
-    return choose_cpu_dtype(threads, hidden) if device == "cpu" else "bf16"
-
-
-def choose_cpu_dtype(threads: int, hidden: int) -> str:
-    """`auto` on CPU for one job: the predictors' probe (`resolve_dtype`), run once here at the
-    actors' thread count."""
-    import torch
-
-    from pipelines.scoring.predictors import resolve_dtype
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
-    try:
-        return resolve_dtype("auto", "cpu", hidden)
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass
@@ -235,15 +224,15 @@ def embedding_defaults(cfg: ScoreConfig, model_config, local_model: str) -> int:
 
     limit = model_config.max_position_embeddings
     if cfg.max_length is not None and cfg.max_length > limit:  # asked for, it would be cut without a word
-        raise ValueError(f"max_length {cfg.max_length} (--max-length) is longer than the model's "
+        raise UserError(f"max_length {cfg.max_length} (--max-length) is longer than the model's "
                          f"max_position_embeddings {limit}; give at most {limit}, or leave it unset for the model's own")
     if cfg.task != "embed":
         return min(cfg.max_length or limit, limit)
     st = sentence_transformers_settings(local_model)
     if st.unsupported:
-        raise ValueError(st.unsupported)
+        raise UserError(st.unsupported)
     if st.pooling_error and cfg.pooling is None and "pooling" not in model_config.extra.get("raybert", {}):
-        raise ValueError(st.pooling_error)
+        raise UserError(st.pooling_error)
     return min(cfg.max_length or st.max_length or limit, limit)
 
 
@@ -273,12 +262,12 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         return finished
     resumed = checkpoint_present(pre.checkpoint_dir)
     if data_files(cfg.output) and not resumed:
-        raise FileExistsError(f"{cfg.output} already holds Parquet files but has no checkpoint ({pre.checkpoint_dir}) "
+        raise PathInTheWay(f"{cfg.output} already holds Parquet files but has no checkpoint ({pre.checkpoint_dir}) "
                               f"and no {MANIFEST}: it is not a run of this job to resume; choose another output or "
                               f"pass --overwrite (YAML: overwrite: true)")
     res = plan_actors(cfg, pre.model_bytes, ray_data=False)
-    if cfg.dtype == "fp16" and res.device != "cuda":
-        raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
+    if cfg.dtype == "fp16" and res.device != "cuda":  # refused before any actor starts
+        raise UserError(FP16_NEEDS_GPU)
     n_tokenizers, r = tokenizer_actors(cfg, res), cfg.resources
     t0, pool, tokenizers = time.perf_counter(), PredictorPool(res, r.max_restarts, r.max_task_retries), []
     try:
@@ -288,8 +277,8 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         run_record = storage.join(cfg.output, RUN_RECORD)
         record = (read_json(run_record) or {}) if resumed else {"recipe": pre.recipe, "started": time.time()}
         same_scorer(record, cfg.output, resumed)
-        dtype = record["dtype_used"] = job_dtype(cfg.dtype, res.device, record, res.torch_threads,
-                                                 pre.model_config.hidden_size)
+        dtype = job_dtype(cfg.dtype, res.device, record, pre.model_config.hidden_size).dtype
+        record["dtype_used"] = dtype
         # Kept by a resume, which must plan the same units. Fed units pass two actors: enough of
         # them that the first and last (one actor busy, the other waiting) are a small share.
         record.setdefault("unit_rows", choose_unit_rows(pre.plan.rows, res.num_actors + len(tokenizers),
@@ -297,14 +286,14 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         write_json(run_record, record)  # before any row: the output is now provably ours, with its recipe
         log.info("scoring %d rows from %d file(s) with %s and %d tokenizing actors", pre.plan.rows,
                  len(pre.plan.files), res, len(tokenizers))
-        before = output_totals(cfg.output) if resumed else (0, 0, 0)
+        before = output_totals(cfg.output) if resumed else RowCounts(0, 0, 0)
         texts = (cfg.text_column, cfg.text_pair_column, cfg.id_column)  # read as strings from CSV / JSON Lines
         staged = stage_inputs(cfg.output, pre.plan, texts, record)
         write_json(run_record, record)  # with its staged copies' entries
         tokenize = tokenize_settings(cfg, pre.max_length, id_column=cfg.id_column, fallback_ids=fallback_ids(pre, staged))
-        spec = dict(output=storage.normalize(cfg.output), columns=pre.plan.columns, batch_size=cfg.batch_size,
-                    with_path=not pre.plan.has_ids, predictor_args=(cfg.model, cfg.task), tokenize=tokenize,
-                    predictor_kwargs=predictor_kwargs(cfg, res, dtype, None if tokenizers else tokenize))
+        spec = UnitSpec(output=storage.normalize(cfg.output), columns=pre.plan.columns, batch_size=cfg.batch_size,
+                        with_path=not pre.plan.has_ids, predictor_args=(cfg.model, cfg.task), tokenize=tokenize,
+                        predictor_kwargs=predictor_kwargs(cfg, res, dtype, None if tokenizers else tokenize))
         if tokenizers:
             def run(units, done):
                 return run_fed_units(pool, tokenizers, units, spec, done)
@@ -313,13 +302,13 @@ def score(cfg: ScoreConfig) -> ScoreResult:
                 return run_units(pool.actors, units, spec, done)
         try:
             ready_at = score_on_actors(run, cfg.output, list(staged), record["unit_rows"], pre.checkpoint_dir,
-                                       pre.plan.rows, before[0], before[2], pre.plan.row_groups)
+                                       pre.plan.rows, before.rows, before.tokens, pre.plan.row_groups)
         except NotRead as e:  # its error asks for a sound copy of the file: the resume must accept it
             forget_fingerprint(run_record, staged.get(e.file, e.file))
             raise
     finally:
         stop_actors(pool.actors + tokenizers)
-    return finish(cfg, pre, res, resumed, time.perf_counter() - t0, before[2], ready_at - t0)
+    return finish(cfg, pre, res, resumed, time.perf_counter() - t0, before.tokens, ready_at - t0)
 
 
 def tokenizer_actors(cfg: ScoreConfig, res: CpuPlan) -> int:
@@ -330,14 +319,14 @@ def tokenizer_actors(cfg: ScoreConfig, res: CpuPlan) -> int:
 
     n = cfg.resources.tokenizer_actors
     if res.device == "cuda" and n == 0:
-        raise ValueError("resources.tokenizer_actors 0 has each predictor actor tokenize its own units, and a GPU "
+        raise UserError("resources.tokenizer_actors 0 has each predictor actor tokenize its own units, and a GPU "
                          "actor must not (its GPU would wait on it); leave it unset, or set it to 1 or more")
     free = ray.available_resources()
     if n is None:
         return default_tokenizers(res, float(free.get("CPU", 0)), int(free.get("GPU", 0)))
     cpus = float(ray.cluster_resources().get("CPU", 0))
     if n and res.device == "cpu" and res.num_actors * res.actor_num_cpus + n > cpus:
-        raise ValueError(f"resources.tokenizer_actors {n} (1 CPU each) and {res.num_actors} predictor actors of "
+        raise UserError(f"resources.tokenizer_actors {n} (1 CPU each) and {res.num_actors} predictor actors of "
                          f"{res.actor_num_cpus:g} CPU need more than the Ray cluster's {cpus:g} CPUs; set --num-actors "
                          f"or resources.actor_num_cpus lower, or tokenizer_actors lower")
     return n
@@ -397,11 +386,11 @@ def predictor_kwargs(cfg: ScoreConfig, res: CpuPlan, dtype: str, tokenize: Optio
                 tokenizer=cfg.tokenizer, head=cfg.head, tokenize=tokenize)
 
 
-def predict_stage(ds, cfg: ScoreConfig, res: CpuPlan, dtype: str, tokenize: dict, rebatch: bool):
-    """`ds` -> [GPU: tokenize tasks] -> the predictor actor pool. `rebatch`: cut the blocks into
-    `batch_size` rows on the way in (blocks of another size, such as a caller's dataset)."""
+def predict_stage(ds, cfg: ScoreConfig, res: CpuPlan, dtype: str, tokenize: dict):
+    """`ds` -> [GPU: tokenize tasks] -> the predictor actor pool (`actor_pool`), each cutting the
+    caller's blocks, of any size, into `batch_size` rows on the way in."""
     r, on_cpu = cfg.resources, res.device == "cpu"
-    # CPU actors share the cores with the read/write tasks and each other. OpenMP's default spin-wait
+    # CPU actors share the cores with the caller's tasks and each other. OpenMP's default spin-wait
     # then burns the time slices another torch thread needs: measured 10-20x slower forwards under
     # contention; passive waiting (threads sleep at barriers) removed most of it. `tokenizers` starts
     # a thread pool of every core in each process unless told its share (RAYON_NUM_THREADS).
@@ -413,19 +402,28 @@ def predict_stage(ds, cfg: ScoreConfig, res: CpuPlan, dtype: str, tokenize: dict
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         if not on_cpu:  # GPU actors get token ids from CPU tasks (see the module docstring)
-            ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=cfg.batch_size if rebatch else None,
+            ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=cfg.batch_size,
                                 num_cpus=res.task_num_cpus, max_retries=r.task_max_retries, fn_kwargs=tokenize,
                                 runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}})
         return ds.map_batches(
-            # Ray insists on an explicit batch_size for GPU actors.
-            Predictor, batch_format="pyarrow",
-            batch_size=cfg.batch_size if (res.actor_num_gpus or rebatch) else None,
+            Predictor, batch_format="pyarrow", batch_size=cfg.batch_size,
             fn_constructor_args=(cfg.model, cfg.task),
             fn_constructor_kwargs=predictor_kwargs(cfg, res, dtype, tokenize if on_cpu else None),
             compute=actor_pool(res),
             num_cpus=res.actor_num_cpus, num_gpus=res.actor_num_gpus or None,
             # A killed actor is restarted and its in-flight block retried, on purpose.
             max_restarts=r.max_restarts, max_task_retries=r.max_task_retries, **actor_env)
+
+
+def check_columns(cfg: ScoreConfig, names: list) -> None:
+    """Refuse a caller's dataset without the text column(s), or with a column the scores would replace."""
+    for col in [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else []):
+        if col not in names:
+            raise UserError(f"the dataset has no column {col!r} (the text to score); its columns: {names}; "
+                             f"set text_column")
+    clash = sorted(set(names) & {"n_tokens", "truncated", "error", *STEPS[cfg.task].names})  # what we add
+    if clash:
+        raise UserError(f"the dataset's columns {clash} would be replaced by the scores; rename them first")
 
 
 def score_dataset(ds, model: str, task: str = "embed", **settings):
@@ -436,29 +434,35 @@ def score_dataset(ds, model: str, task: str = "embed", **settings):
     `settings` are ScoreConfig fields (text_column, text_pair_column, max_length, pooling,
     normalize, dtype, max_tokens, batch_size, top_k, head, tokenizer, allow_untrained_head) and
     `resources` (a ResourceConfig). The defaults and the checks are the CLI's (dtype auto, chosen
-    once for the whole dataset; the model, its head and tokenizer; the text column; names the output
-    would clash on), made here, before any work; Ray must be initialized."""
+    once for the whole dataset as for `raybert score`: `precision.job_dtype`; the model, its head
+    and tokenizer; the text column; names the output would clash on), made here, before any work;
+    Ray must be initialized. The console is the CLI's (pipelines/console.py): at the default level
+    one line, the dtype and why, and none of Ray Data's INFO lines or bars while it runs."""
+    import sys
+
     import ray
 
-    if not isinstance(ds, ray.data.Dataset):  # a pandas DataFrame
-        ds = ray.data.from_pandas(ds)
+    from pipelines.compat import quiet_dataset
+    from pipelines.console import VERBOSE, shows_progress, verbosity
+
     cfg = ScoreConfig(input="<dataset>", output="<dataset>", model=model, task=task, **settings)
     cfg.check()
+    if not isinstance(ds, ray.data.Dataset):  # a pandas DataFrame: blocks of batch_size rows, for the pool
+        n, size = len(ds), cfg.batch_size  # (from_pandas's own override_num_blocks splits into bare arrays)
+        ds = ray.data.from_pandas([ds.iloc[i:i + size] for i in range(0, n, size)] if n > size else ds)
     model_config, local = check_model(cfg.model, cfg.tokenizer)
     check_head(cfg, model_config)
     max_length = embedding_defaults(cfg, model_config, local)
     names = ds.schema().names
-    for col in [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else []):
-        if col not in names:
-            raise ValueError(f"the dataset has no column {col!r} (the text to score); its columns: {names}; "
-                             f"set text_column")
-    clash = sorted(set(names) & {"n_tokens", "truncated", "error", *STEPS[cfg.task].names})  # what we add
-    if clash:
-        raise ValueError(f"the dataset's columns {clash} would be replaced by the scores; rename them first")
+    check_columns(cfg, names)
     res = plan_actors(cfg, weight_bytes(local), ray_data=True)
-    dtype = job_dtype(cfg.dtype, res.device, {}, res.torch_threads, model_config.hidden_size)
+    dtype = job_dtype(cfg.dtype, res.device, None, model_config.hidden_size)
+    if shows_progress():
+        print(f"[raybert] score_dataset: {task} with {model} in {dtype.dtype} ({dtype.why})", file=sys.stderr,
+              flush=True)
     tokenize = tokenize_settings(cfg, max_length, id_column=None, keep_columns=names)
-    return predict_stage(ds, cfg, res, dtype, tokenize, rebatch=True)
+    scored = predict_stage(ds, cfg, res, dtype.dtype, tokenize)
+    return scored if verbosity() == VERBOSE else quiet_dataset(scored)
 
 
 def finish(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, resumed: bool, seconds: float,
@@ -468,7 +472,7 @@ def finish(cfg: ScoreConfig, pre: Preflight, res: CpuPlan, resumed: bool, second
     output, plan = cfg.output, pre.plan
     rows, errors, tokens = output_totals(output)
     tokens_this_run = tokens - tokens_before
-    if rows != plan.rows and repair_duplicates(output):  # after Ray dropped uncommitted files
+    if rows != plan.rows and repair_duplicates(output):  # overlapping writers (see the module docstring)
         rows, errors, tokens = output_totals(output)
     result = ScoreResult(output=output, rows=rows, error_rows=errors, tokens=tokens, seconds=seconds,
                          startup_s=round(startup_s, 3), tokens_this_run=tokens_this_run, input_rows=plan.rows, resumed=resumed,

@@ -27,11 +27,12 @@ import json
 import logging
 import os
 import re
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines import PathInTheWay, UserError
 from pipelines import storage
 from pipelines.inputs import InputPlan, names_list
 from pipelines.scoring.predictors import DTYPE_METADATA
@@ -140,18 +141,31 @@ def output_dtypes(output: str) -> str:
     return ",".join(sorted(found))
 
 
-def output_totals(output: str) -> tuple[int, int, int]:
-    """(rows, error rows, tokens) of everything written under `output`."""
-    import pyarrow.compute as pc
+class RowCounts(NamedTuple):
+    """What scored rows add up to: of a whole output (`output_totals`), or of one unit's file (what
+    a predictor actor's `score` returns)."""
+
+    rows: int
+    error_rows: int  # rows with an `error` value (no outputs)
+    tokens: int  # sum of n_tokens
+
+    @classmethod
+    def of(cls, table: pa.Table) -> "RowCounts":
+        import pyarrow.compute as pc
+
+        return cls(table.num_rows, table.num_rows - table["error"].null_count,
+                   int(pc.sum(table["n_tokens"]).as_py() or 0))
+
+
+def output_totals(output: str) -> RowCounts:
+    """The counts of everything written under `output`."""
     import pyarrow.dataset as pads
 
     files = data_files(output)
     if not files:
-        return 0, 0, 0
+        return RowCounts(0, 0, 0)
     fs, _ = storage.filesystem(output)
-    t = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=["n_tokens", "error"])
-    tokens = pc.sum(t["n_tokens"]).as_py() or 0
-    return t.num_rows, t.num_rows - t["error"].null_count, int(tokens)
+    return RowCounts.of(pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=["n_tokens", "error"]))
 
 
 def uncreatable(path: str) -> Optional[str]:
@@ -193,30 +207,30 @@ def check_output(output: str, checkpoint_dir: str, inputs: list[str], plan: Inpu
 
     out, ckpt = storage.canonical(output), storage.canonical(checkpoint_dir)
     if storage.overlaps(out, ckpt):
-        raise ValueError(f"checkpoint dir {checkpoint_dir} and output {output} overlap; keep them apart "
+        raise UserError(f"checkpoint dir {checkpoint_dir} and output {output} overlap; keep them apart "
                          f"(the default checkpoint dir is {default_checkpoint_dir(output)})")
     sources = {storage.canonical(f) for f in plan.files} | {storage.canonical(i) for i in inputs if not any(c in i for c in "*?[")}
     for path, what in ((out, "output"), (ckpt, "checkpoint dir")):
         for src in sorted(sources):
             if storage.overlaps(path, src):
-                raise ValueError(f"{what} {path} overlaps input {src}: scoring must never write into, or "
+                raise UserError(f"{what} {path} overlaps input {src}: scoring must never write into, or "
                                  f"overwrite delete, its inputs; choose an {what} outside the inputs")
     for path, what in ((output, "output"), (checkpoint_dir, "checkpoint dir")):
         kind = storage.file_type(path)
         if kind == pafs.FileType.File:
-            raise ValueError(f"{what} {path} is an existing file; give a directory path (it is created)")
+            raise UserError(f"{what} {path} is an existing file; give a directory path (it is created)")
         local = not storage.is_uri(path) and storage.normalize(path)
         if kind == pafs.FileType.NotFound and local and os.path.islink(local):
-            raise ValueError(f"{what} {path} is a symlink to {os.readlink(local)}, which does not exist; "
+            raise UserError(f"{what} {path} is a symlink to {os.readlink(local)}, which does not exist; "
                              f"create that directory, or remove the link")
         if kind == pafs.FileType.NotFound and local and (why := uncreatable(path)):
-            raise ValueError(f"{what} {path} can't be created: {why}; choose another path")
+            raise UserError(f"{what} {path} can't be created: {why}; choose another path")
     check_contents(output, checkpoint_dir)
 
 
-class NotOurs(FileExistsError, ValueError):
-    """An output or checkpoint dir holds files raybert did not write: a bad setting (ValueError)
-    for a path that exists with others' files in it (FileExistsError)."""
+class NotOurs(PathInTheWay):
+    """An output or checkpoint dir holds files raybert did not write (the user must choose
+    another path or move them)."""
 
 
 def check_contents(output: str, checkpoint_dir: str) -> None:
@@ -246,7 +260,7 @@ def check_contents(output: str, checkpoint_dir: str) -> None:
 # (`storage.entries`): everything else is the user's, so `check_contents` refuses a run beside it
 # and `remove_ours` (--overwrite, `finish`, a finished output's report) never deletes it. An
 # output's rule follows its run record's `scorer`, the layout that wrote it: our actors name every
-# file they write (`score_units.Unit.name`), but Ray Data (an earlier raybert: "ray-data", or a
+# file they write (`unit_plan.Unit.name`), but Ray Data (an earlier raybert: "ray-data", or a
 # record without `scorer`) named its Parquet files itself, so in such an output any top-level
 # Parquet file is its. A symlink is never ours (never followed, never deleted); nor is a directory
 # but `_staged/`. Temp files a kill can leave, ours to delete: `.<name>.<pid>.tmp` of any of

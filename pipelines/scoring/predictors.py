@@ -9,7 +9,8 @@ Contract:
   one actor (see pipelines/scoring/job.py for why). Inside each block it sorts rows by length and cuts
   batches with `bert_core.padding.token_budget_batches`, so rows x longest stays under
   `max_tokens`; results are scattered back to input order. Rows with an error pass through with
-  null outputs.
+  null outputs. It runs in `dtype` (`resolve_dtype`, pipelines/scoring/precision.py: a job passes
+  the one precision it chose; `auto` in a lone Predictor is decided there too).
 - What differs between tasks is one small class each (`STEPS`: `EmbedStep`, `ClassifyStep`,
   `TagStep`, `FillMaskStep`): `forward` runs a padded batch (tag and fill-mask return a typed
   `TagBatch` / `FillMaskBatch`), `collect` brings a block's outputs home in input order,
@@ -28,7 +29,6 @@ Contract:
 
 from __future__ import annotations
 
-import functools
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -37,7 +37,9 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from pipelines.scoring.config import DTYPE_CHOICES, DTYPES, HEAD_OF_TASK, TASKS
+from pipelines import UserError
+from pipelines.scoring.config import HEAD_OF_TASK, TASKS
+from pipelines.scoring.precision import resolve_dtype
 from pipelines.scoring.tokenize import KEEP, as_table, encoder, tokenize_batch
 
 log = logging.getLogger(__name__)
@@ -64,62 +66,6 @@ def _lists(col: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
     offsets = arr.offsets.to_numpy()
     values = arr.values.to_numpy(zero_copy_only=False)
     return [values[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
-
-
-# --- precision ------------------------------------------------------------------------------
-
-# bf16 on a CPU must beat fp32 by this much on the probe to be chosen by `auto`: the matmuls
-# are only part of a forward, and a CPU without native bf16 runs it several times slower.
-CPU_BF16_MIN_SPEEDUP = 1.25
-
-
-@functools.lru_cache(maxsize=8)
-def cpu_bf16_speedup(hidden: int = 384, tokens: int = 2048) -> float:
-    """fp32 time / bf16 time of a (tokens x H) @ (H x 4H) matmul, the FFN's shape, on this CPU
-    at the current torch thread count (best of 3 after a warm-up).
-
-    A CPU without bf16 instructions emulates bf16 matmuls about 50x slower than fp32 (a 2-core
-    Zen 3, one thread: 1.8 s against 0.04 s at 2048 tokens), so timing the full shape there cost
-    each predictor actor 8 s of start-up. A screen at an eighth of the tokens (one timed bf16 run
-    after a warm-up of that shape, so no kernel-compile time is counted) returns at once when
-    bf16 is under half fp32's speed: about 0.5 s there. Otherwise the full shape decides."""
-    import time
-
-    import torch
-
-    def best(dtype, rows: int, runs: int) -> float:
-        a = torch.randn(rows, hidden).to(dtype)
-        b = torch.randn(hidden, 4 * hidden).to(dtype)
-        torch.mm(a, b)  # warm-up: oneDNN picks and caches its kernel for this shape
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    small = max(1, tokens // 8)
-    screen = best(torch.float32, small, 3) / best(torch.bfloat16, small, 1)
-    if screen < 0.5:  # far below CPU_BF16_MIN_SPEEDUP: bf16 is emulated here
-        return screen
-    return best(torch.float32, tokens, 3) / best(torch.bfloat16, tokens, 3)
-
-
-def resolve_dtype(dtype: str, device: str, hidden: int = 384) -> str:
-    """The precision a predictor runs in: `auto` is bf16 on a GPU that supports it, else fp16;
-    on CPU bf16 only when `cpu_bf16_speedup` shows it measurably faster, else fp32."""
-    import torch
-
-    if dtype not in DTYPE_CHOICES:
-        raise ValueError(f"dtype must be auto or one of {DTYPES}, got {dtype!r}")
-    on_gpu = torch.device(device).type == "cuda"
-    if dtype == "fp16" and not on_gpu:
-        raise ValueError("dtype fp16 needs a GPU (CPU autocast supports bf16); use bf16 or fp32 on CPU")
-    if dtype != "auto":
-        return dtype
-    if on_gpu:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_bf16_speedup(hidden) >= CPU_BF16_MIN_SPEEDUP else "fp32"
 
 
 def _cast_linears(model, dtype) -> None:
@@ -173,7 +119,7 @@ class Predictor:
         from bert_core.checkpoint import load_pretrained
 
         if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+            raise UserError(f"task must be one of {TASKS}, got {task!r}")
         if dtype != "auto":
             resolve_dtype(dtype, device)  # a bad or impossible dtype fails before the model loads
         if num_threads:
@@ -191,7 +137,7 @@ class Predictor:
         net = load_pretrained(model, HEAD_OF_TASK[task], task=head, **kwargs).eval()
         self.config = net.config
         self.hidden = self.config.hidden_size
-        self.dtype = resolve_dtype(dtype, device, self.hidden)  # after set_num_threads: the probe uses them
+        self.dtype = resolve_dtype(dtype, device, self.hidden)  # `auto`: pipelines/scoring/precision.py
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
         if self.autocast_dtype is not None:
             _cast_linears(net, self.autocast_dtype)
@@ -203,7 +149,7 @@ class Predictor:
         self.pad_id = pad if pad is not None else self.config.pad_token_id
         self.mask_id = enc.token_to_id("[MASK]")
         if task == "fill-mask" and self.mask_id is None:
-            raise ValueError(f"{model}: the tokenizer has no mask token; fill-mask needs one")
+            raise UserError(f"{model}: the tokenizer has no mask token; fill-mask needs one")
         self.vocab = (np.array([enc.id_to_token(i) for i in range(enc.get_vocab_size())], dtype=object)
                       if task == "fill-mask" else None)
         self.id2label = self.config.id2label or {i: f"LABEL_{i}" for i in range(self.config.num_labels)}

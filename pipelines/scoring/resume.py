@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+from pipelines import PathInTheWay
 from pipelines import storage
 from pipelines.inputs import InputPlan, names_list
 from pipelines.scoring.config import ScoreConfig
@@ -93,7 +94,7 @@ def check_resume(output: str, checkpoint_dir: str, recipe: dict) -> None:
         return
     saved = read_json(storage.join(output, RUN_RECORD))
     if saved is None:
-        raise FileExistsError(f"checkpoint dir {checkpoint_dir} exists but {output} has no {RUN_RECORD}: it is not a "
+        raise PathInTheWay(f"checkpoint dir {checkpoint_dir} exists but {output} has no {RUN_RECORD}: it is not a "
                               f"run of this job to resume; choose another output and checkpoint dir, or pass --overwrite (YAML: overwrite: true)")
     _refuse_changes(output, "unfinished", saved.get("recipe", {}), recipe,
                     "resume it with its own settings, choose another output, or pass --overwrite (YAML: "
@@ -117,14 +118,14 @@ def _refuse_changed_files(output: str, manifest: dict) -> None:
     if added or gone:
         what = "; ".join(part for part in (added and f"added since: {names_list(added)}",
                                            gone and f"gone since: {names_list(gone)}") if part)
-        raise FileExistsError(f"{output} holds a finished run whose data files changed ({what}): its rows are no "
+        raise PathInTheWay(f"{output} holds a finished run whose data files changed ({what}): its rows are no "
                               f"longer the ones it reported; remove the added files or restore the gone ones, or "
                               f"pass --overwrite (YAML: overwrite: true) to score it again")
 
 
 def forget_fingerprint(run_record: str, name: str) -> None:
     """Let a resume take input `name` rewritten: a unit of it could not be read, and the error
-    (score_units.NotRead) asks for a sound copy of the file (the same rows) and a rerun. The only
+    (units.NotRead) asks for a sound copy of the file (the same rows) and a rerun. The only
     input a resume accepts changed; the finished output's manifest records the copy's fingerprint."""
     record = read_json(run_record)
     if record is not None and name in record.get("recipe", {}).get("input_fingerprints", {}):
@@ -137,9 +138,9 @@ def _refuse_changes(output: str, state: str, saved: dict, recipe: dict, fix: str
     diffs, changed = recipe_differences(saved, recipe), input_changes(saved, recipe)
     run = f"{'an' if state == 'unfinished' else 'a'} {state} run"
     if diffs:
-        raise FileExistsError(f"{output} holds {run} of another recipe: "
+        raise PathInTheWay(f"{output} holds {run} of another recipe: "
                               f"{'; '.join(diffs + [f'input {c}' for c in changed])} (saved -> now); {fix}")
     if changed:
-        raise FileExistsError(f"{output} holds {run} of input(s) that changed since: {'; '.join(changed)} (saved -> "
+        raise PathInTheWay(f"{output} holds {run} of input(s) that changed since: {'; '.join(changed)} (saved -> "
                               f"now); its rows would mix the old and the new content: restore the file(s) as they "
                               f"were, or pass --overwrite (YAML: overwrite: true) to score again")

@@ -12,10 +12,11 @@ description out and three numbers back.
 
 Contract:
 - A *unit* is rows [start, stop) of one row group of one (staged) Parquet input, at most
-  `unit_rows` rows (`plan_units`: deterministic from the files' footers, in file order, and
-  `unit_rows`, which the run record keeps so a resume plans the same units). Its output is one
-  file, `<output>/part-<file>-<row group>-<start>.parquet` (`Unit.name`), written whole or not
-  at all (`write_unit`: a hidden temp file renamed into place locally, a single upload on an
+  `unit_rows` rows (pipelines/scoring/unit_plan.py: `plan_units`, deterministic from the files'
+  footers, in file order, and `unit_rows`, which the run record keeps so a resume plans the same
+  units; every unit of a job is scored with its one `UnitSpec`). Its output is one file,
+  `<output>/part-<file>-<row group>-<start>.parquet` (`Unit.name`), written whole or not at all
+  (`write_unit`: a hidden temp file renamed into place locally, a single upload on an
   object store). A unit is committed when its file exists: a rerun scores only the units
   without one (`pending_units`), so after any number of kills every input row comes out once,
   and a unit done twice (a retry, an orphaned actor) writes the same name with the same rows.
@@ -41,75 +42,24 @@ Contract:
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import storage
-from pipelines.inputs import row_group_sizes
+from pipelines import PathInTheWay, storage
 from pipelines.compat import row_hashes
-from pipelines.scoring.config import ActorsLost
+from pipelines.scoring.config import ActorsLost, NotLoaded, NotRead, NotWritten, UnitFailed  # noqa: F401
+from pipelines.scoring.output import RowCounts
+# Planned on the driver (pipelines/scoring/unit_plan.py); imported from here too, as before.
+from pipelines.scoring.unit_plan import Unit, UnitSpec, pending_units, plan_units  # noqa: F401
 
 IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: an actor never waits on the driver between units
 ACTOR_START_TIMEOUT_S = 300.0  # actors are sized to the cluster: if none starts by then, its CPUs are taken
 UNIT_RETRIES = 3  # times one unit may be given to another actor after its actor was lost mid-unit
-
-
-@dataclass(frozen=True)
-class Unit:
-    file: str  # what is read: a local path or a URI
-    path: str  # the file as Ray Data's `path` column spells it (row_hash seed, fallback ids)
-    index: int  # the file's position among the inputs (names the output file)
-    row_group: int
-    start: int  # rows [start, stop) of the row group
-    stop: int
-    first_row: int  # the row group's first row in the file
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def name(self) -> str:
-        return f"part-{self.index:05d}-{self.row_group:05d}-{self.start:09d}.parquet"
-
-
-def choose_unit_rows(rows: int, actors: int, batch_size: int) -> int:
-    """Rows per unit: about four units per actor, so the last units finish together, in whole
-    blocks of `batch_size`, between 1 and 16 blocks (a unit is one output file: not too small)."""
-    blocks = math.ceil(rows / max(1, 4 * actors) / batch_size)
-    return batch_size * min(16, max(1, blocks))
-
-
-def plan_units(files: list[str], paths: list[str], unit_rows: int, row_groups: Optional[dict] = None) -> list[Unit]:
-    """Every row of `files` (read as Parquet; `paths`: each as Ray Data spells it) in units of at
-    most `unit_rows` rows, none spanning two row groups. `row_groups`: file -> rows of each row
-    group, where the input plan read them already; other files' footers are read here."""
-    units = []
-    for index, (name, path) in enumerate(zip(files, paths)):
-        sizes = (row_groups or {}).get(name)
-        if sizes is None:
-            fs, p = storage.filesystem(name)
-            with storage.reachable(name), fs.open_input_file(p) as f:
-                sizes = row_group_sizes(pq.ParquetFile(f).metadata)
-        first = 0
-        for g, n in enumerate(sizes):
-            units += [Unit(name, path, index, g, s, min(n, s + unit_rows), first) for s in range(0, n, unit_rows)]
-            first += n
-    return units
-
-
-def pending_units(units: list[Unit], committed: list[str]) -> list[Unit]:
-    """The units whose output file is not among `committed` (the output's data files)."""
-    done = {storage.basename(f) for f in committed}
-    return [u for u in units if u.name not in done]
 
 
 def write_unit(table: pa.Table, loc: str) -> None:
@@ -128,25 +78,6 @@ def with_retries(action: Callable, attempts: int = 3):
             if attempt == attempts - 1:
                 raise
             time.sleep(2 ** attempt)
-
-
-class UnitFailed(ValueError):
-    """A unit could not be scored, for a reason no retry would change: its input could not be read
-    (a corrupt or changed file), its output could not be written, or the model did not load."""
-
-    file: Optional[str] = None  # on the driver (`collect`): the file the unit reads
-
-
-class NotRead(UnitFailed):
-    pass
-
-
-class NotWritten(UnitFailed):
-    pass
-
-
-class NotLoaded(UnitFailed):
-    pass
 
 
 class ScoringActor:
@@ -170,35 +101,35 @@ class ScoringActor:
     def ready(self) -> bool:
         return True
 
-    def score(self, unit: Unit, spec: dict, tokenized: Optional[pa.Table] = None) -> tuple[int, int, int]:
-        """Score `unit` into `spec["output"]` (its rows as `tokenize` made them, when given);
-        returns (rows, error rows, tokens)."""
+    def score(self, unit: Unit, spec: UnitSpec, tokenized: Optional[pa.Table] = None) -> RowCounts:
+        """Score `unit` into `spec.output` (its rows as `tokenize` made them, when given);
+        returns the counts of its file."""
         if self.predictor is None:
             from pipelines.scoring.predictors import Predictor
 
             try:
-                self.predictor = Predictor(*spec["predictor_args"], **spec["predictor_kwargs"])
+                self.predictor = Predictor(*spec.predictor_args, **spec.predictor_kwargs)
             except Exception as e:  # checked on the driver, so: this node's copy, memory, a library
-                raise NotLoaded(f"{spec['predictor_args'][0]}: the model did not load on a predictor actor "
+                raise NotLoaded(f"{spec.model}: the model did not load on a predictor actor "
                                 f"({type(e).__name__}: {e})") from e
         table = self.unit_rows(unit, spec) if tokenized is None else tokenized
-        batch = spec["batch_size"]
+        batch = spec.batch_size
         parts = [self.predictor(table.slice(i, batch)) for i in range(0, unit.rows, batch)]
         meta = parts[0].schema.metadata  # the precision the rows were scored in
         out = pa.concat_tables([p.replace_schema_metadata(None) for p in parts]).replace_schema_metadata(meta)
-        target = storage.join(spec["output"], unit.name)
+        target = storage.join(spec.output, unit.name)
         try:
             with_retries(lambda: write_unit(out, target))
         except (OSError, pa.ArrowException) as e:
             raise NotWritten(f"{target} could not be written ({type(e).__name__}: {e}); check the space and "
                              f"permissions there") from e
-        return out.num_rows, out.num_rows - out["error"].null_count, int(pc.sum(out["n_tokens"]).as_py() or 0)
+        return RowCounts.of(out)
 
-    def tokenize(self, unit: Unit, spec: dict) -> pa.Table:
-        """`unit`'s rows tokenized (`tokenize_batch` with `spec["tokenize"]`), for a GPU actor's `score`."""
+    def tokenize(self, unit: Unit, spec: UnitSpec) -> pa.Table:
+        """`unit`'s rows tokenized (`tokenize_batch` with `spec.tokenize`), for a GPU actor's `score`."""
         from pipelines.scoring.tokenize import encoder, tokenize_batch
 
-        settings = spec["tokenize"]
+        settings = spec.tokenize
         try:
             encoder(settings["tokenizer_path"], settings["max_length"])  # loaded once per process
         except Exception as e:  # checked on the driver, so: this node's copy, a library
@@ -206,12 +137,12 @@ class ScoringActor:
                             f"({type(e).__name__}: {e})") from e
         return tokenize_batch(self.unit_rows(unit, spec), **settings)
 
-    def unit_rows(self, unit: Unit, spec: dict) -> pa.Table:
+    def unit_rows(self, unit: Unit, spec: UnitSpec) -> pa.Table:
         """`unit`'s input rows, with `row_hash` (and `path`, for fallback ids)."""
-        table = self._read(unit, spec["columns"]).slice(unit.start, unit.rows)
+        table = self._read(unit, spec.columns).slice(unit.start, unit.rows)
         table = table.append_column("row_hash", pa.array(row_hashes(unit.path, unit.first_row + unit.start,
                                                                     unit.rows), pa.uint64()))
-        if spec["with_path"]:  # fallback ids name the file (pipelines/scoring/tokenize.py)
+        if spec.with_path:  # fallback ids name the file (pipelines/scoring/tokenize.py)
             table = table.append_column("path", pa.array([unit.path] * unit.rows, pa.string()))
         return table
 
@@ -251,7 +182,7 @@ def same_scorer(record: dict, output: str, resumed: bool) -> None:
     record (`record["scorer"]`)."""
     was = record.get("scorer", "ray-data") if resumed else "actors"
     if was == "ray-data":
-        raise FileExistsError(f"{output} is an unfinished run scored by Ray Data (an earlier raybert's GPU path), "
+        raise PathInTheWay(f"{output} is an unfinished run scored by Ray Data (an earlier raybert's GPU path), "
                               f"which this raybert can't resume; pass --overwrite (YAML: overwrite: true) to "
                               f"score it again from the start")
     record["scorer"] = "actors"  # "cpu-actors" (the CPU path before GPUs used units) is the same scheme
@@ -369,7 +300,8 @@ def collect(ref, unit: Unit, on_done: Callable[[int, int, int], None], retry_una
         raise err from None
 
 
-def run_units(actors: list, units: list[Unit], spec: dict, on_done: Callable[[int, int, int], None]) -> float:
+def run_units(actors: list, units: list[Unit], spec: UnitSpec,
+              on_done: Callable[[int, int, int], None]) -> float:
     """Score `units` on `actors`, IN_FLIGHT_PER_ACTOR each, calling `on_done(rows, errors, tokens)`
     as each unit commits. Units go only to actors that have started, so actors the cluster can't
     place (CPUs held by other work) hold none; a unit whose actor is lost mid-unit (its node gone)
@@ -379,7 +311,8 @@ def run_units(actors: list, units: list[Unit], spec: dict, on_done: Callable[[in
 
 
 class _UnitRunner:
-    def __init__(self, actors: list, units: list[Unit], spec: dict, on_done: Callable[[int, int, int], None]):
+    def __init__(self, actors: list, units: list[Unit], spec: UnitSpec,
+                 on_done: Callable[[int, int, int], None]):
         self.actors, self.queue, self.spec, self.on_done = actors, UnitQueue(units), spec, on_done
         self.in_flight: dict = {}  # score ref -> (actor index, unit)
         self.starting: dict = {}  # ready ref -> actor index
@@ -460,7 +393,7 @@ def score_on_actors(run: Callable[[list[Unit], Callable], float], output: str, f
                     row_groups: Optional[dict] = None) -> float:
     """The scoring step of `pipelines.scoring.job.score`: plan the units of `files` (staged Parquet),
     skip those `output` already holds, score the rest with `run(units, on_done)` (`run_units`, or
-    `score_feed.run_fed_units`); one progress line. Returns when (`time.perf_counter()`) the first
+    `feed.run_fed_units`); one progress line. Returns when (`time.perf_counter()`) the first
     predictor actor was ready: the start-up ends there. `row_groups`: see `plan_units`."""
     from pipelines.console import Progress
     from pipelines.scoring.output import UNITS_RECORD, data_files, ray_path, write_json

@@ -6,6 +6,7 @@ walker, at every source)."""
 
 from __future__ import annotations
 
+from pipelines import UserError
 from pipelines.training.config import ModelConfig
 
 
@@ -20,16 +21,16 @@ def model_config(model: ModelConfig, vocab_size: int):
     try:
         config = build_bert_config(model, vocab_size)
     except TypeError as e:  # BertConfig(**overrides) with an unknown key
-        raise ValueError(f"model.overrides {sorted(model.overrides)}: {e}; use BertConfig's field names "
+        raise UserError(f"model.overrides {sorted(model.overrides)}: {e}; use BertConfig's field names "
                          f"(hidden_size, max_position_embeddings, ...)") from None
     except ValueError as e:  # a value no model can be built from (BertConfig.check): every worker would fail
         source = "model.overrides" if model.overrides else f"preset {model.preset!r}"
-        raise ValueError(f"{source}: {e}") from None
+        raise UserError(f"{source}: {e}") from None
     if model.init == "neighbour" and not model.init_from:  # fresh weights: every worker would fail
         try:
             check_neighbour_init(config)
         except ValueError as e:
-            raise ValueError(f"model.init 'neighbour': {e}; use model.init 'bert' for this model") from None
+            raise UserError(f"model.init 'neighbour': {e}; use model.init 'bert' for this model") from None
     return config
 
 
@@ -46,5 +47,5 @@ def check_seq_len(key: str, value: int, bert_config, model: ModelConfig) -> None
     if "max_position_embeddings" in model.overrides:
         source += " with model.overrides.max_position_embeddings"
     fresh = "" if model.init_from else " (or, for fresh weights, set model.overrides.max_position_embeddings)"
-    raise ValueError(f"{key} {value} is longer than the model's max_position_embeddings {limit} ({source}): "
+    raise UserError(f"{key} {value} is longer than the model's max_position_embeddings {limit} ({source}): "
                      f"a row's positions after the first {limit} have no embedding. Use {key} <= {limit}{fresh}")

@@ -28,6 +28,8 @@ from typing import Any, Mapping, Optional, TypeVar
 import click
 import yaml
 
+from pipelines import MissingPath, UserError
+
 T = TypeVar("T")
 DEFAULTS = "defaults"
 
@@ -103,7 +105,7 @@ def parse_sets(sets: typing.Iterable[str]) -> list[tuple[str, dict]]:
     for text in sets or ():
         key, eq, value = text.partition("=")
         if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
-            raise ValueError(f"--set {text!r}: write --set section.key=value (e.g. --set train.lr=1e-4)")
+            raise UserError(f"--set {text!r}: write --set section.key=value (e.g. --set train.lr=1e-4)")
         try:
             parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
@@ -122,7 +124,7 @@ def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Opti
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
+            raise MissingPath(f"config file {p} does not exist")
         layers.add(str(p), read_yaml(p.read_text(), str(p)))
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -140,10 +142,10 @@ def read_yaml(text: str, where: str) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ValueError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        raise UserError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     data = {} if data is None else data
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+        raise UserError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
     return dict(data)
 
 
@@ -211,7 +213,7 @@ def verbosity_options(command):
 def from_preset(presets: dict, name: str):
     """A fresh config of the named preset; an unknown name is refused, listing the presets."""
     if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+        raise UserError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
     return presets[name]()
 
 
@@ -228,10 +230,11 @@ def chosen_preset(flag: Optional[str], config_path: Optional[str | Path]) -> Opt
 
 
 def user_errors(*more: type):
-    """Decorator for a click command: an error the user can act on (a bad setting, file or
-    path: ValueError, FileNotFoundError, FileExistsError, plus the command's own `more`) is one
-    `Error:` line and exit status 1, never a traceback; a target held by another run
-    (`jobs.schedule.RunLocked`) is exit status 75 (EX_TEMPFAIL: skipped, try later)."""
+    """Decorator for a click command: an error the user can act on (`pipelines.UserError`: a bad
+    setting, file or path, plus the command's own `more`) is one `Error:` line and exit status 1,
+    never a traceback; any other exception (a library's, an internal bug) keeps its traceback. A
+    target held by another run (`jobs.schedule.RunLocked`) is exit status 75 (EX_TEMPFAIL: skipped,
+    try later)."""
     import functools
 
     def wrap(command):
@@ -245,7 +248,7 @@ def user_errors(*more: type):
                 err = click.ClickException(str(e))
                 err.exit_code = EXIT_LOCKED
                 raise err from e
-            except (ValueError, FileNotFoundError, FileExistsError, *more) as e:
+            except (UserError, *more) as e:
                 raise click.ClickException(str(e)) from e
         return run
     return wrap
@@ -273,9 +276,9 @@ def as_model_location(what: str, value: Optional[str]) -> Optional[str]:
     try:
         kind = storage.probe(value)
     except ValueError as e:  # unreachable store or a scheme pyarrow can't open
-        raise ValueError(f"{what} {e}") from None
+        raise UserError(f"{what} {e}") from None
     if kind == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{what} {value} does not exist")
+        raise MissingPath(f"{what} {value} does not exist")
     return str(value).rstrip("/")
 
 
@@ -293,14 +296,14 @@ def as_run_location(value: str) -> str:
     try:
         fs, path = pafs.FileSystem.from_uri(loc)
     except (ValueError, OSError) as e:
-        raise ValueError(f"run_dir {value}: not a storage URI pyarrow can open ({e}); use a local path or "
+        raise UserError(f"run_dir {value}: not a storage URI pyarrow can open ({e}); use a local path or "
                          f"s3://bucket/path, gs://bucket/path") from None
     bucket = path.split("/", 1)[0]
     if "/" not in path.strip("/"):
-        raise ValueError(f"run_dir {value}: give a directory inside the bucket (s3://{bucket}/my-run), not the bucket itself")
+        raise UserError(f"run_dir {value}: give a directory inside the bucket (s3://{bucket}/my-run), not the bucket itself")
     kind = storage.probe(loc, query=lambda: fs.get_file_info(bucket).type)
     if kind == pafs.FileType.NotFound:
-        raise ValueError(f"run_dir {value}: bucket {bucket!r} does not exist (or these credentials can't see it); "
+        raise UserError(f"run_dir {value}: bucket {bucket!r} does not exist (or these credentials can't see it); "
                          f"create it first")
     return loc
 
@@ -312,11 +315,11 @@ def load_deepspeed(value: Any) -> Optional[dict]:
         return dict(value) if value is not None else None
     path = Path(str(value))
     if not path.is_file():
-        raise FileNotFoundError(f"deepspeed config {path} does not exist (pass a DeepSpeed JSON file)")
+        raise MissingPath(f"deepspeed config {path} does not exist (pass a DeepSpeed JSON file)")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"deepspeed config {path} is not valid JSON: {e}") from None
+        raise UserError(f"deepspeed config {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"deepspeed config {path}: expected a JSON object, got {type(data).__name__}")
+        raise UserError(f"deepspeed config {path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -18,7 +18,7 @@ Contract:
   of the result, `metrics.jsonl`, `config.json` and `export/`.
   A fine-tune does not resume: a run dir that already has a result is refused, and so is a
   directory of files no raybert run wrote (jobs.training.check_run_dir).
-- Before Ray starts, `validate` checks every setting's range (jobs/checks.py), and `main` the
+- Before Ray starts, `validate` checks every setting's rule (pipelines/settings.py), and `main` the
   row lengths (`data.max_length`, `data.mlm_seq_len`) against the model's position table.
 - `sweep` (`--sweep lr=2e-5,5e-5 --sweep seed=0,1`): one fine-tune per combination on Ray Tune
   with ASHA early stopping, in `<run_dir>/trials/`; the trial with the best validation score is
@@ -40,6 +40,7 @@ from typing import Optional
 
 import click
 
+from pipelines import PathInTheWay, UserError, as_user_error
 from bert_core.masking_config import MaskingConfig
 from jobs.checks import check_seq_len, model_config
 from jobs.config import echo_config, from_preset, stdout_for_the_result
@@ -128,28 +129,28 @@ def validate(cfg: FinetuneConfig) -> list[TaskData]:
     check_trackers(cfg.train.mlflow, cfg.train.wandb)
     tasks = list(cfg.tasks)
     if not tasks:
-        raise ValueError("no task: pass --data (labeled Parquet, CSV or JSON Lines) or list `tasks` in the --config file")
+        raise UserError("no task: pass --data (labeled Parquet, CSV or JSON Lines) or list `tasks` in the --config file")
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
-        raise ValueError(f"task names must be unique, got {names}")
+        raise UserError(f"task names must be unique, got {names}")
     if not any(t.kind != "mlm" for t in tasks):
-        raise ValueError("at least one classify or tag task is needed (mlm is an auxiliary task)")
+        raise UserError("at least one classify or tag task is needed (mlm is an auxiliary task)")
     for t in tasks:
         if not t.paths:
-            raise ValueError(f"task {t.name}: no data paths")
+            raise UserError(f"task {t.name}: no data paths")
     if cfg.train.dtype == "fp16" and expects_gpu(cfg.scaling, cfg.address) is False:
-        raise ValueError(FP16_NEEDS_GPU)
+        raise UserError(FP16_NEEDS_GPU)
     if not (cfg.model.init_from or cfg.tokenizer):
-        raise ValueError("no tokenizer: pass --init-from (a pretrained checkpoint) or --tokenizer")
+        raise UserError("no tokenizer: pass --init-from (a pretrained checkpoint) or --tokenizer")
     if cfg.train.total_time_budget_s is not None:
-        raise ValueError("train.total_time_budget_s plans pretraining runs; a fine-tune is sized by options.epochs "
+        raise UserError("train.total_time_budget_s plans pretraining runs; a fine-tune is sized by options.epochs "
                          "(or train.max_steps): drop it from the config")
     if cfg.sweep:
         from pipelines.training.sweep import parse_sweep
 
         cfg.sweep = parse_sweep(cfg.sweep)
         if cfg.data.val_fraction <= 0 and not any(t.val_paths for t in tasks):
-            raise ValueError("a sweep chooses its trial on validation rows, and there are none: give --val-data, "
+            raise UserError("a sweep chooses its trial on validation rows, and there are none: give --val-data, "
                              "or data.val_fraction > 0")
     return tasks
 
@@ -182,7 +183,7 @@ def plan_steps(cfg: FinetuneConfig, specs: list) -> tuple[int, int]:
             share = float(sum(pi for pi, s in zip(p, specs) if s.kind != "mlm"))
         rows_per_step = t.micro_batch_size * t.grad_accum * cfg.scaling.num_workers
         if not 0 < cfg.options.epochs < math.inf:  # validate refuses it; never round it up to a step here
-            raise ValueError(f"options.epochs must be > 0 (or unset), got {cfg.options.epochs}")
+            raise UserError(f"options.epochs must be > 0 (or unset), got {cfg.options.epochs}")
         steps = math.ceil(cfg.options.epochs * sum(s.train_rows for s in labeled) / rows_per_step / share)
     warmup = t.warmup_steps if cfg.options.warmup_ratio is None else int(cfg.options.warmup_ratio * steps)
     return steps, warmup
@@ -199,8 +200,10 @@ def main(cfg: FinetuneConfig) -> FinetuneResult:
     from bert_core.checkpoint import check_checkpoint
     from bert_core.tokenizer import load_tokenizer
 
-    init = check_checkpoint(storage.cached_copy(cfg.model.init_from)) if cfg.model.init_from else None  # before its tokenizer
-    tok = load_tokenizer(storage.cached_copy(tokenizer))  # fail here, not on every worker
+    with as_user_error("init_from"):  # bert_core's words about the checkpoint, as the user's error
+        init = check_checkpoint(storage.cached_copy(cfg.model.init_from)) if cfg.model.init_from else None  # before its tokenizer
+    with as_user_error("tokenizer"):
+        tok = load_tokenizer(storage.cached_copy(tokenizer))  # fail here, not on every worker
     if init is not None:
         check_init_from(storage.cached_copy(cfg.model.init_from), init, storage.cached_copy(tokenizer), tok)
     check_seq_lens(cfg, tasks, len(tok))
@@ -257,7 +260,7 @@ def check_new_run_dir(run_dir: str, tasks: list) -> None:
         what = ("a pretraining run" if "pretrain" in saved else "a sweep's trials" if saved.get("finetune", {}).get("sweep")
                 else "a fine-tune result")
         hint = f" (--init-from {export_dir(run_dir)} fine-tunes its weights)" if "pretrain" in saved else ""
-        raise FileExistsError(f"{run_dir} already holds {what}; fine-tunes don't resume and never write into "
+        raise PathInTheWay(f"{run_dir} already holds {what}; fine-tunes don't resume and never write into "
                               f"another run, use a new --run-dir{hint}")
 
 
@@ -275,7 +278,7 @@ def _sweep(cfg: FinetuneConfig, loop, datasets: dict, plan, run_dir: str, specs:
     from pipelines.training.sweep import run_sweep
 
     if not any(s.has_val for s in specs):
-        raise ValueError("a sweep chooses its trial on validation rows, and no task has any (the hashed "
+        raise UserError("a sweep chooses its trial on validation rows, and no task has any (the hashed "
                          "data.val_fraction split left none): give --val-data, or a larger val_fraction")
     return run_sweep(loop, datasets, plan.to_dict(), run_dir, cfg.sweep)
 
@@ -293,7 +296,7 @@ def task_datasets(cfg: FinetuneConfig, tasks: list, labels: dict, tokenizer: str
         ds = build_task_datasets(task, cfg.data, tokenizer, label2id)
         rows = ds["train"].count()
         if rows < need:
-            raise ValueError(f"task {task.name}: {rows} training rows, fewer than one step needs "
+            raise UserError(f"task {task.name}: {rows} training rows, fewer than one step needs "
                              f"({cfg.train.micro_batch_size} x {cfg.scaling.num_workers} workers)")
         has_val = "val" in ds and ds["val"].count() > 0
         datasets[f"train_{task.name}"] = ds["train"]

@@ -15,7 +15,7 @@ Contract:
   data position) under the run's own recipe: any other change than a per-invocation setting is
   refused, naming each (jobs/resume.py); `"never"` refuses a run dir that already has
   checkpoints. A run dir of files no raybert run wrote is refused (jobs.training.check_run_dir).
-- Before Ray starts, `validate` checks every setting's range (jobs/checks.py), and `check_inputs`
+- Before Ray starts, `validate` checks every setting's rule (pipelines/settings.py), and `check_inputs`
   the run dir, tokenizer, `init_from`, `data.seq_len` against the model's position table, the
   corpus and the resume: a refusal writes nothing.
 - Scheduled runs: each invocation holds an exclusive lock on the run dir (an overlapping one is
@@ -44,6 +44,7 @@ from typing import ClassVar, Optional
 
 import click
 
+from pipelines import PathInTheWay, UserError, as_user_error
 from jobs.checks import check_seq_len, model_config
 from jobs.config import echo_config, from_preset, stdout_for_the_result, user_errors
 from jobs.resume import check_resume
@@ -153,9 +154,9 @@ def validate(cfg: PretrainConfig) -> None:
     cfg.train.deepspeed = load_deepspeed(cfg.train.deepspeed)
     check(cfg)  # every setting's type and rule, for a config built or changed in code (the CLI checked its sources)
     if cfg.train.dtype == "fp16" and expects_gpu(cfg.scaling, cfg.address) is False:
-        raise ValueError(FP16_NEEDS_GPU)
+        raise UserError(FP16_NEEDS_GPU)
     if not cfg.data.paths:
-        raise ValueError("no training data: pass --data (Parquet, CSV or JSON Lines files, directories or globs)")
+        raise UserError("no training data: pass --data (Parquet, CSV or JSON Lines files, directories or globs)")
     ds_config(cfg.train, cfg.scaling.num_workers)  # a contradicting --deepspeed file fails here
     check_trackers(cfg.train.mlflow, cfg.train.wandb)
 
@@ -163,7 +164,7 @@ def validate(cfg: PretrainConfig) -> None:
 def resolve_tokenizer(cfg: PretrainConfig) -> str:
     tok = cfg.data.tokenizer or cfg.model.init_from
     if not tok:
-        raise ValueError("no tokenizer: pass --tokenizer (a checkpoint dir or vocab.txt), "
+        raise UserError("no tokenizer: pass --tokenizer (a checkpoint dir or vocab.txt), "
                          "or train one with `raybert vocab`")
     from pipelines import storage
 
@@ -180,14 +181,16 @@ def check_inputs(cfg: PretrainConfig, run_dir: str):
     from pipelines.training.run_dir import has_checkpoints
 
     if cfg.resume == "never" and has_checkpoints(run_dir):
-        raise FileExistsError(f"{run_dir} already holds checkpoints; use --resume auto to continue "
+        raise PathInTheWay(f"{run_dir} already holds checkpoints; use --resume auto to continue "
                               f"it, or a new --run-dir")
     check_run_dir(run_dir, cfg.data.paths)
     from pipelines.storage import cached_copy
 
-    init = check_checkpoint(cached_copy(cfg.model.init_from)) if cfg.model.init_from else None
+    with as_user_error("init_from"):  # bert_core's words about the checkpoint, as the user's error
+        init = check_checkpoint(cached_copy(cfg.model.init_from)) if cfg.model.init_from else None
     tokenizer = resolve_tokenizer(cfg)
-    tok = load_tokenizer(cached_copy(tokenizer))
+    with as_user_error("tokenizer"):
+        tok = load_tokenizer(cached_copy(tokenizer))
     if init is not None:
         check_init_from(cached_copy(cfg.model.init_from), init, cached_copy(tokenizer), tok)
     bert_config = model_config(cfg.model, len(tok))
@@ -401,17 +404,17 @@ def check_vocab_settings(out: str, vocab_size: int, max_docs: Optional[int]) -> 
     from bert_core.tokenizer import SPECIAL_TOKENS
 
     if max_docs is not None and max_docs < 1:
-        raise ValueError(f"--max-docs must be >= 1 (or left out: the whole corpus), got {max_docs}")
+        raise UserError(f"--max-docs must be >= 1 (or left out: the whole corpus), got {max_docs}")
     if vocab_size <= len(SPECIAL_TOKENS):  # bert_core.train_tokenizer's words, said before any reading
-        raise ValueError(f"vocab_size {vocab_size:,} is too small: the {len(SPECIAL_TOKENS)} special tokens alone "
+        raise UserError(f"vocab_size {vocab_size:,} is too small: the {len(SPECIAL_TOKENS)} special tokens alone "
                          f"take {len(SPECIAL_TOKENS)}; BERT vocabs are ~20-30k (Google's Chinese BERT: 21,128)")
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"--out {out} is a file; give a directory (new or empty) for the tokenizer files")
+        raise PathInTheWay(f"--out {out} is a file; give a directory (new or empty) for the tokenizer files")
     held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     if held:
         shown = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "")
-        raise FileExistsError(f"--out {out} already holds files ({shown}); the tokenizer's files would be written "
+        raise PathInTheWay(f"--out {out} already holds files ({shown}); the tokenizer's files would be written "
                               f"among them. Choose a new or empty --out directory")
 
 
@@ -434,9 +437,10 @@ def vocab(data, out, vocab_size, text_column, max_docs, cased):
     texts = iter_texts(list(data), text_column, max_docs)
     first = next(texts, None)  # before anything is written to --out
     if first is None:
-        raise ValueError(f"no text to train a vocab on: column {text_column!r} of {', '.join(data)} is null "
+        raise UserError(f"no text to train a vocab on: column {text_column!r} of {', '.join(data)} is null "
                          f"or empty in every row (or there are no rows); check --data and --text-column")
-    tok = train_tokenizer(itertools.chain([first], texts), vocab_size, out, lowercase=not cased)
+    with as_user_error("vocab"):  # e.g. a vocab_size too small for this corpus
+        tok = train_tokenizer(itertools.chain([first], texts), vocab_size, out, lowercase=not cased)
     if len(tok) < vocab_size:  # WordPiece stops once every word of the corpus is covered
         click.echo(f"note: the vocab has {len(tok):,} tokens, fewer than --vocab-size {vocab_size:,}: this corpus has "
                    f"no more distinct pieces to learn; a larger corpus gives a larger vocab (pretraining sizes its "

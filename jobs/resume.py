@@ -22,6 +22,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from pipelines import UserError, as_user_error
 from jobs.training import TOKENIZER_FILES
 
 MODEL_SHAPE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -105,7 +106,7 @@ def check_resume(cfg, run_dir: str, tok, bert_config, corpus) -> None:
     others = bool(saved_all) and "pretrain" not in saved_all
     if others or (not saved_all and has_checkpoints(run_dir)):
         kind = f"a {next(iter(saved_all))} run" if saved_all else "checkpoints raybert pretraining didn't write"
-        raise ValueError(f"{run_dir} holds {kind} (its config.json has no pretraining settings); "
+        raise UserError(f"{run_dir} holds {kind} (its config.json has no pretraining settings); "
                          f"pretraining never writes into another job's run dir. Choose a new --run-dir "
                          f"(to start from that run's weights, add --init-from {export_dir(run_dir)})")
     ckpt = registered_checkpoint(run_dir)
@@ -115,7 +116,8 @@ def check_resume(cfg, run_dir: str, tok, bert_config, corpus) -> None:
     # Only the export's config and tokenizer: the checkpoint's optimizer state may be gigabytes.
     with storage.local_copy(hf_dir(ckpt), files=("config.json",) + TOKENIZER_FILES) as hf:
         saved_model = BertConfig.from_json(Path(hf, "config.json"))
-        saved_tok = load_tokenizer(hf)
+        with as_user_error("the run's saved tokenizer"):
+            saved_tok = load_tokenizer(hf)
     for k in MODEL_SHAPE:
         if getattr(saved_model, k) != getattr(bert_config, k):
             diffs.append(f"model {k} {getattr(saved_model, k)} -> {getattr(bert_config, k)}")
@@ -135,6 +137,6 @@ def check_resume(cfg, run_dir: str, tok, bert_config, corpus) -> None:
         hint = (f"; to go on training its weights on this corpus, start a new --run-dir with --init-from "
                 f"{export_dir(run_dir)}")
     if diffs:
-        raise ValueError(f"{run_dir} holds a run (checkpoint {storage.basename(ckpt)}) that these settings can't resume: "
+        raise UserError(f"{run_dir} holds a run (checkpoint {storage.basename(ckpt)}) that these settings can't resume: "
                          f"{'; '.join(diffs)} (saved -> now). Resume it with its own settings (see "
                          f"{saved_file}), or start a new --run-dir{hint}")

@@ -39,7 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from pipelines import storage
+from pipelines import UserError, storage
 from pipelines.training.run_dir import latest_step
 
 LOCK_NAME = ".raybert.lock"
@@ -54,7 +54,7 @@ class RunLocked(RuntimeError):
     """Another invocation holds the run directory."""
 
 
-class Refused(ValueError):
+class Refused(UserError):
     """Settings refused once the cluster is known (its resources can't run them), before any
     training: recorded as `refused`, like a locked run dir, not as a failure."""
 

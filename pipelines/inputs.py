@@ -42,6 +42,7 @@ from typing import Optional
 
 import pyarrow.parquet as pq
 
+from pipelines import MissingPath, UserError
 from pipelines import storage
 
 
@@ -107,7 +108,7 @@ def find_inputs(inputs: str | list[str], what: str = "input", exclude: tuple = (
         else:
             found += _expand(raw if storage.is_uri(raw) else os.path.abspath(raw), what, skip=skip)
     if not found:
-        raise ValueError(f"no {what} paths given" + (" (--data)" if what == "data" else ""))
+        raise UserError(f"no {what} paths given" + (" (--data)" if what == "data" else ""))
     _refuse_repeats([f.name for f in found])
     return found
 
@@ -120,7 +121,7 @@ def _refuse_repeats(files: list[str]) -> None:
         key = storage.canonical(f)
         if key in seen:
             also = f" (also as {seen[key]})" if seen[key] != f else ""
-            raise ValueError(f"input file {f} is given more than once{also}; list each file once")
+            raise UserError(f"input file {f} is given more than once{also}; list each file once")
         seen[key] = f
 
 
@@ -139,7 +140,7 @@ def _excluded(name: str, skip: list) -> bool:
 def _glob(pattern: str, what: str, skip: list = ()) -> list[InputFile]:
     hits = sorted(os.path.abspath(h) for h in glob.glob(pattern, recursive=True))
     if not hits:
-        raise FileNotFoundError(f"{what} glob {pattern} matches no files")
+        raise MissingPath(f"{what} glob {pattern} matches no files")
     # The job's own files left out before the root is taken: the root (what fallback ids are
     # relative to) must not move when a rerun's glob also matches the output it wrote.
     hits = [h for h in hits if not _excluded(h, skip)]
@@ -147,7 +148,7 @@ def _glob(pattern: str, what: str, skip: list = ()) -> list[InputFile]:
     found = [f for h in hits if os.path.isdir(h) or _is_read(os.path.relpath(h, root))
              for f in _expand(h, what, root, skip)]
     if not found:
-        raise FileNotFoundError(f"{what} glob {pattern} matches no input files; raybert reads {SUPPORTED}")
+        raise MissingPath(f"{what} glob {pattern} matches no input files; raybert reads {SUPPORTED}")
     return found
 
 
@@ -162,10 +163,10 @@ def _expand(name: str, what: str, root: Optional[str] = None, skip: list = ()) -
         listing = (fs.get_file_info(pafs.FileSelector(path, recursive=True))
                    if info.type == pafs.FileType.Directory else [])
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{what} {name} does not exist")
+        raise MissingPath(f"{what} {name} does not exist")
     if info.type != pafs.FileType.Directory:
         if file_format(name) is None:
-            raise ValueError(f"{name}: raybert reads {SUPPORTED}, by extension; give the file its format's "
+            raise UserError(f"{name}: raybert reads {SUPPORTED}, by extension; give the file its format's "
                              f"extension (or convert it)")
         return [InputFile(name, root, fs, path, info.size)]
     base = info.path.rstrip("/")
@@ -173,7 +174,7 @@ def _expand(name: str, what: str, root: Optional[str] = None, skip: list = ()) -
     found = sorted((i for i in listing if i.is_file and _is_read(i.path[len(base):].lstrip("/"))
                     and not _excluded(prefix + i.path, skip)), key=lambda i: i.path)
     if not found:
-        raise FileNotFoundError(f"{what} directory {name} has no input files; raybert reads {SUPPORTED}")
+        raise MissingPath(f"{what} directory {name} has no input files; raybert reads {SUPPORTED}")
     return [InputFile(prefix + i.path, root or name, fs, i.path, i.size) for i in found]
 
 
@@ -201,10 +202,10 @@ class TableFile:
         self.needed = (self.text_columns + tuple(c for c in columns if c)) or None
         self._parquet = self._json = None
 
-    def _fail(self, e: Exception) -> ValueError:
+    def _fail(self, e: Exception) -> UserError:
         if isinstance(e, ValueError) and str(e).startswith(self.name):  # text_formats named the file and the line
             return e
-        return ValueError(f"{self.name}: not a readable {FORMAT_NAMES[self.format]} file ({type(e).__name__}: {e})")
+        return UserError(f"{self.name}: not a readable {FORMAT_NAMES[self.format]} file ({type(e).__name__}: {e})")
 
     def _parquet_file(self) -> pq.ParquetFile:
         if self._parquet is None:
@@ -218,7 +219,7 @@ class TableFile:
         from pipelines.text_formats import codec
 
         if self.file.size == 0:  # no header, no rows: say so, not "no column 'text'; columns present: []"
-            raise ValueError(f"{self.name}: the file is empty (no header, no rows); remove it from the input, or "
+            raise UserError(f"{self.name}: the file is empty (no header, no rows); remove it from the input, or "
                              f"give it rows")
         return self.file.fs.open_input_stream(self.file.path, compression=codec(self.name))
 
@@ -251,7 +252,7 @@ class TableFile:
             schema = csv_schema(self._stream, self.text_columns)
             repeated = sorted({c for c in schema.names if schema.names.count(c) > 1})
             if repeated:  # a reader would take the first of them, silently
-                raise ValueError(f"{self.name}: the header names column(s) {repeated} more than once; give each column "
+                raise UserError(f"{self.name}: the header names column(s) {repeated} more than once; give each column "
                                  f"its own name")
             return schema
         except (pa.ArrowException, OSError, ValueError) as e:
@@ -369,10 +370,10 @@ def plan_inputs(inputs: str | list[str], text_column: str = "text", text_pair_co
         if f.format == "parquet":
             row_groups[f.name] = table.row_group_rows()
     if with_id and without_id:
-        raise ValueError(f"{without_id[0][0]}: no id column {id_column!r}, but other inputs (e.g. {with_id[0]}) "
+        raise UserError(f"{without_id[0][0]}: no id column {id_column!r}, but other inputs (e.g. {with_id[0]}) "
                          f"have one; columns present: {without_id[0][1]}")
     if without_id and id_column != DEFAULT_ID_COLUMN:  # named by the user: a missing one is a mistake, not "no ids"
-        raise ValueError(f"{without_id[0][0]}: no id column {id_column!r} (--id-column); columns present: "
+        raise UserError(f"{without_id[0][0]}: no id column {id_column!r} (--id-column); columns present: "
                          f"{without_id[0][1]}")
     has_ids = bool(with_id)
     columns = [text_column] + ([text_pair_column] if text_pair_column else []) + ([id_column] if has_ids else [])
@@ -389,7 +390,7 @@ def refuse_repeated_columns(name: str, present: list, columns: list) -> None:
     silently): refused, naming it."""
     repeated = sorted({c for c in columns if c and present.count(c) > 1})
     if repeated:
-        raise ValueError(f"{name}: column(s) {repeated} appear more than once; give each column its own name")
+        raise UserError(f"{name}: column(s) {repeated} appear more than once; give each column its own name")
 
 
 def check_columns(name: str, schema, columns: list, what: str, setting: str) -> None:
@@ -400,10 +401,10 @@ def check_columns(name: str, schema, columns: list, what: str, setting: str) -> 
     refuse_repeated_columns(name, present, columns)
     for col in columns:
         if col not in present:
-            raise ValueError(f"{name}: no column {col!r} ({what}); columns present: {present}. Set {setting} to "
+            raise UserError(f"{name}: no column {col!r} ({what}); columns present: {present}. Set {setting} to "
                              f"match")
         if not is_text_type(schema.field(col).type):
-            raise ValueError(f"{name}: column {col!r} holds {schema.field(col).type}, not text; choose the text "
+            raise UserError(f"{name}: column {col!r} holds {schema.field(col).type}, not text; choose the text "
                              f"column with {setting} (columns present: {present})")
 
 

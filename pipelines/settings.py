@@ -28,14 +28,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from bert_core.masking_config import MaskingConfig
+from pipelines import UserError
 from pipelines.scoring.config import DEVICES, DTYPE_CHOICES, POOLINGS, TASKS, ResourceConfig, ScoreConfig
 from pipelines.training.config import (DTYPES, INITS, METRICS, MIXING, FinetuneOptions, ModelConfig, ScalingConfig,
                                        TrainConfig)
-from pipelines.training.finetune_data import FinetuneData, TaskData
+from pipelines.training.finetune_data import KINDS, FinetuneData, TaskData
 from pipelines.training.pretrain_data import DataConfig
 
 
-class SettingError(ValueError):
+class SettingError(UserError):
     """A setting the user gave can't be used: its message names the source, the key, the value and
     what it must be."""
 
@@ -143,7 +144,7 @@ RULES: dict[type, dict[str, Any]] = {
                       "classifier_dropout": FRACTION.or_unset(), "mixing": Choice(MIXING),
                       "metric": Choice(METRICS), "patience": Range(lo=0, integer=True, why="0 = never stop early"),
                       "min_delta": NON_NEGATIVE},
-    TaskData: {"weight": POSITIVE},
+    TaskData: {"kind": Choice(KINDS), "weight": POSITIVE},
     ScoreConfig: {"task": Choice(TASKS), "dtype": Choice(DTYPE_CHOICES), "max_tokens": AT_LEAST_1,
                   "batch_size": AT_LEAST_1, "max_batch_rows": AT_LEAST_1.or_unset(),
                   "max_length": Range(lo=3, integer=True, unset=True, why="[CLS], one token and [SEP]"),
@@ -204,10 +205,16 @@ def typed_value(value: Any, hint: Any, where: str) -> Any:
             return None
         if len(options) == 1:
             return typed_value(value, options[0], where)
+        if isinstance(value, os.PathLike) and str in options:
+            return os.fspath(value)
         for option in options:  # Union[str, list]: a value of one of them, as it is
             if isinstance(value, typing.get_origin(option) or option):
                 return value
         raise SettingError(f"{where} must be {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if isinstance(value, os.PathLike) and (hint is str or hint is list or typing.get_origin(hint) is list):
+        value = os.fspath(value)  # a pathlib.Path from a Python caller is a path setting's string
+    if isinstance(value, (list, tuple)) and any(isinstance(v, os.PathLike) for v in value):
+        value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
     text = value.strip() if isinstance(value, str) else None
     if hint is bool:
         if isinstance(value, bool):

@@ -37,6 +37,8 @@ import re
 import tempfile
 from typing import Callable, Iterator, Optional
 
+from pipelines import MissingPath, UserError
+
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -79,7 +81,7 @@ def reachable(loc: str) -> Iterator[None]:
     except (OSError, pa.ArrowException) as e:
         if not is_uri(loc):
             raise
-        raise ValueError(f"{loc}: the store could not be reached ({type(e).__name__}: {e}); check the URI, "
+        raise UserError(f"{loc}: the store could not be reached ({type(e).__name__}: {e}); check the URI, "
                          f"the network and the credentials (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
                          f"AWS_ENDPOINT_URL for an S3-compatible server)") from None
 
@@ -94,10 +96,10 @@ def filesystem(loc: str):
         try:
             return pafs.FileSystem.from_uri(str(loc))
         except pa.ArrowInvalid as e:  # an unknown scheme or a malformed URI: nothing to reach
-            raise ValueError(f"{loc}: not a storage URI pyarrow can open ({e}); use a local path or "
+            raise UserError(f"{loc}: not a storage URI pyarrow can open ({e}); use a local path or "
                              f"s3://bucket/path, gs://bucket/path") from None
         except (OSError, pa.ArrowException) as e:
-            raise ValueError(f"{loc}: the store could not be reached ({type(e).__name__}: {e}); check the URI, "
+            raise UserError(f"{loc}: the store could not be reached ({type(e).__name__}: {e}); check the URI, "
                              f"the network and the credentials") from None
     return pafs.LocalFileSystem(), normalize(loc)
 
@@ -127,7 +129,7 @@ def probe(loc: str, timeout_s: float = 30.0, query=None):
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():
-        raise ValueError(f"{loc}: the store did not answer within {timeout_s:.0f} s; check the URI, the network "
+        raise UserError(f"{loc}: the store did not answer within {timeout_s:.0f} s; check the URI, the network "
                          f"and the credentials")
     if "error" in result:
         raise result["error"]
@@ -424,7 +426,7 @@ def cached_copy(loc: Optional[str]) -> Optional[str]:
     with reachable(loc):
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"{loc} does not exist")
+            raise MissingPath(f"{loc} does not exist")
         files = ([info] if info.type == pafs.FileType.File else
                  [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File])
     version = "\n".join(sorted(f"{i.path}|{i.size}|{i.mtime_ns}" for i in files))

@@ -29,6 +29,8 @@ from typing import Callable, Iterator, Optional
 
 import pyarrow as pa
 
+from pipelines import UserError
+
 FIRST_BLOCK_BYTES = 4 << 20  # pyarrow's default is 1 MiB; a 4 MiB block reads most corpora in one try
 MAX_ROW_BYTES = 256 << 20  # the longest row (CSV record, JSON line) raybert reads; documented in the README
 JSON_CHUNK_LINES = 65_536  # lines per table the line-by-line reader builds before joining them
@@ -36,7 +38,7 @@ _COMPRESSION = {".gz": "gzip", ".br": "brotli", ".zst": "zstd", ".lz4": "lz4"}
 _STRADDLE = "straddling object straddles two block boundaries"
 
 
-class RowTooLong(ValueError):
+class RowTooLong(UserError):
     """A CSV record or JSON line longer than MAX_ROW_BYTES."""
 
 
@@ -172,7 +174,7 @@ def _as_text(value, name: str, column: str, line: int):
     list is no text (it would be scored as its JSON): an error naming the line."""
     if value is None or isinstance(value, str):  # a _Number is its digits
         return None if value is None else str(value)
-    raise ValueError(f"{name}: line {line}: column {column!r} holds a JSON {_JSON_KINDS.get(type(value), type(value).__name__)}, "
+    raise UserError(f"{name}: line {line}: column {column!r} holds a JSON {_JSON_KINDS.get(type(value), type(value).__name__)}, "
                      f"not text; give it a string (or a number), or null")
 
 
@@ -198,9 +200,9 @@ def _python_json(data, name: str, text_columns: tuple, keep: Optional[set] = Non
         try:
             row = json.loads(line, parse_int=_Number, parse_float=_Number)
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise ValueError(f"{name}: line {i} is not valid JSON ({e}); JSON Lines holds one object per line") from None
+            raise UserError(f"{name}: line {i} is not valid JSON ({e}); JSON Lines holds one object per line") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{name}: line {i} is a JSON {type(row).__name__}, not an object; JSON Lines holds one "
+            raise UserError(f"{name}: line {i} is a JSON {type(row).__name__}, not an object; JSON Lines holds one "
                              f"object per line")
         rows.append((i, row))
         if len(rows) == JSON_CHUNK_LINES:
@@ -211,7 +213,7 @@ def _python_json(data, name: str, text_columns: tuple, keep: Optional[set] = Non
     try:
         return pa.concat_tables(chunks, promote_options="permissive")
     except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
-        raise ValueError(f"{name}: a column holds values of different types in different lines ({e}); use one "
+        raise UserError(f"{name}: a column holds values of different types in different lines ({e}); use one "
                          f"type per column (e.g. every label a string)") from None
 
 
@@ -240,7 +242,7 @@ def _rows_table(rows: list[tuple[int, dict]], name: str, text_columns: tuple, ke
             present = [(line, v) for line, v in values if v is not None]
             first = _kind(present[0][1]) if present else "null"
             line, v = next(((line, v) for line, v in present if _kind(v) != first), present[-1] if present else (0, None))
-            raise ValueError(f"{name}: line {line}: column {k!r} holds a {_kind(v)} where earlier lines hold "
+            raise UserError(f"{name}: line {line}: column {k!r} holds a {_kind(v)} where earlier lines hold "
                              f"{first}s ({type(e).__name__}: {e}); use one type per column (e.g. every label a "
                              f"string)") from None
     return pa.table(arrays)

@@ -142,8 +142,7 @@ def test_a_setting_out_of_range_is_one_error_before_ray(files, tmp_path, no_ray,
 
 
 def test_main_checks_fields_set_in_code_as_flags_set_them(files, tmp_path, no_ray):
-    """`apply_overrides` (flags) and a caller of main(cfg) set fields without __post_init__: validate
-    checks the final config."""
+    """A caller of main(cfg) sets fields in code: validate runs the same walker over the final config."""
     from jobs import finetune, pretrain
     from pipelines.training.finetune_data import TaskData
 
@@ -569,3 +568,43 @@ def test_set_reaches_any_key_and_is_refused_when_malformed(files, tmp_path, no_r
     base = _base("pretrain", files, tmp_path / "run")
     _refused(base + ["--set", "train.lr"], "--set 'train.lr': write --set section.key=value")
     _refused(base + ["--set", "train.lrr=1"], "--set train.lrr=1: unknown key(s) ['train.lrr']")
+
+
+# --------------------------------------------------------------------------------------------
+# User errors are their own type
+# --------------------------------------------------------------------------------------------
+
+def test_only_user_errors_are_one_line_a_library_or_internal_error_keeps_its_traceback(files, tmp_path, no_ray,
+                                                                                        monkeypatch):
+    """`pipelines.UserError` is the one channel for one-line errors: an ArrowInvalid or a bare
+    ValueError from inside the job (a bug, or a library's error no boundary translated) is not
+    dressed up as the user's mistake."""
+    import pyarrow
+
+    import jobs.pretrain
+    from pipelines import MissingPath, PathInTheWay, UserError
+
+    base = _base("pretrain", files, tmp_path / "run")
+    for internal in (pyarrow.ArrowInvalid("bad cast in our own code"), ValueError("an internal invariant")):
+        def boom(*args, error=internal, **kwargs):
+            raise error
+        monkeypatch.setattr(jobs.pretrain, "check_inputs", boom)
+        res = CliRunner().invoke(cli, base)
+        assert res.exception is internal and not any(line.startswith("Error:") for line in res.output.splitlines())
+
+    def refuse(*args, **kwargs):
+        raise UserError("data.paths: something the user must fix")
+    monkeypatch.setattr(jobs.pretrain, "check_inputs", refuse)
+    assert _refused(base, "something the user must fix") == "Error: data.paths: something the user must fix"
+    assert issubclass(MissingPath, FileNotFoundError) and issubclass(PathInTheWay, FileExistsError)
+    assert issubclass(UserError, ValueError)  # callers catching ValueError still do
+
+
+def test_bert_cores_words_about_a_bad_checkpoint_become_a_user_error_naming_the_setting(files, tmp_path, no_ray):
+    """The known boundary: bert_core can't load `--init-from` (no config.json) -> one line naming init_from."""
+    bad = tmp_path / "not-a-checkpoint"
+    bad.mkdir()
+    (bad / "weights.txt").write_text("x")
+    line = _refused(_base("finetune", files, tmp_path / "run") + ["--init-from", str(bad)], "init_from: ",
+                    "not a checkpoint directory")
+    assert str(bad) in line

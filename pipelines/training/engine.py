@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from pipelines import UserError
 from bert_core.model import BertConfig, preset
 from pipelines import storage
 from pipelines.compat import disable_deepspeed_jit, import_deepspeed
@@ -77,14 +78,14 @@ def _merge_deepspeed(ours: dict, theirs: dict, where: str = "") -> dict:
     for k, v in theirs.items():
         key = f"{where}{k}"
         if key in _DS_REFUSED:
-            raise ValueError(f"deepspeed config: {key!r} is not accepted: {_DS_REFUSED[key]}")
+            raise UserError(f"deepspeed config: {key!r} is not accepted: {_DS_REFUSED[key]}")
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _merge_deepspeed(out[k], v, key + ".")
             continue
         if key in _DS_OWNED:
             mine = out.get(k, False if key.endswith(".enabled") else None)
             if v != mine:
-                raise ValueError(f"deepspeed config: {key} = {v!r} contradicts raybert's {mine!r}, which comes "
+                raise UserError(f"deepspeed config: {key} = {v!r} contradicts raybert's {mine!r}, which comes "
                                  f"from {_DS_OWNED[key]}; set that instead (or drop the key)")
         out[k] = v
     return out

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines import UserError
 from bert_core.masking import Masker
 from bert_core.masking_config import MaskingConfig
 from bert_core.model import BertConfig, BertMultiTask, TaskHead
@@ -189,7 +190,7 @@ def _score(task: TaskSpec, m: dict, metric: str) -> float:
     if metric == "auto":
         metric = "macro_f1" if task.kind == "classify" else "entity_f1"
     if metric not in m:
-        raise ValueError(f"metric {metric} is not computed for {task.kind} task {task.name}")
+        raise UserError(f"metric {metric} is not computed for {task.kind} task {task.name}")
     return m[metric]
 
 

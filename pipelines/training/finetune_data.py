@@ -42,6 +42,7 @@ from typing import Optional
 
 import numpy as np
 
+from pipelines import UserError
 from pipelines.inputs import (FORMATS, TableFile, input_files, names_list, read_dataset,
                               refuse_repeated_columns)
 from pipelines.training.pretrain_data import cached_tokenizer
@@ -64,16 +65,13 @@ class TaskData:
     weight: float = 1.0  # mixing weight (see FinetuneOptions.mixing) and loss weight
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"task {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
+        # Defaults that depend on the kind; the fields' rules are pipelines/settings.py's.
         if isinstance(self.paths, str):
             self.paths = [self.paths]
         if isinstance(self.val_paths, str):
             self.val_paths = [self.val_paths]
         if self.label_column is None:
-            self.label_column = {"classify": "label", "tag": "tags", "mlm": ""}[self.kind]
-        if self.weight <= 0:
-            raise ValueError(f"task {self.name}: weight must be > 0")
+            self.label_column = {"classify": "label", "tag": "tags", "mlm": ""}.get(self.kind)
 
 
 @dataclass
@@ -102,7 +100,7 @@ def label_key(value):
 def encode_labels(values: list) -> tuple[dict[int, str], dict]:
     """Sorted distinct label values -> (id2label, value -> id)."""
     if any(v is None for v in values):
-        raise ValueError("labels contain null")
+        raise UserError("labels contain null")
     values = sorted({label_key(v) for v in values}, key=lambda v: (isinstance(v, str), v))
     if all(isinstance(v, int) for v in values) and values == list(range(len(values))):
         return {v: str(v) for v in values}, {v: v for v in values}
@@ -119,7 +117,7 @@ def _read_schemas(files: list, columns: list, text_columns: tuple = ()) -> dict:
         refuse_repeated_columns(name, schema.names, columns)
         missing = [c for c in columns if c not in schema.names]
         if missing:
-            raise ValueError(f"{name}: no column(s) {missing}; it has {schema.names}. Set the task's "
+            raise UserError(f"{name}: no column(s) {missing}; it has {schema.names}. Set the task's "
                              f"text_column / tokens_column / label_column to match")
         schemas[name] = schema
     return schemas
@@ -155,7 +153,7 @@ def _check_label_types(task: TaskData, schemas: dict) -> None:
         csv = any(n.lower().endswith(FORMATS["csv"]) for files in by_kind.values() for n in files)
         fix = (f"a CSV has no types: its {col!r} column of digits reads as ints, so write the other files' labels "
                f"as ints too (or the CSV's as words)" if csv else f"e.g. write every {col!r} as a string")
-        raise ValueError(f"task {task.name!r}: the {col!r} column has different types across files ({listed}); "
+        raise UserError(f"task {task.name!r}: the {col!r} column has different types across files ({listed}); "
                          f"an int label and a string label are different labels, so use one type in "
                          f"every file ({fix})")
 
@@ -183,12 +181,12 @@ def label_values_by_file(task: TaskData, files: list) -> dict[str, set]:
             for i, value in enumerate(labels.to_pylist()):
                 problem = _label_problem(value, task.kind, words[i] if words is not None else None, col)
                 if problem:
-                    raise ValueError(f"{name}: row {row + i + 1} {problem}: fix the row or drop it from the data")
+                    raise UserError(f"{name}: row {row + i + 1} {problem}: fix the row or drop it from the data")
                 values.update(value if task.kind == "tag" else [value])
             row += batch.num_rows
         fractional = sorted(v for v in values if isinstance(v, float) and not v.is_integer())
         if fractional:  # a score or a probability, not a class: 0.5 would become a class of its own
-            raise ValueError(f"{name}: {col!r} holds {fractional[0]!r}, which is not a class label: the {task.kind} "
+            raise UserError(f"{name}: {col!r} holds {fractional[0]!r}, which is not a class label: the {task.kind} "
                              f"task {task.name!r} needs class labels (strings or whole numbers), not "
                              f"fractional values; map the values to classes first")
         out[name] = values
@@ -233,14 +231,14 @@ def _check_classes(task: TaskData, labels: set, files: list, where: str = "train
         return
     found = f"only the label {next(iter(labels))!r}" if labels else "no label"
     what = "a tagger needs at least 2 tags" if task.kind == "tag" else "a classifier needs at least 2 classes"
-    raise ValueError(f"task {task.name!r}: the {where} in {names_list(files)} have {found}; {what} in its "
+    raise UserError(f"task {task.name!r}: the {where} in {names_list(files)} have {found}; {what} in its "
                      f"training rows: add training rows of the other class(es)")
 
 
-def _val_only_error(task: TaskData, only: dict, where: str) -> ValueError:
+def _val_only_error(task: TaskData, only: dict, where: str) -> UserError:
     """only: {label: files it occurs in}."""
     listed = "; ".join(f"{label!r} (in {names_list(files, 3)})" for label, files in sorted(only.items(), key=str))
-    return ValueError(f"task {task.name!r}: label(s) {listed} occur only in {where}, never in the training "
+    return UserError(f"task {task.name!r}: label(s) {listed} occur only in {where}, never in the training "
                       f"rows, so the head would have classes it never trained; add training rows for "
                       f"them, or list the task's `labels` explicitly in the config if that is intended")
 
@@ -256,7 +254,7 @@ def discover_labels(task: TaskData) -> list:
     train, val = [f.name for f in train_files], [f.name for f in val_files]
     values = set().union(*by_file.values())
     if not values:
-        raise ValueError(f"task {task.name}: no labels found in {task.paths}")
+        raise UserError(f"task {task.name}: no labels found in {task.paths}")
     train_values = set().union(*(by_file[f] for f in train))
     # The hashed split trains on a subset of these rows: this check is necessary there, and
     # build_task_datasets repeats it on the split itself.
@@ -273,7 +271,7 @@ def discover_labels(task: TaskData) -> list:
 def _lookup(label2id: dict, value, path: str, task: TaskData) -> int:
     key = label_key(value)
     if key not in label2id:
-        raise ValueError(f"{path}: label {value!r} of task {task.name!r} is not one of "
+        raise UserError(f"{path}: label {value!r} of task {task.name!r} is not one of "
                          f"{sorted(map(str, label2id))[:20]}; fix the row or add the label to the "
                          f"task's `labels`")
     return label2id[key]
@@ -309,7 +307,7 @@ def tokenize_labeled(batch, *, task: TaskData, tokenizer_path: str, label2id: di
             not isinstance(text, list) or not all(isinstance(w, str) for w in text))
         if bad_text:
             what = "a string" if task.kind == "classify" else "a list of strings"
-            raise ValueError(f"{path}: a row of task {task.name!r} has {task.text_column if task.kind == 'classify' else task.tokens_column!r} "
+            raise UserError(f"{path}: a row of task {task.name!r} has {task.text_column if task.kind == 'classify' else task.tokens_column!r} "
                              f"= {text!r}, not {what}; fix or drop the row")
         if split is None or is_val(key, val_fraction, split_seed) == (split == "val"):
             keep.append(i)
@@ -332,7 +330,7 @@ def tokenize_labeled(batch, *, task: TaskData, tokenizer_path: str, label2id: di
         for r, i in enumerate(keep):
             tags = cols[task.label_column][i]
             if not isinstance(tags, list) or len(tags) != len(texts[i]):
-                raise ValueError(f"{paths[i]}: a row of task {task.name!r} has {len(texts[i])} words but "
+                raise UserError(f"{paths[i]}: a row of task {task.name!r} has {len(texts[i])} words but "
                                  f"{'no' if not isinstance(tags, list) else len(tags)} tags; "
                                  f"give one tag per word")
             prev = None
@@ -365,7 +363,7 @@ def _raise_errors(ds, task: TaskData) -> None:
     errors = [e for b in ds.select_columns(["error"]).iter_batches(batch_format="numpy") for e in b["error"] if e]
     if errors:
         more = f" (and {len(errors) - 1} more bad blocks)" if len(errors) > 1 else ""
-        raise ValueError(errors[0] + more)
+        raise UserError(errors[0] + more)
 
 
 def _block_label_ids(batch: dict) -> dict:

@@ -47,6 +47,7 @@ from typing import Optional
 
 import numpy as np
 
+from pipelines import UserError
 from bert_core.masking_config import MaskingConfig
 from pipelines.inputs import TableFile, check_columns, input_files, names_list
 
@@ -308,7 +309,7 @@ def check_corpus(cfg: DataConfig, tokenizer_path: str, rows_needed: int) -> Corp
     rows = sum(pf.num_rows for _, pf in opened)
     fingerprint = [[pf.num_rows, pf.byte_size] for _, pf in opened]
     if rows == 0:
-        raise ValueError(f"the corpus has no rows: {names_list(files)}; check --data")
+        raise UserError(f"the corpus has no rows: {names_list(files)}; check --data")
     tok = cached_tokenizer(tokenizer_path)
     packed = texts = tokens = 0
     for _, pf in opened:
@@ -325,9 +326,9 @@ def check_corpus(cfg: DataConfig, tokenizer_path: str, rows_needed: int) -> Corp
                 return CorpusCheck(files=files, rows=rows, packed_rows=packed, fingerprint=fingerprint,
                                    pieces=corpus_pieces(opened))
     if texts == 0:
-        raise ValueError(f"the corpus has no text: its {rows} rows in {names_list(files)} have column {col!r} "
+        raise UserError(f"the corpus has no text: its {rows} rows in {names_list(files)} have column {col!r} "
                          f"null or empty everywhere; check --data and data.text_column")
-    raise ValueError(
+    raise UserError(
         f"the corpus has too little text for one training step: {names_list(files)} hold {tokens:,} tokens of "
         f"training text ({texts} documents), which pack into {packed} full rows of {cfg.seq_len} tokens; one "
         f"step needs {rows_needed} rows ({rows_needed * cfg.seq_len:,} tokens: workers x micro_batch_size x "

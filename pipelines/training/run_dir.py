@@ -35,7 +35,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-from pipelines import storage
+from pipelines import UserError, storage
 
 CHECKPOINT_PREFIX = "checkpoint_"
 DEEPSPEED_DIR = "deepspeed"
@@ -123,7 +123,7 @@ def registered_checkpoint(run_dir: str | Path) -> Optional[str]:
     except RuntimeError:  # not a Ray Train run dir (yet): no checkpoint manager snapshot
         return None
     except Exception as e:  # the snapshot names checkpoints that are gone, or another Ray's format
-        raise ValueError(f"{run_dir}: Ray Train's checkpoint record can't be read ({type(e).__name__}: {e}); "
+        raise UserError(f"{run_dir}: Ray Train's checkpoint record can't be read ({type(e).__name__}: {e}); "
                          f"restore the run dir's checkpoints, or start a new --run-dir") from None
     return None if result.checkpoint is None else checkpoint_location(run_dir, result.checkpoint.path)
 

@@ -31,6 +31,7 @@ import math
 import os
 from typing import Any, Mapping
 
+from pipelines import UserError
 from pipelines import storage
 from pipelines.training.run_dir import checkpoint_location, export_dir, hf_dir
 
@@ -57,19 +58,19 @@ def parse_sweep(spec: Any) -> dict[str, list]:
         for s in spec:
             key, eq, values = s.partition("=")
             if not eq or not key.strip() or not values.strip():
-                raise ValueError(f"sweep: {s!r} is not KEY=V1,V2,...; write {_FORM}")
+                raise UserError(f"sweep: {s!r} is not KEY=V1,V2,...; write {_FORM}")
             pairs.append((key.strip(), values))
     else:
-        raise ValueError(f"sweep: expected {_FORM}, or a mapping of KEY: [values] in the config, got {spec!r}")
+        raise UserError(f"sweep: expected {_FORM}, or a mapping of KEY: [values] in the config, got {spec!r}")
     grid: dict[str, list] = {}
     for key, values in pairs:
         if key not in SWEEP_KEYS:
-            raise ValueError(f"sweep: unknown key {key!r}; a sweep varies {', '.join(SWEEP_KEYS)}")
+            raise UserError(f"sweep: unknown key {key!r}; a sweep varies {', '.join(SWEEP_KEYS)}")
         if key in grid:
-            raise ValueError(f"sweep: {key} is given twice; list all its values once: --sweep {key}=V1,V2,...")
+            raise UserError(f"sweep: {key} is given twice; list all its values once: --sweep {key}=V1,V2,...")
         grid[key] = _values(key, values)
     if math.prod(len(v) for v in grid.values()) < 2:
-        raise ValueError(f"sweep: {grid} is a single trial; give a key two or more values, or set it without "
+        raise UserError(f"sweep: {grid} is a single trial; give a key two or more values, or set it without "
                          f"--sweep (e.g. --lr)")
     return grid
 
@@ -85,14 +86,14 @@ def _values(key: str, values: Any) -> list:
                 raise ValueError
         except (TypeError, ValueError, OverflowError):
             what = "an integer" if kind is int else "a finite number"
-            raise ValueError(f"sweep: {key} value {raw!r} is not {what}") from None
+            raise UserError(f"sweep: {key} value {raw!r} is not {what}") from None
         if not check(v):
-            raise ValueError(f"sweep: {key} value {raw!r} must be {wants}")
+            raise UserError(f"sweep: {key} value {raw!r} must be {wants}")
         out.append(v)
     if not out:
-        raise ValueError(f"sweep: {key} has no values; write {_FORM}")
+        raise UserError(f"sweep: {key} has no values; write {_FORM}")
     if len(set(out)) != len(out):
-        raise ValueError(f"sweep: {key} repeats a value ({values!r}); each trial must differ")
+        raise UserError(f"sweep: {key} repeats a value ({values!r}); each trial must differ")
     return out
 
 
@@ -212,7 +213,7 @@ def run_sweep(loop, datasets: dict, plan: dict, run_dir: str, grid: dict[str, li
                "best_trial": best and best["trial"], "trials": records}
     storage.write_text(storage.join(run_dir, "sweep.json"), json.dumps(summary, indent=1, default=str) + "\n")
     if best is None:  # a ValueError: the CLI prints one line pointing at the record
-        raise ValueError(f"no sweep trial finished (see {storage.join(run_dir, 'sweep.json')}): "
+        raise UserError(f"no sweep trial finished (see {storage.join(run_dir, 'sweep.json')}): "
                            + "; ".join(f"{r['trial']}: {r['status']} {r.get('error') or ''}" for r in records))
     export = export_dir(run_dir)
     storage.replace_tree(best["export"], export)  # the best trial's checkpoint's HF export

@@ -27,6 +27,8 @@ import os
 import socket
 from typing import Optional
 
+from pipelines import UserError
+
 TRACKERS = {"mlflow": "mlflow", "wandb": "wandb"}  # config key -> the module that must be importable
 _MLFLOW_FIXED = {"config", "rank_zero_only"}  # set by us
 CONNECT_TIMEOUT_S = 5.0
@@ -68,15 +70,15 @@ def check_trackers(mlflow: Optional[dict], wandb: Optional[dict]) -> None:
         if settings is None:
             continue
         if not isinstance(settings, dict):
-            raise ValueError(f"train.{name} must be a mapping of settings ({{}} for the defaults), "
+            raise UserError(f"train.{name} must be a mapping of settings ({{}} for the defaults), "
                              f"got {type(settings).__name__}")
         if not _installed(TRACKERS[name]):
             package = "mlflow-skinny" if name == "mlflow" else "wandb"
-            raise ValueError(f"train.{name} is set but {name} is not installed; pip install {package} on the "
+            raise UserError(f"train.{name} is set but {name} is not installed; pip install {package} on the "
                              f"driver and every node, or drop train.{name}")
         unknown = sorted(set(settings) - keys())
         if unknown:
-            raise ValueError(f"train.{name}: unknown setting(s) {unknown}; see "
+            raise UserError(f"train.{name}: unknown setting(s) {unknown}; see "
                              f"{'ray.air.integrations.mlflow.setup_mlflow' if name == 'mlflow' else 'wandb.init'}")
 
 

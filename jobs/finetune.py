@@ -36,7 +36,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import click
 
@@ -47,7 +47,8 @@ from jobs.config import echo_config, from_preset, stdout_for_the_result
 from jobs.training import (FP16_NEEDS_GPU, SHARED_FLAGS, ScalingConfig, check_init_from, check_run_dir, expects_gpu,
                            training_command)
 from pipelines.settings import check
-from pipelines.training.finetune_data import FinetuneData, TaskData
+from pipelines.training.finetune_data import FinetuneData, LabelMaps, TaskData
+from pipelines.training.sweep import SweepResult
 from pipelines.training.config import FinetuneOptions, ModelConfig, TrainConfig
 
 
@@ -155,19 +156,24 @@ def validate(cfg: FinetuneConfig) -> list[TaskData]:
     return tasks
 
 
-def _labels(task: TaskData) -> tuple[dict, dict]:
-    from pipelines.training.finetune_data import label_key, discover_labels, encode_labels
+def _labels(task: TaskData) -> LabelMaps:
+    from pipelines.training.finetune_data import discover_labels, encode_labels, label_key
 
     if task.kind == "mlm":
-        return {}, {}
+        return LabelMaps({}, {})
     if task.labels:
         id2label = {i: str(v) for i, v in enumerate(task.labels)}
         label2id = {label_key(v): i for i, v in enumerate(task.labels)} | {str(v): i for i, v in enumerate(task.labels)}
-        return id2label, label2id
+        return LabelMaps(id2label, label2id)
     return encode_labels(discover_labels(task))
 
 
-def plan_steps(cfg: FinetuneConfig, specs: list) -> tuple[int, int]:
+class StepPlan(NamedTuple):
+    max_steps: int
+    warmup_steps: int
+
+
+def plan_steps(cfg: FinetuneConfig, specs: list) -> StepPlan:
     """(max_steps, warmup_steps) from epochs over the labeled rows and the warmup ratio."""
     from pipelines.training.finetune import mixing_probabilities
 
@@ -186,7 +192,7 @@ def plan_steps(cfg: FinetuneConfig, specs: list) -> tuple[int, int]:
             raise UserError(f"options.epochs must be > 0 (or unset), got {cfg.options.epochs}")
         steps = math.ceil(cfg.options.epochs * sum(s.train_rows for s in labeled) / rows_per_step / share)
     warmup = t.warmup_steps if cfg.options.warmup_ratio is None else int(cfg.options.warmup_ratio * steps)
-    return steps, warmup
+    return StepPlan(steps, warmup)
 
 
 def main(cfg: FinetuneConfig) -> FinetuneResult:
@@ -274,7 +280,7 @@ def check_seq_lens(cfg: FinetuneConfig, tasks: list, vocab_size: int) -> None:
         check_seq_len("data.mlm_seq_len", cfg.data.mlm_seq_len, bert_config, cfg.model)
 
 
-def _sweep(cfg: FinetuneConfig, loop, datasets: dict, plan, run_dir: str, specs: list) -> tuple[str, dict]:
+def _sweep(cfg: FinetuneConfig, loop, datasets: dict, plan, run_dir: str, specs: list) -> SweepResult:
     from pipelines.training.sweep import run_sweep
 
     if not any(s.has_val for s in specs):
@@ -283,7 +289,12 @@ def _sweep(cfg: FinetuneConfig, loop, datasets: dict, plan, run_dir: str, specs:
     return run_sweep(loop, datasets, plan.to_dict(), run_dir, cfg.sweep)
 
 
-def task_datasets(cfg: FinetuneConfig, tasks: list, labels: dict, tokenizer: str) -> tuple[dict, list]:
+class TaskDatasets(NamedTuple):
+    datasets: dict  # train_<task> / val_<task> -> Ray Dataset
+    specs: list  # TaskSpec per task
+
+
+def task_datasets(cfg: FinetuneConfig, tasks: list, labels: dict, tokenizer: str) -> TaskDatasets:
     """In a Ray session: each task's tokenized train (and val) datasets, keyed `train_<task>` /
     `val_<task>`, and its TaskSpec; a task with fewer training rows than one step is refused."""
     from pipelines.training.finetune import TaskSpec
@@ -303,7 +314,7 @@ def task_datasets(cfg: FinetuneConfig, tasks: list, labels: dict, tokenizer: str
         if has_val:
             datasets[f"val_{task.name}"] = ds["val"]
         specs.append(TaskSpec(task.name, task.kind, id2label or None, task.weight, rows, has_val))
-    return datasets, specs
+    return TaskDatasets(datasets, specs)
 
 
 # --------------------------------------------------------------------------------------------

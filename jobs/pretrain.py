@@ -40,7 +40,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 import click
 
@@ -171,7 +171,12 @@ def resolve_tokenizer(cfg: PretrainConfig) -> str:
     return tok if storage.is_uri(tok) else str(Path(tok).absolute())
 
 
-def check_inputs(cfg: PretrainConfig, run_dir: str):
+class CheckedInputs(NamedTuple):
+    tokenizer: str  # the resolved tokenizer path
+    corpus: object  # pipelines.training.pretrain_data.CorpusCheck
+
+
+def check_inputs(cfg: PretrainConfig, run_dir: str) -> CheckedInputs:
     """Every check that needs no Ray, before anything on disk changes: the run dir's resume mode
     and compatibility, the tokenizer, `init_from`, the corpus. Returns the tokenizer path and the
     corpus check (pipelines.training.pretrain_data.CorpusCheck)."""
@@ -198,7 +203,7 @@ def check_inputs(cfg: PretrainConfig, run_dir: str):
     t = cfg.train
     corpus = check_corpus(cfg.data, tokenizer, rows_needed=cfg.scaling.num_workers * t.micro_batch_size * t.grad_accum)
     check_resume(cfg, run_dir, tok, bert_config, corpus)
-    return tokenizer, corpus
+    return CheckedInputs(tokenizer, corpus)
 
 
 def main(cfg: PretrainConfig) -> PretrainResult:

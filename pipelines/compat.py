@@ -56,7 +56,7 @@ import importlib
 import logging
 import re
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from pipelines.console import DropMessages
 
@@ -285,7 +285,12 @@ _TRACEBACK_LINE = re.compile(r"^(\s|Traceback \(most recent call last\)|During h
                              r"The above exception|[\w.]+(Error|Exception|Timeout)\b)")
 
 
-def without_harmless(lines: list, parts: tuple, skipping: bool = False) -> tuple[list, bool]:
+class Filtered(NamedTuple):
+    kept: list  # the lines to print
+    skipping: bool  # a traceback was still being skipped at the end
+
+
+def without_harmless(lines: list, parts: tuple, skipping: bool = False) -> Filtered:
     """(`lines` without those containing any of `parts` and the traceback lines right after them,
     whether a traceback was still being skipped at the end)."""
     kept = []
@@ -295,7 +300,7 @@ def without_harmless(lines: list, parts: tuple, skipping: bool = False) -> tuple
         elif not (skipping and (not line.strip() or _TRACEBACK_LINE.match(line))):
             skipping = False
             kept.append(line)
-    return kept, skipping
+    return Filtered(kept, skipping)
 
 
 def drop_forwarded_lines(parts: tuple = HARMLESS_FORWARDED) -> bool:

@@ -348,9 +348,11 @@ def test_a_quiet_dataset_has_its_own_context_and_quiets_only_its_own_runs(ray_lo
 
     data_log = logging.getLogger("ray.data")
     theirs = ray.data.range(8, override_num_blocks=2).map_batches(lambda b: b)
+    # The caller's settings, whatever earlier code in this process made them: left as they are.
+    before = (theirs.context.enable_progress_bars, theirs.context.print_on_execution_start)
     ours = quiet_dataset(theirs)
     assert ours.context is not theirs.context
-    assert theirs.context.enable_progress_bars and theirs.context.print_on_execution_start
+    assert (theirs.context.enable_progress_bars, theirs.context.print_on_execution_start) == before
     assert not (ours.context.enable_progress_bars or ours.context.print_on_execution_start)
     assert [c.__name__ for c in ours.context.custom_execution_callback_classes].count("QuietRuns") == 1
     assert "QuietRuns" not in [c.__name__ for c in theirs.context.custom_execution_callback_classes]

@@ -16,7 +16,7 @@ without an id column get `<file>#<row_hash hex>` ids, stable across runs. With `
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -129,8 +129,15 @@ def tokenize_batch(batch: Any, *, tokenizer_path: str, text_column: str = "text"
     return pa.table(cols)
 
 
+class Screened(NamedTuple):
+    errors: list  # per row: why it can't be tokenized, or None
+    clipped: np.ndarray  # (n,) bool: the row's text was cut to max_chars
+    todo: list  # the rows to tokenize
+    inputs: list  # their text, or (text, pair)
+
+
 def _screen(texts: list, pairs: Optional[list], text_column: str, text_pair_column: Optional[str],
-            max_chars: int) -> tuple[list, np.ndarray, list[int], list]:
+            max_chars: int) -> Screened:
     """(errors, clipped, todo, inputs): an error per row that can't be tokenized (null or not a
     string), which rows were clipped to `max_chars`, and the rows to tokenize with their text (or
     (text, pair))."""
@@ -156,7 +163,7 @@ def _screen(texts: list, pairs: Optional[list], text_column: str, text_pair_colu
                 p, clipped[i] = p[:max_chars], True
             todo.append(i)
             inputs.append((t, p) if pairs is not None else t)
-    return errors, clipped, todo, inputs
+    return Screened(errors, clipped, todo, inputs)
 
 
 # --- stable ids for inputs without an id column ----------------------------------------------

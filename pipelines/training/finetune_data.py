@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -97,15 +97,20 @@ def label_key(value):
     return value
 
 
-def encode_labels(values: list) -> tuple[dict[int, str], dict]:
+class LabelMaps(NamedTuple):
+    id2label: dict  # id -> label name
+    label2id: dict  # label value (and its string) -> id
+
+
+def encode_labels(values: list) -> LabelMaps:
     """Sorted distinct label values -> (id2label, value -> id)."""
     if any(v is None for v in values):
         raise UserError("labels contain null")
     values = sorted({label_key(v) for v in values}, key=lambda v: (isinstance(v, str), v))
     if all(isinstance(v, int) for v in values) and values == list(range(len(values))):
-        return {v: str(v) for v in values}, {v: v for v in values}
+        return LabelMaps({v: str(v) for v in values}, {v: v for v in values})
     id2label = {i: str(v) for i, v in enumerate(values)}
-    return id2label, {v: i for i, v in enumerate(values)} | {str(v): i for i, v in enumerate(values)}
+    return LabelMaps(id2label, {v: i for i, v in enumerate(values)} | {str(v): i for i, v in enumerate(values)})
 
 
 def _read_schemas(files: list, columns: list, text_columns: tuple = ()) -> dict:

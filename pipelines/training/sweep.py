@@ -29,7 +29,7 @@ import itertools
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from pipelines import UserError
 from pipelines import storage
@@ -178,7 +178,12 @@ def concurrent_trials(plan: dict, cluster: Mapping[str, float], n_trials: int) -
     return int(min(max(1, fits), n_trials))
 
 
-def run_sweep(loop, datasets: dict, plan: dict, run_dir: str, grid: dict[str, list]) -> tuple[str, dict]:
+class SweepResult(NamedTuple):
+    export: str  # <run_dir>/export: the best trial's HF export
+    metrics: dict  # its metrics, with a `sweep` summary
+
+
+def run_sweep(loop, datasets: dict, plan: dict, run_dir: str, grid: dict[str, list]) -> SweepResult:
     """Run the sweep (see the module doc) in a Ray session; returns (the best trial's export
     copied to `<run_dir>/export`, its metrics with a `sweep` summary). `loop` is the sweep's base
     FinetuneLoopConfig."""
@@ -217,8 +222,8 @@ def run_sweep(loop, datasets: dict, plan: dict, run_dir: str, grid: dict[str, li
                            + "; ".join(f"{r['trial']}: {r['status']} {r.get('error') or ''}" for r in records))
     export = export_dir(run_dir)
     storage.replace_tree(best["export"], export)  # the best trial's checkpoint's HF export
-    return export, {**best["metrics"], "sweep": {k: summary[k] for k in ("best_trial", "grid")}
-                    | {"params": best["params"], "record": storage.join(run_dir, "sweep.json")}}
+    return SweepResult(export, {**best["metrics"], "sweep": {k: summary[k] for k in ("best_trial", "grid")}
+                                | {"params": best["params"], "record": storage.join(run_dir, "sweep.json")}})
 
 
 def _record(result, run_dir: str) -> dict:

@@ -45,15 +45,9 @@ class Layers:
 
     def add(self, source: str, values: Mapping[str, Any]) -> "Layers":
         """Put `values` (nested, or with dotted keys: `{"train.lr": 0.1}`) over what is there."""
-        nested: dict = {}
-        for key, value in values.items():
-            *parents, leaf = key.split(".")
-            target = nested
-            for part in parents:
-                target = target.setdefault(part, {})
-            target[leaf] = value
-        self.data = _merge(self.data, nested)
-        for key in _leaves(nested):
+        tree = nested(values)
+        self.data = merged(self.data, tree)
+        for key in _leaves(tree):
             self.origin[key] = source
         return self
 
@@ -76,6 +70,18 @@ class Layers:
         return decode(cls, self.data, self.source_of)
 
 
+def nested(values: Mapping[str, Any]) -> dict:
+    """`{"train.lr": 0.1, "seed": 1}` as `{"train": {"lr": 0.1}, "seed": 1}` (a YAML file's shape)."""
+    tree: dict = {}
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        target = tree
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    return tree
+
+
 def _leaves(tree: Mapping, prefix: str = "") -> list[str]:
     out = []
     for k, v in tree.items():
@@ -83,11 +89,12 @@ def _leaves(tree: Mapping, prefix: str = "") -> list[str]:
     return out
 
 
-def _merge(base: dict, update: Mapping) -> dict:
+def merged(base: dict, update: Mapping) -> dict:
+    """`update` over `base`, mapping by mapping (a list or a value replaces)."""
     out = dict(base)
     for k, v in update.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merged(out[k], v)
         else:
             out[k] = v
     return out

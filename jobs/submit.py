@@ -48,7 +48,7 @@ from typing import Optional
 import click
 
 from pipelines import MissingPath, UserError
-from jobs.config import user_errors
+from jobs.config import set_option, user_errors
 
 JOBS = ("score", "pretrain", "finetune")
 TORCH_PIN = "torch==2.13.0"  # the version the project is built and tested with (see make setup)
@@ -96,6 +96,7 @@ class SubmitConfig:
     install_deps: bool = False  # pip-install the project's dependencies in the job's runtime_env
     poll_s: float = 2.0  # status poll interval while waiting
     project_root: Optional[str] = None  # what is uploaded; None: the checkout this module is in
+    sets: tuple = ()  # `--set section.key=value` over the config file: the job runs the merged config
 
 
 @dataclass
@@ -254,24 +255,38 @@ def _wait(client, sid: str, poll_s: float, follow: bool) -> str:
         time.sleep(poll_s)
 
 
-def check_config(job: str, path: Path) -> None:
-    """What the job itself would refuse in its config, checked here before anything is submitted:
-    unknown keys and values of the wrong type (jobs.config), and for score the config's own rules.
-    Paths are not checked: they name the cluster's storage, which this machine may not see."""
+def check_config(job: str, path: Path, sets: tuple = ()) -> None:
+    """What the job itself would refuse in its config (the file, then `sets`), checked here before
+    anything is submitted: unknown keys, values of the wrong type or out of range, each naming its
+    source, and for score the config's own rules. Paths are not checked: they name the cluster's
+    storage, which this machine may not see."""
     from jobs.config import load_config
 
     if job == "score":
         from pipelines.scoring.config import ScoreConfig
 
-        load_config(ScoreConfig, path).check()
+        load_config(ScoreConfig, path, sets=sets).check()
     elif job == "pretrain":
         from jobs.pretrain import build_config
 
-        build_config(None, str(path), {})  # the file over its preset, as the job reads it
+        build_config(None, str(path), {}, sets=sets)  # the file over its preset, as the job reads it
     else:
         from jobs.finetune import build_config
 
-        build_config(None, str(path), {})  # each task's keys and types too
+        build_config(None, str(path), {}, sets=sets)  # each task's keys and types too
+
+
+def with_sets(text: str, sets: tuple, where: str) -> str:
+    """The config file's YAML with each `--set` applied: what the cluster runs (and what the
+    submission id is computed from)."""
+    import yaml
+
+    from jobs.config import merged, nested, parse_sets, read_yaml
+
+    data = read_yaml(text, where)
+    for _, values in parse_sets(sets):
+        data = merged(data, nested(values))
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def main(cfg: SubmitConfig) -> SubmitResult:
@@ -288,9 +303,11 @@ def main(cfg: SubmitConfig) -> SubmitResult:
     if len(text.encode()) > MAX_CONFIG_BYTES:
         raise UserError(f"submit: {path} is larger than {MAX_CONFIG_BYTES >> 10} KiB; "
                          "a job config should only hold settings and paths")
-    config = canonical_config(text, str(path))
     address = resolve_address(cfg.address)
-    check_config(cfg.job, path)
+    check_config(cfg.job, path, cfg.sets)
+    if cfg.sets:
+        text = with_sets(text, cfg.sets, str(path))
+    config = canonical_config(text, str(path))
     sid = submission_id(cfg.job, config, cfg.key)
     for line in _relative_path_warnings(config, str(path)):
         _err(line)
@@ -360,6 +377,7 @@ class _Refused(click.ClickException):
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The job's YAML config (its content is shipped). Paths in it are read on the "
                    "cluster: use absolute shared-storage paths.")
+@set_option
 @click.option("--address", help="Ray Jobs API, e.g. http://127.0.0.1:8265 (default: "
                                 "RAY_API_SERVER_ADDRESS, else RAY_ADDRESS; one is required).")
 @click.option("--wait", is_flag=True, help="Block until the job ends; exit 1 unless it SUCCEEDED.")
@@ -371,14 +389,14 @@ class _Refused(click.ClickException):
                    "first) in the job's runtime_env, for clusters whose Python lacks them. Off by "
                    "default: cluster.yaml's setup_commands install them.")
 @user_errors(ConnectionError, RuntimeError)
-def submit(job, config_path, address, wait, follow, key, install_deps):
+def submit(job, config_path, sets, address, wait, follow, key, install_deps):
     """Submit JOB (score | pretrain | finetune) to a Ray cluster via Ray Jobs.
 
     Uploads this checkout's code, ships the --config content and runs `python -m jobs.JOB
     --config FILE` on the cluster. Prints the submission id first. The same JOB + config
     (+ --key) is submitted at most once: a repeat is refused (exit 3)."""
     cfg = SubmitConfig(job=job, config=config_path, address=address, key=key, wait=wait,
-                       follow=follow, install_deps=install_deps)
+                       follow=follow, install_deps=install_deps, sets=tuple(sets))
     try:
         result = main(cfg)
     except AlreadySubmitted as e:

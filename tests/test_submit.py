@@ -395,3 +395,27 @@ def test_submit_scores_on_a_real_head_refuses_duplicates_and_accepts_a_key(tmp_p
     print(f"head up {t_head:.1f}s, scoring job {t_job:.1f}s, duplicate + keyed {t_rest:.1f}s, "
           f"teardown {report['stop_s']:.1f}s (killed after SIGTERM: {report['killed']})")
     assert report["survivors"] == [], f"processes of our head survived teardown: {report['survivors']}"
+
+
+def test_set_applies_over_the_shipped_config_and_is_checked_first(monkeypatch, tmp_path):
+    """`raybert submit JOB --config F --set k=v`: the cluster runs the file with the --set applied
+    (and the submission id is that config's); a bad --set is refused naming it, before any client."""
+    import ray.job_submission
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("model:\n  preset: debug\ntrain:\n  lr: 0.001\n")
+    made = []
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient",
+                        lambda address: made.append(_FakeClient(address, statuses=("RUNNING",))) or made[-1])
+    r = CliRunner().invoke(cli, ["submit", "pretrain", "--config", str(cfg), "--address", "http://h:1",
+                                 "--set", "train.lr=0.002", "--set", "data.seq_len=96"])
+    assert r.exit_code == 0, r.output
+    shipped = yaml.safe_load(made[0].submitted[0]["runtime_env"]["env_vars"]["RAYBERT_CONFIG_YAML"])
+    assert shipped == {"model": {"preset": "debug"}, "train": {"lr": 0.002}, "data": {"seq_len": 96}}
+    assert made[0].submitted[0]["submission_id"] == submission_id("pretrain", shipped)
+    made.clear()
+    r = CliRunner().invoke(cli, ["submit", "pretrain", "--config", str(cfg), "--address", "http://h:1",
+                                 "--set", "train.lr=0"])
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert r.exit_code == 1 and errors == ["Error: --set train.lr=0: train.lr must be > 0, got 0"], r.output
+    assert made == []

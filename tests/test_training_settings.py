@@ -249,7 +249,7 @@ def test_vocab_refuses_bad_settings_and_outputs_before_reading(files, tmp_path):
     out = tmp_path / "tok"
     for n in ("0", "-2"):
         _refused(["vocab", "--data", files["corpus"], "--out", str(out), "--max-docs", n],
-                 f"--max-docs must be >= 1", f"got {n}")
+                 "--max-docs must be >= 1", f"got {n}")
     _refused(["vocab", "--data", nowhere, "--out", str(out), "--vocab-size", "3"], "vocab_size 3 is too small",
              "special tokens alone")
     assert not out.exists()
@@ -512,15 +512,11 @@ def test_every_numeric_training_setting_is_refused_alike_by_flag_set_and_yaml(fi
     """The same `Error:` line, but for the source it names, before Ray starts, nothing written."""
     run_dir = tmp_path / "run"
     base = _base(job, files, run_dir)
+    from jobs.config import nested
+
     bad = _bad_value(rule)
-    nested: dict = {}
-    target = nested
-    *parents, leaf = key.split(".")
-    for part in parents:
-        target = target.setdefault(part, {})
-    target[leaf] = bad
     text = "nan" if bad != bad else str(bad)
-    lines = {"yaml": _refused(base + ["--config", _yaml(tmp_path, nested)], f"{key} must be "),
+    lines = {"yaml": _refused(base + ["--config", _yaml(tmp_path, nested({key: bad}))], f"{key} must be "),
              "set": _refused(base + ["--set", f"{key}={text}"], f"{key} must be ")}
     flag = SETTING_FLAGS[job].get(key)
     if flag:
@@ -538,22 +534,16 @@ def test_a_flag_set_and_yaml_give_the_same_config(tmp_path, job):
     """Accepted alike too: every flagged setting, given a valid value by flag, by --set or by the
     file, builds the same config."""
     from jobs import finetune, pretrain
+    from jobs.config import nested
 
     module = pretrain if job == "pretrain" else finetune
     values = {"train.lr": 0.003, "train.warmup_steps": 7, "train.micro_batch_size": 4, "train.seed": 11,
               "scaling.num_workers": 1, "train.zero_stage": 2}
     values.update({"train.max_steps": 50, "data.seq_len": 96, "time_budget": 120.0}
                   if job == "pretrain" else {"options.epochs": 1.5, "data.max_length": 48, "options.patience": 3})
-    nested: dict = {}
-    for key, value in values.items():
-        *parents, leaf = key.split(".")
-        target = nested
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[leaf] = value
     by_flag = module.build_config("debug", None, values)
     by_set = module.build_config("debug", None, {}, sets=[f"{k}={v}" for k, v in values.items()])
-    by_yaml = module.build_config("debug", _yaml(tmp_path, nested), {})
+    by_yaml = module.build_config("debug", _yaml(tmp_path, nested(values)), {})
     assert dataclasses.asdict(by_flag) == dataclasses.asdict(by_set) == dataclasses.asdict(by_yaml)
     assert by_flag.train.lr == 0.003 and by_flag.train.warmup_steps == 7
 

@@ -43,13 +43,32 @@ class Layers:
         self.origin: dict[str, str] = {}
         self.base_source = source
 
-    def add(self, source: str, values: Mapping[str, Any]) -> "Layers":
-        """Put `values` (nested, or with dotted keys: `{"train.lr": 0.1}`) over what is there."""
-        tree = nested(values)
+    def add(self, source: str, values: Mapping[str, Any], dotted: bool = True) -> "Layers":
+        """Merge `values` over what is there: a file's nested mapping (`dotted=False`: a key
+        "train.lr" is a key of its own, refused as unknown), or dotted keys (`{"train.lr": 0.1}`)."""
+        tree = nested(values) if dotted else dict(values)
         self.data = merged(self.data, tree)
         for key in _leaves(tree):
-            self.origin[key] = source
+            self._set_origin(key, source)
         return self
+
+    def put(self, source: str, key: str, value: Any) -> "Layers":
+        """Set dotted `key` to `value` whole (a flag: its mapping replaces the field's, never merges)."""
+        *parents, leaf = key.split(".")
+        target = self.data
+        for part in parents:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}  # a section the defaults lack: the walker names the unknown key
+            target = target[part]
+        target[leaf] = value
+        for k in [k for k in self.origin if k.startswith(key + ".")]:
+            del self.origin[k]
+        self._set_origin(key, source)
+        return self
+
+    def _set_origin(self, key: str, source: str) -> None:
+        self.origin.pop(key, None)  # re-inserted: the newest setting is last
+        self.origin[key] = source
 
     def source_of(self, key: str) -> str:
         """The source of `key` (or of the value that holds it, or of its last-set part)."""
@@ -132,13 +151,21 @@ def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Opti
         p = Path(path)
         if not p.is_file():
             raise MissingPath(f"config file {p} does not exist")
-        layers.add(str(p), read_yaml(p.read_text(), str(p)))
+        layers.add(str(p), read_yaml(read_text(p, "config file"), str(p)), dotted=False)
     for key, value in (overrides or {}).items():
         if value is not None:
-            layers.add(flag_name(key, flags), {key: value})
+            layers.put(flag_name(key, flags), key, value)
     for source, values in parse_sets(sets):
         layers.add(source, values)
     return layers.build(cls)
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A text file the user named (a config), as UTF-8; anything else is one error naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text ({e}); save it as UTF-8") from None
 
 
 def read_yaml(text: str, where: str) -> dict:
@@ -186,7 +213,7 @@ def print_config_option(command):
     """`--print-config` for a job's click command: it receives `print_config: bool` and, when set,
     calls `echo_config(cfg)` instead of running."""
     return click.option("--print-config", "print_config", is_flag=True,
-                        help="Print the resolved config (preset, then --config, then flags) as YAML and exit.")(command)
+                        help="Print the resolved config (preset, then --config, flags and --set) as YAML and exit.")(command)
 
 
 @contextlib.contextmanager
@@ -224,15 +251,19 @@ def from_preset(presets: dict, name: str):
     return presets[name]()
 
 
-def chosen_preset(flag: Optional[str], config_path: Optional[str | Path]) -> Optional[str]:
-    """The whole-run preset a training command runs with: `--preset`, else the config file's
-    `model.preset`. Wherever it is named, it chooses both the model and the training defaults, and
-    the order is defaults < preset < file < flags (as HfArgumentParser and Ray users expect)."""
+def chosen_preset(flag: Optional[str], config_path: Optional[str | Path], sets: typing.Iterable[str] = ()) -> Optional[str]:
+    """The whole-run preset a training command runs with: the last `--set model.preset=X`, else
+    `--preset`, else the config file's `model.preset`. Wherever it is named, it chooses both the
+    model and the training defaults, and the order is defaults < preset < file < flags < --set
+    (as HfArgumentParser and Ray users expect)."""
+    named = [values["model.preset"] for _, values in parse_sets(sets) if "model.preset" in values]
+    if named:
+        return str(named[-1])
     if flag:
         return flag
     if config_path is None or not Path(config_path).is_file():
         return None  # no file, or load_config reports the missing one
-    model = read_yaml(Path(config_path).read_text(), str(config_path)).get("model")
+    model = read_yaml(read_text(config_path, "config file"), str(config_path)).get("model")
     return model.get("preset") if isinstance(model, Mapping) else None
 
 
@@ -324,7 +355,7 @@ def load_deepspeed(value: Any) -> Optional[dict]:
     if not path.is_file():
         raise MissingPath(f"deepspeed config {path} does not exist (pass a DeepSpeed JSON file)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "deepspeed config"))
     except json.JSONDecodeError as e:
         raise UserError(f"deepspeed config {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):

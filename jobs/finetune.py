@@ -25,7 +25,8 @@ Contract:
   exported to `<run_dir>/export`, and `<run_dir>/sweep.json` records every trial
   (pipelines/training/sweep.py). A malformed sweep is refused before Ray starts.
 - Config: `PRESETS[name]` (model size plus matching settings; `debug` runs in seconds), then a YAML
-  file (FinetuneConfig fields; `tasks` is a list of TaskData mappings), then a few CLI flags.
+  file (FinetuneConfig fields; `tasks` is a list of TaskData mappings), then the flags, then each
+  `--set section.key=value` (jobs/config.py), checked as a whole (pipelines/settings.py).
 """
 
 from __future__ import annotations
@@ -328,7 +329,7 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
     makes one task of the flags, replacing the config's tasks."""
     from jobs.config import chosen_preset, load_config
 
-    name = chosen_preset(preset, config_path)
+    name = chosen_preset(preset, config_path, sets)
     tasks = [{k: v for k, v in task.items() if v is not None}] if task is not None else None
     return load_config(FinetuneConfig, config_path, {"model.preset": preset, "tasks": tasks, **overrides}, sets=sets,
                        flags=FLAGS, base=preset_config(name) if name else None,

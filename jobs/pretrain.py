@@ -23,7 +23,8 @@ Contract:
   `time_budget`: seconds of wall time from the invocation's start, checkpoint included), and
   appends one record to `<run_dir>/runs.jsonl` (jobs/schedule.py), whatever its outcome.
 - Config: `PRESETS[name]` (model size plus matching training settings; `debug` runs in seconds),
-  then a YAML file (keys = the dataclass fields below, nested), then a few CLI flags.
+  then a YAML file (keys = the dataclass fields below, nested), then the flags, then each
+  `--set section.key=value` (jobs/config.py), checked as a whole (pipelines/settings.py).
 - `vocab(...)` trains a WordPiece tokenizer on the corpus (bert_core.train_tokenizer) into a
   new or empty directory that `--tokenizer` accepts; its settings and `--out` are checked before
   any text is read.
@@ -345,7 +346,7 @@ def build_config(preset: Optional[str], config_path: Optional[str], overrides: d
     """Defaults < preset (--preset, else the file's model.preset) < --config < flags < --set."""
     from jobs.config import chosen_preset, load_config
 
-    name = chosen_preset(preset, config_path)
+    name = chosen_preset(preset, config_path, sets)
     return load_config(PretrainConfig, config_path, {"model.preset": preset, **overrides}, sets=sets, flags=FLAGS,
                        base=preset_config(name) if name else None, base_source=f"preset {name}" if name else "defaults")
 

@@ -25,7 +25,7 @@ from jobs.config import (echo_config, print_config_option, set_option, stdout_fo
                          verbosity_options)
 
 from pipelines import UserError
-# The job's typed config is the pipeline's: one dataclass, checked once (ScoreConfig.check).
+# The job's typed config is the pipeline's: one dataclass, checked by pipelines.settings' walker.
 from pipelines.scoring.config import POOLINGS, ActorsLost, GpuWaitTimeout, ResourceConfig, ScoreConfig, UnitFailed
 
 
@@ -90,8 +90,8 @@ def main(cfg: ScoreConfig):
                    "a GPU node has joined, so an autoscaling cluster starts them (pool of 1 to N; fails after "
                    "resources.gpu_wait_s if none starts).")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-              help="Default auto: bf16 on a GPU that has it, else fp16; on CPU bf16 with AMX, else as measured "
-                   "once per machine (cached). fp16 needs a GPU.")
+              help="Default auto: bf16 on GPUs (one precision for every actor; pre-Ampere GPUs emulate it: set "
+                   "fp16 there); on CPU bf16 with AMX, else as measured once per machine (cached). fp16 needs a GPU.")
 @click.option("--head", help="Task head of a multi-task checkpoint (default: its primary task).")
 @click.option("--text-column", help="The text to score (default: text).")
 @click.option("--text-pair-column", help="A second text: rows are sentence pairs (classify).")

@@ -299,7 +299,9 @@ def main(cfg: SubmitConfig) -> SubmitResult:
     path = Path(cfg.config)
     if not cfg.config or not path.is_file():
         raise MissingPath(f"submit: config file {cfg.config!r} does not exist")
-    text = path.read_text()
+    from jobs.config import read_text
+
+    text = read_text(path, "submit: config file")
     if len(text.encode()) > MAX_CONFIG_BYTES:
         raise UserError(f"submit: {path} is larger than {MAX_CONFIG_BYTES >> 10} KiB; "
                          "a job config should only hold settings and paths")

@@ -178,7 +178,7 @@ def check_init_from(init_from: str, config, tokenizer_path: str, tok) -> None:
 
 
 def plan_workers(scaling: ScalingConfig, task_cpus: float, dtype: str):
-    """The workers' resource plan on the connected cluster (pipelines.resources.TrainingPlan)."""
+    """The workers' resource plan on the connected cluster (pipelines.resources.TrainPlan)."""
     from jobs.schedule import Refused
     from pipelines.resources import cluster_nodes, plan_training
 

@@ -203,7 +203,7 @@ class TableFile:
         self._parquet = self._json = None
 
     def _fail(self, e: Exception) -> UserError:
-        if isinstance(e, ValueError) and str(e).startswith(self.name):  # text_formats named the file and the line
+        if isinstance(e, UserError) and str(e).startswith(self.name):  # text_formats named the file and the line
             return e
         return UserError(f"{self.name}: not a readable {FORMAT_NAMES[self.format]} file ({type(e).__name__}: {e})")
 

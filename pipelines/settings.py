@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import re
 import typing
@@ -114,6 +115,7 @@ NON_NEGATIVE = Range(lo=0)
 FRACTION = Range(0, 1, hi_open=True)  # [0, 1)
 PROBABILITY = Range(0, 1, lo_open=True, hi_open=True)  # (0, 1)
 SHARE = Range(0, 1)  # [0, 1]
+RETRIES = Range(lo=-1, integer=True, why="-1 = without limit, as Ray's")
 # [CLS], at least one token and [SEP]: a row can hold no less.
 SEQ_LEN = Range(lo=3, integer=True, why="[CLS], one token and [SEP]")
 
@@ -156,7 +158,7 @@ RULES: dict[type, dict[str, Any]] = {
                      "max_gpu_actors": AT_LEAST_1, "gpu_wait_s": POSITIVE,
                      "tokenizer_actors": Range(lo=0, integer=True, unset=True,
                                                why="0: each predictor actor tokenizes its own units"),
-                     "max_restarts": COUNT, "max_task_retries": COUNT, "task_max_retries": COUNT},
+                     "max_restarts": RETRIES, "max_task_retries": RETRIES, "task_max_retries": RETRIES},
 }
 
 
@@ -174,9 +176,12 @@ def _pair_with_tag(values: Mapping, prefix: str) -> Optional[str]:
     return None
 
 
-# Rules over several fields of one class: (values, key prefix) -> the error, or None.
-ACROSS: dict[type, Callable[[Mapping, str], Optional[str]]] = {MaskingConfig: _replace_probs,
-                                                               ScoreConfig: _pair_with_tag}
+# Rules over several fields of one class: (values, key prefix) -> the error, or None; and the
+# fields each reads (the error names where they were set).
+ACROSS: dict[type, tuple[Callable[[Mapping, str], Optional[str]], tuple]] = {
+    MaskingConfig: (_replace_probs, ("mask_replace_prob", "random_replace_prob")),
+    ScoreConfig: (_pair_with_tag, ("task", "text_pair_column")),
+}
 
 
 def rules_of(cls: type) -> dict[str, Any]:
@@ -199,22 +204,22 @@ def _type_name(hint) -> str:
 def typed_value(value: Any, hint: Any, where: str) -> Any:
     """`value` as the type the field's `hint` wants, or a SettingError naming `where`, the value and
     the type. A single string is accepted where a list is wanted (one path)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)  # a pathlib.Path from a Python caller is a path setting's string
+    if isinstance(value, (list, tuple)) and any(isinstance(v, os.PathLike) for v in value):
+        value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
     if typing.get_origin(hint) is typing.Union:
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None and len(options) < len(typing.get_args(hint)):
             return None
         if len(options) == 1:
             return typed_value(value, options[0], where)
-        if isinstance(value, os.PathLike) and str in options:
-            return os.fspath(value)
+        if isinstance(value, tuple) and list in [typing.get_origin(o) or o for o in options]:
+            value = list(value)
         for option in options:  # Union[str, list]: a value of one of them, as it is
             if isinstance(value, typing.get_origin(option) or option):
                 return value
         raise SettingError(f"{where} must be {' or '.join(_type_name(o) for o in options)}, got {value!r}")
-    if isinstance(value, os.PathLike) and (hint is str or hint is list or typing.get_origin(hint) is list):
-        value = os.fspath(value)  # a pathlib.Path from a Python caller is a path setting's string
-    if isinstance(value, (list, tuple)) and any(isinstance(v, os.PathLike) for v in value):
-        value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
     text = value.strip() if isinstance(value, str) else None
     if hint is bool:
         if isinstance(value, bool):
@@ -222,13 +227,13 @@ def typed_value(value: Any, hint: Any, where: str) -> Any:
         if text is not None and text.lower() in _BOOLEAN_WORDS:
             return _BOOLEAN_WORDS[text.lower()]
     elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)  # numpy's integers too
         if text is not None and re.fullmatch(r"[+-]?[0-9][0-9_]*", text):
             return int(text)
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value  # an int is a number too (and prints back as written)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return value if isinstance(value, (int, float)) else float(value)  # an int prints back as written
         if text is not None:
             try:
                 return float(text)
@@ -302,12 +307,18 @@ def _check_rules(cls: type, values: Mapping, prefix: str, source_of: Callable[[s
             if want is not None:
                 key = prefix + name
                 raise SettingError(f"{source_of(key)}: {key} must be {want}, got {values[name]!r}")
-    across = ACROSS.get(cls)
-    message = across(values, prefix) if across else None
+    rule, keys = ACROSS.get(cls, (None, ()))
+    message = rule(values, prefix) if rule else None
     if message:
-        raise SettingError(f"{source_of(prefix.rstrip('.'))}: {message}")
+        sources = list(dict.fromkeys(source_of(prefix + k) for k in keys))
+        raise SettingError(f"{' and '.join(sources)}: {message}")
 
 
-def check(cfg: Any, source: str = "config") -> None:
-    """The walker over a config built (or changed) in code: the same errors, naming `source`."""
-    decode(type(cfg), cfg, lambda key: source)
+def check(cfg: Any, source: str = "config") -> Any:
+    """The walker over a config built (or changed) in code: the same errors, naming `source`; the
+    values it reads as their fields' types (a "1e-4", a pathlib.Path, a `~/` path) are written back
+    into `cfg`, so what runs is what was checked. Returns `cfg`."""
+    typed = decode(type(cfg), cfg, lambda key: source)
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, getattr(typed, f.name))
+    return cfg

@@ -598,3 +598,51 @@ def test_bert_cores_words_about_a_bad_checkpoint_become_a_user_error_naming_the_
     line = _refused(_base("finetune", files, tmp_path / "run") + ["--init-from", str(bad)], "init_from: ",
                     "not a checkpoint directory")
     assert str(bad) in line
+
+
+def test_a_config_built_in_code_runs_as_it_was_checked(tmp_path):
+    """settings.check writes what it read back into the config: a "1e-4" is the number, a
+    pathlib.Path a string, a tuple of inputs a list, numpy's integers ints; and -1 (Ray's "without
+    limit") stays a valid retry count."""
+    import numpy as np
+
+    from jobs.pretrain import preset_config
+    from pipelines.scoring.config import ResourceConfig, ScoreConfig
+    from pipelines.settings import check
+
+    cfg = preset_config("debug")
+    cfg.train.lr, cfg.train.zero_stage, cfg.scaling.use_gpu = "1e-4", "2", "false"
+    check(cfg)
+    assert (cfg.train.lr, cfg.train.zero_stage, cfg.scaling.use_gpu) == (1e-4, 2, False)
+    score = ScoreConfig(input=(tmp_path / "a.parquet", str(tmp_path / "b.parquet")), output=tmp_path / "o",
+                        model=tmp_path / "m", max_length=np.int64(128), resources=ResourceConfig(max_restarts=-1))
+    score.check()
+    assert score.input == [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]
+    assert score.output == str(tmp_path / "o") and score.max_length == 128 and type(score.max_length) is int
+
+
+def test_sources_are_applied_in_order_and_named_right(files, tmp_path, no_ray):
+    from jobs.finetune import build_config as finetune_config
+    from jobs.pretrain import build_config
+
+    # --set model.preset chooses the whole preset, as --preset and the file's model.preset do.
+    cfg = build_config(None, None, {}, sets=["model.preset=debug"])
+    assert (cfg.model.preset, cfg.train.max_steps, cfg.train.lr) == ("debug", 20, 2e-3)
+    # A flag's mapping replaces the file's (a sweep of lr, not lr x seed); --set merges into it.
+    path = _yaml(tmp_path, {"sweep": {"seed": [0, 1]}})
+    assert finetune_config(None, path, {"sweep": {"lr": [1e-5, 2e-5]}}).sweep == {"lr": [1e-5, 2e-5]}
+    assert set(finetune_config(None, path, {}, sets=["sweep.lr=[1e-5, 2e-5]"]).sweep) == {"seed", "lr"}
+    # A dotted key in a file is a key of its own: refused, never silently dropped.
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['train.lr'\]"):
+        build_config("debug", _yaml(tmp_path, {"train.lr": 0.1}), {})
+    # A rule over two fields names where each was set.
+    masking = _yaml(tmp_path, {"data": {"masking": {"mask_replace_prob": 0.95}}})
+    with pytest.raises(ValueError, match=re.escape(f"{masking} and --set data.masking.random_replace_prob=0.1: ")):
+        build_config("debug", masking, {}, sets=["data.masking.whole_word=true", "data.masking.random_replace_prob=0.1"])
+    res = CliRunner().invoke(cli, ["score", "in.parquet", str(tmp_path / "o"), "--model", "m", "--task", "tag",
+                                   "--text-pair-column", "b", "--print-config"])
+    assert res.exit_code == 1 and "Error: --task and --text-pair-column: text_pair_column: task tag" in res.output
+    # A config file that isn't UTF-8 is one line naming it.
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("model:\n  preset: debug  # r\xe9sum\xe9\n".encode("latin-1"))
+    _refused(_base("pretrain", files, tmp_path / "run") + ["--config", str(bad)], f"config file {bad} is not UTF-8")

@@ -30,8 +30,9 @@ Contract:
   unit could not read (its error asks for a sound copy) may be replaced before the resume. Staged
   copies of CSV and JSON Lines inputs are recorded there too, and staged again if they don't match.
 - `ScoreConfig` (with `ResourceConfig`) is the run's one typed config; `raybert score` flags and
-  YAML keys are its fields. `ScoreConfig.check()` holds its rules and is the only place they are
-  checked (`preflight` calls it).
+  YAML keys are its fields. Its fields' rules are pipelines/settings.py's (the walker the CLI runs
+  over its sources); `ScoreConfig.check()` runs the same walker on a config built in code, plus
+  what a run needs (`preflight` calls it).
 - `score(cfg)` runs `preflight` again, then, as named steps: `reuse_or_reset` the output, the
   actors started (`PredictorPool`, and any tokenizing actors: their start-up overlaps the rest),
   the run record, `stage_inputs`, the scoring step, and `finish` (row conservation, the manifest,
@@ -228,7 +229,8 @@ def embedding_defaults(cfg: ScoreConfig, model_config, local_model: str) -> int:
                          f"max_position_embeddings {limit}; give at most {limit}, or leave it unset for the model's own")
     if cfg.task != "embed":
         return min(cfg.max_length or limit, limit)
-    st = sentence_transformers_settings(local_model)
+    with as_user_error("model"):  # its sentence-transformers files (modules.json, 1_Pooling/...) may not parse
+        st = sentence_transformers_settings(local_model)
     if st.unsupported:
         raise UserError(st.unsupported)
     if st.pooling_error and cfg.pooling is None and "pooling" not in model_config.extra.get("raybert", {}):

@@ -1,8 +1,9 @@
 """The precision scoring runs in: `dtype` as given, or what `auto` chooses.
 
 Contract:
-- `resolve_dtype(dtype, device, hidden)`: one predictor's precision. fp16 needs a GPU. `auto` on a
-  GPU is bf16 where the GPU has it, else fp16; on a CPU, `cpu_choice(hidden)`.
+- `resolve_dtype(dtype, device, hidden)`: one predictor's own precision (outside a job: a job
+  passes its `job_dtype`). fp16 needs a GPU. `auto` on a GPU is bf16 where the GPU has it, else
+  fp16; on a CPU, `cpu_choice(hidden)`.
 - `job_dtype(setting, device, record, hidden) -> DtypeChoice`: the one precision every row of a
   job is scored in, decided on the driver, for `raybert score` (pipelines/scoring/job.py: `score`)
   and from Python (`score_dataset`) alike. Explicit settings as given; a resume keeps its run

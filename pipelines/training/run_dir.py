@@ -35,7 +35,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-from pipelines import UserError, storage
+from pipelines import MissingPath, UserError, storage
 
 CHECKPOINT_PREFIX = "checkpoint_"
 DEEPSPEED_DIR = "deepspeed"
@@ -106,7 +106,7 @@ def read_state(checkpoint: str | Path) -> dict:
     loc = storage.join(str(checkpoint), STATE_FILE)
     text = storage.read_text(loc)
     if text is None:
-        raise FileNotFoundError(f"{loc}: the checkpoint has no {STATE_FILE}")
+        raise MissingPath(f"{loc}: the checkpoint has no {STATE_FILE}; restore it, or start a new --run-dir")
     return json.loads(text)
 
 

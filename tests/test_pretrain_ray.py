@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import assert_export_matches_zero_state
+from conftest import _env, assert_export_matches_zero_state
 from jobs.pretrain import main, preset_config, read_metrics
 from pipelines.corpora import chinese_vocab_path, peoples_daily_sentences
 from pipelines.training.pretrain_data import write_corpus
@@ -81,21 +81,6 @@ def _losses(run_dir) -> dict[int, float]:
 
 def _val(run_dir) -> dict[int, float]:
     return {m["step"]: m["val_loss"] for m in read_metrics(run_dir) if "val_loss" in m}
-
-
-@contextlib.contextmanager
-def _env(key: str, value: str):
-    import os
-
-    old = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 # Over 60 s: the reference run, a Ray Train fit of 50 steps that crosses an epoch and evaluates twice.
